@@ -1,0 +1,1 @@
+"""PyTorch and ONNX converters (importable as ``qjax.converters``)."""

@@ -1,0 +1,32 @@
+"""qjax: integer quantization for JAX, bit-exact with PyTorch where it claims to be.
+
+Layers (each imports only from those before it): specs and qparams (``QuantSpec``,
+``QParams``, ``qparams_from_minmax``) -> primitives (``quantize``, ``dequantize``,
+``fake_quant``) -> ``qjax.observers``.
+"""
+
+from . import observers as observers
+from ._primitives import dequantize as dequantize
+from ._primitives import fake_quant as fake_quant
+from ._primitives import quantize as quantize
+from ._qparams import qparams_from_minmax as qparams_from_minmax
+from ._rounding import round_half_away as round_half_away
+from ._rounding import round_half_even as round_half_even
+from ._rounding import round_stochastic as round_stochastic
+from ._spec import QParams as QParams
+from ._spec import QuantSpec as QuantSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QParams",
+    "QuantSpec",
+    "dequantize",
+    "fake_quant",
+    "observers",
+    "qparams_from_minmax",
+    "quantize",
+    "round_half_away",
+    "round_half_even",
+    "round_stochastic",
+]

@@ -1,0 +1,202 @@
+"""Scale and zero point from a real range, in every compat mode qjax supports.
+
+One function, :func:`qparams_from_minmax`; the modes are written out below so that each
+formula exists exactly once. ``min⁻ = min(min, 0)``, ``max⁺ = max(max, 0)``,
+``amax = max(-min⁻, max⁺)``, ``zs`` = the spec's symmetric zero point.
+
+=============  ==========================================  ==============================
+compat         symmetric                                   affine
+=============  ==========================================  ==============================
+``"qjax"``     ``s = amax / min(qmax - zs, zs - qmin)``,    ``s = (max⁺ - min⁻)/(qmax-qmin)``
+               ``zp = zs`` (max maps *exactly* to a code)  ``zp = clamp(qmin - rint(min⁻/s))``
+``"torch"``    ``s = max(amax / ((qmax-qmin)/2), eps)``;    ``s = max((max⁺-min⁻)/(qmax-qmin),
+               zp 0, 128 for default-range uint8,         eps)``, ``zp = clamp(qmin -
+               ``(qmin+qmax)//2`` custom range              rint(f32(min⁻/s)))``
+``"torch_      FBGEMM ``ChooseQuantizationParams``: ``s = max(|min|/128, max/127)`` when
+fused"``       ``min < 0 < max``, else the affine rule in float64 with zp picked from the
+               smaller-error end; ``s >= 6.1e-5`` (NUMERICS.md rule 9)
+``"tflite"``   as ``"qjax"``                                 float64 affine with nudged zp
+=============  ==========================================  ==============================
+
+All arithmetic is float32 except where a mode says float64 (evaluated exactly under
+``jax.enable_x64`` inside the function, so it is jit-able). ``eps = 2**-23``.
+
+Degenerate ranges never produce NaN or infinite scales: a range that is empty
+(``min > max``, as from an observer that saw nothing) or non-finite gives
+``scale = 1.0`` and the zero point of 0 (torch's "never observed" answer); an all-zero
+range gives ``eps`` (torch modes) or ``1.0`` (qjax, tflite). Report such conditions
+with :func:`qjax.observers.health`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from ._spec import QParams, QuantSpec
+
+Compat = Literal["qjax", "torch", "torch_fused", "tflite"]
+COMPATS = ("qjax", "torch", "torch_fused", "tflite")
+EPS = float(jnp.finfo(jnp.float32).eps)  # 1.1920929e-07, torch's observer eps
+FBGEMM_SMALL_SCALE = 6.1e-5  # fbgemm's SMALL_SCALE_THRESHOLD (fp16 min normal)
+
+
+def qparams_from_minmax(
+    min_val: jax.Array, max_val: jax.Array, spec: QuantSpec, compat: Compat = "qjax"
+) -> QParams:
+    """Scale and zero point that map ``[min_val, max_val]`` onto the spec's codes.
+
+    Formulas per ``compat`` are tabled in this module's docstring; the range is always
+    widened to include 0 so that 0 is exactly representable.
+
+    Args:
+      min_val, max_val: float arrays of the spec's qparams shape (scalars per-tensor).
+      spec: the :class:`QuantSpec` (bits, signedness, symmetric, range).
+      compat: ``"qjax"`` (default), ``"torch"``, ``"torch_fused"`` or ``"tflite"``.
+
+    Returns:
+      :class:`QParams` with float32 ``scale`` and int32 ``zero_point`` of the same shape.
+
+    >>> spec = QuantSpec(bits=8, signed=True, symmetric=True)
+    >>> qp = qparams_from_minmax(-1.0, 2.54, spec)
+    >>> float(qp.scale), int(qp.zero_point)   # 2.54 / 127
+    (0.019999999552965164, 0)
+    >>> float(qparams_from_minmax(-1.0, 2.55, spec, compat="torch").scale)  # / 127.5
+    0.019999999552965164
+    """
+    if compat not in COMPATS:
+        raise ValueError(f"compat must be one of {COMPATS}, got {compat!r}")
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    mn = _as_float(min_val, "min_val")
+    mx = _as_float(max_val, "max_val")
+    if mn.shape != mx.shape:
+        raise ValueError(f"min_val shape {mn.shape} != max_val shape {mx.shape}")
+    valid = jnp.isfinite(mn) & jnp.isfinite(mx) & (mn <= mx)
+    # Compute on a sanitized range so invalid entries cannot leak NaN into gradients.
+    mn_s = jnp.where(valid, mn, 0.0)
+    mx_s = jnp.where(valid, mx, 0.0)
+    fn = {"qjax": _qjax, "torch": _torch, "torch_fused": _torch_fused, "tflite": _tflite}
+    scale, zp = fn[compat](mn_s, mx_s, spec)
+    default_zp = 0 if compat != "qjax" else _zero_code(spec)
+    scale = jnp.where(valid, scale, jnp.float32(1.0)).astype(jnp.float32)
+    zp = jnp.where(valid, zp, default_zp).astype(jnp.int32)
+    return QParams(scale=scale, zero_point=zp, spec=spec)
+
+
+def _as_float(v, name: str) -> jax.Array:
+    v = jnp.asarray(v)
+    if not jnp.issubdtype(v.dtype, jnp.floating):
+        if jnp.issubdtype(v.dtype, jnp.integer):
+            return v.astype(jnp.float32)
+        raise TypeError(f"{name} must be a float array, got dtype {v.dtype}")
+    return v.astype(jnp.float32)
+
+
+def _zero_code(spec: QuantSpec) -> int:
+    if spec.symmetric:
+        return spec.symmetric_zero_point()
+    return min(max(0, spec.qmin), spec.qmax)
+
+
+def _qjax(mn, mx, spec: QuantSpec):
+    qmin, qmax = spec.qmin, spec.qmax
+    mn_neg = jnp.minimum(mn, 0.0)
+    mx_pos = jnp.maximum(mx, 0.0)
+    if spec.symmetric:
+        zs = spec.symmetric_zero_point()
+        amax = jnp.maximum(-mn_neg, mx_pos)
+        scale = amax / jnp.float32(min(qmax - zs, zs - qmin))
+        zp = jnp.full(scale.shape, zs, jnp.int32)
+    else:
+        scale = (mx_pos - mn_neg) / jnp.float32(qmax - qmin)
+        safe = jnp.where(scale > 0, scale, 1.0)
+        zp = jnp.clip(qmin - jnp.round(mn_neg / safe), qmin, qmax).astype(jnp.int32)
+    # A zero range is represented exactly by any scale; 1.0 keeps 1/scale finite.
+    scale = jnp.where(scale > 0, jnp.maximum(scale, jnp.finfo(jnp.float32).tiny), 1.0)
+    return scale, zp
+
+
+def _torch(mn, mx, spec: QuantSpec):
+    qmin, qmax = spec.qmin, spec.qmax
+    mn_neg = jnp.minimum(mn, 0.0)
+    mx_pos = jnp.maximum(mx, 0.0)
+    if spec.symmetric:
+        amax = jnp.maximum(-mn_neg, mx_pos)
+        scale = jnp.maximum(amax / jnp.float32((qmax - qmin) / 2), EPS)
+        if spec.signed:
+            zs = 0
+        elif spec.has_custom_range or spec.bits not in (8, 16):
+            zs = (qmin + qmax) // 2
+        else:  # torch: 128 for quint8 even under reduce_range (codes 0..127)
+            zs = 2 ** (spec.bits - 1)
+        zp = jnp.full(scale.shape, zs, jnp.int32)
+    else:
+        scale = jnp.maximum((mx_pos - mn_neg) / jnp.float32(qmax - qmin), EPS)
+        zp = jnp.clip(qmin - jnp.round(mn_neg / scale), qmin, qmax).astype(jnp.int32)
+    return scale, zp
+
+
+def _torch_fused(mn, mx, spec: QuantSpec):
+    """FBGEMM/ATen ``ChooseQuantizationParams`` as used by the fused QAT fake-quant."""
+    qmin, qmax = spec.qmin, spec.qmax
+    f32 = jnp.float32
+    if spec.symmetric:
+        sq_min = -((qmax - qmin) // 2 + 1)
+        sq_max = (qmax - qmin) // 2
+        both = (mn < 0) & (mx > 0)
+        # float32 arithmetic, as the C++ (float / int, fabs(float)).
+        ms = jnp.maximum(jnp.abs(mn / f32(sq_min)), jnp.abs(mx / f32(sq_max)))
+        mn = jnp.where(both, ms * f32(sq_min), mn)
+        mx = jnp.where(both, ms * f32(sq_max), mx)
+    else:
+        both = jnp.zeros(mn.shape, bool)
+    mn = jnp.minimum(mn, f32(0.0))
+    mx = jnp.maximum(mx, f32(0.0))
+    with jax.enable_x64(True):
+        f64 = jnp.float64
+        scale = (mx.astype(f64) - mn.astype(f64)) / f64(qmax - qmin)
+        s32 = scale.astype(f32)
+        bad = (s32 == 0) | jnp.isinf(f32(1.0) / s32)
+        scale = jnp.where(bad, f64(0.1), scale)
+        small = scale < f64(f32(FBGEMM_SMALL_SCALE))
+        thr = f32(FBGEMM_SMALL_SCALE)
+        org = scale.astype(f32)
+        amp = thr / jnp.where(small, org, f32(1.0))
+        mn_new = jnp.where(mn == 0, mn, jnp.where(mx == 0, -thr * f32(qmax - qmin), mn * amp))
+        mx_new = jnp.where(mn == 0, thr * f32(qmax - qmin), jnp.where(mx == 0, mx, mx * amp))
+        mn = jnp.where(small, mn_new, mn)
+        mx = jnp.where(small, mx_new, mx)
+        scale = jnp.where(small, thr.astype(f64), scale)
+        zmin = qmin - mn.astype(f64) / scale
+        zmax = qmax - mx.astype(f64) / scale
+        emin = abs(qmin) - jnp.abs(mn.astype(f64) / scale)
+        emax = abs(qmax) - jnp.abs(mx.astype(f64) / scale)
+        z0 = jnp.where(emin < emax, zmin, zmax)
+        z0 = jnp.where(both, f64(qmin + qmax) / 2, z0)
+        zp = jnp.where(z0 < qmin, qmin, jnp.where(z0 > qmax, qmax, jnp.round(z0)))
+        zp = zp.astype(jnp.int32)
+        scale = scale.astype(f32)
+    return scale, zp
+
+
+def _tflite(mn, mx, spec: QuantSpec):
+    if spec.symmetric:
+        return _qjax(mn, mx, spec)
+    qmin, qmax = spec.qmin, spec.qmax
+    with jax.enable_x64(True):
+        f64 = jnp.float64
+        rmin = jnp.minimum(mn, 0.0).astype(f64)
+        rmax = jnp.maximum(mx, 0.0).astype(f64)
+        scale = (rmax - rmin) / f64(qmax - qmin)
+        safe = jnp.where(scale > 0, scale, 1.0)
+        zmin = qmin - rmin / safe
+        zmax = qmax - rmax / safe
+        z0 = jnp.where(abs(qmin) + jnp.abs(rmin / safe) < abs(qmax) + jnp.abs(rmax / safe), zmin, zmax)
+        # std::round: half away from zero.
+        rounded = jnp.sign(z0) * jnp.floor(jnp.abs(z0) + 0.5)
+        zp = jnp.where(z0 < qmin, qmin, jnp.where(z0 > qmax, qmax, rounded)).astype(jnp.int32)
+        scale = jnp.where(scale > 0, scale, 1.0).astype(jnp.float32)
+    return scale, zp
