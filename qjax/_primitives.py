@@ -6,17 +6,26 @@ Formulas (``s`` scale, ``z`` zero point, ``inv = f32(1/s)``, ``clamp`` to the sp
 =====================  ==========================================================
 ``compat``             integer code ``q`` of a float ``x``
 =====================  ==========================================================
-``"qjax"``             ``clamp(round(x / s) + z)``, ``round`` by ``spec.rounding``
+``"qjax"``             ``clamp(round(x·inv) + z)``, ``round`` by ``spec.rounding``
 ``"torch"``            quantize per-tensor ``clamp(rint(fma(x, inv, z)))`` (rule 1);
                        per-axis ``clamp(rint(f32(f32(x·inv) + z)))`` (rule 2);
                        fake-quant ``clamp(rint(f32(x·inv)) + z)`` (rule 4)
 ``"tflite"``           ``clamp(round_half_away(x / s) + z)``
 =====================  ==========================================================
 
-``dequantize(q) = f32(q - z) · s`` in every mode (rule 3); ``fake_quant(x) =
-dequantize(q)``. In ``"qjax"`` mode ``fake_quant(x) == dequantize(quantize(x))``
-bit for bit, which is what makes QAT and int8 serving agree. NaN codes to ``qmax``
-(as torch), ``±inf`` to the bounds.
+``"qjax"`` multiplies by the float32 reciprocal, as torch's fake-quant does, so its
+codes equal torch's fake-quant codes; it is also what XLA computes for any
+division by a broadcast scale under ``jit``, so the rule does not depend on whether
+a function is jitted. ``"tflite"``'s ``x / s`` is the IEEE float32 quotient (formed in
+float64 and rounded once, since XLA would otherwise multiply by the reciprocal).
+``dequantize(q) = f32(q - z) · s`` in every mode
+(rule 3); ``fake_quant(x) = dequantize(q)``. In ``"qjax"`` mode ``fake_quant(x) ==
+dequantize(quantize(x))`` bit for bit, which is what makes QAT and int8 serving agree.
+``±inf`` go to the bounds. NaN codes to ``qmax`` in ``"qjax"``/``"tflite"`` modes; with
+``compat="torch"`` NaN gives what torch gives: ``qmax`` from per-tensor ``quantize``,
+code ``0`` from per-axis ``quantize`` (the float->int conversion of NaN), ``qmin``
+from ``fake_quant`` (``fmax(NaN, qmin)``; per-axis fake-quant also sends codes
+``>= 2^63``, e.g. ``+inf``, to ``qmin``: torch casts them to int64 first).
 
 Gradients of :func:`fake_quant` (``grad=``), ``m = [qmin <= q_unclamped <= qmax]``:
 
@@ -27,7 +36,12 @@ Gradients of :func:`fake_quant` (``grad=``), ``m = [qmin <= q_unclamped <= qmax]
 ``"lsq"``           ``dx = g·m``; ``ds = g·(fq(x)-x)/s`` inside, ``g·(qmin-z)`` below,
                     ``g·(qmax-z)`` above; ``dz = -g·s`` outside, 0 inside; ``ds, dz``
                     times ``grad_scale`` (``"auto"``: ``1/sqrt(N·qmax)``), as torch's
-                    ``_LearnableFakeQuantize`` (rule 10)
+                    ``_LearnableFakeQuantize`` (rule 10). With ``compat="torch"`` the
+                    backward recomputes the code as torch's CPU kernel does (compiled
+                    with FMA contraction): ``q = rint(fma(x, inv, zb))``, ``zb =
+                    int(z + 0.5)`` per-tensor, ``rint(z)`` per-axis (both clamped);
+                    ``m``, below/above from that ``q`` (NaN and ``q >= 2^63`` count
+                    as below); ``ds = g·fma(clamp(q) - zb, s, -x)·inv`` inside
 ``"pact"``          ``dx = g·m``; ``ds = g·(qmax-z)`` above, ``g·(qmin-z)`` below, 0 inside
                     (the PACT clip gradient, with ``alpha = s·(qmax-z)``)
 ==================  =========================================================================
@@ -40,6 +54,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from ._rounding import apply_rounding, round_half_away
 from ._spec import QParams, broadcast_qparam, group_view, reduction_axes
@@ -55,7 +70,7 @@ def quantize(
 ) -> jax.Array:
     """Quantize a float array to integer codes.
 
-    ``q = clamp(round(x / s) + z, qmin, qmax)`` (``compat="qjax"``); the torch and
+    ``q = clamp(round(x · f32(1/s)) + z, qmin, qmax)`` (``compat="qjax"``); the torch and
     tflite formulas are in the module docstring.
 
     Args:
@@ -77,18 +92,22 @@ def quantize(
     _check_compat(qp, compat, "quantize")
     spec = qp.spec
     xg, s, z = _operands(x, qp, "quantize")
+    xg = xg.astype(jnp.float32)
     zf = _rounded_zp(z, spec)
+    nan_code = spec.qmax
     if compat == "torch":
         inv = jnp.float32(1.0) / s
         if spec.granularity == "tensor":
-            with jax.enable_x64(True):
-                v = (xg.astype(jnp.float64) * inv.astype(jnp.float64) + zf).astype(jnp.float32)
+            v = _fma_f32(xg, inv, zf)
         else:
-            v = xg * inv + zf
+            # Two roundings, f32(f32(x·inv) + z): XLA contracts a plain x * inv + z
+            # into an fma, so the sum is rounded explicitly (fma(p, 1, z) == f32(p + z)).
+            v = _fma_f32(xg * inv, jnp.float32(1.0), zf)
+            nan_code = 0  # torch: clamp(NaN) stays NaN, then float->int gives 0
         r = jnp.round(v)
     else:
         r = _round_codes(xg, s, spec, compat, key) + zf
-    q = jnp.where(jnp.isnan(r), spec.qmax, jnp.clip(r, spec.qmin, spec.qmax))
+    q = jnp.where(jnp.isnan(r), nan_code, jnp.clip(r, spec.qmin, spec.qmax))
     return q.astype(spec.dtype).reshape(x.shape)
 
 
@@ -134,7 +153,7 @@ def fake_quant(
 ) -> jax.Array:
     """Quantize and dequantize in one differentiable step: ``dequantize(quantize(x))``.
 
-    ``y = (clamp(round(x / s) + z) - z) · s`` (``compat="qjax"``); with
+    ``y = (clamp(round(x · f32(1/s)) + z) - z) · s`` (``compat="qjax"``); with
     ``compat="torch"`` it is bit-exact with ``torch.fake_quantize_per_{tensor,channel}
     _affine`` (rule 4: zero point added after rounding ``x·inv``). Gradient rules
     (``grad``) are tabled in the module docstring; ``"lsq"`` and ``"pact"`` give
@@ -228,13 +247,50 @@ def _rounded_zp(z, spec):
     return z.astype(jnp.float32)
 
 
+def _fma_f32(a, b, c):
+    """``fma(a, b, c)`` for float32 operands: ``a·b + c`` rounded to float32 once.
+
+    ``a·b`` is exact in float64 (24 + 24 significand bits), but ``f32(f64(a·b + c))``
+    rounds twice and differs from a real fma when the float64 sum lands exactly on a
+    float32 midpoint (e.g. ``a·b ≈ 0.5 + 2^-17``, ``c = 128``; torch's quantize gives 129
+    where the double rounding gives 128). The float64 sum is therefore rounded to odd
+    (TwoSum error term, then step to the odd neighbour when inexact), after which the
+    float32 conversion is correctly rounded (53 >= 24 + 2 bits).
+    """
+    with jax.enable_x64(True):
+        f64 = jnp.float64
+        p = a.astype(f64) * b.astype(f64)
+        c = c.astype(f64)
+        s = p + c
+        bb = s - p
+        err = (p - (s - bb)) + (c - bb)
+        even = (lax.bitcast_convert_type(s, jnp.int64) & 1) == 0
+        fix = (err != 0) & even & jnp.isfinite(s)
+        odd = jnp.nextafter(s, jnp.where(err > 0, f64(jnp.inf), f64(-jnp.inf)))
+        return jnp.where(fix, odd, s).astype(jnp.float32)
+
+
+def _div_f32(a, b):
+    """IEEE float32 ``a / b`` of float32 operands, also under ``jit``.
+
+    XLA's algebraic simplifier rewrites ``a / broadcast(b)`` (every per-tensor, per-axis
+    and per-group division by a scale) into ``a * broadcast(1 / b)``, which misrounds
+    about half of the quotients and flips ``round`` at near-ties. The quotient is formed
+    in float64 instead: even if XLA multiplies by the float64 reciprocal there, the
+    error (< 2^-52 relative) is smaller than the distance (> 2^-50 relative) from a
+    quotient of two float32 values to any float32 rounding boundary, so the float32
+    result is the correctly rounded one.
+    """
+    with jax.enable_x64(True):
+        return (a.astype(jnp.float64) / b.astype(jnp.float64)).astype(jnp.float32)
+
+
 def _round_codes(xg, s, spec, compat, key):
-    """``round(x/s)`` before the zero point, by compat (fake-quant form)."""
-    if compat == "torch":
-        return jnp.round(xg * (jnp.float32(1.0) / s))
+    """``round(x·inv)`` (``round(x/s)`` for tflite) before the zero point, by compat."""
     if compat == "tflite":
-        return round_half_away(xg / s)
-    return apply_rounding(xg / s, spec.rounding, key)
+        return round_half_away(_div_f32(xg, s))
+    v = xg * (jnp.float32(1.0) / s)
+    return jnp.round(v) if compat == "torch" else apply_rounding(v, spec.rounding, key)
 
 
 def _fq_forward(static, x, scale, zp, key):
@@ -242,7 +298,15 @@ def _fq_forward(static, x, scale, zp, key):
     xg, s, z = _operands(x, QParams.tree_unflatten(spec, (scale, zp)), "fake_quant")
     zf = _rounded_zp(z, spec)
     r = _round_codes(xg, s, spec, compat, key) + zf
-    q = jnp.where(jnp.isnan(r), spec.qmax, jnp.clip(r, spec.qmin, spec.qmax))
+    if compat == "torch":
+        # fmax(NaN, qmin) = qmin; per-channel casts the code to int64 first, and NaN
+        # or a code >= 2^63 becomes INT64_MIN, clamped to qmin.
+        low = jnp.isnan(r)
+        if spec.granularity != "tensor":
+            low = low | (r >= jnp.float32(2.0**63))
+        q = jnp.where(low, spec.qmin, jnp.clip(r, spec.qmin, spec.qmax))
+    else:
+        q = jnp.where(jnp.isnan(r), spec.qmax, jnp.clip(r, spec.qmin, spec.qmax))
     y = (q - zf) * s
     return y.reshape(x.shape), (xg, s, z, r)
 
@@ -269,7 +333,9 @@ def _fq_bwd(static, res, g):
         inside = (xg >= (qmin - zf) * s) & (xg <= (qmax - zf) * s)
         return jnp.where(inside, gg, 0.0).reshape(g.shape), None, None, None
     mask = (r >= qmin) & (r <= qmax)
-    dx = jnp.where(mask, gg, 0.0).reshape(g.shape)
+    # torch computes dY * mask: -0.0 (and NaN for an infinite dY) where masked. XLA
+    # rewrites a multiply by a converted mask into a select, so spell out dY * 0.
+    dx = jnp.where(mask, gg, gg * 0.0).reshape(g.shape)
     if grad == "ste":
         return dx, None, None, None
     red = reduction_axes(spec, xg.ndim - (spec.granularity == "group"))
@@ -288,18 +354,24 @@ def _fq_bwd(static, res, g):
             zb = jnp.clip(jnp.trunc(z.astype(jnp.float32) + 0.5), qmin, qmax)
         else:
             zb = _rounded_zp(z.astype(jnp.float32), spec)
-        xq = jnp.round(zb + xg * inv)
+        # torch's kernel is compiled with FMA contraction: xqi = rint(fma(x, inv, zp))
+        # and xfqi - x = fma(clamp(xqi) - zp, s, -x); NaN and codes >= 2^63 convert
+        # to INT64_MIN (below).
+        xq = jnp.round(_fma_f32(xg, inv, zb))
+        below = (xq < qmin) | jnp.isnan(xq) | (xq >= jnp.float32(2.0**63))
+        above = (xq > qmax) & ~below
+        err = _fma_f32(jnp.clip(xq, qmin, qmax) - zb, s, -xg)
     else:
         zb = _rounded_zp(z, spec)
         xq = r
-    below, above = xq < qmin, xq > qmax
-    xfq = (jnp.clip(xq, qmin, qmax) - zb) * s
+        below, above = xq < qmin, xq > qmax
+        err = (jnp.clip(xq, qmin, qmax) - zb) * s - xg
     gsf = jnp.float32(gs)
-    ds_in = gg * (xfq - xg) * inv * gsf
+    ds_in = gg * err * inv * gsf
     ds_out = jnp.where(below, gg * (qmin - zb), gg * (qmax - zb)) * gsf
     ds = jnp.where(below | above, ds_out, ds_in)
     dz = jnp.where(below | above, gg * -1.0 * s * gsf, 0.0)
-    dx = jnp.where(below | above, 0.0, gg).reshape(g.shape)
+    dx = jnp.where(below | above, gg * 0.0, gg).reshape(g.shape)
     dzp = None
     if jnp.issubdtype(jnp.result_type(zp), jnp.floating):
         dzp = to_qparam_shape(dz, zp)

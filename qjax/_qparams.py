@@ -13,18 +13,22 @@ compat         symmetric                                   affine
                zp 0, 128 for default-range uint8,         eps)``, ``zp = clamp(qmin -
                ``(qmin+qmax)//2`` custom range              rint(f32(min⁻/s)))``
 ``"torch_      FBGEMM ``ChooseQuantizationParams``: ``s = max(|min|/128, max/127)`` when
-fused"``       ``min < 0 < max``, else the affine rule in float64 with zp picked from the
-               smaller-error end; ``s >= 6.1e-5`` (NUMERICS.md rule 9)
+fused"``       ``min < 0 < max``, else ``s = f32((max⁺-min⁻)/(qmax-qmin))`` (float64
+               quotient) and zp from the smaller-error end, divided by that float32
+               ``s`` in float64; ``s >= 6.1e-5`` (NUMERICS.md rule 9)
 ``"tflite"``   as ``"qjax"``                                 float64 affine with nudged zp
 =============  ==========================================  ==============================
 
 All arithmetic is float32 except where a mode says float64 (evaluated exactly under
-``jax.enable_x64`` inside the function, so it is jit-able). ``eps = 2**-23``.
+``jax.enable_x64`` inside the function, so it is jit-able). ``eps = 2**-23``. In every
+mode ``/`` is a correctly rounded division, also under ``jit`` (XLA would otherwise
+multiply by the rounded reciprocal of a constant divisor; see ``_div``).
 
 Degenerate ranges never produce NaN or infinite scales: a range that is empty
 (``min > max``, as from an observer that saw nothing) or non-finite gives
 ``scale = 1.0`` and the zero point of 0 (torch's "never observed" answer); an all-zero
-range gives ``eps`` (torch modes) or ``1.0`` (qjax, tflite). Report such conditions
+range gives ``eps`` (torch), ``0.1`` (torch_fused, FBGEMM's fallback) or ``1.0`` (qjax,
+tflite). Report such conditions
 with :func:`qjax.observers.health`.
 """
 
@@ -35,6 +39,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from ._rounding import round_half_away
 from ._spec import QParams, QuantSpec
 
 Compat = Literal["qjax", "torch", "torch_fused", "tflite"]
@@ -95,6 +100,18 @@ def _as_float(v, name: str) -> jax.Array:
     return v.astype(jnp.float32)
 
 
+def _div(a: jax.Array, d: float) -> jax.Array:
+    """``a / d`` correctly rounded in ``a``'s dtype, for a Python constant ``d``.
+
+    XLA's algebraic simplifier rewrites a division by a constant into a multiplication
+    by its rounded reciprocal, which is 1 ulp off for ~5% of float32 inputs (torch
+    divides). A divisor that depends on the data, ``d + min(|a|, 0)`` (equal to ``d``
+    unless ``a`` is NaN), keeps a true division under ``jit``.
+    """
+    zero = jnp.minimum(jnp.abs(a), jnp.zeros((), a.dtype))
+    return a / (jnp.asarray(d, a.dtype) + zero)
+
+
 def _zero_code(spec: QuantSpec) -> int:
     if spec.symmetric:
         return spec.symmetric_zero_point()
@@ -108,10 +125,10 @@ def _qjax(mn, mx, spec: QuantSpec):
     if spec.symmetric:
         zs = spec.symmetric_zero_point()
         amax = jnp.maximum(-mn_neg, mx_pos)
-        scale = amax / jnp.float32(min(qmax - zs, zs - qmin))
+        scale = _div(amax, min(qmax - zs, zs - qmin))
         zp = jnp.full(scale.shape, zs, jnp.int32)
     else:
-        scale = (mx_pos - mn_neg) / jnp.float32(qmax - qmin)
+        scale = _div(mx_pos - mn_neg, qmax - qmin)
         safe = jnp.where(scale > 0, scale, 1.0)
         zp = jnp.clip(qmin - jnp.round(mn_neg / safe), qmin, qmax).astype(jnp.int32)
     # A zero range is represented exactly by any scale; 1.0 keeps 1/scale finite.
@@ -125,7 +142,7 @@ def _torch(mn, mx, spec: QuantSpec):
     mx_pos = jnp.maximum(mx, 0.0)
     if spec.symmetric:
         amax = jnp.maximum(-mn_neg, mx_pos)
-        scale = jnp.maximum(amax / jnp.float32((qmax - qmin) / 2), EPS)
+        scale = jnp.maximum(_div(amax, (qmax - qmin) / 2), EPS)
         if spec.signed:
             zs = 0
         elif spec.has_custom_range or spec.bits not in (8, 16):
@@ -134,7 +151,7 @@ def _torch(mn, mx, spec: QuantSpec):
             zs = 2 ** (spec.bits - 1)
         zp = jnp.full(scale.shape, zs, jnp.int32)
     else:
-        scale = jnp.maximum((mx_pos - mn_neg) / jnp.float32(qmax - qmin), EPS)
+        scale = jnp.maximum(_div(mx_pos - mn_neg, qmax - qmin), EPS)
         zp = jnp.clip(qmin - jnp.round(mn_neg / scale), qmin, qmax).astype(jnp.int32)
     return scale, zp
 
@@ -148,7 +165,7 @@ def _torch_fused(mn, mx, spec: QuantSpec):
         sq_max = (qmax - qmin) // 2
         both = (mn < 0) & (mx > 0)
         # float32 arithmetic, as the C++ (float / int, fabs(float)).
-        ms = jnp.maximum(jnp.abs(mn / f32(sq_min)), jnp.abs(mx / f32(sq_max)))
+        ms = jnp.maximum(jnp.abs(_div(mn, sq_min)), jnp.abs(_div(mx, sq_max)))
         mn = jnp.where(both, ms * f32(sq_min), mn)
         mx = jnp.where(both, ms * f32(sq_max), mx)
     else:
@@ -157,28 +174,29 @@ def _torch_fused(mn, mx, spec: QuantSpec):
     mx = jnp.maximum(mx, f32(0.0))
     with jax.enable_x64(True):
         f64 = jnp.float64
-        scale = (mx.astype(f64) - mn.astype(f64)) / f64(qmax - qmin)
-        s32 = scale.astype(f32)
-        bad = (s32 == 0) | jnp.isinf(f32(1.0) / s32)
-        scale = jnp.where(bad, f64(0.1), scale)
-        small = scale < f64(f32(FBGEMM_SMALL_SCALE))
+        # FBGEMM keeps the scale as a float32 ("float scale = double expr"): the zero
+        # point below divides by the float32 scale (f64(s32)), not by the float64
+        # quotient; with min = -max this decides 127 vs 128.
+        scale = _div(mx.astype(f64) - mn.astype(f64), qmax - qmin).astype(f32)
+        bad = (scale == 0) | jnp.isinf(f32(1.0) / scale)
+        scale = jnp.where(bad, f32(0.1), scale)
         thr = f32(FBGEMM_SMALL_SCALE)
-        org = scale.astype(f32)
-        amp = thr / jnp.where(small, org, f32(1.0))
+        small = scale < thr
+        amp = thr / jnp.where(small, scale, f32(1.0))
         mn_new = jnp.where(mn == 0, mn, jnp.where(mx == 0, -thr * f32(qmax - qmin), mn * amp))
         mx_new = jnp.where(mn == 0, thr * f32(qmax - qmin), jnp.where(mx == 0, mx, mx * amp))
         mn = jnp.where(small, mn_new, mn)
         mx = jnp.where(small, mx_new, mx)
-        scale = jnp.where(small, thr.astype(f64), scale)
-        zmin = qmin - mn.astype(f64) / scale
-        zmax = qmax - mx.astype(f64) / scale
-        emin = abs(qmin) - jnp.abs(mn.astype(f64) / scale)
-        emax = abs(qmax) - jnp.abs(mx.astype(f64) / scale)
+        scale = jnp.where(small, thr, scale)
+        s64 = scale.astype(f64)
+        zmin = qmin - mn.astype(f64) / s64
+        zmax = qmax - mx.astype(f64) / s64
+        emin = abs(qmin) - jnp.abs(mn.astype(f64) / s64)
+        emax = abs(qmax) - jnp.abs(mx.astype(f64) / s64)
         z0 = jnp.where(emin < emax, zmin, zmax)
         z0 = jnp.where(both, f64(qmin + qmax) / 2, z0)
         zp = jnp.where(z0 < qmin, qmin, jnp.where(z0 > qmax, qmax, jnp.round(z0)))
         zp = zp.astype(jnp.int32)
-        scale = scale.astype(f32)
     return scale, zp
 
 
@@ -190,13 +208,16 @@ def _tflite(mn, mx, spec: QuantSpec):
         f64 = jnp.float64
         rmin = jnp.minimum(mn, 0.0).astype(f64)
         rmax = jnp.maximum(mx, 0.0).astype(f64)
-        scale = (rmax - rmin) / f64(qmax - qmin)
+        scale = _div(rmax - rmin, qmax - qmin)
         safe = jnp.where(scale > 0, scale, 1.0)
         zmin = qmin - rmin / safe
         zmax = qmax - rmax / safe
-        z0 = jnp.where(abs(qmin) + jnp.abs(rmin / safe) < abs(qmax) + jnp.abs(rmax / safe), zmin, zmax)
-        # std::round: half away from zero.
-        rounded = jnp.sign(z0) * jnp.floor(jnp.abs(z0) + 0.5)
-        zp = jnp.where(z0 < qmin, qmin, jnp.where(z0 > qmax, qmax, rounded)).astype(jnp.int32)
+        z0 = jnp.where(
+            abs(qmin) + jnp.abs(rmin / safe) < abs(qmax) + jnp.abs(rmax / safe), zmin, zmax
+        )
+        rounded = round_half_away(z0)  # std::round (floor(|z| + 0.5) errs at 0.5 - 2^-54)
+        zp = jnp.where(z0 < qmin, qmin, jnp.where(z0 > qmax, qmax, rounded))
+        # A point range: TFLite answers zero point 0 (and scale 0, made 1.0 here).
+        zp = jnp.where(scale > 0, zp, min(max(0, qmin), qmax)).astype(jnp.int32)
         scale = jnp.where(scale > 0, scale, 1.0).astype(jnp.float32)
     return scale, zp

@@ -187,9 +187,7 @@ class QuantSpec:
         out = []
         for a in axes:
             if not -ndim <= a < ndim:
-                raise ValueError(
-                    f"QuantSpec axis {a} is out of range for a tensor of rank {ndim}"
-                )
+                raise ValueError(f"QuantSpec axis {a} is out of range for a tensor of rank {ndim}")
             out.append(a % ndim)
         if len(set(out)) != len(out):
             raise ValueError(f"QuantSpec axes {axes} name the same dimension twice")
@@ -340,7 +338,9 @@ def group_view(x: jax.Array, spec: QuantSpec) -> jax.Array:
         return x
     g = spec.group_axis % x.ndim
     spec.qparams_shape(x.shape)  # validates divisibility with a clear message
-    return x.reshape(x.shape[:g] + (x.shape[g] // spec.group_size, spec.group_size) + x.shape[g + 1 :])
+    return x.reshape(
+        x.shape[:g] + (x.shape[g] // spec.group_size, spec.group_size) + x.shape[g + 1 :]
+    )
 
 
 def reduction_axes(spec: QuantSpec, ndim: int) -> tuple[int, ...]:

@@ -1,0 +1,51 @@
+"""Shared benchmark helpers: interleaved timing in one process, medians, machine line."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} "
+        f"({jax.devices()[0].platform}), python {platform.python_version()}"
+    )
+
+
+def block(out):
+    return jax.tree.map(
+        lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, out
+    )
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3):
+    """Time each zero-argument callable ``repeats`` times, alternating between them.
+
+    Returns ``{name: median seconds}``. Interleaving spreads machine noise (other load,
+    frequency changes) evenly over the contenders, so their ratio is what is stable.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            block(fn())
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            block(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One entry point for set-up and the two jobs the README names.
+#   ./run.sh demo   -> set up .venv (once) and run the end-to-end demo
+#   ./run.sh test   -> set up .venv (once) and run the whole test suite
+#   ./run.sh bench  -> set up .venv (once) and run the benchmarks
+# Set-up installs torch==2.13.0 first (the CPU build; an unpinned torch pulls a
+# multi-GB CUDA build), then qjax in editable mode with its torch and dev extras.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3.11}
+VENV=.venv
+STAMP=$VENV/.qjax-installed
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+  fi
+  if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+    "$VENV/bin/python" -m pip install -q -e ".[torch,onnx,dev]"
+    touch "$STAMP"
+  fi
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  demo)
+    setup
+    exec "$VENV/bin/qjax" demo "$@"
+    ;;
+  test)
+    setup
+    exec "$VENV/bin/python" -m pytest -m "not slow" "$@"
+    ;;
+  bench)
+    setup
+    for b in benchmarks/*.py; do
+      echo "== $b"
+      "$VENV/bin/python" "$b"
+    done
+    ;;
+  *)
+    echo "usage: ./run.sh {demo|test|bench} [args...]" >&2
+    exit 2
+    ;;
+esac
