@@ -2,13 +2,16 @@
 
 Layers (each imports only from those before it): specs and qparams (``QuantSpec``,
 ``QParams``, ``qparams_from_minmax``) -> primitives (``quantize``, ``dequantize``,
-``fake_quant``) -> ``qjax.observers``.
+``fake_quant``) -> ``qjax.observers`` -> ``qjax.kernels`` (``QArray``, the int8
+engine's integer kernels and named requantization schemes).
 """
 
+from . import kernels as kernels
 from . import observers as observers
 from ._primitives import dequantize as dequantize
 from ._primitives import fake_quant as fake_quant
 from ._primitives import quantize as quantize
+from ._qarray import QArray as QArray
 from ._qparams import qparams_from_minmax as qparams_from_minmax
 from ._rounding import round_half_away as round_half_away
 from ._rounding import round_half_even as round_half_even
@@ -19,10 +22,12 @@ from ._spec import QuantSpec as QuantSpec
 __version__ = "0.1.0"
 
 __all__ = [
+    "QArray",
     "QParams",
     "QuantSpec",
     "dequantize",
     "fake_quant",
+    "kernels",
     "observers",
     "qparams_from_minmax",
     "quantize",

@@ -66,6 +66,12 @@ def finite_minmax(
     Shapes: ``spec.qparams_shape(x.shape)`` for min/max (``+inf``/``-inf`` where a slice
     has no finite value), int32 scalar for the count. Under ``shard_map`` with
     ``axis_name`` the results are reduced across that mesh axis.
+
+    >>> from qjax import QuantSpec
+    >>> x = jnp.array([[1.0, -2.0], [jnp.nan, 5.0]])
+    >>> mn, mx, bad = finite_minmax(x, QuantSpec(axis=1))
+    >>> mn, mx, int(bad)
+    (Array([ 1., -2.], dtype=float32), Array([1., 5.], dtype=float32), 1)
     """
     x = check_float_input(x).astype(jnp.float32)
     shape = spec.qparams_shape(x.shape)

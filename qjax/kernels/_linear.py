@@ -1,0 +1,325 @@
+"""Integer linear layer: int8 x int8 -> int32 ``dot_general``, then a named requant.
+
+Accumulator rule (one for every path): ``acc[..., n] = Σ_k (x[..., k] - zp_x)·(w[k, n] -
+zp_w[n])``, exact in int32, then :func:`~qjax.kernels.requantize` with the chosen scheme.
+
+Layout: ``x`` is ``(..., K)``, the weight ``(K, N)`` (``(in, out)``, as Flax's ``Dense``
+kernel; torch's ``(out, in)`` is its transpose), per-tensor or per-output-channel
+(``axis=1``) qparams; the output is ``(..., N)``.
+
+How ``acc`` is computed (``accumulate="exact"``, the default):
+
+* signed int8 activations go to ``lax.dot_general`` as they are;
+* unsigned (uint8) activations are shifted to int8 first, exactly:
+  ``x' = x - 128`` (a bit flip, ``x ^ 0x80``) and ``zp_x' = zp_x - 128``. XLA's CPU dot
+  for uint8 operands is 33-65x slower than for int8, so uint8 never reaches it;
+* the zero points are folded in afterwards with precomputed sums:
+  ``acc = Σ x'w - zp_x'·Σ_k w - zp_w·Σ_k x' + K·zp_x'·zp_w``, where ``Σ_k w`` per output
+  channel is computed once by :func:`prepare_linear` and the ``zp_w`` terms are dropped
+  when the weight zero points are known to be 0 (symmetric int8 weights).
+
+``accumulate="fbgemm_sat16"`` reproduces FBGEMM on CPUs without AVX512-VNNI (rule 14):
+raw uint8 codes times int8 weights in adjacent pairs along K, each pair sum saturated to
+int16: ``acc = Σ_j sat16(x[2j]·w[2j] + x[2j+1]·w[2j+1]) - zp_x·Σw`` (plus the ``zp_w``
+terms above). It differs from the exact sum only when a pair exceeds the int16 range,
+which needs activation codes above 127.
+
+Overflow. The int32 accumulator is exact as long as ``K·max|x - zp_x|·max|w - zp_w|``
+and ``K·128·max|w|`` (the shifted dot) stay below ``2^31``; :func:`prepare_linear`
+checks this when the layer is built (with the actual weight codes when they are
+concrete, the spec's bounds otherwise) and raises with the layer's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .._qarray import QArray
+from .._spec import QParams
+from ._requant import Activation, Scheme, requantize
+
+__all__ = ["Accumulate", "PreparedLinear", "prepare_linear", "quantized_linear"]
+
+Accumulate = Literal["exact", "fbgemm_sat16"]
+_ACCUMULATES = ("exact", "fbgemm_sat16")
+_I32_MAX = 2**31 - 1
+
+
+@jax.tree_util.register_pytree_with_keys_class
+@dataclasses.dataclass(frozen=True)
+class PreparedLinear:
+    """Weights of an integer linear layer, prepared once by :func:`prepare_linear`.
+
+    Leaves: ``weight`` (a :class:`~qjax.QArray`, int8 ``(K, N)``) and ``col_sum``
+    (int32 ``(N,)``, ``Σ_k w[k, n]`` of the raw codes). Static: ``name`` (used in error
+    messages), ``max_abs_x`` (the largest ``|x - zp_x|`` the overflow check allowed for)
+    and ``zero_point_is_zero`` (the weight zero points are known to be 0, so the
+    ``zp_w`` correction terms are left out of the program).
+    """
+
+    weight: QArray
+    col_sum: jax.Array
+    name: str = "linear"
+    max_abs_x: int = 255
+    zero_point_is_zero: bool = False
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[1]
+
+    def tree_flatten_with_keys(self):
+        ga = jax.tree_util.GetAttrKey
+        return ((ga("weight"), self.weight), (ga("col_sum"), self.col_sum)), self._aux()
+
+    def tree_flatten(self):
+        return (self.weight, self.col_sum), self._aux()
+
+    def _aux(self):
+        return (self.name, self.max_abs_x, self.zero_point_is_zero)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children) -> PreparedLinear:
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "weight", children[0])
+        object.__setattr__(obj, "col_sum", children[1])
+        object.__setattr__(obj, "name", aux[0])
+        object.__setattr__(obj, "max_abs_x", aux[1])
+        object.__setattr__(obj, "zero_point_is_zero", aux[2])
+        return obj
+
+
+jax.export.register_pytree_node_serialization(
+    PreparedLinear,
+    serialized_name="qjax.kernels.PreparedLinear",
+    serialize_auxdata=lambda aux: json.dumps(list(aux)).encode(),
+    deserialize_auxdata=lambda data: tuple(json.loads(data.decode())),
+)
+
+
+def prepare_linear(w: QArray, *, name: str = "linear", max_abs_x: int = 255) -> PreparedLinear:
+    """Check an int8 ``(K, N)`` weight once and precompute its per-channel sums.
+
+    Checks: int8 codes (signed 8-bit spec), rank 2, qparams per-tensor or along the
+    output axis 1, the :class:`~qjax.QArray` invariants, and that the int32 accumulator
+    cannot overflow: ``K·max_abs_x·max|w - zp_w| <= 2^31 - 1`` and ``K·128·max|w| <=
+    2^31 - 1``, with the actual codes when ``w`` is concrete. Traced weights (inside
+    ``jit``) are checked against the spec's bounds instead, and their zero points are
+    taken to be 0 exactly when the spec is symmetric.
+
+    Args:
+      w: the weight, ``(in, out)``.
+      name: layer name for error messages.
+      max_abs_x: the largest ``|x - zp_x|`` inputs may have (255 covers any 8-bit
+        activation with any zero point; 128 covers symmetric int8).
+
+    Returns:
+      a :class:`PreparedLinear` (a pytree).
+
+    >>> from qjax import QuantSpec, QParams
+    >>> spec = QuantSpec(signed=True, symmetric=True, axis=1)
+    >>> w = QArray(jnp.array([[1, -2], [3, 4]], jnp.int8),
+    ...            QParams(jnp.array([0.1, 0.2]), jnp.array([0, 0]), spec))
+    >>> prepare_linear(w).col_sum
+    Array([4, 2], dtype=int32)
+    >>> big = QArray(jnp.full((70_000, 2), 127, jnp.int8), w.qparams)
+    >>> prepare_linear(big, name="fc1")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+      ...
+    ValueError: layer 'fc1': the int32 accumulator could overflow: K=70000 · max|x - zp_x|=255 ...
+    """
+    if isinstance(w, PreparedLinear):
+        return w
+    if not isinstance(w, QArray):
+        raise TypeError(f"layer {name!r}: weight must be a QArray, got {type(w).__name__}")
+    spec = w.spec
+    if spec.dtype != np.int8:
+        raise TypeError(
+            f"layer {name!r}: integer linear needs int8 weights, got {spec.dtype} "
+            f"({spec.bits}-bit {'signed' if spec.signed else 'unsigned'} spec)"
+        )
+    if w.ndim != 2:
+        raise ValueError(f"layer {name!r}: weight must be (in, out), got shape {w.shape}")
+    if spec.granularity == "group" or (
+        spec.granularity == "axis" and spec.normalized_axes(2) != (1,)
+    ):
+        raise ValueError(
+            f"layer {name!r}: weight qparams must be per-tensor or per output channel "
+            f"(axis=1 of the (in, out) weight), got axis={spec.axis}, "
+            f"group_size={spec.group_size}"
+        )
+    w.validate()
+    k = w.shape[0]
+    vals, zp = w.values, w.zero_point
+    concrete = _concrete(vals) and _concrete(zp)
+    if concrete:
+        wn = np.asarray(vals, np.int64)
+        zn = np.asarray(zp, np.int64).reshape(-1 if spec.granularity == "axis" else ())
+        max_w = int(np.abs(wn).max(initial=0))
+        max_wz = int(np.abs(wn - zn).max(initial=0))
+        zp_zero = bool((zn == 0).all())
+    else:
+        max_w = max(-spec.qmin, spec.qmax)
+        # a symmetric signed spec (default range) has zero point 0
+        zp_zero = spec.symmetric and spec.symmetric_zero_point() == 0
+        max_wz = max_w if zp_zero else spec.qmax - spec.qmin
+    worst = k * max(max_abs_x * max_wz, 128 * max_w)
+    if worst > _I32_MAX:
+        raise ValueError(
+            f"layer {name!r}: the int32 accumulator could overflow: K={k} · "
+            f"max|x - zp_x|={max_abs_x} · max|w - zp_w|={max_wz} = {k * max_abs_x * max_wz}"
+            f" > 2^31 - 1; split K or narrow the ranges"
+            if max_abs_x * max_wz >= 128 * max_w
+            else f"layer {name!r}: the int32 accumulator could overflow: K={k} · 128 · "
+            f"max|w|={max_w} = {worst} > 2^31 - 1; split K or narrow the ranges"
+        )
+    col_sum = jnp.sum(vals.astype(jnp.int32), axis=0)
+    return PreparedLinear(w, col_sum, name, int(max_abs_x), zp_zero)
+
+
+def quantized_linear(
+    x: QArray,
+    w: PreparedLinear | QArray,
+    bias: jax.Array | None,
+    out_qparams: QParams,
+    *,
+    scheme: Scheme = "fbgemm",
+    activation: Activation = None,
+    accumulate: Accumulate = "exact",
+    name: str | None = None,
+) -> QArray:
+    """Integer ``y = requant(x @ w + b)``: int8 x int8 -> int32 dot, then ``scheme``.
+
+    The accumulator is the exact ``Σ_k (x - zp_x)(w - zp_w)`` (module docstring), bias
+    and rounding follow the requantization ``scheme`` (:data:`~qjax.kernels.SCHEMES`),
+    and ``activation="relu"`` clamps the output codes below at the output zero point.
+
+    Args:
+      x: ``(..., K)`` activations, int8 or uint8, per-tensor qparams.
+      w: a :class:`PreparedLinear` (preferred: prepared once) or an int8 ``(K, N)``
+        :class:`~qjax.QArray` (prepared on each call).
+      bias: float32 ``(N,)`` or ``None``.
+      out_qparams: per-tensor output qparams; their spec sets the output dtype.
+      scheme: ``"fbgemm"`` (PyTorch x86/fbgemm), ``"qnnpack"``, ``"onednn"``,
+        ``"tflite"``, ``"tflite_single_rounding"`` or ``"exact"``.
+      activation: ``None`` or ``"relu"``.
+      accumulate: ``"exact"`` or ``"fbgemm_sat16"`` (uint8 activations only).
+      name: layer name for errors (defaults to the prepared weight's).
+
+    Returns:
+      a :class:`~qjax.QArray` ``(..., N)`` with ``out_qparams``.
+
+    >>> from qjax import QuantSpec, QParams
+    >>> x = QArray(jnp.array([[130, 120, 128]], jnp.uint8),
+    ...            QParams(0.1, 128, QuantSpec(signed=False)))
+    >>> w = QArray(jnp.array([[10, -5], [20, 5], [7, 7]], jnp.int8),
+    ...            QParams(0.05, 0, QuantSpec(signed=True, symmetric=True)))
+    >>> out = QParams(0.02, 128, QuantSpec(signed=False))
+    >>> y = quantized_linear(x, prepare_linear(w), jnp.array([0.0, 0.13]), out)
+    >>> y.values  # 0.2·0.5 - 0.8·1.0 = -0.7 and 0.2·-0.25 - 0.8·0.25 + 0.13 = -0.12
+    Array([[ 93, 122]], dtype=uint8)
+    """
+    layer = name if name is not None else getattr(w, "name", "linear")
+    pw = prepare_linear(w, name=layer)
+    if name is not None and name != pw.name:
+        pw = dataclasses.replace(pw, name=name)
+    if not isinstance(x, QArray):
+        raise TypeError(f"layer {layer!r}: x must be a QArray, got {type(x).__name__}")
+    if not isinstance(out_qparams, QParams):
+        raise TypeError(
+            f"layer {layer!r}: out_qparams must be a QParams, got {type(out_qparams).__name__}"
+        )
+    if accumulate not in _ACCUMULATES:
+        raise ValueError(
+            f"layer {layer!r}: accumulate must be one of {_ACCUMULATES}, got {accumulate!r}"
+        )
+    xs = x.spec
+    if xs.dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
+        raise TypeError(f"layer {layer!r}: activations must be int8 or uint8 codes, got {xs.dtype}")
+    if xs.granularity != "tensor":
+        raise ValueError(
+            f"layer {layer!r}: activation qparams must be per-tensor, got axis={xs.axis}, "
+            f"group_size={xs.group_size}"
+        )
+    k, n = pw.in_features, pw.out_features
+    if x.ndim < 1 or x.shape[-1] != k:
+        raise ValueError(
+            f"layer {layer!r}: x of shape {x.shape} does not fit a ({k}, {n}) weight "
+            f"(last dimension must be {k})"
+        )
+    if xs.qmax - xs.qmin > pw.max_abs_x:
+        raise ValueError(
+            f"layer {layer!r}: activations span {xs.qmax - xs.qmin} codes but the layer was "
+            f"checked for overflow with max_abs_x={pw.max_abs_x}; prepare it with a larger "
+            "max_abs_x"
+        )
+    unsigned = not xs.signed
+    if accumulate == "fbgemm_sat16" and not unsigned:
+        raise ValueError(
+            f"layer {layer!r}: accumulate='fbgemm_sat16' models FBGEMM's uint8 x int8 "
+            f"kernel; got {xs.dtype} activations"
+        )
+    wq = pw.weight
+    zx = jnp.asarray(x.zero_point).astype(jnp.int32).reshape(())
+    zw = jnp.asarray(wq.zero_point).astype(jnp.int32)  # () or (N,)
+    if accumulate == "exact":
+        if unsigned:  # x - 128 as int8: flip the top bit, reinterpret
+            xv = lax.bitcast_convert_type(x.values ^ jnp.uint8(0x80), jnp.int8)
+            zx = zx - jnp.int32(128)
+        else:
+            xv = x.values
+        acc = lax.dot_general(
+            xv,
+            wq.values,
+            (((x.ndim - 1,), (0,)), ((), ())),
+            preferred_element_type=jnp.int32,
+        )
+    else:
+        xv = x.values
+        acc = _sat16_pair_dot(xv, wq.values)
+    acc = acc - zx * pw.col_sum
+    if not pw.zero_point_is_zero:
+        row_sum = jnp.sum(xv.astype(jnp.int32), axis=-1, keepdims=True)
+        acc = acc - zw * row_sum + jnp.int32(k) * zx * zw
+    scale_w = wq.scale if wq.spec.granularity == "axis" else jnp.reshape(wq.scale, ())
+    try:
+        codes = requantize(
+            acc,
+            scale_x=jnp.reshape(x.scale, ()),
+            scale_w=scale_w,
+            out=out_qparams,
+            bias=bias,
+            activation=activation,
+            scheme=scheme,
+        )
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"layer {layer!r}: {e}") from None
+    return QArray(codes, out_qparams)
+
+
+def _sat16_pair_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``Σ_j sat16(x[2j]·w[2j] + x[2j+1]·w[2j+1])`` over K, int32 (FBGEMM vpmaddubsw)."""
+    k = x.shape[-1]
+    xi = x.astype(jnp.int32)
+    wi = w.astype(jnp.int32)
+    if k % 2:
+        xi = jnp.concatenate([xi, jnp.zeros(xi.shape[:-1] + (1,), jnp.int32)], axis=-1)
+        wi = jnp.concatenate([wi, jnp.zeros((1,) + wi.shape[1:], jnp.int32)], axis=0)
+    xe, xo = xi[..., 0::2, None], xi[..., 1::2, None]  # (..., K/2, 1)
+    we, wo = wi[0::2], wi[1::2]  # (K/2, N)
+    pair = jnp.clip(xe * we + xo * wo, -(2**15), 2**15 - 1)
+    return jnp.sum(pair, axis=-2)
+
+
+def _concrete(v) -> bool:
+    return isinstance(v, (np.ndarray, np.generic, jax.Array)) and not isinstance(v, jax.core.Tracer)

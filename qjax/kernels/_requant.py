@@ -1,0 +1,718 @@
+"""Requantization: int32 accumulator -> output integer codes, in named schemes.
+
+Every integer layer (linear, conv) ends the same way: an exact int32 accumulator
+``acc = Σ (x - zp_x)(w - zp_w)`` has to become output codes of scale ``s_out`` and zero
+point ``zp_out``, with the float bias ``b`` added and a fused clamp ``[lo, hi]`` (the
+output range, raised to ``zp_out`` by a fused ReLU). The real value is
+``(s_x·s_w·acc + b) / s_out``; the schemes differ only in *how* they round on the way.
+
+Notation as in ``shared/NUMERICS.md``: ``f32(e)`` rounds to float32 (nearest even),
+``rint`` rounds half to even, ``inv(s) = f32(1/s)``; ``clamp`` is to ``[lo, hi]``.
+
+=============================  ==========================================================
+scheme                         output code
+=============================  ==========================================================
+``"fbgemm"`` (rule 11)         ``ats = f32(s_x·s_w)``; ``M = f32(ats/s_out)``;
+                               ``y = f32(acc) + f32(b·inv(ats))`` per-tensor weights,
+                               ``y = f32(acc) + f32(b/ats)`` per-channel;
+                               ``clamp(rint(f32(y·M)) + zp_out)``
+``"qnnpack"`` (rule 12)        ``b_q = rint(f32(b·inv(f32(s_w·s_x))))`` (int32);
+                               ``rs = f32(f32(s_w·s_x)·inv(s_out))``;
+                               ``clamp(rint(f32(f32(acc + b_q)·rs)) + zp_out)``
+``"onednn"`` (rule 13)         ``s' = inv(inv(s))`` for ``s_x, s_w``;
+                               ``y = f32(f32(f32(f32(acc)·s_x')·s_w') + b)``;
+                               ``clamp(rint(f32(f32(y·inv(s_out)) + zp_out)))``
+``"tflite"`` (rule 19)         ``b_q = round_half_away(f32(b·inv(f32(s_x·s_w))))``;
+                               ``(qm, shift) = QuantizeMultiplier(s_x·s_w/s_out)`` in
+                               float64; ``clamp(MultiplyByQuantizedMultiplier(acc + b_q,
+                               qm, shift) + zp_out)``, integer-only
+``"tflite_single_rounding"``   the same with TFLite's single-rounding
+                               ``(x·qm + 2^(30-shift)) >> (31-shift)``
+``"exact"``                    ``clamp(rint((s_x·s_w·acc + b)/s_out) + zp_out)`` with
+                               every value an exact rational (host callback; tests only)
+=============================  ==========================================================
+
+Dtypes: ``acc`` int32; ``bias`` float32 (or ``None`` = no bias, the same codes as a zero
+bias in every scheme); scales float32; ``zero_point_out``, ``lo``, ``hi`` int32. Every
+scheme function returns int32 codes in ``[lo, hi]``; :func:`requantize` casts them to the
+output spec's dtype. Per-channel weight scales (and the bias) must broadcast against
+``acc`` — :func:`requantize` reshapes ``(C,)`` vectors along ``channel_axis``; a
+per-tensor ``scale_w`` is 0-d (that is what tells ``"fbgemm"`` which bias formula to use).
+
+Notes on exactness. In ``"qnnpack"`` torch forms ``f64(s_w)·f64(s_x)`` before the
+reciprocal; the exact product of two float32 numbers fits in float64's 53 bits, so
+rounding it once to float32 equals the float32 product, which is what is computed here.
+In ``"tflite"`` the bias reciprocal is ``f32(1.0/f64(f32(s_x·s_w)))`` in TFLite's
+converter; double rounding of a quotient is innocuous from 53 to 24 bits, so it equals
+the float32 division.
+
+These roundings must survive compilation, and XLA would otherwise change them: its CPU (and GPU)
+backends contract ``a·b + c`` into a fused multiply-add (skipping the rounding of
+``a·b``; about 10 codes per million differ for ``"onednn"``), and its algebraic
+simplifier turns ``x / broadcast(s)`` into ``x · (1/s)``, ``1/(1/s)`` into ``s`` and
+``(x·c1)·c2`` into ``x·(c1·c2)``. Every step is defended (:func:`_m`, :func:`_div`,
+:func:`_exact_addend`), so the codes are the separately rounded IEEE float32 operations
+written above whether the scales are arguments or compile-time constants (tested both
+ways). Assumed: scales and products of scales are normal float32 numbers above
+``2^-100`` (no flush-to-zero territory).
+
+The ``"tflite"`` schemes compute the multiplier in float64 (``jax.enable_x64`` locally,
+works under ``jit``) and everything after it in 32-bit integer operations (the 64-bit
+products are built from 16-bit limbs), so the codes are identical on every device.
+"""
+
+from __future__ import annotations
+
+import fractions
+import math
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .._rounding import round_half_away
+from .._spec import QParams
+
+__all__ = [
+    "SCHEMES",
+    "Activation",
+    "Scheme",
+    "activation_bounds",
+    "multiply_by_quantized_multiplier",
+    "multiply_by_quantized_multiplier_single_rounding",
+    "quantize_multiplier",
+    "requant_exact",
+    "requant_fbgemm",
+    "requant_onednn",
+    "requant_qnnpack",
+    "requant_tflite",
+    "requant_tflite_single_rounding",
+    "requantize",
+    "rounding_divide_by_pot",
+    "saturating_rounding_doubling_high_mul",
+]
+
+Scheme = Literal["fbgemm", "qnnpack", "onednn", "tflite", "tflite_single_rounding", "exact"]
+Activation = Literal["relu"] | None
+
+_I32_MIN = -(2**31)
+_I32_MAX = 2**31 - 1
+_F32_BELOW_2_31 = 2147483520.0  # largest float32 below 2^31
+
+
+# --------------------------------------------------------------------------------------
+# small exact helpers
+
+
+def _f32(v) -> jax.Array:
+    return jnp.asarray(v, jnp.float32)
+
+
+def _i32(v) -> jax.Array:
+    return jnp.asarray(v, jnp.int32)
+
+
+def _m(p: jax.Array) -> jax.Array:
+    """``p``, materialized: no HLO algebra across this point.
+
+    XLA's algebraic simplifier reassociates ``(x·c1)·c2`` into ``x·(c1·c2)`` for
+    constants and folds ``1/(1/s)`` into ``s``; ``where(isnan(p), nan, p)`` is ``p`` bit
+    for bit (up to the NaN payload) and stops it. (It also stops LLVM from contracting
+    the product ``p`` into a following add, but only while LLVM cannot prove ``p`` is
+    never NaN; where it can, :func:`_exact_addend` is needed.) On constants it folds
+    to a constant, which is just as safe.
+    """
+    return jnp.where(jnp.isnan(p), jnp.asarray(jnp.nan, p.dtype), p)
+
+
+def _pow2(k: jax.Array) -> jax.Array:
+    """float32 ``2^k`` for int32 ``k`` in [-126, 127], built from its bits (exact)."""
+    return lax.bitcast_convert_type((_i32(k) + 127) << 23, jnp.float32)
+
+
+def _exact_addend(v: jax.Array, k) -> jax.Array:
+    """``v`` (a float32 product about to be added to something), safe from FMA fusion.
+
+    LLVM contracts ``fmul`` + ``fadd`` into one FMA whenever it may (XLA allows it);
+    with constant scales it also proves our NaN-guards redundant and drops them. Here
+    ``v`` is rewritten as ``rint(v·2^k)·2^-k``: equal to ``v`` whenever ``v`` is a
+    multiple of ``2^-k`` (and ``|v·2^k| < 2^127``), and the multiply that now feeds the
+    add is by a power of two, which is exact, so contracting it changes nothing.
+    """
+    return jnp.round(v * _pow2(k)) * _pow2(-_i32(k))
+
+
+def _div(a, b) -> jax.Array:
+    """Correctly rounded float32 quotient ``f32(a/b)``.
+
+    XLA rewrites ``x / broadcast(y)`` as ``x · broadcast(1/y)`` (one rounding more), so
+    a plain division by a per-tensor scale is not IEEE division. Here the quotient is
+    formed in float64 and rounded to float32: even with that rewrite its relative error
+    is below ``2^-52``, while the quotient of two float32 numbers is never exactly a
+    float32 rounding midpoint and never closer to one than ``2^-49`` (relative), so the
+    result is the correctly rounded float32 quotient.
+    """
+    with jax.enable_x64(True):
+        q = _f32(a).astype(jnp.float64) / _f32(b).astype(jnp.float64)
+        return q.astype(jnp.float32)
+
+
+def _div64_exact(a: jax.Array, b: jax.Array) -> jax.Array:
+    """IEEE float64 ``a / b`` for float64 arrays, even where ``b`` would be a broadcast.
+
+    ``b + a·0`` is ``b`` for finite ``a`` but a genuine array, so XLA keeps the division
+    (see :func:`_div`).
+    """
+    return a / (b + a * jnp.asarray(0.0, a.dtype))
+
+
+def _per_channel(scale_w: jax.Array) -> bool:
+    return jnp.ndim(scale_w) > 0
+
+
+def _clamp_codes(v: jax.Array, zero_point: jax.Array, lo, hi) -> jax.Array:
+    """``clamp(v + zp, lo, hi)`` for a float ``v`` holding an integer, as int32.
+
+    The clamp happens in float against ``lo - zp`` and ``hi - zp`` (exact small
+    integers), so huge or infinite ``v`` saturate instead of wrapping.
+    """
+    zp = _i32(zero_point)
+    flo = (_i32(lo) - zp).astype(jnp.float32)
+    fhi = (_i32(hi) - zp).astype(jnp.float32)
+    return jnp.clip(v, flo, fhi).astype(jnp.int32) + zp
+
+
+def _f32_to_i32_saturate(v: jax.Array) -> jax.Array:
+    """float32 holding an integer -> int32, saturating at the int32 range (C++ SafeCast)."""
+    c = jnp.clip(v, jnp.float32(_I32_MIN), jnp.float32(_F32_BELOW_2_31)).astype(jnp.int32)
+    return jnp.where(v >= jnp.float32(2.0**31), _i32(_I32_MAX), c)
+
+
+# --------------------------------------------------------------------------------------
+# float schemes (PyTorch engines)
+
+
+def requant_fbgemm(acc, bias, scale_x, scale_w, scale_out, zero_point_out, lo, hi):
+    """FBGEMM's requantization (rule 11): float bias, float32 multiplier.
+
+    ``ats = f32(s_x·s_w)``, ``M = f32(ats/s_out)``; ``y = f32(acc) + f32(b·f32(1/ats))``
+    for a per-tensor ``scale_w`` (0-d), ``y = f32(acc) + f32(b/ats)`` per-channel;
+    ``out = clamp(rint(f32(y·M)) + zp_out, lo, hi)``. Bit-exact with torch's x86-engine
+    linear and fbgemm-engine linear/conv.
+
+    Args: ``acc`` int32; ``bias`` float32 broadcastable to ``acc`` or ``None``; scales
+    float32; ``zero_point_out``, ``lo``, ``hi`` int32. Returns int32 codes in
+    ``[lo, hi]``.
+
+    >>> acc = jnp.array([-300, 0, 7, 10_000], jnp.int32)
+    >>> requant_fbgemm(acc, None, jnp.float32(0.02), jnp.float32(0.01),
+    ...                jnp.float32(0.05), 128, 0, 255)
+    Array([127, 128, 128, 168], dtype=int32)
+    """
+    ats = _m(_f32(scale_x) * _f32(scale_w))
+    mult = _m(_div(ats, scale_out))
+    y = _i32(acc).astype(jnp.float32)
+    if bias is not None:
+        if _per_channel(scale_w):
+            y = y + _m(_div(bias, ats))
+        else:
+            y = y + _m(_f32(bias) * _m(_div(1.0, ats)))
+    return _clamp_codes(jnp.round(y * mult), zero_point_out, lo, hi)
+
+
+def requant_qnnpack(acc, bias, scale_x, scale_w, scale_out, zero_point_out, lo, hi):
+    """QNNPACK's requantization (rule 12): int32 bias, float32 scale from reciprocals.
+
+    ``b_q = rint(f32(b·f32(1/f32(s_w·s_x))))`` (saturated to int32);
+    ``rs = f32(f32(s_w·s_x)·f32(1/s_out))``;
+    ``out = clamp(rint(f32(f32(acc + b_q)·rs)) + zp_out, lo, hi)`` (``acc + b_q`` in int32).
+
+    Args and result as :func:`requant_fbgemm`.
+
+    >>> acc = jnp.array([-300, 0, 7, 10_000], jnp.int32)
+    >>> requant_qnnpack(acc, jnp.float32(0.001), jnp.float32(0.02), jnp.float32(0.01),
+    ...                 jnp.float32(0.05), 128, 0, 255)
+    Array([127, 128, 128, 168], dtype=int32)
+    """
+    prod = _m(_f32(scale_w) * _f32(scale_x))
+    a = _i32(acc)
+    if bias is not None:
+        b_q = _f32_to_i32_saturate(jnp.round(_m(_f32(bias) * _m(_div(1.0, prod)))))
+        a = a + b_q
+    rs = _m(prod * _m(_div(1.0, scale_out)))
+    return _clamp_codes(jnp.round(a.astype(jnp.float32) * rs), zero_point_out, lo, hi)
+
+
+def requant_onednn(acc, bias, scale_x, scale_w, scale_out, zero_point_out, lo, hi):
+    """oneDNN's requantization as torch's onednn engine runs it (rule 13, emulation).
+
+    ``s' = f32(1/f32(1/s))`` for ``s_x`` and ``s_w`` (torch hands oneDNN reciprocals);
+    ``y = f32(f32(f32(acc)·s_x')·s_w')``, ``y = f32(y + b)``;
+    ``out = clamp(rint(f32(f32(y·f32(1/s_out)) + zp_out)), lo, hi)`` (zero point added
+    *before* rounding). oneDNN's kernels may order the float steps differently for some
+    shapes: about 1-2 outputs per million differ by one code.
+
+    Args and result as :func:`requant_fbgemm`.
+
+    >>> acc = jnp.array([-300, 0, 7, 10_000], jnp.int32)
+    >>> requant_onednn(acc, None, jnp.float32(0.02), jnp.float32(0.01),
+    ...                jnp.float32(0.05), 128, 0, 255)
+    Array([127, 128, 128, 168], dtype=int32)
+    """
+    sx = _m(_div(1.0, _m(_div(1.0, scale_x))))
+    sw = _m(_div(1.0, _m(_div(1.0, scale_w))))
+    y = _m(_m(_i32(acc).astype(jnp.float32) * sx) * sw)
+    if bias is not None:
+        # Every nonzero y is at least f32(s_x'·s_w') = m·2^e (m in [1/2, 1)), so a
+        # multiple of 2^(e-24): with k = 24 - e, y·2^k is an integer below 2^56.
+        _, e = jnp.frexp(_m(sx * sw))
+        y = _exact_addend(y, jnp.clip(24 - e.astype(jnp.int32), -126, 126)) + _f32(bias)
+    p = _m(y * _m(_div(1.0, scale_out)))
+    # p is only rounded to a multiple of 2^-40 where |p| < 2^-17, which cannot change
+    # rint(f32(p + zp)) for an integer zp (it stays within 2^-17 of zp).
+    p = _exact_addend(p, 40)
+    v = jnp.round(p + _i32(zero_point_out).astype(jnp.float32))
+    return _clamp_codes(v, 0, lo, hi)
+
+
+# --------------------------------------------------------------------------------------
+# TFLite / gemmlowp fixed point, integer-only
+
+
+def quantize_multiplier(real_multiplier, *, single_rounding: bool = False):
+    """TFLite's ``QuantizeMultiplier``: ``M ≈ qm·2^(shift-31)`` with ``qm`` in Q0.31.
+
+    ``(q, shift) = frexp(M)`` (``q`` in [0.5, 1)); ``qm = round_half_away(q·2^31)``;
+    ``qm == 2^31 -> (qm/2, shift+1)``; ``shift < -31 -> (0, 0)`` (flush to zero);
+    ``M == 0 -> (0, 0)``. With ``single_rounding`` also ``shift > 30 -> (2^31-1, 30)``.
+    Computed in float64 (locally enabled, also under ``jit``).
+
+    Args:
+      real_multiplier: non-negative real multiplier(s), any float dtype (made float64).
+
+    Returns:
+      ``(qm, shift)``: int32 arrays of the input's shape.
+
+    >>> quantize_multiplier(0.75)
+    (Array(1610612736, dtype=int32), Array(0, dtype=int32))
+    >>> quantize_multiplier(2.0 ** -40)
+    (Array(0, dtype=int32), Array(0, dtype=int32))
+    """
+    with jax.enable_x64(True):
+        m = jnp.asarray(real_multiplier).astype(jnp.float64)
+        q, shift = jnp.frexp(m)
+        qf = round_half_away(q * jnp.float64(2.0**31))
+        carry = qf == jnp.float64(2.0**31)
+        qf = jnp.where(carry, qf / 2, qf)
+        shift = shift.astype(jnp.int32) + carry.astype(jnp.int32)
+        flush = (shift < -31) | (m == 0)
+        qf = jnp.where(flush, 0.0, qf)
+        shift = jnp.where(flush, 0, shift)
+        if single_rounding:
+            sat = shift > 30
+            qf = jnp.where(sat, jnp.float64(_I32_MAX), qf)
+            shift = jnp.where(sat, 30, shift)
+        return qf.astype(jnp.int32), shift.astype(jnp.int32)
+
+
+def _u32(v) -> jax.Array:
+    return jnp.asarray(v, jnp.uint32)
+
+
+def _mul_wide_u32(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Full 64-bit product of two uint32 arrays as (high, low) uint32 words."""
+    m16 = _u32(0xFFFF)
+    al, ah = a & m16, a >> 16
+    bl, bh = b & m16, b >> 16
+    ll, lh, hl, hh = al * bl, al * bh, ah * bl, ah * bh
+    mid = (ll >> 16) + (lh & m16) + (hl & m16)  # < 3·2^16: no overflow
+    lo = (mid << 16) | (ll & m16)
+    hi = hh + (lh >> 16) + (hl >> 16) + (mid >> 16)
+    return hi, lo
+
+
+def _mul_wide_s32(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Signed 64-bit product of two int32 arrays, two's complement (high, low) uint32."""
+    ua = lax.bitcast_convert_type(_i32(a), jnp.uint32)
+    ub = lax.bitcast_convert_type(_i32(b), jnp.uint32)
+    hi, lo = _mul_wide_u32(ua, ub)
+    zero = _u32(0)
+    hi = hi - jnp.where(_i32(a) < 0, ub, zero) - jnp.where(_i32(b) < 0, ua, zero)
+    return hi, lo
+
+
+def _add_wide(hi, lo, c_hi, c_lo):
+    """(hi, lo) + (c_hi, c_lo) modulo 2^64."""
+    lo2 = lo + c_lo
+    carry = (lo2 < lo).astype(jnp.uint32)
+    return hi + c_hi + carry, lo2
+
+
+def _sar_wide_to_i32(hi, lo, t):
+    """``floor((hi:lo) / 2^t)`` as int32 for ``t`` in [1, 62] (the result must fit)."""
+    t = _i32(t)
+    ts = jnp.clip(t, 1, 31).astype(jnp.uint32)
+    small = (lo >> ts) | (hi << (_u32(32) - ts))
+    small = lax.bitcast_convert_type(small, jnp.int32)
+    big = lax.bitcast_convert_type(hi, jnp.int32) >> jnp.clip(t - 32, 0, 31)
+    return jnp.where(t < 32, small, big)
+
+
+def saturating_rounding_doubling_high_mul(a, b):
+    """gemmlowp ``SaturatingRoundingDoublingHighMul``: ``(a·b + nudge) / 2^31`` truncated.
+
+    ``nudge = 2^30`` if ``a·b >= 0`` else ``1 - 2^30`` (round half up, in effect);
+    ``a == b == -2^31 -> 2^31 - 1``. int32 in and out; the 64-bit product is formed
+    from 16-bit limbs, so no int64 is needed.
+
+    >>> saturating_rounding_doubling_high_mul(jnp.int32(3), jnp.int32(2**30))
+    Array(2, dtype=int32)
+    >>> saturating_rounding_doubling_high_mul(jnp.int32(-3), jnp.int32(2**30))
+    Array(-1, dtype=int32)
+    """
+    a, b = _i32(a), _i32(b)
+    hi, lo = _mul_wide_s32(a, b)
+    neg = lax.bitcast_convert_type(hi, jnp.int32) < 0
+    # nudge as a 64-bit two's complement value: 2^30 or 1 - 2^30.
+    n_hi = jnp.where(neg, _u32(0xFFFFFFFF), _u32(0))
+    n_lo = jnp.where(neg, _u32((1 - 2**30) % 2**32), _u32(2**30))
+    hi, lo = _add_wide(hi, lo, n_hi, n_lo)
+    floor = _sar_wide_to_i32(hi, lo, 31)
+    n_neg = lax.bitcast_convert_type(hi, jnp.int32) < 0
+    inexact = (lo & _u32(0x7FFFFFFF)) != 0
+    trunc = floor + (n_neg & inexact).astype(jnp.int32)  # C++ division rounds to zero
+    overflow = (a == _I32_MIN) & (b == _I32_MIN)
+    return jnp.where(overflow, _i32(_I32_MAX), trunc)
+
+
+def rounding_divide_by_pot(x, exponent):
+    """gemmlowp ``RoundingDivideByPOT``: ``x / 2^exponent`` rounded half away from zero.
+
+    ``exponent`` in [0, 31]; int32 in and out.
+
+    >>> rounding_divide_by_pot(jnp.array([5, -5, 6, -6], jnp.int32), 1)
+    Array([ 3, -3,  3, -3], dtype=int32)
+    """
+    x = _i32(x)
+    e = _i32(exponent).astype(jnp.uint32)
+    mask = (_u32(1) << e) - _u32(1)
+    remainder = lax.bitcast_convert_type(x, jnp.uint32) & mask
+    threshold = (mask >> 1) + (x < 0).astype(jnp.uint32)
+    return (x >> _i32(exponent)) + (remainder > threshold).astype(jnp.int32)
+
+
+def multiply_by_quantized_multiplier(x, quantized_multiplier, shift):
+    """TFLite ``MultiplyByQuantizedMultiplier`` (double rounding, the reference kernels).
+
+    ``RoundingDivideByPOT(SaturatingRoundingDoublingHighMul(x·2^max(shift,0), qm),
+    max(-shift, 0))``; ``x·2^left`` wraps in int32 as in C. int32 in and out.
+
+    Ties: ``-6·0.25 = -1.5 -> -2`` (half away); two roundings: ``5·0.25 = 1.25 -> 2``.
+
+    >>> qm, sh = quantize_multiplier(0.25)
+    >>> multiply_by_quantized_multiplier(jnp.array([6, -6, 5], jnp.int32), qm, sh)
+    Array([ 2, -2,  2], dtype=int32)
+    """
+    shift = _i32(shift)
+    left = jnp.maximum(shift, 0)
+    right = jnp.maximum(-shift, 0)
+    x_up = _i32(x) * (_i32(1) << left)
+    return rounding_divide_by_pot(
+        saturating_rounding_doubling_high_mul(x_up, quantized_multiplier), right
+    )
+
+
+def multiply_by_quantized_multiplier_single_rounding(x, quantized_multiplier, shift):
+    """TFLite's single-rounding ``MultiplyByQuantizedMultiplier`` (TFLITE_SINGLE_ROUNDING).
+
+    ``T = 31 - shift`` (``shift`` in [-31, 30]); ``(x·qm + 2^(T-1)) >> T`` with the
+    product in 64 bits (16-bit limbs) and an arithmetic shift: round half up.
+    Use with ``quantize_multiplier(..., single_rounding=True)``.
+
+    >>> qm, sh = quantize_multiplier(0.25, single_rounding=True)
+    >>> multiply_by_quantized_multiplier_single_rounding(
+    ...     jnp.array([6, -6, 5], jnp.int32), qm, sh)
+    Array([ 2, -1,  1], dtype=int32)
+    """
+    t = _i32(31) - _i32(shift)
+    hi, lo = _mul_wide_s32(x, quantized_multiplier)
+    r = t - 1  # rounding bit position, 0..61
+    rc = jnp.clip(r, 0, 31).astype(jnp.uint32)
+    rb = jnp.clip(r - 32, 0, 31).astype(jnp.uint32)
+    r_lo = jnp.where(r < 32, _u32(1) << rc, _u32(0))
+    r_hi = jnp.where(r < 32, _u32(0), _u32(1) << rb)
+    hi, lo = _add_wide(hi, lo, r_hi, r_lo)
+    return _sar_wide_to_i32(hi, lo, t)
+
+
+def _tflite_bias(bias, scale_x, scale_w):
+    """TFLite converter's int32 bias: ``round_half_away(f32(b·f32(1/f32(s_x·s_w))))``,
+    saturated to ``±(2^31 - 1)``."""
+    sf = _m(_f32(scale_x) * _f32(scale_w))
+    inv = _m(jnp.where(sf == 0, jnp.float32(0.0), _div(1.0, sf)))
+    b_q = _f32_to_i32_saturate(round_half_away(_m(_f32(bias) * inv)))
+    return jnp.maximum(b_q, _i32(-_I32_MAX))
+
+
+def _tflite_multiplier(scale_x, scale_w, scale_out, single_rounding):
+    with jax.enable_x64(True):
+        # s_x·s_w is exact in float64 (48 significant bits); the quotient is IEEE.
+        p = _m(_f32(scale_x).astype(jnp.float64) * _f32(scale_w).astype(jnp.float64))
+        so = jnp.broadcast_to(_f32(scale_out).astype(jnp.float64), p.shape)
+        return quantize_multiplier(_div64_exact(p, so), single_rounding=single_rounding)
+
+
+def requant_tflite(acc, bias, scale_x, scale_w, scale_out, zero_point_out, lo, hi):
+    """TFLite/gemmlowp fixed point (rule 19): integer-only, identical on every device.
+
+    ``b_q = round_half_away(f32(b·f32(1/f32(s_x·s_w))))`` (TFLite's bias quantization);
+    ``(qm, shift) = quantize_multiplier(f64(s_x)·f64(s_w)/f64(s_out))``;
+    ``out = clamp(multiply_by_quantized_multiplier(acc + b_q, qm, shift) + zp_out, lo, hi)``.
+
+    Args and result as :func:`requant_fbgemm`.
+
+    >>> acc = jnp.array([-300, 0, 7, 10_000], jnp.int32)
+    >>> requant_tflite(acc, None, jnp.float32(0.02), jnp.float32(0.01),
+    ...                jnp.float32(0.05), 128, 0, 255)
+    Array([127, 128, 128, 168], dtype=int32)
+    """
+    return _tflite(acc, bias, scale_x, scale_w, scale_out, zero_point_out, lo, hi, False)
+
+
+def requant_tflite_single_rounding(acc, bias, scale_x, scale_w, scale_out, zero_point_out, lo, hi):
+    """TFLite with ``TFLITE_SINGLE_ROUNDING``: as :func:`requant_tflite`, but one rounding.
+
+    ``out = clamp(((acc + b_q)·qm + 2^(30-shift)) >> (31-shift)) + zp_out, lo, hi)`` with
+    ``quantize_multiplier(..., single_rounding=True)``.
+
+    >>> acc = jnp.array([-300, 0, 7, 10_000], jnp.int32)
+    >>> requant_tflite_single_rounding(acc, None, jnp.float32(0.02), jnp.float32(0.01),
+    ...                                jnp.float32(0.05), 128, 0, 255)
+    Array([127, 128, 128, 168], dtype=int32)
+    """
+    return _tflite(acc, bias, scale_x, scale_w, scale_out, zero_point_out, lo, hi, True)
+
+
+def _tflite(acc, bias, scale_x, scale_w, scale_out, zero_point_out, lo, hi, single):
+    a = _i32(acc)
+    if bias is not None:
+        a = a + _tflite_bias(bias, scale_x, scale_w)
+    qm, shift = _tflite_multiplier(scale_x, scale_w, scale_out, single)
+    mbqm = (
+        multiply_by_quantized_multiplier_single_rounding
+        if single
+        else (multiply_by_quantized_multiplier)
+    )
+    # The TFLite kernels clamp the int32 sum in 32 bits; saturate the zero-point add
+    # so a huge value cannot wrap past the clamp.
+    y = mbqm(a, qm, shift)
+    zp = _i32(zero_point_out)
+    y = jnp.clip(y, _i32(lo) - zp, _i32(hi) - zp) + zp
+    return y
+
+
+# --------------------------------------------------------------------------------------
+# exact rational reference
+
+
+def _fraction(v) -> fractions.Fraction:
+    return fractions.Fraction(float(v))
+
+
+def _exact_host(acc, bias, scale_x, scale_w, scale_out, zero_point_out, lo, hi):
+    acc = np.asarray(acc, np.int64)
+    sx = _fraction(np.float32(scale_x))
+    so = _fraction(np.float32(scale_out))
+    sw = np.asarray(scale_w, np.float32)
+    b = np.zeros((), np.float32) if bias is None else np.asarray(bias, np.float32)
+    shape = np.broadcast_shapes(sw.shape, b.shape)
+    sw, b = np.broadcast_to(sw, shape), np.broadcast_to(b, shape)
+    # y = (acc·u + v) / d per channel, u, v, d integers, d > 0.
+    u = np.empty(shape, object)
+    v = np.empty(shape, object)
+    d = np.empty(shape, object)
+    for idx in np.ndindex(shape):
+        a = sx * _fraction(sw[idx]) / so
+        c = _fraction(b[idx]) / so
+        den = math.lcm(a.denominator, c.denominator)
+        u[idx] = a.numerator * (den // a.denominator)
+        v[idx] = c.numerator * (den // c.denominator)
+        d[idx] = den
+    num = acc.astype(object) * u + v
+    q = num // d
+    r2 = 2 * (num - q * d)
+    q = q + ((r2 > d) | ((r2 == d) & (q % 2 == 1))).astype(object)  # half to even
+    out = np.clip(
+        q.astype(np.float64), float(lo) - float(zero_point_out), float(hi) - float(zero_point_out)
+    )
+    return (out.astype(np.int64) + int(zero_point_out)).astype(np.int32)
+
+
+def requant_exact(acc, bias, scale_x, scale_w, scale_out, zero_point_out, lo, hi):
+    """Correctly rounded reference: ``clamp(rint((s_x·s_w·acc + b)/s_out) + zp_out)``.
+
+    Every input is taken as the exact rational it represents (float32 scales and bias),
+    the real value is formed exactly and rounded once, half to even. Runs on the host
+    (``jax.pure_callback``, works under ``jit``/``vmap``); meant for tests and reports.
+
+    Args and result as :func:`requant_fbgemm`.
+
+    >>> acc = jnp.array([-300, 0, 7, 10_000], jnp.int32)
+    >>> requant_exact(acc, None, jnp.float32(0.02), jnp.float32(0.01),
+    ...               jnp.float32(0.05), 128, 0, 255)
+    Array([127, 128, 128, 168], dtype=int32)
+    """
+    acc = _i32(acc)
+    args = [acc, _f32(scale_x), _f32(scale_w), _f32(scale_out), _i32(zero_point_out)]
+    args += [_i32(lo), _i32(hi)]
+    has_bias = bias is not None
+    if has_bias:
+        args.append(_f32(bias))
+
+    def host(acc, sx, sw, so, zp, lo, hi, *b):
+        return _exact_host(acc, b[0] if b else None, sx, sw, so, zp, lo, hi)
+
+    out = jax.ShapeDtypeStruct(acc.shape, jnp.int32)
+    return jax.pure_callback(host, out, *args, vmap_method="sequential")
+
+
+# --------------------------------------------------------------------------------------
+# registry and the public entry point
+
+RequantFn = Callable[..., jax.Array]
+
+SCHEMES: Mapping[str, RequantFn] = MappingProxyType(
+    {
+        "fbgemm": requant_fbgemm,
+        "qnnpack": requant_qnnpack,
+        "onednn": requant_onednn,
+        "tflite": requant_tflite,
+        "tflite_single_rounding": requant_tflite_single_rounding,
+        "exact": requant_exact,
+    }
+)
+"""Requantization schemes by name: ``fn(acc, bias, scale_x, scale_w, scale_out,
+zero_point_out, lo, hi) -> int32 codes``."""
+
+_ACTIVATIONS = (None, "relu")
+
+
+def activation_bounds(out: QParams, activation: Activation = None) -> tuple[jax.Array, jax.Array]:
+    """Clamp bounds ``(lo, hi)`` of a fused activation on output codes, int32.
+
+    ``None``: ``[qmin, qmax]``; ``"relu"``: ``[max(qmin, zp_out), qmax]``.
+
+    >>> from qjax import QuantSpec, QParams
+    >>> activation_bounds(QParams(0.1, 100, QuantSpec(signed=False)), "relu")
+    (Array(100, dtype=int32), Array(255, dtype=int32))
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"unsupported fused activation {activation!r}; supported: {_ACTIVATIONS}")
+    spec = out.spec
+    lo, hi = _i32(spec.qmin), _i32(spec.qmax)
+    if activation == "relu":
+        lo = jnp.maximum(lo, _zero_point_scalar(out.zero_point))
+    return lo, hi
+
+
+def _zero_point_scalar(z) -> jax.Array:
+    z = jnp.asarray(z)
+    if jnp.issubdtype(z.dtype, jnp.floating):
+        raise TypeError(f"output zero point must be an integer, got dtype {z.dtype}")
+    return z.astype(jnp.int32).reshape(())
+
+
+def requantize(
+    acc: jax.Array,
+    *,
+    scale_x: jax.Array,
+    scale_w: jax.Array,
+    out: QParams,
+    bias: jax.Array | None = None,
+    activation: Activation = None,
+    scheme: Scheme = "fbgemm",
+    channel_axis: int = -1,
+) -> jax.Array:
+    """Turn an exact int32 accumulator into output codes with a named scheme.
+
+    ``acc = Σ (x - zp_x)(w - zp_w)`` over the reduction axes; the result approximates
+    ``(s_x·s_w·acc + b) / s_out + zp_out``, rounded and clamped as the scheme says (see
+    the module docstring and :data:`SCHEMES`), with the fused ``activation`` clamp.
+
+    Args:
+      acc: int32 accumulator, any shape.
+      scale_x: per-tensor input scale (0-d float32).
+      scale_w: weight scale: 0-d (per-tensor) or ``(C,)`` per output channel.
+      out: output :class:`~qjax.QParams` (per-tensor; its spec gives dtype and range).
+      bias: float32 ``(C,)`` (or 0-d) bias, or ``None``.
+      activation: ``None`` or ``"relu"`` (clamp below at the output zero point).
+      scheme: a key of :data:`SCHEMES`.
+      channel_axis: axis of ``acc`` that ``(C,)`` vectors run along.
+
+    Returns:
+      codes of ``out.spec.dtype``, shape of ``acc``.
+
+    >>> from qjax import QuantSpec, QParams
+    >>> out = QParams(0.05, 128, QuantSpec(signed=False))
+    >>> acc = jnp.array([[-300, 0], [7, 10_000]], jnp.int32)
+    >>> requantize(acc, scale_x=0.02, scale_w=jnp.array([0.01, 0.02]), out=out,
+    ...            activation="relu", scheme="tflite")
+    Array([[128, 128],
+           [128, 208]], dtype=uint8)
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown requantization scheme {scheme!r}; known: {sorted(SCHEMES)}")
+    if not isinstance(out, QParams):
+        raise TypeError(f"requantize: out must be a QParams, got {type(out).__name__}")
+    if out.spec.granularity != "tensor":
+        raise ValueError(
+            f"requantize: output qparams must be per-tensor, got axis={out.spec.axis}, "
+            f"group_size={out.spec.group_size}"
+        )
+    acc = jnp.asarray(acc)
+    if acc.dtype != jnp.int32:
+        raise TypeError(f"requantize: acc must be int32, got {acc.dtype}")
+    sx = jnp.asarray(scale_x, jnp.float32)
+    if sx.size != 1:
+        raise ValueError(f"requantize: scale_x must be per-tensor, got shape {sx.shape}")
+    sw = jnp.asarray(scale_w, jnp.float32)
+    if sw.ndim > 1:
+        raise ValueError(f"requantize: scale_w must be 0-d or (C,), got shape {sw.shape}")
+    ax = channel_axis % max(acc.ndim, 1)
+    if sw.ndim == 1:
+        if acc.ndim == 0 or acc.shape[ax] != sw.shape[0]:
+            raise ValueError(
+                f"requantize: {sw.shape[0]} weight scales for acc of shape {acc.shape} "
+                f"along axis {channel_axis}"
+            )
+        sw = _along(sw, acc.ndim, ax)
+    b = None
+    if bias is not None:
+        b = jnp.asarray(bias)
+        if not jnp.issubdtype(b.dtype, jnp.floating):
+            raise TypeError(f"requantize: bias must be floating, got {b.dtype}")
+        b = b.astype(jnp.float32)
+        if b.ndim == 1:
+            if acc.ndim == 0 or acc.shape[ax] != b.shape[0]:
+                raise ValueError(
+                    f"requantize: bias of shape {b.shape} does not fit acc of shape "
+                    f"{acc.shape} along axis {channel_axis}"
+                )
+            b = _along(b, acc.ndim, ax)
+        elif b.ndim > 1:
+            raise ValueError(f"requantize: bias must be 0-d or (C,), got shape {b.shape}")
+    lo, hi = activation_bounds(out, activation)
+    so = jnp.asarray(out.scale, jnp.float32).reshape(())
+    zo = _zero_point_scalar(out.zero_point)
+    codes = SCHEMES[scheme](acc, b, sx.reshape(()), sw, so, zo, lo, hi)
+    return codes.astype(out.spec.dtype)
+
+
+def _along(v: jax.Array, ndim: int, axis: int) -> jax.Array:
+    shape = [1] * ndim
+    shape[axis] = v.shape[0]
+    return v.reshape(shape)
