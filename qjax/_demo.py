@@ -128,7 +128,7 @@ def _parity_tour(size: int, rng: np.random.Generator) -> str:
             "values",
             "quantize_per_tensor mismatches",
             "fake_quantize mismatches",
-            "qjax-rule codes != torch (rule 1 vs 4)",
+            "qjax default codes != torch quantize (ties: zp after rounding)",
         ],
         rows,
     )

@@ -1,0 +1,34 @@
+"""Smoke tests: every example runs and its printed claims hold."""
+
+import importlib.util
+import pathlib
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quickstart(capsys):
+    out = _load("quickstart").main()
+    assert out["max_err_steps"] <= 0.5 + 1e-6
+    assert out["zero_point"] == 0  # post-ReLU data: the range starts at 0
+    assert out["grad"] == [1.0, 1.0, 0.0]  # inclusive mask; 100.0 is beyond the range
+    assert "act: ok" in capsys.readouterr().out
+
+
+def test_demo_runs_small(capsys):
+    import jax
+
+    from qjax._cli import main
+
+    # optax's adam is not strict-promotion clean (int32 step count ** float).
+    with jax.numpy_dtype_promotion("standard"):
+        assert main(["demo", "--size", "20000"]) == 0
+    out = capsys.readouterr().out
+    for title in ("Observers on heavy-tailed", "identity-conv weight", "Bit-exact parity", "QAT:"):
+        assert title in out
