@@ -54,8 +54,8 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
+from ._float import div_f32, fma_f32
 from ._rounding import apply_rounding, round_half_away
 from ._spec import QParams, broadcast_qparam, group_view, reduction_axes
 
@@ -98,11 +98,11 @@ def quantize(
     if compat == "torch":
         inv = jnp.float32(1.0) / s
         if spec.granularity == "tensor":
-            v = _fma_f32(xg, inv, zf)
+            v = fma_f32(xg, inv, zf)
         else:
             # Two roundings, f32(f32(x·inv) + z): XLA contracts a plain x * inv + z
             # into an fma, so the sum is rounded explicitly (fma(p, 1, z) == f32(p + z)).
-            v = _fma_f32(xg * inv, jnp.float32(1.0), zf)
+            v = fma_f32(xg * inv, jnp.float32(1.0), zf)
             nan_code = 0  # torch: clamp(NaN) stays NaN, then float->int gives 0
         r = jnp.round(v)
     else:
@@ -247,48 +247,10 @@ def _rounded_zp(z, spec):
     return z.astype(jnp.float32)
 
 
-def _fma_f32(a, b, c):
-    """``fma(a, b, c)`` for float32 operands: ``a·b + c`` rounded to float32 once.
-
-    ``a·b`` is exact in float64 (24 + 24 significand bits), but ``f32(f64(a·b + c))``
-    rounds twice and differs from a real fma when the float64 sum lands exactly on a
-    float32 midpoint (e.g. ``a·b ≈ 0.5 + 2^-17``, ``c = 128``; torch's quantize gives 129
-    where the double rounding gives 128). The float64 sum is therefore rounded to odd
-    (TwoSum error term, then step to the odd neighbour when inexact), after which the
-    float32 conversion is correctly rounded (53 >= 24 + 2 bits).
-    """
-    with jax.enable_x64(True):
-        f64 = jnp.float64
-        p = a.astype(f64) * b.astype(f64)
-        c = c.astype(f64)
-        s = p + c
-        bb = s - p
-        err = (p - (s - bb)) + (c - bb)
-        even = (lax.bitcast_convert_type(s, jnp.int64) & 1) == 0
-        fix = (err != 0) & even & jnp.isfinite(s)
-        odd = jnp.nextafter(s, jnp.where(err > 0, f64(jnp.inf), f64(-jnp.inf)))
-        return jnp.where(fix, odd, s).astype(jnp.float32)
-
-
-def _div_f32(a, b):
-    """IEEE float32 ``a / b`` of float32 operands, also under ``jit``.
-
-    XLA's algebraic simplifier rewrites ``a / broadcast(b)`` (every per-tensor, per-axis
-    and per-group division by a scale) into ``a * broadcast(1 / b)``, which misrounds
-    about half of the quotients and flips ``round`` at near-ties. The quotient is formed
-    in float64 instead: even if XLA multiplies by the float64 reciprocal there, the
-    error (< 2^-52 relative) is smaller than the distance (> 2^-50 relative) from a
-    quotient of two float32 values to any float32 rounding boundary, so the float32
-    result is the correctly rounded one.
-    """
-    with jax.enable_x64(True):
-        return (a.astype(jnp.float64) / b.astype(jnp.float64)).astype(jnp.float32)
-
-
 def _round_codes(xg, s, spec, compat, key):
     """``round(x·inv)`` (``round(x/s)`` for tflite) before the zero point, by compat."""
     if compat == "tflite":
-        return round_half_away(_div_f32(xg, s))
+        return round_half_away(div_f32(xg, s))
     v = xg * (jnp.float32(1.0) / s)
     return jnp.round(v) if compat == "torch" else apply_rounding(v, spec.rounding, key)
 
@@ -357,10 +319,10 @@ def _fq_bwd(static, res, g):
         # torch's kernel is compiled with FMA contraction: xqi = rint(fma(x, inv, zp))
         # and xfqi - x = fma(clamp(xqi) - zp, s, -x); NaN and codes >= 2^63 convert
         # to INT64_MIN (below).
-        xq = jnp.round(_fma_f32(xg, inv, zb))
+        xq = jnp.round(fma_f32(xg, inv, zb))
         below = (xq < qmin) | jnp.isnan(xq) | (xq >= jnp.float32(2.0**63))
         above = (xq > qmax) & ~below
-        err = _fma_f32(jnp.clip(xq, qmin, qmax) - zb, s, -xg)
+        err = fma_f32(jnp.clip(xq, qmin, qmax) - zb, s, -xg)
     else:
         zb = _rounded_zp(z, spec)
         xq = r

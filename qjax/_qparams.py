@@ -22,7 +22,7 @@ fused"``       ``min < 0 < max``, else ``s = f32((max⁺-min⁻)/(qmax-qmin))`` 
 All arithmetic is float32 except where a mode says float64 (evaluated exactly under
 ``jax.enable_x64`` inside the function, so it is jit-able). ``eps = 2**-23``. In every
 mode ``/`` is a correctly rounded division, also under ``jit`` (XLA would otherwise
-multiply by the rounded reciprocal of a constant divisor; see ``_div``).
+multiply by the rounded reciprocal of a constant divisor; see ``qjax._float.div_ieee``).
 
 Degenerate ranges never produce NaN or infinite scales: a range that is empty
 (``min > max``, as from an observer that saw nothing) or non-finite gives
@@ -39,6 +39,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from ._float import div_ieee
 from ._rounding import round_half_away
 from ._spec import QParams, QuantSpec
 
@@ -100,18 +101,6 @@ def _as_float(v, name: str) -> jax.Array:
     return v.astype(jnp.float32)
 
 
-def _div(a: jax.Array, d: float) -> jax.Array:
-    """``a / d`` correctly rounded in ``a``'s dtype, for a Python constant ``d``.
-
-    XLA's algebraic simplifier rewrites a division by a constant into a multiplication
-    by its rounded reciprocal, which is 1 ulp off for ~5% of float32 inputs (torch
-    divides). A divisor that depends on the data, ``d + min(|a|, 0)`` (equal to ``d``
-    unless ``a`` is NaN), keeps a true division under ``jit``.
-    """
-    zero = jnp.minimum(jnp.abs(a), jnp.zeros((), a.dtype))
-    return a / (jnp.asarray(d, a.dtype) + zero)
-
-
 def _zero_code(spec: QuantSpec) -> int:
     if spec.symmetric:
         return spec.symmetric_zero_point()
@@ -125,10 +114,10 @@ def _qjax(mn, mx, spec: QuantSpec):
     if spec.symmetric:
         zs = spec.symmetric_zero_point()
         amax = jnp.maximum(-mn_neg, mx_pos)
-        scale = _div(amax, min(qmax - zs, zs - qmin))
+        scale = div_ieee(amax, min(qmax - zs, zs - qmin))
         zp = jnp.full(scale.shape, zs, jnp.int32)
     else:
-        scale = _div(mx_pos - mn_neg, qmax - qmin)
+        scale = div_ieee(mx_pos - mn_neg, qmax - qmin)
         safe = jnp.where(scale > 0, scale, 1.0)
         zp = jnp.clip(qmin - jnp.round(mn_neg / safe), qmin, qmax).astype(jnp.int32)
     # A zero range is represented exactly by any scale; 1.0 keeps 1/scale finite.
@@ -142,7 +131,7 @@ def _torch(mn, mx, spec: QuantSpec):
     mx_pos = jnp.maximum(mx, 0.0)
     if spec.symmetric:
         amax = jnp.maximum(-mn_neg, mx_pos)
-        scale = jnp.maximum(_div(amax, (qmax - qmin) / 2), EPS)
+        scale = jnp.maximum(div_ieee(amax, (qmax - qmin) / 2), EPS)
         if spec.signed:
             zs = 0
         elif spec.has_custom_range or spec.bits not in (8, 16):
@@ -151,7 +140,7 @@ def _torch(mn, mx, spec: QuantSpec):
             zs = 2 ** (spec.bits - 1)
         zp = jnp.full(scale.shape, zs, jnp.int32)
     else:
-        scale = jnp.maximum(_div(mx_pos - mn_neg, qmax - qmin), EPS)
+        scale = jnp.maximum(div_ieee(mx_pos - mn_neg, qmax - qmin), EPS)
         zp = jnp.clip(qmin - jnp.round(mn_neg / scale), qmin, qmax).astype(jnp.int32)
     return scale, zp
 
@@ -165,7 +154,7 @@ def _torch_fused(mn, mx, spec: QuantSpec):
         sq_max = (qmax - qmin) // 2
         both = (mn < 0) & (mx > 0)
         # float32 arithmetic, as the C++ (float / int, fabs(float)).
-        ms = jnp.maximum(jnp.abs(_div(mn, sq_min)), jnp.abs(_div(mx, sq_max)))
+        ms = jnp.maximum(jnp.abs(div_ieee(mn, sq_min)), jnp.abs(div_ieee(mx, sq_max)))
         mn = jnp.where(both, ms * f32(sq_min), mn)
         mx = jnp.where(both, ms * f32(sq_max), mx)
     else:
@@ -177,7 +166,7 @@ def _torch_fused(mn, mx, spec: QuantSpec):
         # FBGEMM keeps the scale as a float32 ("float scale = double expr"): the zero
         # point below divides by the float32 scale (f64(s32)), not by the float64
         # quotient; with min = -max this decides 127 vs 128.
-        scale = _div(mx.astype(f64) - mn.astype(f64), qmax - qmin).astype(f32)
+        scale = div_ieee(mx.astype(f64) - mn.astype(f64), qmax - qmin).astype(f32)
         bad = (scale == 0) | jnp.isinf(f32(1.0) / scale)
         scale = jnp.where(bad, f32(0.1), scale)
         thr = f32(FBGEMM_SMALL_SCALE)
@@ -208,7 +197,7 @@ def _tflite(mn, mx, spec: QuantSpec):
         f64 = jnp.float64
         rmin = jnp.minimum(mn, 0.0).astype(f64)
         rmax = jnp.maximum(mx, 0.0).astype(f64)
-        scale = _div(rmax - rmin, qmax - qmin)
+        scale = div_ieee(rmax - rmin, qmax - qmin)
         safe = jnp.where(scale > 0, scale, 1.0)
         zmin = qmin - rmin / safe
         zmax = qmax - rmax / safe

@@ -74,6 +74,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .._float import div_f32, div_ieee, exact_addend, materialize, pow2
 from .._rounding import round_half_away
 from .._spec import QParams
 
@@ -116,58 +117,12 @@ def _i32(v) -> jax.Array:
     return jnp.asarray(v, jnp.int32)
 
 
-def _m(p: jax.Array) -> jax.Array:
-    """``p``, materialized: no HLO algebra across this point.
-
-    XLA's algebraic simplifier reassociates ``(x·c1)·c2`` into ``x·(c1·c2)`` for
-    constants and folds ``1/(1/s)`` into ``s``; ``where(isnan(p), nan, p)`` is ``p`` bit
-    for bit (up to the NaN payload) and stops it. (It also stops LLVM from contracting
-    the product ``p`` into a following add, but only while LLVM cannot prove ``p`` is
-    never NaN; where it can, :func:`_exact_addend` is needed.) On constants it folds
-    to a constant, which is just as safe.
-    """
-    return jnp.where(jnp.isnan(p), jnp.asarray(jnp.nan, p.dtype), p)
-
-
-def _pow2(k: jax.Array) -> jax.Array:
-    """float32 ``2^k`` for int32 ``k`` in [-126, 127], built from its bits (exact)."""
-    return lax.bitcast_convert_type((_i32(k) + 127) << 23, jnp.float32)
-
-
-def _exact_addend(v: jax.Array, k) -> jax.Array:
-    """``v`` (a float32 product about to be added to something), safe from FMA fusion.
-
-    LLVM contracts ``fmul`` + ``fadd`` into one FMA whenever it may (XLA allows it);
-    with constant scales it also proves our NaN-guards redundant and drops them. Here
-    ``v`` is rewritten as ``rint(v·2^k)·2^-k``: equal to ``v`` whenever ``v`` is a
-    multiple of ``2^-k`` (and ``|v·2^k| < 2^127``), and the multiply that now feeds the
-    add is by a power of two, which is exact, so contracting it changes nothing.
-    """
-    return jnp.round(v * _pow2(k)) * _pow2(-_i32(k))
-
-
-def _div(a, b) -> jax.Array:
-    """Correctly rounded float32 quotient ``f32(a/b)``.
-
-    XLA rewrites ``x / broadcast(y)`` as ``x · broadcast(1/y)`` (one rounding more), so
-    a plain division by a per-tensor scale is not IEEE division. Here the quotient is
-    formed in float64 and rounded to float32: even with that rewrite its relative error
-    is below ``2^-52``, while the quotient of two float32 numbers is never exactly a
-    float32 rounding midpoint and never closer to one than ``2^-49`` (relative), so the
-    result is the correctly rounded float32 quotient.
-    """
-    with jax.enable_x64(True):
-        q = _f32(a).astype(jnp.float64) / _f32(b).astype(jnp.float64)
-        return q.astype(jnp.float32)
-
-
-def _div64_exact(a: jax.Array, b: jax.Array) -> jax.Array:
-    """IEEE float64 ``a / b`` for float64 arrays, even where ``b`` would be a broadcast.
-
-    ``b + a·0`` is ``b`` for finite ``a`` but a genuine array, so XLA keeps the division
-    (see :func:`_div`).
-    """
-    return a / (b + a * jnp.asarray(0.0, a.dtype))
+# The exactness guards live in qjax._float (one implementation for all of qjax).
+_m = materialize
+_pow2 = pow2
+_exact_addend = exact_addend
+_div = div_f32
+_div64_exact = div_ieee
 
 
 def _per_channel(scale_w: jax.Array) -> bool:

@@ -47,8 +47,8 @@ accumulated in float64 and rounded to float32 (``torch.cumsum``), and the bin wi
 of the error are float64 before rounding (Python floats in torch);
 ``jax.enable_x64`` is switched on inside the functions for those, so no global x64
 is needed. Two XLA:CPU rewrites that torch's eager kernels do not make are undone:
-a division by a scalar becoming a multiply by its reciprocal (``_div``) and
-``a * b + c`` fused into one FMA (``_mul``); torch's own ``linspace`` kernel *is*
+a division by a scalar becoming a multiply by its reciprocal (``qjax._float.div_ieee``) and
+``a * b + c`` fused into one FMA (``qjax._float.mul_f32``); torch's own ``linspace`` kernel *is*
 FMA-contracted, which ``_torch_linspace`` reproduces. What remains different:
 an error sum is rounded once from float64 where torch sums float32 in its own order,
 which can change the result only when two consecutive candidates' errors agree to
@@ -70,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .._float import div_ieee, mul_f32, opaque_one
 from .._qparams import COMPATS, Compat, qparams_from_minmax
 from .._spec import QParams, QuantSpec
 from ._base import Observer, check_float_input, finite_minmax
@@ -264,7 +265,7 @@ def _bin_index(v, lo, hi, bins: int):
     point = lo == hi
     left = jnp.where(point, lo - 1, lo)
     right = jnp.where(point, hi + 1, hi)
-    pos = _div((v - left) * jnp.float32(bins), right - left)
+    pos = div_ieee((v - left) * jnp.float32(bins), right - left)
     # Callers mask non-finite v; a NaN position (only from a range overflowing float32,
     # undefined in torch too) converts to bin 0: XLA's float->int conversion saturates.
     return jnp.clip(pos, 0, bins - 1).astype(jnp.int32)
@@ -276,32 +277,6 @@ def _histc(x, lo, hi, bins: int):
     return jnp.zeros((bins,), jnp.float32).at[idx].add(1.0, mode="drop")
 
 
-def _opaque_one(ref):
-    """A float32 1.0 that XLA cannot fold (``ref`` is never NaN where it is used).
-
-    XLA:CPU contracts ``a * b + c`` into one fused multiply-add, which skips the
-    rounding of ``a * b`` that torch performs. ``_mul(a, b, one)`` returns
-    ``(a * b) * one``: a contraction can then only fuse the exact ``* one``.
-    """
-    return jnp.where(jnp.isnan(ref), jnp.float32(2.0), jnp.float32(1.0))
-
-
-def _mul(a, b, one):
-    """``a * b`` rounded to float32 even when an addition follows (see _opaque_one)."""
-    return (a * b) * one
-
-
-def _div(a, b):
-    """``a / b`` correctly rounded, for finite ``a`` (NaN where ``a`` is not finite).
-
-    XLA rewrites a division by a constant or by a broadcast scalar into a multiply by
-    the reciprocal, which is off by an ulp about one time in five; adding ``a - a``
-    (zero, but not to XLA) makes the divisor an ordinary array.
-    """
-    a, b = jnp.broadcast_arrays(a, b)
-    return a / (b + (a - a))
-
-
 def _torch_linspace(start, end, steps: int):
     """``torch.linspace`` in float32, as torch's CPU kernel computes it.
 
@@ -310,7 +285,7 @@ def _torch_linspace(start, end, steps: int):
     so the one float64 rounding of the sum stands in for the fused one.
     """
     f64 = jnp.float64
-    step = _div(end - start, jnp.float32(steps - 1))
+    step = div_ieee(end - start, jnp.float32(steps - 1))
     i = jnp.arange(steps, dtype=jnp.int32)
     with jax.enable_x64(True):
         st, s0, s1 = step.astype(f64), start.astype(f64), end.astype(f64)
@@ -327,8 +302,8 @@ def _upscale(h, old_min, old_max, lo, hi, bins: int, rate: int):
     bucketed (right-closed, as ``torch.bucketize(right=True) - 1``) into the new bins.
     """
     n = bins * rate
-    fine = _div(jnp.repeat(h, rate), jnp.float32(rate))
-    size = _div(old_max - old_min, jnp.float32(n))
+    fine = div_ieee(jnp.repeat(h, rate), jnp.float32(rate))
+    size = div_ieee(old_max - old_min, jnp.float32(n))
     mids = _torch_linspace(old_min, old_max, n + 1)[:-1] + jnp.float32(0.5) * size
     edges = _torch_linspace(lo, hi, bins + 1)
     # Number of edges <= mid, from an arithmetic guess corrected against the edges.
@@ -374,10 +349,10 @@ def _search_jit(hist, min_val, max_val, *, dst_nbins: int):
     h = jnp.where(observed, hist, f32(0.0))
     with jax.enable_x64(True):
         start, end = _search_bins(h, mn, mx, dst_nbins)
-    width = _div(mx - mn, f32(bins))
-    one = _opaque_one(mn)
-    new_min = mn + _mul(width, start.astype(f32), one)
-    new_max = mn + _mul(width, (end + 1).astype(f32), one)
+    width = div_ieee(mx - mn, f32(bins))
+    one = opaque_one(mn)
+    new_min = mn + mul_f32(width, start.astype(f32), one)
+    new_max = mn + mul_f32(width, (end + 1).astype(f32), one)
     # Never observed: hand the empty range on, qparams_from_minmax gives its default.
     return jnp.where(observed, new_min, min_val), jnp.where(observed, new_max, max_val)
 
@@ -394,9 +369,9 @@ def _search_bins(h, mn, mx, dst_nbins: int):
     n_tab = alpha.shape[0]
     total = jnp.sum(h.astype(f64)).astype(f32).astype(f64)  # torch.sum(hist).item()
     csum = jnp.cumsum(h.astype(f64)).astype(f32)  # torch.cumsum: float64 accumulator
-    width = _div(mx.astype(f64) - mn.astype(f64), f64(bins))  # Python float in torch
-    one = _opaque_one(mn)
-    density = _div(h, width.astype(f32))  # loop-invariant part of the error
+    width = div_ieee(mx.astype(f64) - mn.astype(f64), f64(bins))  # Python float in torch
+    one = opaque_one(mn)
+    density = div_ieee(h, width.astype(f32))  # loop-invariant part of the error
 
     def thr(table, k):  # f32(step_k * total): the Python float meets a float32 tensor
         return (table[k] * total).astype(f32)
@@ -458,7 +433,7 @@ def _floor_div(a, b):
     under ``jax.enable_x64``.
     """
     f64 = jnp.float64
-    q = jnp.floor(_div(a, b))
+    q = jnp.floor(div_ieee(a, b))
     over = q.astype(f64) * b.astype(f64) > a.astype(f64)
     return jnp.where(over, q - 1, q)
 
@@ -466,7 +441,7 @@ def _floor_div(a, b):
 def _quantization_error(density, s, e, width, dst_nbins: int, one):
     """torch's ``_compute_quantization_error(s, e)``, float32 (widths rounded from f64).
 
-    Every product that an addition consumes goes through ``_mul`` (no FMA contraction).
+    Every product that an addition consumes goes through ``mul_f32`` (no FMA contraction).
     """
     f32, f64 = jnp.float32, jnp.float64
     bins = density.shape[0]
@@ -475,18 +450,18 @@ def _quantization_error(density, s, e, width, dst_nbins: int, one):
     dw = dst_width.astype(f32)
     half = (dst_width / 2).astype(f32)
     neg_half = (-dst_width / 2).astype(f32)
-    begin = _mul((jnp.arange(bins, dtype=jnp.int32) - s).astype(f32), w, one)
+    begin = mul_f32((jnp.arange(bins, dtype=jnp.int32) - s).astype(f32), w, one)
     end = begin + w
     top = f32(dst_nbins - 1)
     dst_begin = jnp.clip(_floor_div(begin, dw), 0, top)
     dst_end = jnp.clip(_floor_div(end, dw), 0, top)
-    half3 = _mul(half * half, half, one)
-    neg3 = _mul(neg_half * neg_half, neg_half, one)
-    d_begin = begin - _mul(dst_begin + f32(0.5), dw, one)
-    norm = _mul(density, _div(half3 - _mul(d_begin * d_begin, d_begin, one), f32(3)), one)
-    full = density * _div(half3 - neg3, f32(3))
-    norm = norm + _mul(dst_end - dst_begin - f32(1), full, one)
-    d_end = end - (_mul(dst_end, dw, one) + half)
-    norm = norm + _mul(density, _div(_mul(d_end * d_end, d_end, one) - neg3, f32(3)), one)
+    half3 = mul_f32(half * half, half, one)
+    neg3 = mul_f32(neg_half * neg_half, neg_half, one)
+    d_begin = begin - mul_f32(dst_begin + f32(0.5), dw, one)
+    norm = mul_f32(density, div_ieee(half3 - mul_f32(d_begin * d_begin, d_begin, one), f32(3)), one)
+    full = density * div_ieee(half3 - neg3, f32(3))
+    norm = norm + mul_f32(dst_end - dst_begin - f32(1), full, one)
+    d_end = end - (mul_f32(dst_end, dw, one) + half)
+    norm = norm + mul_f32(density, div_ieee(mul_f32(d_end * d_end, d_end, one) - neg3, f32(3)), one)
     err = jnp.sum(norm.astype(f64)).astype(f32)
     return jnp.where(dst_width == 0, f32(0.0), err)

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .._float import pow2
 from .._qparams import Compat, qparams_from_minmax
 from .._spec import QuantSpec
 from ._base import Observer, check_float_input, finite_minmax
@@ -61,11 +62,6 @@ class SearchState(NamedTuple):
     bound: jax.Array
     nonfinite: jax.Array
     count: jax.Array
-
-
-def _pow2(k: jax.Array) -> jax.Array:
-    """Exact float32 ``2**k`` for int32 ``-126 <= k <= 127`` (built from the exponent bits)."""
-    return lax.bitcast_convert_type(((k + 127) << 23).astype(jnp.int32), jnp.float32)
 
 
 def _check_per_tensor(spec: QuantSpec, fn: str) -> None:
@@ -101,9 +97,9 @@ def _update(state: SearchState, x, spec: QuantSpec, axis_name, name: str) -> Sea
     grow = (amax > 0) & (amax >= bound)
     old_exp = jnp.frexp(bound)[1] - 1  # bound == 2^old_exp when bound > 0
     k = jnp.where(grow & (bound > 0), jnp.clip(target - old_exp, 0, 64), 0)
-    new_bound = jnp.where(grow, _pow2(target), bound)
+    new_bound = jnp.where(grow, pow2(target), bound)
     i = jnp.arange(n, dtype=jnp.int32)
-    dest = half + jnp.floor((i - half).astype(jnp.float32) * _pow2(-k)).astype(jnp.int32)
+    dest = half + jnp.floor((i - half).astype(jnp.float32) * pow2(-k)).astype(jnp.int32)
     hist = jnp.zeros_like(state.hist).at[dest].add(state.hist)
 
     # Bin the batch: x in [-B, B) -> half + floor(x·half/B), clipped to the bins.
