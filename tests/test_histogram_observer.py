@@ -5,9 +5,6 @@ Parity runs torch 2.13 at test time on the same float32 batches: the running his
 the final qparams with ``calculate_qparams``.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -15,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import run_script
 
 import qjax
 from qjax import QuantSpec
@@ -347,12 +345,4 @@ _SHARD_SCRIPT = textwrap.dedent(
 
 
 def test_shard_map_with_axis_name_equals_single_device():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, "-c", _SHARD_SCRIPT], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0 and "SHARDED-OK" in proc.stdout, proc.stdout + proc.stderr
+    run_script(_SHARD_SCRIPT, marker="SHARDED-OK", host_devices=4)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import tie_heavy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,19 +25,6 @@ COMPATS = ("qjax", "torch", "torch_fused", "tflite")
 def bits_equal(a, b) -> bool:
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     return a.shape == b.shape and bool(np.all(a.view(np.uint32) == b.view(np.uint32)))
-
-
-def tie_heavy(rng, scale, shape, lo, hi):
-    """``f32((k + 1/2)·s)`` and its float neighbours, plus uniform values."""
-    s = np.broadcast_to(np.asarray(scale, np.float32), shape).astype(np.float64)
-    near = ((rng.integers(lo, hi, shape) + 0.5) * s).astype(np.float32)
-    uni = (rng.uniform(lo, hi, shape) * s).astype(np.float32)
-    pick = rng.integers(0, 4, shape)
-    return np.select(
-        [pick == 0, pick == 1, pick == 2],
-        [near, np.nextafter(near, np.float32(np.inf)), np.nextafter(near, np.float32(-np.inf))],
-        uni,
-    ).astype(np.float32)
 
 
 def np_quantize_qjax(x, s, z, qmin, qmax):

@@ -3,15 +3,13 @@
 Torch parity lives in ``test_observers_torch.py``.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import run_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -486,15 +484,7 @@ _SHARD_SCRIPT = textwrap.dedent(
 
 
 def test_sharded_updates_equal_single_device():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, "-c", _SHARD_SCRIPT], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0 and "SHARDING-OK" in proc.stdout, proc.stdout + proc.stderr
+    run_script(_SHARD_SCRIPT, marker="SHARDING-OK", host_devices=8)
 
 
 # ---------------------------------------------------------------------------------------

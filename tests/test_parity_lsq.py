@@ -20,6 +20,7 @@ import functools
 
 import numpy as np
 import pytest
+from _helpers import tie_heavy
 
 torch = pytest.importorskip("torch")
 
@@ -72,28 +73,6 @@ def assert_close_sum(what: str, got, want, abs_terms) -> None:
     err = np.abs(got - want)
     assert np.all(err <= tol), (what, got, want, err.max(), tol)
     COUNTS[what] += got.size
-
-
-def tie_heavy(rng, scale, shape, lo, hi):
-    """Codes on and next to half-integers (see test_parity_torch.tie_heavy) plus uniform."""
-    s = np.broadcast_to(np.asarray(scale, np.float32), shape)
-    inv = np.float32(1) / s
-    k = rng.integers(lo, hi, shape) + 0.5
-    near = (k * s.astype(np.float64)).astype(np.float32)
-    exact = (k / inv.astype(np.float64)).astype(np.float32)
-    uni = (rng.uniform(lo - 0.5, hi + 0.5, shape) * s).astype(np.float32)
-    pick = rng.integers(0, 5, shape)
-    x = np.select(
-        [pick == 0, pick == 1, pick == 2, pick == 3],
-        [
-            near,
-            np.nextafter(near, np.float32(np.inf)),
-            np.nextafter(near, np.float32(-np.inf)),
-            exact,
-        ],
-        uni,
-    )
-    return x.astype(np.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "grad_scale"))

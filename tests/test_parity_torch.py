@@ -27,6 +27,7 @@ import functools
 
 import numpy as np
 import pytest
+from _helpers import tie_heavy
 
 torch = pytest.importorskip("torch")
 
@@ -92,34 +93,6 @@ def assert_same(rule: str, got, want, x=None) -> None:
             f"x={xs}, qjax={got.ravel()[idx]}, torch={want.ravel()[idx]}"
         )
     COUNTS[rule] += got.size
-
-
-def tie_heavy(rng, scale, shape, lo, hi):
-    """Floats around the half-integer codes ``k + 1/2``, ``lo <= k < hi``, for ``scale``.
-
-    One fifth each: ``f32((k+1/2)·s)``, its upper and lower float neighbours, the float
-    nearest ``(k+1/2)/inv`` (with ``x·inv == k+1/2`` exactly whenever that is
-    representable; always for power-of-two scales) and uniform values in the range.
-    ``scale`` broadcasts against ``shape`` (per-channel scales).
-    """
-    s = np.broadcast_to(np.asarray(scale, np.float32), shape)
-    inv = np.float32(1) / s
-    k = rng.integers(lo, hi, shape) + 0.5
-    near = (k * s.astype(np.float64)).astype(np.float32)
-    exact = (k / inv.astype(np.float64)).astype(np.float32)
-    uni = (rng.uniform(lo - 0.5, hi + 0.5, shape) * s).astype(np.float32)
-    pick = rng.integers(0, 5, shape)
-    x = np.select(
-        [pick == 0, pick == 1, pick == 2, pick == 3],
-        [
-            near,
-            np.nextafter(near, np.float32(np.inf)),
-            np.nextafter(near, np.float32(-np.inf)),
-            exact,
-        ],
-        uni,
-    )
-    return x.astype(np.float32)
 
 
 def boundary_values(scale, zp, qmin, qmax, n_ulps=3):
