@@ -49,3 +49,21 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup:
             block(fn())
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def load_line() -> str:
+    """The 1/5/15-minute load averages (other work on the machine skews absolute times)."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "load average: unavailable"
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} cores)"
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    """A plain fixed-width text table (right-aligned columns)."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

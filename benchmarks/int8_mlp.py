@@ -1,0 +1,234 @@
+"""int8 MLP 784-1024-1024-10 inference: qjax vs JAX float32 vs PyTorch int8 engines.
+
+Run: ``.venv/bin/python benchmarks/int8_mlp.py``. The model is what a torch-converted
+model runs: the float input is quantized at the boundary (quint8, ``compat="torch"``),
+three integer linear layers (int8 per-channel symmetric weights, uint8 activations,
+fused ReLU between, requantization scheme ``"fbgemm"``), the output dequantized. The
+qparams come from min/max observers on a calibration batch; every contender uses the
+same float weights, the same weight codes and the same qparams:
+
+* qjax: ``quantized_linear`` x3, jitted, weights prepared once (``prepare_linear``);
+* JAX float32: ``relu(x @ w + b)`` x3 with the float weights, jitted;
+* PyTorch int8: ``torch.ops.quantized.linear[_relu]`` with weights prepacked per engine
+  (``x86``, ``fbgemm``, ``onednn``, ``qnnpack``), ``OMP_WAIT_POLICY=PASSIVE`` and
+  2 threads (XLA's CPU client uses the 2 cores too).
+
+The qjax output codes are checked against torch fbgemm's (mismatch count printed).
+Goals (issue 3): >= 7.5x JAX f32 and >= 1.5x the best torch engine at batch 32 and 256;
+>= 1.0x torch fbgemm at batch 1.
+"""
+
+import functools
+import os
+import warnings
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _timing import interleaved, load_line, machine_line, table  # noqa: E402
+
+import qjax  # noqa: E402
+from qjax.kernels import QArray, prepare_linear, quantized_linear  # noqa: E402
+
+THREADS = 2
+torch.set_num_threads(THREADS)
+warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+
+SIZES = (784, 1024, 1024, 10)
+BATCHES = (1, 32, 256)
+ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
+A_SPEC = qjax.QuantSpec(signed=False)
+W_SPEC = qjax.QuantSpec(signed=True, symmetric=True, axis=1)
+
+
+def build_float(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ws, bs = [], []
+    for n_in, n_out in zip(SIZES[:-1], SIZES[1:], strict=True):
+        ws.append(torch.randn(n_out, n_in, generator=g) / n_in**0.5)  # torch (out, in)
+        bs.append(0.1 * torch.randn(n_out, generator=g))
+    return ws, bs
+
+
+def float_forward_torch(ws, bs, x):
+    acts = [x]
+    h = x
+    for i, (w, b) in enumerate(zip(ws, bs, strict=True)):
+        h = torch.nn.functional.linear(h, w, b)
+        if i < len(ws) - 1:
+            h = torch.relu(h)
+        acts.append(h)
+    return acts
+
+
+def calibrate(ws, bs, seed=1):
+    """Activation qparams (quint8, per tensor) from min/max, weight codes per channel."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(512, SIZES[0], generator=g)  # MNIST-like pixels in [0, 1)
+    acts = float_forward_torch(ws, bs, x)
+    act_qp = []
+    for a in acts:
+        obs = torch.ao.quantization.MinMaxObserver(dtype=torch.quint8)
+        obs(a)
+        s, z = obs.calculate_qparams()
+        act_qp.append((float(s), int(z)))
+    qws = []
+    for w in ws:
+        obs = torch.ao.quantization.PerChannelMinMaxObserver(
+            ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric
+        )
+        obs(w)
+        s, z = obs.calculate_qparams()
+        qws.append(torch.quantize_per_channel(w, s.float(), z.long(), 0, torch.qint8))
+    return act_qp, qws
+
+
+def torch_model(engine, qws, bs, act_qp):
+    torch.backends.quantized.engine = engine
+    packed = [torch.ops.quantized.linear_prepack(qw, b) for qw, b in zip(qws, bs, strict=True)]
+    s0, z0 = act_qp[0]
+
+    def run(x, collect=False):
+        h = torch.quantize_per_tensor(x, s0, z0, torch.quint8)
+        outs = []
+        for i, p in enumerate(packed):
+            s, z = act_qp[i + 1]
+            if i < len(packed) - 1:
+                h = torch.ops.quantized.linear_relu(h, p, s, z)
+            else:
+                h = torch.ops.quantized.linear(h, p, s, z)
+            outs.append(h)
+        return outs if collect else h
+
+    return run
+
+
+def qjax_params(qws, bs, act_qp):
+    layers = []
+    for i, (qw, b) in enumerate(zip(qws, bs, strict=True)):
+        codes = jnp.asarray(qw.int_repr().numpy().T.copy())  # (in, out)
+        scale = jnp.asarray(qw.q_per_channel_scales().numpy().astype(np.float32))
+        zp = jnp.asarray(qw.q_per_channel_zero_points().numpy().astype(np.int32))
+        w = QArray(codes, qjax.QParams(scale, zp, W_SPEC))
+        s, z = act_qp[i + 1]
+        layers.append(
+            {
+                "w": prepare_linear(w, name=f"fc{i + 1}"),
+                "b": jnp.asarray(b.numpy()),
+                "out": qjax.QParams(jnp.float32(s), jnp.int32(z), A_SPEC),
+            }
+        )
+    s0, z0 = act_qp[0]
+    return {"in": qjax.QParams(jnp.float32(s0), jnp.int32(z0), A_SPEC), "layers": layers}
+
+
+def qjax_layers(params, x):
+    """Every layer's output (QArray codes), float input quantized at the boundary."""
+    h = QArray(qjax.quantize(x, params["in"], compat="torch"), params["in"])
+    n = len(params["layers"])
+    outs = []
+    for i, lp in enumerate(params["layers"]):
+        act = "relu" if i < n - 1 else None
+        h = quantized_linear(h, lp["w"], lp["b"], lp["out"], scheme="fbgemm", activation=act)
+        outs.append(h)
+    return outs
+
+
+qjax_codes = jax.jit(qjax_layers)
+
+
+@jax.jit
+def qjax_forward(params, x):
+    return qjax_layers(params, x)[-1].dequantize()
+
+
+@jax.jit
+def f32_forward(params, x):
+    h = x
+    for i, (w, b) in enumerate(params):
+        h = h @ w + b
+        if i < len(params) - 1:
+            h = jax.nn.relu(h)
+    return h
+
+
+def run_torch(model, engine, x):
+    torch.backends.quantized.engine = engine  # process-global: set where the model runs
+    return model(x).dequantize()
+
+
+def main():
+    ws, bs = build_float()
+    act_qp, qws = calibrate(ws, bs)
+    qp = qjax_params(qws, bs, act_qp)
+    fp = [
+        (jnp.asarray(w.numpy().T.copy()), jnp.asarray(b.numpy()))
+        for w, b in zip(ws, bs, strict=True)
+    ]
+    tmodels = {e: torch_model(e, qws, bs, act_qp) for e in ENGINES}
+
+    print(machine_line())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY=PASSIVE")
+    print(load_line())
+    print()
+
+    rng = np.random.default_rng(2)
+    rows, checks = [], []
+    for batch in BATCHES:
+        xn = rng.random((batch, SIZES[0]), dtype=np.float32)
+        xj, xt = jnp.asarray(xn), torch.from_numpy(xn)
+        # parity: qjax output codes vs torch fbgemm's
+        torch.backends.quantized.engine = "fbgemm"
+        refs = tmodels["fbgemm"](xt, collect=True)
+        gots = qjax_codes(qp, xj)
+        mism = sum(
+            int((np.asarray(g.values) != r.int_repr().numpy()).sum())
+            for g, r in zip(gots, refs, strict=True)
+        )
+        total = sum(r.numel() for r in refs)
+        ref = refs[-1].dequantize().numpy()
+        fmism = int((np.asarray(qjax_forward(qp, xj)) != ref).sum())
+        checks.append((batch, mism, total, fmism, ref.size))
+
+        fns = {
+            "qjax int8": functools.partial(qjax_forward, qp, xj),
+            "jax f32": functools.partial(f32_forward, fp, xj),
+        }
+        with torch.inference_mode():
+            for e in ENGINES:
+                fns[f"torch {e}"] = functools.partial(run_torch, tmodels[e], e, xt)
+            reps = 200 if batch == 1 else (60 if batch == 32 else 25)
+            t = interleaved(fns, repeats=reps, warmup=5)
+        tq = t["qjax int8"]
+        best_e = min(ENGINES, key=lambda e: t[f"torch {e}"])
+        rows.append(
+            [batch]
+            + [f"{t[k] * 1e6:.0f}" for k in fns]
+            + [
+                f"{t['jax f32'] / tq:.2f}x",
+                f"{t['torch fbgemm'] / tq:.2f}x",
+                f"{t[f'torch {best_e}'] / tq:.2f}x ({best_e})",
+            ]
+        )
+    header = ["batch"] + [f"{k} us" for k in fns] + ["f32/qjax", "fbgemm/qjax", "best torch/qjax"]
+    print("median latency per forward (interleaved), ratios > 1: qjax faster")
+    print(table(header, rows))
+    print()
+    print("parity, qjax vs torch fbgemm (same weights, qparams, input):")
+    for batch, mism, total, fmism, n in checks:
+        print(
+            f"  batch {batch}: {mism} / {total} layer output codes differ (all 3 layers), "
+            f"{fmism} / {n} dequantized outputs"
+        )
+    print(load_line())
+    print(
+        "goals: >= 7.5x f32 and >= 1.5x best torch at batch 32, 256; "
+        ">= 1.0x torch fbgemm at batch 1"
+    )
+
+
+if __name__ == "__main__":
+    main()
