@@ -1,0 +1,590 @@
+"""Quantization-aware training layers for ``flax.linen`` (a thin shell over the core).
+
+Observer statistics live in the ``quant_stats`` collection, never in ``params``:
+``model.init`` allocates them with their final shapes; a training step that observes
+(``Mode.CALIBRATE``/``Mode.QAT``) runs ``model.apply(variables, x,
+mutable=["quant_stats"])`` and keeps the returned collection, as with ``batch_stats``.
+The init call itself does not update statistics (as ``nn.BatchNorm``). Mode and
+per-layer switches (``observe``, ``fake_quant``) are module attributes; the layers also
+take ``mode=`` at call time.
+
+Hooks into stock layers: ``nn.Dense(..., dot_general_cls=functools.partial(
+QuantDotGeneral, config=cfg))`` and ``nn.Conv(..., conv_general_dilated_cls=
+functools.partial(QuantConvGeneralDilated, config=cfg))``; as in NNX they quantize the
+input and the kernel only (not the output, which gets its bias after the hook). A
+hook's mode is an attribute of the partial, so switching modes means rebuilding the
+model with another partial (Linen has no way to reach ``nn.Dense``'s inner submodule).
+
+Convenience layers: :class:`QuantDense`, :class:`QuantConv`, :class:`QuantConvBn`
+(BN folded as torch's ``ConvBn2d``, running statistics in ``batch_stats``),
+:class:`ActQuant`, :class:`QuantStub`, :class:`DeQuantStub`. Post-training
+calibration: :func:`calibrate`; before ``Mode.FROZEN``: :func:`require_statistics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _convbn, _core
+from ._calibrate import run_batches as _run_batches
+from ._config import Mode, QuantConfig, as_mode
+
+__all__ = [
+    "ActQuant",
+    "DeQuantStub",
+    "QuantConv",
+    "QuantConvBn",
+    "QuantConvGeneralDilated",
+    "QuantDense",
+    "QuantDotGeneral",
+    "QuantStub",
+    "calibrate",
+    "require_statistics",
+]
+
+COLLECTION = "quant_stats"
+
+
+def _path(module: nn.Module) -> str:
+    return "/".join(module.path) or "<root>"
+
+
+def _check_config(module: nn.Module, config) -> None:
+    if not isinstance(config, QuantConfig):
+        raise TypeError(
+            f"{_path(module)}: config must be a qjax.flax.QuantConfig, got {type(config).__name__}"
+        )
+
+
+def _stats_variable(module: nn.Module, init_fn):
+    return module.variable(COLLECTION, "stats", init_fn)
+
+
+def _store(module: nn.Module, var, new, mode: Mode, observe: bool) -> None:
+    if not (mode.observes and observe) or module.is_initializing():
+        return
+    if not module.is_mutable_collection(COLLECTION):
+        raise ValueError(
+            f"{_path(module)}: {mode} updates observer statistics, but the "
+            f"{COLLECTION!r} collection is immutable; call apply(..., mutable=[{COLLECTION!r}]) "
+            "or use Mode.FROZEN (or observe=False) for evaluation"
+        )
+    var.value = new
+
+
+def _switches(module) -> _core.Switches:
+    return _core.Switches(observe=module.observe, fake_quant=module.fake_quant)
+
+
+def _refuse_output_quant(module, config) -> None:
+    if config.quantize_output:
+        raise ValueError(
+            f"{_path(module)}: a dot_general/conv hook sees the input and kernel only (the "
+            "bias is added after it), so it cannot quantize the output; use "
+            "config.replace(quantize_input=True, quantize_output=False), or QuantDense/"
+            "QuantConv for PyTorch's output-quantizing convention"
+        )
+
+
+class QuantDotGeneral(nn.Module):
+    """A ``dot_general_cls`` hook for ``nn.Dense``: fake-quantizes input and kernel.
+
+    Called with ``lax.dot_general``'s signature, keywords included.
+
+    >>> import functools, jax
+    >>> import flax.linen as nn
+    >>> from qjax.flax import qjax_recommended
+    >>> hook = functools.partial(QuantDotGeneral, config=qjax_recommended())
+    >>> dense = nn.Dense(2, dot_general_cls=hook)
+    >>> v = dense.init(jax.random.key(0), jnp.ones((4, 3)))
+    >>> y, upd = dense.apply(v, jnp.ones((4, 3)), mutable=["quant_stats"])
+    >>> int(upd["quant_stats"]["QuantDotGeneral_0"]["stats"].input.count)
+    1
+    """
+
+    config: QuantConfig
+    mode: Mode = Mode.QAT
+    observe: bool = True
+    fake_quant: bool = True
+    input_shape: Sequence[int] | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        lhs,
+        rhs,
+        dimension_numbers,
+        precision=None,
+        preferred_element_type=None,
+        out_sharding=None,
+    ):
+        _check_config(self, self.config)
+        _refuse_output_quant(self, self.config)
+        mode = as_mode(self.mode)
+        var = _stats_variable(
+            self,
+            lambda: _core.init_layer_stats(self.config, rhs.shape, input_shape=self.input_shape),
+        )
+        y, st = _core.quantized_op(
+            lax.dot_general,
+            lhs,
+            rhs,
+            var.value,
+            self.config,
+            mode,
+            _switches(self),
+            name=_path(self),
+            require_stats=not self.is_initializing(),
+            dimension_numbers=dimension_numbers,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+            out_sharding=out_sharding,
+        )
+        _store(self, var, st, mode, self.observe)
+        return y
+
+
+class QuantConvGeneralDilated(nn.Module):
+    """A ``conv_general_dilated_cls`` hook for ``nn.Conv`` (input and kernel quantized).
+
+    >>> import functools, jax
+    >>> import flax.linen as nn
+    >>> from qjax.flax import qjax_recommended
+    >>> hook = functools.partial(QuantConvGeneralDilated, config=qjax_recommended())
+    >>> conv = nn.Conv(4, (3, 3), conv_general_dilated_cls=hook)
+    >>> v = conv.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+    >>> sorted(v)
+    ['params', 'quant_stats']
+    """
+
+    config: QuantConfig
+    mode: Mode = Mode.QAT
+    observe: bool = True
+    fake_quant: bool = True
+    input_shape: Sequence[int] | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=None,
+        rhs_dilation=None,
+        dimension_numbers=None,
+        feature_group_count=1,
+        batch_group_count=1,
+        precision=None,
+        preferred_element_type=None,
+        out_sharding=None,
+    ):
+        _check_config(self, self.config)
+        _refuse_output_quant(self, self.config)
+        mode = as_mode(self.mode)
+        var = _stats_variable(
+            self,
+            lambda: _core.init_layer_stats(self.config, rhs.shape, input_shape=self.input_shape),
+        )
+        y, st = _core.quantized_op(
+            lax.conv_general_dilated,
+            lhs,
+            rhs,
+            var.value,
+            self.config,
+            mode,
+            _switches(self),
+            name=_path(self),
+            require_stats=not self.is_initializing(),
+            window_strides=window_strides,
+            padding=padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            batch_group_count=batch_group_count,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+            out_sharding=out_sharding,
+        )
+        _store(self, var, st, mode, self.observe)
+        return y
+
+
+class QuantDense(nn.Module):
+    """``nn.Dense`` with fake-quantized input/weight/output (per the config).
+
+    Params ``kernel`` ``(in, features)`` (lecun-normal) and ``bias`` (zeros), as
+    ``nn.Dense``; statistics in ``quant_stats/stats``.
+
+    >>> import jax
+    >>> from qjax.flax import Mode, default_qat_qconfig
+    >>> layer = QuantDense(2, config=default_qat_qconfig("x86"))
+    >>> v = layer.init(jax.random.key(0), jnp.ones((4, 3)))
+    >>> sorted(v["params"]), v["quant_stats"]["stats"].input is None
+    (['bias', 'kernel'], True)
+    """
+
+    features: int
+    config: QuantConfig
+    use_bias: bool = True
+    mode: Mode = Mode.QAT
+    observe: bool = True
+    fake_quant: bool = True
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x, mode: Mode | None = None):
+        _check_config(self, self.config)
+        mode = as_mode(self.mode if mode is None else mode)
+        kshape = (jnp.shape(x)[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, kshape, jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        var = _stats_variable(self, lambda: _core.init_layer_stats(self.config, kshape))
+        sw, name = _switches(self), _path(self)
+        x, kernel = _core.promote_operands(x, kernel, _path(self))
+        y, st = _core.quantized_op(
+            lax.dot_general,
+            x,
+            kernel,
+            var.value,
+            self.config,
+            mode,
+            sw,
+            name=name,
+            require_stats=not self.is_initializing(),
+            dimension_numbers=(((x.ndim - 1,), (0,)), ((), ())),
+        )
+        if self.use_bias:
+            y = y + bias.astype(y.dtype)
+        y, st = _core.quantize_output(
+            y, st, self.config, mode, sw, name=name, require_stats=not self.is_initializing()
+        )
+        _store(self, var, st, mode, self.observe)
+        return y
+
+
+class QuantConv(nn.Module):
+    """Channels-last convolution with fake-quantized input/weight/output.
+
+    ``kernel`` is ``kernel_size + (in, features)``, as ``nn.Conv``.
+
+    >>> import jax
+    >>> from qjax.flax import qjax_recommended
+    >>> conv = QuantConv(4, (3, 3), config=qjax_recommended())
+    >>> v = conv.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+    >>> conv.apply(v, jnp.ones((1, 8, 8, 1)), mutable=["quant_stats"])[0].shape
+    (1, 8, 8, 4)
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    config: QuantConfig
+    strides: Sequence[int] | int = 1
+    padding: Any = "SAME"
+    use_bias: bool = True
+    mode: Mode = Mode.QAT
+    observe: bool = True
+    fake_quant: bool = True
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x, mode: Mode | None = None):
+        _check_config(self, self.config)
+        mode = as_mode(self.mode if mode is None else mode)
+        ks = tuple(self.kernel_size)
+        kshape = ks + (jnp.shape(x)[-1], self.features)
+        strides = (self.strides,) * len(ks) if isinstance(self.strides, int) else self.strides
+        kernel = self.param("kernel", self.kernel_init, kshape, jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        var = _stats_variable(self, lambda: _core.init_layer_stats(self.config, kshape))
+        sw, name = _switches(self), _path(self)
+        n = x.ndim - 2
+        if not 1 <= n <= 3:
+            raise ValueError(
+                f"{name}: QuantConv supports 1-3 spatial dims, got input rank {x.ndim}"
+            )
+        sp = "HWD"[:n]
+        padding = self.padding if isinstance(self.padding, str) else tuple(map(tuple, self.padding))
+        x, kernel = _core.promote_operands(x, kernel, _path(self))
+        y, st = _core.quantized_op(
+            lax.conv_general_dilated,
+            x,
+            kernel,
+            var.value,
+            self.config,
+            mode,
+            sw,
+            name=name,
+            require_stats=not self.is_initializing(),
+            window_strides=tuple(strides),
+            padding=padding,
+            dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"),
+        )
+        if self.use_bias:
+            y = y + bias.astype(y.dtype)
+        y, st = _core.quantize_output(
+            y, st, self.config, mode, sw, name=name, require_stats=not self.is_initializing()
+        )
+        _store(self, var, st, mode, self.observe)
+        return y
+
+
+class QuantConvBn(nn.Module):
+    """Conv + BatchNorm (+ ReLU) folded during QAT, as PyTorch's ``ConvBn2d`` (see
+    :class:`qjax.flax.nnx.QuantConvBn`; same formulas, :mod:`qjax.flax._convbn`).
+
+    Params ``kernel``, ``bias`` (if ``use_bias``), ``bn_scale``, ``bn_bias``; running
+    statistics ``bn_mean``, ``bn_var`` in the ``batch_stats`` collection (updated when
+    BN trains: not ``use_running_average`` and not ``freeze_bn_stats``; apply with
+    ``mutable=["batch_stats", "quant_stats"]``).
+
+    >>> import jax
+    >>> from qjax.flax import qjax_recommended
+    >>> cb = QuantConvBn(4, (3, 3), config=qjax_recommended())
+    >>> v = cb.init(jax.random.key(0), jnp.ones((1, 5, 5, 1)))
+    >>> sorted(v), sorted(v["batch_stats"])
+    (['batch_stats', 'params', 'quant_stats'], ['bn_mean', 'bn_var'])
+    >>> sorted(v["params"])
+    ['bn_bias', 'bn_scale', 'kernel']
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    config: QuantConfig
+    strides: Sequence[int] | int = 1
+    padding: Any = "SAME"
+    use_bias: bool = False
+    relu: bool = False
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    use_running_average: bool = False
+    freeze_bn_stats: bool = False
+    mode: Mode = Mode.QAT
+    observe: bool = True
+    fake_quant: bool = True
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x, mode: Mode | None = None, use_running_average: bool | None = None):
+        _check_config(self, self.config)
+        mode = as_mode(self.mode if mode is None else mode)
+        ura = self.use_running_average if use_running_average is None else use_running_average
+        ks = tuple(self.kernel_size)
+        kshape = ks + (jnp.shape(x)[-1], self.features)
+        f = (self.features,)
+        kernel = self.param("kernel", self.kernel_init, kshape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), f) if self.use_bias else None
+        gamma = self.param("bn_scale", nn.initializers.ones_init(), f)
+        beta = self.param("bn_bias", nn.initializers.zeros_init(), f)
+        mean = self.variable("batch_stats", "bn_mean", jnp.zeros, f, jnp.float32)
+        var = self.variable("batch_stats", "bn_var", jnp.ones, f, jnp.float32)
+        qvar = _stats_variable(self, lambda: _core.init_layer_stats(self.config, kshape))
+        name = _path(self)
+        n = x.ndim - 2
+        if not 1 <= n <= 3:
+            raise ValueError(f"{name}: QuantConvBn supports 1-3 spatial dims, got rank {x.ndim}")
+        sp = "HWD"[:n]
+        strides = (self.strides,) * n if isinstance(self.strides, int) else tuple(self.strides)
+        padding = self.padding if isinstance(self.padding, str) else tuple(map(tuple, self.padding))
+        x, kernel = _core.promote_operands(x, kernel, name)
+        train_bn = not (ura or self.freeze_bn_stats)
+        y, st, new_mean, new_var = _convbn.conv_bn(
+            x,
+            kernel,
+            bias,
+            gamma,
+            beta,
+            mean.value,
+            var.value,
+            qvar.value,
+            self.config,
+            mode,
+            _switches(self),
+            train_bn=train_bn,
+            momentum=self.momentum,
+            eps=self.epsilon,
+            relu=self.relu,
+            name=name,
+            require_stats=not self.is_initializing(),
+            conv_kwargs=dict(
+                window_strides=strides,
+                padding=padding,
+                dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"),
+            ),
+        )
+        _store(self, qvar, st, mode, self.observe)
+        if train_bn and not self.is_initializing():
+            if not self.is_mutable_collection("batch_stats"):
+                raise ValueError(
+                    f"{name}: BatchNorm trains (use_running_average=False, freeze_bn_stats="
+                    "False) and updates running statistics; apply with "
+                    "mutable=['batch_stats', 'quant_stats'] or use_running_average=True"
+                )
+            mean.value, var.value = new_mean, new_var
+        return y
+
+
+class ActQuant(nn.Module):
+    """Activation quantizer with ``config.activation`` (per-tensor unless ``shape``).
+
+    >>> import jax
+    >>> from qjax.flax import Mode, qjax_recommended
+    >>> aq = ActQuant(qjax_recommended(), mode=Mode.CALIBRATE)
+    >>> x = jnp.array([-1.0, 2.0])
+    >>> v = aq.init(jax.random.key(0), x)
+    >>> y, upd = aq.apply(v, x, mutable=["quant_stats"])
+    >>> bool((y == x).all()), float(upd["quant_stats"]["stats"].max_val)
+    (True, 2.0)
+    """
+
+    config: QuantConfig
+    mode: Mode = Mode.QAT
+    observe: bool = True
+    fake_quant: bool = True
+    shape: Sequence[int] | None = None
+
+    @nn.compact
+    def __call__(self, x, mode: Mode | None = None):
+        _check_config(self, self.config)
+        spec = self.config.activation
+        if spec is None:
+            raise ValueError(f"{_path(self)}: config.activation is None; nothing to quantize")
+        mode = as_mode(self.mode if mode is None else mode)
+        shape = () if spec.granularity == "tensor" else self.shape
+        if shape is None:
+            raise ValueError(f"{_path(self)}: a per-axis activation spec needs shape=...")
+        var = _stats_variable(
+            self,
+            lambda: _core.init_tensor_stats(
+                spec, self.config.activation_observer, self.config.compat, shape
+            ),
+        )
+        y, st = _core.quantize_tensor(
+            x,
+            var.value,
+            spec,
+            self.config.activation_observer,
+            self.config,
+            mode,
+            _switches(self),
+            name=_path(self),
+            require_stats=not self.is_initializing(),
+        )
+        _store(self, var, st, mode, self.observe)
+        return y
+
+
+class QuantStub(ActQuant):
+    """Where the float input becomes quantized (PyTorch ``QuantStub``); an
+    :class:`ActQuant` during QAT.
+
+    >>> import jax
+    >>> from qjax.flax import qjax_recommended
+    >>> sorted(QuantStub(qjax_recommended()).init(jax.random.key(0), jnp.ones(2)))
+    ['quant_stats']
+    """
+
+
+class DeQuantStub(nn.Module):
+    """Where the quantized part ends (PyTorch ``DeQuantStub``); identity during QAT.
+
+    >>> import jax
+    >>> DeQuantStub().apply({}, jnp.array([1.0]))
+    Array([1.], dtype=float32)
+    """
+
+    @nn.compact
+    def __call__(self, x):
+        return x
+
+
+def require_statistics(quant_stats) -> None:
+    """Raise ``ValueError`` naming every module whose observers never saw data.
+
+    Run it on ``variables["quant_stats"]`` before applying a model in ``Mode.FROZEN``.
+
+    >>> import jax
+    >>> from qjax.flax import qjax_recommended
+    >>> v = QuantDense(2, config=qjax_recommended()).init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> require_statistics(v["quant_stats"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: no statistics in ['quant_stats/stats']: these observers never saw data; ...
+    """
+    missing = []
+
+    def walk(node, path):
+        if isinstance(node, dict) or hasattr(node, "items") and not hasattr(node, "_fields"):
+            for k, v in node.items():
+                walk(v, path + (str(k),))
+            return
+        leaves = node if isinstance(node, _core.LayerStats) else (node,)
+        for st in leaves:
+            count = getattr(st, "count", None)
+            if count is not None and int(count) == 0:
+                missing.append("/".join((COLLECTION,) + path))
+                return
+
+    walk(quant_stats, ())
+    if missing:
+        raise ValueError(
+            f"no statistics in {missing}: these observers never saw data; run the model in "
+            f"Mode.CALIBRATE or Mode.QAT (apply with mutable=[{COLLECTION!r}]) first"
+        )
+
+
+def calibrate(
+    model: nn.Module,
+    variables,
+    batches: Iterable,
+    *,
+    max_batches: int | None = None,
+    progress: bool = True,
+    **apply_kwargs,
+):
+    """Post-training calibration: ``model.apply(variables, batch, mutable=["quant_stats"],
+    **apply_kwargs)`` (jitted) over ``batches``; returns ``(variables, num_batches)``
+    with the new statistics.
+
+    The model must observe: build it with ``mode=Mode.CALIBRATE`` or pass
+    ``mode=Mode.CALIBRATE`` in ``apply_kwargs``. A tuple batch is passed as
+    ``*batch``. Ends with :func:`require_statistics`, so a module that saw no data is
+    an error naming its path. tqdm progress bar as in :func:`qjax.flax.nnx.calibrate`.
+
+    >>> import jax
+    >>> from qjax.flax import Mode, qjax_recommended
+    >>> layer = QuantDense(2, config=qjax_recommended())
+    >>> v = layer.init(jax.random.key(0), jnp.ones((4, 3)))
+    >>> batches = [jnp.ones((4, 3)), -jnp.ones((4, 3))]
+    >>> v, n = calibrate(layer, v, batches, progress=False, mode=Mode.CALIBRATE)
+    >>> n, round(float(v["quant_stats"]["stats"].input.min_val), 4)  # EMA: 1 + 0.01·(-1 - 1)
+    (2, 0.98)
+    """
+    variables = dict(variables)
+    if COLLECTION not in variables:
+        raise ValueError(
+            f"calibrate: variables have no {COLLECTION!r} collection (got {sorted(variables)}); "
+            "the model has no quantized modules, or variables come from another model"
+        )
+
+    @jax.jit
+    def step(variables, batch):
+        args = batch if isinstance(batch, tuple) else (batch,)
+        _, upd = model.apply(variables, *args, mutable=[COLLECTION], **apply_kwargs)
+        return upd[COLLECTION]
+
+    def run(batch):
+        variables[COLLECTION] = step(variables, batch)
+
+    n = _run_batches(run, batches, max_batches=max_batches, progress=progress)
+    require_statistics(variables[COLLECTION])
+    return variables, n
