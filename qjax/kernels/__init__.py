@@ -3,6 +3,12 @@
 * :func:`requantize` and :data:`SCHEMES` (``"fbgemm"``, ``"qnnpack"``, ``"onednn"``,
   ``"tflite"``, ``"tflite_single_rounding"``, ``"exact"``): int32 accumulator -> codes;
 * :func:`prepare_linear` / :func:`quantized_linear`: int8 x int8 -> int32 linear layer;
+* :func:`prepare_conv` / :func:`quantized_conv`: int8 x int8 -> int32 1-D/2-D convolution;
+* :func:`quantized_add` (engines fbgemm/x86/onednn/qnnpack), :func:`quantized_mul`,
+  :func:`quantized_mul_scalar`, :func:`quantized_cat`, :func:`relu`/:func:`relu6`/
+  :func:`hardtanh` on codes, :func:`max_pool2d`/:func:`avg_pool2d`/
+  :func:`adaptive_avg_pool2d`, :func:`flatten`/:func:`reshape`,
+  :func:`quantize_input`/:func:`dequantize_output` (bit-exact with torch's quantized ops);
 * the TFLite fixed-point building blocks (:func:`quantize_multiplier`,
   :func:`multiply_by_quantized_multiplier`, ...), integer-only.
 
@@ -10,10 +16,30 @@ Inputs and outputs are :class:`qjax.QArray` (``qjax._qarray``).
 """
 
 from .._qarray import QArray as QArray
+from ._conv import ConvActivation as ConvActivation
+from ._conv import PreparedConv as PreparedConv
+from ._conv import prepare_conv as prepare_conv
+from ._conv import quantized_conv as quantized_conv
+from ._elementwise import AddScheme as AddScheme
+from ._elementwise import dequantize_output as dequantize_output
+from ._elementwise import flatten as flatten
+from ._elementwise import hardtanh as hardtanh
+from ._elementwise import quantize_input as quantize_input
+from ._elementwise import quantized_add as quantized_add
+from ._elementwise import quantized_cat as quantized_cat
+from ._elementwise import quantized_mul as quantized_mul
+from ._elementwise import quantized_mul_scalar as quantized_mul_scalar
+from ._elementwise import relu as relu
+from ._elementwise import relu6 as relu6
+from ._elementwise import reshape as reshape
 from ._linear import Accumulate as Accumulate
 from ._linear import PreparedLinear as PreparedLinear
 from ._linear import prepare_linear as prepare_linear
 from ._linear import quantized_linear as quantized_linear
+from ._pool import PoolScheme as PoolScheme
+from ._pool import adaptive_avg_pool2d as adaptive_avg_pool2d
+from ._pool import avg_pool2d as avg_pool2d
+from ._pool import max_pool2d as max_pool2d
 from ._requant import SCHEMES as SCHEMES
 from ._requant import Activation as Activation
 from ._requant import Scheme as Scheme
@@ -39,15 +65,34 @@ __all__ = [
     "SCHEMES",
     "Accumulate",
     "Activation",
+    "AddScheme",
+    "ConvActivation",
+    "PoolScheme",
+    "PreparedConv",
     "PreparedLinear",
     "QArray",
     "Scheme",
     "activation_bounds",
+    "adaptive_avg_pool2d",
+    "avg_pool2d",
+    "dequantize_output",
+    "flatten",
+    "hardtanh",
+    "max_pool2d",
     "multiply_by_quantized_multiplier",
     "multiply_by_quantized_multiplier_single_rounding",
+    "prepare_conv",
     "prepare_linear",
+    "quantize_input",
     "quantize_multiplier",
+    "quantized_add",
+    "quantized_cat",
+    "quantized_conv",
     "quantized_linear",
+    "quantized_mul",
+    "quantized_mul_scalar",
+    "relu",
+    "relu6",
     "requant_exact",
     "requant_fbgemm",
     "requant_onednn",
@@ -55,6 +100,7 @@ __all__ = [
     "requant_tflite",
     "requant_tflite_single_rounding",
     "requantize",
+    "reshape",
     "rounding_divide_by_pot",
     "saturating_rounding_doubling_high_mul",
 ]

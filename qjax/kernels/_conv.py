@@ -1,0 +1,557 @@
+"""Integer convolution (1-D and 2-D): int8 x int8 -> int32 ``conv_general_dilated``.
+
+Accumulator rule (the same as :mod:`qjax.kernels._linear`): for output channel ``o`` in
+group ``g`` and output position ``p``,
+``acc[o, p] = Σ_{t, c} (x[g·Cg + c, p·stride + t·dilation - pad] - zp_x)·(w[o, c, t] - zp_w[o])``
+over the kernel taps ``t`` and the ``Cg = C_in/groups`` input channels of the group,
+exact in int32; positions in the padding hold the real value 0, i.e. the code ``zp_x``, so
+they contribute nothing. Then :func:`~qjax.kernels.requantize` with the chosen scheme.
+
+How ``acc`` is computed (``accumulate="exact"``, the default):
+
+* the input is padded explicitly with its zero point (the real value 0), then the
+  convolution itself is ``VALID``;
+* unsigned (uint8) activations are shifted to int8 exactly, as for the linear layer:
+  ``x' = x - 128`` (``x ^ 0x80``), ``zp_x' = zp_x - 128``; uint8 never reaches XLA's
+  conv, and padding with ``zp_x`` before the shift pads ``x'`` with ``zp_x'``;
+* ``lax.conv_general_dilated(x', w, preferred_element_type=int32)`` gives ``Σ x'w`` (a
+  pointwise 1x1 conv with ``groups=1`` is an int8 ``dot_general`` over the channels,
+  on the strided input, which XLA:CPU runs faster); the
+  zero points are folded in afterwards:
+  ``acc = Σ x'w - zp_x'·Σw[o] - zp_w[o]·Σ_window x' + K·zp_x'·zp_w[o]`` with
+  ``K = Cg·Π kernel``, ``Σw[o]`` precomputed by :func:`prepare_conv` and the window sums
+  ``Σ_window x'`` (per group, per output position) from an integer ``reduce_window``,
+  left out of the program when the weight zero points are known to be 0. int32
+  arithmetic wraps modulo ``2^32``, so the result is exact whenever ``acc`` itself fits.
+
+``accumulate="fbgemm_sat16"`` reproduces FBGEMM's int16 pair saturation (NUMERICS.md rule
+14): with raw uint8 codes (padding = ``zp_x``) and the reduction index in FBGEMM's im2col
+order ``k = (t, c)`` (kernel taps row-major, then the channel inside the group),
+``acc = Σ_j sat16(x[2j]·w[2j] + x[2j+1]·w[2j+1]) - zp_x·Σw`` (plus the ``zp_w`` terms).
+For a depthwise 3x3 convolution (``Cg = 1``) that is FBGEMM's tap pairing
+(0,1),(2,3),(4,5),(6,7),(8). FBGEMM's direct depthwise 3x3 kernel saturates this way even on
+AVX512-VNNI CPUs: torch's fbgemm engine took it in the tests for C in {8, 16}, padding 1,
+stride 1-2, channel multiplier 1-2 (0 mismatches with ``"fbgemm_sat16"`` there);
+depthwise convs with other channel counts or 5x5 kernels accumulated exactly on VNNI.
+
+Layouts: activations ``"NCHW"`` (torch; ``"NCW"`` in 1-D) or ``"NHWC"`` (``"NWC"``);
+weights are given as ``"OIHW"`` (torch, ``(C_out, C_in/groups, kh, kw)``) or ``"HWIO"``
+(Flax) to :func:`prepare_conv` and stored as ``HWIO`` with per-channel qparams along the
+last axis. The output has the activations' layout. The convolution itself always runs
+channels-last (``N...C`` x ``HWIO``): XLA:CPU's int8 conv is fast there and about 40x
+slower channels-first (measured), so NCHW codes are transposed in and out.
+
+Overflow: as for the linear layer, ``K·max|x - zp_x|·max|w - zp_w|`` and ``K·128·max|w|``
+must stay below ``2^31``; :func:`prepare_conv` checks it and raises with the layer name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .._primitives import quantize
+from .._qarray import QArray
+from .._spec import QParams
+from ._linear import Accumulate
+from ._requant import Scheme, requantize
+
+__all__ = ["ConvActivation", "PreparedConv", "prepare_conv", "quantized_conv"]
+
+ConvActivation = Literal["relu", "relu6", "hardtanh"] | None
+_ACCUMULATES = ("exact", "fbgemm_sat16")
+_I32_MAX = 2**31 - 1
+_WEIGHT_LAYOUTS = {"OIHW": (2, True), "HWIO": (2, False), "OIW": (1, True), "WIO": (1, False)}
+_X_LAYOUTS = {"NCHW": (2, True), "NHWC": (2, False), "NCW": (1, True), "NWC": (1, False)}
+
+
+@jax.tree_util.register_pytree_with_keys_class
+@dataclasses.dataclass(frozen=True)
+class PreparedConv:
+    """Weights of an integer convolution, prepared once by :func:`prepare_conv`.
+
+    Leaves: ``weight`` (a :class:`~qjax.QArray`, int8, ``HWIO`` = ``(*kernel, C_in/groups,
+    C_out)``, per-channel qparams on the last axis) and ``w_sum`` (int32 ``(C_out,)``,
+    ``Σ_{t,c} w[t, c, o]`` of the raw codes). Static: ``name``, ``groups``, ``max_abs_x``
+    (the largest ``|x - zp_x|`` the overflow check allowed for) and ``zero_point_is_zero``.
+    """
+
+    weight: QArray
+    w_sum: jax.Array
+    name: str = "conv"
+    groups: int = 1
+    max_abs_x: int = 255
+    zero_point_is_zero: bool = False
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[:-2])
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[-2] * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[-1]
+
+    def tree_flatten_with_keys(self):
+        ga = jax.tree_util.GetAttrKey
+        return ((ga("weight"), self.weight), (ga("w_sum"), self.w_sum)), self._aux()
+
+    def tree_flatten(self):
+        return (self.weight, self.w_sum), self._aux()
+
+    def _aux(self):
+        return (self.name, self.groups, self.max_abs_x, self.zero_point_is_zero)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children) -> PreparedConv:
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "weight", children[0])
+        object.__setattr__(obj, "w_sum", children[1])
+        for f, v in zip(("name", "groups", "max_abs_x", "zero_point_is_zero"), aux, strict=True):
+            object.__setattr__(obj, f, v)
+        return obj
+
+
+jax.export.register_pytree_node_serialization(
+    PreparedConv,
+    serialized_name="qjax.kernels.PreparedConv",
+    serialize_auxdata=lambda aux: json.dumps(list(aux)).encode(),
+    deserialize_auxdata=lambda data: tuple(json.loads(data.decode())),
+)
+
+
+def prepare_conv(
+    w: QArray,
+    *,
+    name: str = "conv",
+    groups: int = 1,
+    weight_layout: str = "OIHW",
+    max_abs_x: int = 255,
+) -> PreparedConv:
+    """Check an int8 conv weight once: flip it to ``HWIO``, precompute ``Σw`` per channel.
+
+    ``w_sum[o] = Σ_{t,c} w[t, c, o]`` (raw codes, int32). Checks: int8 codes, rank 3 or 4,
+    qparams per-tensor or per output channel, the :class:`~qjax.QArray` invariants, and
+    that the int32 accumulator cannot overflow: ``K·max_abs_x·max|w - zp_w| <= 2^31 - 1``
+    and ``K·128·max|w| <= 2^31 - 1`` with ``K = (C_in/groups)·Π kernel`` (actual codes
+    when ``w`` is concrete, the spec's bounds when traced).
+
+    Args:
+      w: the weight: ``(C_out, C_in/groups, *kernel)`` for ``weight_layout="OIHW"``
+        (torch; ``"OIW"`` in 1-D) or ``(*kernel, C_in/groups, C_out)`` for ``"HWIO"``
+        (``"WIO"``); per-channel qparams along the ``O`` axis.
+      name: layer name for error messages.
+      groups: feature groups (``C_in`` for a depthwise conv).
+      weight_layout: ``"OIHW"``, ``"HWIO"``, ``"OIW"`` or ``"WIO"``.
+      max_abs_x: the largest ``|x - zp_x|`` inputs may have (255: any 8-bit activation).
+
+    Returns:
+      a :class:`PreparedConv` (a pytree).
+
+    >>> from qjax import QuantSpec, QParams
+    >>> w = QArray(jnp.array([[[1, 2, 3]], [[-1, 0, 4]]], jnp.int8),   # (O=2, I=1, 3)
+    ...            QParams(jnp.array([0.1, 0.2]), jnp.array([0, 0]),
+    ...                    QuantSpec(symmetric=True, axis=0)))
+    >>> p = prepare_conv(w, weight_layout="OIW")
+    >>> p.weight.shape, p.w_sum
+    ((3, 1, 2), Array([6, 3], dtype=int32))
+    >>> big = QArray(jnp.full((4, 9000, 3, 3), 127, jnp.int8),
+    ...              QParams(0.1, 0, QuantSpec(symmetric=True)))
+    >>> prepare_conv(big, name="stem")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+      ...
+    ValueError: layer 'stem': the int32 accumulator could overflow: K=81000 ...
+    """
+    if isinstance(w, PreparedConv):
+        return w
+    if not isinstance(w, QArray):
+        raise TypeError(f"layer {name!r}: weight must be a QArray, got {type(w).__name__}")
+    if weight_layout not in _WEIGHT_LAYOUTS:
+        raise ValueError(
+            f"layer {name!r}: weight_layout must be one of {sorted(_WEIGHT_LAYOUTS)}, "
+            f"got {weight_layout!r}"
+        )
+    nsp, o_first = _WEIGHT_LAYOUTS[weight_layout]
+    spec = w.spec
+    if spec.dtype != np.int8:
+        raise TypeError(
+            f"layer {name!r}: integer conv needs int8 weights, got {spec.dtype} "
+            f"({spec.bits}-bit {'signed' if spec.signed else 'unsigned'} spec)"
+        )
+    if w.ndim != nsp + 2:
+        raise ValueError(
+            f"layer {name!r}: a {weight_layout} weight must have rank {nsp + 2}, "
+            f"got shape {w.shape}"
+        )
+    o_axis = 0 if o_first else nsp + 1
+    if spec.granularity == "group" or (
+        spec.granularity == "axis" and spec.normalized_axes(w.ndim) != (o_axis,)
+    ):
+        raise ValueError(
+            f"layer {name!r}: weight qparams must be per-tensor or per output channel "
+            f"(axis={o_axis} of the {weight_layout} weight), got axis={spec.axis}, "
+            f"group_size={spec.group_size}"
+        )
+    w.validate()
+    if not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise ValueError(f"layer {name!r}: groups must be a positive integer, got {groups!r}")
+    groups = int(groups)
+    vals = w.values
+    if o_first:  # (O, I, *k) -> (*k, I, O)
+        vals = jnp.transpose(vals, tuple(range(2, nsp + 2)) + (1, 0))
+    c_out = vals.shape[-1]
+    if c_out % groups:
+        raise ValueError(f"layer {name!r}: C_out={c_out} is not divisible by groups={groups}")
+    new_spec = spec.replace(axis=nsp + 1) if spec.granularity == "axis" else spec
+    wq = QArray(vals, QParams(w.scale, w.zero_point, new_spec))
+    k = int(np.prod(vals.shape[:-1]))
+    zp = w.zero_point
+    if _concrete(vals) and _concrete(zp):
+        wn = np.asarray(vals, np.int64)
+        zn = np.asarray(zp, np.int64).reshape(-1 if spec.granularity == "axis" else ())
+        max_w = int(np.abs(wn).max(initial=0))
+        max_wz = int(np.abs(wn - zn).max(initial=0))
+        zp_zero = bool((zn == 0).all())
+    else:
+        max_w = max(-spec.qmin, spec.qmax)
+        zp_zero = spec.symmetric and spec.symmetric_zero_point() == 0
+        max_wz = max_w if zp_zero else spec.qmax - spec.qmin
+    worst = k * max(max_abs_x * max_wz, 128 * max_w)
+    if worst > _I32_MAX:
+        raise ValueError(
+            f"layer {name!r}: the int32 accumulator could overflow: K={k} "
+            f"(C_in/groups · kernel {tuple(vals.shape[:-2])}) · max(max|x - zp_x|={max_abs_x}"
+            f" · max|w - zp_w|={max_wz}, 128 · max|w|={max_w}) = {worst} > 2^31 - 1; "
+            "split the input channels or narrow the ranges"
+        )
+    w_sum = jnp.sum(vals.astype(jnp.int32), axis=tuple(range(nsp + 1)))
+    return PreparedConv(wq, w_sum, name, groups, int(max_abs_x), zp_zero)
+
+
+def _tuple(v, n: int, what: str, layer: str) -> tuple[int, ...]:
+    if isinstance(v, (int, np.integer)):
+        return (int(v),) * n
+    t = tuple(int(a) for a in v)
+    if len(t) != n:
+        raise ValueError(f"layer {layer!r}: {what} needs {n} values, got {v!r}")
+    return t
+
+
+def _pads(padding, n, kernel, stride, dilation, in_sizes, layer) -> tuple[tuple[int, int], ...]:
+    if isinstance(padding, str):
+        p = padding.upper()
+        if p not in ("VALID", "SAME"):
+            raise ValueError(
+                f"layer {layer!r}: padding must be VALID, SAME or ints, got {padding!r}"
+            )
+        eff = [(kk - 1) * d + 1 for kk, d in zip(kernel, dilation, strict=True)]
+        return tuple(lax.padtype_to_pads(in_sizes, eff, stride, p))
+    if isinstance(padding, (int, np.integer)):
+        return ((int(padding), int(padding)),) * n
+    pads = []
+    for p in padding:
+        if isinstance(p, (int, np.integer)):
+            pads.append((int(p), int(p)))
+        else:
+            lo, hi = p
+            pads.append((int(lo), int(hi)))
+    if len(pads) != n:
+        raise ValueError(f"layer {layer!r}: padding needs {n} entries, got {padding!r}")
+    return tuple(pads)
+
+
+def _clamp_bounds(out: QParams, activation, bounds, layer):
+    """Extra code clamp for relu6 / hardtanh: ``[q(lo), q(hi)]`` with torch's quantize."""
+    if activation == "relu6":
+        lo_r, hi_r = 0.0, 6.0
+    else:
+        if bounds is None:
+            raise ValueError(f"layer {layer!r}: activation='hardtanh' needs bounds=(min, max)")
+        lo_r, hi_r = (float(b) for b in bounds)
+        if not lo_r <= hi_r:
+            raise ValueError(f"layer {layer!r}: hardtanh bounds must have min <= max, got {bounds}")
+    q = quantize(jnp.array([lo_r, hi_r], jnp.float32), out, compat="torch").astype(jnp.int32)
+    return q[0], q[1]
+
+
+def quantized_conv(
+    x: QArray,
+    w: PreparedConv | QArray,
+    bias: jax.Array | None,
+    out_qparams: QParams,
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | str | Sequence = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int | None = None,
+    layout: str = "NCHW",
+    scheme: Scheme = "fbgemm",
+    activation: ConvActivation = None,
+    bounds: tuple[float, float] | None = None,
+    accumulate: Accumulate = "exact",
+    name: str | None = None,
+) -> QArray:
+    """Integer ``y = requant(conv(x, w) + b)``: int8 x int8 -> int32 conv, then ``scheme``.
+
+    ``acc[n, o, p] = Σ_{t,c} (x[n, g·Cg + c, p·s + t·d - pad] - zp_x)·(w[t, c, o] - zp_w[o])``
+    with the padding holding ``zp_x`` (the real value 0), exact in int32 (module
+    docstring); bias and rounding follow ``scheme`` (:data:`~qjax.kernels.SCHEMES`).
+    ``activation``: ``"relu"`` clamps the codes below at ``zp_out``; ``"relu6"`` and
+    ``"hardtanh"`` (``bounds=(min, max)``, real values) clamp them to
+    ``[q(min), q(max)]`` with ``q`` torch's ``quantize_per_tensor`` (rule 1), as torch's
+    quantized ``relu6``/``hardtanh`` applied to the conv output do.
+
+    Args:
+      x: activations ``(N, C_in, *spatial)`` (``layout="NCHW"``/``"NCW"``) or
+        ``(N, *spatial, C_in)`` (``"NHWC"``/``"NWC"``), int8 or uint8, per-tensor qparams.
+      w: a :class:`PreparedConv` (preferred) or an int8 ``OIHW`` :class:`~qjax.QArray`.
+      bias: float32 ``(C_out,)`` or ``None``.
+      out_qparams: per-tensor output qparams (their spec sets the output dtype).
+      stride, dilation: int or one per spatial dim.
+      padding: int, one int per spatial dim, ``(lo, hi)`` pairs, ``"VALID"`` or ``"SAME"``.
+      groups: must equal the prepared weight's (``None``: take it from there).
+      layout: ``"NCHW"``, ``"NHWC"``, ``"NCW"`` or ``"NWC"`` (the 2-D names work in 1-D).
+      scheme: a key of :data:`~qjax.kernels.SCHEMES`.
+      activation: ``None``, ``"relu"``, ``"relu6"`` or ``"hardtanh"``.
+      bounds: ``(min, max)`` for ``"hardtanh"``.
+      accumulate: ``"exact"`` or ``"fbgemm_sat16"`` (uint8 activations only).
+      name: layer name for errors (defaults to the prepared weight's).
+
+    Returns:
+      a :class:`~qjax.QArray` in ``layout`` with ``out_qparams``.
+
+    >>> from qjax import QuantSpec, QParams
+    >>> x = QArray(jnp.array([[[130, 120, 128, 140]]], jnp.uint8),       # (N=1, C=1, W=4)
+    ...            QParams(0.1, 128, QuantSpec(signed=False)))
+    >>> w = QArray(jnp.array([[[10, -5, 20]]], jnp.int8),                # (O=1, I=1, 3)
+    ...            QParams(0.05, 0, QuantSpec(symmetric=True)))
+    >>> out = QParams(0.02, 128, QuantSpec(signed=False))
+    >>> y = quantized_conv(x, prepare_conv(w, weight_layout="OIW"), None, out, padding=1)
+    >>> y.values  # x = [0 | .2 -.8 0 1.2 | 0], w = [.5 -.25 1]: [-.85 .3 .8 -.3]/.02 + 128
+    Array([[[ 85, 143, 168, 113]]], dtype=uint8)
+    """
+    layer = name if name is not None else getattr(w, "name", "conv")
+    if not isinstance(x, QArray):
+        raise TypeError(f"layer {layer!r}: x must be a QArray, got {type(x).__name__}")
+    if layout not in _X_LAYOUTS:
+        raise ValueError(
+            f"layer {layer!r}: layout must be one of {sorted(_X_LAYOUTS)}, got {layout!r}"
+        )
+    channels_first = _X_LAYOUTS[layout][1]
+    nsp = x.ndim - 2
+    if nsp not in (1, 2):
+        raise ValueError(
+            f"layer {layer!r}: x must be (N, C, W) or (N, C, H, W) (or channels-last), "
+            f"got shape {x.shape}"
+        )
+    if not isinstance(w, PreparedConv):
+        w = prepare_conv(
+            w,
+            name=layer,
+            groups=1 if groups is None else groups,
+            weight_layout="OIHW" if nsp == 2 else "OIW",
+        )
+    pw = w
+    if name is not None and name != pw.name:
+        pw = dataclasses.replace(pw, name=name)
+    if groups is not None and groups != pw.groups:
+        raise ValueError(
+            f"layer {layer!r}: groups={groups} but the weight was prepared with groups={pw.groups}"
+        )
+    if len(pw.kernel_size) != nsp:
+        raise ValueError(
+            f"layer {layer!r}: a {len(pw.kernel_size)}-D kernel for a {nsp}-D input "
+            f"of shape {x.shape}"
+        )
+    if not isinstance(out_qparams, QParams):
+        raise TypeError(
+            f"layer {layer!r}: out_qparams must be a QParams, got {type(out_qparams).__name__}"
+        )
+    if accumulate not in _ACCUMULATES:
+        raise ValueError(
+            f"layer {layer!r}: accumulate must be one of {_ACCUMULATES}, got {accumulate!r}"
+        )
+    if activation not in (None, "relu", "relu6", "hardtanh"):
+        raise ValueError(
+            f"layer {layer!r}: unsupported fused activation {activation!r}; supported: "
+            "None, 'relu', 'relu6', 'hardtanh'"
+        )
+    xs = x.spec
+    if xs.dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
+        raise TypeError(f"layer {layer!r}: activations must be int8 or uint8 codes, got {xs.dtype}")
+    if xs.granularity != "tensor":
+        raise ValueError(
+            f"layer {layer!r}: activation qparams must be per-tensor, got axis={xs.axis}, "
+            f"group_size={xs.group_size}"
+        )
+    if xs.qmax - xs.qmin > pw.max_abs_x:
+        raise ValueError(
+            f"layer {layer!r}: activations span {xs.qmax - xs.qmin} codes but the layer was "
+            f"checked for overflow with max_abs_x={pw.max_abs_x}; prepare it with a larger "
+            "max_abs_x"
+        )
+    unsigned = not xs.signed
+    if accumulate == "fbgemm_sat16" and not unsigned:
+        raise ValueError(
+            f"layer {layer!r}: accumulate='fbgemm_sat16' models FBGEMM's uint8 x int8 "
+            f"kernel; got {xs.dtype} activations"
+        )
+    c_axis = 1 if channels_first else x.ndim - 1
+    sp_axes = tuple(range(2, x.ndim)) if channels_first else tuple(range(1, x.ndim - 1))
+    c_in = x.shape[c_axis]
+    if c_in != pw.in_channels:
+        raise ValueError(
+            f"layer {layer!r}: x of shape {x.shape} ({layout}) has {c_in} channels but the "
+            f"weight {pw.weight.shape} (HWIO) with groups={pw.groups} needs {pw.in_channels}"
+        )
+    kernel = pw.kernel_size
+    stride_t = _tuple(stride, nsp, "stride", layer)
+    dil_t = _tuple(dilation, nsp, "dilation", layer)
+    in_sizes = tuple(x.shape[a] for a in sp_axes)
+    pads = _pads(padding, nsp, kernel, stride_t, dil_t, in_sizes, layer)
+    if any(p < 0 for pp in pads for p in pp) or min(stride_t + dil_t) < 1:
+        raise ValueError(f"layer {layer!r}: negative padding or non-positive stride/dilation")
+    padded = [n + lo + hi for n, (lo, hi) in zip(in_sizes, pads, strict=True)]
+    eff = [(kk - 1) * d + 1 for kk, d in zip(kernel, dil_t, strict=True)]
+    if any(p < e for p, e in zip(padded, eff, strict=True)):
+        raise ValueError(
+            f"layer {layer!r}: the (dilated) kernel {tuple(eff)} is larger than the padded "
+            f"input {tuple(padded)}"
+        )
+
+    # The conv runs channels-last (N, *spatial, C) x HWIO: XLA:CPU's int8 conv is fast
+    # there (about 4x its float32 conv) and 40x slower channels-first; NCHW inputs are
+    # transposed on the way in (uint8 codes) and out (output codes).
+    xv = jnp.moveaxis(x.values, 1, -1) if channels_first else x.values
+    # Pad with the zero point (the real value 0), in the raw dtype.
+    zx = jnp.asarray(x.zero_point).astype(jnp.int32).reshape(())
+    pad_cfg = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)]
+    xv = lax.pad(xv, zx.astype(xv.dtype), pad_cfg)
+    wq = pw.weight
+    zw = jnp.asarray(wq.zero_point).astype(jnp.int32)  # () or (O,)
+    g = pw.groups
+    o = pw.out_channels
+    cg = c_in // g
+    if accumulate == "exact":
+        if unsigned:  # x - 128 as int8: flip the top bit, reinterpret
+            xv = lax.bitcast_convert_type(xv ^ jnp.uint8(0x80), jnp.int8)
+            zx = zx - jnp.int32(128)
+        sp = "HW" if nsp == 2 else "W"
+        if g == 1 and all(kk == 1 for kk in kernel):
+            # Pointwise: an int8 dot over the channels (measured faster on XLA:CPU).
+            xs = xv[(slice(None),) + tuple(slice(None, None, st) for st in stride_t)]
+            acc = lax.dot_general(
+                xs,
+                wq.values.reshape(cg, o),
+                (((xs.ndim - 1,), (0,)), ((), ())),
+                preferred_element_type=jnp.int32,
+            )
+        else:
+            acc = lax.conv_general_dilated(
+                xv,
+                wq.values,
+                window_strides=stride_t,
+                padding="VALID",
+                rhs_dilation=dil_t,
+                dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"),
+                feature_group_count=g,
+                preferred_element_type=jnp.int32,
+            )
+    else:
+        acc = _sat16_conv(xv, wq.values, stride_t, dil_t, g)
+    acc = acc - zx * pw.w_sum
+    if not pw.zero_point_is_zero:
+        # Σ_window x' per group and output position, then per output channel.
+        xi = xv.astype(jnp.int32)
+        xg = jnp.sum(xi.reshape(xi.shape[:-1] + (g, cg)), axis=-1)  # (N, *sp, G)
+        win = lax.reduce_window(
+            xg,
+            jnp.int32(0),
+            lax.add,
+            (1,) + kernel + (1,),
+            (1,) + stride_t + (1,),
+            "VALID",
+            window_dilation=(1,) + dil_t + (1,),
+        )
+        win = jnp.repeat(win, o // g, axis=-1)  # (N, *out, O)
+        k = cg * int(np.prod(kernel))
+        acc = acc - zw * win + jnp.int32(k) * zx * zw
+    scale_w = wq.scale if wq.spec.granularity == "axis" else jnp.reshape(wq.scale, ())
+    try:
+        codes = requantize(
+            acc,
+            scale_x=jnp.reshape(x.scale, ()),
+            scale_w=scale_w,
+            out=out_qparams,
+            bias=bias,
+            activation="relu" if activation == "relu" else None,
+            scheme=scheme,
+            channel_axis=-1,
+        )
+        if activation in ("relu6", "hardtanh"):
+            lo, hi = _clamp_bounds(out_qparams, activation, bounds, layer)
+            if activation == "relu6":
+                lo = jnp.asarray(out_qparams.zero_point).astype(jnp.int32).reshape(())
+            c = jnp.clip(codes.astype(jnp.int32), lo, hi)
+            codes = c.astype(codes.dtype)
+    except (TypeError, ValueError) as e:
+        if str(e).startswith(f"layer {layer!r}"):
+            raise
+        raise type(e)(f"layer {layer!r}: {e}") from None
+    if channels_first:
+        codes = jnp.moveaxis(codes, -1, 1)
+    return QArray(codes, out_qparams)
+
+
+def _sat16_conv(xv, w, stride, dilation, groups):
+    """FBGEMM im2col + ``vpmaddubsw``: ``Σ_j sat16(x[2j]·w[2j] + x[2j+1]·w[2j+1])``.
+
+    ``xv`` raw (padded) uint8 ``(N, *sp, C)``, ``w`` HWIO int8; the reduction index runs
+    over (kernel taps row-major, channel in group). Returns int32 ``(N, *out, C_out)``.
+    """
+    xi = xv.astype(jnp.int32)
+    nsp = xi.ndim - 2
+    kernel = w.shape[:nsp]
+    out_sizes = [
+        (xi.shape[1 + i] - (kernel[i] - 1) * dilation[i] - 1) // stride[i] + 1 for i in range(nsp)
+    ]
+    taps = []
+    for t in np.ndindex(*kernel):
+        idx = [slice(None)]
+        for i in range(nsp):
+            start = t[i] * dilation[i]
+            idx.append(slice(start, start + (out_sizes[i] - 1) * stride[i] + 1, stride[i]))
+        idx.append(slice(None))
+        taps.append(xi[tuple(idx)])  # (N, *out, C)
+    p = jnp.stack(taps, axis=-2)  # (N, *out, T, C)
+    n_t = p.shape[-2]
+    c = p.shape[-1]
+    cg = c // groups
+    p = p.reshape(p.shape[:-1] + (groups, cg))  # (N, *out, T, G, Cg)
+    p = jnp.moveaxis(p, -2, -3)  # (N, *out, G, T, Cg)
+    k = n_t * cg
+    p = p.reshape(p.shape[:-2] + (k,))  # (N, *out, G, K)
+    o = w.shape[-1]
+    wk = w.astype(jnp.int32).reshape(k, groups, o // groups)
+    wk = jnp.moveaxis(wk, 1, 0)  # (G, K, Og)
+    if k % 2:
+        p = jnp.concatenate([p, jnp.zeros(p.shape[:-1] + (1,), jnp.int32)], axis=-1)
+        wk = jnp.concatenate([wk, jnp.zeros((groups, 1, o // groups), jnp.int32)], axis=1)
+    xe, xo = p[..., 0::2, None], p[..., 1::2, None]  # (N, *out, G, K/2, 1)
+    pair = jnp.clip(xe * wk[:, 0::2] + xo * wk[:, 1::2], -(2**15), 2**15 - 1)
+    acc = jnp.sum(pair, axis=-2)  # (N, *out, G, Og)
+    return acc.reshape(acc.shape[:-2] + (o,))
+
+
+def _concrete(v) -> bool:
+    return isinstance(v, (np.ndarray, np.generic, jax.Array)) and not isinstance(v, jax.core.Tracer)
