@@ -1,0 +1,203 @@
+"""int8 CNN inference: qjax vs JAX float32 vs PyTorch int8 engines (issue 3 benchmark).
+
+Run: ``.venv/bin/python benchmarks/int8_cnn.py``. The network: conv 3x3 1->32 + ReLU,
+conv 3x3 32->64 + ReLU (BatchNorm already folded into the weights), max-pool 2, FC
+12544->10, on 28x28 inputs, batch 64. PyTorch builds it with eager quantization
+(QuantStub, fused ConvReLU2d, min/max calibration, ``convert``) per engine; qjax runs
+the same codes and qparams taken from the converted model: ``quantized_conv`` (NHWC
+internally), ``max_pool2d``, ``quantized_linear`` with the FC weight's columns permuted
+from torch's NCHW flatten order, requantization scheme ``"onednn"`` (what torch's
+onednn/x86 engines use for conv on this CPU) or ``"fbgemm"``. JAX float32 runs the float
+weights. Goals (issue 3): >= 4x JAX f32 and >= 1.0x torch onednn.
+"""
+
+import os
+import warnings
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _timing import interleaved, load_line, machine_line  # noqa: E402
+
+import qjax  # noqa: E402
+from qjax.kernels import (  # noqa: E402
+    QArray,
+    dequantize_output,
+    flatten,
+    max_pool2d,
+    prepare_conv,
+    prepare_linear,
+    quantize_input,
+    quantized_conv,
+    quantized_linear,
+)
+
+torch.set_num_threads(2)
+warnings.filterwarnings("ignore")
+BATCH = 64
+AQ = torch.ao.quantization
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.quant = AQ.QuantStub()
+        self.conv1 = torch.nn.Conv2d(1, 32, 3, padding=1)
+        self.relu1 = torch.nn.ReLU()
+        self.conv2 = torch.nn.Conv2d(32, 64, 3, padding=1)
+        self.relu2 = torch.nn.ReLU()
+        self.pool = torch.nn.MaxPool2d(2)
+        self.fc = torch.nn.Linear(64 * 14 * 14, 10)
+        self.dequant = AQ.DeQuantStub()
+
+    def forward(self, x):
+        x = self.quant(x)
+        x = self.relu1(self.conv1(x))
+        x = self.pool(self.relu2(self.conv2(x)))
+        return self.dequant(self.fc(torch.flatten(x, 1)))
+
+
+def converted(float_model, engine, calib):
+    torch.backends.quantized.engine = engine
+    m = Net()
+    m.load_state_dict(float_model.state_dict())
+    m.eval()
+    m.qconfig = AQ.get_default_qconfig(engine)
+    m = AQ.fuse_modules(m, [["conv1", "relu1"], ["conv2", "relu2"]])
+    AQ.prepare(m, inplace=True)
+    m(calib)
+    return AQ.convert(m)
+
+
+def _qarray_weight(wq):
+    vals = jnp.asarray(wq.int_repr().numpy())
+    if wq.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        spec = qjax.QuantSpec(signed=True, axis=0)
+        qp = qjax.QParams(
+            scale=jnp.asarray(wq.q_per_channel_scales().numpy(), jnp.float32),
+            zero_point=jnp.asarray(wq.q_per_channel_zero_points().numpy(), jnp.int32),
+            spec=spec,
+        )
+    else:
+        qp = qjax.QParams(wq.q_scale(), wq.q_zero_point(), qjax.QuantSpec(signed=True))
+    return vals, qp
+
+
+def qjax_program(qm, scheme):
+    u8 = qjax.QuantSpec(signed=False)
+
+    def act_qp(mod):
+        return qjax.QParams(float(mod.scale), int(mod.zero_point), u8)
+
+    in_qp = act_qp(qm.quant)
+    convs = []
+    for mod in (qm.conv1, qm.conv2):
+        vals, qp = _qarray_weight(mod.weight())
+        w = prepare_conv(QArray(vals, qp), name="conv", weight_layout="OIHW")
+        convs.append((w, jnp.asarray(mod.bias().detach().numpy()), act_qp(mod)))
+    # FC: torch flattens NCHW (c, h, w); the qjax activations are NHWC (h, w, c).
+    vals, qp = _qarray_weight(qm.fc.weight())  # (10, 12544) per output channel
+    perm = np.arange(64 * 14 * 14).reshape(64, 14, 14).transpose(1, 2, 0).reshape(-1)
+    vals = vals[:, perm].T  # (K, N) in NHWC order
+    fc_qp = qjax.QParams(qp.scale, qp.zero_point, qp.spec.replace(axis=1))
+    fc = prepare_linear(QArray(vals, fc_qp), name="fc")
+    fc_b = jnp.asarray(qm.fc.bias().detach().numpy())
+    fc_out = act_qp(qm.fc)
+
+    @jax.jit
+    def run(x_nchw):
+        h = quantize_input(jnp.transpose(x_nchw, (0, 2, 3, 1)), in_qp)
+        for w, b, oq in convs:
+            h = quantized_conv(
+                h, w, b, oq, padding=1, layout="NHWC", scheme=scheme, activation="relu"
+            )
+        h = flatten(max_pool2d(h, 2, layout="NHWC"))
+        return dequantize_output(quantized_linear(h, fc, fc_b, fc_out, scheme=scheme))
+
+    return run
+
+
+def main():
+    torch.manual_seed(0)
+    float_model = Net().eval()
+    x = torch.rand(BATCH, 1, 28, 28)
+    xj = jnp.asarray(x.numpy())
+    models = {e: converted(float_model, e, x) for e in ("onednn", "x86", "fbgemm")}
+
+    sd = {k: jnp.asarray(v.numpy()) for k, v in float_model.state_dict().items()}
+
+    @jax.jit
+    def f32(x):
+        dn = ("NCHW", "OIHW", "NCHW")
+        h = jax.lax.conv_general_dilated(
+            x, sd["conv1.weight"], (1, 1), "SAME", dimension_numbers=dn
+        )
+        h = jax.nn.relu(h + sd["conv1.bias"][:, None, None])
+        h = jax.lax.conv_general_dilated(
+            h, sd["conv2.weight"], (1, 1), "SAME", dimension_numbers=dn
+        )
+        h = jax.nn.relu(h + sd["conv2.bias"][:, None, None])
+        h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
+        return h.reshape(BATCH, -1) @ sd["fc.weight"].T + sd["fc.bias"]
+
+    @jax.jit
+    def f32_nhwc(x):
+        dn = ("NHWC", "OIHW", "NHWC")
+        h = jnp.transpose(x, (0, 2, 3, 1))
+        h = jax.lax.conv_general_dilated(
+            h, sd["conv1.weight"], (1, 1), "SAME", dimension_numbers=dn
+        )
+        h = jax.nn.relu(h + sd["conv1.bias"])
+        h = jax.lax.conv_general_dilated(
+            h, sd["conv2.weight"], (1, 1), "SAME", dimension_numbers=dn
+        )
+        h = jax.nn.relu(h + sd["conv2.bias"])
+        h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+        return jnp.transpose(h, (0, 3, 1, 2)).reshape(BATCH, -1) @ sd["fc.weight"].T + sd["fc.bias"]
+
+    progs = {"onednn": qjax_program(models["onednn"], "onednn")}
+    progs["fbgemm"] = qjax_program(models["fbgemm"], "fbgemm")
+    print(machine_line())
+    print(load_line())
+    for eng, prog in progs.items():
+        torch.backends.quantized.engine = eng
+        want = models[eng](x).numpy()
+        got = np.asarray(prog(xj))
+        print(
+            f"qjax scheme {eng!r} vs torch {eng}: {int((got != want).sum())} of {got.size} "
+            "outputs differ"
+        )
+
+    def torch_fn(eng):
+        def f():
+            torch.backends.quantized.engine = eng
+            with torch.no_grad():
+                return models[eng](x)
+
+        return f
+
+    t = interleaved(
+        {
+            "qjax int8 (onednn scheme)": lambda: progs["onednn"](xj),
+            "qjax int8 (fbgemm scheme)": lambda: progs["fbgemm"](xj),
+            "jax f32 NCHW": lambda: f32(xj),
+            "jax f32 NHWC": lambda: f32_nhwc(xj),
+            "torch onednn": torch_fn("onednn"),
+            "torch x86": torch_fn("x86"),
+            "torch fbgemm": torch_fn("fbgemm"),
+        },
+        repeats=15,
+    )
+    for k, v in t.items():
+        print(f"{k:28s} {v * 1e3:8.2f} ms")
+    q = t["qjax int8 (onednn scheme)"]
+    best_f32 = min(t["jax f32 NCHW"], t["jax f32 NHWC"])
+    print(f"best JAX f32 / qjax int8: {best_f32 / q:.2f}x  (goal >= 4x)")
+    print(f"torch onednn / qjax int8: {t['torch onednn'] / q:.2f}x  (goal >= 1.0x)")
+
+
+if __name__ == "__main__":
+    main()
