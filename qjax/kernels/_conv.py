@@ -60,7 +60,7 @@ from jax import lax
 from .._primitives import quantize
 from .._qarray import QArray
 from .._spec import QParams
-from ._linear import Accumulate
+from ._linear import Accumulate, check_accumulator
 from ._requant import Scheme, requantize
 
 __all__ = ["ConvActivation", "PreparedConv", "prepare_conv", "quantized_conv"]
@@ -215,25 +215,14 @@ def prepare_conv(
     new_spec = spec.replace(axis=nsp + 1) if spec.granularity == "axis" else spec
     wq = QArray(vals, QParams(w.scale, w.zero_point, new_spec))
     k = int(np.prod(vals.shape[:-1]))
-    zp = w.zero_point
-    if _concrete(vals) and _concrete(zp):
-        wn = np.asarray(vals, np.int64)
-        zn = np.asarray(zp, np.int64).reshape(-1 if spec.granularity == "axis" else ())
-        max_w = int(np.abs(wn).max(initial=0))
-        max_wz = int(np.abs(wn - zn).max(initial=0))
-        zp_zero = bool((zn == 0).all())
-    else:
-        max_w = max(-spec.qmin, spec.qmax)
-        zp_zero = spec.symmetric and spec.symmetric_zero_point() == 0
-        max_wz = max_w if zp_zero else spec.qmax - spec.qmin
-    worst = k * max(max_abs_x * max_wz, 128 * max_w)
-    if worst > _I32_MAX:
-        raise ValueError(
-            f"layer {name!r}: the int32 accumulator could overflow: K={k} "
-            f"(C_in/groups · kernel {tuple(vals.shape[:-2])}) · max(max|x - zp_x|={max_abs_x}"
-            f" · max|w - zp_w|={max_wz}, 128 · max|w|={max_w}) = {worst} > 2^31 - 1; "
-            "split the input channels or narrow the ranges"
-        )
+    zp_zero = check_accumulator(
+        wq,
+        k,
+        max_abs_x,
+        name,
+        what=f"K={k} (C_in/groups · kernel {tuple(vals.shape[:-2])})",
+        hint="split the input channels or narrow the ranges",
+    )
     w_sum = jnp.sum(vals.astype(jnp.int32), axis=tuple(range(nsp + 1)))
     return PreparedConv(wq, w_sum, name, groups, int(max_abs_x), zp_zero)
 

@@ -139,7 +139,7 @@ def prepare_linear(w: QArray, *, name: str = "linear", max_abs_x: int = 255) -> 
     >>> prepare_linear(big, name="fc1")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
       ...
-    ValueError: layer 'fc1': the int32 accumulator could overflow: K=70000 · max|x - zp_x|=255 ...
+    ValueError: layer 'fc1': the int32 accumulator could overflow: K=70000 · max(max|x - zp_x|=255 ...
     """
     if isinstance(w, PreparedLinear):
         return w
@@ -163,29 +163,10 @@ def prepare_linear(w: QArray, *, name: str = "linear", max_abs_x: int = 255) -> 
         )
     w.validate()
     k = w.shape[0]
-    vals, zp = w.values, w.zero_point
-    concrete = _concrete(vals) and _concrete(zp)
-    if concrete:
-        wn = np.asarray(vals, np.int64)
-        zn = np.asarray(zp, np.int64).reshape(-1 if spec.granularity == "axis" else ())
-        max_w = int(np.abs(wn).max(initial=0))
-        max_wz = int(np.abs(wn - zn).max(initial=0))
-        zp_zero = bool((zn == 0).all())
-    else:
-        max_w = max(-spec.qmin, spec.qmax)
-        # a symmetric signed spec (default range) has zero point 0
-        zp_zero = spec.symmetric and spec.symmetric_zero_point() == 0
-        max_wz = max_w if zp_zero else spec.qmax - spec.qmin
-    worst = k * max(max_abs_x * max_wz, 128 * max_w)
-    if worst > _I32_MAX:
-        raise ValueError(
-            f"layer {name!r}: the int32 accumulator could overflow: K={k} · "
-            f"max|x - zp_x|={max_abs_x} · max|w - zp_w|={max_wz} = {k * max_abs_x * max_wz}"
-            f" > 2^31 - 1; split K or narrow the ranges"
-            if max_abs_x * max_wz >= 128 * max_w
-            else f"layer {name!r}: the int32 accumulator could overflow: K={k} · 128 · "
-            f"max|w|={max_w} = {worst} > 2^31 - 1; split K or narrow the ranges"
-        )
+    vals = w.values
+    zp_zero = check_accumulator(
+        w, k, max_abs_x, name, hint="split K or narrow the ranges", what=f"K={k}"
+    )
     col_sum = jnp.sum(vals.astype(jnp.int32), axis=0)
     return PreparedLinear(w, col_sum, name, int(max_abs_x), zp_zero)
 
@@ -343,3 +324,38 @@ def _sat16_pair_dot(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def _concrete(v) -> bool:
     return isinstance(v, (np.ndarray, np.generic, jax.Array)) and not isinstance(v, jax.core.Tracer)
+
+
+def check_accumulator(w: QArray, k: int, max_abs_x: int, name: str, *, what: str, hint: str):
+    """Raise ``ValueError`` naming the layer if an int32 accumulator could overflow.
+
+    Bound: ``K·max(max_abs_x·max|w - zp_w|, 128·max|w|) <= 2^31 - 1`` (the second term
+    covers the uint8 -> int8 shifted operand), using the actual codes when ``w`` is
+    concrete and the spec's bounds when it is traced. Returns whether every weight zero
+    point is 0 (so the ``zp_w`` correction terms can be dropped).
+
+    >>> from qjax import QuantSpec, QParams
+    >>> w = QArray(jnp.full((4, 2), 127, jnp.int8), QParams(0.1, 0, QuantSpec()))
+    >>> check_accumulator(w, 4, 255, "fc", what="K=4", hint="split K")
+    True
+    """
+    spec, vals, zp = w.spec, w.values, w.zero_point
+    if _concrete(vals) and _concrete(zp):
+        wn = np.asarray(vals, np.int64)
+        zn = np.asarray(zp, np.int64).reshape(-1 if spec.granularity == "axis" else ())
+        max_w = int(np.abs(wn).max(initial=0))
+        max_wz = int(np.abs(wn - zn).max(initial=0))
+        zp_zero = bool((zn == 0).all())
+    else:
+        max_w = max(-spec.qmin, spec.qmax)
+        # a symmetric signed spec (default range) has zero point 0
+        zp_zero = spec.symmetric and spec.symmetric_zero_point() == 0
+        max_wz = max_w if zp_zero else spec.qmax - spec.qmin
+    worst = k * max(max_abs_x * max_wz, 128 * max_w)
+    if worst > _I32_MAX:
+        raise ValueError(
+            f"layer {name!r}: the int32 accumulator could overflow: {what} · "
+            f"max(max|x - zp_x|={max_abs_x} · max|w - zp_w|={max_wz}, 128 · max|w|={max_w})"
+            f" = {worst} > 2^31 - 1; {hint}"
+        )
+    return zp_zero
