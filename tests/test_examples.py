@@ -32,3 +32,14 @@ def test_demo_runs_small(capsys):
     out = capsys.readouterr().out
     for title in ("Observers on heavy-tailed", "identity-conv weight", "Bit-exact parity", "QAT:"):
         assert title in out
+
+
+def test_qat_digits_nnx(capsys):
+    import jax
+
+    with jax.numpy_dtype_promotion("standard"):  # optax adam (see test_demo_runs_small)
+        acc = _load("qat_digits_nnx").main(epochs=8, qat_epochs=1)
+    assert acc["float"] >= 0.9
+    assert acc["PTQ int8 (fake-quant)"] >= acc["float"] - 0.03
+    assert acc["QAT int8 (fake-quant)"] >= acc["float"] - 0.03
+    assert "test accuracy on sklearn digits" in capsys.readouterr().out
