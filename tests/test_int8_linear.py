@@ -680,3 +680,56 @@ def test_bad_inputs_raise_with_names():
         quantized_linear(x, w, jnp.zeros(8, jnp.int32), out)
     with pytest.raises(TypeError, match="x must be a QArray"):
         quantized_linear(x.values, w, b, out)
+
+
+@needs_torch
+@pytest.mark.parametrize("act", ["relu6", "hardtanh"])
+def test_linear_relu6_and_hardtanh_match_torch(act, torch_one_thread):
+    """Fused relu6 / hardtanh == torch's quantized relu6 / hardtanh on the linear output."""
+    import torch.ao.nn.quantized.functional as qF
+
+    bounds = (-0.37, 0.81) if act == "hardtanh" else None
+    rng = np.random.default_rng(66 + (act == "hardtanh"))
+    n = mism = clamped = 0
+    for i in range(40):
+        k, m, nout = int(rng.integers(8, 64)), int(rng.integers(1, 16)), int(rng.integers(1, 24))
+        xq = rng.integers(0, X_CODE_MAX + 1, (m, k)).astype(np.uint8)
+        wq = rng.integers(-127, 128, (k, nout)).astype(np.int8)
+        sx, sw = np.float32(rng.uniform(0.005, 0.05)), np.float32(rng.uniform(0.002, 0.02))
+        so, zx, zo = (
+            np.float32(rng.uniform(0.005, 0.03)),
+            int(rng.integers(0, 256)),
+            int(rng.integers(0, 256)),
+        )
+        b = (rng.standard_normal(nout) * 0.3).astype(np.float32)
+        torch.backends.quantized.engine = "fbgemm"
+        xt = torch._make_per_tensor_quantized_tensor(torch.from_numpy(xq), float(sx), zx)
+        wt = torch._make_per_tensor_quantized_tensor(
+            torch.from_numpy(np.ascontiguousarray(wq.T)), float(sw), 0
+        )
+        y = torch.ops.quantized.linear(
+            xt, torch.ops.quantized.linear_prepack(wt, torch.from_numpy(b)), float(so), zo
+        )
+        ref = torch.ops.quantized.relu6(y) if act == "relu6" else qF.hardtanh(y, *bounds)
+        ref = ref.int_repr().numpy()
+        got = quantized_linear(
+            QArray(jnp.asarray(xq), QParams(sx, zx, QuantSpec(signed=False))),
+            QArray(jnp.asarray(wq), QParams(sw, 0, QuantSpec(signed=True, symmetric=True))),
+            jnp.asarray(b),
+            QParams(so, zo, QuantSpec(signed=False)),
+            activation=act,
+            bounds=bounds,
+        ).values
+        n += ref.size
+        mism += int((np.asarray(got) != ref).sum())
+        clamped += int((ref != y.int_repr().numpy()).sum())
+    assert mism == 0 and clamped > n // 10, (mism, clamped, n)
+
+
+def test_linear_rejects_unknown_activation():
+    x = QArray(jnp.zeros((1, 2), jnp.uint8), QParams(0.1, 0, QuantSpec(signed=False)))
+    w = QArray(jnp.ones((2, 2), jnp.int8), QParams(0.1, 0, QuantSpec(symmetric=True)))
+    with pytest.raises(ValueError, match=r"layer 'fc': unsupported fused activation 'gelu'"):
+        quantized_linear(
+            x, w, None, QParams(0.1, 0, QuantSpec(signed=False)), activation="gelu", name="fc"
+        )

@@ -57,11 +57,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .._primitives import quantize
 from .._qarray import QArray
 from .._spec import QParams
 from ._linear import Accumulate, check_accumulator
-from ._requant import Scheme, requantize
+from ._requant import Scheme, clamp_activation, requantize
 
 __all__ = ["ConvActivation", "PreparedConv", "prepare_conv", "quantized_conv"]
 
@@ -257,20 +256,6 @@ def _pads(padding, n, kernel, stride, dilation, in_sizes, layer) -> tuple[tuple[
     if len(pads) != n:
         raise ValueError(f"layer {layer!r}: padding needs {n} entries, got {padding!r}")
     return tuple(pads)
-
-
-def _clamp_bounds(out: QParams, activation, bounds, layer):
-    """Extra code clamp for relu6 / hardtanh: ``[q(lo), q(hi)]`` with torch's quantize."""
-    if activation == "relu6":
-        lo_r, hi_r = 0.0, 6.0
-    else:
-        if bounds is None:
-            raise ValueError(f"layer {layer!r}: activation='hardtanh' needs bounds=(min, max)")
-        lo_r, hi_r = (float(b) for b in bounds)
-        if not lo_r <= hi_r:
-            raise ValueError(f"layer {layer!r}: hardtanh bounds must have min <= max, got {bounds}")
-    q = quantize(jnp.array([lo_r, hi_r], jnp.float32), out, compat="torch").astype(jnp.int32)
-    return q[0], q[1]
 
 
 def quantized_conv(
@@ -487,12 +472,7 @@ def quantized_conv(
             scheme=scheme,
             channel_axis=-1,
         )
-        if activation in ("relu6", "hardtanh"):
-            lo, hi = _clamp_bounds(out_qparams, activation, bounds, layer)
-            if activation == "relu6":
-                lo = jnp.asarray(out_qparams.zero_point).astype(jnp.int32).reshape(())
-            c = jnp.clip(codes.astype(jnp.int32), lo, hi)
-            codes = c.astype(codes.dtype)
+        codes = clamp_activation(codes, out_qparams, activation, bounds)
     except (TypeError, ValueError) as e:
         if str(e).startswith(f"layer {layer!r}"):
             raise

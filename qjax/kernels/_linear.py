@@ -46,7 +46,7 @@ from jax import lax
 
 from .._qarray import QArray
 from .._spec import QParams
-from ._requant import Activation, Scheme, requantize
+from ._requant import Scheme, clamp_activation, requantize
 
 __all__ = ["Accumulate", "PreparedLinear", "prepare_linear", "quantized_linear"]
 
@@ -139,7 +139,7 @@ def prepare_linear(w: QArray, *, name: str = "linear", max_abs_x: int = 255) -> 
     >>> prepare_linear(big, name="fc1")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
       ...
-    ValueError: layer 'fc1': the int32 accumulator could overflow: K=70000 · max(max|x - zp_x|=255 ...
+    ValueError: layer 'fc1': the int32 accumulator could overflow: K=70000 ...
     """
     if isinstance(w, PreparedLinear):
         return w
@@ -178,7 +178,8 @@ def quantized_linear(
     out_qparams: QParams,
     *,
     scheme: Scheme = "fbgemm",
-    activation: Activation = None,
+    activation: Literal["relu", "relu6", "hardtanh"] | None = None,
+    bounds: tuple[float, float] | None = None,
     accumulate: Accumulate = "exact",
     name: str | None = None,
 ) -> QArray:
@@ -186,7 +187,10 @@ def quantized_linear(
 
     The accumulator is the exact ``Σ_k (x - zp_x)(w - zp_w)`` (module docstring), bias
     and rounding follow the requantization ``scheme`` (:data:`~qjax.kernels.SCHEMES`),
-    and ``activation="relu"`` clamps the output codes below at the output zero point.
+    ``activation="relu"`` clamps the output codes below at the output zero point;
+    ``"relu6"`` and ``"hardtanh"`` (``bounds=(min, max)``, real values) clamp them as
+    torch's quantized ``relu6`` / ``hardtanh`` on the output do
+    (:func:`~qjax.kernels.clamp_activation`).
 
     Args:
       x: ``(..., K)`` activations, int8 or uint8, per-tensor qparams.
@@ -196,7 +200,8 @@ def quantized_linear(
       out_qparams: per-tensor output qparams; their spec sets the output dtype.
       scheme: ``"fbgemm"`` (PyTorch x86/fbgemm), ``"qnnpack"``, ``"onednn"``,
         ``"tflite"``, ``"tflite_single_rounding"`` or ``"exact"``.
-      activation: ``None`` or ``"relu"``.
+      activation: ``None``, ``"relu"``, ``"relu6"`` or ``"hardtanh"``.
+      bounds: ``(min, max)`` for ``"hardtanh"``.
       accumulate: ``"exact"`` or ``"fbgemm_sat16"`` (uint8 activations only).
       name: layer name for errors (defaults to the prepared weight's).
 
@@ -214,6 +219,11 @@ def quantized_linear(
     Array([[ 93, 122]], dtype=uint8)
     """
     layer = name if name is not None else getattr(w, "name", "linear")
+    if activation not in (None, "relu", "relu6", "hardtanh"):
+        raise ValueError(
+            f"layer {layer!r}: unsupported fused activation {activation!r}; supported: "
+            "None, 'relu', 'relu6', 'hardtanh'"
+        )
     pw = prepare_linear(w, name=layer)
     if name is not None and name != pw.name:
         pw = dataclasses.replace(pw, name=name)
@@ -278,9 +288,10 @@ def quantized_linear(
             scale_w=scale_w,
             out=out_qparams,
             bias=bias,
-            activation=activation,
+            activation="relu" if activation == "relu" else None,
             scheme=scheme,
         )
+        codes = clamp_activation(codes, out_qparams, activation, bounds)
     except (TypeError, ValueError) as e:
         raise type(e)(f"layer {layer!r}: {e}") from None
     return QArray(codes, out_qparams)

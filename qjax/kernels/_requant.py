@@ -75,6 +75,7 @@ import numpy as np
 from jax import lax
 
 from .._float import div_f32, div_ieee, exact_addend, materialize, pow2
+from .._primitives import quantize
 from .._rounding import round_half_away
 from .._spec import QParams
 
@@ -572,6 +573,34 @@ def activation_bounds(out: QParams, activation: Activation = None) -> tuple[jax.
     if activation == "relu":
         lo = jnp.maximum(lo, _zero_point_scalar(out.zero_point))
     return lo, hi
+
+
+def clamp_activation(codes, out: QParams, activation, bounds=None) -> jax.Array:
+    """Apply a fused ``"relu6"`` / ``"hardtanh"`` to requantized codes (others: unchanged).
+
+    As torch's quantized ``relu6`` / ``hardtanh`` on the layer output: the codes are
+    clamped to ``[q(lo), q(hi)]`` with ``q`` torch's quantize (rule 1) of the real bounds
+    (``(0, 6)`` for relu6, whose lower bound is the zero point itself; ``bounds=(min,
+    max)`` for hardtanh). ``codes`` keep their dtype.
+
+    >>> from qjax import QuantSpec, QParams
+    >>> out = QParams(0.05, 10, QuantSpec(signed=False))
+    >>> clamp_activation(jnp.array([0, 50, 200], jnp.uint8), out, "relu6")
+    Array([ 10,  50, 130], dtype=uint8)
+    """
+    if activation not in ("relu6", "hardtanh"):
+        return codes
+    if activation == "relu6":
+        lo_r, hi_r = 0.0, 6.0
+    else:
+        if bounds is None:
+            raise ValueError("activation='hardtanh' needs bounds=(min, max)")
+        lo_r, hi_r = (float(b) for b in bounds)
+        if not lo_r <= hi_r:
+            raise ValueError(f"hardtanh bounds must have min <= max, got {bounds}")
+    q = quantize(jnp.array([lo_r, hi_r], jnp.float32), out, compat="torch").astype(jnp.int32)
+    lo = _zero_point_scalar(out.zero_point) if activation == "relu6" else q[0]
+    return jnp.clip(codes.astype(jnp.int32), lo, q[1]).astype(codes.dtype)
 
 
 def _zero_point_scalar(z) -> jax.Array:
