@@ -691,7 +691,7 @@ def test_linear_relu6_and_hardtanh_match_torch(act, torch_one_thread):
     bounds = (-0.37, 0.81) if act == "hardtanh" else None
     rng = np.random.default_rng(66 + (act == "hardtanh"))
     n = mism = clamped = 0
-    for i in range(40):
+    for _ in range(40):
         k, m, nout = int(rng.integers(8, 64)), int(rng.integers(1, 16)), int(rng.integers(1, 24))
         xq = rng.integers(0, X_CODE_MAX + 1, (m, k)).astype(np.uint8)
         wq = rng.integers(-127, 128, (k, nout)).astype(np.int8)
