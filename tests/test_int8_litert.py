@@ -1,8 +1,8 @@
-"""``scheme="tflite"`` against the real LiteRT interpreter: an int8 FULLY_CONNECTED model.
+"""qjax's TFLite-family schemes against the real LiteRT interpreter: int8 FULLY_CONNECTED.
 
 The ``.tflite`` flatbuffer is written in memory (the ``tflite`` package's generated
 schema builders on ``flatbuffers``; no TensorFlow, nothing downloaded) and run by
-``ai_edge_litert`` on the same int8 inputs as ``quantized_linear(..., scheme="tflite")``:
+``ai_edge_litert`` on the same int8 inputs as ``quantized_linear(..., scheme=...)``:
 signed int8 activations with any zero point, int8 weights with zero point 0 (per tensor
 and per output channel), TFLite's int32 bias of scale ``f32(s_x·s_w)`` and zero point 0,
 with and without a fused RELU; random qparams and tie-heavy power-of-two ones (``acc·M``
@@ -16,10 +16,13 @@ would requantize in float):
   ``(t + 2^(right-1)) >> right``.
 
 Found with ``ai-edge-litert`` 2.3.0 on x86-64; each kernel is checked bit-exactly against
-an independent NumPy int64 model of it. Neither is gemmlowp's double rounding (ties away
-from zero in ``RoundingDivideByPOT``), which is qjax's ``"tflite"``: the two agree exactly
-except on rounding-boundary outputs (ties), where they differ by one code; the exact
-equality is recorded as a strict ``xfail``. Counts are printed (``pytest -s``).
+an independent NumPy int64 model of it. qjax's ``scheme="litert_ref"`` equals the
+reference kernel and ``scheme="litert"`` the optimized kernel (x86-64 only) exactly.
+Neither kernel is gemmlowp's double rounding (ties away from zero in
+``RoundingDivideByPOT``), which is qjax's ``"tflite"``: the two agree exactly except on
+rounding-boundary outputs (ties), where they differ by one code; so does
+``"tflite_single_rounding"`` (ties upward, one rounding). Mismatch counts are printed
+(``pytest -s``).
 """
 
 from __future__ import annotations
@@ -393,6 +396,8 @@ def _results(per_channel: bool):
         row["np_gemmlowp"] = _np_requant(_np_gemmlowp, c, acc)
         row["tflite"] = _qjax(c, "tflite")
         row["tflite_single_rounding"] = _qjax(c, "tflite_single_rounding")
+        row["litert_ref"] = _qjax(c, "litert_ref")
+        row["litert"] = _qjax(c, "litert")
         rows.append(row)
     return {
         key: np.concatenate([r[key].ravel() for r in rows]) for key in rows[0] if key != "tie"
@@ -442,17 +447,25 @@ def test_tflite_scheme_vs_litert(per_channel):
         bad = r["tflite"] != r[k]
         assert not np.any(bad & (r["np_gemmlowp"] == r["np_" + k]))
         assert np.all(np.abs(r["tflite"] - r[k]) <= 1)
+        assert np.all(np.abs(r["tflite_single_rounding"] - r[k]) <= 1)
+
+
+# qjax scheme that reproduces each LiteRT kernel
+LITERT_SCHEME = {"ref": "litert_ref", "opt": "litert"}
 
 
 @GRAN
 @pytest.mark.parametrize("kernel", list(KERNELS))
-@pytest.mark.xfail(
-    strict=True,
-    reason="LiteRT 2.3.0 x86 kernels do not round like gemmlowp: ref = single rounding "
-    "ties away from zero, optimized = double rounding ties upward (module docstring)",
-)
-def test_tflite_scheme_equals_litert_exactly(per_channel, kernel):
+def test_litert_scheme_equals_litert_exactly(per_channel, kernel):
     if kernel == "opt" and not X86:
         pytest.skip("optimized-kernel rounding pinned on x86-64 only")
     r = _results(per_channel)
-    np.testing.assert_array_equal(r["tflite"], r[kernel])
+    scheme = LITERT_SCHEME[kernel]
+    np.testing.assert_array_equal(r[scheme], r["np_" + kernel])
+    np.testing.assert_array_equal(r[scheme], r[kernel])
+    tie = r["tie"]
+    print(
+        f"\nqjax {scheme} == LiteRT {kernel} "
+        f"({'per-channel' if per_channel else 'per-tensor'}): all {r[kernel].size} outputs "
+        f"({int(tie.sum())} from tie-heavy qparams)"
+    )

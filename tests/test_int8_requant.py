@@ -299,6 +299,38 @@ def test_multiply_by_quantized_multiplier_matches_int64(single, rng):
         np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"m={m}")
 
 
+@pytest.mark.parametrize("kind", ["litert_ref", "litert"])
+def test_litert_multiply_matches_int64(kind, rng):
+    # exported by qjax.kernels once wired; the private module is the source of truth
+    from qjax.kernels import (
+        multiply_by_quantized_multiplier_litert,
+        multiply_by_quantized_multiplier_litert_ref,
+    )
+
+    x = _edge_int32(rng, 30_000)
+    x = np.clip(x, -(2**24), 2**24)
+    x = np.concatenate([x, _edge_int32(rng, 0), np.arange(-64, 65)])
+    ms = np.exp(rng.uniform(-20, 3, 40))
+    ms = np.concatenate([ms, [0.5, 0.25, 0.75, 1.0, 2.0, 2.0**-31, 1.999999]])
+    for m in ms:
+        if kind == "litert_ref":
+            qm, sh = np_quantize_multiplier(float(m), True)
+            t = 31 - sh
+            p = x * qm
+            want = np.sign(p) * ((np.abs(p) + (1 << (t - 1))) >> t)  # ties away from zero
+            fn = multiply_by_quantized_multiplier_litert_ref
+        else:
+            qm, sh = np_quantize_multiplier(float(m), False)
+            left, right = max(sh, 0), max(-sh, 0)
+            xl = ((x << left) + 2**31) % 2**32 - 2**31
+            tt = (xl * qm + (1 << 30)) >> 31  # ties upward, twice
+            want = (tt + ((1 << right) >> 1)) >> right
+            fn = multiply_by_quantized_multiplier_litert
+        keep = np.abs(want) <= I32_MAX
+        got = fn(jnp.asarray(x[keep], jnp.int32), jnp.int32(qm), jnp.int32(sh))
+        np.testing.assert_array_equal(np.asarray(got), want[keep], err_msg=f"m={m}")
+
+
 def test_tflite_requant_is_integer_only_on_the_accumulator():
     acc = jnp.zeros((7, 5), jnp.int32)
     args = (
@@ -366,7 +398,15 @@ def test_exact_scheme_rounds_ties_to_even():
 def test_every_float_scheme_is_within_one_code_of_exact(rng):
     acc, bias, sx, sw, so = _pool(rng, 20_000, per_channel=True)
     exact = _jax(requant_exact, acc, bias, sx, sw, so, 128, 0, 255)
-    for name in ("fbgemm", "qnnpack", "onednn", "tflite", "tflite_single_rounding"):
+    for name in (
+        "fbgemm",
+        "qnnpack",
+        "onednn",
+        "tflite",
+        "tflite_single_rounding",
+        "litert_ref",
+        "litert",
+    ):
         got = _jax(SCHEMES[name], acc, bias, sx, sw, so, 128, 0, 255)
         assert np.abs(got - exact).max() <= 1, name
 

@@ -1,7 +1,8 @@
 """Integer kernels: exact int32 accumulation and named requantization schemes.
 
 * :func:`requantize` and :data:`SCHEMES` (``"fbgemm"``, ``"qnnpack"``, ``"onednn"``,
-  ``"tflite"``, ``"tflite_single_rounding"``, ``"exact"``): int32 accumulator -> codes;
+  ``"tflite"``, ``"tflite_single_rounding"``, ``"litert_ref"``, ``"litert"``, ``"exact"``):
+  int32 accumulator -> codes;
 * :func:`prepare_linear` / :func:`quantized_linear`: int8 x int8 -> int32 linear layer;
 * :func:`prepare_conv` / :func:`quantized_conv`: int8 x int8 -> int32 1-D/2-D convolution;
 * :func:`quantized_add` (engines fbgemm/x86/onednn/qnnpack), :func:`quantized_mul`,
@@ -46,11 +47,19 @@ from ._requant import Scheme as Scheme
 from ._requant import activation_bounds as activation_bounds
 from ._requant import multiply_by_quantized_multiplier as multiply_by_quantized_multiplier
 from ._requant import (
+    multiply_by_quantized_multiplier_litert as multiply_by_quantized_multiplier_litert,
+)
+from ._requant import (
+    multiply_by_quantized_multiplier_litert_ref as multiply_by_quantized_multiplier_litert_ref,
+)
+from ._requant import (
     multiply_by_quantized_multiplier_single_rounding as multiply_by_quantized_multiplier_single_rounding,  # noqa: E501
 )
 from ._requant import quantize_multiplier as quantize_multiplier
 from ._requant import requant_exact as requant_exact
 from ._requant import requant_fbgemm as requant_fbgemm
+from ._requant import requant_litert as requant_litert
+from ._requant import requant_litert_ref as requant_litert_ref
 from ._requant import requant_onednn as requant_onednn
 from ._requant import requant_qnnpack as requant_qnnpack
 from ._requant import requant_tflite as requant_tflite
@@ -80,6 +89,8 @@ __all__ = [
     "hardtanh",
     "max_pool2d",
     "multiply_by_quantized_multiplier",
+    "multiply_by_quantized_multiplier_litert",
+    "multiply_by_quantized_multiplier_litert_ref",
     "multiply_by_quantized_multiplier_single_rounding",
     "prepare_conv",
     "prepare_linear",
@@ -95,6 +106,8 @@ __all__ = [
     "relu6",
     "requant_exact",
     "requant_fbgemm",
+    "requant_litert",
+    "requant_litert_ref",
     "requant_onednn",
     "requant_qnnpack",
     "requant_tflite",

@@ -199,7 +199,8 @@ def quantized_linear(
       bias: float32 ``(N,)`` or ``None``.
       out_qparams: per-tensor output qparams; their spec sets the output dtype.
       scheme: ``"fbgemm"`` (PyTorch x86/fbgemm), ``"qnnpack"``, ``"onednn"``,
-        ``"tflite"``, ``"tflite_single_rounding"`` or ``"exact"``.
+        ``"tflite"``, ``"tflite_single_rounding"``, ``"litert_ref"``, ``"litert"`` or
+        ``"exact"``.
       activation: ``None``, ``"relu"``, ``"relu6"`` or ``"hardtanh"``.
       bounds: ``(min, max)`` for ``"hardtanh"``.
       accumulate: ``"exact"`` or ``"fbgemm_sat16"`` (uint8 activations only).

@@ -27,7 +27,16 @@ scheme                         output code
                                float64; ``clamp(MultiplyByQuantizedMultiplier(acc + b_q,
                                qm, shift) + zp_out)``, integer-only
 ``"tflite_single_rounding"``   the same with TFLite's single-rounding
-                               ``(x·qm + 2^(30-shift)) >> (31-shift)``
+                               ``(x·qm + 2^(30-shift)) >> (31-shift)``; both
+                               ``"tflite"`` schemes are gemmlowp's/TFLite's source
+                               formulas, which LiteRT's binaries do not run on ties
+``"litert_ref"``               LiteRT's reference kernels (``BUILTIN_REF``): the same
+                               ``b_q`` and ``(qm, shift)``, one rounding, ties away from
+                               zero: ``round_half_away((acc + b_q)·qm·2^(shift-31))``
+``"litert"``                   LiteRT's optimized x86 kernels (ruy): two roundings, ties
+                               upward: ``t = ((x << left)·qm + 2^30) >> 31``,
+                               ``(t + 2^(right-1)) >> right`` (``x = acc + b_q``,
+                               ``left = max(shift, 0)``, ``right = max(-shift, 0)``)
 ``"exact"``                    ``clamp(rint((s_x·s_w·acc + b)/s_out) + zp_out)`` with
                                every value an exact rational (host callback; tests only)
 =============================  ==========================================================
@@ -56,9 +65,12 @@ written above whether the scales are arguments or compile-time constants (tested
 ways). Assumed: scales and products of scales are normal float32 numbers above
 ``2^-100`` (no flush-to-zero territory).
 
-The ``"tflite"`` schemes compute the multiplier in float64 (``jax.enable_x64`` locally,
-works under ``jit``) and everything after it in 32-bit integer operations (the 64-bit
-products are built from 16-bit limbs), so the codes are identical on every device.
+The ``"tflite"`` and ``"litert"`` schemes compute the multiplier in float64
+(``jax.enable_x64`` locally, works under ``jit``) and everything after it in 32-bit
+integer operations (the 64-bit products are built from 16-bit limbs), so the codes are
+identical on every device. The two ``"litert"`` schemes were established bit for bit
+against ``ai-edge-litert`` 2.3.0 on x86-64 (int8 FULLY_CONNECTED,
+``tests/test_int8_litert.py``); multipliers ``M >= 2^30`` were not exercised there.
 """
 
 from __future__ import annotations
@@ -85,10 +97,14 @@ __all__ = [
     "Scheme",
     "activation_bounds",
     "multiply_by_quantized_multiplier",
+    "multiply_by_quantized_multiplier_litert",
+    "multiply_by_quantized_multiplier_litert_ref",
     "multiply_by_quantized_multiplier_single_rounding",
     "quantize_multiplier",
     "requant_exact",
     "requant_fbgemm",
+    "requant_litert",
+    "requant_litert_ref",
     "requant_onednn",
     "requant_qnnpack",
     "requant_tflite",
@@ -98,7 +114,16 @@ __all__ = [
     "saturating_rounding_doubling_high_mul",
 ]
 
-Scheme = Literal["fbgemm", "qnnpack", "onednn", "tflite", "tflite_single_rounding", "exact"]
+Scheme = Literal[
+    "fbgemm",
+    "qnnpack",
+    "onednn",
+    "tflite",
+    "tflite_single_rounding",
+    "litert_ref",
+    "litert",
+    "exact",
+]
 Activation = Literal["relu"] | None
 
 _I32_MIN = -(2**31)
@@ -394,6 +419,27 @@ def multiply_by_quantized_multiplier_single_rounding(x, quantized_multiplier, sh
     ...     jnp.array([6, -6, 5], jnp.int32), qm, sh)
     Array([ 2, -1,  1], dtype=int32)
     """
+    return _single_rounding(x, quantized_multiplier, shift, ties_away=False)
+
+
+def multiply_by_quantized_multiplier_litert_ref(x, quantized_multiplier, shift):
+    """LiteRT reference kernels' requantizing multiply: one rounding, ties away from zero.
+
+    ``T = 31 - shift`` (``shift`` in [-31, 30]);
+    ``round_half_away(x·qm / 2^T) = (x·qm + 2^(T-1) - [x·qm < 0]) >> T`` with the
+    product in 64 bits (16-bit limbs) and an arithmetic shift. int32 in and out; use
+    with ``quantize_multiplier(..., single_rounding=True)``.
+
+    >>> qm, sh = quantize_multiplier(0.25, single_rounding=True)
+    >>> multiply_by_quantized_multiplier_litert_ref(
+    ...     jnp.array([6, -6, 5, -5], jnp.int32), qm, sh)
+    Array([ 2, -2,  1, -1], dtype=int32)
+    """
+    return _single_rounding(x, quantized_multiplier, shift, ties_away=True)
+
+
+def _single_rounding(x, quantized_multiplier, shift, *, ties_away: bool):
+    """``(x·qm + 2^(T-1) - [ties_away and x·qm < 0]) >> T``, ``T = 31 - shift``."""
     t = _i32(31) - _i32(shift)
     hi, lo = _mul_wide_s32(x, quantized_multiplier)
     r = t - 1  # rounding bit position, 0..61
@@ -401,8 +447,43 @@ def multiply_by_quantized_multiplier_single_rounding(x, quantized_multiplier, sh
     rb = jnp.clip(r - 32, 0, 31).astype(jnp.uint32)
     r_lo = jnp.where(r < 32, _u32(1) << rc, _u32(0))
     r_hi = jnp.where(r < 32, _u32(0), _u32(1) << rb)
+    if ties_away:
+        # nudge 2^(T-1) - 1 for a negative product (a 64-bit subtraction of one)
+        neg = (lax.bitcast_convert_type(hi, jnp.int32) < 0).astype(jnp.uint32)
+        r_hi = r_hi - (neg & (r_lo == 0).astype(jnp.uint32))
+        r_lo = r_lo - neg
     hi, lo = _add_wide(hi, lo, r_hi, r_lo)
     return _sar_wide_to_i32(hi, lo, t)
+
+
+def multiply_by_quantized_multiplier_litert(x, quantized_multiplier, shift):
+    """LiteRT's optimized x86 kernels (ruy): two roundings, both ties upward.
+
+    ``left = max(shift, 0)``, ``right = max(-shift, 0)``;
+    ``t = ((x·2^left)·qm + 2^30) >> 31`` (``x·2^left`` wraps in int32; the 64-bit
+    product from 16-bit limbs), then ``(t + 2^(right-1)) >> right`` formed without
+    int32 overflow (as ruy's overflow fix-up gives). int32 in and out; use with
+    :func:`quantize_multiplier`.
+
+    Ties: ``-6·0.25 = -1.5 -> -1`` (upward); two roundings: ``5·0.25 = 1.25 -> 2``.
+
+    >>> qm, sh = quantize_multiplier(0.25)
+    >>> multiply_by_quantized_multiplier_litert(jnp.array([6, -6, 5], jnp.int32), qm, sh)
+    Array([ 2, -1,  2], dtype=int32)
+    """
+    shift = _i32(shift)
+    left = jnp.maximum(shift, 0)
+    right = jnp.maximum(-shift, 0)
+    x_up = _i32(x) * (_i32(1) << left)
+    # qm >= 0, so the product's high word rounded half up cannot overflow: ties upward
+    # is the shared single rounding with T = 31.
+    t = _single_rounding(x_up, quantized_multiplier, 0, ties_away=False)
+    # (t + 2^(right-1)) >> right == (t >> right) + [t mod 2^right >= 2^(right-1)]
+    e = right.astype(jnp.uint32)
+    mask = (_u32(1) << e) - _u32(1)
+    rem = lax.bitcast_convert_type(t, jnp.uint32) & mask
+    half = (_u32(1) << e) >> 1
+    return (t >> right) + ((right > 0) & (rem >= half)).astype(jnp.int32)
 
 
 def _tflite_bias(bias, scale_x, scale_w):
@@ -453,16 +534,60 @@ def requant_tflite_single_rounding(acc, bias, scale_x, scale_w, scale_out, zero_
     return _tflite(acc, bias, scale_x, scale_w, scale_out, zero_point_out, lo, hi, True)
 
 
+def requant_litert_ref(acc, bias, scale_x, scale_w, scale_out, zero_point_out, lo, hi):
+    """LiteRT's reference kernels (``BUILTIN_REF``): one rounding, ties away from zero.
+
+    ``b_q`` and ``(qm, shift)`` as :func:`requant_tflite` (the multiplier saturated at
+    ``shift = 30`` as ``quantize_multiplier(..., single_rounding=True)``);
+    ``out = clamp(round_half_away((acc + b_q)·qm·2^(shift-31)) + zp_out, lo, hi)``,
+    integer-only (:func:`multiply_by_quantized_multiplier_litert_ref`). Bit-exact with
+    ``ai-edge-litert`` 2.3.0's int8 FULLY_CONNECTED reference kernel.
+
+    Args and result as :func:`requant_fbgemm`.
+
+    >>> acc = jnp.array([-300, 0, 7, 10_000], jnp.int32)
+    >>> requant_litert_ref(acc, None, jnp.float32(0.02), jnp.float32(0.01),
+    ...                    jnp.float32(0.05), 128, 0, 255)
+    Array([127, 128, 128, 168], dtype=int32)
+    """
+    return _tflite(acc, bias, scale_x, scale_w, scale_out, zero_point_out, lo, hi, "litert_ref")
+
+
+def requant_litert(acc, bias, scale_x, scale_w, scale_out, zero_point_out, lo, hi):
+    """LiteRT's optimized x86 kernels (ruy): two roundings, both ties upward.
+
+    ``b_q`` and ``(qm, shift)`` as :func:`requant_tflite`; with ``x = acc + b_q``,
+    ``left = max(shift, 0)``, ``right = max(-shift, 0)``:
+    ``t = ((x·2^left)·qm + 2^30) >> 31``, ``out = clamp(((t + 2^(right-1)) >> right) +
+    zp_out, lo, hi)``, integer-only (:func:`multiply_by_quantized_multiplier_litert`).
+    Bit-exact with ``ai-edge-litert`` 2.3.0's int8 FULLY_CONNECTED optimized kernel on
+    x86-64 (other architectures run other code).
+
+    Args and result as :func:`requant_fbgemm`.
+
+    >>> acc = jnp.array([-300, 0, 7, 10_000], jnp.int32)
+    >>> requant_litert(acc, None, jnp.float32(0.02), jnp.float32(0.01),
+    ...                jnp.float32(0.05), 128, 0, 255)
+    Array([127, 128, 128, 168], dtype=int32)
+    """
+    return _tflite(acc, bias, scale_x, scale_w, scale_out, zero_point_out, lo, hi, "litert")
+
+
+# kind -> (multiply, quantize_multiplier's single_rounding)
+_FIXED_POINT = {
+    False: (multiply_by_quantized_multiplier, False),
+    True: (multiply_by_quantized_multiplier_single_rounding, True),
+    "litert_ref": (multiply_by_quantized_multiplier_litert_ref, True),
+    "litert": (multiply_by_quantized_multiplier_litert, False),
+}
+
+
 def _tflite(acc, bias, scale_x, scale_w, scale_out, zero_point_out, lo, hi, single):
     a = _i32(acc)
     if bias is not None:
         a = a + _tflite_bias(bias, scale_x, scale_w)
-    qm, shift = _tflite_multiplier(scale_x, scale_w, scale_out, single)
-    mbqm = (
-        multiply_by_quantized_multiplier_single_rounding
-        if single
-        else (multiply_by_quantized_multiplier)
-    )
+    mbqm, single_rounding = _FIXED_POINT[single]
+    qm, shift = _tflite_multiplier(scale_x, scale_w, scale_out, single_rounding)
     # The TFLite kernels clamp the int32 sum in 32 bits; saturate the zero-point add
     # so a huge value cannot wrap past the clamp.
     y = mbqm(a, qm, shift)
@@ -548,6 +673,8 @@ SCHEMES: Mapping[str, RequantFn] = MappingProxyType(
         "onednn": requant_onednn,
         "tflite": requant_tflite,
         "tflite_single_rounding": requant_tflite_single_rounding,
+        "litert_ref": requant_litert_ref,
+        "litert": requant_litert,
         "exact": requant_exact,
     }
 )
