@@ -301,7 +301,6 @@ def test_multiply_by_quantized_multiplier_matches_int64(single, rng):
 
 @pytest.mark.parametrize("kind", ["litert_ref", "litert"])
 def test_litert_multiply_matches_int64(kind, rng):
-    # exported by qjax.kernels once wired; the private module is the source of truth
     from qjax.kernels import (
         multiply_by_quantized_multiplier_litert,
         multiply_by_quantized_multiplier_litert_ref,
