@@ -33,6 +33,7 @@ from ._elementwise import quantized_mul_scalar as quantized_mul_scalar
 from ._elementwise import relu as relu
 from ._elementwise import relu6 as relu6
 from ._elementwise import reshape as reshape
+from ._fixed_point import multiply_by_quantized_multiplier as multiply_by_quantized_multiplier
 from ._linear import Accumulate as Accumulate
 from ._linear import PreparedLinear as PreparedLinear
 from ._linear import prepare_linear as prepare_linear
@@ -45,7 +46,6 @@ from ._requant import SCHEMES as SCHEMES
 from ._requant import Activation as Activation
 from ._requant import Scheme as Scheme
 from ._requant import activation_bounds as activation_bounds
-from ._requant import multiply_by_quantized_multiplier as multiply_by_quantized_multiplier
 from ._requant import (
     multiply_by_quantized_multiplier_litert as multiply_by_quantized_multiplier_litert,
 )
