@@ -59,13 +59,12 @@ from jax import lax
 
 from .._qarray import QArray
 from .._spec import QParams
-from ._linear import Accumulate, check_accumulator
+from ._linear import Accumulate, check_accumulator, check_operands
 from ._requant import Scheme, clamp_activation, requantize
 
 __all__ = ["ConvActivation", "PreparedConv", "prepare_conv", "quantized_conv"]
 
 ConvActivation = Literal["relu", "relu6", "hardtanh"] | None
-_ACCUMULATES = ("exact", "fbgemm_sat16")
 _I32_MAX = 2**31 - 1
 _WEIGHT_LAYOUTS = {"OIHW": (2, True), "HWIO": (2, False), "OIW": (1, True), "WIO": (1, False)}
 _X_LAYOUTS = {"NCHW": (2, True), "NHWC": (2, False), "NCW": (1, True), "NWC": (1, False)}
@@ -347,39 +346,7 @@ def quantized_conv(
             f"layer {layer!r}: a {len(pw.kernel_size)}-D kernel for a {nsp}-D input "
             f"of shape {x.shape}"
         )
-    if not isinstance(out_qparams, QParams):
-        raise TypeError(
-            f"layer {layer!r}: out_qparams must be a QParams, got {type(out_qparams).__name__}"
-        )
-    if accumulate not in _ACCUMULATES:
-        raise ValueError(
-            f"layer {layer!r}: accumulate must be one of {_ACCUMULATES}, got {accumulate!r}"
-        )
-    if activation not in (None, "relu", "relu6", "hardtanh"):
-        raise ValueError(
-            f"layer {layer!r}: unsupported fused activation {activation!r}; supported: "
-            "None, 'relu', 'relu6', 'hardtanh'"
-        )
-    xs = x.spec
-    if xs.dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
-        raise TypeError(f"layer {layer!r}: activations must be int8 or uint8 codes, got {xs.dtype}")
-    if xs.granularity != "tensor":
-        raise ValueError(
-            f"layer {layer!r}: activation qparams must be per-tensor, got axis={xs.axis}, "
-            f"group_size={xs.group_size}"
-        )
-    if xs.qmax - xs.qmin > pw.max_abs_x:
-        raise ValueError(
-            f"layer {layer!r}: activations span {xs.qmax - xs.qmin} codes but the layer was "
-            f"checked for overflow with max_abs_x={pw.max_abs_x}; prepare it with a larger "
-            "max_abs_x"
-        )
-    unsigned = not xs.signed
-    if accumulate == "fbgemm_sat16" and not unsigned:
-        raise ValueError(
-            f"layer {layer!r}: accumulate='fbgemm_sat16' models FBGEMM's uint8 x int8 "
-            f"kernel; got {xs.dtype} activations"
-        )
+    unsigned = check_operands(x, out_qparams, pw.max_abs_x, accumulate, activation, layer)
     c_axis = 1 if channels_first else x.ndim - 1
     sp_axes = tuple(range(2, x.ndim)) if channels_first else tuple(range(1, x.ndim - 1))
     c_in = x.shape[c_axis]

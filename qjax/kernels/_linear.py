@@ -220,49 +220,17 @@ def quantized_linear(
     Array([[ 93, 122]], dtype=uint8)
     """
     layer = name if name is not None else getattr(w, "name", "linear")
-    if activation not in (None, "relu", "relu6", "hardtanh"):
-        raise ValueError(
-            f"layer {layer!r}: unsupported fused activation {activation!r}; supported: "
-            "None, 'relu', 'relu6', 'hardtanh'"
-        )
     pw = prepare_linear(w, name=layer)
     if name is not None and name != pw.name:
         pw = dataclasses.replace(pw, name=name)
     if not isinstance(x, QArray):
         raise TypeError(f"layer {layer!r}: x must be a QArray, got {type(x).__name__}")
-    if not isinstance(out_qparams, QParams):
-        raise TypeError(
-            f"layer {layer!r}: out_qparams must be a QParams, got {type(out_qparams).__name__}"
-        )
-    if accumulate not in _ACCUMULATES:
-        raise ValueError(
-            f"layer {layer!r}: accumulate must be one of {_ACCUMULATES}, got {accumulate!r}"
-        )
-    xs = x.spec
-    if xs.dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
-        raise TypeError(f"layer {layer!r}: activations must be int8 or uint8 codes, got {xs.dtype}")
-    if xs.granularity != "tensor":
-        raise ValueError(
-            f"layer {layer!r}: activation qparams must be per-tensor, got axis={xs.axis}, "
-            f"group_size={xs.group_size}"
-        )
+    unsigned = check_operands(x, out_qparams, pw.max_abs_x, accumulate, activation, layer)
     k, n = pw.in_features, pw.out_features
     if x.ndim < 1 or x.shape[-1] != k:
         raise ValueError(
             f"layer {layer!r}: x of shape {x.shape} does not fit a ({k}, {n}) weight "
             f"(last dimension must be {k})"
-        )
-    if xs.qmax - xs.qmin > pw.max_abs_x:
-        raise ValueError(
-            f"layer {layer!r}: activations span {xs.qmax - xs.qmin} codes but the layer was "
-            f"checked for overflow with max_abs_x={pw.max_abs_x}; prepare it with a larger "
-            "max_abs_x"
-        )
-    unsigned = not xs.signed
-    if accumulate == "fbgemm_sat16" and not unsigned:
-        raise ValueError(
-            f"layer {layer!r}: accumulate='fbgemm_sat16' models FBGEMM's uint8 x int8 "
-            f"kernel; got {xs.dtype} activations"
         )
     wq = pw.weight
     zx = jnp.asarray(x.zero_point).astype(jnp.int32).reshape(())
@@ -371,3 +339,51 @@ def check_accumulator(w: QArray, k: int, max_abs_x: int, name: str, *, what: str
             f" = {worst} > 2^31 - 1; {hint}"
         )
     return zp_zero
+
+
+def check_operands(x, out_qparams, max_abs_x: int, accumulate, activation, layer: str) -> bool:
+    """Validate what linear and conv layers share; return whether ``x`` is unsigned.
+
+    Checks: ``out_qparams`` is a :class:`~qjax.QParams`; ``accumulate`` and the fused
+    ``activation`` are known; ``x`` holds int8/uint8 codes with per-tensor qparams whose
+    code span fits the ``max_abs_x`` the layer's overflow check assumed; and
+    ``"fbgemm_sat16"`` only with uint8 activations. Errors name the layer.
+
+    >>> from qjax import QuantSpec, QParams
+    >>> x = QArray(jnp.zeros((1, 2), jnp.uint8), QParams(0.1, 0, QuantSpec(signed=False)))
+    >>> check_operands(x, x.qparams, 255, "exact", "relu", "fc")
+    True
+    """
+    if not isinstance(out_qparams, QParams):
+        raise TypeError(
+            f"layer {layer!r}: out_qparams must be a QParams, got {type(out_qparams).__name__}"
+        )
+    if accumulate not in _ACCUMULATES:
+        raise ValueError(
+            f"layer {layer!r}: accumulate must be one of {_ACCUMULATES}, got {accumulate!r}"
+        )
+    if activation not in (None, "relu", "relu6", "hardtanh"):
+        raise ValueError(
+            f"layer {layer!r}: unsupported fused activation {activation!r}; supported: "
+            "None, 'relu', 'relu6', 'hardtanh'"
+        )
+    xs = x.spec
+    if xs.dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
+        raise TypeError(f"layer {layer!r}: activations must be int8 or uint8 codes, got {xs.dtype}")
+    if xs.granularity != "tensor":
+        raise ValueError(
+            f"layer {layer!r}: activation qparams must be per-tensor, got axis={xs.axis}, "
+            f"group_size={xs.group_size}"
+        )
+    if xs.qmax - xs.qmin > max_abs_x:
+        raise ValueError(
+            f"layer {layer!r}: activations span {xs.qmax - xs.qmin} codes but the layer was "
+            f"checked for overflow with max_abs_x={max_abs_x}; prepare it with a larger "
+            "max_abs_x"
+        )
+    if accumulate == "fbgemm_sat16" and xs.signed:
+        raise ValueError(
+            f"layer {layer!r}: accumulate='fbgemm_sat16' models FBGEMM's uint8 x int8 "
+            f"kernel; got {xs.dtype} activations"
+        )
+    return not xs.signed
