@@ -1,0 +1,187 @@
+"""``Program``: an imported int8 model as a list of named steps, jitted once per input shape.
+
+A converter (torch eager/FX, torchao pt2e, ...) turns a foreign graph into a
+:class:`Program`: an ordered list of :class:`Step` over an environment of named values.
+The environment starts with the program's inputs (float arrays, under the names in
+``inputs``); each step reads the values named in ``Step.inputs``, calls
+``Step.fn(params, *values)`` with its own prepared ``params`` (a pytree: weights, sums,
+bias), and stores the result under ``Step.name``. The program returns the value(s) named
+by ``output`` (a name, or a tuple/list/dict of names).
+
+Every step whose result is a :class:`~qjax.QArray` and whose ``traced`` flag is set is an
+*activation*: :meth:`Program.trace` returns ``{step name: QArray}`` for all of them, in
+step (graph) order, passed through ``Step.export`` first when a step stores its value in
+an internal layout (e.g. NHWC codes for a torch NCHW tensor: ``export`` transposes back).
+
+Both ``__call__`` and ``trace`` are ``jax.jit`` functions of ``(params, inputs)``: the
+weights are arguments, not constants folded into the program, and XLA compiles once per
+input shape and dtype (``Program.compile_count`` counts the traces, for tests).
+
+Inputs may be numpy arrays, jax arrays, Python scalars or torch tensors (float): torch
+tensors are detached and copied through numpy (torch is never imported here).
+
+``Program.layers`` describes each step for reports: a :class:`Layer` with the op kind,
+the source target (e.g. ``"torch.ao.nn.quantized.Linear"``), the scheme the kernel ran
+with, and the weight and output qparams (``None`` where a step has none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from qjax import QArray, QParams
+
+__all__ = ["Layer", "Program", "Step"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """What one step is, for reports and error messages (no arrays are needed to run it).
+
+    Fields: ``op`` (kind: ``"linear"``, ``"conv2d"``, ``"add"``, ``"quantize"``, ...),
+    ``target`` (the source op or module type, a string), ``scheme`` (requant / add / pool
+    scheme used, ``None`` for ops without arithmetic), ``weight`` and ``out``
+    (:class:`~qjax.QParams` or ``None``), ``extra`` (op options: stride, accumulate, ...).
+    """
+
+    op: str
+    target: str
+    scheme: str | None = None
+    weight: QParams | None = None
+    out: QParams | None = None
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One named step: ``env[name] = fn(params, *[env[i] for i in inputs])``.
+
+    ``fn`` must be traceable by ``jax.jit`` (static options closed over, arrays in
+    ``params``). ``traced``: the result is a quantized activation reported by
+    :meth:`Program.trace`. ``export``: maps the stored value to the one users see
+    (e.g. NHWC -> NCHW codes); ``None`` means unchanged.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    inputs: tuple[str, ...] = ()
+    params: Any = None
+    traced: bool = True
+    export: Callable[[Any], Any] | None = None
+    layer: Layer | None = None
+
+
+def _to_array(v, what: str):
+    if isinstance(v, (jax.Array, np.ndarray, np.generic, int, float)):
+        return v
+    # torch tensors (or anything with the same protocol) without importing torch
+    if hasattr(v, "detach") and hasattr(v, "numpy"):
+        t = v.detach()
+        if getattr(t, "is_quantized", False):
+            raise TypeError(f"{what}: quantized torch tensors are not program inputs; pass floats")
+        return np.asarray(t.cpu().numpy())
+    raise TypeError(f"{what}: expected an array or a torch tensor, got {type(v).__name__}")
+
+
+class Program:
+    """An imported int8 model: ``program(*inputs)`` runs it, ``program.trace(*inputs)``
+    returns every quantized activation (module docstring).
+
+    Args:
+      steps: the steps in execution order (unique names, not clashing with ``inputs``).
+      inputs: names of the input values, in call order.
+      output: name(s) of the returned value(s): a string, or a tuple / list / dict of them.
+
+    >>> import jax.numpy as jnp
+    >>> from qjax import QuantSpec
+    >>> from qjax.kernels import quantize_input, relu, dequantize_output
+    >>> qp = QParams(0.5, 128, QuantSpec(signed=False))
+    >>> p = Program(
+    ...     [Step("q", lambda _, x: quantize_input(x, qp), ("x",)),
+    ...      Step("relu", lambda _, q: relu(q), ("q",)),
+    ...      Step("out", lambda _, q: dequantize_output(q), ("relu",), traced=False)],
+    ...     inputs=("x",), output="out")
+    >>> p(jnp.array([-1.0, 0.26, 1.0]))
+    Array([0. , 0.5, 1. ], dtype=float32)
+    >>> {k: v.values.tolist() for k, v in p.trace(jnp.array([-1.0, 2.0])).items()}
+    {'q': [126, 132], 'relu': [128, 132]}
+    """
+
+    def __init__(self, steps: Sequence[Step], inputs: Sequence[str], output: Any):
+        steps = tuple(steps)
+        inputs = tuple(inputs)
+        known = set(inputs)
+        if len(known) != len(inputs):
+            raise ValueError(f"Program: duplicate input names {inputs}")
+        for s in steps:
+            if not isinstance(s, Step):
+                raise TypeError(f"Program: steps must be Step, got {type(s).__name__}")
+            missing = [i for i in s.inputs if i not in known]
+            if missing:
+                raise ValueError(
+                    f"Program: step {s.name!r} reads {missing}, which no earlier step or "
+                    "input defines"
+                )
+            if s.name in known:
+                raise ValueError(f"Program: value name {s.name!r} defined twice")
+            known.add(s.name)
+        for name in jax.tree_util.tree_leaves(output):
+            if name not in known:
+                raise ValueError(f"Program: output {name!r} is not a step or input name")
+        self.steps = steps
+        self.inputs = inputs
+        self.output = output
+        self.params = {s.name: s.params for s in steps}
+        self.compile_count = 0
+        self._run = jax.jit(self._make(trace=False))
+        self._trace = jax.jit(self._make(trace=True))
+
+    @property
+    def layers(self) -> dict[str, Layer]:
+        """``{step name: Layer}`` for every step that has one, in step order."""
+        return {s.name: s.layer for s in self.steps if s.layer is not None}
+
+    def _make(self, trace: bool):
+        def run(params, args):
+            self.compile_count += 1  # runs only while jax traces: once per shape
+            env = dict(zip(self.inputs, args, strict=True))
+            for s in self.steps:
+                try:
+                    env[s.name] = s.fn(params[s.name], *(env[i] for i in s.inputs))
+                except (TypeError, ValueError, NotImplementedError) as e:
+                    target = s.layer.target if s.layer is not None else "?"
+                    raise type(e)(f"step {s.name!r} ({target}): {e}") from e
+            if not trace:
+                return jax.tree_util.tree_map(lambda n: env[n], self.output)
+            out = {}
+            for s in self.steps:
+                v = env[s.name]
+                if s.traced and isinstance(v, QArray):
+                    out[s.name] = s.export(v) if s.export is not None else v
+            return out
+
+        return run
+
+    def _args(self, inputs):
+        if len(inputs) != len(self.inputs):
+            raise TypeError(
+                f"Program takes {len(self.inputs)} input(s) {self.inputs}, got {len(inputs)}"
+            )
+        return tuple(_to_array(v, f"input {n!r}") for n, v in zip(self.inputs, inputs, strict=True))
+
+    def __call__(self, *inputs):
+        """Run the program: the value(s) named by ``output`` (float when it dequantizes)."""
+        return self._run(self.params, self._args(inputs))
+
+    def trace(self, *inputs) -> dict[str, QArray]:
+        """``{layer name: QArray}`` for every quantized activation, in graph order."""
+        return self._trace(self.params, self._args(inputs))
+
+    def __repr__(self) -> str:
+        ops = ", ".join(f"{s.name}:{s.layer.op if s.layer else '?'}" for s in self.steps)
+        return f"Program(inputs={self.inputs}, steps=[{ops}])"
