@@ -8,6 +8,7 @@ engine's integer kernels and named requantization schemes).
 
 from . import kernels as kernels
 from . import observers as observers
+from . import parity as parity
 from ._primitives import dequantize as dequantize
 from ._primitives import fake_quant as fake_quant
 from ._primitives import quantize as quantize
@@ -29,6 +30,7 @@ __all__ = [
     "fake_quant",
     "kernels",
     "observers",
+    "parity",
     "qparams_from_minmax",
     "quantize",
     "round_half_away",

@@ -1,0 +1,90 @@
+"""Evidence for the rulebook, gathered from an imported program and its trace.
+
+A :class:`~qjax._rules.LayerEvidence` needs, per layer: its op kind, the int8 weight, whether
+it has a bias, its quantized (or float) input and its output qparams. All of them come
+from the program's steps (``Step.inputs``, ``Step.params``, ``Step.layer``) and the trace.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from ._qarray import QArray
+from ._rules import LayerEvidence
+
+
+def codes_of(v: Any, what: str) -> np.ndarray:
+    """Integer codes of a QArray, a torch quantized tensor or an integer array."""
+    if isinstance(v, QArray):
+        return np.asarray(v.values)
+    if hasattr(v, "int_repr"):  # a torch quantized tensor
+        return v.int_repr().numpy()
+    a = np.asarray(v)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{what}: expected integer codes or a QArray, got dtype {a.dtype}")
+    return a
+
+
+def weight_and_bias(params: Any) -> tuple[QArray | None, bool]:
+    """The int8 weight (first signed QArray) and whether a nonzero bias is among params."""
+    weight, has_bias = None, False
+    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))
+    for path, leaf in leaves[0]:
+        if isinstance(leaf, QArray):
+            if weight is None and leaf.spec.signed and leaf.ndim >= 2:
+                weight = leaf
+        elif "bias" in jax.tree_util.keystr(path).lower() and leaf is not None:
+            has_bias = has_bias or bool(np.any(np.asarray(leaf) != 0))
+    return weight, has_bias
+
+
+def evidence(program, name: str, codes, ref_codes, trace, floats, engine, reference_kind):
+    """:class:`LayerEvidence` for step ``name``: its op, weight, bias and first input.
+
+    The input is the traced activation the step reads (or, for a quantize step, the
+    program's float input); ``program`` may be ``None`` (codes only).
+    """
+    step = next((s for s in getattr(program, "steps", ()) if s.name == name), None)
+    layer = step.layer if step is not None else None
+    weight, has_bias = weight_and_bias(step.params) if step is not None else (None, False)
+    input_codes = input_qp = float_input = None
+    if step is not None and step.inputs:
+        src = step.inputs[0]
+        if src in trace:
+            input_codes, input_qp = np.asarray(trace[src].values), trace[src].qparams
+        elif src in floats:
+            float_input = floats[src]
+    return LayerEvidence(
+        name=name,
+        kind=layer.op if layer is not None else "other",
+        engine=engine,
+        codes=codes,
+        ref_codes=ref_codes,
+        out_qparams=trace[name].qparams if name in trace else None,
+        weight=weight,
+        has_bias=has_bias,
+        input_codes=input_codes,
+        input_qparams=input_qp,
+        float_input=float_input,
+        reference_kind=reference_kind,
+    )
+
+
+def engine_of(program, engine):
+    """``engine`` if given, else the program's ``engine`` attribute (or ``None``)."""
+    if engine is not None:
+        return engine
+    return getattr(program, "engine", None)
+
+
+def float_inputs(program, inputs) -> dict[str, np.ndarray]:
+    """``{program input name: numpy array}`` (torch tensors copied through numpy)."""
+    out = {}
+    for n, v in zip(getattr(program, "inputs", ()), inputs, strict=False):
+        if hasattr(v, "detach"):
+            v = v.detach().cpu().numpy()
+        out[n] = np.asarray(v)
+    return out

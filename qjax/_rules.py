@@ -1,0 +1,451 @@
+"""The parity rulebook: why a quantized layer's integers differ from a reference.
+
+Each rule is a small predicate over one layer's :class:`LayerEvidence` that returns a
+:class:`Cause` (or ``None``). Rule numbers are those of NUMERICS.md (what PyTorch 2.13
+computes). A predicate answers in one of three strengths:
+
+* ``"confirmed"``: the mismatches have exactly the signature the rule predicts (e.g.
+  every mismatch sits on an exact rounding tie);
+* ``"likely"``: the layer has the property the rule needs and the mismatches fit it;
+* ``"risk"``: no reference to compare with (``qjax inspect``), but the layer has the
+  property, so some platform or conversion path will see the difference.
+
+=====================  =====  ========================================================
+predicate              rule   signature
+=====================  =====  ========================================================
+weight_at_clamp_bound  9, 6   symmetric int8 weight whose largest positive code is 127
+                              with no -128 in the channel: convert's ``amax/127.5``
+                              scale put it at 127.5 and clamped it; QAT (fused
+                              fake-quant) trained it exact
+int16_saturation       14     uint8 activation codes > 127 into an FBGEMM linear/conv:
+                              without AVX512-VNNI, adjacent products are summed in int16
+                              and saturate
+zero_point_tie         1, 4   quantize with an odd zero point: at exact ties ``x/s = k+½``
+                              ``rint(x/s + zp)`` and ``rint(x/s) + zp`` differ by 1
+reduce_range_clamp     18     reference clamped at 127 (QAT ``reduce_range`` /
+                              ``quant_max=127``) where the converted op clamps at 255
+onednn_epilogue        13     oneDNN conv (x86 engine on VNNI CPUs, onednn engine):
+                              1-2 outputs per million differ by 1 LSB (kernel f32 order)
+bias_rounding          11,12  ±1 LSB where one side rounds the bias to int32 (QNNPACK,
+                              hand simulations) and the other keeps it float (FBGEMM)
+=====================  =====  ========================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+
+from ._qarray import QArray
+from ._spec import QParams
+
+__all__ = ["RULES", "Cause", "LayerEvidence", "diagnose"]
+
+Strength = Literal["confirmed", "likely", "risk"]
+ReferenceKind = Literal["torch", "fake_quant", "hand", "none"]
+
+# Engines whose int8 linear runs on FBGEMM's uint8 x int8 kernel (rule 11, 14).
+_FBGEMM_LINEAR = ("fbgemm", "x86", "fbgemm_avx2")
+_FBGEMM_CONV = ("fbgemm", "fbgemm_avx2", "x86")  # x86 conv: FBGEMM on CPUs without VNNI
+_ONEDNN_RATE = 1e-4  # rule 13 measures 1-2 per million; allow two orders of slack
+_I16_MAX = 2**15 - 1
+_MAX_ROWS = 4096  # rows of input used to count saturating pairs (bounded memory)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cause:
+    """A likely reason for a layer's mismatches (or a risk of them).
+
+    Fields: ``rule`` (NUMERICS.md rule numbers, e.g. ``"9"``), ``name`` (the predicate),
+    ``strength`` (``"confirmed"``, ``"likely"`` or ``"risk"``), ``message`` (what was
+    seen, with numbers) and ``fix`` (what makes the two sides agree).
+    """
+
+    rule: str
+    name: str
+    strength: Strength
+    message: str
+    fix: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerEvidence:
+    """Everything the rulebook may look at for one layer (all fields but ``name`` optional).
+
+    ``codes`` are qjax's output codes, ``ref_codes`` the reference's (``None`` for
+    ``inspect``), both numpy integer arrays of one shape. ``weight`` is the int8 weight
+    (:class:`~qjax.QArray`, output channels on the last axis, as the kernels store it),
+    ``input_codes``/``input_qparams`` the layer's quantized input, ``float_input`` its
+    float input (quantize layers). ``kind`` is the op (``"quantize"``, ``"linear"``,
+    ``"conv2d"``, ...), ``engine`` the torch engine the program was imported for,
+    ``reference_kind`` what produced ``ref_codes``: ``"torch"`` (a converted model),
+    ``"fake_quant"`` (a QAT model), ``"hand"`` (a hand simulation) or ``"none"``.
+    """
+
+    name: str
+    kind: str = "other"
+    engine: str | None = None
+    codes: np.ndarray | None = None
+    ref_codes: np.ndarray | None = None
+    out_qparams: QParams | None = None
+    weight: QArray | None = None
+    has_bias: bool = False
+    input_codes: np.ndarray | None = None
+    input_qparams: QParams | None = None
+    float_input: np.ndarray | None = None
+    reference_kind: ReferenceKind = "torch"
+
+    @property
+    def compared(self) -> bool:
+        return self.ref_codes is not None and self.codes is not None
+
+    def mismatch(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mask, diff)``: where the codes differ and ``codes - ref_codes`` (int64)."""
+        diff = np.asarray(self.codes, np.int64) - np.asarray(self.ref_codes, np.int64)
+        return diff != 0, diff
+
+
+def _mismatch_stats(ev: LayerEvidence) -> tuple[int, int, float]:
+    mask, diff = ev.mismatch()
+    n = int(mask.sum())
+    return n, int(np.abs(diff).max(initial=0)), n / max(mask.size, 1)
+
+
+def _is_weighted(kind: str) -> bool:
+    return kind.startswith(("linear", "conv"))
+
+
+# ---- the rules ----------------------------------------------------------------------
+
+
+def weight_at_clamp_bound(ev: LayerEvidence) -> Cause | None:
+    """Rule 9 vs 6: the largest weight was clamped by convert's symmetric scale.
+
+    Signature: a signed symmetric weight (zero points 0) on a range with an odd number of
+    steps (``qmax - qmin`` odd, e.g. -128..127) where a channel's largest code is ``qmax``
+    and no code reaches ``qmin``. Under ``calculate_qparams`` (rule 6, what ``convert()``
+    stores) ``s = amax/127.5``, so the largest magnitude lands on ±127.5: -127.5 rounds to
+    -128 (representable) but +127.5 rounds to 128 and is clamped to 127; the fused QAT
+    fake-quant (rule 9: ``max(|min|/128, max/127)``, affine when min >= 0) trained it exact.
+    A converted model compared with itself cannot show this (both sides store the same
+    weight), so it is named only against a fake-quant or hand reference, or as a risk.
+
+    >>> from qjax import QuantSpec, QParams
+    >>> w = QArray(np.array([[127, 0], [0, 127]], np.int8),
+    ...            QParams(2 / 255, 0, QuantSpec(symmetric=True)))
+    >>> weight_at_clamp_bound(LayerEvidence("conv", "conv2d", weight=w)).rule
+    '9'
+    """
+    w = ev.weight
+    if w is None or not w.spec.signed:
+        return None
+    spec = w.spec
+    if (spec.qmax - spec.qmin) % 2 == 0:  # narrow range: amax/127 puts amax on a code
+        return None
+    codes = np.asarray(w.values, np.int64)
+    zp = np.asarray(w.zero_point)
+    if np.any(zp != 0):
+        return None
+    flat = codes.reshape(-1, codes.shape[-1]) if codes.ndim > 1 else codes.reshape(-1, 1)
+    if spec.granularity == "tensor":
+        flat = flat.reshape(-1, 1)
+    hit = (flat.max(axis=0) == spec.qmax) & (flat.min(axis=0) > spec.qmin)
+    if not hit.any():
+        return None
+    if ev.compared:
+        if ev.reference_kind == "torch" or not ev.mismatch()[0].any():
+            return None
+        strength: Strength = "likely"
+    else:
+        strength = "risk"
+    scale = np.asarray(w.scale, np.float64).reshape(-1)
+    s0 = float(scale[int(np.argmax(hit))] if scale.size > 1 else scale[0])
+    lost = _lost_bins(ev)
+    msg = (
+        f"weight clamped at +{spec.qmax} in {int(hit.sum())} of {hit.size} "
+        f"{'channel(s)' if hit.size > 1 else 'tensor'} with no {spec.qmin}: convert() "
+        f"stored scale amax/127.5 = {s0:.6g} (rule 6), so the largest weight "
+        f"({127.5 * s0:.6g}) became {spec.qmax}·s = {spec.qmax * s0:.6g}; QAT's fused "
+        "fake-quant (rule 9) trained it exact"
+    )
+    if lost:
+        msg += f"; {lost}"
+    fix = (
+        f"narrow symmetric weight range [{spec.qmin + 1}, {spec.qmax}] (quant_min="
+        f"{spec.qmin + 1}: scale amax/{spec.qmax}) or an affine weight qscheme"
+    )
+    return Cause("9", "weight_at_clamp_bound", strength, msg, fix)
+
+
+def _lost_bins(ev: LayerEvidence) -> str:
+    """Codes the reference uses that qjax's output never takes, and merged codes."""
+    if not ev.compared:
+        return ""
+    ref = np.asarray(ev.ref_codes, np.int64).reshape(-1)
+    got = np.asarray(ev.codes, np.int64).reshape(-1)
+    lost = np.setdiff1d(np.unique(ref), np.unique(got))
+    pairs = np.unique(np.stack([got, ref]), axis=1)  # (got, ref) pairs that occur
+    vals, counts = np.unique(pairs[0], return_counts=True)
+    dup = vals[counts > 1]
+    parts = []
+    if dup.size:
+        d = int(dup[0])
+        srcs = pairs[1][pairs[0] == d].tolist()
+        parts.append(f"code {d} appears for reference codes {srcs} (duplicate)")
+    if lost.size:
+        parts.append(f"reference codes never produced: {_short_list(lost)}")
+    return "; ".join(parts)
+
+
+def _short_list(a: np.ndarray, n: int = 6) -> str:
+    vals = [int(v) for v in np.asarray(a).reshape(-1)]
+    return "[" + ", ".join(map(str, vals[:n])) + (", ...]" if len(vals) > n else "]")
+
+
+def int16_saturation(ev: LayerEvidence) -> Cause | None:
+    """Rule 14: FBGEMM without VNNI saturates pair sums of uint8 x int8 products to int16.
+
+    Applies to linear/conv layers on an FBGEMM path (engines fbgemm, x86, fbgemm_avx2)
+    with unsigned activations whose codes exceed 127: ``x[2j]·w[2j] + x[2j+1]·w[2j+1]``
+    is summed in int16 (``vpmaddubsw``) before int32 accumulation. For a linear layer
+    with its input codes at hand the saturating pairs are counted exactly (pairs along K,
+    the first ``4096`` input rows); for conv the bound ``2·max(x)·max|w| > 32767`` is used.
+    ``reduce_range=True`` (codes <= 127) or signed activations avoid it.
+
+    >>> from qjax import QuantSpec, QParams
+    >>> w = QArray(np.full((2, 1), 127, np.int8), QParams(0.1, 0, QuantSpec(symmetric=True)))
+    >>> ev = LayerEvidence("fc1", "linear", "x86", weight=w,
+    ...                    input_codes=np.array([[209, 147]], np.uint8),
+    ...                    input_qparams=QParams(0.1, 128, QuantSpec(signed=False)))
+    >>> int16_saturation(ev).message.split(":")[0]
+    'activation codes up to 209 (> 127) into FBGEMM'
+    """
+    if not _is_weighted(ev.kind) or ev.weight is None or ev.input_codes is None:
+        return None
+    if ev.input_qparams is not None and ev.input_qparams.spec.signed:
+        return None
+    engines = _FBGEMM_LINEAR if ev.kind.startswith("linear") else _FBGEMM_CONV
+    if ev.engine is not None and ev.engine not in engines:
+        return None
+    x = np.asarray(ev.input_codes, np.int64)
+    if x.size == 0 or x.max() <= 127:
+        return None
+    w = np.asarray(ev.weight.values, np.int64)
+    if ev.kind.startswith("linear") and w.ndim == 2 and x.shape[-1] == w.shape[0]:
+        rows = x.reshape(-1, w.shape[0])[:_MAX_ROWS]
+        if w.shape[0] % 2:
+            rows = np.pad(rows, ((0, 0), (0, 1)))
+            w = np.pad(w, ((0, 1), (0, 0)))
+        pair = rows[:, 0::2, None] * w[None, 0::2] + rows[:, 1::2, None] * w[None, 1::2]
+        n_sat = int((np.abs(pair) > _I16_MAX).sum())
+        if n_sat == 0:
+            return None
+        seen = f"{n_sat} of {pair.size} int16 pair sums saturate with these inputs"
+    else:
+        worst = 2 * int(x.max()) * int(np.abs(w).max(initial=0))
+        if worst <= _I16_MAX:
+            return None
+        seen = f"pair sums can reach 2·{int(x.max())}·{int(np.abs(w).max())} = {worst} > 32767"
+    if ev.compared:
+        if not ev.mismatch()[0].any():
+            return None
+        strength: Strength = "likely"
+    else:
+        strength = "risk"
+    msg = (
+        f"activation codes up to {int(x.max())} (> 127) into FBGEMM: on CPUs without "
+        f"AVX512-VNNI {seen} (rule 14); torch's result depends on the CPU"
+    )
+    fix = (
+        "import with engine='fbgemm_avx2' to reproduce a non-VNNI CPU, or use "
+        "reduce_range=True / signed activations so codes stay <= 127"
+    )
+    return Cause("14", "int16_saturation", strength, msg, fix)
+
+
+def zero_point_tie(ev: LayerEvidence) -> Cause | None:
+    """Rules 1 vs 4: zero point added before or after rounding, at exact ties.
+
+    ``torch.quantize_per_tensor`` computes ``rint(x·inv(s) + zp)`` (rule 1), fake-quant and
+    pt2e ``rint(x·inv(s)) + zp`` (rules 4, 5). At a tie ``x·inv(s) = k + ½`` they differ by
+    one exactly when ``zp`` is odd (half-to-even picks the other neighbour). With the
+    float input at hand, ties are found exactly (float32 products are exact in float64):
+    if every mismatch sits on a tie the cause is ``"confirmed"``.
+
+    >>> from qjax import QuantSpec, QParams
+    >>> qp = QParams(0.5, 3, QuantSpec(signed=False))
+    >>> ev = LayerEvidence("quant", "quantize", codes=np.array([4, 5], np.uint8),
+    ...                    ref_codes=np.array([4, 4], np.uint8), out_qparams=qp,
+    ...                    float_input=np.array([0.5, 0.75], np.float32),
+    ...                    reference_kind="fake_quant")
+    >>> zero_point_tie(ev).strength
+    'confirmed'
+    """
+    if ev.kind != "quantize" or ev.out_qparams is None:
+        return None
+    zp = np.asarray(ev.out_qparams.zero_point, np.int64)
+    if not np.any(zp % 2):
+        return None
+    if not ev.compared:
+        return Cause(
+            "1,4",
+            "zero_point_tie",
+            "risk",
+            f"odd zero point {_short_list(zp)}: inputs on exact ties x = (k+½)·s quantize "
+            "one code apart in torch.quantize_per_tensor (zp before rounding, rule 1) and "
+            "in fake-quant / pt2e (zp after rounding, rules 4, 5)",
+            "an even zero point, or the same quantize rule on both sides",
+        )
+    mask, diff = ev.mismatch()
+    if not mask.any() or np.abs(diff).max() != 1:
+        return None
+    strength: Strength = "likely"
+    ties = ""
+    if ev.float_input is not None and np.shape(ev.float_input) == mask.shape:
+        s = np.asarray(ev.out_qparams.scale, np.float32)
+        inv = (np.float32(1) / s).astype(np.float64)
+        v = np.asarray(ev.float_input, np.float32).astype(np.float64) * inv
+        on_tie = (v - np.floor(v)) == 0.5
+        n_tie = int((on_tie & mask).sum())
+        ties = f"; {n_tie} of {int(mask.sum())} mismatches are exact ties"
+        if n_tie == int(mask.sum()):
+            strength = "confirmed"
+        elif n_tie == 0:
+            return None
+    return Cause(
+        "1,4",
+        "zero_point_tie",
+        strength,
+        f"zero point {_short_list(zp)} is odd and every mismatch is 1 LSB{ties}: "
+        "quantize_per_tensor adds zp before rounding (rule 1), fake-quant after (rule 4)",
+        "an even zero point, or quantize with the reference's rule (compat='torch' vs the "
+        "fake-quant rule)",
+    )
+
+
+def reduce_range_clamp(ev: LayerEvidence) -> Cause | None:
+    """Rule 18: converted ops clamp quint8 outputs to [0, 255], whatever QAT used.
+
+    Signature: every mismatch has the reference at its largest code (127 for a QAT
+    ``reduce_range`` / ``quant_max=127`` activation, 63 for signed) and qjax above it.
+    The converted model computes codes the QAT model never produced.
+
+    >>> ev = LayerEvidence("fc1", "linear", codes=np.array([100, 140, 200], np.uint8),
+    ...                    ref_codes=np.array([100, 127, 127], np.uint8),
+    ...                    reference_kind="fake_quant")
+    >>> reduce_range_clamp(ev).rule
+    '18'
+    """
+    if not ev.compared:
+        return None
+    mask, diff = ev.mismatch()
+    if not mask.any():
+        return None
+    ref = np.asarray(ev.ref_codes, np.int64)
+    top = int(ref.max())
+    if top not in (63, 127) or not np.all((ref[mask] == top) & (diff[mask] > 0)):
+        return None
+    return Cause(
+        "18",
+        "reduce_range_clamp",
+        "confirmed",
+        f"{int(mask.sum())} outputs where the reference sits at its clamp {top} and qjax "
+        f"goes up to {int(ref[mask].max() + diff[mask].max())}: the QAT range was "
+        f"[.., {top}] (reduce_range / quant_max) but converted ops clamp to the dtype range",
+        "train without reduce_range on the output activation, or clamp the QAT reference "
+        "as the converted model does",
+    )
+
+
+def onednn_epilogue(ev: LayerEvidence) -> Cause | None:
+    """Rule 13: oneDNN's requantization epilogue has a shape-dependent float order.
+
+    Applies to conv on the x86 engine (oneDNN on VNNI CPUs) and to linear/conv on the
+    onednn engine: a few outputs per million differ by exactly 1 LSB. Named when the
+    worst difference is 1 LSB and the mismatch rate is at most ``1e-4``.
+
+    >>> codes = np.zeros(100_000, np.uint8)
+    >>> ref = codes.copy(); ref[7] = 1
+    >>> onednn_epilogue(LayerEvidence("conv1", "conv2d", "x86", codes, ref)).strength
+    'likely'
+    """
+    if not _is_weighted(ev.kind):
+        return None
+    if not (ev.engine == "onednn" or (ev.engine == "x86" and ev.kind.startswith("conv"))):
+        return None
+    if not ev.compared:
+        return Cause(
+            "13",
+            "onednn_epilogue",
+            "risk",
+            "oneDNN conv/linear: about 1-2 outputs per million may differ by 1 LSB "
+            "(kernel-dependent float32 order of the requantization epilogue)",
+            "none needed within 1 LSB; engine='fbgemm' is bit-exact",
+        )
+    n, worst, rate = _mismatch_stats(ev)
+    if n == 0 or worst != 1 or rate > _ONEDNN_RATE:
+        return None
+    return Cause(
+        "13",
+        "onednn_epilogue",
+        "likely",
+        f"{n} outputs ({rate:.2g}) off by 1 LSB on oneDNN: its epilogue's float32 order "
+        "depends on the kernel chosen for the shape",
+        "none needed within 1 LSB; engine='fbgemm' is bit-exact",
+    )
+
+
+def bias_rounding(ev: LayerEvidence) -> Cause | None:
+    """Rules 11 vs 12: float bias (FBGEMM) against a bias rounded to int32.
+
+    FBGEMM adds ``f32(b/(s_x·s_w))`` in float before rounding (rule 11); QNNPACK and most
+    hand simulations add ``rint(b/(s_x·s_w))`` to the int32 accumulator (rule 12). The two
+    differ by at most 1 LSB, only where the fraction of the bias moves a rounding.
+    Named for a biased linear/conv layer against a hand reference, or across engines,
+    when every mismatch is 1 LSB.
+
+    >>> ev = LayerEvidence("fc1", "linear", "fbgemm", np.array([5, 7]), np.array([5, 6]),
+    ...                    has_bias=True, reference_kind="hand")
+    >>> bias_rounding(ev).rule
+    '11,12'
+    """
+    if not _is_weighted(ev.kind) or not ev.has_bias or not ev.compared:
+        return None
+    if ev.reference_kind != "hand":
+        return None
+    n, worst, _ = _mismatch_stats(ev)
+    if n == 0 or worst != 1:
+        return None
+    return Cause(
+        "11,12",
+        "bias_rounding",
+        "likely",
+        f"{n} outputs off by 1 LSB: the bias is kept in float before rounding here "
+        "(FBGEMM, rule 11) and rounded to int32 first in the reference (rule 12)",
+        "add the bias as f32(b·f32(1/(s_x·s_w))) to f32(acc) before requantizing",
+    )
+
+
+RULES: tuple[Callable[[LayerEvidence], Cause | None], ...] = (
+    weight_at_clamp_bound,
+    int16_saturation,
+    zero_point_tie,
+    reduce_range_clamp,
+    onednn_epilogue,
+    bias_rounding,
+)
+
+
+def diagnose(ev: LayerEvidence) -> list[Cause]:
+    """Run every rule of :data:`RULES` on one layer; the causes that apply, in order.
+
+    >>> diagnose(LayerEvidence("relu", "relu"))
+    []
+    """
+    return [c for c in (rule(ev) for rule in RULES) if c is not None]

@@ -1,0 +1,279 @@
+"""Layer-by-layer parity between an imported qjax program and a reference, with causes.
+
+:func:`compare` runs the torch model (through ``qjax.converters.torch.torch_trace``) and
+the qjax :class:`~qjax.converters._program.Program` on the same inputs and, for every
+quantized activation both produce, counts integer mismatches:
+
+* ``max_lsb = max |q_qjax - q_ref|`` (codes, so 1 = one quantization step),
+* ``mismatches = #{q_qjax != q_ref}`` and ``rate = mismatches / values``,
+* the first mismatch (row-major index, both codes),
+* likely causes from the rulebook (:mod:`qjax._rules`, NUMERICS.md rule numbers).
+
+:func:`compare_traces` does the same for any two ``{layer name: codes}`` mappings (a
+hand simulation, a QAT model's fake-quant codes), and :func:`inspect` lists qparams,
+activation code ranges and risks of a program without a reference. Reports render as a
+rich table (plain text without ``rich``), markdown or JSON. torch is imported only when
+:func:`compare` needs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._evidence import codes_of, engine_of, evidence, float_inputs
+from ._qarray import QArray
+from ._render import Rendered
+from ._rules import Cause, LayerEvidence, ReferenceKind, diagnose
+
+__all__ = ["LayerParity", "ParityReport", "compare", "compare_traces", "inspect"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerParity:
+    """Parity of one layer: counts, the first mismatch and the likely causes.
+
+    ``first`` is ``None`` or ``{"index": [...], "reference": int, "qjax": int}``;
+    ``ref_range`` / ``qjax_range`` are the ``(min, max)`` codes on each side.
+    """
+
+    name: str
+    op: str
+    shape: tuple[int, ...]
+    values: int
+    mismatches: int
+    max_lsb: int
+    first: dict | None
+    ref_range: tuple[int, int]
+    qjax_range: tuple[int, int]
+    causes: tuple[Cause, ...] = ()
+    scheme: str | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.mismatches / self.values if self.values else 0.0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["causes"] = [c.to_dict() for c in self.causes]
+        d["rate"] = self.rate
+        d["shape"], d["ref_range"], d["qjax_range"] = (
+            list(self.shape),
+            list(self.ref_range),
+            list(self.qjax_range),
+        )
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityReport(Rendered):
+    """Per-layer parity of a program against a reference (:func:`compare`).
+
+    ``layers`` in graph order; ``notes`` lists layers present on one side only or with
+    different shapes. ``ok`` is true when no compared integer differs.
+    """
+
+    layers: tuple[LayerParity, ...]
+    engine: str | None = None
+    reference_kind: str = "torch"
+    notes: tuple[str, ...] = ()
+
+    @property
+    def values(self) -> int:
+        return sum(la.values for la in self.layers)
+
+    @property
+    def mismatches(self) -> int:
+        return sum(la.mismatches for la in self.layers)
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatches == 0
+
+    def __getitem__(self, name: str) -> LayerParity:
+        for la in self.layers:
+            if la.name == name:
+                return la
+        raise KeyError(
+            f"no layer {name!r} in the report; layers: {[la.name for la in self.layers]}"
+        )
+
+    # ---- rendering --------------------------------------------------------------------
+
+    def _title(self) -> str:
+        eng = f", engine {self.engine}" if self.engine else ""
+        return (
+            f"qjax parity vs {self.reference_kind}{eng}: {self.mismatches} of {self.values} "
+            "integers differ"
+        )
+
+    _HEADER = ("layer", "op", "values", "mismatches", "rate", "max LSB", "first mismatch",
+               "likely cause")  # fmt: skip
+
+    def _rows(self) -> list[list[object]]:
+        rows = []
+        for la in self.layers:
+            first = None
+            if la.first is not None:
+                idx = ",".join(map(str, la.first["index"]))
+                first = f"[{idx}] ref {la.first['reference']} / qjax {la.first['qjax']}"
+            cause = "; ".join(f"rule {c.rule} {c.name} ({c.strength})" for c in la.causes)
+            rows.append([la.name, la.op, la.values, la.mismatches, f"{la.rate:.3g}", la.max_lsb,
+                         first, cause or None])  # fmt: skip
+        return rows
+
+    def _explanations(self) -> list[str]:
+        out = []
+        for la in self.layers:
+            for c in la.causes:
+                out.append(f"{la.name}: rule {c.rule} ({c.strength}): {c.message}. Fix: {c.fix}.")
+        return out + [f"note: {n}" for n in self.notes]
+
+    def to_dict(self) -> dict:
+        return {
+            "engine": self.engine,
+            "reference_kind": self.reference_kind,
+            "values": self.values,
+            "mismatches": self.mismatches,
+            "ok": self.ok,
+            "layers": [la.to_dict() for la in self.layers],
+            "notes": list(self.notes),
+        }
+
+
+def _layer_parity(ev: LayerEvidence, scheme) -> LayerParity:
+    mask, diff = ev.mismatch()
+    n = int(mask.sum())
+    first = None
+    if n:
+        idx = tuple(int(i) for i in np.argwhere(mask)[0])
+        first = {
+            "index": list(idx),
+            "reference": int(ev.ref_codes[idx]),
+            "qjax": int(ev.codes[idx]),
+        }
+
+    def rng(a):
+        a = np.asarray(a)
+        return (int(a.min()), int(a.max())) if a.size else (0, 0)
+
+    return LayerParity(
+        name=ev.name,
+        op=ev.kind,
+        shape=tuple(int(d) for d in np.shape(ev.codes)),
+        values=int(mask.size),
+        mismatches=n,
+        max_lsb=int(np.abs(diff).max(initial=0)),
+        first=first,
+        ref_range=rng(ev.ref_codes),
+        qjax_range=rng(ev.codes),
+        causes=tuple(diagnose(ev)),
+        scheme=scheme,
+    )
+
+
+def compare_traces(
+    reference: Mapping[str, Any],
+    trace: Mapping[str, QArray],
+    *,
+    program=None,
+    inputs: Sequence[Any] = (),
+    engine: str | None = None,
+    reference_kind: ReferenceKind = "torch",
+) -> ParityReport:
+    """Compare qjax's ``trace`` (``{name: QArray}``) with ``reference`` codes, per layer.
+
+    Layers are compared in ``trace`` order wherever both sides have the name; others
+    become notes. ``program`` (the :class:`Program` that made ``trace``) and ``inputs``
+    give the rulebook the weights, layer inputs and float inputs it looks at.
+    ``reference`` values may be QArrays, torch quantized tensors or integer arrays.
+
+    Args:
+      reference: ``{layer name: codes}`` from torch, a QAT model or a hand simulation.
+      trace: ``program.trace(*inputs)``.
+      program, inputs: optional, for causes.
+      engine: the torch engine the program was imported for (``program.engine`` if unset).
+      reference_kind: ``"torch"``, ``"fake_quant"`` or ``"hand"`` (which rules apply).
+
+    Returns:
+      a :class:`ParityReport`.
+
+    >>> from qjax import QuantSpec, QParams
+    >>> qp = QParams(0.1, 0, QuantSpec(signed=False))
+    >>> mine = {"fc1": QArray(np.array([1, 2, 3], np.uint8), qp)}
+    >>> r = compare_traces({"fc1": np.array([1, 2, 5], np.uint8)}, mine)
+    >>> r.mismatches, r["fc1"].max_lsb, r["fc1"].first
+    (1, 2, {'index': [2], 'reference': 5, 'qjax': 3})
+    """
+    if not isinstance(reference, Mapping) or not isinstance(trace, Mapping):
+        raise TypeError("reference and trace must be mappings {layer name: codes}")
+    engine = engine_of(program, engine)
+    floats = float_inputs(program, inputs) if program is not None else {}
+    layers, notes = [], []
+    for name, q in trace.items():
+        if name not in reference:
+            notes.append(f"layer {name!r} has no reference codes")
+            continue
+        codes = codes_of(q, f"qjax layer {name!r}")
+        ref = codes_of(reference[name], f"reference layer {name!r}")
+        if codes.shape != ref.shape:
+            notes.append(f"layer {name!r}: qjax shape {codes.shape} != reference {ref.shape}")
+            continue
+        ev = evidence(program, name, codes, ref, trace, floats, engine, reference_kind)
+        layer = program.layers.get(name) if program is not None else None
+        layers.append(_layer_parity(ev, getattr(layer, "scheme", None)))
+    notes += [
+        f"reference layer {n!r} is not in the qjax trace" for n in reference if n not in trace
+    ]
+    return ParityReport(tuple(layers), engine, reference_kind, tuple(notes))
+
+
+def _as_tuple(inputs) -> tuple:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def compare(
+    torch_model,
+    program,
+    inputs,
+    *,
+    reference: Mapping[str, Any] | None = None,
+    reference_kind: ReferenceKind | None = None,
+    engine: str | None = None,
+) -> ParityReport:
+    """Per-layer integer parity of ``program`` against ``torch_model`` on ``inputs``.
+
+    The torch side is ``qjax.converters.torch.torch_trace(torch_model, *inputs)`` (the
+    quantized activations of a converted eager/FX model, under the same names as
+    ``program.trace``); pass ``reference`` (``{name: codes}``) instead to compare with a
+    QAT model's fake-quant codes (``reference_kind="fake_quant"``) or a hand simulation
+    (``"hand"``). Counting and causes: :func:`compare_traces`.
+
+    Args:
+      torch_model: the converted torch model (``None`` when ``reference`` is given).
+      program: the imported qjax program.
+      inputs: one input or a tuple of inputs (numpy, jax or torch, float).
+
+    Returns:
+      a :class:`ParityReport`: ``report.print()``, ``.to_markdown()``, ``.to_json()``.
+    """
+    args = _as_tuple(inputs)
+    if reference is None:
+        if torch_model is None:
+            raise ValueError("compare needs a torch_model or a reference trace")
+        from qjax.converters.torch import torch_trace  # torch only when asked for
+
+        reference = torch_trace(torch_model, *args)
+        kind = reference_kind or "torch"
+    else:
+        kind = reference_kind or "hand"
+    trace = program.trace(*args)
+    return compare_traces(
+        reference, trace, program=program, inputs=args, engine=engine, reference_kind=kind
+    )
+
+
+from ._inspect import inspect  # noqa: E402  (inspect renders with the report helpers above)
