@@ -180,7 +180,9 @@ class Program:
 
     def trace(self, *inputs) -> dict[str, QArray]:
         """``{layer name: QArray}`` for every quantized activation, in graph order."""
-        return self._trace(self.params, self._args(inputs))
+        out = self._trace(self.params, self._args(inputs))
+        # jit returns dicts with sorted keys: restore the step order
+        return {s.name: out[s.name] for s in self.steps if s.name in out}
 
     def __repr__(self) -> str:
         ops = ", ".join(f"{s.name}:{s.layer.op if s.layer else '?'}" for s in self.steps)

@@ -1,0 +1,544 @@
+"""Op table of the torch importer: one handler per quantized torch op / module.
+
+A handler gets the import context and an ``fx.Node`` and returns a :class:`~._program.Step`.
+Values are stored in *torch's memory order*: a tensor that torch keeps channels-last
+(every quantized conv output is) is stored ``(N, *spatial, C)``, any other tensor in its
+logical shape. Step functions receive stored values and the static layout of each
+input, so layout-sensitive kernels (average pools, ``cat``, the scalar tail of ``add``)
+run the same path torch runs; :func:`relayout` moves codes between the two orders.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.ao.nn.intrinsic.quantized as nniq
+import torch.ao.nn.quantized as nnq
+import torch.nn.functional as F
+from torch import fx, nn
+
+from qjax import QArray, QParams, QuantSpec
+from qjax import kernels as K
+
+from ._program import Layer, Step
+
+__all__ = ["HANDLERS", "qparams_of", "relayout"]
+
+
+# ---------------------------------------------------------------------------------------
+# layouts, qparams, weights
+
+
+def relayout(v, src: bool, dst: bool):
+    """Move a stored value between logical (``False``) and channels-last (``True``) order."""
+    if src == dst or not isinstance(v, QArray) or v.ndim < 3:
+        return v
+    vals = jnp.moveaxis(v.values, -1, 1) if src else jnp.moveaxis(v.values, 1, -1)
+    return QArray(vals, v.qparams)
+
+
+def act_qparams(scale, zero_point, dtype) -> QParams:
+    """Per-tensor activation qparams of a torch ``quint8``/``qint8`` tensor (f32 scale)."""
+    if dtype not in (torch.quint8, torch.qint8):
+        raise NotImplementedError(f"activation dtype {dtype} (only quint8 and qint8)")
+    spec = QuantSpec(signed=dtype == torch.qint8)
+    return QParams(jnp.float32(float(scale)), jnp.int32(int(zero_point)), spec)
+
+
+def qparams_of(t: torch.Tensor) -> QParams:
+    """The :class:`~qjax.QParams` of a per-tensor quantized torch tensor."""
+    if t.qscheme() != torch.per_tensor_affine:
+        raise NotImplementedError(f"activation qscheme {t.qscheme()} (only per-tensor affine)")
+    return act_qparams(t.q_scale(), t.q_zero_point(), t.dtype)
+
+
+def _weight(w: torch.Tensor, where: str, *, transpose: bool = False) -> QArray:
+    """A torch qint8 weight ``(out, ...)`` as a QArray (per-tensor, or per-channel along the
+    output axis); ``transpose``: a linear weight ``(out, in) -> (in, out)``."""
+    if w.dtype != torch.qint8:
+        raise NotImplementedError(f"{where}: weight dtype {w.dtype} (only qint8)")
+    vals = w.int_repr().numpy()
+    vals = jnp.asarray(vals.T if transpose else vals)
+    axis = 1 if transpose else 0
+    if w.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        qp = QParams(jnp.float32(w.q_scale()), jnp.int32(w.q_zero_point()), QuantSpec(signed=True))
+    elif w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        if w.q_per_channel_axis() != 0:
+            raise NotImplementedError(f"{where}: per-channel weight axis {w.q_per_channel_axis()}")
+        qp = QParams(
+            jnp.asarray(w.q_per_channel_scales().numpy(), jnp.float32),
+            jnp.asarray(w.q_per_channel_zero_points().numpy(), jnp.int32),
+            QuantSpec(signed=True, axis=axis),
+        )
+    else:
+        raise NotImplementedError(f"{where}: weight qscheme {w.qscheme()}")
+    return QArray(vals, qp)
+
+
+def _bias(b) -> Any:
+    return None if b is None else jnp.asarray(b.detach().numpy(), jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# argument binding: fx args -> (value names, template), filled at run time
+
+
+class _Ref:
+    def __init__(self, i: int):
+        self.i = i
+
+
+def bind(ctx, args, kwargs=None):
+    """Split fx ``args``/``kwargs`` into value names (Nodes) and a template of constants."""
+    names: list[str] = []
+
+    def conv(a):
+        if isinstance(a, fx.Node):
+            if a.name in ctx.consts:
+                return ctx.consts[a.name]
+            names.append(a.name)
+            return _Ref(len(names) - 1)
+        if isinstance(a, (list, tuple)):
+            return type(a)(conv(b) for b in a)
+        if isinstance(a, dict):
+            return {k: conv(b) for k, b in a.items()}
+        return a
+
+    return names, conv(tuple(args)), conv(dict(kwargs or {}))
+
+
+def fill(t, vals):
+    if isinstance(t, _Ref):
+        return vals[t.i]
+    if isinstance(t, (list, tuple)):
+        return type(t)(fill(b, vals) for b in t)
+    if isinstance(t, dict):
+        return {k: fill(b, vals) for k, b in t.items()}
+    return t
+
+
+def _pick(args, kwargs, names_defaults):
+    """Positional-or-keyword arguments after the first (the input) by name."""
+    out = {}
+    for i, (n, d) in enumerate(names_defaults):
+        if i + 1 < len(args):
+            out[n] = args[i + 1]
+        else:
+            out[n] = kwargs.get(n, d)
+    return out
+
+
+def _step(ctx, node, fn, inputs, *, params=None, layer, out_cl: bool | Callable | None = None):
+    """Wrap ``fn(params, *stored) -> (value, channels_last)`` into a Step storing torch's order."""
+    want = ctx.cl.get(node.name, False)
+
+    def run(p, *vals):
+        v, cl = fn(p, *vals)
+        return relayout(v, cl, want)
+
+    export = (lambda v: relayout(v, True, False)) if want else None
+    return Step(node.name, run, tuple(inputs), params, True, export, layer)
+
+
+def _unary(ctx, node, op, target, f, *, scheme=None, out=None):
+    """An op on one quantized input that keeps its layout: ``f(q) -> QArray``."""
+    src = node.args[0]
+    cl = ctx.cl.get(src.name, False)
+    layer = Layer(op, target, scheme, None, out)
+    return _step(ctx, node, lambda _, x: (f(x), cl), [src.name], layer=layer)
+
+
+# ---------------------------------------------------------------------------------------
+# handlers
+
+
+def h_quantize(ctx, node, mod=None):
+    if mod is not None:  # nnq.Quantize
+        qp = act_qparams(mod.scale.item(), mod.zero_point.item(), mod.dtype)
+        src = node.args[0]
+        target = "torch.ao.nn.quantized.Quantize"
+    else:
+        names, a, kw = bind(ctx, node.args, node.kwargs)
+        if names[1:]:
+            raise NotImplementedError("quantize_per_tensor with computed scale / zero point")
+        sc, zp, dt = (
+            _pick(a, kw, [("scale", None), ("zero_point", None), ("dtype", None)])
+        ).values()
+        qp = act_qparams(float(sc), int(zp), dt)
+        src = node.args[0]
+        target = "torch.quantize_per_tensor"
+    cl = ctx.cl.get(src.name, False)
+
+    def f(_, x):
+        x = jnp.asarray(x, jnp.float32)
+        return K.quantize_input(x if not cl else jnp.moveaxis(x, 1, -1), qp), cl
+
+    return _step(ctx, node, f, [src.name], layer=Layer("quantize", target, None, None, qp))
+
+
+def h_dequantize(ctx, node, mod=None):
+    src = node.args[0]
+    cl = ctx.cl.get(src.name, False)
+
+    def run(_, x):
+        if not isinstance(x, QArray):
+            raise TypeError(f"dequantize of a non-quantized value {type(x).__name__}")
+        return K.dequantize_output(relayout(x, cl, False))
+
+    layer = Layer("dequantize", "dequantize", None, None, None)
+    return Step(node.name, run, (src.name,), None, False, None, layer)
+
+
+def _layer_name(node) -> str:
+    return node.target if node.op == "call_module" else node.name
+
+
+def h_linear(ctx, node, mod):
+    relu = isinstance(mod, nniq.LinearReLU)
+    where = f"layer {_layer_name(node)!r}"
+    w = _weight(mod.weight(), where, transpose=True)
+    pw = K.prepare_linear(w, name=_layer_name(node))
+    out = act_qparams(mod.scale, mod.zero_point, torch.quint8)
+    scheme, acc = ctx.engine.linear, ctx.engine.accumulate
+    src = node.args[0]
+    cl = ctx.cl.get(src.name, False)
+    act = "relu" if relu else None
+
+    def f(p, x):
+        x = relayout(x, cl, False)
+        y = K.quantized_linear(x, p[0], p[1], out, scheme=scheme, activation=act, accumulate=acc)
+        return y, False
+
+    layer = Layer(
+        "linear", type(mod).__module__ + "." + type(mod).__name__, scheme, w.qparams, out,
+        {"activation": act, "accumulate": acc},
+    )  # fmt: skip
+    return _step(ctx, node, f, [src.name], params=(pw, _bias(mod.bias())), layer=layer)
+
+
+def _dw_fast_path(mod, nsp: int) -> bool:
+    """FBGEMM's direct depthwise 3x3 kernel (int16 pair saturation even with VNNI, rule 14):
+    2-D, groups = C_in (a multiple of 8), C_out = C_in or 2·C_in, 3x3, stride 1 or 2, no
+    dilation, padding 1 (the shapes the kernel tests measured)."""
+    return (
+        nsp == 2
+        and mod.groups == mod.in_channels
+        and mod.in_channels % 8 == 0
+        and mod.out_channels in (mod.in_channels, 2 * mod.in_channels)
+        and tuple(mod.kernel_size) == (3, 3)
+        and all(s in (1, 2) for s in mod.stride)
+        and tuple(mod.dilation) == (1, 1)
+        and tuple(mod.padding) == (1, 1)
+    )
+
+
+def h_conv(ctx, node, mod):
+    relu = isinstance(mod, (nniq.ConvReLU1d, nniq.ConvReLU2d))
+    nsp = 1 if isinstance(mod, (nnq.Conv1d, nniq.ConvReLU1d)) else 2
+    name = _layer_name(node)
+    if mod.padding_mode != "zeros":
+        raise NotImplementedError(f"conv {name!r}: padding_mode={mod.padding_mode!r}")
+    w = _weight(mod.weight(), f"layer {name!r}")
+    pw = K.prepare_conv(
+        w, name=name, groups=mod.groups, weight_layout="OIHW" if nsp == 2 else "OIW"
+    )
+    zp_zero = bool(np.all(np.asarray(w.zero_point) == 0))
+    scheme, acc = ctx.engine.conv_scheme(zp_zero, mod.groups)
+    if scheme == "fbgemm" and acc == "exact" and _dw_fast_path(mod, nsp):
+        acc = "fbgemm_sat16"
+    out = act_qparams(mod.scale, mod.zero_point, torch.quint8)
+    src = node.args[0]
+    cl = ctx.cl.get(src.name, False)
+    layout = ("NHWC" if nsp == 2 else "NWC") if cl else ("NCHW" if nsp == 2 else "NCW")
+    opts = dict(
+        stride=tuple(mod.stride), padding=tuple(mod.padding), dilation=tuple(mod.dilation),
+        groups=mod.groups, layout=layout, scheme=scheme, accumulate=acc,
+        activation="relu" if relu else None,
+    )  # fmt: skip
+
+    def f(p, x):
+        return K.quantized_conv(x, p[0], p[1], out, **opts), cl
+
+    layer = Layer(
+        f"conv{nsp}d", type(mod).__module__ + "." + type(mod).__name__, scheme, w.qparams, out,
+        {k: v for k, v in opts.items() if k not in ("layout", "scheme")},
+    )  # fmt: skip
+    return _step(ctx, node, f, [src.name], params=(pw, _bias(mod.bias())), layer=layer)
+
+
+def h_identity(ctx, node, mod=None):
+    return _unary(ctx, node, "identity", _target(node), lambda x: x)
+
+
+def h_relu(ctx, node, mod=None):
+    return _unary(ctx, node, "relu", _target(node), K.relu)
+
+
+def h_relu6(ctx, node, mod=None):
+    return _unary(ctx, node, "relu6", _target(node), K.relu6)
+
+
+def h_hardtanh(ctx, node, mod=None):
+    if mod is not None:
+        lo, hi = mod.min_val, mod.max_val
+    else:
+        _, a, kw = bind(ctx, node.args, node.kwargs)
+        lo, hi, _ = _pick(a, kw, [("min_val", -1.0), ("max_val", 1.0), ("inplace", False)]).values()
+    return _unary(
+        ctx, node, "hardtanh", _target(node), lambda x: K.hardtanh(x, float(lo), float(hi))
+    )
+
+
+def _binary_qparams(ctx, node, a, kw, what):
+    """``(a, b, scale, zero_point)`` of ``torch.ops.quantized.add/mul`` (args or kwargs)."""
+    o = _pick(a, kw, [("other", None), ("scale", None), ("zero_point", None)])
+    if isinstance(o["scale"], _Ref) or isinstance(o["zero_point"], _Ref):
+        raise NotImplementedError(f"{what} with computed output scale / zero point")
+    return act_qparams(float(o["scale"]), int(o["zero_point"]), ctx.dtype_of(node.args[0]))
+
+
+def h_add(ctx, node, mod=None, relu=False, op="add"):
+    names, a, kw = bind(ctx, node.args, node.kwargs)
+    if len(names) != 2:
+        raise NotImplementedError(f"quantized.{op} needs two quantized tensors, got {node.args}")
+    out = _binary_qparams(ctx, node, a, kw, f"quantized.{op}")
+    want = ctx.cl.get(node.name, False)
+    cls = [ctx.cl.get(n, False) for n in names]
+    act = "relu" if relu else None
+    scheme = ctx.engine.add if op == "add" else None
+
+    def f(_, x, y):
+        x, y = relayout(x, cls[0], want), relayout(y, cls[1], want)
+        if op == "add":
+            return K.quantized_add(x, y, out, scheme=scheme, activation=act), want
+        return K.quantized_mul(x, y, out, activation=act), want
+
+    layer = Layer(op + ("_relu" if relu else ""), _target(node), scheme, None, out)
+    return _step(ctx, node, f, names, layer=layer)
+
+
+def h_add_relu(ctx, node, mod=None):
+    return h_add(ctx, node, relu=True)
+
+
+def h_mul(ctx, node, mod=None):
+    return h_add(ctx, node, op="mul")
+
+
+def h_mul_relu(ctx, node, mod=None):
+    return h_add(ctx, node, relu=True, op="mul")
+
+
+def h_mul_scalar(ctx, node, mod=None):
+    names, a, kw = bind(ctx, node.args, node.kwargs)
+    if len(names) != 1 or isinstance(a[1], _Ref):
+        raise NotImplementedError("quantized.mul_scalar with a computed scalar")
+    c = float(a[1])
+    return _unary(ctx, node, "mul_scalar", _target(node), lambda x: K.quantized_mul_scalar(x, c))
+
+
+def h_cat(ctx, node, mod=None):
+    """``quantized.cat(xs, dim, scale, zero_point)`` or ``torch.cat`` on quantized tensors
+    (output qparams of the first input, as torch's ``cat_quantized_cpu``)."""
+    names, a, kw = bind(ctx, node.args, node.kwargs)
+    srcs = node.args[0] if node.args else node.kwargs.get("tensors")
+    if not isinstance(srcs, (list, tuple)) or not all(isinstance(t, fx.Node) for t in srcs):
+        raise NotImplementedError("cat of non-tensor arguments")
+    o = _pick(a, kw, [("dim", 0), ("scale", None), ("zero_point", None)])
+    out = None
+    if o["scale"] is not None:
+        out = act_qparams(float(o["scale"]), int(o["zero_point"]), ctx.dtype_of(srcs[0]))
+    dim = int(o["dim"]) % ctx.ndim(srcs[0])
+    cls = [ctx.cl.get(n.name, False) for n in srcs]
+    # torch's channels-last kernel: 4-d channels-last inputs joined along channels
+    fast = dim == 1 and ctx.ndim(srcs[0]) == 4 and all(cls)
+
+    def f(_, *xs):
+        qo = out if out is not None else xs[0].qparams
+        if fast:
+            return K.quantized_cat(xs, 3, qo, nhwc_fast_path=True), True
+        xs = [relayout(x, c, False) for x, c in zip(xs, cls, strict=True)]
+        return K.quantized_cat(xs, dim, qo), False
+
+    layer = Layer("cat", _target(node), None, None, out, {"dim": dim, "nhwc_fast_path": fast})
+    return _step(ctx, node, f, [n.name for n in srcs], layer=layer)
+
+
+# shape ops: run on logical codes (torch copies channels-last tensors into logical order)
+
+
+def _logical(ctx, node, f, op):
+    names, a, kw = bind(ctx, node.args, node.kwargs)
+    cl = ctx.cl.get(node.args[0].name, False)
+
+    def g(_, *vals):
+        args = fill(a, vals)
+        x = relayout(args[0], cl, False)
+        return f(x, args[1:], fill(kw, vals)), False
+
+    return _step(ctx, node, g, names, layer=Layer(op, _target(node)))
+
+
+def h_flatten(ctx, node, mod=None):
+    if mod is not None:
+        s, e = mod.start_dim, mod.end_dim
+        return _logical(ctx, node, lambda x, a, kw: K.flatten(x, s, e), "flatten")
+
+    def f(x, a, kw):
+        o = _pick((None, *a), kw, [("start_dim", 0), ("end_dim", -1)])
+        return K.flatten(x, int(o["start_dim"]), int(o["end_dim"]))
+
+    return _logical(ctx, node, f, "flatten")
+
+
+def h_reshape(ctx, node, mod=None):
+    def f(x, a, kw):
+        shape = a[0] if len(a) == 1 and isinstance(a[0], (list, tuple)) else a
+        shape = kw.get("shape", shape)
+        return K.reshape(x, tuple(int(s) for s in shape))
+
+    return _logical(ctx, node, f, "reshape")
+
+
+def h_size(ctx, node, mod=None):
+    """``x.size()`` / ``x.size(d)``: static Python ints from the stored value's shape."""
+    names, a, kw = bind(ctx, node.args, node.kwargs)
+    cl = ctx.cl.get(node.args[0].name, False)
+
+    def run(_, x, *rest):
+        shp = relayout(x, cl, False).shape
+        dim = fill(a, (x, *rest))[1:] or [kw.get("dim")]
+        return shp if dim[0] is None else shp[int(dim[0])]
+
+    return Step(node.name, run, tuple(names), None, False, None, Layer("size", "size"))
+
+
+def h_getitem(ctx, node, mod=None):
+    names, a, _ = bind(ctx, node.args, node.kwargs)
+
+    def run(_, *vals):
+        seq, idx = fill(a, vals)
+        if isinstance(seq, QArray):
+            raise NotImplementedError("indexing a quantized tensor")
+        return seq[idx]
+
+    return Step(node.name, run, tuple(names), None, False, None, Layer("getitem", "getitem"))
+
+
+def _pool(ctx, node, mod, op, kernel_fn, fields):
+    if mod is not None:
+        o = {n: getattr(mod, n, d) for n, d in fields}
+    else:
+        _, a, kw = bind(ctx, node.args, node.kwargs)
+        o = _pick(a, kw, fields)
+    src = node.args[0]
+    cl = ctx.cl.get(src.name, False)
+    if ctx.ndim(src) != 4:
+        raise NotImplementedError(f"{op} of a {ctx.ndim(src)}-d tensor (only 4-d)")
+    layout = "NHWC" if cl else "NCHW"
+    scheme = None if op == "max_pool2d" else ctx.engine.pool
+    kw2 = {k: v for k, v in o.items() if k != "return_indices"}
+    if o.get("return_indices"):
+        raise NotImplementedError(f"{op} with return_indices=True")
+    if scheme is not None:
+        kw2["scheme"] = scheme
+    layer = Layer(op, _target(node), scheme, None, None, dict(o))
+    return _step(
+        ctx, node, lambda _, x: (kernel_fn(x, layout=layout, **kw2), cl), [src.name], layer=layer
+    )
+
+
+def h_max_pool(ctx, node, mod=None):
+    fields = [("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1),
+              ("ceil_mode", False), ("return_indices", False)]  # fmt: skip
+    return _pool(ctx, node, mod, "max_pool2d", K.max_pool2d, fields)
+
+
+def h_avg_pool(ctx, node, mod=None):
+    fields = [("kernel_size", None), ("stride", None), ("padding", 0), ("ceil_mode", False),
+              ("count_include_pad", True), ("divisor_override", None)]  # fmt: skip
+    return _pool(ctx, node, mod, "avg_pool2d", K.avg_pool2d, fields)
+
+
+def h_adaptive_avg_pool(ctx, node, mod=None):
+    return _pool(
+        ctx, node, mod, "adaptive_avg_pool2d", K.adaptive_avg_pool2d, [("output_size", None)]
+    )
+
+
+def _target(node) -> str:
+    t = node.target
+    if node.op == "call_module":
+        return str(t)
+    if node.op == "call_method":
+        return f"Tensor.{t}"
+    return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or str(t)
+
+
+q = torch.ops.quantized
+HANDLERS: dict[str, dict[Any, Callable]] = {
+    "module": {
+        nnq.Quantize: h_quantize,
+        nnq.DeQuantize: h_dequantize,
+        nnq.Linear: h_linear,
+        nniq.LinearReLU: h_linear,
+        nnq.Conv1d: h_conv,
+        nnq.Conv2d: h_conv,
+        nniq.ConvReLU1d: h_conv,
+        nniq.ConvReLU2d: h_conv,
+        nn.Identity: h_identity,
+        nn.Dropout: h_identity,
+        nnq.Dropout: h_identity,
+        nn.ReLU: h_relu,
+        nn.ReLU6: h_relu6,
+        nnq.ReLU6: h_relu6,
+        nn.Hardtanh: h_hardtanh,
+        nn.Flatten: h_flatten,
+        nn.MaxPool2d: h_max_pool,
+        nn.AvgPool2d: h_avg_pool,
+        nn.AdaptiveAvgPool2d: h_adaptive_avg_pool,
+    },
+    "function": {
+        torch.quantize_per_tensor: h_quantize,
+        torch.dequantize: h_dequantize,
+        q.add: h_add,
+        q.add.default: h_add,
+        q.add_relu: h_add_relu,
+        q.add_relu.default: h_add_relu,
+        q.mul: h_mul,
+        q.mul.default: h_mul,
+        q.mul_relu: h_mul_relu,
+        q.mul_relu.default: h_mul_relu,
+        q.mul_scalar: h_mul_scalar,
+        q.cat: h_cat,
+        q.cat.default: h_cat,
+        q.relu6: h_relu6,
+        torch.cat: h_cat,
+        torch.relu: h_relu,
+        F.relu: h_relu,
+        F.relu6: h_relu6,
+        F.hardtanh: h_hardtanh,
+        torch.flatten: h_flatten,
+        torch.reshape: h_reshape,
+        F.max_pool2d: h_max_pool,
+        F.avg_pool2d: h_avg_pool,
+        torch._C._nn.avg_pool2d: h_avg_pool,
+        F.adaptive_avg_pool2d: h_adaptive_avg_pool,
+        F.dropout: h_identity,
+        operator.getitem: h_getitem,
+    },
+    "method": {
+        "dequantize": h_dequantize,
+        "relu": h_relu,
+        "flatten": h_flatten,
+        "view": h_reshape,
+        "reshape": h_reshape,
+        "contiguous": h_identity,
+        "size": h_size,
+    },
+}
