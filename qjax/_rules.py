@@ -125,14 +125,16 @@ def _is_weighted(kind: str) -> bool:
 
 
 def weight_at_clamp_bound(ev: LayerEvidence) -> Cause | None:
-    """Rule 9 vs 6: the largest weight was clamped by convert's symmetric scale.
+    """Rule 9 vs 6: convert's symmetric scale cannot store the largest weight.
 
     Signature: a signed symmetric weight (zero points 0) on a range with an odd number of
-    steps (``qmax - qmin`` odd, e.g. -128..127) where a channel's largest code is ``qmax``
-    and no code reaches ``qmin``. Under ``calculate_qparams`` (rule 6, what ``convert()``
-    stores) ``s = amax/127.5``, so the largest magnitude lands on ±127.5: -127.5 rounds to
-    -128 (representable) but +127.5 rounds to 128 and is clamped to 127; the fused QAT
-    fake-quant (rule 9: ``max(|min|/128, max/127)``, affine when min >= 0) trained it exact.
+    steps (``qmax - qmin`` odd, e.g. -128..127) where a channel's largest ``|code|`` is
+    ``qmax`` and no code reaches ``qmin``. Under ``calculate_qparams`` (rule 6, what
+    ``convert()`` stores) ``s = amax/127.5``, so the largest magnitude lands on ±127.5
+    steps and is stored as 127 (+127.5 rounds to 128 and is clamped; with torch's
+    reciprocal ``x·inv(s)`` is just below 127.5 and rounds down), i.e. ``0.996·amax``;
+    the fused QAT fake-quant (rule 9: ``max(|min|/128, max/127)``, affine when min >= 0)
+    trained it exact.
     A converted model compared with itself cannot show this (both sides store the same
     weight), so it is named only against a fake-quant or hand reference, or as a risk.
 
@@ -155,7 +157,7 @@ def weight_at_clamp_bound(ev: LayerEvidence) -> Cause | None:
     flat = codes.reshape(-1, codes.shape[-1]) if codes.ndim > 1 else codes.reshape(-1, 1)
     if spec.granularity == "tensor":
         flat = flat.reshape(-1, 1)
-    hit = (flat.max(axis=0) == spec.qmax) & (flat.min(axis=0) > spec.qmin)
+    hit = (np.abs(flat).max(axis=0) == spec.qmax) & (flat.min(axis=0) > spec.qmin)
     if not hit.any():
         return None
     if ev.compared:
@@ -167,11 +169,12 @@ def weight_at_clamp_bound(ev: LayerEvidence) -> Cause | None:
     scale = np.asarray(w.scale, np.float64).reshape(-1)
     s0 = float(scale[int(np.argmax(hit))] if scale.size > 1 else scale[0])
     lost = _lost_bins(ev)
+    half = (spec.qmax - spec.qmin) / 2
     msg = (
-        f"weight clamped at +{spec.qmax} in {int(hit.sum())} of {hit.size} "
-        f"{'channel(s)' if hit.size > 1 else 'tensor'} with no {spec.qmin}: convert() "
-        f"stored scale amax/127.5 = {s0:.6g} (rule 6), so the largest weight "
-        f"({127.5 * s0:.6g}) became {spec.qmax}·s = {spec.qmax * s0:.6g}; QAT's fused "
+        f"largest |weight| stored as {spec.qmax} with no {spec.qmin} in {int(hit.sum())} of "
+        f"{hit.size} {'channels' if hit.size > 1 else 'tensor'}: convert() set the scale to "
+        f"amax/{half} = {s0:.6g} (rule 6), so amax = {half} steps could only be stored as "
+        f"{spec.qmax}·s = {spec.qmax * s0:.6g} = {spec.qmax / half:.4f}·amax; QAT's fused "
         "fake-quant (rule 9) trained it exact"
     )
     if lost:
@@ -270,13 +273,16 @@ def int16_saturation(ev: LayerEvidence) -> Cause | None:
 
 
 def zero_point_tie(ev: LayerEvidence) -> Cause | None:
-    """Rules 1 vs 4: zero point added before or after rounding, at exact ties.
+    """Rules 1 vs 4: zero point added before or after rounding, at (near) ties.
 
-    ``torch.quantize_per_tensor`` computes ``rint(x·inv(s) + zp)`` (rule 1), fake-quant and
-    pt2e ``rint(x·inv(s)) + zp`` (rules 4, 5). At a tie ``x·inv(s) = k + ½`` they differ by
-    one exactly when ``zp`` is odd (half-to-even picks the other neighbour). With the
-    float input at hand, ties are found exactly (float32 products are exact in float64):
-    if every mismatch sits on a tie the cause is ``"confirmed"``.
+    ``torch.quantize_per_tensor`` computes ``rint(fma(x, inv(s), zp))`` (rule 1),
+    fake-quant and pt2e ``rint(f32(x·inv(s))) + zp`` (rules 4, 5). They differ by one
+    code only at rounding ties: at an exact tie ``x·inv(s) = k + ½`` when ``zp`` is odd
+    (half-to-even picks the other neighbour), and, for any zero point, within one float32
+    ulp of a tie, where the fused sum is rounded once at the magnitude of ``v + zp`` and
+    lands on the tie. With the float input at hand every mismatch is checked to sit within
+    ``spacing(f32(|v| + |zp|))`` of ``k + ½`` (float32 products are exact in float64): if
+    all do, the cause is ``"confirmed"``. Without a reference, odd zero points are a risk.
 
     >>> from qjax import QuantSpec, QParams
     >>> qp = QParams(0.5, 3, QuantSpec(signed=False))
@@ -290,9 +296,9 @@ def zero_point_tie(ev: LayerEvidence) -> Cause | None:
     if ev.kind != "quantize" or ev.out_qparams is None:
         return None
     zp = np.asarray(ev.out_qparams.zero_point, np.int64)
-    if not np.any(zp % 2):
-        return None
     if not ev.compared:
+        if not np.any(zp % 2):
+            return None
         return Cause(
             "1,4",
             "zero_point_tie",
@@ -311,10 +317,11 @@ def zero_point_tie(ev: LayerEvidence) -> Cause | None:
         s = np.asarray(ev.out_qparams.scale, np.float32)
         inv = (np.float32(1) / s).astype(np.float64)
         v = np.asarray(ev.float_input, np.float32).astype(np.float64) * inv
-        on_tie = (v - np.floor(v)) == 0.5
-        n_tie = int((on_tie & mask).sum())
-        ties = f"; {n_tie} of {int(mask.sum())} mismatches are exact ties"
-        if n_tie == int(mask.sum()):
+        ulp = np.spacing((np.abs(v) + np.abs(zp)).astype(np.float32)).astype(np.float64)
+        near = np.abs(v - np.floor(v) - 0.5) <= ulp
+        n_tie, n = int((near & mask).sum()), int(mask.sum())
+        ties = f"; {n_tie} of {n} mismatches are within a float32 ulp of a tie"
+        if n_tie == n:
             strength = "confirmed"
         elif n_tie == 0:
             return None
@@ -322,10 +329,10 @@ def zero_point_tie(ev: LayerEvidence) -> Cause | None:
         "1,4",
         "zero_point_tie",
         strength,
-        f"zero point {_short_list(zp)} is odd and every mismatch is 1 LSB{ties}: "
+        f"every mismatch is 1 LSB (zero point {_short_list(zp)}){ties}: "
         "quantize_per_tensor adds zp before rounding (rule 1), fake-quant after (rule 4)",
-        "an even zero point, or quantize with the reference's rule (compat='torch' vs the "
-        "fake-quant rule)",
+        "quantize with the reference's rule on both sides (qjax.quantize compat='torch' is "
+        "rule 1; fake_quant is rule 4); odd zero points make exact ties differ",
     )
 
 
