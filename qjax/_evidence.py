@@ -29,14 +29,15 @@ def codes_of(v: Any, what: str) -> np.ndarray:
 
 
 def weight_and_bias(params: Any) -> tuple[QArray | None, bool]:
-    """The int8 weight (first signed QArray) and whether a nonzero bias is among params."""
+    """The int8 weight (first signed QArray of rank >= 2) and whether params hold a
+    nonzero float array outside it (a bias: the kernels keep biases float32)."""
     weight, has_bias = None, False
-    leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))
-    for path, leaf in leaves[0]:
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, QArray))
+    for leaf in leaves:
         if isinstance(leaf, QArray):
             if weight is None and leaf.spec.signed and leaf.ndim >= 2:
                 weight = leaf
-        elif "bias" in jax.tree_util.keystr(path).lower() and leaf is not None:
+        elif hasattr(leaf, "dtype") and np.issubdtype(np.dtype(leaf.dtype), np.floating):
             has_bias = has_bias or bool(np.any(np.asarray(leaf) != 0))
     return weight, has_bias
 
@@ -70,6 +71,7 @@ def evidence(program, name: str, codes, ref_codes, trace, floats, engine, refere
         input_qparams=input_qp,
         float_input=float_input,
         reference_kind=reference_kind,
+        scheme=getattr(layer, "scheme", None),
     )
 
 

@@ -83,7 +83,9 @@ class LayerEvidence:
     (:class:`~qjax.QArray`, output channels on the last axis, as the kernels store it),
     ``input_codes``/``input_qparams`` the layer's quantized input, ``float_input`` its
     float input (quantize layers). ``kind`` is the op (``"quantize"``, ``"linear"``,
-    ``"conv2d"``, ...), ``engine`` the torch engine the program was imported for,
+    ``"conv2d"``, ...), ``engine`` the torch engine the program was imported for (if
+    known), ``scheme`` the requantization scheme the layer ran with (``"fbgemm"``,
+    ``"onednn"``, ...),
     ``reference_kind`` what produced ``ref_codes``: ``"torch"`` (a converted model),
     ``"fake_quant"`` (a QAT model), ``"hand"`` (a hand simulation) or ``"none"``.
     """
@@ -100,6 +102,7 @@ class LayerEvidence:
     input_qparams: QParams | None = None
     float_input: np.ndarray | None = None
     reference_kind: ReferenceKind = "torch"
+    scheme: str | None = None
 
     @property
     def compared(self) -> bool:
@@ -214,9 +217,10 @@ def _short_list(a: np.ndarray, n: int = 6) -> str:
 def int16_saturation(ev: LayerEvidence) -> Cause | None:
     """Rule 14: FBGEMM without VNNI saturates pair sums of uint8 x int8 products to int16.
 
-    Applies to linear/conv layers on an FBGEMM path (engines fbgemm, x86, fbgemm_avx2)
-    with unsigned activations whose codes exceed 127: ``x[2j]·w[2j] + x[2j+1]·w[2j+1]``
-    is summed in int16 (``vpmaddubsw``) before int32 accumulation. For a linear layer
+    Applies to linear/conv layers on an FBGEMM path (scheme ``"fbgemm"``, or engines
+    fbgemm, x86 and fbgemm_avx2: x86 conv runs FBGEMM on CPUs without VNNI) with
+    unsigned activations whose codes exceed 127: ``x[2j]·w[2j] + x[2j+1]·w[2j+1]`` is
+    summed in int16 (``vpmaddubsw``) before int32 accumulation. For a linear layer
     with its input codes at hand the saturating pairs are counted exactly (pairs along K,
     the first ``4096`` input rows); for conv the bound ``2·max(x)·max|w| > 32767`` is used.
     ``reduce_range=True`` (codes <= 127) or signed activations avoid it.
@@ -234,7 +238,8 @@ def int16_saturation(ev: LayerEvidence) -> Cause | None:
     if ev.input_qparams is not None and ev.input_qparams.spec.signed:
         return None
     engines = _FBGEMM_LINEAR if ev.kind.startswith("linear") else _FBGEMM_CONV
-    if ev.engine is not None and ev.engine not in engines:
+    on_fbgemm = ev.scheme == "fbgemm" or ev.engine in engines
+    if not on_fbgemm and (ev.engine is not None or ev.scheme is not None):
         return None
     x = np.asarray(ev.input_codes, np.int64)
     if x.size == 0 or x.max() <= 127:
@@ -373,9 +378,10 @@ def reduce_range_clamp(ev: LayerEvidence) -> Cause | None:
 def onednn_epilogue(ev: LayerEvidence) -> Cause | None:
     """Rule 13: oneDNN's requantization epilogue has a shape-dependent float order.
 
-    Applies to conv on the x86 engine (oneDNN on VNNI CPUs) and to linear/conv on the
-    onednn engine: a few outputs per million differ by exactly 1 LSB. Named when the
-    worst difference is 1 LSB and the mismatch rate is at most ``1e-4``.
+    Applies to layers that ran the ``"onednn"`` scheme, conv on the x86 engine (oneDNN
+    on VNNI CPUs) and linear/conv on the onednn engine: a few outputs per million differ
+    by exactly 1 LSB. Named when the worst difference is 1 LSB and the mismatch rate is
+    at most ``1e-4``.
 
     >>> codes = np.zeros(100_000, np.uint8)
     >>> ref = codes.copy(); ref[7] = 1
@@ -384,7 +390,8 @@ def onednn_epilogue(ev: LayerEvidence) -> Cause | None:
     """
     if not _is_weighted(ev.kind):
         return None
-    if not (ev.engine == "onednn" or (ev.engine == "x86" and ev.kind.startswith("conv"))):
+    x86_conv = ev.engine == "x86" and ev.kind.startswith("conv")
+    if not (ev.scheme == "onednn" or ev.engine == "onednn" or x86_conv):
         return None
     if not ev.compared:
         return Cause(

@@ -121,7 +121,8 @@ class ParityReport(Rendered):
                 idx = ",".join(map(str, la.first["index"]))
                 first = f"[{idx}] ref {la.first['reference']} / qjax {la.first['qjax']}"
             cause = "; ".join(f"rule {c.rule} {c.name} ({c.strength})" for c in la.causes)
-            rows.append([la.name, la.op, la.values, la.mismatches, f"{la.rate:.3g}", la.max_lsb,
+            op = f"{la.op}/{la.scheme}" if la.scheme else la.op
+            rows.append([la.name, op, la.values, la.mismatches, f"{la.rate:.3g}", la.max_lsb,
                          first, cause or None])  # fmt: skip
         return rows
 

@@ -309,7 +309,7 @@ def test_report_renders_as_text_markdown_json_and_rich():
     text = r.render("text")
     assert "rule 9 weight_at_clamp_bound (likely)" in text and "128 of 256" in text
     md = r.render("markdown")
-    assert md.startswith("**qjax parity") and "| conv | conv2d | 256 | 128 |" in md
+    assert md.startswith("**qjax parity") and "| conv | conv2d/fbgemm | 256 | 128 |" in md
     d = json.loads(r.render("json"))
     assert d["mismatches"] == 128 and d["layers"][0]["causes"][0]["rule"] == "9"
     assert d["layers"][0]["first"] == {"index": [128], "reference": 128, "qjax": 127}
