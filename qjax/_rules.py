@@ -222,7 +222,8 @@ def int16_saturation(ev: LayerEvidence) -> Cause | None:
     unsigned activations whose codes exceed 127: ``x[2j]·w[2j] + x[2j+1]·w[2j+1]`` is
     summed in int16 (``vpmaddubsw``) before int32 accumulation. For a linear layer
     with its input codes at hand the saturating pairs are counted exactly (pairs along K,
-    the first ``4096`` input rows); for conv the bound ``2·max(x)·max|w| > 32767`` is used.
+    the first ``4096`` input rows); for conv, the weight pairs along K = (kh, kw, c_in)
+    that some input with codes up to ``max(x)`` drives past int16 are counted.
     ``reduce_range=True`` (codes <= 127) or signed activations avoid it.
 
     >>> from qjax import QuantSpec, QParams
@@ -256,10 +257,18 @@ def int16_saturation(ev: LayerEvidence) -> Cause | None:
             return None
         seen = f"{n_sat} of {pair.size} int16 pair sums saturate with these inputs"
     else:
-        worst = 2 * int(x.max()) * int(np.abs(w).max(initial=0))
-        if worst <= _I16_MAX:
+        # K runs (kh, kw, c_in): the HWIO weight flattened to (K, C_out). A pair saturates
+        # for some input in [0, max x] iff max x times its same-sign weights exceeds int16.
+        wk = w.reshape(-1, w.shape[-1])
+        if wk.shape[0] % 2:
+            wk = np.pad(wk, ((0, 1), (0, 0)))
+        pos = np.maximum(wk[0::2], 0) + np.maximum(wk[1::2], 0)
+        neg = np.maximum(-wk[0::2], 0) + np.maximum(-wk[1::2], 0)
+        xmax = int(x.max())
+        n_sat = int(((xmax * pos > _I16_MAX) | (xmax * neg > _I16_MAX + 1)).sum())
+        if n_sat == 0:
             return None
-        seen = f"pair sums can reach 2·{int(x.max())}·{int(np.abs(w).max())} = {worst} > 32767"
+        seen = f"{n_sat} of {pos.size} weight pairs can saturate int16 with codes up to {xmax}"
     if ev.compared:
         if not ev.mismatch()[0].any():
             return None

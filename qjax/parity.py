@@ -37,7 +37,9 @@ class LayerParity:
     """Parity of one layer: counts, the first mismatch and the likely causes.
 
     ``first`` is ``None`` or ``{"index": [...], "reference": int, "qjax": int}``;
-    ``ref_range`` / ``qjax_range`` are the ``(min, max)`` codes on each side.
+    ``ref_range`` / ``qjax_range`` are the ``(min, max)`` codes on each side;
+    ``propagated_from`` names the input layer whose mismatches this layer only carries
+    on (set when no rule applies and that input already differs).
     """
 
     name: str
@@ -51,6 +53,7 @@ class LayerParity:
     qjax_range: tuple[int, int]
     causes: tuple[Cause, ...] = ()
     scheme: str | None = None
+    propagated_from: str | None = None
 
     @property
     def rate(self) -> float:
@@ -121,6 +124,8 @@ class ParityReport(Rendered):
                 idx = ",".join(map(str, la.first["index"]))
                 first = f"[{idx}] ref {la.first['reference']} / qjax {la.first['qjax']}"
             cause = "; ".join(f"rule {c.rule} {c.name} ({c.strength})" for c in la.causes)
+            if not cause and la.propagated_from:
+                cause = f"input {la.propagated_from!r} already differs"
             op = f"{la.op}/{la.scheme}" if la.scheme else la.op
             rows.append([la.name, op, la.values, la.mismatches, f"{la.rate:.3g}", la.max_lsb,
                          first, cause or None])  # fmt: skip
@@ -225,11 +230,21 @@ def compare_traces(
             continue
         ev = evidence(program, name, codes, ref, trace, floats, engine, reference_kind)
         layer = program.layers.get(name) if program is not None else None
-        layers.append(_layer_parity(ev, getattr(layer, "scheme", None)))
+        la = _layer_parity(ev, getattr(layer, "scheme", None))
+        if la.mismatches and not la.causes:
+            src = _source(program, name)
+            if src is not None and any(p.name == src and p.mismatches for p in layers):
+                la = dataclasses.replace(la, propagated_from=src)
+        layers.append(la)
     notes += [
         f"reference layer {n!r} is not in the qjax trace" for n in reference if n not in trace
     ]
     return ParityReport(tuple(layers), engine, reference_kind, tuple(notes))
+
+
+def _source(program, name: str) -> str | None:
+    step = next((s for s in getattr(program, "steps", ()) if s.name == name), None)
+    return step.inputs[0] if step is not None and step.inputs else None
 
 
 def _as_tuple(inputs) -> tuple:

@@ -12,7 +12,7 @@ from _helpers import tie_heavy
 import qjax
 from qjax import QArray, QParams, QuantSpec
 from qjax import _rules as rules
-from qjax.kernels import prepare_linear, quantized_linear
+from qjax.kernels import prepare_conv, prepare_linear, quantized_conv, quantized_linear
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.filterwarnings("ignore:.*quantized tensor creation")
@@ -163,6 +163,33 @@ def test_rule14_not_named_when_codes_stay_below_128(rng):
         engine="x86", weight=w.weight, input_codes=np.asarray(x.values), input_qparams=x.qparams
     )
     assert rules.int16_saturation(ev) is None
+
+
+def test_rule14_conv_counts_weight_pairs_along_k(rng):
+    # K runs (kh, kw, c_in): weights (127, 127) in one pair saturate with codes > 129;
+    # an identity weight (one nonzero per pair) never does. Checked against the kernels.
+    x = QArray(
+        jnp.asarray(rng.integers(150, 256, (1, 4, 3, 3)).astype(np.uint8)), QParams(0.05, 128, U8)
+    )
+    out = QParams(np.float32(0.5), 128, U8)
+    for oihw, expect in (
+        (np.eye(4, dtype=np.int8).reshape(4, 4, 1, 1) * 127, None),
+        (np.full((2, 4, 1, 1), 127, np.int8), "14"),
+    ):
+        w = prepare_conv(QArray(jnp.asarray(oihw), QParams(np.float32(0.01), 0, W8)))
+        exact = quantized_conv(x, w, None, out)
+        sat = quantized_conv(x, w, None, out, accumulate="fbgemm_sat16")
+        assert np.array_equal(exact.values, sat.values) == (expect is None)
+        ev = _ev(
+            "c",
+            "conv2d",
+            scheme="fbgemm",
+            weight=w.weight,
+            input_codes=np.asarray(x.values),
+            input_qparams=x.qparams,
+        )
+        cause = rules.int16_saturation(ev)
+        assert (cause.rule if cause else None) == expect
 
 
 # ---- rules 1 vs 4: zero point before / after rounding ------------------------------------

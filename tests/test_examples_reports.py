@@ -1,0 +1,40 @@
+"""Smoke tests of the two user-report reproductions (examples/*_report.py, iris golden model):
+each runs end to end and its printed claims hold, compared with torch at run time."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_identity_conv_report(capsys):
+    out = _load("identity_conv_report").main(rows=2)
+    assert out["vs_torch"].ok and out["vs_torch"].values == 3 * 3 * 2 * 256  # quant, conv, act
+    conv = out["report"]["conv"]
+    # every input code >= 128 lands one code low: 128 per row, 3 channels x 2 rows
+    assert (conv.mismatches, conv.max_lsb) == (128 * 6, 1)
+    assert conv.first == {"index": [0, 0, 0, 128], "reference": 128, "qjax": 127}
+    assert conv.ref_range == (0, 255) and conv.qjax_range == (0, 254)
+    (cause,) = conv.causes
+    assert cause.rule == "9" and "[127, 128] (duplicate)" in cause.message
+    assert "never produced: [255]" in cause.message and "[-127, 127]" in cause.fix
+    assert out["report"]["act"].propagated_from == "conv"
+    assert out["weight_codes"] == [0, 127] and out["fixed_weight_codes"] == [0, 127]
+    assert all(v == (0, 254, 255) for v in out["engines"].values())
+    assert out["fixed"].ok and out["fixed_vs_torch"].ok and all(out["fixed_engines"].values())
+    text = capsys.readouterr().out
+    assert "weight_at_clamp_bound" in text and "identity on every engine" in text
+    assert np.isfinite(conv.rate)
