@@ -23,11 +23,11 @@ import warnings
 
 import numpy as np
 import torch
+from qjax.converters.torch import import_model
 from torch import nn
 from torch.ao import quantization as tq
 
 import qjax
-from qjax.converters.torch import import_model
 
 
 class IdentityConv(nn.Module):
