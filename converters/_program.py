@@ -13,9 +13,10 @@ Every step whose result is a :class:`~qjax.QArray` and whose ``traced`` flag is 
 step (graph) order, passed through ``Step.export`` first when a step stores its value in
 an internal layout (e.g. NHWC codes for a torch NCHW tensor: ``export`` transposes back).
 
-Both ``__call__`` and ``trace`` are ``jax.jit`` functions of ``(params, inputs)``: the
-weights are arguments, not constants folded into the program, and XLA compiles once per
-input shape and dtype (``Program.compile_count`` counts the traces, for tests).
+``__call__`` and ``run_traced`` (which ``trace`` calls: one program returning the output
+and the activations together) are ``jax.jit`` functions of ``(params, inputs)``: the
+weights are arguments, not constants folded into the program, and XLA compiles each once
+per input shape and dtype (``Program.compile_count`` counts the traces, for tests).
 
 Inputs may be numpy arrays, jax arrays, Python scalars or torch tensors (float): torch
 tensors are detached and copied through numpy (torch is never imported here).
@@ -156,14 +157,15 @@ class Program:
                 except (TypeError, ValueError, NotImplementedError) as e:
                     target = s.layer.target if s.layer is not None else "?"
                     raise type(e)(f"step {s.name!r} ({target}): {e}") from e
+            result = jax.tree_util.tree_map(lambda n: env[n], self.output)
             if not trace:
-                return jax.tree_util.tree_map(lambda n: env[n], self.output)
+                return result
             out = {}
             for s in self.steps:
                 v = env[s.name]
                 if s.traced and isinstance(v, QArray):
                     out[s.name] = s.export(v) if s.export is not None else v
-            return out
+            return result, out
 
         return run
 
@@ -180,9 +182,14 @@ class Program:
 
     def trace(self, *inputs) -> dict[str, QArray]:
         """``{layer name: QArray}`` for every quantized activation, in graph order."""
-        out = self._trace(self.params, self._args(inputs))
+        return self.run_traced(*inputs)[1]
+
+    def run_traced(self, *inputs) -> tuple[Any, dict[str, QArray]]:
+        """``(output, trace)`` from one compiled program: what ``__call__`` and ``trace``
+        return, computed once."""
+        result, out = self._trace(self.params, self._args(inputs))
         # jit returns dicts with sorted keys: restore the step order
-        return {s.name: out[s.name] for s in self.steps if s.name in out}
+        return result, {s.name: out[s.name] for s in self.steps if s.name in out}
 
     def __repr__(self) -> str:
         ops = ", ".join(f"{s.name}:{s.layer.op if s.layer else '?'}" for s in self.steps)

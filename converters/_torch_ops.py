@@ -47,7 +47,7 @@ def act_qparams(scale, zero_point, dtype) -> QParams:
     if dtype not in (torch.quint8, torch.qint8):
         raise NotImplementedError(f"activation dtype {dtype} (only quint8 and qint8)")
     spec = QuantSpec(signed=dtype == torch.qint8)
-    return QParams(jnp.float32(float(scale)), jnp.int32(int(zero_point)), spec)
+    return QParams(np.float32(float(scale)), np.int32(int(zero_point)), spec)
 
 
 def qparams_of(t: torch.Tensor) -> QParams:
@@ -63,16 +63,16 @@ def _weight(w: torch.Tensor, where: str, *, transpose: bool = False) -> QArray:
     if w.dtype != torch.qint8:
         raise NotImplementedError(f"{where}: weight dtype {w.dtype} (only qint8)")
     vals = w.int_repr().numpy()
-    vals = jnp.asarray(vals.T if transpose else vals)
+    vals = np.ascontiguousarray(vals.T if transpose else vals)
     axis = 1 if transpose else 0
     if w.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-        qp = QParams(jnp.float32(w.q_scale()), jnp.int32(w.q_zero_point()), QuantSpec(signed=True))
+        qp = QParams(np.float32(w.q_scale()), np.int32(w.q_zero_point()), QuantSpec(signed=True))
     elif w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
         if w.q_per_channel_axis() != 0:
             raise NotImplementedError(f"{where}: per-channel weight axis {w.q_per_channel_axis()}")
         qp = QParams(
-            jnp.asarray(w.q_per_channel_scales().numpy(), jnp.float32),
-            jnp.asarray(w.q_per_channel_zero_points().numpy(), jnp.int32),
+            w.q_per_channel_scales().numpy().astype(np.float32),
+            w.q_per_channel_zero_points().numpy().astype(np.int32),
             QuantSpec(signed=True, axis=axis),
         )
     else:
@@ -81,7 +81,7 @@ def _weight(w: torch.Tensor, where: str, *, transpose: bool = False) -> QArray:
 
 
 def _bias(b) -> Any:
-    return None if b is None else jnp.asarray(b.detach().numpy(), jnp.float32)
+    return None if b is None else jnp.asarray(b.detach().numpy().astype(np.float32))
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,8 +279,33 @@ def h_relu(ctx, node, mod=None):
     return _unary(ctx, node, "relu", _target(node), K.relu)
 
 
+def _clamp(ctx, node, op, f):
+    """relu6 / hardtanh. torch 2.13's QNNPACK clamp (``qnnpack_clamp``, taken under the
+    ``qnnpack`` engine for quint8) clamps a channels-last input's buffer but returns it as
+    a *contiguous* tensor of the same sizes: the NHWC codes reinterpreted in NCHW order
+    (measured; a torch bug). The ``"qnnpack"`` engine reproduces that."""
+    src = node.args[0]
+    cl = ctx.cl.get(src.name, False)
+    bug = (
+        ctx.engine.name == "qnnpack"
+        and cl
+        and ctx.ndim(src) == 4
+        and ctx.dtype_of(src) == torch.quint8
+    )
+
+    def g(_, x):
+        y = f(x)
+        if bug:  # (N, H, W, C) memory read as (N, C, H, W)
+            n, h, w, c = y.shape
+            return QArray(jnp.reshape(y.values, (n, c, h, w)), y.qparams), False
+        return y, cl
+
+    layer = Layer(op, _target(node), None, None, None, {"qnnpack_layout_bug": bug})
+    return _step(ctx, node, g, [src.name], layer=layer)
+
+
 def h_relu6(ctx, node, mod=None):
-    return _unary(ctx, node, "relu6", _target(node), K.relu6)
+    return _clamp(ctx, node, "relu6", K.relu6)
 
 
 def h_hardtanh(ctx, node, mod=None):
@@ -289,9 +314,7 @@ def h_hardtanh(ctx, node, mod=None):
     else:
         _, a, kw = bind(ctx, node.args, node.kwargs)
         lo, hi, _ = _pick(a, kw, [("min_val", -1.0), ("max_val", 1.0), ("inplace", False)]).values()
-    return _unary(
-        ctx, node, "hardtanh", _target(node), lambda x: K.hardtanh(x, float(lo), float(hi))
-    )
+    return _clamp(ctx, node, "hardtanh", lambda x: K.hardtanh(x, float(lo), float(hi)))
 
 
 def _binary_qparams(ctx, node, a, kw, what):
