@@ -50,11 +50,20 @@ class IdentityConv(nn.Module):
 def qconfig(weight_quant_min: int) -> tq.QConfig:
     """The report's qconfig: fused fake-quant, affine quint8 activations, symmetric weight."""
     fq = tq.FusedMovingAvgObsFakeQuantize
-    act = fq.with_args(observer=tq.MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
-                       dtype=torch.quint8, qscheme=torch.per_tensor_affine)  # fmt: skip
-    weight = fq.with_args(observer=tq.MovingAverageMinMaxObserver, quant_min=weight_quant_min,
-                          quant_max=127, dtype=torch.qint8,
-                          qscheme=torch.per_tensor_symmetric)  # fmt: skip
+    act = fq.with_args(
+        observer=tq.MovingAverageMinMaxObserver,
+        quant_min=0,
+        quant_max=255,
+        dtype=torch.quint8,
+        qscheme=torch.per_tensor_affine,
+    )
+    weight = fq.with_args(
+        observer=tq.MovingAverageMinMaxObserver,
+        quant_min=weight_quant_min,
+        quant_max=127,
+        dtype=torch.qint8,
+        qscheme=torch.per_tensor_symmetric,
+    )
     return tq.QConfig(activation=act, weight=weight)
 
 
@@ -78,8 +87,12 @@ def fake_quant_codes(prepared: nn.Module, x: torch.Tensor, names) -> dict[str, n
     into an Identity) repeats its input's codes.
     """
     seen: dict[str, torch.Tensor] = {}
-    hooks = [prepared.get_submodule(n).register_forward_hook(
-        lambda m, i, o, n=n: seen.__setitem__(n, o.detach())) for n in names]  # fmt: skip
+    hooks = [
+        prepared.get_submodule(n).register_forward_hook(
+            lambda m, i, o, n=n: seen.__setitem__(n, o.detach())
+        )
+        for n in names
+    ]
     with torch.no_grad():
         prepared(x)
     for h in hooks:
@@ -111,8 +124,10 @@ def main(k: float = 1.0, rows: int = 4) -> dict:
     names = list(program.trace(x))
 
     vs_torch = qjax.parity.compare(converted, program, x, engine="fbgemm")
-    print(f"qjax vs the converted torch model: {vs_torch.mismatches} of {vs_torch.values} "
-          "integers differ (the int8 arithmetic is reproduced exactly)\n")  # fmt: skip
+    print(
+        f"qjax vs the converted torch model: {vs_torch.mismatches} of {vs_torch.values} "
+        "integers differ (the int8 arithmetic is reproduced exactly)\n"
+    )
 
     ref = fake_quant_codes(prepared, x, names)
     report = qjax.parity.compare(
@@ -126,7 +141,7 @@ def main(k: float = 1.0, rows: int = 4) -> dict:
         f"scale {float(w.scale):.6g} = 2k/255 -> k stored as {127 * float(w.scale):.6g}"
     )
     print(f"QAT (fake-quant) row: {_row_summary(ref['conv'])}")
-    print(f"converted / qjax row: {_row_summary(np.asarray(conv.values))}\n")  # fmt: skip
+    print(f"converted / qjax row: {_row_summary(np.asarray(conv.values))}\n")
 
     engines = {}
     for engine in ("fbgemm", "qnnpack", "tflite", "exact"):
@@ -144,10 +159,12 @@ def main(k: float = 1.0, rows: int = 4) -> dict:
     fixed_torch = qjax.parity.compare(converted_n, program_n, x, engine="fbgemm")
     conv_n = np.asarray(program_n.trace(x)["conv"].values)
     wn = program_n.params["conv"][0].weight
-    print(f"\nfix: narrow weight range [-127, 127]: scale {float(wn.scale):.6g} = k/127, "
-          f"codes {np.unique(np.asarray(wn.values)).tolist()}; QAT vs int8: "
-          f"{fixed.mismatches} of {fixed.values} differ; torch vs qjax: "
-          f"{fixed_torch.mismatches}; row: {_row_summary(conv_n)}")  # fmt: skip
+    print(
+        f"\nfix: narrow weight range [-127, 127]: scale {float(wn.scale):.6g} = k/127, "
+        f"codes {np.unique(np.asarray(wn.values)).tolist()}; QAT vs int8: "
+        f"{fixed.mismatches} of {fixed.values} differ; torch vs qjax: "
+        f"{fixed_torch.mismatches}; row: {_row_summary(conv_n)}"
+    )
     fixed_engines = {}
     for engine in ("fbgemm", "qnnpack", "tflite", "exact"):
         p = program_n if engine == "fbgemm" else import_model(converted_n, (x,), engine=engine)
