@@ -30,6 +30,8 @@ from torch.ao.quantization import (
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 ACTS = ("relu", "relu6", "hardtanh", None)
+BLOCKS = ("add", "add_relu", "cat", "dw", "none")
+POOLS = ("max", "avg", "adaptive", "avg_pad")
 
 
 def _act(name):
@@ -47,7 +49,7 @@ class MLP(nn.Module):
 
     def __init__(self, rng, fx_mode: bool):
         super().__init__()
-        dims = [int(rng.integers(3, 25))] + [int(rng.integers(4, 33)) for _ in range(3)]
+        dims = [int(v) for v in rng.choice([3, 8, 16, 24, 32], 4)]
         depth = int(rng.integers(1, 4))
         self.in_features = dims[0]
         self.q, self.dq = QuantStub(), DeQuantStub()
@@ -83,9 +85,9 @@ class MLP(nn.Module):
 
 class CNN(nn.Module):
     """Quant -> conv (+act) -> [depthwise / residual add / cat branch] -> pool -> flatten
-    -> linear (+relu) -> linear -> DeQuant."""
+    -> linear -> DeQuant."""
 
-    def __init__(self, rng, fx_mode: bool):
+    def __init__(self, rng, fx_mode: bool, block=None, pool=None):
         super().__init__()
         self.fx_mode = fx_mode
         self.c_in = int(rng.integers(1, 5))
@@ -96,14 +98,13 @@ class CNN(nn.Module):
         self.stem = nn.Conv2d(self.c_in, c, k, padding=k // 2, stride=int(rng.choice([1, 1, 2])))
         self.stem_act_name = ACTS[int(rng.integers(0, 3))]
         self.stem_act = _act(self.stem_act_name)
-        self.block = str(rng.choice(["add", "add_relu", "cat", "none", "dw"]))
+        self.block = block or str(rng.choice(BLOCKS))
         dw = bool(c % 8 == 0 and rng.random() < 0.7)
         self.b1 = nn.Conv2d(c, c, 3, padding=1, groups=c if dw else 1)
         self.b1_relu = nn.ReLU()
         self.b2 = nn.Conv2d(c, c, 1, bias=bool(rng.random() < 0.7))
         self.ff = nnq.FloatFunctional()
-        c_out = 2 * c if self.block == "cat" else c
-        self.pool_kind = str(rng.choice(["max", "avg", "adaptive", "avg_pad"]))
+        self.pool_kind = pool or str(rng.choice(POOLS))
         if self.pool_kind == "max":
             self.pool = nn.MaxPool2d(2, ceil_mode=bool(rng.random() < 0.3))
         elif self.pool_kind == "avg":
@@ -114,12 +115,10 @@ class CNN(nn.Module):
             self.pool = nn.AdaptiveAvgPool2d(int(rng.choice([1, 2])))
         with torch.no_grad():
             feat = self._features(torch.zeros(1, self.c_in, *self.hw), quant=False).shape[1]
-        self.fc1 = nn.Linear(feat, int(rng.integers(4, 17)))
-        self.fc1_relu = nn.ReLU()
-        self.fc2 = nn.Linear(self.fc1.out_features, int(rng.integers(2, 8)))
+        self.fc = nn.Linear(feat, int(rng.integers(2, 8)))
 
     def fuse_pairs(self):
-        pairs = [["b1", "b1_relu"], ["fc1", "fc1_relu"]]
+        pairs = [["b1", "b1_relu"]]
         if self.stem_act_name == "relu":
             pairs.append(["stem", "stem_act"])
         return pairs
@@ -150,7 +149,7 @@ class CNN(nn.Module):
     def forward(self, x):
         x = self.q(x)
         x = self._features(x)
-        x = self.fc2(self.fc1_relu(self.fc1(x)))
+        x = self.fc(x)
         return self.dq(x)
 
 
@@ -186,22 +185,27 @@ FAMILIES = {"mlp": MLP, "cnn": CNN, "conv1d": Conv1dNet}
 
 def qconfig(engine: str, variant: str) -> QConfig:
     """``"default"``: torch's default for ``engine``; ``"wide"``: reduce_range off (codes up
-    to 255), per-channel weights; ``"per_tensor"``: per-tensor symmetric weights, reduce_range
-    on (``"qnnpack"``: off)."""
+    to 255), per-channel weights; ``"per_tensor"``: per-tensor symmetric weights;
+    ``"affine_w"``: per-tensor affine weights (non-zero zero points); the last two with
+    reduce_range on (``"qnnpack"``: off)."""
     if variant == "default":
         return get_default_qconfig(engine)
-    act_rr = variant == "per_tensor" and engine != "qnnpack"
+    act_rr = variant != "wide" and engine != "qnnpack"
     act = MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=act_rr)
     if variant == "wide":
         w = PerChannelMinMaxObserver.with_args(
             dtype=torch.qint8, qscheme=torch.per_channel_symmetric
         )
+    elif variant == "affine_w":
+        w = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_affine)
     else:
         w = MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
     return QConfig(activation=act, weight=w)
 
 
-def build(family: str, seed: int, engine: str, variant: str, mode: str, fuse: bool = True):
+def build(
+    family: str, seed: int, engine: str, variant: str, mode: str, fuse: bool = True, **options
+):
     """A calibrated, converted model, its example input and a description.
 
     ``mode``: ``"eager"`` (``fuse_modules`` when ``fuse``, ``prepare``, calibrate,
@@ -211,7 +215,7 @@ def build(family: str, seed: int, engine: str, variant: str, mode: str, fuse: bo
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = FAMILIES[family](rng, mode == "fx").eval()
+    model = FAMILIES[family](rng, mode == "fx", **options).eval()
     calib = model.example(gen, 32)
     x = model.example(gen, int(rng.integers(1, 5)))
     qc = qconfig(engine, variant)

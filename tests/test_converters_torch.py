@@ -1,0 +1,357 @@
+"""Converted torch int8 models imported as qjax programs: the same integers as torch.
+
+Random MLPs, CNNs and 1-D conv nets (``_torch_models.py``), quantized with eager
+``prepare``/``convert`` (fused with ``fuse_modules`` or not) and with FX
+``prepare_fx``/``convert_fx``, under several qconfigs (engine defaults, reduce_range on
+and off, per-tensor / per-channel / affine weights). Each is built and run under the
+torch engine it is compared with (one thread) and imported with the matching qjax
+engine; every quantized activation (``program.trace`` vs ``torch_trace``) and the float
+output are compared exactly:
+
+* ``fbgemm`` and ``qnnpack``: 0 mismatching integers;
+* ``x86`` and ``onednn``: within rule 13 (one code, about 2 outputs per million; the
+  suite's models are small, so this is typically 0 too).
+
+Counts per engine and family are printed (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import textwrap
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import _torch_models as tm  # noqa: E402
+from _helpers import run_script  # noqa: E402
+from qjax.converters import torch as qtorch  # noqa: E402
+
+
+def _has_vnni() -> bool:
+    try:
+        flags = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+VNNI = _has_vnni()
+VARIANTS = {
+    "fbgemm": ("default", "wide", "per_tensor", "affine_w"),
+    "qnnpack": ("default", "wide", "per_tensor", "affine_w"),
+    "x86": ("default", "wide", "per_tensor", "affine_w"),
+    "onednn": ("default", "wide", "per_tensor"),  # oneDNN takes symmetric weights only
+}
+# (family, count) per engine: 50 models in all (CNNs cost about 3x an MLP to compile)
+PLAN = {
+    "fbgemm": (("mlp", 8), ("cnn", 5), ("conv1d", 1)),
+    "qnnpack": (("mlp", 8), ("cnn", 5), ("conv1d", 1)),
+    "x86": (("mlp", 6), ("cnn", 4), ("conv1d", 1)),
+    "onednn": (("mlp", 7), ("cnn", 3), ("conv1d", 1)),
+}
+
+
+def _cases():
+    out = []
+    i = 0
+    for engine, fams in PLAN.items():
+        for fam, n in fams:
+            for j in range(n):
+                variants = VARIANTS[engine]
+                variant = variants[j % len(variants)]
+                if variant == "wide" and not VNNI and engine in ("fbgemm", "x86"):
+                    variant = "per_tensor"  # codes > 127 saturate in FBGEMM without VNNI
+                opts = {}
+                if fam == "cnn":
+                    opts = dict(block=tm.BLOCKS[j % 5], pool=tm.POOLS[(j + i) % 4])
+                mode = "fx" if (i + j) % 2 else "eager"
+                out.append((engine, fam, 1000 * i + j, variant, mode, j % 3 != 2, opts))
+            i += 1
+    return out
+
+
+CASES = _cases()
+
+
+def _compare(engine, fam, seed, variant, mode, fuse, opts, call: bool):
+    torch.backends.quantized.engine = engine
+    model, x = tm.build(fam, seed, engine, variant, mode, fuse, **opts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = qtorch.import_model(model, (x,), engine=engine)
+        ref_trace = qtorch.torch_trace(model, x)
+        with torch.no_grad():
+            ref_out = model(x).numpy()
+    out, trace = program.run_traced(x)
+    assert list(trace) == list(ref_trace)
+    n = mism = maxd = 0
+    for k, ref in ref_trace.items():
+        got = trace[k]
+        assert got.shape == ref.shape and got.dtype == ref.dtype, k
+        np.testing.assert_array_equal(np.asarray(got.scale), np.asarray(ref.scale), err_msg=k)
+        np.testing.assert_array_equal(
+            np.asarray(got.zero_point), np.asarray(ref.zero_point), err_msg=k
+        )
+        d = np.abs(np.asarray(got.values, np.int64) - np.asarray(ref.values, np.int64))
+        n += d.size
+        mism += int((d > 0).sum())
+        maxd = max(maxd, int(d.max(initial=0)))
+    out = np.asarray(out)
+    assert out.shape == ref_out.shape and out.dtype == np.float32
+    out_mism = int((out != ref_out).sum())
+    if call:  # the serving program (its own compile) returns the same floats
+        np.testing.assert_array_equal(np.asarray(program(x)), out)
+    return dict(n=n + out.size, mism=mism + out_mism, maxd=maxd, layers=len(ref_trace))
+
+
+@pytest.fixture(scope="module")
+def results():
+    threads = torch.get_num_threads()
+    engine = torch.backends.quantized.engine
+    torch.set_num_threads(1)
+    supported = set(torch.backends.quantized.supported_engines)
+    res = {}
+    try:
+        for i, (eng, fam, seed, variant, mode, fuse, opts) in enumerate(CASES):
+            if eng not in supported:
+                continue
+            r = _compare(eng, fam, seed, variant, mode, fuse, opts, call=i % 10 == 0)
+            agg = res.setdefault(eng, {}).setdefault(
+                fam, dict(models=0, n=0, mism=0, maxd=0, layers=0)
+            )
+            agg["models"] += 1
+            agg["n"] += r["n"]
+            agg["mism"] += r["mism"]
+            agg["maxd"] = max(agg["maxd"], r["maxd"])
+            agg["layers"] += r["layers"]
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.quantized.engine = engine
+    print("\nimported torch models vs torch (models, activations, values, mismatches, max|diff|):")
+    for eng, fams in res.items():
+        for fam, a in fams.items():
+            print(
+                f"  {eng:8s} {fam:7s} models={a['models']:2d} layers={a['layers']:3d} "
+                f"values={a['n']:7,d} mismatches={a['mism']} max_diff={a['maxd']}"
+            )
+    return res
+
+
+def test_plan_has_at_least_50_models():
+    assert len(CASES) >= 50
+    modes = {c[4] for c in CASES}
+    assert modes == {"eager", "fx"}
+    assert {c[1] for c in CASES} == {"mlp", "cnn", "conv1d"}
+
+
+@pytest.mark.parametrize("engine", ["fbgemm", "qnnpack"])
+def test_bit_exact_with_torch(engine, results):
+    if engine not in results:
+        pytest.skip(f"torch engine {engine} not available")
+    fams = results[engine]
+    assert sum(a["models"] for a in fams.values()) >= 14
+    assert sum(a["n"] for a in fams.values()) > 20_000
+    for fam, a in fams.items():
+        assert a["mism"] == 0, (engine, fam, a)
+
+
+@pytest.mark.parametrize("engine", ["x86", "onednn"])
+def test_onednn_conv_within_rule_13(engine, results):
+    if engine not in results:
+        pytest.skip(f"torch engine {engine} not available")
+    n = sum(a["n"] for a in results[engine].values())
+    mism = sum(a["mism"] for a in results[engine].values())
+    assert n > 10_000
+    assert max(a["maxd"] for a in results[engine].values()) <= 1, results[engine]
+    assert mism <= math.ceil(2e-6 * n), results[engine]
+
+
+# ---------------------------------------------------------------------------------------
+# program: inputs, compiles, layers, the int8-only jaxpr
+
+
+@pytest.fixture(scope="module")
+def cnn_x86():
+    eng = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "x86"
+    try:
+        model, x = tm.build("cnn", 7, "x86", "default", "fx", block="dw", pool="avg")
+        program = qtorch.import_model(model, x, engine="x86")
+    finally:
+        torch.backends.quantized.engine = eng
+    return model, x, program
+
+
+def test_inputs_numpy_jax_torch_and_one_compile_per_shape(cnn_x86):
+    model, x, program = cnn_x86
+    y = np.asarray(program(x))
+    np.testing.assert_array_equal(np.asarray(program(x.numpy())), y)
+    np.testing.assert_array_equal(np.asarray(program(jnp.asarray(x.numpy()))), y)
+    count = program.compile_count
+    program(x)
+    assert program.compile_count == count
+    x2 = torch.cat([x, x])
+    y2 = np.asarray(program(x2))
+    assert program.compile_count == count + 1
+    np.testing.assert_array_equal(y2[: x.shape[0]], y)
+    with pytest.raises(TypeError, match="takes 1 input"):
+        program(x, x)
+    with pytest.raises(TypeError, match="quantized torch tensors"):
+        program(torch.quantize_per_tensor(x, 0.1, 0, torch.quint8))
+
+
+def test_layers_metadata(cnn_x86):
+    model, x, program = cnn_x86
+    layers = program.layers
+    mods = dict(model.named_modules())
+    convs = {k: v for k, v in layers.items() if v.op == "conv2d"}
+    linears = {k: v for k, v in layers.items() if v.op == "linear"}
+    assert convs and linears
+    for name, lay in convs.items():
+        assert lay.scheme == "onednn"  # x86: oneDNN for symmetric weights
+        mod = mods[name]
+        np.testing.assert_array_equal(
+            np.asarray(lay.weight.scale), mod.weight().q_per_channel_scales().numpy()
+        )
+        assert float(lay.out.scale) == np.float32(mod.scale)
+        assert int(lay.out.zero_point) == mod.zero_point
+    for lay in linears.values():
+        assert lay.scheme == "fbgemm"  # x86: FBGEMM for linear
+    assert list(layers)[0] == "quantize_per_tensor" and layers["quantize_per_tensor"].out
+
+
+def _eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for v in e.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else [v]:
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from _eqns(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _eqns(sub)
+
+
+def test_program_is_int8_dots_and_convs_only(cnn_x86):
+    model, x, program = cnn_x86
+    jaxpr = jax.make_jaxpr(lambda v: program(v))(jnp.asarray(x.numpy()))
+    heavy = [
+        e for e in _eqns(jaxpr.jaxpr) if e.primitive.name in ("dot_general", "conv_general_dilated")
+    ]
+    assert len(heavy) >= 4
+    for e in heavy:
+        dts = [str(v.aval.dtype) for v in e.invars]
+        assert dts == ["int8", "int8"], (e.primitive.name, dts)
+        assert str(e.outvars[0].aval.dtype) == "int32"
+
+
+# ---------------------------------------------------------------------------------------
+# errors name the node, its op and target
+
+
+def _eager(model, x, engine="fbgemm"):
+    torch.backends.quantized.engine = engine
+    model.eval().qconfig = tm.get_default_qconfig(engine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = tm.prepare(model)
+        p(x)
+        return tm.convert(p)
+
+
+def test_unsupported_module_is_named():
+    m = torch.nn.Sequential(
+        tm.QuantStub(), torch.nn.Linear(4, 4), torch.nn.LeakyReLU(0.1), tm.DeQuantStub()
+    )
+    x = torch.randn(3, 4)
+    q = _eager(m, x)
+    with pytest.raises(NotImplementedError, match=r"node '_2'.*call_module.*LeakyReLU"):
+        qtorch.import_model(q, x, engine="fbgemm")
+
+
+class _Sig(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.dq, self.fc = tm.QuantStub(), tm.DeQuantStub(), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.dq(torch.sigmoid(self.fc(self.q(x))))
+
+
+def test_unsupported_function_and_float_module_are_named():
+    x = torch.randn(3, 4)
+    q = _eager(_Sig(), x)
+    with pytest.raises(NotImplementedError, match=r"node 'sigmoid'.*call_function.*sigmoid"):
+        qtorch.import_model(q, x, engine="fbgemm")
+    float_model = torch.nn.Sequential(torch.nn.Linear(4, 2)).eval()
+    with pytest.raises(NotImplementedError, match=r"node '_0'.*torch.nn.modules.linear.Linear"):
+        qtorch.import_model(float_model, x)
+
+
+def test_bad_engine_and_inputs():
+    q = _eager(_Sig(), torch.randn(3, 4))
+    with pytest.raises(ValueError, match="unknown engine 'fbgem'"):
+        qtorch.import_model(q, torch.randn(3, 4), engine="fbgem")
+    with pytest.raises(TypeError, match="expected a torch.nn.Module"):
+        qtorch.import_model(object(), torch.randn(3, 4))
+
+
+# ---------------------------------------------------------------------------------------
+# fbgemm_avx2: FBGEMM's int16 saturation (rule 14), torch forced to AVX2 in a subprocess
+
+_AVX2_SCRIPT = textwrap.dedent(
+    """
+    import sys, warnings
+    import numpy as np, torch
+    sys.path.insert(0, {tests!r})
+    import _torch_models as tm
+    from qjax.converters import torch as qtorch
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    torch.backends.quantized.engine = "fbgemm"
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(
+        tm.QuantStub(), torch.nn.Linear(16, 64), torch.nn.ReLU(),
+        torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8), tm.DeQuantStub(),
+    ).eval()
+    with torch.no_grad():  # large weights: pairs of u8 x s8 products past the int16 range
+        for fc in (m[1], m[3], m[5]):
+            fc.weight.mul_(6.0)
+    tm.fuse_modules(m, [["1", "2"], ["3", "4"]], inplace=True)
+    m.qconfig = tm.qconfig("fbgemm", "per_tensor")
+    m.qconfig = m.qconfig._replace(
+        activation=tm.MinMaxObserver.with_args(dtype=torch.quint8, reduce_range=False))
+    x = torch.rand(64, 16) * 4
+    p = tm.prepare(m); p(x); q = tm.convert(p)
+    ref = qtorch.torch_trace(q, x)
+    codes = int(ref["_2"].values.max())
+    counts = {{}}
+    for engine in ("fbgemm_avx2", "fbgemm"):
+        trace = qtorch.import_model(q, x, engine=engine).trace(x)
+        counts[engine] = sum(
+            int((np.asarray(trace[k].values) != np.asarray(r.values)).sum())
+            for k, r in ref.items())
+    n = sum(r.values.size for r in ref.values())
+    print("values", n, "max code", codes, "mismatches", counts)
+    assert codes > 127 and counts["fbgemm_avx2"] == 0 and counts["fbgemm"] > 0
+    print("AVX2-OK")
+    """
+)
+
+
+@pytest.mark.skipif(not VNNI, reason="checks that AVX2 differs from this CPU's VNNI path")
+def test_fbgemm_avx2_saturation_matches_torch_forced_to_avx2():
+    tests = os.path.dirname(os.path.abspath(__file__))
+    out = run_script(
+        _AVX2_SCRIPT.format(tests=tests),
+        marker="AVX2-OK",
+        env={"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"},
+    )
+    print(out)
