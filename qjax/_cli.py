@@ -1,9 +1,95 @@
-"""The ``qjax`` command line."""
+"""The ``qjax`` command line: ``demo``, ``parity MODEL``, ``inspect MODEL``.
+
+``qjax parity MODEL`` imports a saved torch int8 model into qjax and compares every
+quantized activation with torch's, on the same inputs, layer by layer (max LSB
+difference, mismatch count and rate, first mismatch, likely cause from NUMERICS.md);
+exit status 0 when every integer matches, 1 when some differ, 2 on errors.
+``qjax inspect MODEL`` prints qparams per layer, the activation codes the inputs use and
+the risks the same rulebook sees. MODEL formats: :mod:`qjax._cli_model`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+ENGINES = ("x86", "fbgemm", "fbgemm_avx2", "qnnpack", "onednn", "tflite", "exact")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a state_dict (with --definition), TorchScript file (with --definition),"
+        " torch.export .pt2 file, or pickled model (with --trusted)",
+    )
+    p.add_argument(
+        "--definition",
+        metavar="FILE.py:FUNCTION",
+        help="function returning the converted model's structure (an nn.Module)",
+    )
+    p.add_argument(
+        "--trusted",
+        action="store_true",
+        help="allow unpickling a whole model (runs code from the file)",
+    )
+    p.add_argument("--engine", default="x86", choices=ENGINES, help="qjax engine (default x86)")
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="N,C,H,W",
+        help="random normal float32 input of this shape (repeat per input)",
+    )
+    p.add_argument("--inputs", nargs="+", metavar="X.npy", help="float input arrays, in order")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    p.add_argument(
+        "--pt2e-mode",
+        default="integer",
+        choices=("integer", "reference"),
+        help=".pt2 programs: integer kernels or float reference",
+    )
+    p.add_argument(
+        "--format",
+        default="rich",
+        choices=("rich", "text", "markdown", "json"),
+        help="output format (rich falls back to text without the rich package)",
+    )
+
+
+def _load(args):
+    from ._cli_model import import_program, load_inputs, load_model
+
+    loaded = load_model(args.model, definition=args.definition, trusted=args.trusted)
+    inputs = load_inputs(args.input_shape, args.inputs, args.seed, loaded.example_inputs)
+    return loaded, inputs, import_program(loaded, inputs, args.engine, args.pt2e_mode)
+
+
+def _emit(report, fmt: str) -> None:
+    if fmt == "rich":
+        report.print()
+    else:
+        print(report.render(fmt))
+
+
+def _parity(args) -> int:
+    from . import parity
+    from ._cli_model import reference_trace
+
+    loaded, inputs, program = _load(args)
+    reference = reference_trace(loaded, program, inputs)
+    report = parity.compare(
+        None, program, inputs, reference=reference, reference_kind="torch", engine=args.engine
+    )
+    _emit(report, args.format)
+    return 0 if report.ok else 1
+
+
+def _inspect(args) -> int:
+    from . import parity
+
+    _, inputs, program = _load(args)
+    _emit(parity.inspect(program, inputs, engine=args.engine), args.format)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,13 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="a short tour of what qjax computes, checked against torch")
     demo.add_argument("--size", type=int, default=1_000_000, help="values per parity check")
     demo.add_argument("--seed", type=int, default=0)
+    _model_args(sub.add_parser("parity", help="layer-by-layer integer parity of MODEL vs torch"))
+    _model_args(sub.add_parser("inspect", help="qparams, code ranges and risks of MODEL"))
     args = parser.parse_args(argv)
     if args.command == "demo":
         from ._demo import run_demo
 
         return run_demo(size=args.size, seed=args.seed)
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    try:
+        return _parity(args) if args.command == "parity" else _inspect(args)
+    except (ValueError, TypeError, NotImplementedError, OSError) as e:
+        print(f"qjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

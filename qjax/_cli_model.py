@@ -1,0 +1,277 @@
+"""What ``qjax parity`` / ``qjax inspect`` read: a saved torch model and its inputs.
+
+MODEL formats, told apart by content (never by trusting a pickle):
+
+==========================  ==============================================================
+file                        how it is read
+==========================  ==============================================================
+``torch.export`` ``.pt2``   ``torch.export.load``; imported with ``qjax.converters.pt2e``
+TorchScript archive         ``torch.jit.load``; its quantized weights and qparams are copied
+                            into the eager structure ``--definition`` builds (a scripted
+                            module has no FX graph to import)
+state_dict                  ``torch.load(weights_only=True)`` into the module
+                            ``--definition FILE.py:FUNCTION`` returns (the converted model's
+                            structure)
+pickled whole module        only with ``--trusted``: ``torch.load(weights_only=False)`` runs
+                            the pickle's code; refused otherwise, with the reason
+==========================  ==============================================================
+
+Eager / FX converted modules are imported with ``qjax.converters.torch.import_model`` and
+compared with its ``torch_trace``; ``.pt2`` programs with ``import_pt2e``, compared with the
+outputs of the graph's quantize nodes (torch runs the graph; names match the trace).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import pathlib
+import pickle
+import zipfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Loaded", "import_program", "load_inputs", "load_model", "reference_trace"]
+
+# pt2e imports take requantization schemes; torch engine names map onto them.
+_PT2E_SCHEMES = {
+    "x86": "fbgemm",
+    "fbgemm": "fbgemm",
+    "fbgemm_avx2": "fbgemm",
+    "qnnpack": "qnnpack",
+    "onednn": "onednn",
+    "tflite": "tflite",
+    "exact": "exact",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """A loaded model: ``kind`` (``"module"``, ``"state_dict"``, ``"torchscript"``,
+    ``"pt2"``), the torch object (an ``nn.Module`` or ``ExportedProgram``) and, for
+    ``.pt2``, its saved example inputs."""
+
+    kind: str
+    model: Any
+    example_inputs: tuple | None = None
+
+
+def _definition(spec: str):
+    """``FILE.py:FUNCTION`` -> the function (the user's own code, named explicitly)."""
+    path, sep, fn = spec.rpartition(":")
+    if not sep or not path or not fn:
+        raise ValueError(f"--definition must be FILE.py:FUNCTION, got {spec!r}")
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ValueError(f"--definition: no file {str(file)!r}")
+    mod_spec = importlib.util.spec_from_file_location(f"_qjax_definition_{file.stem}", file)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    build = getattr(module, fn, None)
+    if not callable(build):
+        raise ValueError(f"--definition: {str(file)!r} has no function {fn!r}")
+    return build
+
+
+def _build(definition: str):
+    import torch
+
+    model = _definition(definition)()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"--definition {definition!r} returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def _is_pt2(path: pathlib.Path, names: Sequence[str]) -> bool:
+    return path.suffix == ".pt2" or any("serialized_exported_program" in n for n in names)
+
+
+def _is_torchscript(names: Sequence[str]) -> bool:
+    return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
+
+
+def _from_torchscript(script, module):
+    """Copy a scripted converted model's weights and qparams into its eager structure.
+
+    Quantized Linear/Conv modules (``set_weight_bias``) get the unpacked int8 weight and
+    float bias plus ``scale``/``zero_point``; other modules their buffers and
+    ``scale``/``zero_point`` attributes (``Quantize``, ``QFunctional``).
+    """
+    script_mods = dict(script.named_modules())
+    state = script.state_dict()
+    for name, mod in module.named_modules():
+        if name not in script_mods:
+            raise ValueError(
+                f"the TorchScript model has no submodule {name!r}, which --definition builds"
+            )
+        smod = script_mods[name]
+        if hasattr(mod, "set_weight_bias"):
+            packed = smod._packed_params
+            w, b = packed._weight_bias() if hasattr(packed, "_weight_bias") else packed.unpack()
+            mod.set_weight_bias(w, b)
+        for attr in ("scale", "zero_point"):
+            if hasattr(mod, attr) and hasattr(smod, attr) and attr not in mod._buffers:
+                setattr(mod, attr, type(getattr(mod, attr))(getattr(smod, attr)))
+        for bname, buf in mod.named_buffers(recurse=False):
+            key = f"{name}.{bname}" if name else bname
+            if key in state:
+                buf.copy_(state[key])
+    return module.eval()
+
+
+def _register_quantized_decomposed() -> None:
+    """pt2e graphs call ``quantized_decomposed`` ops; deserializing needs them registered."""
+    try:
+        import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
+    except ImportError:  # torch's own copy of the ops
+        import torch.ao.quantization.fx._decomposed  # noqa: F401
+
+
+def load_model(path: str, *, definition: str | None = None, trusted: bool = False) -> Loaded:
+    """Read MODEL (module docstring table); errors name the file and what to pass.
+
+    >>> load_model("/nonexistent.pt")
+    Traceback (most recent call last):
+      ...
+    ValueError: MODEL '/nonexistent.pt' does not exist
+    """
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ValueError(f"MODEL {path!r} does not exist")
+    import torch
+
+    names = zipfile.ZipFile(file).namelist() if zipfile.is_zipfile(file) else []
+    if _is_pt2(file, names):
+        _register_quantized_decomposed()
+        ep = torch.export.load(str(file))
+        ex = getattr(ep, "example_inputs", None)
+        return Loaded("pt2", ep, tuple(ex[0]) if ex else None)
+    if _is_torchscript(names):
+        script = torch.jit.load(str(file), map_location="cpu")
+        if definition is None:
+            raise ValueError(
+                f"{path!r} is TorchScript, which has no FX graph to import: pass "
+                "--definition FILE.py:FUNCTION returning the converted model's eager structure "
+                "(its weights are copied from the TorchScript file)"
+            )
+        return Loaded("torchscript", _from_torchscript(script, _build(definition)))
+    try:
+        obj = torch.load(str(file), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not trusted:
+            raise ValueError(
+                f"{path!r} is a pickled Python object (a whole model?), which torch.load can only "
+                "read by running code from the file. Pass --trusted if you trust it, or save "
+                "model.state_dict() and pass --definition FILE.py:FUNCTION"
+            ) from None
+        try:
+            obj = torch.load(str(file), map_location="cpu", weights_only=False)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(
+                f"unpickling {path!r} needs the model's classes to be importable ({e}); add "
+                "the folder of their module to PYTHONPATH"
+            ) from None
+    if isinstance(obj, Mapping):
+        if definition is None:
+            raise ValueError(
+                f"{path!r} is a state_dict: pass --definition FILE.py:FUNCTION returning the "
+                "module it belongs to (the converted model's structure)"
+            )
+        module = _build(definition)
+        module.load_state_dict(obj)
+        return Loaded("state_dict", module.eval())
+    if isinstance(obj, torch.nn.Module):
+        try:
+            return Loaded("module", obj.eval())
+        except AttributeError as e:  # e.g. torch 2.13's quantized conv modules after pickling
+            raise ValueError(
+                f"torch could not restore the pickled model {path!r} ({e}); save its "
+                "state_dict and pass --definition instead"
+            ) from None
+    raise TypeError(f"{path!r} holds a {type(obj).__name__}, not a model or a state_dict")
+
+
+def load_inputs(
+    shapes: Sequence[str] | None, files: Sequence[str] | None, seed: int, example=None
+) -> tuple[np.ndarray, ...]:
+    """Float32 inputs: ``.npy`` files, or standard normal arrays of ``shapes`` ("1,3,8,8").
+
+    >>> [x.shape for x in load_inputs(["2,4"], None, 0)]
+    [(2, 4)]
+    >>> load_inputs(["2,x"], None, 0)
+    Traceback (most recent call last):
+      ...
+    ValueError: --input-shape '2,x' must be comma-separated positive integers
+    """
+    if files:
+        out = []
+        for f in files:
+            a = np.load(f, allow_pickle=False)
+            if not np.issubdtype(a.dtype, np.floating):
+                raise TypeError(f"--inputs {f!r}: expected a float array, got dtype {a.dtype}")
+            out.append(a.astype(np.float32))
+        return tuple(out)
+    if shapes:
+        rng = np.random.default_rng(seed)
+        out = []
+        for s in shapes:
+            try:
+                dims = tuple(int(d) for d in s.split(","))
+            except ValueError:
+                dims = ()
+            if not dims or min(dims) <= 0:
+                raise ValueError(f"--input-shape {s!r} must be comma-separated positive integers")
+            out.append(rng.standard_normal(dims).astype(np.float32))
+        return tuple(out)
+    if example is not None:
+        return tuple(np.asarray(t.detach().cpu().numpy(), np.float32) for t in example)
+    raise ValueError("give the inputs: --input-shape 1,3,32,32 (random) or --inputs x.npy")
+
+
+def import_program(loaded: Loaded, inputs: tuple, engine: str, pt2e_mode: str = "integer"):
+    """The qjax program for ``loaded`` (``import_model`` or ``import_pt2e``)."""
+    import torch
+
+    xs = tuple(torch.from_numpy(np.asarray(x)) for x in inputs)
+    if loaded.kind == "pt2":
+        from qjax.converters.pt2e import import_pt2e
+
+        scheme = _PT2E_SCHEMES.get(engine)
+        if scheme is None:
+            raise ValueError(f"unknown engine {engine!r}; known: {sorted(_PT2E_SCHEMES)}")
+        return import_pt2e(loaded.model, xs, mode=pt2e_mode, scheme=scheme)
+    from qjax.converters.torch import import_model
+
+    if engine in torch.backends.quantized.supported_engines:  # torch computes the reference
+        torch.backends.quantized.engine = engine
+    return import_model(loaded.model, xs, engine=engine)
+
+
+def reference_trace(loaded: Loaded, program, inputs: tuple) -> dict[str, np.ndarray]:
+    """torch's codes under the program's trace names (what :func:`qjax.parity.compare_traces`
+    takes as the reference)."""
+    import torch
+
+    xs = tuple(torch.from_numpy(np.asarray(x)) for x in inputs)
+    if loaded.kind != "pt2":
+        from qjax.converters.torch import torch_trace
+
+        return torch_trace(loaded.model, *xs)
+    gm = loaded.model.module()
+    wanted = set(program.trace(*inputs))
+    out: dict[str, np.ndarray] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            v = super().run_node(n)
+            if n.name in wanted and isinstance(v, torch.Tensor) and not v.is_floating_point():
+                out[n.name] = v.detach().numpy().copy()
+            return v
+
+    with torch.no_grad():
+        Recorder(gm).run(*xs)
+    return out

@@ -1,0 +1,211 @@
+"""``qjax parity`` / ``qjax inspect`` on models saved by a separate script, as a user would:
+state_dict + definition, TorchScript + definition, torch.export ``.pt2``, pickled whole
+model (only with ``--trusted``; a malicious pickle is never run without it)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from qjax._cli import main
+
+pytest.importorskip("torch")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+DEFS = textwrap.dedent('''
+    import torch
+    from torch import nn
+    from torch.ao import quantization as tq
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant = tq.QuantStub()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.relu = nn.ReLU()
+            self.fc = nn.Linear(4 * 6 * 6, 5)
+            self.dequant = tq.DeQuantStub()
+
+        def forward(self, x):
+            x = self.relu(self.conv(self.quant(x)))
+            return self.dequant(self.fc(torch.flatten(x, 1)))
+
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+            self.fc1, self.relu, self.fc2 = nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.dequant(self.fc2(self.relu(self.fc1(self.quant(x)))))
+
+
+    def converted(calibrate=None, cls=Net, shape=(1, 3, 6, 6)):
+        """The converted model's structure (weights come from the saved file)."""
+        torch.backends.quantized.engine = "fbgemm"
+        m = cls().eval()
+        m.qconfig = tq.get_default_qconfig("fbgemm")
+        if cls is Net:
+            tq.fuse_modules(m, [["conv", "relu"]], inplace=True)
+        p = tq.prepare(m)
+        p(calibrate if calibrate is not None else torch.zeros(shape))
+        return tq.convert(p)
+
+
+    class Evil:
+        def __reduce__(self):
+            import pathlib
+            return (pathlib.Path.write_text, (pathlib.Path(__file__).parent / "PWNED", "x"))
+''')
+
+SAVE = textwrap.dedent("""
+    import sys, warnings
+    warnings.filterwarnings("ignore")
+    import numpy as np, torch
+    out = sys.argv[1]
+    sys.path.insert(0, out)
+    import defs
+    torch.manual_seed(0)
+    m = defs.converted(torch.randn(16, 3, 6, 6))
+    torch.save(m.state_dict(), f"{out}/net_state.pt")
+    torch.jit.save(torch.jit.script(m), f"{out}/net_script.pt")
+    torch.save(defs.converted(torch.randn(32, 8), defs.MLP), f"{out}/mlp_whole.pt")
+    torch.save({"w": defs.Evil()}, f"{out}/evil.pt")
+    x = np.random.default_rng(1).standard_normal((2, 3, 6, 6))
+    np.save(f"{out}/x.npy", x.astype(np.float32))
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.testing.pt2e._xnnpack_quantizer import (
+        XNNPACKQuantizer, get_symmetric_quantization_config)
+    f = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                            torch.nn.Linear(64, 5)).eval()
+    x = (torch.randn(2, 3, 6, 6),)
+    q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config())
+    gm = prepare_pt2e(torch.export.export(f, x).module(), q)
+    gm(*x)
+    torch.export.save(torch.export.export(convert_pt2e(gm), x), f"{out}/net.pt2")
+    print("saved")
+""")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    (d / "defs.py").write_text(DEFS)
+    (d / "save.py").write_text(SAVE)
+    proc = subprocess.run(
+        [sys.executable, str(d / "save.py"), str(d)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and "saved" in proc.stdout, proc.stdout + proc.stderr
+    return d
+
+
+def _run(capsys, *argv):
+    rc = main(list(map(str, argv)))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_parity_state_dict_with_definition(saved, capsys):
+    rc, out, err = _run(
+        capsys,
+        "parity",
+        saved / "net_state.pt",
+        "--definition",
+        f"{saved / 'defs.py'}:converted",
+        "--inputs",
+        saved / "x.npy",
+        "--engine",
+        "fbgemm",
+        "--format",
+        "json",
+    )
+    assert rc == 0, err
+    d = json.loads(out)
+    names = [la["name"] for la in d["layers"]]
+    assert names[:2] == ["quant", "conv"] and "fc" in names
+    assert d["ok"] and d["mismatches"] == 0
+    assert d["values"] == 2 * (3 * 36 + 3 * 4 * 36 + 5)  # quant, conv, relu, flatten, fc
+    # a different requantization than torch's: mismatches, exit status 1, rich table
+    rc, out, _ = _run(
+        capsys,
+        "parity",
+        saved / "net_state.pt",
+        "--definition",
+        f"{saved / 'defs.py'}:converted",
+        "--input-shape",
+        "4,3,6,6",
+        "--engine",
+        "tflite",
+    )
+    assert rc == 1 and "qjax parity vs torch, engine tflite" in out and "linear/tflite" in out
+
+
+def test_inspect_torchscript_matches_torch_code_ranges(saved, capsys):
+    defn = f"{saved / 'defs.py'}:converted"
+    common = ("--definition", defn, "--inputs", saved / "x.npy", "--engine", "fbgemm")
+    rc, out, err = _run(capsys, "inspect", saved / "net_script.pt", *common, "--format", "json")
+    assert rc == 0, err
+    info = {la["name"]: la for la in json.loads(out)["layers"]}
+    rc, out, _ = _run(capsys, "parity", saved / "net_state.pt", *common, "--format", "json")
+    torch_side = {la["name"]: la for la in json.loads(out)["layers"]}
+    assert rc == 0 and set(info) == set(torch_side)
+    for name, la in info.items():  # the TorchScript weights are the state_dict's
+        assert la["code_range"] == torch_side[name]["ref_range"], name
+    assert info["fc"]["weight"].startswith("5 ch") and info["conv"]["op"] == "conv2d"
+
+
+def test_parity_pt2_program(saved, capsys):
+    rc, out, err = _run(capsys, "parity", saved / "net.pt2", "--format", "markdown")
+    assert rc == 0, err  # example inputs saved in the .pt2
+    assert out.startswith("**qjax parity vs torch") and "0 of 482 integers differ" in out
+    assert "| quantize_per_tensor_1 | conv2d/fbgemm | 128 | 0 |" in out
+
+
+def test_pickles_need_trusted_and_never_run_otherwise(saved, capsys, monkeypatch):
+    rc, _, err = _run(capsys, "parity", saved / "evil.pt", "--input-shape", "1,8")
+    assert rc == 2 and "--trusted" in err and not (saved / "PWNED").exists()
+    rc, _, err = _run(capsys, "parity", saved / "mlp_whole.pt", "--input-shape", "4,8")
+    assert rc == 2 and "pickled" in err
+    monkeypatch.syspath_prepend(str(saved))  # the pickle's classes must be importable
+    rc, out, err = _run(
+        capsys,
+        "parity",
+        saved / "mlp_whole.pt",
+        "--trusted",
+        "--input-shape",
+        "4,8",
+        "--engine",
+        "fbgemm",
+        "--format",
+        "text",
+    )
+    assert rc == 0, err
+    assert "0 of 172 integers differ" in out  # 4 rows: quant 8, fc1 16, relu 16, fc2 3
+    assert all(w in out for w in ("fc1", "fc2", "linear/fbgemm"))
+
+
+def test_cli_errors_name_what_to_pass(saved, capsys):
+    rc, _, err = _run(capsys, "parity", saved / "net_state.pt", "--input-shape", "1,3,6,6")
+    assert rc == 2 and "state_dict: pass --definition" in err
+    rc, _, err = _run(capsys, "inspect", saved / "net_script.pt", "--input-shape", "1,3,6,6")
+    assert rc == 2 and "TorchScript" in err and "--definition" in err
+    rc, _, err = _run(capsys, "parity", saved / "nope.pt", "--input-shape", "1,3,6,6")
+    assert rc == 2 and "does not exist" in err
+    rc, _, err = _run(
+        capsys,
+        "parity",
+        saved / "net_state.pt",
+        "--definition",
+        f"{saved / 'defs.py'}:missing",
+        "--input-shape",
+        "1,3,6,6",
+    )
+    assert rc == 2 and "no function 'missing'" in err
+    rc, _, err = _run(
+        capsys, "parity", saved / "net_state.pt", "--definition", f"{saved / 'defs.py'}:converted"
+    )
+    assert rc == 2 and "--input-shape" in err
