@@ -275,6 +275,22 @@ def compare(
 
     Returns:
       a :class:`ParityReport`: ``report.print()``, ``.to_markdown()``, ``.to_json()``.
+
+    >>> import torch, warnings
+    >>> from torch.ao.quantization import QuantStub, DeQuantStub, get_default_qconfig
+    >>> from torch.ao.quantization import prepare, convert
+    >>> from qjax.converters.torch import import_model
+    >>> _ = torch.manual_seed(0)
+    >>> m = torch.nn.Sequential(QuantStub(), torch.nn.Linear(4, 3), DeQuantStub()).eval()
+    >>> m.qconfig = get_default_qconfig("fbgemm")
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     torch.backends.quantized.engine = "fbgemm"
+    ...     p = prepare(m); _ = p(torch.randn(8, 4)); qm = convert(p)
+    ...     x = torch.randn(5, 4)
+    ...     r = compare(qm, import_model(qm, (x,), engine="fbgemm"), x)
+    >>> r.ok, r.values, [la.name for la in r.layers]
+    (True, 35, ['_0', '_1'])
     """
     args = _as_tuple(inputs)
     if reference is None:
