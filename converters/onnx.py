@@ -17,7 +17,9 @@ qjax step (``Layer.op``)               ONNX nodes (``DQ`` = DequantizeLinear, ``
                                        -> ``Conv`` [-> ``Relu``] -> ``Q``
 ``add`` / ``add_relu`` / ``mul``       ``DQ``, ``DQ`` -> ``Add`` / ``Mul`` [-> ``Relu``]
                                        -> ``Q``
-``relu`` / ``relu6`` / ``hardtanh``    ``DQ`` -> ``Relu`` / ``Clip`` -> ``Q``
+``relu`` / ``relu6`` / ``hardtanh``    ``DQ`` -> ``Relu`` / ``Clip`` -> ``Q`` (torch's
+                                       QNNPACK layout bug, where the program reproduces
+                                       it: ``Transpose`` + ``Reshape`` before ``Q``)
 ``max_pool2d`` / ``avg_pool2d``        ``DQ`` -> ``MaxPool`` / ``AveragePool`` -> ``Q``
 ``adaptive_avg_pool2d``                ``DQ`` -> ``GlobalAveragePool`` (output 1x1) or
                                        ``AveragePool`` (sizes divide) -> ``Q``
@@ -259,7 +261,19 @@ def _clamp(b: _Builder, step: Step) -> None:
         lo_c = b.const(f"{step.name}/min", np.float32(lo))
         hi_c = b.const(f"{step.name}/max", np.float32(hi))
         y = b.node("Clip", [x, lo_c, hi_c], [f"{step.name}/clip"], f"{step.name}/Clip")[0]
+        if step.layer.extra.get("qnnpack_layout_bug"):
+            y = _nhwc_buffer_as_nchw(b, step, y, b.shape[step.inputs[0]])
     b.q(step, y)
+
+
+def _nhwc_buffer_as_nchw(b: _Builder, step: Step, y: str, shape) -> str:
+    """torch's QNNPACK clamp on a channels-last tensor returns its NHWC buffer read in
+    NCHW order (the importer reproduces it; ``converters/_torch_ops.py``): the same
+    reinterpretation as ``Transpose(0, 2, 3, 1)`` then ``Reshape`` to the NCHW sizes."""
+    n, c, h, w = shape
+    t = b.node("Transpose", [y], [f"{step.name}/nhwc"], f"{step.name}/Transpose", perm=[0, 2, 3, 1])
+    shp = b.const(f"{step.name}/shape", np.asarray([n, c, h, w], np.int64))
+    return b.node("Reshape", [t[0], shp], [f"{step.name}/as_nchw"], f"{step.name}/Reshape")[0]
 
 
 def _hardtanh_bounds(step: Step) -> tuple[float, float]:
