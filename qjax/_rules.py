@@ -177,8 +177,13 @@ def weight_at_clamp_bound(ev: LayerEvidence) -> Cause | None:
         f"largest |weight| stored as {spec.qmax} with no {spec.qmin} in {int(hit.sum())} of "
         f"{hit.size} {'channels' if hit.size > 1 else 'tensor'}: convert() set the scale to "
         f"amax/{half} = {s0:.6g} (rule 6), so amax = {half} steps could only be stored as "
-        f"{spec.qmax}·s = {spec.qmax * s0:.6g} = {spec.qmax / half:.4f}·amax; QAT's fused "
-        "fake-quant (rule 9) trained it exact"
+        f"{spec.qmax}·s = {spec.qmax * s0:.6g} = {spec.qmax / half:.4f}·amax; "
+        + (
+            "QAT's fused fake-quant (rule 9) trained it exact"
+            if strength != "risk"
+            else "if the model was trained with QAT's fused fake-quant (rule 9), training saw "
+            "amax exactly and the converted outputs can differ by 1 LSB"
+        )
     )
     if lost:
         msg += f"; {lost}"
