@@ -7,7 +7,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _helpers import tie_heavy
+from _helpers import run_script, tie_heavy
 
 import qjax
 from qjax import QArray, QParams, QuantSpec
@@ -23,6 +23,11 @@ W8 = QuantSpec(signed=True, symmetric=True)
 
 def _ev(name="l", kind="linear", *args, **kw):
     return rules.LayerEvidence(name, kind, *args, **kw)
+
+
+def test_import_qjax_does_not_import_torch():
+    script = "import sys, qjax; qjax.parity.compare; assert 'torch' not in sys.modules; print('ok')"
+    run_script(script, marker="ok")
 
 
 # ---- counting -----------------------------------------------------------------------
