@@ -15,7 +15,9 @@ from qjax import _rules as rules
 from qjax.kernels import prepare_conv, prepare_linear, quantized_conv, quantized_linear
 
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.filterwarnings("ignore:.*quantized tensor creation")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*quantized tensor creation", "ignore::DeprecationWarning"
+)
 
 U8 = QuantSpec(signed=False)
 W8 = QuantSpec(signed=True, symmetric=True)
@@ -357,3 +359,34 @@ def test_report_prints_plain_text_without_rich(monkeypatch, capsys):
     _report().print()
     out = capsys.readouterr().out
     assert out.startswith("qjax parity vs fake_quant") and "rule 9" in out
+
+
+def test_compare_and_inspect_on_an_imported_model_name_rule14_risk():
+    # The Iris report's setup in small: symmetric quint8 activations without reduce_range.
+    from qjax.converters.torch import import_model
+    from torch.ao import quantization as tq
+
+    torch.backends.quantized.engine = "x86"
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(
+        tq.QuantStub(),
+        torch.nn.Linear(8, 16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 4),
+        tq.DeQuantStub(),
+    ).eval()
+    act = tq.MinMaxObserver.with_args(qscheme=torch.per_tensor_symmetric, dtype=torch.quint8)
+    m.qconfig = tq.QConfig(activation=act, weight=tq.default_per_channel_weight_observer)
+    p = tq.prepare(m)
+    x = torch.randn(64, 8) * 2
+    p(x)
+    qm = tq.convert(p)
+    program = import_model(qm, (x,), engine="x86")
+    report = qjax.parity.compare(qm, program, x, engine="x86")
+    assert report.ok and report.values == 64 * (8 + 16 + 16 + 4)
+    info = {la.name: la for la in qjax.parity.inspect(program, x, engine="x86").layers}
+    assert info["_0"].out.endswith("zp=128 [0,255]") and info["_0"].code_range[1] > 127
+    rules_of = {n: [c.rule for c in la.risks] for n, la in info.items()}
+    assert "14" in rules_of["_1"] and "14" in rules_of["_3"]  # both linears read codes > 127
+    assert rules_of["_2"] == []  # relu: no arithmetic
+    assert "9" in rules_of["_1"] and info["_1"].weight.startswith("16 ch")
