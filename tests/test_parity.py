@@ -4,6 +4,7 @@ the cause is torch's), rendering (rich, plain, markdown, JSON)."""
 import json
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -138,9 +139,10 @@ def _sat_layer(rng, hi):
     w = prepare_linear(QArray(jnp.asarray(wv), QParams(np.float32(0.01), 0, W8)))
     out = QParams(np.float32(0.2), 128, U8)
     b = jnp.asarray(rng.standard_normal(8).astype(np.float32))
-    exact = quantized_linear(x, w, b, out)
-    sat = quantized_linear(x, w, b, out, accumulate="fbgemm_sat16")
-    return x, w, exact, sat
+    lin = jax.jit(
+        lambda x, w, b, o, acc: quantized_linear(x, w, b, o, accumulate=acc), static_argnums=4
+    )
+    return x, w, lin(x, w, b, out, "exact"), lin(x, w, b, out, "fbgemm_sat16")
 
 
 def test_rule14_int16_saturation_explains_sat16_vs_exact(rng):
@@ -179,13 +181,16 @@ def test_rule14_conv_counts_weight_pairs_along_k(rng):
         jnp.asarray(rng.integers(150, 256, (1, 4, 3, 3)).astype(np.uint8)), QParams(0.05, 128, U8)
     )
     out = QParams(np.float32(0.5), 128, U8)
+    conv = jax.jit(
+        lambda x, w, o, acc: quantized_conv(x, w, None, o, accumulate=acc), static_argnums=3
+    )
     for oihw, expect in (
         (np.eye(4, dtype=np.int8).reshape(4, 4, 1, 1) * 127, None),
         (np.full((2, 4, 1, 1), 127, np.int8), "14"),
     ):
         w = prepare_conv(QArray(jnp.asarray(oihw), QParams(np.float32(0.01), 0, W8)))
-        exact = quantized_conv(x, w, None, out)
-        sat = quantized_conv(x, w, None, out, accumulate="fbgemm_sat16")
+        exact = conv(x, w, out, "exact")
+        sat = conv(x, w, out, "fbgemm_sat16")
         assert np.array_equal(exact.values, sat.values) == (expect is None)
         ev = _ev(
             "c",
