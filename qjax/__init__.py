@@ -19,6 +19,10 @@ from ._rounding import round_half_even as round_half_even
 from ._rounding import round_stochastic as round_stochastic
 from ._spec import QParams as QParams
 from ._spec import QuantSpec as QuantSpec
+from .flax._convert import convert as convert
+from .flax._serve import ServedModel as ServedModel
+from .flax._serve import load_served as load_served
+from .flax._serve import save_served as save_served
 
 __version__ = "0.1.0"
 
@@ -26,9 +30,12 @@ __all__ = [
     "QArray",
     "QParams",
     "QuantSpec",
+    "ServedModel",
+    "convert",
     "dequantize",
     "fake_quant",
     "kernels",
+    "load_served",
     "observers",
     "parity",
     "qparams_from_minmax",
@@ -36,4 +43,5 @@ __all__ = [
     "round_half_away",
     "round_half_even",
     "round_stochastic",
+    "save_served",
 ]

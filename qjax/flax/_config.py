@@ -144,6 +144,16 @@ class QuantConfig:
       quantize_output: the activation quantizer sits on the layer's output after the
         bias (PyTorch eager's convention; put a ``QuantStub`` before the first layer).
 
+      scheme: ``None`` (default): the fake-quant forward is a float simulation (float
+        op on fake-quantized operands, then the output fake-quant). A requantization
+        scheme name (a key of :data:`qjax.kernels.SCHEMES`, e.g. ``"fbgemm"``): in
+        ``QAT``/``FROZEN`` the layer's forward *value* is the int8 server's integer
+        formula (int32 accumulation of the codes, :func:`qjax.kernels.requantize` with
+        this scheme, dequantized; :mod:`qjax.flax._intsim`), with the float
+        straight-through gradient, so :func:`qjax.convert` with the same scheme serves
+        exactly the trained numbers. Needs int8 weights and
+        ``quantize_input=quantize_output=True`` (the formula needs the input's and the
+        output's qparams).
     >>> cfg = qjax_recommended()
     >>> cfg.weight.axis, cfg.activation.signed, cfg.compat
     (-1, True, 'qjax')
@@ -160,6 +170,7 @@ class QuantConfig:
     quantize_input: bool = True
     quantize_output: bool = False
 
+    scheme: str | None = None
     def __post_init__(self):
         for name in ("weight", "activation"):
             v = getattr(self, name)
@@ -186,6 +197,9 @@ class QuantConfig:
                 "set activation=None for float activations"
             )
 
+        if self.scheme is not None:
+            _check_scheme(self)
+
     @property
     def fake_quant_compat(self) -> QCompat:
         """The :func:`qjax.fake_quant` rounding rule that goes with ``compat``."""
@@ -194,6 +208,27 @@ class QuantConfig:
     def replace(self, **changes) -> QuantConfig:
         """A copy with fields changed (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
+
+
+def _check_scheme(cfg: QuantConfig) -> None:
+    from ..kernels import SCHEMES  # kernels import nothing from flax: no cycle
+
+    if cfg.scheme not in SCHEMES:
+        raise ValueError(
+            f"QuantConfig.scheme must be None or one of {sorted(SCHEMES)}, got {cfg.scheme!r}"
+        )
+    w, a = cfg.weight, cfg.activation
+    if w is None or a is None or w.bits != 8 or not w.signed or a.bits != 8:
+        raise ValueError(
+            f"QuantConfig(scheme={cfg.scheme!r}) simulates the int8 server: it needs an int8 "
+            f"signed weight spec and an 8-bit activation spec, got weight={w}, activation={a}"
+        )
+    if not (cfg.quantize_input and cfg.quantize_output):
+        raise ValueError(
+            f"QuantConfig(scheme={cfg.scheme!r}): the integer formula needs the layer's input "
+            "and output qparams; set quantize_input=True and quantize_output=True "
+            "(config.replace(quantize_input=True, quantize_output=True, scheme=...))"
+        )
 
 
 def default_qat_qconfig(backend: str = "x86") -> QuantConfig:

@@ -31,13 +31,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _convbn, _core
+from . import _convbn, _core, _intsim
 from ._calibrate import run_batches as _run_batches
 from ._config import Mode, QuantConfig, as_mode
+from ._pooling import LinenAvgPool as AvgPool
+from ._pooling import LinenFlatten as Flatten
+from ._pooling import LinenMaxPool as MaxPool
 
 __all__ = [
     "ActQuant",
+    "AvgPool",
     "DeQuantStub",
+    "Flatten",
+    "MaxPool",
     "QuantConv",
     "QuantConvBn",
     "QuantConvGeneralDilated",
@@ -268,7 +274,10 @@ class QuantDense(nn.Module):
             y, st, self.config, mode, sw, name=name, require_stats=not self.is_initializing()
         )
         _store(self, var, st, mode, self.observe)
-        return y
+        return _intsim.integer_override(
+            y, x, kernel, bias if self.use_bias else None, st, self.config, mode,
+            self.fake_quant, kind="linear", name=name, active=not self.is_initializing(),
+        )  # fmt: skip
 
 
 class QuantConv(nn.Module):
@@ -314,6 +323,11 @@ class QuantConv(nn.Module):
             )
         sp = "HWD"[:n]
         padding = self.padding if isinstance(self.padding, str) else tuple(map(tuple, self.padding))
+        conv_kw = dict(
+            window_strides=tuple(strides),
+            padding=padding,
+            dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"),
+        )
         x, kernel = _core.promote_operands(x, kernel, _path(self))
         y, st = _core.quantized_op(
             lax.conv_general_dilated,
@@ -325,9 +339,7 @@ class QuantConv(nn.Module):
             sw,
             name=name,
             require_stats=not self.is_initializing(),
-            window_strides=tuple(strides),
-            padding=padding,
-            dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"),
+            **conv_kw,
         )
         if self.use_bias:
             y = y + bias.astype(y.dtype)
@@ -335,7 +347,11 @@ class QuantConv(nn.Module):
             y, st, self.config, mode, sw, name=name, require_stats=not self.is_initializing()
         )
         _store(self, var, st, mode, self.observe)
-        return y
+        return _intsim.integer_override(
+            y, x, kernel, bias if self.use_bias else None, st, self.config, mode,
+            self.fake_quant, kind="conv", name=name, active=not self.is_initializing(),
+            conv_kwargs=conv_kw,
+        )  # fmt: skip
 
 
 class QuantConvBn(nn.Module):

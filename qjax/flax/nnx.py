@@ -35,13 +35,19 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from . import _convbn, _core
+from . import _convbn, _core, _intsim
 from ._calibrate import run_batches as _run_batches
 from ._config import Mode, QuantConfig, as_mode
+from ._pooling import AvgPool as AvgPool
+from ._pooling import Flatten as Flatten
+from ._pooling import MaxPool as MaxPool
 
 __all__ = [
     "ActQuant",
+    "AvgPool",
     "DeQuantStub",
+    "Flatten",
+    "MaxPool",
     "QuantConv",
     "QuantConvBn",
     "QuantConvGeneralDilated",
@@ -263,9 +269,11 @@ class QuantLinear(_QuantModule):
         self._setup(config, mode, _core.init_layer_stats(config, kshape), name)
 
     def __call__(self, x):
+        x, kernel = _core.promote_operands(x, self.kernel[...], self.name)
         y, st = _core.quantized_op(
             lax.dot_general,
-            *_core.promote_operands(x, self.kernel[...], self.name),
+            x,
+            kernel,
             self.quant_stats.get_value(),
             self.config,
             self.mode,
@@ -273,11 +281,15 @@ class QuantLinear(_QuantModule):
             name=self.name,
             dimension_numbers=(((x.ndim - 1,), (0,)), ((), ())),
         )
-        if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
+        bias = None if self.bias is None else self.bias[...]
+        if bias is not None:
+            y = y + bias.astype(y.dtype)
         y, st = _core.quantize_output(y, st, self.config, self.mode, self.switches, name=self.name)
         self.quant_stats.set_value(st)
-        return y
+        return _intsim.integer_override(
+            y, x, kernel, bias, st, self.config, self.mode, self.fake_quant, kind="linear",
+            name=self.name,
+        )  # fmt: skip
 
 
 class QuantConv(_QuantModule):
@@ -320,21 +332,28 @@ class QuantConv(_QuantModule):
         self._setup(config, mode, _core.init_layer_stats(config, kshape), name)
 
     def __call__(self, x):
+        x, kernel = _core.promote_operands(x, self.kernel[...], self.name)
+        kw = _conv_kwargs(x.ndim, self.strides, self.padding)
         y, st = _core.quantized_op(
             lax.conv_general_dilated,
-            *_core.promote_operands(x, self.kernel[...], self.name),
+            x,
+            kernel,
             self.quant_stats.get_value(),
             self.config,
             self.mode,
             self.switches,
             name=self.name,
-            **_conv_kwargs(x.ndim, self.strides, self.padding),
+            **kw,
         )
-        if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
+        bias = None if self.bias is None else self.bias[...]
+        if bias is not None:
+            y = y + bias.astype(y.dtype)
         y, st = _core.quantize_output(y, st, self.config, self.mode, self.switches, name=self.name)
         self.quant_stats.set_value(st)
-        return y
+        return _intsim.integer_override(
+            y, x, kernel, bias, st, self.config, self.mode, self.fake_quant, kind="conv",
+            conv_kwargs=kw, name=self.name,
+        )  # fmt: skip
 
 
 def _conv_kwargs(ndim: int, strides, padding) -> dict:

@@ -1,0 +1,124 @@
+"""Pooling and flatten layers a quantized ``Sequential`` can hold, for NNX and Linen.
+
+They compute in float during training (``flax.linen.max_pool`` / ``avg_pool``, a
+reshape), and :func:`qjax.convert` recognises them and serves them on integer codes
+(:func:`qjax.kernels.max_pool2d`, :func:`~qjax.kernels.avg_pool2d`,
+:func:`~qjax.kernels.flatten`). Channels-last 2-D input ``(N, H, W, C)``; padding
+``"VALID"`` or ``((p, p), (p, p))``.
+
+Max pooling and flatten commute with dequantization (``dequantize`` is monotone), so the
+served codes are exactly the trained values. Average pooling does not: the float mean of
+fake-quantized values is not on the quantization grid, while the int8 server rounds the
+mean of the codes (as torch's quantized ``avg_pool2d`` does), so a model with an
+``AvgPool`` serves within a rounding step of what it trained, not exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+from flax import nnx
+
+__all__ = ["AvgPool", "Flatten", "LinenAvgPool", "LinenFlatten", "LinenMaxPool", "MaxPool"]
+
+
+def _pool_args(window, strides, padding):
+    window = tuple(window)
+    strides = window if strides is None else tuple(strides)
+    if not isinstance(padding, str):
+        padding = tuple(tuple(int(v) for v in p) for p in padding)
+    return window, strides, padding
+
+
+class _PoolMixin:
+    kind = "max"
+
+    def _pool(self, x):
+        fn = nn.max_pool if self.kind == "max" else nn.avg_pool
+        return fn(x, self.window_shape, strides=self.strides, padding=self.padding)
+
+
+class MaxPool(nnx.Module, _PoolMixin):
+    """2-D max pooling over ``(N, H, W, C)`` (``flax.linen.max_pool``).
+
+    >>> import jax.numpy as jnp
+    >>> MaxPool((2, 2))(jnp.arange(16.0).reshape(1, 4, 4, 1))[0, :, :, 0]
+    Array([[ 5.,  7.],
+           [13., 15.]], dtype=float32)
+    """
+
+    kind = "max"
+
+    def __init__(self, window_shape: Sequence[int], strides=None, padding="VALID"):
+        self.window_shape, self.strides, self.padding = _pool_args(window_shape, strides, padding)
+
+    def __call__(self, x):
+        return self._pool(x)
+
+
+class AvgPool(MaxPool):
+    """2-D average pooling over ``(N, H, W, C)`` (``flax.linen.avg_pool``, padding
+    counted); served by the integer kernel (within a rounding step, module docstring).
+
+    >>> import jax.numpy as jnp
+    >>> AvgPool((2, 2))(jnp.arange(16.0).reshape(1, 4, 4, 1))[0, :, :, 0]
+    Array([[ 2.5,  4.5],
+           [10.5, 12.5]], dtype=float32)
+    """
+
+    kind = "avg"
+
+
+class Flatten(nnx.Module):
+    """``x.reshape(N, -1)`` (channels-last order, as ``flax`` CNN examples flatten).
+
+    >>> import jax.numpy as jnp
+    >>> Flatten()(jnp.zeros((2, 3, 3, 4))).shape
+    (2, 36)
+    """
+
+    def __call__(self, x):
+        return x.reshape(x.shape[0], -1)
+
+
+class LinenMaxPool(nn.Module, _PoolMixin):
+    """Linen :class:`MaxPool` (exported as ``qjax.flax.linen.MaxPool``).
+
+    >>> import jax, jax.numpy as jnp
+    >>> LinenMaxPool((2, 2)).apply({}, jnp.ones((1, 4, 4, 1))).shape
+    (1, 2, 2, 1)
+    """
+
+    window_shape: Sequence[int]
+    strides: Sequence[int] | None = None
+    padding: str | Sequence = "VALID"
+    kind = "max"
+
+    def __call__(self, x):
+        window, strides, padding = _pool_args(self.window_shape, self.strides, self.padding)
+        fn = nn.max_pool if self.kind == "max" else nn.avg_pool
+        return fn(x, window, strides=strides, padding=padding)
+
+
+class LinenAvgPool(LinenMaxPool):
+    """Linen :class:`AvgPool` (exported as ``qjax.flax.linen.AvgPool``).
+
+    >>> import jax, jax.numpy as jnp
+    >>> float(LinenAvgPool((2, 2)).apply({}, jnp.ones((1, 4, 4, 1))).mean())
+    1.0
+    """
+
+    kind = "avg"
+
+
+class LinenFlatten(nn.Module):
+    """Linen :class:`Flatten` (exported as ``qjax.flax.linen.Flatten``).
+
+    >>> import jax, jax.numpy as jnp
+    >>> LinenFlatten().apply({}, jnp.zeros((2, 3, 3, 4))).shape
+    (2, 36)
+    """
+
+    def __call__(self, x):
+        return x.reshape(x.shape[0], -1)
