@@ -25,11 +25,21 @@ from typing import Any
 import numpy as np
 
 from ._evidence import codes_of, engine_of, evidence, float_inputs
+from ._inspect import InspectReport, LayerInfo, inspect
 from ._qarray import QArray
 from ._render import Rendered
 from ._rules import Cause, LayerEvidence, ReferenceKind, diagnose
 
-__all__ = ["LayerParity", "ParityReport", "compare", "compare_traces", "inspect"]
+__all__ = [
+    "Cause",
+    "InspectReport",
+    "LayerInfo",
+    "LayerParity",
+    "ParityReport",
+    "compare",
+    "compare_traces",
+    "inspect",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +316,3 @@ def compare(
     return compare_traces(
         reference, trace, program=program, inputs=args, engine=engine, reference_kind=kind
     )
-
-
-from ._inspect import inspect  # noqa: E402  (inspect renders with the report helpers above)
