@@ -270,3 +270,79 @@ def test_bad_arguments(tmp_path):
     model = export_onnx(prog, x[:2], path=str(path), opset=17)
     assert onnx.load(str(path)).SerializeToString() == model.SerializeToString()
     assert model.opset_import[0].version == 17
+
+
+def _tie_program(kind: str, scheme: str, sx, sw, sy, bias):
+    """quantize -> one linear (K=1) or 1x1 conv with weights [1, 3, 5, -7], by hand."""
+    from qjax import QArray, QParams, QuantSpec
+    from qjax import kernels as K
+
+    qx = QParams(sx, 128, QuantSpec(signed=False))
+    qy = QParams(sy, 3, QuantSpec(signed=False))  # odd zero point: before/after rounding
+    w8 = np.array([1, 3, 5, -7], np.int8)
+    wq = QParams(sw, 0, QuantSpec(signed=True))
+    b = None if bias is None else np.asarray(bias, np.float32)
+    if kind == "linear":
+        pw = K.prepare_linear(QArray(w8.reshape(1, 4), wq))
+
+        def f(p, x):
+            return K.quantized_linear(x, p[0], p[1], qy, scheme=scheme)
+
+        layer = Layer("linear", "by hand", scheme, wq, qy, {"activation": None})
+    else:
+        pw = K.prepare_conv(QArray(w8.reshape(4, 1, 1, 1), wq))
+        opts = dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, activation=None)
+
+        def f(p, x):
+            return K.quantized_conv(x, p[0], p[1], qy, layout="NCHW", scheme=scheme, **opts)
+
+        layer = Layer("conv2d", "by hand", scheme, wq, qy, opts)
+    steps = [
+        Step("q", lambda _, x: quantize_input(x, qx), ("x",), layer=Layer("quantize", "q")),
+        Step(kind, f, ("q",), params=(pw, b), layer=layer),
+    ]
+    return Program(steps, inputs=("x",), output=kind)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_requant_rule_at_ties(kind, tmp_path):
+    """Scales chosen so that ORT's multiplier f32(f32(s_x·s_w)/s_y) is exactly 1/2 while
+    QNNPACK's f32(f32(s_x·s_w)·f32(1/s_y)) is 1/2 - 2^-25: every odd accumulator is a
+    tie. ORT (optimizations ON: QGemm / QLinearConv) matches
+    ``rint(f32(f32(acc + b_q)·M)) + zp`` exactly (round half to even, zero point after
+    rounding), and not the qnnpack scheme nor zero-point-before-rounding."""
+    f32 = np.float32
+    sx = f32(0.02)
+    for sw in np.linspace(0.001, 0.01, 200).astype(f32):
+        p = f32(sx * sw)
+        if f32(p * f32(f32(1) / f32(2 * p))) != f32(0.5):
+            break
+    sy = f32(2 * p)
+    assert f32(p / sy) == f32(0.5) and f32(p * f32(f32(1) / sy)) != f32(0.5)
+    k_b = np.array([2, -5, 0, 7])
+    bias = (k_b * p).astype(f32)  # b / f32(s_x·s_w) rounds to k_b under either rule
+    codes = np.arange(256)
+    x = ((codes - 128).astype(f32) * sx).reshape(256, 1)
+    if kind == "conv":
+        x = x.reshape(1, 1, 16, 16)
+    prog = _tie_program(kind, "qnnpack", sx, sw, sy, bias)
+    model = export_onnx(prog, (x,))
+    got = _run(model, x, True, tmp_path / "opt.onnx")[kind].astype(np.int64)
+    fused = {"linear": "QGemm", "conv": "QLinearConv"}[kind]
+    assert fused in [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    off = _run(model, x, False)[kind].astype(np.int64)
+    acc = (codes - 128)[:, None] * np.array([1, 3, 5, -7]) + k_b  # (256, 4) = acc + b_q
+    t = (acc.astype(f32) * f32(p / sy)).astype(f32)
+    rule = {
+        "ort": np.clip(np.rint(t) + 3, 0, 255),
+        "zp_before": np.clip(np.rint(t + f32(3)), 0, 255),
+    }
+    if kind == "conv":
+        rule = {k: v.T.reshape(1, 4, 16, 16) for k, v in rule.items()}
+    mism = {k: int((got != v).sum()) for k, v in rule.items()}
+    mism["qnnpack"] = int((got != np.asarray(prog(x).values)).sum())
+    off_vs_ort = int((off != rule["ort"]).sum())
+    msg = f"ORT-on mismatches {mism}; ORT-off vs rule {off_vs_ort}"
+    print(f"\n{kind} at ties ({got.size} codes): {msg}")
+    assert mism["ort"] == 0
+    assert mism["qnnpack"] > 50 and mism["zp_before"] > 100
