@@ -14,6 +14,7 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -27,11 +28,16 @@ from qjax import kernels as K
 
 from ._program import Layer, Step
 
-__all__ = ["HANDLERS", "qparams_of", "relayout"]
+__all__ = ["HANDLERS", "device_array", "qparams_of", "relayout"]
 
 
 # ---------------------------------------------------------------------------------------
 # layouts, qparams, weights
+
+
+def device_array(a, dtype) -> jax.Array:
+    """numpy -> device array without a compile (``jnp.asarray`` compiles one per shape)."""
+    return jax.device_put(np.array(a, dtype=dtype, order="C"))
 
 
 def relayout(v, src: bool, dst: bool):
@@ -47,7 +53,9 @@ def act_qparams(scale, zero_point, dtype) -> QParams:
     if dtype not in (torch.quint8, torch.qint8):
         raise NotImplementedError(f"activation dtype {dtype} (only quint8 and qint8)")
     spec = QuantSpec(signed=dtype == torch.qint8)
-    return QParams(np.float32(float(scale)), np.int32(int(zero_point)), spec)
+    return QParams(
+        device_array(float(scale), np.float32), device_array(int(zero_point), np.int32), spec
+    )
 
 
 def qparams_of(t: torch.Tensor) -> QParams:
@@ -63,16 +71,20 @@ def _weight(w: torch.Tensor, where: str, *, transpose: bool = False) -> QArray:
     if w.dtype != torch.qint8:
         raise NotImplementedError(f"{where}: weight dtype {w.dtype} (only qint8)")
     vals = w.int_repr().numpy()
-    vals = np.ascontiguousarray(vals.T if transpose else vals)
+    vals = device_array(vals.T if transpose else vals, np.int8)
     axis = 1 if transpose else 0
     if w.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-        qp = QParams(np.float32(w.q_scale()), np.int32(w.q_zero_point()), QuantSpec(signed=True))
+        qp = QParams(
+            device_array(w.q_scale(), np.float32),
+            device_array(w.q_zero_point(), np.int32),
+            QuantSpec(signed=True),
+        )
     elif w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
         if w.q_per_channel_axis() != 0:
             raise NotImplementedError(f"{where}: per-channel weight axis {w.q_per_channel_axis()}")
         qp = QParams(
-            w.q_per_channel_scales().numpy().astype(np.float32),
-            w.q_per_channel_zero_points().numpy().astype(np.int32),
+            device_array(w.q_per_channel_scales().numpy(), np.float32),
+            device_array(w.q_per_channel_zero_points().numpy(), np.int32),
             QuantSpec(signed=True, axis=axis),
         )
     else:
@@ -81,7 +93,7 @@ def _weight(w: torch.Tensor, where: str, *, transpose: bool = False) -> QArray:
 
 
 def _bias(b) -> Any:
-    return None if b is None else jnp.asarray(b.detach().numpy().astype(np.float32))
+    return None if b is None else device_array(b.detach().numpy(), np.float32)
 
 
 # ---------------------------------------------------------------------------------------

@@ -49,7 +49,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 import torch
 from torch import fx
@@ -322,5 +321,5 @@ def torch_trace(model, *inputs) -> dict[str, QArray]:
     for name, v in values.items():
         if isinstance(v, torch.Tensor) and v.is_quantized:
             codes = np.ascontiguousarray(v.int_repr().numpy())
-            out[name] = QArray(jnp.asarray(codes), ops.qparams_of(v))
+            out[name] = QArray(ops.device_array(codes, codes.dtype), ops.qparams_of(v))
     return out
