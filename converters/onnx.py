@@ -55,7 +55,7 @@ measured in ``tests/test_converters_onnx.py``):
   ``clamp(rint(f32(f32(acc + b_q)·M)) + zp_y)`` with the float32 multiplier
   ``M = f32(f32(s_x·s_w) / s_y)`` (per output channel; a division), round half to even,
   zero point *after* rounding. Checked at constructed ties (every odd ``acc`` a tie):
-  0 of 1,024 codes differ from this rule, for QGemm and for QLinearConv. It is
+  0 of 1,024 codes differ from this rule, for QGemm and QLinearConv (1-d, 2-d). It is
   QNNPACK's requantization (rule 12, the ``"qnnpack"`` scheme) except for the
   multiplier: QNNPACK's is ``f32(f32(s_x·s_w)·f32(1/s_y))`` (107 of the 1,024 tie codes
   differ where the two multipliers differ by an ulp; on random data the ``"qnnpack"``

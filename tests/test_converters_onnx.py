@@ -273,7 +273,8 @@ def test_bad_arguments(tmp_path):
 
 
 def _tie_program(kind: str, scheme: str, sx, sw, sy, bias):
-    """quantize -> one linear (K=1) or 1x1 conv with weights [1, 3, 5, -7], by hand."""
+    """quantize -> one linear (K=1) or 1x1 / 1 conv (2-d / 1-d) with weights [1, 3, 5, -7],
+    by hand."""
     from qjax import QArray, QParams, QuantSpec
     from qjax import kernels as K
 
@@ -290,13 +291,16 @@ def _tie_program(kind: str, scheme: str, sx, sw, sy, bias):
 
         layer = Layer("linear", "by hand", scheme, wq, qy, {"activation": None})
     else:
-        pw = K.prepare_conv(QArray(w8.reshape(4, 1, 1, 1), wq))
-        opts = dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, activation=None)
+        nsp = 2 if kind == "conv" else 1
+        wl, xl = ("OIHW", "NCHW") if nsp == 2 else ("OIW", "NCW")
+        pw = K.prepare_conv(QArray(w8.reshape(4, 1, *(1,) * nsp), wq), weight_layout=wl)
+        one, zero = (1,) * nsp, (0,) * nsp
+        opts = dict(stride=one, padding=zero, dilation=one, groups=1, activation=None)
 
         def f(p, x):
-            return K.quantized_conv(x, p[0], p[1], qy, layout="NCHW", scheme=scheme, **opts)
+            return K.quantized_conv(x, p[0], p[1], qy, layout=xl, scheme=scheme, **opts)
 
-        layer = Layer("conv2d", "by hand", scheme, wq, qy, opts)
+        layer = Layer(f"conv{nsp}d", "by hand", scheme, wq, qy, opts)
     steps = [
         Step("q", lambda _, x: quantize_input(x, qx), ("x",), layer=Layer("quantize", "q")),
         Step(kind, f, ("q",), params=(pw, b), layer=layer),
@@ -304,7 +308,7 @@ def _tie_program(kind: str, scheme: str, sx, sw, sy, bias):
     return Program(steps, inputs=("x",), output=kind)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv1d"])
 def test_requant_rule_at_ties(kind, tmp_path):
     """Scales chosen so that ORT's multiplier f32(f32(s_x·s_w)/s_y) is exactly 1/2 while
     QNNPACK's f32(f32(s_x·s_w)·f32(1/s_y)) is 1/2 - 2^-25: every odd accumulator is a
@@ -323,12 +327,13 @@ def test_requant_rule_at_ties(kind, tmp_path):
     bias = (k_b * p).astype(f32)  # b / f32(s_x·s_w) rounds to k_b under either rule
     codes = np.arange(256)
     x = ((codes - 128).astype(f32) * sx).reshape(256, 1)
-    if kind == "conv":
-        x = x.reshape(1, 1, 16, 16)
+    shape = {"linear": (256, 4), "conv": (1, 4, 16, 16), "conv1d": (1, 4, 256)}[kind]
+    if kind != "linear":
+        x = x.reshape(1, 1, *shape[2:])
     prog = _tie_program(kind, "qnnpack", sx, sw, sy, bias)
     model = export_onnx(prog, (x,))
     got = _run(model, x, True, tmp_path / "opt.onnx")[kind].astype(np.int64)
-    fused = {"linear": "QGemm", "conv": "QLinearConv"}[kind]
+    fused = "QGemm" if kind == "linear" else "QLinearConv"
     assert fused in [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     off = _run(model, x, False)[kind].astype(np.int64)
     acc = (codes - 128)[:, None] * np.array([1, 3, 5, -7]) + k_b  # (256, 4) = acc + b_q
@@ -337,8 +342,8 @@ def test_requant_rule_at_ties(kind, tmp_path):
         "ort": np.clip(np.rint(t) + 3, 0, 255),
         "zp_before": np.clip(np.rint(t + f32(3)), 0, 255),
     }
-    if kind == "conv":
-        rule = {k: v.T.reshape(1, 4, 16, 16) for k, v in rule.items()}
+    if kind != "linear":
+        rule = {k: v.T.reshape(shape) for k, v in rule.items()}
     mism = {k: int((got != v).sum()) for k, v in rule.items()}
     mism["qnnpack"] = int((got != np.asarray(prog(x).values)).sum())
     off_vs_ort = int((off != rule["ort"]).sum())
