@@ -87,19 +87,19 @@ class CNN(nn.Module):
     """Quant -> conv (+act) -> [depthwise / residual add / cat branch] -> pool -> flatten
     -> linear -> DeQuant."""
 
-    def __init__(self, rng, fx_mode: bool, block=None, pool=None):
+    def __init__(self, rng, fx_mode: bool, block=None, pool=None, width=None, dw=None):
         super().__init__()
         self.fx_mode = fx_mode
         self.c_in = int(rng.integers(1, 5))
         self.hw = (int(rng.integers(5, 10)), int(rng.integers(5, 10)))
-        c = int(rng.choice([4, 6, 8, 16]))
+        c = width or int(rng.choice([4, 6, 8, 16]))
         k = int(rng.choice([1, 3]))
         self.q, self.dq = QuantStub(), DeQuantStub()
         self.stem = nn.Conv2d(self.c_in, c, k, padding=k // 2, stride=int(rng.choice([1, 1, 2])))
         self.stem_act_name = ACTS[int(rng.integers(0, 3))]
         self.stem_act = _act(self.stem_act_name)
         self.block = block or str(rng.choice(BLOCKS))
-        dw = bool(c % 8 == 0 and rng.random() < 0.7)
+        dw = bool(c % 8 == 0 and rng.random() < 0.7) if dw is None else dw
         self.b1 = nn.Conv2d(c, c, 3, padding=1, groups=c if dw else 1)
         self.b1_relu = nn.ReLU()
         self.b2 = nn.Conv2d(c, c, 1, bias=bool(rng.random() < 0.7))

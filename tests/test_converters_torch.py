@@ -174,6 +174,34 @@ def test_onednn_conv_within_rule_13(engine, results):
     assert mism <= math.ceil(2e-6 * n), results[engine]
 
 
+@pytest.mark.skipif(not VNNI, reason="on CPUs without VNNI every FBGEMM conv saturates")
+def test_fbgemm_depthwise_3x3_fast_path_saturates_like_torch(monkeypatch):
+    """FBGEMM's direct depthwise 3x3 kernel saturates pairs to int16 even with VNNI (rule
+    14): the importer runs it with ``accumulate="fbgemm_sat16"``; exact accumulation
+    would differ from torch on this model."""
+    torch.backends.quantized.engine = "fbgemm"
+    torch.set_num_threads(1)
+    model, x = tm.build("cnn", 5, "fbgemm", "wide", "eager", block="dw", width=16, dw=True)
+    ref = qtorch.torch_trace(model, x)
+
+    def mismatches(program):
+        trace = program.trace(x)
+        return sum(
+            int((np.asarray(trace[k].values) != np.asarray(r.values)).sum()) for k, r in ref.items()
+        )
+
+    program = qtorch.import_model(model, x, engine="fbgemm")
+    assert program.layers["b1"].extra["accumulate"] == "fbgemm_sat16"
+    assert int(ref["stem_act"].values.max()) > 127
+    assert mismatches(program) == 0
+    from qjax.converters import _torch_ops
+
+    monkeypatch.setattr(_torch_ops, "_dw_fast_path", lambda mod, nsp: False)
+    exact = qtorch.import_model(model, x, engine="fbgemm")
+    assert exact.layers["b1"].extra["accumulate"] == "exact"
+    assert mismatches(exact) > 0
+
+
 # ---------------------------------------------------------------------------------------
 # program: inputs, compiles, layers, the int8-only jaxpr
 
