@@ -236,6 +236,22 @@ def test_import_conv_bn_relu_frozen_bit_exact():
 
     net = NnxConvBn(cfg, eps=0.0)
     fwd = nnx.jit(lambda net, x: net(x))
+    # Linen: the same import into init variables (BN statistics in batch_stats).
+    import flax.linen as nn
+
+    class LinenConvBn(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = ql.QuantStub(cfg, name="quant")(x)
+            cb = ql.QuantConvBn(3, (3, 3), config=cfg, padding=((1, 1), (1, 1)), relu=True,
+                                epsilon=0.0, freeze_bn_stats=True, name="conv")  # fmt: skip
+            return cb(x)
+
+    lnet = LinenConvBn()
+    v = lnet.init(jax.random.key(0), jnp.zeros((2, 5, 5, 2), jnp.float32))
+    v, _ = import_qat_variables(m, v, cfg)
+    _eq(v["batch_stats"]["conv"]["bn_var"], var, "linen bn_var")
+    lfwd = jax.jit(lambda v, x: lnet.apply(v, x, mutable=["quant_stats", "batch_stats"]))
     rep = import_qat_state(m, net)  # same paths: the default mapping
     assert rep.copied["conv/kernel"].endswith("(conv2d: [out, in, kh, kw] -> [kh, kw, in, out])")
     assert net.conv.freeze_bn
@@ -248,6 +264,11 @@ def test_import_conv_bn_relu_frozen_bit_exact():
         y = fwd(net, jnp.asarray(x.transpose(0, 2, 3, 1)))
         what = f"convbn step {step}"
         _eq(y, yt, what)
+        y_l, upd = lfwd(v, jnp.asarray(x.transpose(0, 2, 3, 1)))
+        v = {**v, **upd}
+        _eq(y_l, yt, what + " linen")
+        _assert_stats(v["quant_stats"]["conv"]["stats"].output, m.conv.activation_post_process,
+                      cfg, "output", what + " linen out")  # fmt: skip
         st = net.conv.quant_stats.get_value()
         _assert_stats(st.weight, m.conv.weight_fake_quant, cfg, "weight", what + " weight")
         _assert_stats(st.output, m.conv.activation_post_process, cfg, "output", what + " out")
@@ -312,6 +333,37 @@ def test_import_fx_prepared_bit_exact():
         for i, name in ((2, "relu_q"), (3, "skip_q"), (4, "add_q")):
             st = getattr(net, name).quant_stats.get_value()
             _assert_stats(st, getattr(pm, f"activation_post_process_{i}"), cfg, "a", name)
+
+    # The same graph into a stock nnx.Linear with a dot_general hook (input-quantizing):
+    # the graph's input fake-quant fills the hook's input slot.
+    class Plain(nnx.Module):
+        def __init__(self):
+            self.fc1 = nnx.Linear(12, 5, rngs=nnx.Rngs(0))
+            self.out_q = qn.ActQuant(cfg)
+
+        def __call__(self, x):
+            return self.out_q(self.fc1(x))
+
+    plain = Plain()
+    hook_cfg = cfg.replace(quantize_input=True, quantize_output=False)
+    qn.quantize_model(plain, [("fc1", hook_cfg)])
+    mapping = {
+        "activation_post_process_0": ("fc1", "input"),
+        "fc1": "fc1",
+        "activation_post_process_1": "out_q",
+        **{f"activation_post_process_{i}": None for i in (2, 3, 4)},
+    }
+    rep = import_qat_state(pm, plain, mapping)
+    assert rep.copied["fc1/dot_general/quant_stats/input"] == "activation_post_process_0"
+    seen = []
+    handle = pm.activation_post_process_1.register_forward_hook(lambda m, i, o: seen.append(o))
+    x = _exact_input(r, (9, 12), 127)
+    with torch.no_grad():
+        pm(torch.from_numpy(x))
+    handle.remove()
+    _eq(fwd(plain, jnp.asarray(x)), seen[0].numpy(), "fx into a hooked nnx.Linear")
+    st = plain.fc1.dot_general.quant_stats.get_value()
+    _assert_stats(st.input, pm.activation_post_process_0, cfg, "input", "hook input")
 
 
 # --------------------------------------------------------------------------------------
