@@ -135,10 +135,6 @@ class _Builder:
             return self.consts.get(node.name)
         return None
 
-    @staticmethod
-    def single_user(node) -> bool:
-        return len(node.users) == 1
-
     # ---- node handlers -----------------------------------------------------------------
 
     def add(self, node) -> None:

@@ -220,6 +220,24 @@ def _chain_ops(program, name):
     return kernel, ops
 
 
+def _source_q(program, name):
+    """The q step whose codes feed q step ``name`` (through dq and float steps)."""
+    steps = {s.name: s for s in program.steps}
+    cur = steps[name].inputs[0]
+    while cur in steps and steps[cur].layer.op in ("float", "dequantize"):
+        cur = steps[cur].inputs[0]
+    return cur
+
+
+def _is_mean_of_window(program, name):
+    """A global average pool (kernel or float op) whose q keeps its input's qparams."""
+    kernel, ops = _chain_ops(program, name)
+    if not (kernel == "adaptive_avg_pool2d" or (kernel is None and ops == {"adaptive_avg_pool2d"})):
+        return False
+    a, b = program.layers[_source_q(program, name)].out, program.layers[name].out
+    return float(a.scale) == float(b.scale) and int(a.zero_point) == int(b.zero_point)
+
+
 def _exact_chain(program, name):
     kernel, ops = _chain_ops(program, name)
     return (kernel is None or kernel in _EXACT_KERNELS) and ops <= _EXACT_OPS
@@ -278,22 +296,25 @@ def test_codes_match_torch(converted, case, mode):
         total, mism = total + n, mism + bad
         if _exact_chain(program, name):
             assert bad == 0, (name, _chain_ops(program, name), bad, worst)
-        elif _chain_ops(program, name)[0] == "adaptive_avg_pool2d":
-            # The integer kernel is torch's quantized adaptive_avg_pool2d: exact sum S of
-            # N codes, zero point added before rounding. Averages of integers sit exactly
-            # on a .5 tie whenever S mod N == N/2; there the float reference rounds by
-            # its summation noise. Every mismatch must be such a tie, and only 1 LSB.
+        elif _is_mean_of_window(program, name):
+            # A mean of N codes (the kernel: torch's quantized adaptive_avg_pool2d, exact
+            # integer sum S; the reference: torch's float mean) sits exactly on a .5 tie
+            # whenever S mod N == N/2; there each side rounds by its own float noise.
+            # Every mismatch must be such a tie, and only 1 LSB.
             assert worst <= 1, (name, bad, worst)
-            step = {st.name: st for st in program.steps}[name]
-            q_in = tvals[step.inputs[0]].astype(np.int64)
-            zp = int(program.params[step.inputs[0]]["zp"])
+            assert codes[name].shape[-2:] == (1, 1), name  # global pools (the models here)
+            src = _source_q(program, name)
+            q_in = tvals[src].astype(np.int64)
+            zp = int(program.layers[src].out.zero_point)
             sums = (q_in - zp).sum(axis=(2, 3), keepdims=True)
             n_win = q_in.shape[2] * q_in.shape[3]
             ties = (2 * sums) % (2 * n_win) == n_win
             assert (ties | (np.asarray(codes[name]) == tvals[name])).all(), name
         else:
             assert worst <= 1, (name, _chain_ops(program, name), bad, worst)
-            assert bad <= max(2, n // 50), (name, bad, n)  # a few ties, not a rule change
+            # float summation order (or exact integer requantization) against torch's
+            # float sums: a tie now and then (measured 1 in 65536 with 10^5+ codes)
+            assert bad <= max(2, n // 1000), (name, bad, n)
     # end to end, jitted, from the float input
     trace = program.trace(*x)
     e2e = [_diff(trace[k].values, tvals[k]) for k in per_layer]
@@ -310,6 +331,7 @@ def test_codes_match_torch(converted, case, mode):
     )
 
 
+@pytest.mark.slow
 def test_jit_equals_eager(converted):
     """The jitted program computes what its steps compute one op at a time: XLA fuses
     nothing that changes a rounding (dq products next to float adds, conv + add here)."""
