@@ -21,13 +21,15 @@ replacement drops the key. A :class:`QArray` keeps its channel: per-channel
 ``axis 0`` moves with the flip (to ``-1`` for linear and conv).
 
 The target is an NNX module (its ``nnx.Param`` and ``nnx.BatchStat`` state, updated in
-place), a nested mapping (Linen variables, ``nnx.to_pure_dict(...)``, or an abstract
-tree from ``jax.eval_shape`` whose leaves are ``jax.ShapeDtypeStruct``), or ``None``
-(build a nested dict from the table's paths). Every leaf is checked against the target:
-shape after the flip, dtype (``cast=True`` converts between float dtypes), kind
-(QArray vs float). Torch keys no rule maps or whose path the target lacks, and target
-paths no key fills, are reported by name on both sides: one ``ValueError`` with
-``strict=True``, or in the returned :class:`Loaded` with ``strict=False``.
+place), an ``nnx.State`` (e.g. ``nnx.state(model, nnx.Param)``; its values are replaced
+in place, as ``nnx.replace_by_pure_dict`` does), a nested mapping (Linen variables,
+``nnx.to_pure_dict(...)``, or an abstract tree from ``jax.eval_shape`` whose leaves are
+``jax.ShapeDtypeStruct``), or ``None`` (build a nested dict from the table's paths).
+Every leaf is checked against the target: shape after the flip, dtype (``cast=True``
+converts between float dtypes), kind (QArray vs float). Torch keys no rule maps or
+whose path the target lacks, and target paths no key fills, are reported by name on
+both sides: one ``ValueError`` with ``strict=True``, or in the returned :class:`Loaded`
+with ``strict=False``.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class Rule(NamedTuple):
 class Loaded(NamedTuple):
     """Result of :func:`load_state_dict`.
 
-    ``tree``: the filled target (the NNX module itself for a module target); ``loaded``:
+    ``tree``: the filled target (the NNX module or ``nnx.State`` itself for those); ``loaded``:
     ``{target path: torch key (layout)}``; ``missing``: target paths no torch key filled;
     ``extra``: torch keys not loaded, with the reason.
     """
@@ -204,9 +206,11 @@ def load_state_dict(
     flat = normalize_state_dict(read_state_dict(source, trusted=trusted))
 
     module = state = None
-    if target is not None and not isinstance(target, Mapping):
-        from flax import nnx
+    from flax import nnx
 
+    if isinstance(target, nnx.State):
+        state, target = target, nnx.to_pure_dict(target)
+    elif target is not None and not isinstance(target, Mapping):
         if not isinstance(target, nnx.Module):
             raise TypeError(
                 "target must be an nnx.Module, a nested mapping (Linen variables, "
@@ -280,10 +284,10 @@ def load_state_dict(
         return Loaded(tree, loaded, missing, extra)
     new_leaves = [filled.get(p, leaf) for p, leaf in zip(paths, leaves, strict=True)]
     tree = jax.tree_util.tree_unflatten(treedef, new_leaves)
-    if module is not None:
-        from flax import nnx
-
+    if state is not None:
         nnx.replace_by_pure_dict(state, tree)
+        tree = state
+    if module is not None:
         nnx.update(module, state)
         tree = module
     return Loaded(tree, loaded, missing, extra)

@@ -135,6 +135,17 @@ def test_linen_abstract_target_from_eval_shape():
     assert y.shape == (1, 3)
 
 
+def test_nnx_state_target():
+    lin = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    params = nnx.state(lin, nnx.Param)
+    sd = _trained_float().state_dict()
+    table = [(r"fc\.weight", "kernel", "linear"), (r"fc\.bias", "bias"), (r"(conv|bn)\..*", None)]
+    out = load_state_dict(sd, params, table)
+    assert out.tree is params
+    nnx.update(lin, params)
+    np.testing.assert_array_equal(np.asarray(lin.kernel[...]), sd["fc.weight"].numpy().T)
+
+
 def test_missing_and_extra_named_on_both_sides():
     sd = _trained_float().state_dict()
     net = NnxQat()
