@@ -343,6 +343,7 @@ HANDLERS = {
 
 
 def value_info(b: Builder, name: str) -> onnx.ValueInfoProto:
+    """Graph input/output declaration of a value: float32, or the codes' int8/uint8."""
     if b.kind[name] == "float":
         dt = TensorProto.FLOAT
     else:

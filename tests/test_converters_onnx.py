@@ -238,6 +238,27 @@ def test_codes_vs_qjax(case, scheme, setting):
         assert mism <= n // 100, d
 
 
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_codes_vs_torch(case, setting):
+    """ORT against torch itself, under the engine the model was converted with (the
+    ONNX model of the program of that engine)."""
+    engine = MODELS[case["name"]][1]
+    torch.backends.quantized.engine = engine
+    want = qtorch.torch_trace(case["qm"], torch.from_numpy(case["x"]))
+    d = _diffs(case["ort"][engine][setting], want)
+    n = sum(v[0] for v in d.values())
+    mism = sum(v[1] for v in d.values())
+    print(f"\n{case['name']:7s} torch {engine:8s} ORT-{setting:3s}: {n} codes, {mism} mismatches, "
+          f"max {max(v[2] for v in d.values())} LSB")  # fmt: skip
+    assert n >= 400 and set(d) <= set(case["progs"][engine].trace(case["x"]))
+    diverging = [k for k, v in d.items() if v[1]]
+    assert not diverging or d[diverging[0]][2] <= 1, d  # first diverging layer: 1 LSB
+    if engine == "qnnpack" and setting == "on":
+        assert mism == 0, d
+    else:
+        assert mism <= n // 100, d
+
+
 def test_unsupported_step_is_named():
     qp = quantize_input.__module__  # any import-time constant; the step fails before use
     del qp
