@@ -176,11 +176,12 @@ def test_import_linen_variables_then_train_bit_exact():
     v = net.init(jax.random.key(0), jnp.zeros((1, 12), jnp.float32))
     v, rep = import_qat_variables(m, v, cfg, {"quant": "stub", "fc": "fc"})
     assert rep.qparams_checked == 5 + 1 + 1
+    apply = jax.jit(lambda v, x: net.apply(v, x, mutable=["quant_stats"]))
     for step in range(3):
         x = _exact_input(r, (9, 12), cfg.activation.qmax)
         with torch.no_grad():
             yt = m(torch.from_numpy(x)).numpy()
-        y, upd = net.apply(v, jnp.asarray(x), mutable=["quant_stats"])
+        y, upd = apply(v, jnp.asarray(x))
         v = {**v, **upd}
         _eq(y, yt, f"linen step {step}")
         st = v["quant_stats"]["fc"]["stats"]
