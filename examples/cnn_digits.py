@@ -1,0 +1,119 @@
+"""Train a small CNN, quantize it (PTQ and QAT) and serve it as an int8 program.
+
+Run: ``.venv/bin/python examples/cnn_digits.py``. sklearn's bundled 8x8 digits, a
+``nnx.Sequential`` CNN (QuantStub, Conv-BN-ReLU x2 with BN folded as torch's
+``ConvBnReLU2d``, max pool, flatten, dense, DeQuantStub):
+
+1. float training (``Mode.FLOAT``, BN on batch statistics);
+2. PTQ: ``calibrate`` (BN frozen) -> ``Mode.FROZEN`` -> ``qjax.convert`` -> int8;
+3. QAT: fine-tune the PTQ model in ``Mode.QAT`` -> ``FROZEN`` -> int8.
+
+The layers use ``QuantConfig(scheme="fbgemm")``: their fake-quant forward value is the
+int8 server's integer formula, so the served int8 program returns *exactly* the frozen
+QAT model's outputs (asserted below on the whole test set).
+"""
+
+import copy
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from sklearn.datasets import load_digits
+
+import qjax
+from qjax.flax import Mode, default_qat_qconfig
+from qjax.flax import nnx as qnnx
+
+
+def make_model(rngs: nnx.Rngs, scheme: str = "fbgemm") -> nnx.Sequential:
+    # torch's x86 QAT qconfig (uint8 activations with reduce_range, per-channel int8
+    # weights) with an input quantizer on each layer, as the integer formula needs.
+    cfg = default_qat_qconfig("x86").replace(quantize_input=True, scheme=scheme)
+    return nnx.Sequential(
+        qnnx.QuantStub(cfg),
+        qnnx.QuantConvBn(1, 16, (3, 3), config=cfg, relu=True, rngs=rngs),
+        qnnx.QuantConvBn(16, 32, (3, 3), config=cfg, relu=True, rngs=rngs),
+        qnnx.MaxPool((2, 2)),
+        qnnx.Flatten(),
+        qnnx.QuantLinear(4 * 4 * 32, 10, config=cfg, rngs=rngs),
+        qnnx.DeQuantStub(),
+    )
+
+
+def data(seed=0):
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[..., None]  # (N, 8, 8, 1)
+    y = d.target.astype(np.int32)
+    idx = np.random.default_rng(seed).permutation(len(x))
+    split = int(0.8 * len(x))
+    return (x[idx[:split]], y[idx[:split]]), (x[idx[split:]], y[idx[split:]])
+
+
+def train(model, x, y, epochs, lr, seed=0):
+    opt = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, xb, yb):
+        def loss_fn(m):
+            return optax.softmax_cross_entropy_with_integer_labels(m(xb), yb).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        opt.update(model, grads)
+        return loss
+
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        order = rng.permutation(len(x))
+        for i in range(0, len(x) - 63, 64):
+            b = order[i : i + 64]
+            step(model, opt, jnp.asarray(x[b]), jnp.asarray(y[b]))
+
+
+def accuracy(fn, x, y):
+    return float((np.asarray(jnp.argmax(fn(jnp.asarray(x)), -1)) == y).mean())
+
+
+def main(epochs: int | None = None, qat_epochs: int | None = None) -> dict:
+    epochs = int(os.environ.get("QJAX_EXAMPLE_EPOCHS", 12)) if epochs is None else epochs
+    qat_epochs = 3 if qat_epochs is None else qat_epochs
+    (xtr, ytr), (xte, yte) = data()
+    forward = nnx.jit(lambda m, x: m(x))
+
+    model = make_model(nnx.Rngs(0))
+    qnnx.set_mode(model, Mode.FLOAT)
+    train(model, xtr, ytr, epochs, 1e-2)
+    qnnx.freeze_bn_stats(model)  # evaluate (and from now on train) with running BN stats
+    acc = {"float": accuracy(lambda x: forward(model, x), xte, yte)}
+
+    ptq = copy.deepcopy(model)
+    batches = [jnp.asarray(xtr[i : i + 256]) for i in range(0, len(xtr), 256)]
+    qnnx.calibrate(ptq, batches, progress=False)  # ends in Mode.FROZEN
+    ptq_served = qjax.convert(ptq, xte[:1])
+    acc["PTQ int8 (served)"] = accuracy(ptq_served, xte, yte)
+
+    qat = copy.deepcopy(ptq)
+    qnnx.set_mode(qat, Mode.QAT)
+    train(qat, xtr, ytr, qat_epochs, 1e-3, seed=1)
+    qnnx.set_mode(qat, Mode.FROZEN)
+    frozen = np.asarray(forward(qat, jnp.asarray(xte)))
+    acc["QAT int8 (frozen fake-quant)"] = float((frozen.argmax(-1) == yte).mean())
+
+    served = qjax.convert(qat, xte[:1], scheme="fbgemm")
+    out = np.asarray(served(jnp.asarray(xte)))
+    acc["QAT int8 (served)"] = float((out.argmax(-1) == yte).mean())
+    mismatches = int((out != frozen).sum())
+    assert mismatches == 0, f"served != frozen QAT in {mismatches} of {out.size} outputs"
+
+    width = max(len(k) for k in acc)
+    print(f"test accuracy on sklearn digits ({len(yte)} images), CNN conv-BN-ReLU x2")
+    for k, v in acc.items():
+        print(f"  {k:{width}s}  {100 * v:5.1f}%")
+    print(f"served int8 == frozen QAT: {out.size} outputs, {mismatches} mismatches")
+    acc["compared"], acc["mismatches"] = out.size, mismatches
+    return acc
+
+
+if __name__ == "__main__":
+    main()
