@@ -130,6 +130,21 @@ class Pools(torch.nn.Module):
         return self.fc(z)
 
 
+class Conv1d(torch.nn.Module):
+    """conv1d (padding; stride + groups), hardtanh, permute, linear on 3-d input, mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv1d(4, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv1d(8, 8, 3, stride=2, groups=2)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.nn.functional.hardtanh(self.c1(x), 0.0, 6.0)
+        y = torch.relu(self.c2(y))
+        return self.fc(y.permute(0, 2, 1)).mean(1)
+
+
 class Block(torch.nn.Module):
     """linear, layer_norm, gelu, matmul of activations, softmax, mean."""
 
@@ -248,6 +263,7 @@ CASES = {
     "mlp_xnnpack_per_channel": (MLP, (64, 16), lambda: _xnnpack(True), False),
     "cnn_xnnpack_per_channel": (CNN, (8, 3, 8, 8), lambda: _xnnpack(True), False),
     "pools_x86": (Pools, (8, 3, 8, 8), lambda: _x86(), False),
+    "conv1d_xnnpack_per_channel": (Conv1d, (8, 4, 16), lambda: _xnnpack(True), False),
     "block_xnnpack_per_tensor": (Block, (4, 6, 8), lambda: _xnnpack(False), False),
     "mlp_xnnpack_qat": (MLP, (64, 16), lambda: _xnnpack(True, qat=True), True),
     "cnn_x86_qat": (CNN, (8, 3, 8, 8), lambda: _x86(qat=True), True),
@@ -280,7 +296,7 @@ def test_codes_match_torch(converted, case, mode):
     program = pt2e.import_pt2e(gm, mode=mode)
     if mode == "integer":  # the patterns the quantizer produced did reach integer kernels
         kinds = {lay.op for lay in program.layers.values()}
-        assert kinds & {"linear", "conv2d"}, kinds
+        assert kinds & {"linear", "conv2d", "conv1d"}, kinds
     # per layer
     per_layer, codes = _layerwise(program, tvals, x)
     q_nodes = {
@@ -362,13 +378,14 @@ def test_exported_program_input(converted):
         ("cnn_xnnpack_per_channel", {"conv2d", "add", "max_pool2d", "linear"}),
         ("pools_x86", {"conv2d", "max_pool2d", "cat", "adaptive_avg_pool2d"}),
         ("block_xnnpack_per_tensor", {"linear"}),
+        ("conv1d_xnnpack_per_channel", {"conv1d", "move", "linear"}),
     ],
 )
 def test_layers_metadata(converted, case, kernels):
     gm, x, _, _ = converted(case)
     layers = pt2e.import_pt2e(gm, mode="integer").layers
     assert kernels <= {lay.op for lay in layers.values()}
-    convs = [lay for lay in layers.values() if lay.op in ("conv2d", "linear")]
+    convs = [lay for lay in layers.values() if lay.op in ("conv1d", "conv2d", "linear")]
     assert all(c.scheme == "fbgemm" and c.weight is not None for c in convs)
     assert all(c.extra["module"] in ("c1", "c2", "c3", "fc", "fc1", "fc2", "fc3") for c in convs)
     floats = {lay.extra["op"] for lay in layers.values() if lay.op == "float"}
