@@ -169,7 +169,14 @@ class _Importer:
             if dest is None:
                 self.skipped.append(tname)
                 continue
-            path, slot = (dest, None) if isinstance(dest, str) else tuple(dest)
+            if isinstance(dest, str):
+                path, slot = dest, None
+            elif isinstance(dest, (tuple, list)) and len(dest) == 2:
+                path, slot = dest
+            else:
+                raise TypeError(
+                    f"mapping[{tname!r}] must be a qjax path, (path, slot) or None, got {dest!r}"
+                )
             if slot is not None and slot not in _SLOTS:
                 raise ValueError(f"mapping[{tname!r}]: slot must be one of {_SLOTS}, got {slot!r}")
             kind = _layer_kind(tm)

@@ -489,6 +489,10 @@ def test_config_mismatch_and_bad_mappings_are_named():
         import_qat_state(m, NnxLinear(cfg), {"fc": "stub"})
     with pytest.raises(ValueError, match="name the quantizer"):
         import_qat_state(m, NnxLinear(cfg), {"quant": "fc"})
+    with pytest.raises(TypeError, match=r"mapping\['fc'\] must be a qjax path"):
+        import_qat_state(m, NnxLinear(cfg), {"fc": ("fc", "weight", 3)})
+    with pytest.raises(ValueError, match="slot must be one of"):
+        import_qat_state(m, NnxLinear(cfg), {"quant": ("fc", "bias")})
     with pytest.raises(TypeError, match="'dequant'.*DeQuantStub"):
         import_qat_state(m, NnxLinear(cfg), {"dequant": "stub"})
 
