@@ -46,7 +46,7 @@ class MLP(nn.Module):
         super().__init__()
         self.q, self.dq = QuantStub(), DeQuantStub()
         self.fc1, self.r1 = nn.Linear(12, 32), nn.ReLU()
-        self.fc2, self.r2 = nn.Linear(32, 16), nn.ReLU()
+        self.fc2, self.r2 = nn.Linear(32, 16, bias=False), nn.ReLU()
         self.fc3 = nn.Linear(16, 4)
 
     def forward(self, x):
@@ -189,8 +189,12 @@ def test_ort_fuses_integer_kernels(case):
     """With optimizations ON every Conv/Gemm/MatMul runs as an integer kernel."""
     ops = [n.op_type for n in case["optimized"].graph.node]
     assert not {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm"} & set(ops), ops
-    want = {"mlp": {"QGemm"}, "cnn": {"QLinearConv", "QGemm"}, "addcat": {"QLinearConv"}}
-    assert want[case["name"]] <= set(ops), ops
+    want = {
+        "mlp": {"QGemm": 3},  # fc2 has no bias
+        "cnn": {"QLinearConv": 2, "QGemm": 1},
+        "addcat": {"QLinearConv": 2, "QGemm": 1, "QLinearAdd": 1, "QLinearMul": 1},
+    }
+    assert {k: ops.count(k) for k in want[case["name"]]} == want[case["name"]], ops
     plain = [n.op_type for n in case["models"]["fbgemm"].graph.node]
     assert {"QuantizeLinear", "DequantizeLinear"} <= set(plain)
 
