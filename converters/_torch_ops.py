@@ -14,7 +14,6 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -23,129 +22,27 @@ import torch.ao.nn.quantized as nnq
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qjax import QArray, QParams, QuantSpec
+from qjax import QArray
 from qjax import kernels as K
 
 from ._program import Layer, Step
+from ._torch_values import (
+    Ref,
+    act_qparams,
+    bias_array,
+    bind,
+    device_array,
+    fill,
+    pick,
+    qparams_of,
+    relayout,
+    weight_qarray,
+)
 
-__all__ = ["HANDLERS", "device_array", "qparams_of", "relayout"]
-
-
-# ---------------------------------------------------------------------------------------
-# layouts, qparams, weights
-
-
-def device_array(a, dtype) -> jax.Array:
-    """numpy -> device array without a compile (``jnp.asarray`` compiles one per shape)."""
-    return jax.device_put(np.array(a, dtype=dtype, order="C"))
-
-
-def relayout(v, src: bool, dst: bool):
-    """Move a stored value between logical (``False``) and channels-last (``True``) order."""
-    if src == dst or not isinstance(v, QArray) or v.ndim < 3:
-        return v
-    vals = jnp.moveaxis(v.values, -1, 1) if src else jnp.moveaxis(v.values, 1, -1)
-    return QArray(vals, v.qparams)
+__all__ = ["HANDLERS", "bind", "device_array", "fill", "qparams_of", "relayout", "target_name"]
 
 
-def act_qparams(scale, zero_point, dtype) -> QParams:
-    """Per-tensor activation qparams of a torch ``quint8``/``qint8`` tensor (f32 scale)."""
-    if dtype not in (torch.quint8, torch.qint8):
-        raise NotImplementedError(f"activation dtype {dtype} (only quint8 and qint8)")
-    spec = QuantSpec(signed=dtype == torch.qint8)
-    return QParams(
-        device_array(float(scale), np.float32), device_array(int(zero_point), np.int32), spec
-    )
-
-
-def qparams_of(t: torch.Tensor) -> QParams:
-    """The :class:`~qjax.QParams` of a per-tensor quantized torch tensor."""
-    if t.qscheme() != torch.per_tensor_affine:
-        raise NotImplementedError(f"activation qscheme {t.qscheme()} (only per-tensor affine)")
-    return act_qparams(t.q_scale(), t.q_zero_point(), t.dtype)
-
-
-def _weight(w: torch.Tensor, where: str, *, transpose: bool = False) -> QArray:
-    """A torch qint8 weight ``(out, ...)`` as a QArray (per-tensor, or per-channel along the
-    output axis); ``transpose``: a linear weight ``(out, in) -> (in, out)``."""
-    if w.dtype != torch.qint8:
-        raise NotImplementedError(f"{where}: weight dtype {w.dtype} (only qint8)")
-    vals = w.int_repr().numpy()
-    vals = device_array(vals.T if transpose else vals, np.int8)
-    axis = 1 if transpose else 0
-    if w.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-        qp = QParams(
-            device_array(w.q_scale(), np.float32),
-            device_array(w.q_zero_point(), np.int32),
-            QuantSpec(signed=True),
-        )
-    elif w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-        if w.q_per_channel_axis() != 0:
-            raise NotImplementedError(f"{where}: per-channel weight axis {w.q_per_channel_axis()}")
-        qp = QParams(
-            device_array(w.q_per_channel_scales().numpy(), np.float32),
-            device_array(w.q_per_channel_zero_points().numpy(), np.int32),
-            QuantSpec(signed=True, axis=axis),
-        )
-    else:
-        raise NotImplementedError(f"{where}: weight qscheme {w.qscheme()}")
-    return QArray(vals, qp)
-
-
-def _bias(b) -> Any:
-    return None if b is None else device_array(b.detach().numpy(), np.float32)
-
-
-# ---------------------------------------------------------------------------------------
-# argument binding: fx args -> (value names, template), filled at run time
-
-
-class _Ref:
-    def __init__(self, i: int):
-        self.i = i
-
-
-def bind(ctx, args, kwargs=None):
-    """Split fx ``args``/``kwargs`` into value names (Nodes) and a template of constants."""
-    names: list[str] = []
-
-    def conv(a):
-        if isinstance(a, fx.Node):
-            if a.name in ctx.consts:
-                return ctx.consts[a.name]
-            names.append(a.name)
-            return _Ref(len(names) - 1)
-        if isinstance(a, (list, tuple)):
-            return type(a)(conv(b) for b in a)
-        if isinstance(a, dict):
-            return {k: conv(b) for k, b in a.items()}
-        return a
-
-    return names, conv(tuple(args)), conv(dict(kwargs or {}))
-
-
-def fill(t, vals):
-    if isinstance(t, _Ref):
-        return vals[t.i]
-    if isinstance(t, (list, tuple)):
-        return type(t)(fill(b, vals) for b in t)
-    if isinstance(t, dict):
-        return {k: fill(b, vals) for k, b in t.items()}
-    return t
-
-
-def _pick(args, kwargs, names_defaults):
-    """Positional-or-keyword arguments after the first (the input) by name."""
-    out = {}
-    for i, (n, d) in enumerate(names_defaults):
-        if i + 1 < len(args):
-            out[n] = args[i + 1]
-        else:
-            out[n] = kwargs.get(n, d)
-    return out
-
-
-def _step(ctx, node, fn, inputs, *, params=None, layer, out_cl: bool | Callable | None = None):
+def _step(ctx, node, fn, inputs, *, params=None, layer):
     """Wrap ``fn(params, *stored) -> (value, channels_last)`` into a Step storing torch's order."""
     want = ctx.cl.get(node.name, False)
 
@@ -179,7 +76,7 @@ def h_quantize(ctx, node, mod=None):
         if names[1:]:
             raise NotImplementedError("quantize_per_tensor with computed scale / zero point")
         sc, zp, dt = (
-            _pick(a, kw, [("scale", None), ("zero_point", None), ("dtype", None)])
+            pick(a, kw, [("scale", None), ("zero_point", None), ("dtype", None)])
         ).values()
         qp = act_qparams(float(sc), int(zp), dt)
         src = node.args[0]
@@ -213,7 +110,7 @@ def _layer_name(node) -> str:
 def h_linear(ctx, node, mod):
     relu = isinstance(mod, nniq.LinearReLU)
     where = f"layer {_layer_name(node)!r}"
-    w = _weight(mod.weight(), where, transpose=True)
+    w = weight_qarray(mod.weight(), where, transpose=True)
     pw = K.prepare_linear(w, name=_layer_name(node))
     out = act_qparams(mod.scale, mod.zero_point, torch.quint8)
     scheme, acc = ctx.engine.linear, ctx.engine.accumulate
@@ -230,7 +127,7 @@ def h_linear(ctx, node, mod):
         "linear", type(mod).__module__ + "." + type(mod).__name__, scheme, w.qparams, out,
         {"activation": act, "accumulate": acc},
     )  # fmt: skip
-    return _step(ctx, node, f, [src.name], params=(pw, _bias(mod.bias())), layer=layer)
+    return _step(ctx, node, f, [src.name], params=(pw, bias_array(mod.bias())), layer=layer)
 
 
 def _dw_fast_path(mod, nsp: int) -> bool:
@@ -255,7 +152,7 @@ def h_conv(ctx, node, mod):
     name = _layer_name(node)
     if mod.padding_mode != "zeros":
         raise NotImplementedError(f"conv {name!r}: padding_mode={mod.padding_mode!r}")
-    w = _weight(mod.weight(), f"layer {name!r}")
+    w = weight_qarray(mod.weight(), f"layer {name!r}")
     pw = K.prepare_conv(
         w, name=name, groups=mod.groups, weight_layout="OIHW" if nsp == 2 else "OIW"
     )
@@ -280,15 +177,15 @@ def h_conv(ctx, node, mod):
         f"conv{nsp}d", type(mod).__module__ + "." + type(mod).__name__, scheme, w.qparams, out,
         {k: v for k, v in opts.items() if k not in ("layout", "scheme")},
     )  # fmt: skip
-    return _step(ctx, node, f, [src.name], params=(pw, _bias(mod.bias())), layer=layer)
+    return _step(ctx, node, f, [src.name], params=(pw, bias_array(mod.bias())), layer=layer)
 
 
 def h_identity(ctx, node, mod=None):
-    return _unary(ctx, node, "identity", _target(node), lambda x: x)
+    return _unary(ctx, node, "identity", target_name(node), lambda x: x)
 
 
 def h_relu(ctx, node, mod=None):
-    return _unary(ctx, node, "relu", _target(node), K.relu)
+    return _unary(ctx, node, "relu", target_name(node), K.relu)
 
 
 def _clamp(ctx, node, op, f):
@@ -312,7 +209,7 @@ def _clamp(ctx, node, op, f):
             return QArray(jnp.reshape(y.values, (n, c, h, w)), y.qparams), False
         return y, cl
 
-    layer = Layer(op, _target(node), None, None, None, {"qnnpack_layout_bug": bug})
+    layer = Layer(op, target_name(node), None, None, None, {"qnnpack_layout_bug": bug})
     return _step(ctx, node, g, [src.name], layer=layer)
 
 
@@ -325,14 +222,14 @@ def h_hardtanh(ctx, node, mod=None):
         lo, hi = mod.min_val, mod.max_val
     else:
         _, a, kw = bind(ctx, node.args, node.kwargs)
-        lo, hi, _ = _pick(a, kw, [("min_val", -1.0), ("max_val", 1.0), ("inplace", False)]).values()
+        lo, hi, _ = pick(a, kw, [("min_val", -1.0), ("max_val", 1.0), ("inplace", False)]).values()
     return _clamp(ctx, node, "hardtanh", lambda x: K.hardtanh(x, float(lo), float(hi)))
 
 
 def _binary_qparams(ctx, node, a, kw, what):
     """``(a, b, scale, zero_point)`` of ``torch.ops.quantized.add/mul`` (args or kwargs)."""
-    o = _pick(a, kw, [("other", None), ("scale", None), ("zero_point", None)])
-    if isinstance(o["scale"], _Ref) or isinstance(o["zero_point"], _Ref):
+    o = pick(a, kw, [("other", None), ("scale", None), ("zero_point", None)])
+    if isinstance(o["scale"], Ref) or isinstance(o["zero_point"], Ref):
         raise NotImplementedError(f"{what} with computed output scale / zero point")
     return act_qparams(float(o["scale"]), int(o["zero_point"]), ctx.dtype_of(node.args[0]))
 
@@ -353,7 +250,7 @@ def h_add(ctx, node, mod=None, relu=False, op="add"):
             return K.quantized_add(x, y, out, scheme=scheme, activation=act), want
         return K.quantized_mul(x, y, out, activation=act), want
 
-    layer = Layer(op + ("_relu" if relu else ""), _target(node), scheme, None, out)
+    layer = Layer(op + ("_relu" if relu else ""), target_name(node), scheme, None, out)
     return _step(ctx, node, f, names, layer=layer)
 
 
@@ -371,10 +268,12 @@ def h_mul_relu(ctx, node, mod=None):
 
 def h_mul_scalar(ctx, node, mod=None):
     names, a, kw = bind(ctx, node.args, node.kwargs)
-    if len(names) != 1 or isinstance(a[1], _Ref):
+    if len(names) != 1 or isinstance(a[1], Ref):
         raise NotImplementedError("quantized.mul_scalar with a computed scalar")
     c = float(a[1])
-    return _unary(ctx, node, "mul_scalar", _target(node), lambda x: K.quantized_mul_scalar(x, c))
+    return _unary(
+        ctx, node, "mul_scalar", target_name(node), lambda x: K.quantized_mul_scalar(x, c)
+    )
 
 
 def h_cat(ctx, node, mod=None):
@@ -384,7 +283,7 @@ def h_cat(ctx, node, mod=None):
     srcs = node.args[0] if node.args else node.kwargs.get("tensors")
     if not isinstance(srcs, (list, tuple)) or not all(isinstance(t, fx.Node) for t in srcs):
         raise NotImplementedError("cat of non-tensor arguments")
-    o = _pick(a, kw, [("dim", 0), ("scale", None), ("zero_point", None)])
+    o = pick(a, kw, [("dim", 0), ("scale", None), ("zero_point", None)])
     out = None
     if o["scale"] is not None:
         out = act_qparams(float(o["scale"]), int(o["zero_point"]), ctx.dtype_of(srcs[0]))
@@ -400,7 +299,7 @@ def h_cat(ctx, node, mod=None):
         xs = [relayout(x, c, False) for x, c in zip(xs, cls, strict=True)]
         return K.quantized_cat(xs, dim, qo), False
 
-    layer = Layer("cat", _target(node), None, None, out, {"dim": dim, "nhwc_fast_path": fast})
+    layer = Layer("cat", target_name(node), None, None, out, {"dim": dim, "nhwc_fast_path": fast})
     return _step(ctx, node, f, [n.name for n in srcs], layer=layer)
 
 
@@ -416,7 +315,7 @@ def _logical(ctx, node, f, op):
         x = relayout(args[0], cl, False)
         return f(x, args[1:], fill(kw, vals)), False
 
-    return _step(ctx, node, g, names, layer=Layer(op, _target(node)))
+    return _step(ctx, node, g, names, layer=Layer(op, target_name(node)))
 
 
 def h_flatten(ctx, node, mod=None):
@@ -425,7 +324,7 @@ def h_flatten(ctx, node, mod=None):
         return _logical(ctx, node, lambda x, a, kw: K.flatten(x, s, e), "flatten")
 
     def f(x, a, kw):
-        o = _pick((None, *a), kw, [("start_dim", 0), ("end_dim", -1)])
+        o = pick((None, *a), kw, [("start_dim", 0), ("end_dim", -1)])
         return K.flatten(x, int(o["start_dim"]), int(o["end_dim"]))
 
     return _logical(ctx, node, f, "flatten")
@@ -470,7 +369,7 @@ def _pool(ctx, node, mod, op, kernel_fn, fields):
         o = {n: getattr(mod, n, d) for n, d in fields}
     else:
         _, a, kw = bind(ctx, node.args, node.kwargs)
-        o = _pick(a, kw, fields)
+        o = pick(a, kw, fields)
     src = node.args[0]
     cl = ctx.cl.get(src.name, False)
     if ctx.ndim(src) != 4:
@@ -482,7 +381,7 @@ def _pool(ctx, node, mod, op, kernel_fn, fields):
         raise NotImplementedError(f"{op} with return_indices=True")
     if scheme is not None:
         kw2["scheme"] = scheme
-    layer = Layer(op, _target(node), scheme, None, None, dict(o))
+    layer = Layer(op, target_name(node), scheme, None, None, dict(o))
     return _step(
         ctx, node, lambda _, x: (kernel_fn(x, layout=layout, **kw2), cl), [src.name], layer=layer
     )
@@ -506,7 +405,7 @@ def h_adaptive_avg_pool(ctx, node, mod=None):
     )
 
 
-def _target(node) -> str:
+def target_name(node) -> str:
     t = node.target
     if node.op == "call_module":
         return str(t)
@@ -515,7 +414,7 @@ def _target(node) -> str:
     return getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or str(t)
 
 
-q = torch.ops.quantized
+_q = torch.ops.quantized
 HANDLERS: dict[str, dict[Any, Callable]] = {
     "module": {
         nnq.Quantize: h_quantize,
@@ -541,18 +440,18 @@ HANDLERS: dict[str, dict[Any, Callable]] = {
     "function": {
         torch.quantize_per_tensor: h_quantize,
         torch.dequantize: h_dequantize,
-        q.add: h_add,
-        q.add.default: h_add,
-        q.add_relu: h_add_relu,
-        q.add_relu.default: h_add_relu,
-        q.mul: h_mul,
-        q.mul.default: h_mul,
-        q.mul_relu: h_mul_relu,
-        q.mul_relu.default: h_mul_relu,
-        q.mul_scalar: h_mul_scalar,
-        q.cat: h_cat,
-        q.cat.default: h_cat,
-        q.relu6: h_relu6,
+        _q.add: h_add,
+        _q.add.default: h_add,
+        _q.add_relu: h_add_relu,
+        _q.add_relu.default: h_add_relu,
+        _q.mul: h_mul,
+        _q.mul.default: h_mul,
+        _q.mul_relu: h_mul_relu,
+        _q.mul_relu.default: h_mul_relu,
+        _q.mul_scalar: h_mul_scalar,
+        _q.cat: h_cat,
+        _q.cat.default: h_cat,
+        _q.relu6: h_relu6,
         torch.cat: h_cat,
         torch.relu: h_relu,
         F.relu: h_relu,

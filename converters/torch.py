@@ -75,7 +75,11 @@ class Engine:
     accumulate: str = "exact"
 
     def conv_scheme(self, zero_point_is_zero: bool, groups: int) -> tuple[str, str]:
-        """``(scheme, accumulate)`` for a conv layer under this engine."""
+        """``(scheme, accumulate)`` for a conv layer under this engine.
+
+        >>> ENGINES["x86"].conv_scheme(True, 8), ENGINES["x86"].conv_scheme(False, 8)
+        (('onednn', 'exact'), ('fbgemm', 'exact'))
+        """
         if self.conv == "x86":
             ok = zero_point_is_zero and groups <= 100
             return ("onednn" if ok else "fbgemm"), self.accumulate
@@ -294,7 +298,7 @@ def import_model(model, example_inputs, engine: str = "x86") -> Program:
                 steps.append(h(ctx, node, mod) if mod is not None else h(ctx, node))
             except (NotImplementedError, ValueError, TypeError) as e:
                 raise type(e)(
-                    f"node {node.name!r} (op={node.op}, target={ops._target(node)}): {e}"
+                    f"node {node.name!r} (op={node.op}, target={ops.target_name(node)}): {e}"
                 ) from e
     if len(input_names) != len(inputs):
         raise ValueError(f"the model takes {len(input_names)} inputs, got {len(inputs)} examples")
