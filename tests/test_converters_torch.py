@@ -383,3 +383,20 @@ def test_fbgemm_avx2_saturation_matches_torch_forced_to_avx2():
         env={"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"},
     )
     print(out)
+
+
+def test_tflite_and_exact_engines_are_integer_programs_near_torch():
+    """The non-torch engines (TFLite fixed point, exact rational requant) run the same graph;
+    on an MLP their codes stay within 2 codes of torch's fbgemm ones at every layer."""
+    torch.backends.quantized.engine = "fbgemm"
+    torch.set_num_threads(1)
+    model, x = tm.build("mlp", 11, "fbgemm", "wide", "eager")
+    ref = qtorch.torch_trace(model, x)
+    for engine in ("tflite", "exact"):
+        program = qtorch.import_model(model, x, engine=engine)
+        assert {lay.scheme for lay in program.layers.values() if lay.op == "linear"} == {engine}
+        trace = program.trace(x)
+        assert list(trace) == list(ref)
+        for k, r in ref.items():
+            d = np.abs(np.asarray(trace[k].values, np.int64) - np.asarray(r.values, np.int64))
+            assert d.max(initial=0) <= 2, (engine, k, d.max())
