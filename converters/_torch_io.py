@@ -145,10 +145,10 @@ def _array(t, key: str) -> np.ndarray:
 
 
 def _qarray(t, key: str) -> QArray:
-    from ._torch_ops import _weight
+    from ._torch_values import weight_qarray  # the torch importer's weight conversion
 
     try:
-        return _weight(t, key)
+        return weight_qarray(t, key)
     except NotImplementedError as e:
         raise ValueError(f"state_dict entry {key!r}: unsupported quantized tensor ({e})") from None
 
