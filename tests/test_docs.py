@@ -16,7 +16,9 @@ def _public(mod):
 
 
 @pytest.mark.parametrize(
-    "name,fn", list(_public(qjax)) + list(_public(observers)), ids=lambda v: str(v)
+    "name,fn",
+    # ids are the names alone: pytest-xdist needs the same ids in every worker
+    [pytest.param(n, f, id=n) for n, f in list(_public(qjax)) + list(_public(observers))],
 )
 def test_public_function_has_docstring_with_doctest(name, fn):
     doc = inspect.getdoc(fn) or ""
