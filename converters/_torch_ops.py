@@ -26,6 +26,7 @@ from qjax import QArray
 from qjax import kernels as K
 
 from ._program import Layer, Step
+from ._torch_act import hardswish_aten, hardswish_table, lookup
 from ._torch_values import (
     Ref,
     act_qparams,
@@ -224,6 +225,32 @@ def h_hardtanh(ctx, node, mod=None):
         _, a, kw = bind(ctx, node.args, node.kwargs)
         lo, hi, _ = pick(a, kw, [("min_val", -1.0), ("max_val", 1.0), ("inplace", False)]).values()
     return _clamp(ctx, node, "hardtanh", lambda x: K.hardtanh(x, float(lo), float(hi)))
+
+
+def h_hardswish(ctx, node, mod=None):
+    """``quantized::hardswish`` (``nnq.Hardswish``): QNNPACK's table for quint8 under the
+    ``qnnpack`` engine, ATen's kernel otherwise (:mod:`._torch_act`)."""
+    if mod is not None:
+        sc, zp = float(mod.scale), int(mod.zero_point)
+    else:
+        names, a, kw = bind(ctx, node.args, node.kwargs)
+        o = pick(a, kw, [("output_scale", None), ("output_zero_point", None)])
+        sc, zp = float(o["output_scale"]), int(o["output_zero_point"])
+    src = node.args[0]
+    dtype = ctx.dtype_of(src)
+    out = act_qparams(sc, zp, dtype)
+    cl = ctx.cl.get(src.name, False)
+    qnn = ctx.engine.name == "qnnpack" and dtype == torch.quint8
+    params = None
+    if qnn:
+        t = ctx.values[src.name]
+        params = device_array(hardswish_table(t.q_scale(), t.q_zero_point(), sc, zp), np.uint8)
+
+    def f(p, x):
+        return (lookup(x, p, out) if qnn else hardswish_aten(x, out)), cl
+
+    layer = Layer("hardswish", target_name(node), "qnnpack" if qnn else "aten", None, out)
+    return _step(ctx, node, f, [src.name], params=params, layer=layer)
 
 
 def _binary_qparams(ctx, node, a, kw, what):
@@ -432,6 +459,7 @@ HANDLERS: dict[str, dict[Any, Callable]] = {
         nn.ReLU6: h_relu6,
         nnq.ReLU6: h_relu6,
         nn.Hardtanh: h_hardtanh,
+        nnq.Hardswish: h_hardswish,
         nn.Flatten: h_flatten,
         nn.MaxPool2d: h_max_pool,
         nn.AvgPool2d: h_avg_pool,
@@ -452,6 +480,7 @@ HANDLERS: dict[str, dict[Any, Callable]] = {
         _q.cat: h_cat,
         _q.cat.default: h_cat,
         _q.relu6: h_relu6,
+        _q.hardswish: h_hardswish,
         torch.cat: h_cat,
         torch.relu: h_relu,
         F.relu: h_relu,

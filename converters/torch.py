@@ -34,11 +34,14 @@ engine             linear                    conv                             ad
                                                                               ``fbgemm``
 =================  ========================  ===============================  ===========
 
-``mul``, ``cat``, clamps and max pooling are the same integers on every engine.
+``mul``, ``cat``, clamps and max pooling are the same integers on every engine, except
+torch's QNNPACK clamp (relu6 / hardtanh of a channels-last quint8 tensor under
+``"qnnpack"``), which returns the channels-last buffer read in NCHW order: reproduced.
 Supported nodes: ``quantize_per_tensor`` / ``QuantStub``, ``dequantize`` /
 ``DeQuantStub``, quantized ``Linear``/``LinearReLU``, ``Conv1d``/``Conv2d``/
 ``ConvReLU1d``/``ConvReLU2d`` (per-tensor or per-channel weights), ReLU, ReLU6,
-Hardtanh, ``quantized.add``/``add_relu``/``mul``/``mul_relu``/``mul_scalar``/``cat``
+Hardtanh, Hardswish (ATen kernel, or QNNPACK's table under ``"qnnpack"``),
+``quantized.add``/``add_relu``/``mul``/``mul_relu``/``mul_scalar``/``cat``
 (``FloatFunctional``/``QFunctional``), ``torch.cat``, flatten/reshape/view/size,
 max/avg/adaptive-avg 2-D pools, dropout and identity. Any other node raises
 ``NotImplementedError`` naming the node, its op and its target.

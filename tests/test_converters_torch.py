@@ -400,3 +400,52 @@ def test_tflite_and_exact_engines_are_integer_programs_near_torch():
         for k, r in ref.items():
             d = np.abs(np.asarray(trace[k].values, np.int64) - np.asarray(r.values, np.int64))
             assert d.max(initial=0) <= 2, (engine, k, d.max())
+
+
+class _Hsw(torch.nn.Module):
+    """Quant -> Conv -> Hardswish (channels-last codes) -> flatten -> Linear -> Hardswish."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.dq = tm.QuantStub(), tm.DeQuantStub()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.act1 = torch.nn.Hardswish()
+        self.fc = torch.nn.Linear(8 * 5 * 6, 70)  # 70 outputs per row: a scalar tail
+        self.act2 = torch.nn.Hardswish()
+
+    def forward(self, x):
+        x = self.act1(self.conv(self.q(x)))
+        return self.dq(self.act2(self.fc(torch.flatten(x, 1))))
+
+
+@pytest.mark.parametrize(
+    "engine,mode", [("fbgemm", "eager"), ("fbgemm", "fx"), ("qnnpack", "eager"), ("qnnpack", "fx")]
+)
+def test_hardswish_matches_torch(engine, mode):
+    torch.backends.quantized.engine = engine
+    torch.set_num_threads(1)
+    torch.manual_seed(3)
+    model = _Hsw().eval()
+    calib, x = torch.randn(16, 3, 5, 6) * 2, torch.randn(3, 3, 5, 6) * 2
+    qc = tm.qconfig(engine, "wide")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if mode == "eager":
+            model.qconfig = qc
+            p = tm.prepare(model)
+            p(calib)
+            q = tm.convert(p)
+        else:
+            p = tm.prepare_fx(model, tm.QConfigMapping().set_global(qc), (calib,))
+            p(calib)
+            q = tm.convert_fx(p)
+        ref = qtorch.torch_trace(q, x)
+        program = qtorch.import_model(q, x, engine=engine)
+        want = q(x).numpy()
+    out, trace = program.run_traced(x)
+    kinds = {lay.scheme for lay in program.layers.values() if lay.op == "hardswish"}
+    assert kinds == {"qnnpack" if engine == "qnnpack" else "aten"}
+    assert list(trace) == list(ref)
+    for k, r in ref.items():
+        np.testing.assert_array_equal(np.asarray(trace[k].values), np.asarray(r.values), err_msg=k)
+    np.testing.assert_array_equal(np.asarray(out), want)
