@@ -67,7 +67,8 @@ def _prepare(make, backend, shape, seed=0):
     qnnx.calibrate(model, _data(shape, seed=seed), progress=False)
     if any(isinstance(m, qnnx.QuantConvBn) for _, m in nnx.iter_modules(model)):
         qnnx.freeze_bn_stats(model)
-    return model, _data(shape, n=1, seed=seed + 100)[0]
+    test_shape = (16 * shape[0],) + shape[1:]  # many outputs: near-ties do occur
+    return model, _data(test_shape, n=1, seed=seed + 100)[0]
 
 
 def _with_scheme(model, scheme):
@@ -103,9 +104,8 @@ def _compare(model, x, scheme):
     return diff.size, int(diff.sum()), lsb
 
 
-FAST = [
+FAST = [  # the full cross product runs with -m slow
     ("mlp", "x86", "fbgemm"),
-    ("mlp", "x86", "tflite"),
     ("mlp", "qnnpack", "qnnpack"),
     ("cnn", "x86", "fbgemm"),
     ("cnn", "qnnpack", "tflite"),
@@ -139,7 +139,7 @@ def test_eager_frozen_equals_served():
 @pytest.mark.slow
 def test_exact_scheme_host_callback_under_jit():
     model, x = _model("mlp", "x86")
-    n, bad, _ = _compare(_with_scheme(model, "exact"), x, "exact")
+    n, bad, _ = _compare(_with_scheme(model, "exact"), x[:64], "exact")
     assert n == 64 * 5 and bad == 0
 
 
@@ -303,3 +303,33 @@ def test_config_scheme_validation():
         default_qat_qconfig("x86").replace(scheme="fbgemm")
     with pytest.raises(ValueError, match="scheme must be None or one of"):
         _cfg("x86", "nope")
+
+
+def test_avg_pool_serves_within_half_a_step():
+    """AvgPool: the float mean of fake-quantized values vs the integer kernel's rounded
+    mean of the codes (documented: not exact; at most half a quantization step)."""
+    cfg = _cfg("x86", "fbgemm")
+    model = nnx.Sequential(
+        qnnx.QuantStub(cfg), qnnx.AvgPool((2, 2)), qnnx.Flatten(), qnnx.DeQuantStub()
+    )
+    x = _data((8, 6, 6, 3))[0]
+    qnnx.calibrate(model, [x], progress=False)
+    served = qjax.convert(model, x)
+    assert [s["op"] for s in served.steps] == ["quantize", "avg_pool", "flatten", "dequantize"]
+    st = model.layers[0].quant_stats.get_value()
+    scale = float(cfg.activation_observer(cfg.activation, cfg.compat).qparams(st).scale)
+    err = np.abs(np.asarray(served(x)) - np.asarray(model(x)))
+    assert err.max() <= 0.5 * scale * (1 + 1e-5) and err.max() > 0
+
+
+def test_nnx_and_linen_layers_give_identical_integer_values():
+    cfg = _cfg("x86", "fbgemm")
+    x = _data((16, 6))[0]
+    layer = qnnx.QuantLinear(6, 4, config=cfg, rngs=nnx.Rngs(0))
+    qnnx.calibrate(layer, [x], progress=False)
+    dense = qlinen.QuantDense(4, config=cfg)
+    v = dict(dense.init(jax.random.key(0), x))
+    v["params"] = {"kernel": layer.kernel[...], "bias": layer.bias[...]}
+    v, _ = qlinen.calibrate(dense, v, [x], progress=False, mode=Mode.CALIBRATE)
+    y_linen = dense.apply(v, x, mode=Mode.FROZEN)
+    assert bool((layer(x) == y_linen).all())

@@ -20,6 +20,19 @@ each formed in float64 and rounded once to float32, so the folded weights are th
 numbers eagerly and under ``jit`` (where XLA may otherwise turn ``a / sqrt(v)`` into
 ``a·rsqrt(v)`` or contract ``a·f + beta`` into an fma).
 
+Which schemes keep the promise (frozen forward == served output, bit for bit): all of
+:data:`qjax.kernels.SCHEMES`, because both sides call the same kernel on the same codes
+and qparams. The float schemes (``"fbgemm"``, ``"qnnpack"``, ``"onednn"``) are guarded
+against XLA's rewrites (:mod:`qjax._float`), so they round identically in the training
+program, the served program and eagerly; the fixed-point ones (``"tflite"``,
+``"tflite_single_rounding"``, ``"litert_ref"``, ``"litert"``) are integer-only.
+``"exact"`` runs on the host (``jax.pure_callback``): it works under ``jit`` in both
+paths (and under ``grad``: its value sits behind ``stop_gradient``), but is slow and
+cannot be serialized by ``jax.export`` (host callbacks are not). What the promise does
+not cover: ``scheme=None`` layers (a float simulation, within one output step),
+``AvgPool`` (float mean vs the kernel's rounded integer mean), and ``QuantConvBn``
+while BN trains on batch statistics (the integer formula uses the running ones).
+
 In QAT the float straight-through path still gives the gradient:
 ``y = y_int + (y_float - stop_gradient(y_float))``, whose value is ``y_int`` exactly
 (``y_float - y_float = 0`` for the finite fake-quant outputs).

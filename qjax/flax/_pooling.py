@@ -1,7 +1,7 @@
 """Pooling and flatten layers a quantized ``Sequential`` can hold, for NNX and Linen.
 
-They compute in float during training (``flax.linen.max_pool`` / ``avg_pool``, a
-reshape), and :func:`qjax.convert` recognises them and serves them on integer codes
+They compute in float during training (``flax.linen.max_pool``; the window sum over
+the window size; a reshape), and :func:`qjax.convert` serves them on integer codes
 (:func:`qjax.kernels.max_pool2d`, :func:`~qjax.kernels.avg_pool2d`,
 :func:`~qjax.kernels.flatten`). Channels-last 2-D input ``(N, H, W, C)``; padding
 ``"VALID"`` or ``((p, p), (p, p))``.
@@ -15,10 +15,13 @@ mean of the codes (as torch's quantized ``avg_pool2d`` does), so a model with an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 __all__ = ["AvgPool", "Flatten", "LinenAvgPool", "LinenFlatten", "LinenMaxPool", "MaxPool"]
 
@@ -31,12 +34,20 @@ def _pool_args(window, strides, padding):
     return window, strides, padding
 
 
+def _float_pool(kind, x, window, strides, padding):
+    if kind == "max":
+        return nn.max_pool(x, window, strides=strides, padding=padding)
+    # flax's avg_pool divides by an int32 count (not strict-promotion clean): same sum,
+    # padding counted, divided by the float32 window size
+    total = nn.pool(x, jnp.asarray(0, x.dtype), lax.add, window, strides, padding)
+    return total / jnp.asarray(math.prod(window), x.dtype)
+
+
 class _PoolMixin:
     kind = "max"
 
     def _pool(self, x):
-        fn = nn.max_pool if self.kind == "max" else nn.avg_pool
-        return fn(x, self.window_shape, strides=self.strides, padding=self.padding)
+        return _float_pool(self.kind, x, self.window_shape, self.strides, self.padding)
 
 
 class MaxPool(nnx.Module, _PoolMixin):
@@ -97,8 +108,7 @@ class LinenMaxPool(nn.Module, _PoolMixin):
 
     def __call__(self, x):
         window, strides, padding = _pool_args(self.window_shape, self.strides, self.padding)
-        fn = nn.max_pool if self.kind == "max" else nn.avg_pool
-        return fn(x, window, strides=strides, padding=padding)
+        return _float_pool(self.kind, x, window, strides, padding)
 
 
 class LinenAvgPool(LinenMaxPool):
