@@ -48,7 +48,7 @@ __all__ = [
     "qjax_recommended",
 ]
 
-_GRADS_SUPPORTED = ("ste", "clipped_ste", "identity")
+_GRADS_SUPPORTED = ("ste", "clipped_ste", "identity", "lsq", "pact")
 
 
 class Mode(enum.Enum):
@@ -138,7 +138,8 @@ class QuantConfig:
         ``"tflite"``. The fake-quant rounding follows it (``"torch"`` rules for both
         torch modes).
       grad: fake-quant gradient, ``"ste"``, ``"clipped_ste"`` or ``"identity"``
-        (learnable LSQ/PACT qparams are not part of these layers yet).
+        ``"lsq"``/``"pact"``: learnable qparams as parameters, for the layers of
+        :mod:`qjax.flax.nnx_extras` / :mod:`qjax.flax.linen_extras` only.
       quantize_input: the activation quantizer sits on the layer's input (qjax's and
         the ``dot_general`` hook's convention; what an int8 kernel consumes).
       quantize_output: the activation quantizer sits on the layer's output after the
@@ -166,7 +167,7 @@ class QuantConfig:
     weight_observer: ObserverFactory = EMAMinMax(1.0)
     activation_observer: ObserverFactory = EMAMinMax(0.01)
     compat: Compat = "qjax"
-    grad: Literal["ste", "clipped_ste", "identity"] = "ste"
+    grad: Literal["ste", "clipped_ste", "identity", "lsq", "pact"] = "ste"
     quantize_input: bool = True
     quantize_output: bool = False
 
@@ -188,8 +189,7 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.compat must be one of {COMPATS}, got {self.compat!r}")
         if self.grad not in _GRADS_SUPPORTED:
             raise ValueError(
-                f"QuantConfig.grad must be one of {_GRADS_SUPPORTED}, got {self.grad!r}; "
-                "learnable qparams (lsq, pact) need them as params, not observer state"
+                f"QuantConfig.grad must be one of {_GRADS_SUPPORTED}, got {self.grad!r}"
             )
         if self.activation is not None and not (self.quantize_input or self.quantize_output):
             raise ValueError(

@@ -185,6 +185,11 @@ def quantize_tensor(
             jax.lax.stop_gradient, obs.update(state, jax.lax.stop_gradient(x))
         )
     if mode.fake_quantizes and switches.fake_quant:
+        if config.grad in ("lsq", "pact"):
+            raise ValueError(
+                f"{name}: grad={config.grad!r} learns the qparams as parameters; use "
+                "LearnableQuantLinear (qjax.flax.nnx) / LearnableQuantDense (qjax.flax.linen)"
+            )
         if require_stats and not (mode.observes and switches.observe):
             _check_observed(state, name)
         qp = obs.qparams(state)

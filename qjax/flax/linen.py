@@ -556,6 +556,9 @@ def require_statistics(quant_stats) -> None:
             f"no statistics in {missing}: these observers never saw data; run the model in "
             f"Mode.CALIBRATE or Mode.QAT (apply with mutable=[{COLLECTION!r}]) first"
         )
+    from ._health import check_statistics  # non-finite ranges, named by path
+
+    check_statistics(quant_stats, where="require_statistics", prefix=COLLECTION)
 
 
 def calibrate(
@@ -604,3 +607,10 @@ def calibrate(
     n = _run_batches(run, batches, max_batches=max_batches, progress=progress)
     require_statistics(variables[COLLECTION])
     return variables, n
+
+
+# Layers and helpers of qjax.flax.linen_extras (imported last: they build on the above).
+from . import linen_extras as _extras  # noqa: E402
+from .linen_extras import *  # noqa: E402, F403
+
+__all__ += _extras.__all__

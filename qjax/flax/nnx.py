@@ -569,6 +569,10 @@ def set_mode(model: nnx.Module, mode: Mode | str, *, where: str | None = None) -
                 f"set_mode(FROZEN): no statistics in {missing}: these observers never saw "
                 "data; run the model in Mode.CALIBRATE or Mode.QAT first"
             )
+        from ._health import check_statistics  # non-finite ranges, named by path
+
+        for p, m in mods:
+            check_statistics(m.quant_stats.get_value(), where="set_mode(FROZEN)", prefix=p)
     for _, m in mods:
         m.mode = mode
 
@@ -775,3 +779,10 @@ def calibrate(
     n = _run_batches(lambda b: step(model, b), batches, max_batches=max_batches, progress=progress)
     set_mode(model, then)
     return n
+
+
+# Layers and helpers of qjax.flax.nnx_extras (imported last: they build on the above).
+from . import nnx_extras as _extras  # noqa: E402
+from .nnx_extras import *  # noqa: E402, F403
+
+__all__ += _extras.__all__
