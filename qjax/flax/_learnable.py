@@ -68,7 +68,14 @@ class LearnableStats:
 
 
 def check_learnable(config, name: str) -> None:
-    """``TypeError``/``ValueError`` unless ``config`` is a QuantConfig with a learnable grad."""
+    """``TypeError``/``ValueError`` unless ``config`` is a QuantConfig with a learnable grad.
+
+    >>> from qjax.flax import qjax_recommended
+    >>> check_learnable(qjax_recommended(), "fc1")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+      ...
+    ValueError: fc1: learnable qparams need config.grad in ('lsq', 'pact'), got 'ste'; ...
+    """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"{name}: config must be a qjax.flax.QuantConfig, got {type(config)}")
     if config.grad not in LEARNABLE_GRADS:

@@ -242,6 +242,14 @@ def init_qparams_from_stats(model: nnx.Module) -> list[str]:
 
     Checks first (:func:`check_statistics`): observers that never saw data, or hold
     non-finite ranges, raise ``ValueError`` naming the module path.
+
+    >>> from qjax.flax import qjax_recommended
+    >>> layer = LearnableQuantLinear(
+    ...     2, 2, config=qjax_recommended().replace(grad="pact"), rngs=nnx.Rngs(0))
+    >>> init_qparams_from_stats(layer)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+      ...
+    ValueError: init_qparams_from_stats: <root>: observers ['input', 'weight'] never saw data; ...
     """
     done = []
     for path, m in nnx.iter_modules(model):
