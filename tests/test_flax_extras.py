@@ -89,9 +89,14 @@ def test_quant_rules_equal_hand_built_hooks(rng):
     assert rules.matched == {"conv": "conv", "fc1": "fc1"}
     vh = HookedNet().init(jax.random.key(0), x)
     assert jax.tree.structure(v) == jax.tree.structure(vh)
-    with rules:
-        y, upd = Net().apply(v, x, mutable=["quant_stats"])
-    yh, updh = HookedNet().apply(vh, x, mutable=["quant_stats"])
+
+    @jax.jit
+    def qat(v, x):
+        with rules:
+            return Net().apply(v, x, mutable=["quant_stats"])
+
+    y, upd = qat(v, x)
+    yh, updh = jax.jit(lambda v, x: HookedNet().apply(v, x, mutable=["quant_stats"]))(vh, x)
     np.testing.assert_array_equal(y, yh)
     for u, w in zip(jax.tree.leaves(upd), jax.tree.leaves(updh), strict=True):
         np.testing.assert_array_equal(u, w)

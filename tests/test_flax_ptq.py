@@ -56,7 +56,8 @@ def _weight_from_torch(qlin, per_channel):
     return qjax.kernels.prepare_linear(wq), jnp.asarray(b.detach().numpy()), spec
 
 
-@pytest.mark.parametrize("engine", ["x86", "fbgemm"])
+# fbgemm runs the same FBGEMM kernels as x86 for Linear: slow-marked
+@pytest.mark.parametrize("engine", ["x86", pytest.param("fbgemm", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_dynamic_linear_matches_torch(engine, per_channel, rng):
     """Float outputs of torch's dynamic Linear, compared bit for bit (0 mismatches), and
@@ -99,7 +100,8 @@ def test_dynamic_linear_is_per_batch(rng):
     k = rng.standard_normal((8, 3)).astype(np.float32)
     pw = _ptq.prepare_dynamic_weight(jnp.asarray(k))
     x = jnp.asarray(rng.standard_normal((4, 8)).astype(np.float32))
-    y1, y10 = _ptq.dynamic_linear(x, pw), _ptq.dynamic_linear(10 * x, pw)
+    f = jax.jit(lambda x: _ptq.dynamic_linear(x, pw))
+    y1, y10 = f(x), f(10 * x)
     np.testing.assert_allclose(y10, 10 * y1, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(y1, x @ k, atol=0.1)
 
@@ -122,9 +124,9 @@ def test_dynamic_nnx_equals_linen(rng):
     x = jnp.asarray(rng.standard_normal((7, 12)).astype(np.float32))
     lin = nnx.Linear(12, 5, rngs=nnx.Rngs(0))
     lin.kernel[...], lin.bias[...] = k, b
-    a = qn.DynamicQuantLinear.from_linear(lin)(x)
+    a = nnx.jit(lambda m, x: m(x))(qn.DynamicQuantLinear.from_linear(lin), x)
     v = {ql.QUANTIZED: ql.dynamic_variables(k, b)}
-    c = ql.DynamicQuantDense(5).apply(v, x)
+    c = jax.jit(ql.DynamicQuantDense(5).apply)(v, x)
     np.testing.assert_array_equal(a, c)
     # init path: Linen quantizes its own kernel_init kernel into the quantized collection
     v0 = ql.DynamicQuantDense(5).init(jax.random.key(0), x)
@@ -237,6 +239,7 @@ class _LinenMLP(nn.Module):
         return nn.Dense(4)(h)
 
 
+@pytest.mark.slow
 def test_dynamic_mlp_close_to_float(rng):
     model = _LinenMLP()
     x = jnp.asarray(rng.standard_normal((32, 8)).astype(np.float32))
