@@ -144,7 +144,6 @@ class QuantConfig:
         the ``dot_general`` hook's convention; what an int8 kernel consumes).
       quantize_output: the activation quantizer sits on the layer's output after the
         bias (PyTorch eager's convention; put a ``QuantStub`` before the first layer).
-
       scheme: ``None`` (default): the fake-quant forward is a float simulation (float
         op on fake-quantized operands, then the output fake-quant). A requantization
         scheme name (a key of :data:`qjax.kernels.SCHEMES`, e.g. ``"fbgemm"``): in
@@ -155,6 +154,7 @@ class QuantConfig:
         exactly the trained numbers. Needs int8 weights and
         ``quantize_input=quantize_output=True`` (the formula needs the input's and the
         output's qparams).
+
     >>> cfg = qjax_recommended()
     >>> cfg.weight.axis, cfg.activation.signed, cfg.compat
     (-1, True, 'qjax')
@@ -170,8 +170,8 @@ class QuantConfig:
     grad: Literal["ste", "clipped_ste", "identity", "lsq", "pact"] = "ste"
     quantize_input: bool = True
     quantize_output: bool = False
-
     scheme: str | None = None
+
     def __post_init__(self):
         for name in ("weight", "activation"):
             v = getattr(self, name)
