@@ -432,6 +432,51 @@ def h_adaptive_avg_pool(ctx, node, mod=None):
     )
 
 
+def _bn_array(v, c: int):
+    """A BN statistic / affine tensor (or a one-channel scalar from ``get_attr``) as (C,)."""
+    if v is None:
+        return None
+    a = v.detach().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+    return device_array(np.broadcast_to(np.asarray(a, np.float32).reshape(-1), (c,)), np.float32)
+
+
+_BN_FIELDS = [("weight", None), ("bias", None), ("mean", None), ("var", None), ("eps", 1e-5),
+              ("output_scale", None), ("output_zero_point", None)]  # fmt: skip
+
+
+def h_batch_norm(ctx, node, mod=None):
+    """``nnq.BatchNorm2d`` / ``nniq.BNReLU2d`` or ``quantized.batch_norm2d[_relu]``:
+    :func:`~qjax.kernels.quantized_batch_norm` (same integers on every engine)."""
+    src = node.args[0]
+    if ctx.ndim(src) != 4:
+        raise NotImplementedError(f"batch_norm of a {ctx.ndim(src)}-d tensor (only 4-d)")
+    c = ctx.values[src.name].shape[1]
+    if mod is not None:
+        relu = isinstance(mod, nniq.BNReLU2d)
+        ts = (mod.weight, mod.bias, mod.running_mean, mod.running_var)
+        eps, sc, zp = float(mod.eps), float(mod.scale), int(mod.zero_point)
+    else:
+        relu = node.target in (_q.batch_norm2d_relu, _q.batch_norm2d_relu.default)
+        names, a, kw = bind(ctx, node.args, node.kwargs)
+        if names[1:]:
+            raise NotImplementedError("batch_norm2d with computed parameters")
+        o = pick(a, kw, _BN_FIELDS)
+        ts = (o["weight"], o["bias"], o["mean"], o["var"])
+        eps, sc, zp = float(o["eps"]), float(o["output_scale"]), int(o["output_zero_point"])
+    out = act_qparams(sc, zp, ctx.dtype_of(src))
+    cl = ctx.cl.get(src.name, False)
+    layout = "NHWC" if cl else "NCHW"
+    params = tuple(_bn_array(t, c) for t in ts)
+
+    def f(p, x):
+        y = K.quantized_batch_norm(x, *p, eps, out, relu=relu, layout=layout)
+        return y, cl
+
+    op = "batch_norm2d" + ("_relu" if relu else "")
+    layer = Layer(op, target_name(node), None, None, out, {"eps": eps})
+    return _step(ctx, node, f, [src.name], params=params, layer=layer)
+
+
 def target_name(node) -> str:
     t = node.target
     if node.op == "call_module":
@@ -448,6 +493,8 @@ HANDLERS: dict[str, dict[Any, Callable]] = {
         nnq.DeQuantize: h_dequantize,
         nnq.Linear: h_linear,
         nniq.LinearReLU: h_linear,
+        nnq.BatchNorm2d: h_batch_norm,
+        nniq.BNReLU2d: h_batch_norm,
         nnq.Conv1d: h_conv,
         nnq.Conv2d: h_conv,
         nniq.ConvReLU1d: h_conv,
@@ -477,6 +524,10 @@ HANDLERS: dict[str, dict[Any, Callable]] = {
         _q.mul_relu: h_mul_relu,
         _q.mul_relu.default: h_mul_relu,
         _q.mul_scalar: h_mul_scalar,
+        _q.batch_norm2d: h_batch_norm,
+        _q.batch_norm2d.default: h_batch_norm,
+        _q.batch_norm2d_relu: h_batch_norm,
+        _q.batch_norm2d_relu.default: h_batch_norm,
         _q.cat: h_cat,
         _q.cat.default: h_cat,
         _q.relu6: h_relu6,

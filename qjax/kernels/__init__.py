@@ -38,6 +38,7 @@ from ._linear import Accumulate as Accumulate
 from ._linear import PreparedLinear as PreparedLinear
 from ._linear import prepare_linear as prepare_linear
 from ._linear import quantized_linear as quantized_linear
+from ._norm import quantized_batch_norm as quantized_batch_norm
 from ._pool import PoolScheme as PoolScheme
 from ._pool import adaptive_avg_pool2d as adaptive_avg_pool2d
 from ._pool import avg_pool2d as avg_pool2d
@@ -97,6 +98,7 @@ __all__ = [
     "quantize_input",
     "quantize_multiplier",
     "quantized_add",
+    "quantized_batch_norm",
     "quantized_cat",
     "quantized_conv",
     "quantized_linear",
