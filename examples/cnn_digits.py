@@ -19,8 +19,8 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _digits import accuracy, data, finish, minibatches  # examples/_digits.py
 from flax import nnx
-from sklearn.datasets import load_digits
 
 import qjax
 from qjax.flax import Mode, default_qat_qconfig
@@ -42,15 +42,6 @@ def make_model(rngs: nnx.Rngs, scheme: str = "fbgemm") -> nnx.Sequential:
     )
 
 
-def data(seed=0):
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[..., None]  # (N, 8, 8, 1)
-    y = d.target.astype(np.int32)
-    idx = np.random.default_rng(seed).permutation(len(x))
-    split = int(0.8 * len(x))
-    return (x[idx[:split]], y[idx[:split]]), (x[idx[split:]], y[idx[split:]])
-
-
 def train(model, x, y, epochs, lr, seed=0):
     opt = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
 
@@ -63,16 +54,8 @@ def train(model, x, y, epochs, lr, seed=0):
         opt.update(model, grads)
         return loss
 
-    rng = np.random.default_rng(seed)
-    for _ in range(epochs):
-        order = rng.permutation(len(x))
-        for i in range(0, len(x) - 63, 64):
-            b = order[i : i + 64]
-            step(model, opt, jnp.asarray(x[b]), jnp.asarray(y[b]))
-
-
-def accuracy(fn, x, y):
-    return float((np.asarray(jnp.argmax(fn(jnp.asarray(x)), -1)) == y).mean())
+    for b in minibatches(len(x), epochs, seed):
+        step(model, opt, jnp.asarray(x[b]), jnp.asarray(y[b]))
 
 
 def main(epochs: int | None = None, qat_epochs: int | None = None) -> dict:
@@ -85,34 +68,23 @@ def main(epochs: int | None = None, qat_epochs: int | None = None) -> dict:
     qnnx.set_mode(model, Mode.FLOAT)
     train(model, xtr, ytr, epochs, 1e-2)
     qnnx.freeze_bn_stats(model)  # evaluate (and from now on train) with running BN stats
-    acc = {"float": accuracy(lambda x: forward(model, x), xte, yte)}
+    acc = {"float": accuracy(forward(model, jnp.asarray(xte)), yte)}
 
     ptq = copy.deepcopy(model)
     batches = [jnp.asarray(xtr[i : i + 256]) for i in range(0, len(xtr), 256)]
     qnnx.calibrate(ptq, batches, progress=False)  # ends in Mode.FROZEN
     ptq_served = qjax.convert(ptq, xte[:1])
-    acc["PTQ int8 (served)"] = accuracy(ptq_served, xte, yte)
+    acc["PTQ int8 (served)"] = accuracy(ptq_served(jnp.asarray(xte)), yte)
 
     qat = copy.deepcopy(ptq)
     qnnx.set_mode(qat, Mode.QAT)
     train(qat, xtr, ytr, qat_epochs, 1e-3, seed=1)
     qnnx.set_mode(qat, Mode.FROZEN)
     frozen = np.asarray(forward(qat, jnp.asarray(xte)))
-    acc["QAT int8 (frozen fake-quant)"] = float((frozen.argmax(-1) == yte).mean())
+    acc["QAT int8 (frozen fake-quant)"] = accuracy(frozen, yte)
 
     served = qjax.convert(qat, xte[:1], scheme="fbgemm")
-    out = np.asarray(served(jnp.asarray(xte)))
-    acc["QAT int8 (served)"] = float((out.argmax(-1) == yte).mean())
-    mismatches = int((out != frozen).sum())
-    assert mismatches == 0, f"served != frozen QAT in {mismatches} of {out.size} outputs"
-
-    width = max(len(k) for k in acc)
-    print(f"test accuracy on sklearn digits ({len(yte)} images), CNN conv-BN-ReLU x2")
-    for k, v in acc.items():
-        print(f"  {k:{width}s}  {100 * v:5.1f}%")
-    print(f"served int8 == frozen QAT: {out.size} outputs, {mismatches} mismatches")
-    acc["compared"], acc["mismatches"] = out.size, mismatches
-    return acc
+    return finish(acc, frozen, served(jnp.asarray(xte)), yte)
 
 
 if __name__ == "__main__":
