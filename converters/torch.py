@@ -40,7 +40,8 @@ torch's QNNPACK clamp (relu6 / hardtanh of a channels-last quint8 tensor under
 Supported nodes: ``quantize_per_tensor`` / ``QuantStub``, ``dequantize`` /
 ``DeQuantStub``, quantized ``Linear``/``LinearReLU``, ``Conv1d``/``Conv2d``/
 ``ConvReLU1d``/``ConvReLU2d`` (per-tensor or per-channel weights), ReLU, ReLU6,
-Hardtanh, Hardswish (ATen kernel, or QNNPACK's table under ``"qnnpack"``),
+Hardtanh, Hardswish (ATen kernel, or QNNPACK's table under ``"qnnpack"``), BatchNorm2d /
+``BNReLU2d`` / ``quantized.batch_norm2d[_relu]`` (:func:`~qjax.kernels.quantized_batch_norm`),
 ``quantized.add``/``add_relu``/``mul``/``mul_relu``/``mul_scalar``/``cat``
 (``FloatFunctional``/``QFunctional``), ``torch.cat``, flatten/reshape/view/size,
 max/avg/adaptive-avg 2-D pools, dropout and identity. Any other node raises
