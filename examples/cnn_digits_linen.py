@@ -1,14 +1,11 @@
 """The digits CNN of ``cnn_digits.py`` with ``flax.linen`` layers: float -> PTQ -> QAT -> int8.
 
 Run: ``.venv/bin/python examples/cnn_digits_linen.py``. Same network, data and batches as
-the NNX example; state lives in Linen collections: ``params`` (trained by optax),
-``batch_stats`` (BN running statistics) and ``quant_stats`` (observer statistics).
-Linen's ``nn.Sequential`` passes call arguments to its first layer only, so the mode
-and the BN switch are module attributes: :func:`make_model` rebuilds the (stateless)
-module per phase and the variables carry over unchanged.
-
-The served int8 program (``qjax.convert((module, variables), ...)``) returns exactly the
-frozen QAT model's outputs (``QuantConfig(scheme="fbgemm")``), asserted on the test set.
+the NNX example; state in Linen collections: ``params`` (optax), ``batch_stats`` (BN) and
+``quant_stats`` (observers). ``nn.Sequential`` passes call arguments to its first layer
+only, so mode and BN switch are attributes: :func:`make_model` rebuilds the stateless
+module per phase and the variables carry over. ``qjax.convert((module, variables), ...)``
+serves exactly the frozen QAT outputs (``QuantConfig(scheme="fbgemm")``; asserted).
 """
 
 import os
@@ -80,7 +77,6 @@ def main(epochs: int | None = None, qat_epochs: int | None = None) -> dict:
     acc["PTQ int8 (served)"] = accuracy(qjax.convert((frozen_model, ptq), xte[:1])(xte), yte)
 
     qat = train(make_model(Mode.QAT), ptq, xtr, ytr, qat_epochs, 1e-3, seed=1)
-    ql.require_statistics(qat["quant_stats"])
     frozen = jax.jit(frozen_model.apply)(qat, xte)
     acc["QAT int8 (frozen fake-quant)"] = accuracy(frozen, yte)
 
