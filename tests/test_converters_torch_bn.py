@@ -161,14 +161,15 @@ class ConvBNReLU(torch.nn.Module):
 
 
 class BNOnly(torch.nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, relu=False):
         super().__init__()
         self.quant = torch.ao.quantization.QuantStub()
         self.bn = torch.nn.BatchNorm2d(c)
+        self.relu = torch.nn.ReLU() if relu else torch.nn.Identity()
         self.dequant = torch.ao.quantization.DeQuantStub()
 
     def forward(self, x):
-        return self.dequant(self.bn(self.quant(x)))
+        return self.dequant(self.relu(self.bn(self.quant(x))))
 
 
 def _randomize_bn(bn, rng):
@@ -186,7 +187,10 @@ def _build(kind, c, engine, seed, mode):
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    model = (ConvBNReLU(c) if kind == "conv_bn_relu" else BNOnly(c)).eval()
+    if kind == "conv_bn_relu":
+        model = ConvBNReLU(c).eval()
+    else:
+        model = BNOnly(c, relu=kind == "bn_relu_fused").eval()
     _randomize_bn(model.bn, rng)
     cin = 3 if kind == "conv_bn_relu" else c
     calib = torch.from_numpy((rng.standard_normal((16, cin, 6, 6)) * 1.5).astype(np.float32))
@@ -194,7 +198,9 @@ def _build(kind, c, engine, seed, mode):
     qc = get_default_qconfig(engine)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if mode == "eager":  # no fuse_modules: the BatchNorm2d stays a quantized module
+        if mode == "eager":  # conv and BN never fused: the BatchNorm2d stays a module
+            if kind == "bn_relu_fused":  # BatchNorm2d + ReLU -> nniq.BNReLU2d
+                torch.ao.quantization.fuse_modules(model, [["bn", "relu"]], inplace=True)
             model.qconfig = qc
             p = prepare(model)
             p(calib)
@@ -228,11 +234,13 @@ def _compare(model, x, engine):
     return n + out.size, mism + int((out != ref_out).sum()), list(ref_trace)
 
 
-# (kind, channels, mode): 20 channels = 16-wide block + scalar tail; 70 = vector body + tail
+# (kind, channels, mode): 20 channels = 16-wide block + scalar tail; 70 = vector body + tail;
+# bn_relu_fused: fuse_modules(bn, relu) -> nniq.BNReLU2d (quantized.batch_norm2d_relu)
 MODELS = [
     ("conv_bn_relu", 8, "eager"),
     ("conv_bn_relu", 20, "eager"),
     ("bn_only", 70, "eager"),
+    ("bn_relu_fused", 24, "eager"),
     ("bn_only", 12, "fx"),
 ]
 
@@ -250,8 +258,10 @@ def test_imported_bn_models_bit_exact(engine):
             model, x = _build(kind, c, engine, 100 + i, mode)
             if mode == "eager":
                 mods = dict(model.named_modules())
-                assert type(mods["bn"]).__name__ == "BatchNorm2d", type(mods["bn"])
-                assert type(mods["bn"]).__module__.startswith("torch.ao.nn.quantized")
+                want = "BNReLU2d" if kind == "bn_relu_fused" else "BatchNorm2d"
+                assert type(mods["bn"]).__name__ == want, type(mods["bn"])
+                assert type(mods["bn"]).__module__.startswith("torch.ao.nn.")
+                assert ".quantized" in type(mods["bn"]).__module__
             k, bad, names = _compare(model, x, engine)
             assert "bn" in names or any("bn" in k or "batch_norm" in k for k in names), names
             n, mism = n + k, mism + bad

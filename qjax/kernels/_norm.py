@@ -20,7 +20,8 @@ code                       ``clamp(rint(y) + zp_out, qmin, qmax)``, then ``max(Â
 =========================  ===================================================================
 
 ``y`` beyond the int32 range follows the AVX-512 vector body: ``min(y, 2147483520)``,
-``rint``, out-of-range to ``INT32_MIN``, then an int32 (wrapping) zero-point add. torch
+``rint``, out-of-range to ``INT32_MIN``, then an int32 (wrapping) zero-point add (NaN
+parameters, e.g. ``var + eps < 0``, are not emulated: torch's paths disagree there). torch
 reads the input channels-last and returns a channels-last tensor, but the formula is the
 same for every element, so the layout only says which axis holds the channels. Scales are
 float32 here (torch keeps them in float64; the two agree for every scale an observer
