@@ -9,7 +9,8 @@
   :func:`quantized_mul_scalar`, :func:`quantized_cat`, :func:`relu`/:func:`relu6`/
   :func:`hardtanh` on codes, :func:`max_pool2d`/:func:`avg_pool2d`/
   :func:`adaptive_avg_pool2d`, :func:`flatten`/:func:`reshape`,
-  :func:`quantize_input`/:func:`dequantize_output` (bit-exact with torch's quantized ops);
+  :func:`quantize_input`/:func:`dequantize_output`, :func:`quantized_batch_norm`
+  (bit-exact with torch's quantized ops);
 * the TFLite fixed-point building blocks (:func:`quantize_multiplier`,
   :func:`multiply_by_quantized_multiplier`, ...), integer-only.
 
