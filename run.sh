@@ -32,7 +32,8 @@ case "$cmd" in
     ;;
   test)
     setup
-    exec "$VENV/bin/python" -m pytest -m "not slow" "$@"
+    # two workers: the machines have two cores, and most test time is XLA compiling
+    exec "$VENV/bin/python" -m pytest -m "not slow" -n 2 "$@"
     ;;
   bench)
     setup

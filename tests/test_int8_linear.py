@@ -691,8 +691,9 @@ def test_linear_relu6_and_hardtanh_match_torch(act, torch_one_thread):
     bounds = (-0.37, 0.81) if act == "hardtanh" else None
     rng = np.random.default_rng(66 + (act == "hardtanh"))
     n = mism = clamped = 0
-    for _ in range(40):
-        k, m, nout = int(rng.integers(8, 64)), int(rng.integers(1, 16)), int(rng.integers(1, 24))
+    for i in range(40):
+        # a few shapes (eager ops compile once per shape), fresh values and qparams each time
+        k, m, nout = ((8, 1, 5), (37, 15, 23), (63, 4, 1), (16, 9, 12))[i % 4]
         xq = rng.integers(0, X_CODE_MAX + 1, (m, k)).astype(np.uint8)
         wq = rng.integers(-127, 128, (k, nout)).astype(np.int8)
         sx, sw = np.float32(rng.uniform(0.005, 0.05)), np.float32(rng.uniform(0.002, 0.02))
