@@ -11,22 +11,26 @@ same numbers through :mod:`qjax.flax._core`; configs and the lifecycle are share
 from . import linen as linen
 from . import nnx as nnx
 from ._config import EMAMinMax as EMAMinMax
+from ._config import Histogram as Histogram
 from ._config import MinMax as MinMax
 from ._config import Mode as Mode
 from ._config import QuantConfig as QuantConfig
 from ._config import default_qat_qconfig as default_qat_qconfig
+from ._config import default_qconfig as default_qconfig
 from ._config import qjax_recommended as qjax_recommended
 from ._core import LayerStats as LayerStats
 from ._core import Switches as Switches
 
 __all__ = [
     "EMAMinMax",
+    "Histogram",
     "LayerStats",
     "MinMax",
     "Mode",
     "QuantConfig",
     "Switches",
     "default_qat_qconfig",
+    "default_qconfig",
     "linen",
     "nnx",
     "qjax_recommended",

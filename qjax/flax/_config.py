@@ -41,10 +41,12 @@ from .._spec import QuantSpec
 
 __all__ = [
     "EMAMinMax",
+    "Histogram",
     "MinMax",
     "Mode",
     "QuantConfig",
     "default_qat_qconfig",
+    "default_qconfig",
     "qjax_recommended",
 ]
 
@@ -278,6 +280,51 @@ def default_qat_qconfig(backend: str = "x86") -> QuantConfig:
         grad="ste",
         quantize_input=False,
         quantize_output=True,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Histogram:
+    """Observer factory: histogram with torch's L2 range search (``HistogramObserver``).
+
+    >>> Histogram() == Histogram(2048)
+    True
+    """
+
+    bins: int = 2048
+
+    def __call__(self, spec: QuantSpec, compat: Compat) -> _observers.Observer:
+        return _observers.histogram(spec, bins=self.bins, compat=compat)
+
+
+def default_qconfig(backend: str = "x86") -> QuantConfig:
+    """PyTorch's post-training ``get_default_qconfig(backend)`` as a :class:`QuantConfig`.
+
+    Activations: quint8 affine per-tensor from a ``HistogramObserver`` (L2 range
+    search; ``reduce_range`` on ``x86``/``fbgemm``); weights: qint8 symmetric from min/max
+    (per-channel except on ``qnnpack``); qparams by the observers' ``calculate_qparams``
+    (``compat="torch"``, rule 6). Each module's output is quantized (eager convention;
+    put a ``QuantStub`` first). Use it with ``calibrate`` (PTQ), then ``qjax.convert``.
+
+    ==========  =======================================  ===============================
+    backend     activation                               weight
+    ==========  =======================================  ===============================
+    ``x86``     histogram, quint8, ``reduce_range``      per-channel min/max, qint8 sym.
+    ``fbgemm``  histogram, quint8, ``reduce_range``      per-channel min/max, qint8 sym.
+    ``qnnpack`` histogram, quint8                        per-tensor min/max, qint8 sym.
+    ``onednn``  histogram, quint8                        per-channel min/max, qint8 sym.
+    ==========  =======================================  ===============================
+
+    >>> cfg = default_qconfig("x86")
+    >>> cfg.activation.qmax, cfg.weight.axis, cfg.compat, type(cfg.activation_observer).__name__
+    (127, -1, 'torch', 'Histogram')
+    """
+    backends = ("x86", "fbgemm", "qnnpack", "onednn")
+    if backend not in backends:
+        raise ValueError(f"default_qconfig: backend must be one of {backends}, got {backend!r}")
+    qat = default_qat_qconfig(backend)
+    return dataclasses.replace(
+        qat, weight_observer=MinMax(), activation_observer=Histogram(), compat="torch"
     )
 
 
