@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import pathlib
-import pickle
 import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -159,22 +158,14 @@ def load_model(path: str, *, definition: str | None = None, trusted: bool = Fals
                 "(its weights are copied from the TorchScript file)"
             )
         return Loaded("torchscript", _from_torchscript(script, _build(definition)))
+    # one safe loader for the library and the CLI: weights_only=True unless trusted
+    from qjax.converters._torch_io import _load
+
     try:
-        obj = torch.load(str(file), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        if not trusted:
-            raise ValueError(
-                f"{path!r} is a pickled Python object (a whole model?), which torch.load can only "
-                "read by running code from the file. Pass --trusted if you trust it, or save "
-                "model.state_dict() and pass --definition FILE.py:FUNCTION"
-            ) from None
-        try:
-            obj = torch.load(str(file), map_location="cpu", weights_only=False)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(
-                f"unpickling {path!r} needs the model's classes to be importable ({e}); add "
-                "the folder of their module to PYTHONPATH"
-            ) from None
+        obj = _load(torch, str(file), repr(path), trusted)
+    except ValueError as e:
+        hint = " (on the command line: --trusted)" if "trusted=True" in str(e) else ""
+        raise ValueError(f"{e}{hint}") from None
     if isinstance(obj, Mapping):
         if definition is None:
             raise ValueError(
