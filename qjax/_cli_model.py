@@ -164,7 +164,8 @@ def load_model(path: str, *, definition: str | None = None, trusted: bool = Fals
     try:
         obj = _load(torch, str(file), repr(path), trusted)
     except ValueError as e:
-        hint = " (on the command line: --trusted)" if "trusted=True" in str(e) else ""
+        # a pickle weights_only refuses may be a whole model: say how to opt in
+        hint = "" if trusted else " (if you trust the file: --trusted)"
         raise ValueError(f"{e}{hint}") from None
     if isinstance(obj, Mapping):
         if definition is None:
