@@ -18,7 +18,7 @@ setup() {
   if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-    "$VENV/bin/python" -m pip install -q -e ".[torch,onnx,dev]"
+    "$VENV/bin/python" -m pip install -q -e ".[torch,onnx,dev,demo]"
     touch "$STAMP"
   fi
 }
