@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -67,3 +68,28 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def quick() -> bool:
+    """True when ``QJAX_BENCH_QUICK=1`` (``qjax bench --quick``): fewer repeats and shapes."""
+    return os.environ.get("QJAX_BENCH_QUICK", "") not in ("", "0")
+
+
+def bench_line(
+    benchmark: str, case: str, ratio: float, baseline: str, goal: str | None = None
+) -> str:
+    """Print (and return) one ``BENCH {json}`` line, the record ``qjax bench`` collects.
+
+    ``ratio`` is baseline time / qjax time (> 1: qjax faster), except step-time overhead
+    benchmarks, where it is qjax / float time and ``goal`` reads ``<= 1.15x``.
+    """
+    rec = {
+        "benchmark": benchmark,
+        "case": case,
+        "ratio": round(float(ratio), 4),
+        "baseline": baseline,
+        "goal": goal,
+    }
+    line = "BENCH " + json.dumps(rec)
+    print(line, flush=True)
+    return line
