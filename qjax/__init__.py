@@ -6,6 +6,7 @@ Layers (each imports only from those before it): specs and qparams (``QuantSpec`
 engine's integer kernels and named requantization schemes).
 """
 
+from . import debug as debug
 from . import kernels as kernels
 from . import observers as observers
 from . import parity as parity
@@ -32,6 +33,7 @@ __all__ = [
     "QuantSpec",
     "ServedModel",
     "convert",
+    "debug",
     "dequantize",
     "fake_quant",
     "kernels",

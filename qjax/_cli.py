@@ -6,6 +6,8 @@ difference, mismatch count and rate, first mismatch, likely cause from NUMERICS.
 exit status 0 when every integer matches, 1 when some differ, 2 on errors.
 ``qjax inspect MODEL`` prints qparams per layer, the activation codes the inputs use and
 the risks the same rulebook sees. MODEL formats: :mod:`qjax._cli_model`.
+``qjax debug FILE.py:FUNCTION``: debugging views of a quantized Flax model
+(:mod:`qjax._debug_cli`).
 """
 
 from __future__ import annotations
@@ -100,7 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     _model_args(sub.add_parser("parity", help="layer-by-layer integer parity of MODEL vs torch"))
     _model_args(sub.add_parser("inspect", help="qparams, code ranges and risks of MODEL"))
+    from ._debug_cli import add_debug_parser
+
+    add_debug_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "debug":
+        from ._debug_cli import run_debug
+
+        return run_debug(args)
     if args.command == "demo":
         from ._demo import run_demo
 

@@ -1,0 +1,181 @@
+"""How the debugging views find a model's quantizers and run it layer by layer.
+
+Every quantized tensor of a qjax NNX model is one observer state inside a
+:class:`qjax.flax.nnx.QuantStat`: a layer's ``LayerStats`` has ``input``/``weight``/
+``output`` roles, an ``ActQuant`` (``QuantStub``, ``QuantAdd``, ...) one ``output``.
+Its qparams are read as its fake-quant reads them (``factory(spec, compat).qparams``,
+:func:`qjax.flax._intsim.layer_qparams`), never re-derived.
+
+Views that need the values *between* layers run an ``nnx.Sequential`` one element at a
+time on a clone of the model (``nnx.clone``) put in the mode they need, so the user's
+model (modes, switches, statistics, BN running statistics) is never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .flax import nnx as qnnx
+from .flax._config import Mode
+from .flax._core import LayerStats
+from .flax._intsim import fold_bn, layer_qparams
+
+_HOOK_PARENTS = (nnx.Linear, nnx.Conv)
+_PASS_THROUGH = (qnnx.MaxPool, qnnx.Flatten)  # keep the qparams of what they receive
+
+
+@dataclasses.dataclass
+class Quantizer:
+    """One quantized tensor: where it sits and the state its qparams come from."""
+
+    path: str  # module path of the quantized module ("layers/1", "layers/0/dot_general")
+    role: str  # "input", "weight" or "output"
+    module: Any
+    state: Any
+    spec: Any
+    factory: Any
+
+    def qparams(self):
+        """The qparams this tensor's fake-quant uses (same factory, spec and compat)."""
+        return self.factory(self.spec, self.module.config.compat).qparams(self.state)
+
+
+def path_str(path) -> str:
+    return "/".join(str(p) for p in path) or "<root>"
+
+
+def quant_modules(model) -> list[tuple[str, Any]]:
+    """``[(path, module)]`` of every quantized module, in path order; ``ValueError`` if none."""
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"expects a flax.nnx.Module, got {type(model).__name__}")
+    out = [(path_str(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, qnnx._QuantModule)]
+    if not out:
+        raise ValueError(
+            "the model has no qjax quantized modules (QuantLinear, QuantConv, QuantConvBn, "
+            "ActQuant/QuantStub, or stock layers hooked by qjax.flax.nnx.quantize_model)"
+        )
+    return out
+
+
+def quantizers(path: str, m) -> list[Quantizer]:
+    """The quantized tensors of one quantized module, in input/weight/output order."""
+    cfg = m.config
+    st = m.quant_stats.get_value()
+    if isinstance(st, LayerStats):
+        roles = (
+            ("input", st.input, cfg.activation, cfg.activation_observer),
+            ("weight", st.weight, cfg.weight, cfg.weight_observer),
+            ("output", st.output, cfg.activation, cfg.activation_observer),
+        )
+        return [Quantizer(path, r, m, s, sp, f) for r, s, sp, f in roles if s is not None and sp]
+    return [Quantizer(path, "output", m, st, cfg.activation, cfg.activation_observer)]
+
+
+def all_quantizers(model) -> list[Quantizer]:
+    return [q for p, m in quant_modules(model) for q in quantizers(p, m)]
+
+
+@dataclasses.dataclass
+class Unit:
+    """One element of an ``nnx.Sequential`` and the quantized modules it holds."""
+
+    index: int
+    path: str
+    layer: Any
+    quant: list[tuple[str, Any]]  # (path, module): the layer itself or its hook
+
+
+def units(model, fn: str) -> list[Unit]:
+    """The elements of an ``nnx.Sequential``; ``TypeError`` for anything else, and for
+    quantized modules nested deeper than a hooked ``nnx.Linear``/``nnx.Conv``."""
+    if not isinstance(model, nnx.Sequential):
+        raise TypeError(
+            f"debug.{fn}: per-layer capture runs an nnx.Sequential one element at a time; got "
+            f"{type(model).__name__}. Supported: an nnx.Sequential of qjax layers (QuantStub/"
+            "ActQuant, QuantLinear, QuantConv, QuantConvBn, DeQuantStub, MaxPool/AvgPool/"
+            "Flatten, activation functions) and hooked nnx.Linear/nnx.Conv; qparams_table "
+            "and observer_health work on any model"
+        )
+    out = []
+    for i, layer in enumerate(model.layers):
+        path = f"layers/{i}"
+        quant = []
+        if isinstance(layer, qnnx._QuantModule):
+            quant.append((path, layer))
+        elif isinstance(layer, nnx.Module):
+            for sub, m in nnx.iter_modules(layer):
+                if not isinstance(m, qnnx._QuantModule):
+                    continue
+                sp = f"{path}/{path_str(sub)}"
+                if not (isinstance(layer, _HOOK_PARENTS) and len(sub) == 1):
+                    raise TypeError(
+                        f"debug.{fn}: {sp} is a quantized module nested inside "
+                        f"{path} ({type(layer).__name__}); per-layer capture supports qjax "
+                        "layers as Sequential elements and hooks of nnx.Linear/nnx.Conv"
+                    )
+                quant.append((sp, m))
+        out.append(Unit(i, path, layer, quant))
+    return out
+
+
+def clone_in(model, mode: Mode, *, float_at: list[str] = ()):
+    """A clone of ``model`` in ``mode``; the quantized modules at paths ``float_at`` in
+    ``Mode.FLOAT``. ``set_mode(FROZEN)`` checks every observer saw finite data."""
+    c = nnx.clone(model)
+    qnnx.set_mode(c, mode)
+    if float_at:
+        qnnx.set_mode(c, Mode.FLOAT, where="|".join(re.escape(p) for p in float_at))
+    return c
+
+
+def run_layers(seq, x) -> tuple[list, list]:
+    """``(inputs, outputs)`` of every element of ``seq`` on ``x`` (numpy float32)."""
+    ins, outs = [], []
+    h = jnp.asarray(x)
+    for layer in seq.layers:
+        ins.append(h)
+        h = layer(h)
+        outs.append(h)
+    return ins, outs
+
+
+def weight_values(q: Quantizer, layer) -> np.ndarray:
+    """The float weight the quantizer sees: the kernel, BN-folded with the running
+    statistics for ``QuantConvBn`` (what ``FROZEN`` with frozen BN and serving use)."""
+    m = q.module
+    if isinstance(m, qnnx.QuantConvBn):
+        b = None if m.bias is None else m.bias[...]
+        w, _ = fold_bn(
+            m.kernel[...], b, m.bn_scale[...], m.bn_bias[...], m.bn_mean[...], m.bn_var[...],
+            m.epsilon,
+        )  # fmt: skip
+        return np.asarray(w)
+    owner = m if hasattr(m, "kernel") else layer
+    return np.asarray(owner.kernel[...])
+
+
+def output_qparams(us: list[Unit], i: int):
+    """The qparams the output of element ``i`` is quantized with: its own output
+    quantizer, else the next quantizer after activations/pooling/flatten (as convert)."""
+    for path, m in us[i].quant:
+        st = m.quant_stats.get_value()
+        if isinstance(st, LayerStats) and st.output is not None:
+            return layer_qparams(st, m.config)[2]
+        if not isinstance(st, LayerStats):
+            return quantizers(path, m)[0].qparams()
+    for u in us[i + 1 :]:
+        if u.quant:
+            path, m = u.quant[0]
+            first = quantizers(path, m)[0]
+            return first.qparams() if first.role in ("input", "output") else None
+        relu = any(u.layer is r for r in (jax.nn.relu, nnx.relu))
+        if not (relu or isinstance(u.layer, _PASS_THROUGH)):
+            return None
+    return None
