@@ -37,10 +37,9 @@ case "$cmd" in
     ;;
   bench)
     setup
-    for b in benchmarks/*.py; do
-      echo "== $b"
-      "$VENV/bin/python" "$b"
-    done
+    # qjax bench runs each benchmarks/*.py in turn and prints one ratio table
+    # (args pass through: --quick, --only NAME[,NAME], --verbose, --json PATH)
+    exec "$VENV/bin/qjax" bench "$@"
     ;;
   *)
     echo "usage: ./run.sh {demo|test|bench} [args...]" >&2

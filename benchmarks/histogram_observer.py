@@ -13,6 +13,8 @@ forward 10x slower and erratic, which would flatter qjax.
 
     python benchmarks/histogram_observer.py              # all distributions
     python benchmarks/histogram_observer.py --dists normal --repeats 11
+
+``QJAX_BENCH_QUICK=1`` (``qjax bench --quick``): 3 repeats, normal and lognormal only.
 """
 
 from __future__ import annotations
@@ -80,16 +82,18 @@ def run_qjax(obs, update, qparams, batches):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dists", default=",".join(DISTS), help="comma-separated: " + ",".join(DISTS))
+    default_dists = "normal,lognormal" if _timing.quick() else ",".join(DISTS)
+    p.add_argument("--dists", default=default_dists, help="comma-separated: " + ",".join(DISTS))
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--shape", default="256,1024")
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=3 if _timing.quick() else 7)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     shape = tuple(int(s) for s in args.shape.split(","))
     torch.set_num_threads(os.cpu_count() or 1)
     warnings.filterwarnings("ignore", module="torch.ao")
     print(machine_lines())
+    print(_timing.load_line())
     print(
         f"workload: {args.batches} batches of {shape} float32, update each + one qparams; "
         f"median of {args.repeats} interleaved repeats"
@@ -127,6 +131,13 @@ def main() -> None:
             f"{tot['qjax']:8.2f} ({med['qjax'][0]:5.2f}+{med['qjax'][1]:5.2f}) "
             f"{tot['torch'] / tot['qjax']:7.1f}x  {equal}  "
             f"[first qjax run incl. compile {compile_s:.2f} s]"
+        )
+        _timing.bench_line(
+            "histogram_observer",
+            f"{name}, {args.batches}x{args.shape} + qparams",
+            tot["torch"] / tot["qjax"],
+            "torch HistogramObserver",
+            ">= 10x",
         )
 
 

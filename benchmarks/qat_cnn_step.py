@@ -7,6 +7,7 @@ in one process (medians): ``Mode.FLOAT`` (the folded conv-BN arithmetic, no
 fake-quant), ``Mode.QAT`` with the float simulation (``scheme=None``), and ``Mode.QAT``
 with ``QuantConfig(scheme="fbgemm")`` (forward value from the int8 server's integer
 formula, float straight-through gradient). Prints the ratios to the float step.
+``QJAX_BENCH_QUICK=1``: 5 repeats instead of 30.
 """
 
 import pathlib
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _timing import interleaved, machine_line
+from _timing import bench_line, interleaved, load_line, machine_line, quick
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
@@ -46,7 +47,9 @@ def make_step(scheme, mode, x):
     return lambda xb, yb: step(model, opt, xb, yb)
 
 
-def main(repeats: int = 30):
+def main(repeats: int | None = None):
+    if repeats is None:
+        repeats = 5 if quick() else 30
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.uniform(0, 1, (BATCH, 8, 8, 1)).astype(np.float32))
     y = jnp.asarray(rng.integers(0, 10, BATCH).astype(np.int32))
@@ -57,8 +60,12 @@ def main(repeats: int = 30):
     }
     t = interleaved({k: (lambda f=f: f(x, y)) for k, f in steps.items()}, repeats=repeats)
     print(machine_line())
+    print(load_line())
     for k, v in t.items():
         print(f"{k:26s} {v * 1e3:8.3f} ms   {v / t['float step']:.2f}x float")
+    for k in ("QAT step (float sim)", "QAT step (scheme=fbgemm)"):
+        case = f"digits CNN batch {BATCH}, {k[len('QAT step (') : -1]}"
+        bench_line("qat_cnn_step", case, t[k] / t["float step"], "float step", "<= 1.15x")
 
 
 if __name__ == "__main__":

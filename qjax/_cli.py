@@ -1,4 +1,4 @@
-"""The ``qjax`` command line: ``demo``, ``parity MODEL``, ``inspect MODEL``.
+"""The ``qjax`` command line: ``demo``, ``parity MODEL``, ``inspect MODEL``, ``bench``.
 
 ``qjax parity MODEL`` imports a saved torch int8 model into qjax and compares every
 quantized activation with torch's, on the same inputs, layer by layer (max LSB
@@ -94,6 +94,33 @@ def _inspect(args) -> int:
     return 0
 
 
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", help="benchmarks folder (default: the checkout's benchmarks/)")
+    p.add_argument("--only", metavar="NAME[,NAME]", help="run only these scripts (no .py)")
+    p.add_argument("--quick", action="store_true", help="QJAX_BENCH_QUICK=1: fewer repeats")
+    p.add_argument("--verbose", action="store_true", help="stream the scripts' own output")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--timeout", type=float, help="seconds per script before it is killed")
+
+
+def _bench(args) -> int:
+    from ._bench import run_bench
+
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    try:
+        return run_bench(
+            args.dir,
+            only,
+            quick=args.quick,
+            verbose=args.verbose,
+            json_path=args.json,
+            timeout=args.timeout,
+        )
+    except (ValueError, OSError) as e:
+        print(f"qjax bench: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qjax", description="Integer quantization for JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,11 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     from ._debug_cli import add_debug_parser
 
     add_debug_parser(sub)
+    _bench_args(sub.add_parser("bench", help="run benchmarks/*.py and print the ratio table"))
     args = parser.parse_args(argv)
     if args.command == "debug":
         from ._debug_cli import run_debug
 
         return run_debug(args)
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "demo":
         from ._demo import run_demo
 
