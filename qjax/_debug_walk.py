@@ -14,6 +14,7 @@ model (modes, switches, statistics, BN running statistics) is never touched.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any
 
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ._primitives import dequantize
 from .flax import nnx as qnnx
 from .flax._config import Mode
 from .flax._core import LayerStats
@@ -44,7 +46,20 @@ class Quantizer:
 
     def qparams(self):
         """The qparams this tensor's fake-quant uses (same factory, spec and compat)."""
-        return self.factory(self.spec, self.module.config.compat).qparams(self.state)
+        args = (self.factory, self.spec, self.module.config.compat)
+        try:
+            hash(args)
+        except TypeError:  # an unhashable observer factory: computed eagerly
+            return _qparams(*args, self.state)
+        return _qparams_jit(*args, self.state)
+
+
+def _qparams(factory, spec, compat, state):
+    return factory(spec, compat).qparams(state)
+
+
+# One compiled program per (observer, spec, shape) instead of one per eager op.
+_qparams_jit = jax.jit(_qparams, static_argnums=(0, 1, 2))
 
 
 def path_str(path) -> str:
@@ -135,13 +150,24 @@ def clone_in(model, mode: Mode, *, float_at: list[str] = ()):
     return c
 
 
+@nnx.jit
+def _call_module(layer, h):
+    return layer(h)
+
+
+def call_layer(layer, h):
+    """``layer(h)``, jitted per module: clones that differ in one layer's mode share the
+    compiled programs of all the others (a whole-model jit would recompile each)."""
+    return _call_module(layer, h) if isinstance(layer, nnx.Module) else layer(h)
+
+
 def run_layers(seq, x) -> tuple[list, list]:
-    """``(inputs, outputs)`` of every element of ``seq`` on ``x`` (numpy float32)."""
+    """``(inputs, outputs)`` of every element of ``seq`` on ``x``."""
     ins, outs = [], []
     h = jnp.asarray(x)
     for layer in seq.layers:
         ins.append(h)
-        h = layer(h)
+        h = call_layer(layer, h)
         outs.append(h)
     return ins, outs
 
@@ -152,13 +178,25 @@ def weight_values(q: Quantizer, layer) -> np.ndarray:
     m = q.module
     if isinstance(m, qnnx.QuantConvBn):
         b = None if m.bias is None else m.bias[...]
-        w, _ = fold_bn(
+        w, _ = _fold_jit(
             m.kernel[...], b, m.bn_scale[...], m.bn_bias[...], m.bn_mean[...], m.bn_var[...],
             m.epsilon,
         )  # fmt: skip
         return np.asarray(w)
     owner = m if hasattr(m, "kernel") else layer
     return np.asarray(owner.kernel[...])
+
+
+_fold_jit = jax.jit(fold_bn, static_argnums=6)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def bounds(qp, shape):
+    """``dequantize(qmin)``, ``dequantize(qmax)`` broadcast to ``shape``: the range each
+    element of a tensor of ``shape`` can be represented in (per channel where it applies)."""
+    spec = qp.spec
+    lo = dequantize(jnp.full(shape, spec.qmin, spec.dtype), qp)
+    return lo, dequantize(jnp.full(shape, spec.qmax, spec.dtype), qp)
 
 
 def output_qparams(us: list[Unit], i: int):

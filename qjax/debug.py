@@ -30,8 +30,10 @@ The per-layer views run an ``nnx.Sequential`` one element at a time (other model
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -44,7 +46,6 @@ from ._debug_render import render_histograms as render_histograms
 from ._debug_render import render_layer_errors as render_layer_errors
 from ._debug_render import render_qparams as render_qparams
 from ._debug_render import render_sensitivity as render_sensitivity
-from ._primitives import dequantize
 from .flax._config import Mode
 from .flax._health import stats_health
 
@@ -159,12 +160,13 @@ class HealthRow:
         return not self.problems
 
 
-def _f(a) -> float:
-    return float(np.asarray(a))
+_health_jit = jax.jit(stats_health)  # one program per observer type, not one per op
 
 
+@functools.cache
 def _doc_model():
-    """A calibrated 2-layer MLP, inputs and labels for the doctests."""
+    """A calibrated 2-layer MLP, inputs and labels for the doctests (built once: the
+    views never change a model)."""
     from flax import nnx
 
     from .flax import nnx as qnnx
@@ -265,7 +267,7 @@ def observer_health(model) -> list[HealthRow]:
     """
     rows = []
     for q in _walk.all_quantizers(model):
-        h = next(iter(stats_health(q.state).values()))
+        h = next(iter(_health_jit(q.state).values()))
         count = getattr(q.state, "count", None)
         count = None if count is None else int(np.asarray(count))
         nonfinite = int(np.asarray(h.nonfinite))
@@ -286,9 +288,7 @@ def observer_health(model) -> list[HealthRow]:
 
 def _hist(path, role, values, qp, bins) -> ActHist:
     v = np.asarray(values, np.float32)
-    spec = qp.spec
-    lo_full = np.asarray(dequantize(jnp.full(v.shape, spec.qmin, spec.dtype), qp))
-    hi_full = np.asarray(dequantize(jnp.full(v.shape, spec.qmax, spec.dtype), qp))
+    lo_full, hi_full = (np.asarray(b) for b in _walk.bounds(qp, v.shape))
     fin = np.isfinite(v)
     n = int(fin.sum())
     below = int(np.sum(fin & (v < lo_full)))
@@ -310,8 +310,10 @@ def activation_histograms(model, x, bins: int = 64) -> list[ActHist]:
 
     >>> model, x, y = _doc_model()
     >>> h = activation_histograms(model, x, bins=8)[0]
-    >>> h.path, h.role, int(h.counts.sum()) == h.n_values == x.size, h.clipped_below
-    ('layers/0', 'input', True, 0.0)
+    >>> h.path, h.role, int(h.counts.sum()) == h.n_values == x.size
+    ('layers/0', 'input', True)
+    >>> h.clipped_below * h.n_values, h.lo > float(x.min())  # zero point rounded: 1 clipped
+    (1.0, True)
     """
     if not isinstance(bins, int) or bins < 1:
         raise ValueError(f"activation_histograms: bins must be a positive int, got {bins!r}")
@@ -371,7 +373,7 @@ def layer_errors(model, x) -> list[LayerError]:
         scale = None
         if qp is not None and np.size(np.asarray(qp.scale)) == 1:
             scale = float(np.asarray(qp.scale))
-        iso = qm.layers[u.index](f_in[u.index])
+        iso = _walk.call_layer(qm.layers[u.index], f_in[u.index])
         prop = _errors(f_out[u.index], q_out[u.index], scale)
         isol = _errors(f_out[u.index], iso, scale)
         rows.append(LayerError(u.path, type(u.layer).__name__, *prop, *isol, scale))
@@ -396,7 +398,7 @@ def sensitivity(model, x, y, metric: Callable | None = None) -> list[Sensitivity
     _walk.quant_modules(model)
 
     def run(m):
-        return np.asarray(m(jnp.asarray(x)))
+        return np.asarray(_walk.run_layers(m, x)[1][-1])
 
     f_out = run(_walk.clone_in(model, Mode.FLOAT))
     q_out = run(_walk.clone_in(model, Mode.FROZEN))
