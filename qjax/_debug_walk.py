@@ -27,7 +27,8 @@ from ._primitives import dequantize
 from .flax import nnx as qnnx
 from .flax._config import Mode
 from .flax._core import LayerStats
-from .flax._intsim import fold_bn, layer_qparams
+from .flax._intsim import fold_bn
+from .flax._learnable import tensor_qparams
 
 _HOOK_PARENTS = (nnx.Linear, nnx.Conv)
 _PASS_THROUGH = (qnnx.MaxPool, qnnx.Flatten)  # keep the qparams of what they receive
@@ -43,9 +44,13 @@ class Quantizer:
     state: Any
     spec: Any
     factory: Any
+    learned: Any = None  # LearnableQuantLinear: this tensor's qparams parameters
 
     def qparams(self):
-        """The qparams this tensor's fake-quant uses (same factory, spec and compat)."""
+        """The qparams this tensor's fake-quant uses (same factory, spec and compat; the
+        learned parameters of an LSQ/PACT layer)."""
+        if self.learned is not None:
+            return tensor_qparams(self.learned, self.spec, self.module.config.grad)
         args = (self.factory, self.spec, self.module.config.compat)
         try:
             hash(args)
@@ -83,13 +88,20 @@ def quantizers(path: str, m) -> list[Quantizer]:
     """The quantized tensors of one quantized module, in input/weight/output order."""
     cfg = m.config
     st = m.quant_stats.get_value()
+    learned = {}
+    if isinstance(getattr(m, "qparams", None), nnx.Param):  # LSQ/PACT: params, not stats
+        st, learned = st.layer, m.qparams.get_value()
     if isinstance(st, LayerStats):
         roles = (
             ("input", st.input, cfg.activation, cfg.activation_observer),
             ("weight", st.weight, cfg.weight, cfg.weight_observer),
             ("output", st.output, cfg.activation, cfg.activation_observer),
         )
-        return [Quantizer(path, r, m, s, sp, f) for r, s, sp, f in roles if s is not None and sp]
+        return [
+            Quantizer(path, r, m, s, sp, f, learned.get(r))
+            for r, s, sp, f in roles
+            if s is not None and sp
+        ]
     return [Quantizer(path, "output", m, st, cfg.activation, cfg.activation_observer)]
 
 
@@ -142,9 +154,14 @@ def units(model, fn: str) -> list[Unit]:
 
 def clone_in(model, mode: Mode, *, float_at: list[str] = ()):
     """A clone of ``model`` in ``mode``; the quantized modules at paths ``float_at`` in
-    ``Mode.FLOAT``. ``set_mode(FROZEN)`` checks every observer saw finite data."""
+    ``Mode.FLOAT``. ``set_mode(FROZEN)`` checks every observer saw finite data. BN of
+    ``QuantConvBn`` normalises with the running statistics (as served) in every clone,
+    so float and quantized runs see the same BN and the batch does not change it."""
     c = nnx.clone(model)
     qnnx.set_mode(c, mode)
+    for _, m in nnx.iter_modules(c):
+        if isinstance(m, qnnx.QuantConvBn):
+            m.freeze_bn = True
     if float_at:
         qnnx.set_mode(c, Mode.FLOAT, where="|".join(re.escape(p) for p in float_at))
     return c
@@ -203,11 +220,9 @@ def output_qparams(us: list[Unit], i: int):
     """The qparams the output of element ``i`` is quantized with: its own output
     quantizer, else the next quantizer after activations/pooling/flatten (as convert)."""
     for path, m in us[i].quant:
-        st = m.quant_stats.get_value()
-        if isinstance(st, LayerStats) and st.output is not None:
-            return layer_qparams(st, m.config)[2]
-        if not isinstance(st, LayerStats):
-            return quantizers(path, m)[0].qparams()
+        own = [q for q in quantizers(path, m) if q.role == "output"]
+        if own:
+            return own[0].qparams()
     for u in us[i + 1 :]:
         if u.quant:
             path, m = u.quant[0]

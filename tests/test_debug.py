@@ -233,6 +233,16 @@ def test_other_models_hooks_and_errors(rng):
     h = debug.activation_histograms(hooked, x)[1]
     assert h.role == "weight" and h.n_values == 24
 
+    # LSQ layer: the table shows the learned qparams (here doubled), not the observer's
+    lsq = qjax_recommended().replace(grad="lsq")
+    lm = nnx.Sequential(qnnx.LearnableQuantLinear(4, 3, config=lsq, mode="calibrate", rngs=rngs))
+    lm(x)
+    qnnx.init_qparams_from_stats(lm)
+    s0 = debug.qparams_table(lm)[0].scale
+    p = lm.layers[0].qparams.get_value()
+    lm.layers[0].qparams.set_value({**p, "input": {**p["input"], "scale": p["input"]["scale"] * 2}})
+    assert debug.qparams_table(lm)[0].scale == 2 * s0 and s0 > 0
+
     class Two(nnx.Module):
         def __init__(self, rngs):
             self.fc1 = qnnx.QuantLinear(4, 4, config=cfg, rngs=rngs)
