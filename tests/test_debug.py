@@ -254,6 +254,9 @@ def test_other_models_hooks_and_errors(rng):
     for view in (debug.layer_errors, debug.activation_histograms):
         with pytest.raises(TypeError, match="nnx.Sequential one element at a time; got Two"):
             view(two, x)
+    nested = nnx.Sequential(nnx.Sequential(qnnx.QuantLinear(4, 2, config=cfg, rngs=rngs)))
+    with pytest.raises(TypeError, match="layers/0/layers/0 is a quantized module nested inside"):
+        debug.sensitivity(nested, x, np.zeros(32, np.int32))
     with pytest.raises(ValueError, match="no qjax quantized modules"):
         debug.qparams_table(nnx.Sequential(nnx.Linear(2, 2, rngs=rngs)))
     with pytest.raises(ValueError, match=r"need labels of shape \(32,\)"):
