@@ -3,32 +3,11 @@ for Linen): the data split, the minibatch order and the accuracy table, so that 
 front-ends train on the same batches and report the same way."""
 
 import numpy as np
-from sklearn.datasets import load_digits
 
+# one implementation, shared with ``qjax demo``
+from qjax._demo_data import accuracy, data, minibatches
 
-def data(seed=0):
-    """sklearn's 8x8 digits as float32 ``(N, 8, 8, 1)`` images in [0, 1] and int32 labels,
-    split 80/20 after a seeded shuffle: ``((x_train, y_train), (x_test, y_test))``."""
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[..., None]
-    y = d.target.astype(np.int32)
-    idx = np.random.default_rng(seed).permutation(len(x))
-    split = int(0.8 * len(x))
-    return (x[idx[:split]], y[idx[:split]]), (x[idx[split:]], y[idx[split:]])
-
-
-def minibatches(n, epochs, seed=0, size=64):
-    """Index arrays of ``size`` (last partial batch dropped), reshuffled every epoch."""
-    rng = np.random.default_rng(seed)
-    for _ in range(epochs):
-        order = rng.permutation(n)
-        for i in range(0, n - size + 1, size):
-            yield order[i : i + size]
-
-
-def accuracy(logits, y):
-    """Fraction of rows whose argmax over the last axis equals the label."""
-    return float((np.asarray(logits).argmax(-1) == y).mean())
+__all__ = ["accuracy", "data", "finish", "minibatches"]
 
 
 def finish(acc, frozen, served, y):

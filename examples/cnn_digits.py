@@ -18,11 +18,12 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
-import optax
-from _digits import accuracy, data, finish, minibatches  # examples/_digits.py
+from _digits import accuracy, data, finish  # examples/_digits.py
 from flax import nnx
 
 import qjax
+from qjax._demo_data import make_model as digits_cnn
+from qjax._demo_data import train as train_loop
 from qjax.flax import Mode, default_qat_qconfig
 from qjax.flax import nnx as qnnx
 
@@ -31,31 +32,11 @@ def make_model(rngs: nnx.Rngs, scheme: str = "fbgemm") -> nnx.Sequential:
     # torch's x86 QAT qconfig (uint8 activations with reduce_range, per-channel int8
     # weights) with an input quantizer on each layer, as the integer formula needs.
     cfg = default_qat_qconfig("x86").replace(quantize_input=True, scheme=scheme)
-    return nnx.Sequential(
-        qnnx.QuantStub(cfg),
-        qnnx.QuantConvBn(1, 16, (3, 3), config=cfg, relu=True, rngs=rngs),
-        qnnx.QuantConvBn(16, 32, (3, 3), config=cfg, relu=True, rngs=rngs),
-        qnnx.MaxPool((2, 2)),
-        qnnx.Flatten(),
-        qnnx.QuantLinear(4 * 4 * 32, 10, config=cfg, rngs=rngs),
-        qnnx.DeQuantStub(),
-    )
+    return digits_cnn(rngs, cfg)  # the network of ``qjax demo``
 
 
 def train(model, x, y, epochs, lr, seed=0):
-    opt = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, opt, xb, yb):
-        def loss_fn(m):
-            return optax.softmax_cross_entropy_with_integer_labels(m(xb), yb).mean()
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        opt.update(model, grads)
-        return loss
-
-    for b in minibatches(len(x), epochs, seed):
-        step(model, opt, jnp.asarray(x[b]), jnp.asarray(y[b]))
+    train_loop(model, x, y, epochs, lr, seed=seed, bar=False)
 
 
 def main(epochs: int | None = None, qat_epochs: int | None = None) -> dict:

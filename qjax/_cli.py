@@ -124,9 +124,14 @@ def _bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qjax", description="Integer quantization for JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="a short tour of what qjax computes, checked against torch")
-    demo.add_argument("--size", type=int, default=1_000_000, help="values per parity check")
+    demo = sub.add_parser(
+        "demo", help="digits CNN end to end: float, PTQ, QAT, int8 served, torch parity"
+    )
+    demo.add_argument("--out", default="qjax-demo", help="summary and plots folder")
+    demo.add_argument("--epochs", type=int, default=8, help="float training epochs")
+    demo.add_argument("--qat-epochs", type=int, default=2, help="QAT fine-tuning epochs")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quick", action="store_true", help="tiny run (for tests)")
     _model_args(sub.add_parser("parity", help="layer-by-layer integer parity of MODEL vs torch"))
     _model_args(sub.add_parser("inspect", help="qparams, code ranges and risks of MODEL"))
     from ._debug_cli import add_debug_parser
@@ -143,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from ._demo import run_demo
 
-        return run_demo(size=args.size, seed=args.seed)
+        return run_demo(
+            args.out, epochs=args.epochs, qat_epochs=args.qat_epochs, seed=args.seed,
+            quick=args.quick,
+        )  # fmt: skip
     try:
         return _parity(args) if args.command == "parity" else _inspect(args)
     except (ValueError, TypeError, NotImplementedError, OSError) as e:

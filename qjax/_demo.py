@@ -1,180 +1,300 @@
-"""``qjax demo``: a short tour of what qjax computes, with PyTorch checked at run time.
+"""``qjax demo``: the whole job on sklearn's digits, end to end, checked against PyTorch.
 
-The tour covers, in order: how each observer picks a range on skewed data (and the
-error that range gives), how the compat modes differ on the weight of the identity
-1x1 conv from the forum report (NUMERICS.md), bit-exact parity with torch's quantize /
-fake-quant over ``size`` values including exact ties, and a few steps of QAT with
-learnable (LSQ) scales under optax.
+Stages (each with a progress bar and a printed time):
+
+1. float training of a small CNN (:func:`qjax._demo_data.make_model`) in Flax NNX + optax;
+2. PTQ: the float weights in a model with torch's preset ``default_qconfig(engine)``,
+   ``calibrate`` (histogram observers), ``qjax.convert`` -> int8 served;
+3. QAT: the float model with torch's QAT qconfig (``scheme="fbgemm"``), calibrated,
+   fine-tuned in ``Mode.QAT``, frozen and served: served == frozen fake-quant, exactly;
+4. speed: the int8 served forward vs the float jitted forward (interleaved medians);
+5. torch: the same CNN as a torch eager model with the same weights (float logits
+   checked), torch eager PTQ per engine (fbgemm, qnnpack, x86, onednn where supported) on
+   the same calibration batches; the converted model imported into qjax and compared
+   integer by integer (``qjax.parity.compare``); and qjax's own PTQ codes compared with
+   torch's directly (same preset, same batches);
+6. plots (``qjax.debug``): activation histograms with the chosen ranges, per-layer SQNR
+   of the PTQ model, the accuracy table; ``summary.md`` / ``summary.json``.
+
+Exit status 1 when a promised exactness fails (served != frozen QAT; torch float logits
+off by more than 1e-4; parity mismatches on fbgemm/qnnpack, or more than one LSB on
+x86/onednn, NUMERICS.md rule 13), naming what failed.
 """
 
 from __future__ import annotations
 
+import copy
+import pathlib
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from . import observers
-from ._primitives import dequantize, fake_quant, quantize
-from ._qparams import qparams_from_minmax
-from ._spec import QParams, QuantSpec
+from ._demo_data import accuracy, copy_float_weights, data, interleaved, make_model, train
 
-
-def _table(title: str, header: list[str], rows: list[list[object]]) -> str:
-    cells = [header] + [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    line = "  ".join("-" * w for w in widths)
-    out = [title, line, "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), line]
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells[1:]]
-    return "\n".join(out + [line])
+ENGINES = ("fbgemm", "qnnpack", "x86", "onednn")
+# torch's engine -> the qjax preset whose calibration it shares and the one convert
+# scheme that serves it (x86 runs oneDNN convs and FBGEMM linears: no single scheme)
+_PRESET = {"fbgemm": "x86", "x86": "x86", "qnnpack": "qnnpack", "onednn": "onednn"}
+_DIRECT_SCHEME = {"fbgemm": "fbgemm", "qnnpack": "qnnpack", "onednn": "onednn"}
+_TORCH_NAMES = ["quant", "conv1", "conv2", "pool", "flatten", "fc"]  # integer steps
 
 
-def _fmt(v: object) -> str:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
+class _Stages:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+
+    def run(self, name: str, fn):
+        print(f"[{name}] ...", flush=True)
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        self.seconds[name] = round(time.perf_counter() - t0, 2)
+        self.cpu_seconds[name] = round(time.process_time() - c0, 2)
+        print(f"[{name}] done in {self.seconds[name]:.1f} s (CPU {self.cpu_seconds[name]:.1f} s)",
+              flush=True)  # fmt: skip
+        return out
 
 
-def sqnr_db(x: jax.Array, y: jax.Array) -> float:
-    """Signal-to-quantization-noise ratio ``10·log10(Σx² / Σ(x-y)²)`` in dB."""
-    noise = float(jnp.sum((x - y) ** 2))
-    return float("inf") if noise == 0 else 10.0 * float(np.log10(float(jnp.sum(x**2)) / noise))
+def _check(checks: list, name: str, result: str, ok: bool) -> None:
+    checks.append({"name": name, "result": result, "ok": bool(ok)})
 
 
-def _observer_tour(rng: np.random.Generator) -> str:
-    # Post-ReLU activations with a heavy tail: min/max is dominated by a few outliers.
-    batches = [
-        np.maximum(rng.standard_t(3, size=(64, 256)), 0).astype(np.float32) for _ in range(8)
-    ]
-    spec = QuantSpec(bits=8, signed=False)
-    candidates = {
-        "minmax": observers.minmax(spec),
-        "ema_minmax": observers.ema_minmax(spec),
-        "histogram (L2)": observers.histogram(spec),
-        "percentile 99.9": observers.percentile(spec, percentile=99.9),
-        "mse": observers.mse(spec),
-    }
-    x_all = jnp.asarray(np.concatenate(batches))
-    rows = []
-    for name, obs in candidates.items():
-        update = jax.jit(obs.update)
-        state = obs.init(x_all[:64])
-        for b in batches:
-            state = update(state, jnp.asarray(b))
-        qp = obs.qparams(state)
-        y = fake_quant(x_all, qp)
-        hi = float(qp.scale) * (spec.qmax - int(qp.zero_point))
-        rows.append([name, hi, float(qp.scale), int(qp.zero_point), sqnr_db(x_all, y)])
-    return _table(
-        "Observers on heavy-tailed post-ReLU activations (uint8, 8 batches)",
-        ["observer", "range max", "scale", "zero point", "SQNR dB"],
-        rows,
+def _float_stage(xtr, ytr, xte, yte, epochs, seed, bar):
+    from . import flax as qflax
+    from .flax import nnx as qnnx
+
+    cfg = qflax.default_qat_qconfig("x86").replace(quantize_input=True, scheme="fbgemm")
+    model = make_model(nnx.Rngs(seed), cfg)
+    qnnx.set_mode(model, qflax.Mode.FLOAT)
+    train(model, xtr, ytr, epochs, 1e-2, seed=seed, desc="float training", bar=bar)
+    qnnx.freeze_bn_stats(model)  # running BN statistics from here on (torch's eval())
+    logits = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(xte)))
+    return model, logits
+
+
+def _ptq_stage(model, presets, batches, xte, bar):
+    """qjax PTQ with torch's presets: ``{preset: (calibrated model, {scheme: served})}``."""
+    import qjax
+
+    from .flax import default_qconfig
+    from .flax import nnx as qnnx
+
+    out = {}
+    for preset, schemes in presets.items():
+        ptq = make_model(nnx.Rngs(0), default_qconfig(preset))
+        copy_float_weights(model, ptq)
+        qnnx.freeze_bn_stats(ptq)
+        qnnx.calibrate(ptq, batches, progress=bar)  # ends in Mode.FROZEN
+        out[preset] = (ptq, {s: qjax.convert(ptq, xte[:1], scheme=s) for s in schemes})
+    return out
+
+
+def _qat_stage(model, batches, xtr, ytr, xte, qat_epochs, seed, bar):
+    import qjax
+
+    from .flax import Mode
+    from .flax import nnx as qnnx
+
+    qat = copy.deepcopy(model)
+    qnnx.calibrate(qat, batches, progress=bar)
+    qnnx.set_mode(qat, Mode.QAT)
+    train(qat, xtr, ytr, qat_epochs, 1e-3, seed=seed + 1, desc="QAT fine-tuning", bar=bar)
+    qnnx.set_mode(qat, Mode.FROZEN)
+    frozen = np.asarray(nnx.jit(lambda m, x: m(x))(qat, jnp.asarray(xte)))
+    served = qjax.convert(qat, xte[:1], scheme="fbgemm")
+    return qat, frozen, served, np.asarray(served(jnp.asarray(xte)))
+
+
+def _speed_stage(model, served, xte, batch, repeats):
+    x = jnp.asarray(np.resize(xte, (batch,) + xte.shape[1:]))  # test images, cycled
+    graphdef, state = nnx.split(model)
+    float_fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    int8_fwd = jax.jit(lambda sv, x: sv.forward(x))
+    t = interleaved(
+        {"float": lambda: float_fwd(state, x), "int8": lambda: int8_fwd(served, x)},
+        repeats=repeats,
     )
+    f_ms, i_ms = 1e3 * t["float"], 1e3 * t["int8"]
+    return {"batch": batch, "repeats": repeats, "float_ms": f_ms, "int8_ms": i_ms,
+            "ratio": i_ms / f_ms}  # fmt: skip
 
 
-def _compat_tour() -> str:
-    # The identity 1x1 conv of the forum report: weight k·I, observed range [0, k].
-    k = 0.75
-    w = jnp.asarray(np.eye(4, dtype=np.float32) * k)
-    spec = QuantSpec(bits=8, signed=True, symmetric=True)
-    rows = []
-    for compat in ("qjax", "torch", "torch_fused", "tflite"):
-        qp = qparams_from_minmax(jnp.min(w), jnp.max(w), spec, compat=compat)
-        q = quantize(w, qp)
-        back = float(jnp.max(dequantize(q, qp)))
-        rows.append([compat, float(qp.scale), int(qp.zero_point), int(jnp.max(q)), back, back == k])
-    return _table(
-        f"qparams of the identity-conv weight k·I, k={k} (int8 symmetric spec)",
-        ["compat", "scale", "zero point", "code of k", "k after round trip", "exact"],
-        rows,
-    )
+def _torch_stage(model, float_logits, ptqs, engines, calib, xte, yte, checks, bar):
+    import torch
+
+    from . import parity
+    from ._demo_data import progress
+    from ._demo_torch import engine, to_nchw, torch_float_model, torch_ptq
+    from .converters.torch import import_model, torch_trace
+
+    tmodel = torch_float_model(model)
+    xt = to_nchw(xte)
+    with torch.no_grad():
+        diff = float(np.abs(tmodel(xt).numpy() - float_logits).max())
+    _check(checks, "torch float logits == JAX float logits", f"max |diff| {diff:.2g}", diff <= 1e-4)
+    if diff > 1e-4:
+        return {}, diff
+    tb = [to_nchw(b) for b in calib]
+    results = {}
+    for eng in progress(engines, len(engines), "torch PTQ + parity", bar):
+        with engine(eng):
+            qm = torch_ptq(tmodel, eng, tb)
+            program = import_model(qm, (xt[:1],), engine=eng)
+            rep = parity.compare(qm, program, xt)
+            with torch.no_grad():
+                acc = accuracy(qm(xt).numpy(), yte)
+            ref = torch_trace(qm, xt)
+        max_lsb = max((la.max_lsb for la in rep.layers), default=0)
+        exact = eng in ("fbgemm", "qnnpack")
+        promise = "0 mismatches" if exact else "<= 1 LSB (rule 13)"
+        ok = rep.mismatches == 0 if exact else max_lsb <= 1
+        _check(checks, f"parity {eng}: qjax import == torch", f"{rep.mismatches} of "
+               f"{rep.values} differ, max {max_lsb} LSB", ok)  # fmt: skip
+        e = {
+            "accuracy": acc,
+            "parity": {
+                "values": rep.values,
+                "mismatches": rep.mismatches,
+                "max_lsb": max_lsb,
+                "promise": promise,
+                "ok": ok,
+                "report": rep.to_dict(),
+            },  # fmt: skip
+            "direct": None,
+        }
+        scheme = _DIRECT_SCHEME.get(eng)
+        if scheme is not None and _PRESET[eng] in ptqs:
+            served = ptqs[_PRESET[eng]][1][scheme]
+            e["direct"] = _direct(served, ref, xte, eng)
+        results[eng] = e
+    return results, diff
 
 
-def _parity_tour(size: int, rng: np.random.Generator) -> str:
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed: parity checks skipped (pip install 'qjax[torch]')"
-    import warnings
+def _direct(served, ref, xte, eng) -> dict:
+    """qjax's own PTQ (torch's preset, same batches) served with ``eng``'s scheme vs the
+    codes torch's converted model computes: per layer mismatches and qparams equality."""
+    from . import parity
+    from ._demo_torch import served_codes
 
-    warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
-    rows = []
-    for scale, zp in ((0.0235, 3), (1 / 3, 128), (2.0**-7, 77)):
-        s = np.float32(scale)
-        k = rng.integers(-400, 400, size // 2)
-        ties = ((k + 0.5) * s).astype(np.float32)  # exact .5 ties before the zero point
-        x = np.concatenate([rng.standard_normal(size - ties.size).astype(np.float32) * 2, ties])
-        xt, xj = torch.from_numpy(x), jnp.asarray(x)
-        qp = QParams(scale=s, zero_point=zp, spec=QuantSpec(signed=False))
-        t_q = torch.quantize_per_tensor(xt, float(s), zp, torch.quint8).int_repr().numpy()
-        j_q = np.asarray(quantize(xj, qp, compat="torch"))
-        t_f = torch.fake_quantize_per_tensor_affine(xt, float(s), zp, 0, 255).numpy()
-        j_f = np.asarray(fake_quant(xj, qp, compat="torch"))
-        own = np.asarray(quantize(xj, qp))
-        rows.append(
-            [
-                f"s={float(s):.6g} zp={zp}",
-                x.size,
-                int((t_q != j_q).sum()),
-                int((t_f.view(np.int32) != j_f.view(np.int32)).sum()),
-                int((own != t_q).sum()),
-            ]
-        )
-    return _table(
-        "Bit-exact parity with torch 2.13 (values incl. 50% exact ties)",
-        [
-            "qparams",
-            "values",
-            "quantize_per_tensor mismatches",
-            "fake_quantize mismatches",
-            "qjax default codes != torch quantize (ties: zp after rounding)",
+    mine = served_codes(served, xte, _TORCH_NAMES)
+    rep = parity.compare_traces({n: ref[n] for n in _TORCH_NAMES}, mine, engine=eng)
+    same = []
+    for n in _TORCH_NAMES:
+        a, b = ref[n].qparams, mine[n].qparams
+        s_eq = np.float32(np.asarray(a.scale)) == np.float32(np.asarray(b.scale))
+        z_eq = int(np.asarray(a.zero_point)) == int(np.asarray(b.zero_point))
+        same.append(bool(s_eq and z_eq))
+    return {
+        "values": rep.values,
+        "mismatches": rep.mismatches,
+        "layers": len(_TORCH_NAMES),
+        "qparams_equal": sum(same),
+        "per_layer": [
+            {"layer": la.name, "values": la.values, "mismatches": la.mismatches,
+             "max_lsb": la.max_lsb, "same_qparams": s,
+             "torch_scale": float(np.asarray(ref[la.name].qparams.scale)),
+             "qjax_scale": float(np.asarray(mine[la.name].qparams.scale))}
+            for la, s in zip(rep.layers, same, strict=True)
         ],
-        rows,
+    }  # fmt: skip
+
+
+def _plots(ptq_model, xte, summary, out: pathlib.Path) -> dict:
+    from . import debug
+    from ._demo_report import plot_accuracy
+
+    hists = debug.activation_histograms(ptq_model, jnp.asarray(xte))
+    errors = debug.layer_errors(ptq_model, jnp.asarray(xte))
+    summary["sqnr_db"] = {f"{e.path} {e.kind}": e.sqnr_db for e in errors}
+    return {
+        "histograms": str(debug.plot_histograms(hists, out / "histograms.png")),
+        "sqnr": str(debug.plot_layer_errors(errors, out / "sqnr.png")),
+        "accuracy": str(plot_accuracy(summary, out / "accuracy.png")),
+    }
+
+
+def run_demo(
+    out: str | pathlib.Path = "qjax-demo",
+    *,
+    epochs: int = 8,
+    qat_epochs: int = 2,
+    seed: int = 0,
+    quick: bool = False,
+    progress: bool = True,
+) -> int:
+    """Run the demo (module docstring), print the summary, write it and the plots under
+    ``out``; return 0, or 1 when a promised exactness failed (named in the output).
+
+    ``quick``: 1 epoch each, two calibration batches, engine fbgemm only, few
+    timing repeats (for tests; the accuracy is then low)."""
+    import torch
+
+    from ._demo_report import write_summary
+
+    out = pathlib.Path(out)
+    st = _Stages()
+    (xtr, ytr), (xte, yte) = data(seed)
+    if quick:
+        epochs, qat_epochs = min(epochs, 1), min(qat_epochs, 1)
+    n_calib = 2 if quick else 4
+    calib = [xtr[i * 256 : (i + 1) * 256] for i in range(n_calib)]
+    batches = [jnp.asarray(b) for b in calib]
+    engines = [e for e in (ENGINES[:1] if quick else ENGINES)
+               if e in torch.backends.quantized.supported_engines]  # fmt: skip
+    presets: dict[str, list[str]] = {"x86": ["fbgemm"]}  # the PTQ row: torch's x86 preset
+    for e in engines:
+        if e in _DIRECT_SCHEME:
+            presets.setdefault(_PRESET[e], [])
+            if _DIRECT_SCHEME[e] not in presets[_PRESET[e]]:
+                presets[_PRESET[e]].append(_DIRECT_SCHEME[e])
+    checks: list[dict] = []
+
+    model, float_logits = st.run(
+        "float training", lambda: _float_stage(xtr, ytr, xte, yte, epochs, seed, progress)
     )
-
-
-def _qat_tour(rng: np.random.Generator) -> str:
-    import optax
-
-    # Fit y = x @ w_true with a 4-bit weight whose scale is learned (LSQ).
-    x = jnp.asarray(rng.standard_normal((256, 16)).astype(np.float32))
-    w_true = jnp.asarray(rng.standard_normal((16, 4)).astype(np.float32))
-    y = x @ w_true
-    spec = QuantSpec(bits=4, signed=True, symmetric=True, axis=1)
-    params = {"w": jnp.zeros((16, 4)) + 0.01, "s": jnp.full((4,), 0.1)}
-
-    def loss(p):
-        qp = QParams(scale=p["s"], zero_point=jnp.zeros((4,), jnp.int32), spec=spec)
-        return jnp.mean((x @ fake_quant(p["w"], qp, grad="lsq") - y) ** 2)
-
-    opt = optax.adam(3e-2)
-    state = opt.init(params)
-
-    @jax.jit
-    def step(p, st):
-        val, g = jax.value_and_grad(loss)(p)
-        upd, st = opt.update(g, st, p)
-        return optax.apply_updates(p, upd), st, val
-
-    rows = []
-    for i in range(301):
-        params, state, val = step(params, state)
-        if i in (0, 50, 100, 300):
-            rows.append([i, float(val), " ".join(f"{v:.3f}" for v in np.asarray(params["s"]))])
-    return _table(
-        "QAT: 4-bit per-channel weights with learnable LSQ scales (optax adam)",
-        ["step", "loss", "learned scales"],
-        rows,
-    )
-
-
-def run_demo(size: int = 1_000_000, seed: int = 0) -> int:
-    """Run the tour and print its tables; returns a process exit code."""
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    print(f"qjax demo (jax {jax.__version__}, {jax.devices()[0].platform})\n")
-    for part in (_observer_tour(rng), _compat_tour(), _parity_tour(size, rng), _qat_tour(rng)):
-        print(part, end="\n\n")
-    print(f"done in {time.perf_counter() - t0:.1f} s")
-    return 0
+    ptqs = st.run("PTQ calibrate + convert", lambda: _ptq_stage(model, presets, batches, xte,
+                                                                 progress))  # fmt: skip
+    ptq_served = ptqs["x86"][1]["fbgemm"]
+    _, frozen, served, served_out = st.run(
+        "QAT + convert", lambda: _qat_stage(model, batches, xtr, ytr, xte, qat_epochs, seed,
+                                            progress)
+    )  # fmt: skip
+    mism = int((served_out != frozen).sum())
+    _check(checks, "QAT int8 served == frozen fake-quant", f"{mism} of {frozen.size} outputs "
+           "differ", mism == 0)  # fmt: skip
+    speed = st.run("speed", lambda: _speed_stage(model, served, xte, 256, 5 if quick else 30))
+    engines_out, diff = st.run(
+        "torch PTQ + parity",
+        lambda: _torch_stage(model, float_logits, ptqs, engines, calib, xte, yte, checks,
+                             progress),
+    )  # fmt: skip
+    summary = {
+        "n_test": len(yte),
+        "epochs": epochs,
+        "qat_epochs": qat_epochs,
+        "calibration_images": int(sum(len(b) for b in calib)),
+        "accuracy": {
+            "float (JAX, Flax NNX)": accuracy(float_logits, yte),
+            "PTQ int8 served (torch x86 preset)": accuracy(ptq_served(jnp.asarray(xte)), yte),
+            "QAT fake-quant (frozen)": accuracy(frozen, yte),
+            "QAT int8 served": accuracy(served_out, yte),
+        },
+        "served_vs_frozen": {"compared": int(frozen.size), "mismatches": mism},
+        "torch_float_max_abs_diff": diff,
+        "speed": speed,
+        "engines": engines_out,
+        "checks": checks,
+    }
+    summary["plots"] = st.run("plots", lambda: _plots(ptqs["x86"][0], xte, summary, out))
+    summary["stage_seconds"], summary["stage_cpu_seconds"] = st.seconds, st.cpu_seconds
+    summary["ok"] = all(c["ok"] for c in checks)
+    print()
+    print(write_summary(summary, out))
+    print(f"\nwrote {out}/summary.md, summary.json, histograms.png, sqnr.png, accuracy.png")
+    failed = [c for c in checks if not c["ok"]]
+    for c in failed:
+        print(f"FAILED: {c['name']}: {c['result']}")
+    return 1 if failed else 0
