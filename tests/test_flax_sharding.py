@@ -1,7 +1,8 @@
 """QAT under a ``jax.sharding`` mesh (8 host CPU devices) equals QAT on one device.
 
-Each case runs in a subprocess (``--xla_force_host_platform_device_count=8``) so the
-other tests keep one device. An NNX MLP (32-64-16: both widths divide by 8) of
+The three cases run in one subprocess (``--xla_force_host_platform_device_count=8``) so
+the other tests keep one device (one process: one start-up, one single-device compile).
+An NNX MLP (32-64-16: both widths divide by 8) of
 ``QuantLinear`` layers (``qjax_recommended``: per-output-channel int8 weights, EMA
 per-tensor activations, QAT mode) takes 4 SGD steps under ``nnx.jit``, with
 
@@ -34,7 +35,6 @@ The script prints the worst measured ``max|diff| / max|value|`` of each comparis
 
 import textwrap
 
-import pytest
 from _helpers import run_script
 
 _SCRIPT = textwrap.dedent(
@@ -46,15 +46,7 @@ _SCRIPT = textwrap.dedent(
 
     jax.config.update("jax_numpy_dtype_promotion", "strict")
     assert jax.device_count() == 8, jax.devices()
-    CASE = {case!r}
     devs = np.array(jax.devices())
-    if CASE == "data":
-        mesh, x_spec, model_axis = Mesh(devs, ("data",)), P("data"), None
-    elif CASE == "model":
-        mesh, x_spec, model_axis = Mesh(devs, ("model",)), P(), "model"
-    else:
-        mesh, x_spec = Mesh(devs.reshape(2, 4), ("data", "model")), P("data")
-        model_axis = "model"
     CFG = qjax_recommended()
 
     class MLP(nnx.Module):
@@ -86,23 +78,16 @@ _SCRIPT = textwrap.dedent(
         model = MLP(nnx.Rngs(0))
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-    def shard(a):  # output channels are the last axis of kernels, biases, weight stats
-        if model_axis is None or a.ndim == 0:
-            spec = P()
-        else:
-            spec = P(*([None] * (a.ndim - 1)), model_axis)
-        return jax.device_put(a, NamedSharding(mesh, spec))
-
     def local(tree):  # an unsharded copy on the default device
         return jax.tree.map(lambda a: jnp.asarray(np.asarray(a)), tree)
 
     def flat(tree):
-        return {{
+        return {
             jax.tree_util.keystr(p): np.asarray(v)
             for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]
-        }}
+        }
 
-    WORST = {{}}
+    WORST = {}
 
     def compare(ref, got, rel, what, exact=()):
         # exact=(): substrings of leaf paths that must be bit-identical; rel=None: all.
@@ -112,15 +97,12 @@ _SCRIPT = textwrap.dedent(
             g = fg[k]
             assert r.shape == g.shape and r.dtype == g.dtype, (what, k)
             if rel is None or any(e in k for e in exact):
-                np.testing.assert_array_equal(g, r, err_msg=f"{{what}} {{k}}")
+                np.testing.assert_array_equal(g, r, err_msg=f"{what} {k}")
             elif r.size:
                 d = float(np.max(np.abs(g.astype(np.float64) - r)))
                 scale = float(np.max(np.abs(r)))
                 assert d <= rel * scale, (what, k, d, scale)
                 WORST[what] = max(WORST.get(what, 0.0), d / scale if scale else 0.0)
-
-    def put(a):
-        return jax.device_put(a, NamedSharding(mesh, x_spec))
 
     def stats(m):
         return nnx.state(m, qn.QuantStat)
@@ -128,57 +110,84 @@ _SCRIPT = textwrap.dedent(
     def params(m):
         return nnx.state(m, nnx.Param)
 
-    # The sharded model: every Param, QuantStat and optimizer leaf placed on the mesh.
-    model, opt = make()
-    for obj in (model, opt):
-        nnx.update(obj, jax.tree.map(shard, nnx.state(obj)))
-    free_ref, free_opt = make()  # single device, trained independently
-    ref, ref_opt = make()  # single device, reset to the sharded state before each step
+    def run(CASE):
+        if CASE == "data":
+            mesh, x_spec, model_axis = Mesh(devs, ("data",)), P("data"), None
+        elif CASE == "model":
+            mesh, x_spec, model_axis = Mesh(devs, ("model",)), P(), "model"
+        else:
+            mesh, x_spec = Mesh(devs.reshape(2, 4), ("data", "model")), P("data")
+            model_axis = "model"
+        WORST.clear()
 
-    # Sharded output channels: fc1's input and all weight statistics are reductions of
-    # identical operands (exact); fc2's input is fc1's output (an ulp may differ).
-    exact_stats = None if model_axis is None else ("fc1']['quant_stats'].value.input",
-                                                   ".weight.")
-    for i, (x, y) in enumerate(zip(XS, YS)):
-        nnx.update(ref, local(nnx.state(model)))
-        nnx.update(ref_opt, local(nnx.state(opt)))
-        out_ref = step(ref, ref_opt, jnp.asarray(x), jnp.asarray(y))
-        out = step(model, opt, put(x), put(y))
-        out_free = step(free_ref, free_opt, jnp.asarray(x), jnp.asarray(y))
-        compare(out_ref, out, None if model_axis is None else 1e-6, "lockstep outputs")
-        compare(stats(ref), stats(model), None if model_axis is None else 1e-6,
-                "lockstep stats", exact=exact_stats or ())
-        compare(params(ref), params(model), 1e-6, "lockstep params")
-        compare(out_free, out, 1e-5, "free-running outputs")
-        compare(stats(free_ref), stats(model), 1e-5, "free-running stats")
-        compare(params(free_ref), params(model), 1e-5, "free-running params")
+        def shard(a):  # output channels are the last axis of kernels, biases, weight stats
+            if model_axis is None or a.ndim == 0:
+                spec = P()
+            else:
+                spec = P(*([None] * (a.ndim - 1)), model_axis)
+            return jax.device_put(a, NamedSharding(mesh, spec))
 
-    # The observers saw the global batch: the lockstep statistics above are bit-identical
-    # (each batch has an outlier row in one shard), and each step counted once.
-    assert int(model.fc1.quant_stats.get_value().input.count) == len(XS)
-    # ... and the shardings stayed as placed: per-channel state along "model".
-    chan = P() if model_axis is None else P(model_axis)
-    for layer in (model.fc1, model.fc2):
-        w = layer.quant_stats.get_value().weight
-        kernel = layer.kernel[...]
-        assert kernel.sharding.is_equivalent_to(NamedSharding(mesh, P(None, *chan)), 2), (
-            kernel.sharding)
-        assert w.min_val.sharding.is_equivalent_to(NamedSharding(mesh, chan), 1), w.min_val.sharding
-        assert w.max_val.sharding.is_equivalent_to(NamedSharding(mesh, chan), 1)
-        # The per-channel weight scale computed from them is sharded the same way and
-        # equals the single-device scale.
-        wobs = CFG.weight_observer(CFG.weight, CFG.compat)
-        qp = jax.jit(wobs.qparams)(w)
-        qp_ref = wobs.qparams(local(w))
-        assert qp.scale.sharding.is_equivalent_to(NamedSharding(mesh, chan), 1), qp.scale.sharding
-        compare(qp_ref, qp, None, "weight qparams")
-    print("worst relative differences:", WORST)
-    print("SHARDED-QAT-OK")
+        def put(a):
+            return jax.device_put(a, NamedSharding(mesh, x_spec))
+
+        # The sharded model: every Param, QuantStat and optimizer leaf placed on the mesh.
+        model, opt = make()
+        for obj in (model, opt):
+            nnx.update(obj, jax.tree.map(shard, nnx.state(obj)))
+        free_ref, free_opt = make()  # single device, trained independently
+        ref, ref_opt = make()  # single device, reset to the sharded state before each step
+
+        # Sharded output channels: fc1's input and all weight statistics are reductions of
+        # identical operands (exact); fc2's input is fc1's output (an ulp may differ).
+        exact_stats = None if model_axis is None else ("fc1']['quant_stats'].value.input",
+                                                       ".weight.")
+        for i, (x, y) in enumerate(zip(XS, YS)):
+            nnx.update(ref, local(nnx.state(model)))
+            nnx.update(ref_opt, local(nnx.state(opt)))
+            out_ref = step(ref, ref_opt, jnp.asarray(x), jnp.asarray(y))
+            out = step(model, opt, put(x), put(y))
+            out_free = step(free_ref, free_opt, jnp.asarray(x), jnp.asarray(y))
+            compare(out_ref, out, None if model_axis is None else 1e-6, "lockstep outputs")
+            compare(stats(ref), stats(model), None if model_axis is None else 1e-6,
+                    "lockstep stats", exact=exact_stats or ())
+            compare(params(ref), params(model), 1e-6, "lockstep params")
+            compare(out_free, out, 1e-5, "free-running outputs")
+            compare(stats(free_ref), stats(model), 1e-5, "free-running stats")
+            compare(params(free_ref), params(model), 1e-5, "free-running params")
+
+        # The observers saw the global batch: the lockstep statistics above are bit-identical
+        # (each batch has an outlier row in one shard), and each step counted once.
+        assert int(model.fc1.quant_stats.get_value().input.count) == len(XS)
+        # ... and the shardings stayed as placed: per-channel state along "model".
+        chan = P() if model_axis is None else P(model_axis)
+        for layer in (model.fc1, model.fc2):
+            w = layer.quant_stats.get_value().weight
+            kernel = layer.kernel[...]
+            assert kernel.sharding.is_equivalent_to(NamedSharding(mesh, P(None, *chan)), 2), (
+                kernel.sharding)
+            assert w.min_val.sharding.is_equivalent_to(NamedSharding(mesh, chan), 1), (
+                w.min_val.sharding)
+            assert w.max_val.sharding.is_equivalent_to(NamedSharding(mesh, chan), 1)
+            # The per-channel weight scale computed from them is sharded the same way and
+            # equals the single-device scale.
+            wobs = CFG.weight_observer(CFG.weight, CFG.compat)
+            qp = jax.jit(wobs.qparams)(w)
+            qp_ref = wobs.qparams(local(w))
+            assert qp.scale.sharding.is_equivalent_to(NamedSharding(mesh, chan), 1), (
+                qp.scale.sharding)
+            compare(qp_ref, qp, None, "weight qparams")
+        print(CASE, "worst relative differences:", WORST)
+        print("SHARDED-QAT-OK", CASE)
+
+    # one process for the three layouts: one start-up and one single-device compile
+    for case in ("data", "model", "data+model"):
+        run(case)
     """
 )
 
 
-@pytest.mark.parametrize("case", ["data", "model", "data+model"])
-def test_sharded_qat_equals_single_device(case):
-    out = run_script(_SCRIPT.format(case=case), marker="SHARDED-QAT-OK", host_devices=8)
+def test_sharded_qat_equals_single_device():
+    out = run_script(_SCRIPT, marker="SHARDED-QAT-OK data+model", host_devices=8)
+    for case in ("data", "model", "data+model"):
+        assert f"SHARDED-QAT-OK {case}\n" in out, out
     print(out)
