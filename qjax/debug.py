@@ -95,8 +95,10 @@ class QParamsRow:
 class ActHist:
     """Histogram of the float values at one quantizer. ``lo``/``hi``: the representable
     range ``dequantize(qmin)``/``dequantize(qmax)`` (extremes over channels);
-    ``clipped_below``/``above``: fraction of the finite values outside their channel's
-    range. ``counts.sum() == n_values`` (finite values); ``n_nonfinite`` are left out."""
+    ``clipped_below``/``above``: fraction of the finite values the clamp changes, more
+    than half a step below/above their channel's range (closer ones only round to
+    ``qmin``/``qmax``). ``counts.sum() == n_values`` (finite values); ``n_nonfinite``
+    are left out."""
 
     path: str
     role: str
@@ -291,8 +293,9 @@ def _hist(path, role, values, qp, bins) -> ActHist:
     lo_full, hi_full = (np.asarray(b) for b in _walk.bounds(qp, v.shape))
     fin = np.isfinite(v)
     n = int(fin.sum())
-    below = int(np.sum(fin & (v < lo_full)))
-    above = int(np.sum(fin & (v > hi_full)))
+    half = (hi_full.astype(np.float64) - lo_full) / (2 * (qp.spec.qmax - qp.spec.qmin))
+    below = int(np.sum(fin & (v < lo_full - half)))
+    above = int(np.sum(fin & (v > hi_full + half)))
     lo, hi = float(np.min(lo_full)), float(np.max(hi_full))
     vf = v[fin].astype(np.float64)
     rng = (min(lo, vf.min()), max(hi, vf.max())) if n else (lo, hi)
@@ -312,8 +315,8 @@ def activation_histograms(model, x, bins: int = 64) -> list[ActHist]:
     >>> h = activation_histograms(model, x, bins=8)[0]
     >>> h.path, h.role, int(h.counts.sum()) == h.n_values == x.size
     ('layers/0', 'input', True)
-    >>> h.clipped_below * h.n_values, h.lo > float(x.min())  # zero point rounded: 1 clipped
-    (1.0, True)
+    >>> h.lo > float(x.min()), h.clipped_below  # below lo, by less than half a step
+    (True, 0.0)
     """
     if not isinstance(bins, int) or bins < 1:
         raise ValueError(f"activation_histograms: bins must be a positive int, got {bins!r}")

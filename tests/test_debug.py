@@ -149,15 +149,25 @@ def test_histogram_counts_and_clipping(mlp):
         assert int(h.counts.sum()) == h.n_values == n and h.n_nonfinite == 0
         assert len(h.counts) == 17 and len(h.edges) == 18
         assert h.edges[0] <= h.lo < h.hi <= h.edges[-1]
-    # layers/0's input: per-tensor, so clipping is x outside [(qmin - z)s, (qmax - z)s]
+    # layers/0's input, per-tensor: clipped is x more than s/2 outside [(qmin-z)s, (qmax-z)s]
     r = {(r.path, r.role): r for r in debug.qparams_table(model)}[("layers/0", "input")]
     s, z = np.float32(r.scale), int(r.zero_point)
     lo, hi = np.float32(-128 - z) * s, np.float32(127 - z) * s
     xs = np.asarray(x)
     h0 = hists[0]
     assert (h0.lo, h0.hi) == (float(lo), float(hi))
-    assert h0.clipped_below * xs.size == np.sum(xs < lo)
-    assert h0.clipped_above * xs.size == np.sum(xs > hi)
+    assert h0.clipped_below * xs.size == np.sum(xs < lo - s / 2)
+    assert h0.clipped_above * xs.size == np.sum(xs > hi + s / 2)
+    # shrink the range so that values do clip: the same rule on the new qparams
+    tight = nnx.clone(model)
+    _shrink_input_range(tight, "layers/0", -1.0, 1.0)
+    t0 = debug.activation_histograms(tight, x, bins=17)[0]
+    r = {(r.path, r.role): r for r in debug.qparams_table(tight)}[("layers/0", "input")]
+    s, z = np.float32(r.scale), int(r.zero_point)
+    lo, hi = np.float32(-128 - z) * s, np.float32(127 - z) * s
+    n_below, n_above = np.sum(xs < lo - s / 2), np.sum(xs > hi + s / 2)
+    assert n_below > 100 and n_above > 100
+    assert (t0.clipped_below * xs.size, t0.clipped_above * xs.size) == (n_below, n_above)
     with pytest.raises(ValueError, match="bins must be a positive int"):
         debug.activation_histograms(model, x, bins=0)
 
