@@ -1,7 +1,6 @@
 """qjax.debug: the debugging views on a small MLP (one layer given a bad range on
 purpose), hooked stock layers and the digits CNN; the ``qjax debug`` CLI."""
 
-import importlib.util
 import pathlib
 import textwrap
 
@@ -13,11 +12,10 @@ from flax import nnx
 
 import qjax
 from qjax import debug
-from qjax.flax import Mode, qjax_recommended
+from qjax.flax import Mode, default_qat_qconfig, qjax_recommended
 from qjax.flax import nnx as qnnx
 from qjax.flax._core import init_layer_stats
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 BAD = "layers/2"  # the MLP layer whose input range the tests shrink
 
 
@@ -274,18 +272,12 @@ def test_other_models_hooks_and_errors(rng):
 
 
 def _digits_cnn():
-    spec = importlib.util.spec_from_file_location("cnn_digits_dbg", EXAMPLES / "cnn_digits.py")
-    import sys
+    from qjax._demo_data import data, make_model  # the digits CNN of examples/ and the demo
 
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        from _digits import data
-    finally:
-        sys.path.remove(str(EXAMPLES))
     (xtr, ytr), _ = data()
-    model = mod.make_model(nnx.Rngs(0))
+    # examples/cnn_digits.py's config: torch's x86 QAT qconfig, input quantizers, fbgemm
+    cfg = default_qat_qconfig("x86").replace(quantize_input=True, scheme="fbgemm")
+    model = make_model(nnx.Rngs(0), cfg)
     x, y = jnp.asarray(xtr[:256]), ytr[:256]
     qnnx.calibrate(model, [x], progress=False, then=Mode.QAT)  # BN still on batch stats
     return model, x, y
