@@ -127,7 +127,13 @@ def _torch_stage(model, float_logits, ptqs, engines, calib, xte, yte, checks, ba
 
     from . import parity
     from ._demo_data import progress
-    from ._demo_torch import engine, to_nchw, torch_float_model, torch_ptq
+    from ._demo_torch import (
+        engine,
+        to_nchw,
+        torch_float_model,
+        torch_ptq,
+        weight_differences,
+    )
     from .converters.torch import import_model, torch_trace
 
     tmodel = torch_float_model(model)
@@ -169,6 +175,7 @@ def _torch_stage(model, float_logits, ptqs, engines, calib, xte, yte, checks, ba
         if scheme is not None and _PRESET[eng] in ptqs:
             served = ptqs[_PRESET[eng]][1][scheme]
             e["direct"] = _direct(served, ref, xte, eng)
+            e["direct"]["weights"] = weight_differences(served, qm)
         results[eng] = e
     return results, diff
 

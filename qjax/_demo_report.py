@@ -53,6 +53,27 @@ def tables(s: dict) -> list[tuple[str, list[str], list[list[object]]]]:
                 rows,
             )
         )  # fmt: skip
+    rows = []
+    for eng, e in s["engines"].items():
+        d = e.get("direct")
+        if d is None:
+            continue
+        w = {r["layer"]: r for r in d.get("weights", [])}
+        for la in d["per_layer"]:
+            r = w.get(la["layer"])
+            ws = "-" if r is None else f"{r['scale_mismatches']} / {r['scales']}"
+            wc = "-" if r is None else f"{r['code_mismatches']} / {r['codes']}"
+            codes = f"{la['mismatches']} / {la['values']}"
+            rows.append([eng, la["layer"], codes, la["same_qparams"], ws, wc])
+    if rows:
+        out.append(
+            (
+                "qjax PTQ (torch's preset, same batches) vs torch PTQ, per layer",
+                ["engine", "layer", "code mismatches", "same act. qparams",
+                 "weight scales differing", "weight codes differing"],
+                rows,
+            )
+        )  # fmt: skip
     if s["checks"]:
         rows = [[c["name"], c["result"], c["ok"]] for c in s["checks"]]
         out.append(("checks", ["check", "result", "ok"], rows))

@@ -26,7 +26,14 @@ from ._primitives import quantize
 from ._qarray import QArray
 from .flax._serve import ServedModel, _freeze
 
-__all__ = ["engine", "served_codes", "to_nchw", "torch_float_model", "torch_ptq"]
+__all__ = [
+    "engine",
+    "served_codes",
+    "to_nchw",
+    "torch_float_model",
+    "torch_ptq",
+    "weight_differences",
+]
 
 
 class DigitsNet(nn.Module):
@@ -55,7 +62,11 @@ class DigitsNet(nn.Module):
 
 
 def to_nchw(x) -> torch.Tensor:
-    """NHWC float images -> a contiguous NCHW float32 torch tensor."""
+    """NHWC float images -> a contiguous NCHW float32 torch tensor.
+
+    >>> to_nchw(np.zeros((2, 8, 8, 1))).shape
+    torch.Size([2, 1, 8, 8])
+    """
     return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
 
 
@@ -86,7 +97,12 @@ def torch_float_model(model) -> DigitsNet:
 
 @contextlib.contextmanager
 def engine(name: str):
-    """Run under torch's quantized engine ``name`` (restored afterwards), one thread."""
+    """Run under torch's quantized engine ``name`` (restored afterwards), one thread.
+
+    >>> with engine("qnnpack"):
+    ...     torch.backends.quantized.engine
+    'qnnpack'
+    """
     old, threads = torch.backends.quantized.engine, torch.get_num_threads()
     torch.backends.quantized.engine = name
     torch.set_num_threads(1)
@@ -154,4 +170,36 @@ def served_codes(served: ServedModel, x, names) -> dict[str, QArray]:
         elif served.steps[k]["op"] == "flatten" and prev4 is not None:
             codes = prev4.transpose(0, 3, 1, 2).reshape(codes.shape)
         out[name] = QArray(np.ascontiguousarray(codes), qp)
+    return out
+
+
+def _torch_weight_hwio(name: str, w: np.ndarray) -> np.ndarray:
+    if name == "fc":  # (10, 512) in C, H, W order -> qjax's (512, 10) in H, W, C order
+        return w.reshape(10, 32, 4, 4).transpose(2, 3, 1, 0).reshape(512, 10)
+    return w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+
+
+def weight_differences(served: ServedModel, qm) -> list[dict]:
+    """Per weighted layer (conv1, conv2, fc): how many per-channel weight scales and int8
+    weight codes of ``served`` differ from torch's converted model ``qm``'s (the same
+    float weights, each side's own BN folding and weight observer)."""
+    layers = [p["w"] for st, p in zip(served.steps, served.params, strict=True)
+              if st["op"] in ("conv", "linear")]  # fmt: skip
+    out = []
+    for name, pw in zip(("conv1", "conv2", "fc"), layers, strict=True):
+        tw = getattr(qm, name).weight()
+        codes = _torch_weight_hwio(name, tw.int_repr().numpy())
+        if tw.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            ts = tw.q_per_channel_scales().numpy()
+        else:
+            ts = np.array([tw.q_scale()])
+        qs = np.asarray(pw.weight.qparams.scale).reshape(-1)
+        ts = np.broadcast_to(ts.astype(np.float32), qs.shape)
+        out.append({
+            "layer": name,
+            "scales": int(qs.size),
+            "scale_mismatches": int((ts != qs.astype(np.float32)).sum()),
+            "codes": int(codes.size),
+            "code_mismatches": int((codes != np.asarray(pw.weight.values)).sum()),
+        })  # fmt: skip
     return out

@@ -52,6 +52,11 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     # the input quantizer's qparams come from the same histogram search on the same images
     first = fb["direct"]["per_layer"][0]
     assert first["layer"] == "quant" and first["same_qparams"] and first["mismatches"] == 0
+    # fc has no BN to fold: same float weights, so torch's per-channel weight observer and
+    # qjax's give the same scales and codes
+    fc = {w["layer"]: w for w in fb["direct"]["weights"]}["fc"]
+    assert fc["scales"] == 10 and fc["codes"] == 5120
+    assert fc["scale_mismatches"] == 0 and fc["code_mismatches"] == 0
 
     sp = s["speed"]
     assert sp["batch"] == 256 and sp["float_ms"] > 0 and sp["int8_ms"] > 0
