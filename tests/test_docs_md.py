@@ -83,6 +83,7 @@ def _run_cli(cmd: str) -> tuple[int, str]:
 def test_markdown_code_runs(path, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    monkeypatch.syspath_prepend(str(tmp_path))  # as `python script.py` run in that directory
     ns: dict = {"__name__": f"docs_{path.stem}"}
     ran = 0
     t0 = time.perf_counter()
