@@ -8,7 +8,9 @@ the same codes and qparams taken from the converted model: ``quantized_conv`` (N
 internally), ``max_pool2d``, ``quantized_linear`` with the FC weight's columns permuted
 from torch's NCHW flatten order, requantization scheme ``"onednn"`` (what torch's
 onednn/x86 engines use for conv on this CPU) or ``"fbgemm"``. JAX float32 runs the float
-weights. Goals (issue 3): >= 4x JAX f32 and >= 1.0x torch onednn.
+weights. Goals (issue 3): >= 4x JAX f32 and >= 1.0x torch onednn. ``QJAX_BENCH_QUICK=1``:
+5 repeats instead of 15. Prints ``BENCH`` lines: best JAX f32 / qjax and torch onednn /
+qjax (qjax with the ``"onednn"`` scheme).
 """
 
 import os
@@ -20,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _timing import interleaved, load_line, machine_line  # noqa: E402
+from _timing import bench_line, interleaved, load_line, machine_line, quick  # noqa: E402
 
 import qjax  # noqa: E402
 from qjax.kernels import (  # noqa: E402
@@ -189,7 +191,7 @@ def main():
             "torch x86": torch_fn("x86"),
             "torch fbgemm": torch_fn("fbgemm"),
         },
-        repeats=15,
+        repeats=5 if quick() else 15,
     )
     for k, v in t.items():
         print(f"{k:28s} {v * 1e3:8.2f} ms")
@@ -197,6 +199,10 @@ def main():
     best_f32 = min(t["jax f32 NCHW"], t["jax f32 NHWC"])
     print(f"best JAX f32 / qjax int8: {best_f32 / q:.2f}x  (goal >= 4x)")
     print(f"torch onednn / qjax int8: {t['torch onednn'] / q:.2f}x  (goal >= 1.0x)")
+    print(load_line())
+    case = f"batch {BATCH} 28x28"
+    bench_line("int8_cnn", case, best_f32 / q, "jax f32 (best layout)", ">= 4x")
+    bench_line("int8_cnn", case, t["torch onednn"] / q, "torch onednn", ">= 1.0x")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ Also timed, as the ceiling of any int8 lowering on XLA:CPU: the raw ``s8 x s8 ->
 ``dot_general`` alone against the float32 dot alone; and, for scale, the same layer in
 PyTorch's fbgemm engine (``quantized::linear_relu``, prepacked, 2 threads,
 ``OMP_WAIT_POLICY=PASSIVE``) when torch is installed. Goal (issue 3): >= 10x JAX f32.
+``QJAX_BENCH_QUICK=1``: K = N = 1024 only, fewer repeats. Prints one ``BENCH`` line per
+shape (ratio JAX f32 / qjax).
 """
 
 import functools
@@ -20,13 +22,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _timing import interleaved, load_line, machine_line, table
+from _timing import bench_line, interleaved, load_line, machine_line, quick, table
 from jax import lax
 
 import qjax
 from qjax.kernels import QArray, prepare_linear, quantized_linear
 
 SHAPES = [(m, k) for k in (1024, 2048) for m in (32, 256)]
+if quick():
+    SHAPES = [(32, 1024), (256, 1024)]
 A_SPEC = qjax.QuantSpec(signed=False)
 W_SPEC = qjax.QuantSpec(signed=True, symmetric=True, axis=1)
 DN = (((1,), (0,)), ((), ()))
@@ -89,7 +93,7 @@ def main():
     print(load_line())
     print()
     rng = np.random.default_rng(0)
-    rows = []
+    rows, ratios = [], []
     for m, k in SHAPES:
         n = k
         wf = (rng.standard_normal((k, n)) / k**0.5).astype(np.float32)
@@ -122,7 +126,9 @@ def main():
             fns["torch fbgemm"] = torch_fbgemm_layer(x, wq, sw.astype(np.float32), bf, out_qp)
             ref = fns["torch fbgemm"]().int_repr().numpy()
             mism = int((np.asarray(q_dense(x, pw, b, out_qp)) != ref).sum())
-        t = interleaved(fns, repeats=40 if m == 32 else 15, warmup=3)
+        reps = (40 if m == 32 else 15) // (4 if quick() else 1)
+        t = interleaved(fns, repeats=reps, warmup=3)
+        ratios.append((f"M={m} K=N={k}", t["f32"] / t["qjax"]))
         rows.append(
             [m, k, n]
             + [f"{t[name] * 1e6:.0f}" for name in fns]
@@ -140,6 +146,8 @@ def main():
     print(table(header, rows))
     print(load_line())
     print("goal: qjax >= 10x f32 at M >= 32, K, N >= 1024")
+    for case, r in ratios:
+        bench_line("int8_dense", case, r, "jax f32", ">= 10x")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ same float weights, the same weight codes and the same qparams:
 
 The qjax output codes are checked against torch fbgemm's (mismatch count printed).
 Goals (issue 3): >= 7.5x JAX f32 and >= 1.5x the best torch engine at batch 32 and 256;
->= 1.0x torch fbgemm at batch 1.
+>= 1.0x torch fbgemm at batch 1. ``QJAX_BENCH_QUICK=1``: a fifth of the repeats. Prints
+``BENCH`` lines: JAX f32 / qjax and best torch / qjax per batch, torch fbgemm / qjax at
+batch 1.
 """
 
 import functools
@@ -28,7 +30,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from _timing import interleaved, load_line, machine_line, table  # noqa: E402
+from _timing import (  # noqa: E402
+    bench_line,
+    interleaved,
+    load_line,
+    machine_line,
+    quick,
+    table,
+)
 
 import qjax  # noqa: E402
 from qjax.kernels import QArray, prepare_linear, quantized_linear  # noqa: E402
@@ -176,7 +185,7 @@ def main():
     print()
 
     rng = np.random.default_rng(2)
-    rows, checks = [], []
+    rows, checks, ratios = [], [], []
     for batch in BATCHES:
         xn = rng.random((batch, SIZES[0]), dtype=np.float32)
         xj, xt = jnp.asarray(xn), torch.from_numpy(xn)
@@ -201,9 +210,22 @@ def main():
             for e in ENGINES:
                 fns[f"torch {e}"] = functools.partial(run_torch, tmodels[e], e, xt)
             reps = 200 if batch == 1 else (60 if batch == 32 else 25)
+            reps = max(reps // 5, 5) if quick() else reps
             t = interleaved(fns, repeats=reps, warmup=5)
         tq = t["qjax int8"]
         best_e = min(ENGINES, key=lambda e: t[f"torch {e}"])
+        big = batch >= 32
+        ratios.append((f"batch {batch}", t["jax f32"] / tq, "jax f32", ">= 7.5x" if big else None))
+        ratios.append(
+            (
+                f"batch {batch}",
+                t[f"torch {best_e}"] / tq,
+                f"best torch ({best_e})",
+                ">= 1.5x" if big else None,
+            )
+        )
+        if not big:
+            ratios.append((f"batch {batch}", t["torch fbgemm"] / tq, "torch fbgemm", ">= 1.0x"))
         rows.append(
             [batch]
             + [f"{t[k] * 1e6:.0f}" for k in fns]
@@ -228,6 +250,8 @@ def main():
         "goals: >= 7.5x f32 and >= 1.5x best torch at batch 32, 256; "
         ">= 1.0x torch fbgemm at batch 1"
     )
+    for case, r, base, goal in ratios:
+        bench_line("int8_mlp", case, r, base, goal)
 
 
 if __name__ == "__main__":
