@@ -76,11 +76,12 @@ def train_float(epochs: int, widths=(64, 256, 128, 10)) -> MLP:
     return model
 
 
-def check_packing(model: MLP, spec: QuantSpec, layers) -> int:
+def check_packing(kernels, spec: QuantSpec, layers) -> int:
     """Unpacked stored codes == freshly quantized codes; returns the codes compared."""
     n = 0
-    for lin, wo in zip(model.layers, layers, strict=True):
-        want = _ptq.quantize_weight(lin.kernel[...], spec).values
+    quantize = jax.jit(_ptq.quantize_weight, static_argnums=1)
+    for k, wo in zip(kernels, layers, strict=True):
+        want = quantize(k, spec).values
         got = _ptq.unpack_weight(wo.weight.get_value(), spec).values
         if not np.array_equal(np.asarray(got), np.asarray(want)):
             raise AssertionError(f"int4 storage round trip changed codes ({spec})")
@@ -89,6 +90,13 @@ def check_packing(model: MLP, spec: QuantSpec, layers) -> int:
     if not np.array_equal(_ptq.unpack_int4(_ptq.pack_int4(every)), every):
         raise AssertionError("unpack_int4(pack_int4(q)) != q")
     return n
+
+
+def weight_error(kernel, pw: _ptq.PackedWeight, spec: QuantSpec):
+    """``(max |w - dequantize(q)|, Σ (w - dequantize(q))²)`` of one stored kernel."""
+    w = _ptq.unpack_weight(pw, spec)
+    d = kernel - dequantize(w.values, w.qparams)
+    return jnp.abs(d).max(), jnp.sum(d**2)
 
 
 def main(epochs: int = 20, group: int = 32) -> dict:
@@ -102,17 +110,21 @@ def main(epochs: int = 20, group: int = 32) -> dict:
     float_bytes = sum(int(lin.kernel[...].nbytes) for lin in model.layers)
     out = {"float": {"accuracy": accuracy(logits, yte), "nbytes": float_bytes}}
     checked = 0
+    kernels = [lin.kernel[...] for lin in model.layers]
+    biases = [lin.bias[...] for lin in model.layers]
+    wmax = max(float(jnp.abs(k).max()) for k in kernels)
+    forward = nnx.jit(lambda m, x: m(x))
     for name, spec in schemes(group).items():
-        layers = [qnnx.WeightOnlyLinear.from_linear(lin, spec=spec) for lin in model.layers]
-        q = MLP(layers)
-        err, sq, count = [], 0.0, 0
-        for lin, wo in zip(model.layers, layers, strict=True):
-            w = _ptq.unpack_weight(wo.weight.get_value(), spec)
-            d = lin.kernel[...] - dequantize(w.values, w.qparams)
-            err.append(float(jnp.abs(d).max()))
-            sq, count = sq + float(jnp.sum(d**2)), count + d.size
-        wmax = max(float(jnp.abs(lin.kernel[...]).max()) for lin in model.layers)
-        ql = q(x)
+        # one compiled program per layer shape, instead of many small eager ones
+        build = nnx.jit(lambda k, b, spec=spec: qnnx.WeightOnlyLinear(k, b, spec=spec))
+        layers = [build(k, b) for k, b in zip(kernels, biases, strict=True)]
+        err_fn = jax.jit(weight_error, static_argnums=2)
+        errs = [
+            err_fn(k, wo.weight.get_value(), spec) for k, wo in zip(kernels, layers, strict=True)
+        ]
+        err = [float(e) for e, _ in errs]
+        sq, count = sum(float(s) for _, s in errs), sum(k.size for k in kernels)
+        ql = forward(MLP(layers), x)
         out[name] = {
             "accuracy": accuracy(ql, yte),
             "nbytes": sum(wo.nbytes for wo in layers),
@@ -122,7 +134,7 @@ def main(epochs: int = 20, group: int = 32) -> dict:
             "max_logit_diff": float(jnp.abs(ql - logits).max()),
         }
         if spec.bits == 4:
-            checked += check_packing(model, spec, layers)
+            checked += check_packing(kernels, spec, layers)
     out["codes_checked"] = checked
 
     print(f"digits MLP 64-256-128-10 ({len(yte)} test images), weight-only quantization")
