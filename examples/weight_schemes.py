@@ -29,9 +29,11 @@ bit (column "torch =="). torch has no per-group observer ("-").
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -105,6 +107,16 @@ def torch_check(w: np.ndarray, spec: QuantSpec, fq: np.ndarray, qp) -> bool | No
     return same_qp and np.array_equal(y.numpy().transpose(2, 3, 1, 0), fq)
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one program per scheme, not many eager ops
+def observe_and_fake_quant(x, spec: QuantSpec):
+    """The min/max observer's qparams for ``x`` (torch's formula) and ``fq(x)``."""
+    obs = observers.minmax(spec, compat="torch")
+    qp = obs.qparams(obs.update(obs.init(x), x))
+    # torch has no per-group fake-quant; qjax's rule differs from torch's only in where
+    # the zero point is added, and the grouped specs here are symmetric (zero point 0)
+    return qp, fake_quant(x, qp, compat="qjax" if spec.granularity == "group" else "torch")
+
+
 def main(epochs: int | None = None) -> dict:
     """Train, quantize both convs every way; returns ``{layer: {scheme: {mse, sqnr_db,
     max_err_lsb, nbytes, torch_equal}}}`` (``torch_equal`` None where no torch preset)."""
@@ -118,12 +130,8 @@ def main(epochs: int | None = None) -> dict:
         for name, spec, preset in SCHEMES:
             if spec.group_size is not None and w.shape[2] % spec.group_size:
                 continue  # conv1 has one input channel: nothing to group
-            obs = observers.minmax(spec, compat="torch")
-            qp = obs.qparams(obs.update(obs.init(x), x))
-            # torch has no per-group fake-quant; qjax's rule differs from torch's only in
-            # where the zero point is added, and these grouped specs are symmetric (zp 0)
-            fq_compat = "qjax" if spec.granularity == "group" else "torch"
-            fq = np.asarray(fake_quant(x, qp, compat=fq_compat))
+            qp, fq = observe_and_fake_quant(x, spec)
+            fq = np.asarray(fq)
             e = w.astype(np.float64) - fq
             per_out = np.abs(e).reshape(-1, w.shape[-1]).max(0) / yardstick
             r = {
