@@ -64,12 +64,14 @@ def tables(s: dict) -> list[tuple[str, list[str], list[list[object]]]]:
             ws = "-" if r is None else f"{r['scale_mismatches']} / {r['scales']}"
             wc = "-" if r is None else f"{r['code_mismatches']} / {r['codes']}"
             codes = f"{la['mismatches']} / {la['values']}"
-            rows.append([eng, la["layer"], codes, la["same_qparams"], ws, wc])
+            rows.append([eng, la["layer"], codes, la["max_lsb"], la["torch_outside_qjax_range"],
+                         la["same_qparams"], ws, wc])  # fmt: skip
     if rows:
         out.append(
             (
                 "qjax PTQ (torch's preset, same batches) vs torch PTQ, per layer",
-                ["engine", "layer", "code mismatches", "same act. qparams",
+                ["engine", "layer", "code mismatches", "max LSB",
+                 "torch codes outside qjax's range", "same act. qparams",
                  "weight scales differing", "weight codes differing"],
                 rows,
             )

@@ -52,6 +52,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     # the input quantizer's qparams come from the same histogram search on the same images
     first = fb["direct"]["per_layer"][0]
     assert first["layer"] == "quant" and first["same_qparams"] and first["mismatches"] == 0
+    assert first["torch_outside_qjax_range"] == 0
     # fc has no BN to fold: same float weights, so torch's per-channel weight observer and
     # qjax's give the same scales and codes
     fc = {w["layer"]: w for w in fb["direct"]["weights"]}["fc"]
