@@ -1,6 +1,6 @@
 """The observers tour: which range each observer picks, and the error that range gives.
 
-Run: ``.venv/bin/python examples/observers_tour.py`` (about 30 s of CPU, mostly compiling
+Run: ``.venv/bin/python examples/observers_tour.py`` (about 20 s of CPU time, mostly compiling
 the six observers three times).
 
 Six observers of :mod:`qjax.observers` watch the same stream of batches (``batches`` of

@@ -1,6 +1,6 @@
 """Import a torchao pt2e quantized model into JAX and check it against torch, layer by layer.
 
-Run: ``.venv/bin/python examples/pt2e_import.py`` (about 30 s).
+Run: ``.venv/bin/python examples/pt2e_import.py`` (about 20 s of CPU time).
 
 1. A small torch CNN (conv-ReLU x2, max pool, linear) is trained in float on sklearn's
    8x8 digits for a few seconds (``torch``, NCHW).

@@ -1,6 +1,6 @@
 """Data-parallel QAT on 8 (host) devices with ``jax.sharding``, checked against 1 device.
 
-Run: ``.venv/bin/python examples/sharded_qat.py`` (about 20 s). Run as a script, it sets
+Run: ``.venv/bin/python examples/sharded_qat.py`` (about 30 s of CPU time). Run as a script, it sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` *before* importing jax, so XLA
 splits the CPU into 8 devices (the flag only counts before jax initialises its
 backends; on a machine with 8 accelerators drop it). Imported as a module, it uses

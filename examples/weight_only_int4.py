@@ -1,6 +1,6 @@
 """Weight-only int4 (per-channel and per-group) vs int8 vs float on a digits MLP.
 
-Run: ``.venv/bin/python examples/weight_only_int4.py`` (about 20 s).
+Run: ``.venv/bin/python examples/weight_only_int4.py`` (about 30 s of CPU time).
 
 A float MLP (64-256-128-10, ``nnx.Linear``, ReLU) is trained on sklearn's 8x8 digits;
 each ``Linear`` is then replaced by :class:`qjax.flax.nnx.WeightOnlyLinear`

@@ -1,7 +1,7 @@
 """Symmetric vs asymmetric, per-tensor vs per-channel vs per-group, on trained conv weights.
 
-Run: ``.venv/bin/python examples/weight_schemes.py`` (about 30 s: a few epochs of
-training, then the table).
+Run: ``.venv/bin/python examples/weight_schemes.py`` (about 30 s of CPU time: a few
+epochs of training, then the table).
 
 The weights are real: the digits CNN of ``examples/cnn_digits.py`` (Conv-BN-ReLU x2) is
 trained in float on sklearn's digits for ``epochs`` epochs, and each conv's weight is
