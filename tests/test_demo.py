@@ -1,5 +1,9 @@
 """``qjax demo --quick``: the end-to-end job runs, writes its summary and plots, and the
-exactness it promises holds (served == frozen QAT, torch parity 0 mismatches on fbgemm)."""
+exactness it promises holds (served == frozen QAT, torch parity 0 mismatches on fbgemm).
+
+The end-to-end run is compile-bound (about 110 s on 2 cores: a dozen XLA programs), so it
+is in the ``slow`` set; the default run checks the torch twin of the model and the
+summary rendering."""
 
 import json
 
@@ -18,6 +22,7 @@ ACCURACY_ROWS = (
 )
 
 
+@pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path, capsys):
     from qjax._cli import main
 
@@ -64,3 +69,59 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     md = (out / "summary.md").read_text()
     assert "test accuracy, sklearn digits" in md and "parity mismatches" in md
     assert "QAT int8 served == frozen fake-quant" in printed
+
+
+def test_torch_twin_has_the_same_float_logits():
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from flax import nnx
+
+    from qjax._demo_data import make_model
+    from qjax._demo_torch import to_nchw, torch_float_model
+    from qjax.flax import Mode, default_qconfig
+    from qjax.flax import nnx as qnnx
+
+    model = make_model(nnx.Rngs(3), default_qconfig("x86"))
+    layers = model.layers
+    rng = np.random.default_rng(0)
+    for q in (layers[1], layers[2]):  # BN statistics away from the identity
+        n = q.bn_mean[...].shape[0]
+        q.bn_mean[...] = jnp.asarray(rng.normal(0, 0.3, n), jnp.float32)
+        q.bn_var[...] = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+        q.bn_scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, n), jnp.float32)
+    qnnx.set_mode(model, Mode.FLOAT)
+    qnnx.freeze_bn_stats(model)
+    x = rng.uniform(0, 1, (16, 8, 8, 1)).astype(np.float32)
+    want = np.asarray(model(jnp.asarray(x)))
+    with torch.no_grad():
+        got = torch_float_model(model)(to_nchw(x)).numpy()
+    assert got.shape == want.shape == (16, 10)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert np.abs(want).max() > 0.1  # not trivially zero
+
+
+def test_summary_files_and_accuracy_figure(tmp_path):
+    from qjax._demo_report import plot_accuracy, write_summary
+
+    s = {
+        "n_test": 360,
+        "accuracy": {ACCURACY_ROWS[0]: 0.99, ACCURACY_ROWS[3]: 0.98},
+        "speed": {"batch": 256, "repeats": 3, "float_ms": 2.0, "int8_ms": 1.0, "ratio": 0.5},
+        "engines": {
+            "fbgemm": {
+                "accuracy": 0.97,
+                "parity": {"values": 10, "mismatches": 0, "max_lsb": 0, "promise": "0"},
+                "direct": None,
+            }
+        },
+        "checks": [{"name": "served == frozen", "result": "0 of 3600 differ", "ok": True}],
+        "stage_seconds": {"float training": 1.0},
+    }
+    text = write_summary(s, tmp_path)
+    assert "99.0%" in text and "0 / 10" in text and "0.50x" in text
+    md = (tmp_path / "summary.md").read_text()
+    assert "| fbgemm | 97.0% | 0 / 10 |" in md and "stage times (s): float training 1.0" in md
+    assert json.loads((tmp_path / "summary.json").read_text())["speed"]["batch"] == 256
+    png = plot_accuracy(s, tmp_path / "accuracy.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
