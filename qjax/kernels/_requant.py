@@ -65,6 +65,13 @@ written above whether the scales are arguments or compile-time constants (tested
 ways). Assumed: scales and products of scales are normal float32 numbers above
 ``2^-100`` (no flush-to-zero territory).
 
+Lowering. Each scheme is written as coefficients (every formula above that involves only
+the scales, bias and output qparams: per channel or per tensor) and a per-element apply
+on ``acc``; the coefficients are computed once per call in their own small pass
+(:func:`_coefficients`), so the epilogue over ``acc`` fused after the int8 dot only
+runs the per-element steps. The operations and their order are unchanged, and so are
+the codes (``tests/test_int8_lowering.py``).
+
 The ``"tflite"`` and ``"litert"`` schemes compute the multiplier in float64
 (``jax.enable_x64`` locally, works under ``jit``) and everything after it in 32-bit
 integer operations (the 64-bit products are built from 16-bit limbs), so the codes are
