@@ -33,7 +33,7 @@ from _digits import accuracy, data  # examples/_digits.py
 from cnn_digits import train  # examples/cnn_digits.py
 from flax import nnx
 
-from qjax import QuantSpec
+from qjax import QuantSpec, _demo_data
 from qjax.flax import Mode, qjax_recommended
 from qjax.flax import nnx as qnnx
 
@@ -47,16 +47,8 @@ def config(bits: int):
 
 
 def make_model(cfg, rngs: nnx.Rngs) -> nnx.Sequential:
-    # the architecture of examples/cnn_digits.py, with the recipe as an argument
-    return nnx.Sequential(
-        qnnx.QuantStub(cfg),
-        qnnx.QuantConvBn(1, 16, (3, 3), config=cfg, relu=True, rngs=rngs),
-        qnnx.QuantConvBn(16, 32, (3, 3), config=cfg, relu=True, rngs=rngs),
-        qnnx.MaxPool((2, 2)),
-        qnnx.Flatten(),
-        qnnx.QuantLinear(4 * 4 * 32, 10, config=cfg, rngs=rngs),
-        qnnx.DeQuantStub(),
-    )
+    # the digits CNN of examples/cnn_digits.py and the demo, with the recipe as an argument
+    return _demo_data.make_model(rngs, cfg)
 
 
 def main(epochs: int | None = None, qat_epochs: int = 2, bits: tuple[int, ...] = (8, 4, 2)) -> dict:
