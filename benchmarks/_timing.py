@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
 
 import jax
+
+# one implementation of interleaved timing, shared with `qjax demo`
+from qjax._demo_data import interleaved as interleaved
 
 
 def machine_line() -> str:
@@ -26,30 +26,6 @@ def machine_line() -> str:
         f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} "
         f"({jax.devices()[0].platform}), python {platform.python_version()}"
     )
-
-
-def block(out):
-    return jax.tree.map(
-        lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, out
-    )
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3):
-    """Time each zero-argument callable ``repeats`` times, alternating between them.
-
-    Returns ``{name: median seconds}``. Interleaving spreads machine noise (other load,
-    frequency changes) evenly over the contenders, so their ratio is what is stable.
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            block(fn())
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            block(fn())
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def load_line() -> str:
