@@ -97,6 +97,8 @@ class Program:
       steps: the steps in execution order (unique names, not clashing with ``inputs``).
       inputs: names of the input values, in call order.
       output: name(s) of the returned value(s): a string, or a tuple / list / dict of them.
+      engine: the torch engine the program was imported for (``import_model`` sets it;
+        the parity rulebook reads it), or ``None``.
 
     >>> import jax.numpy as jnp
     >>> from qjax import QuantSpec
@@ -113,7 +115,14 @@ class Program:
     {'q': [126, 132], 'relu': [128, 132]}
     """
 
-    def __init__(self, steps: Sequence[Step], inputs: Sequence[str], output: Any):
+    def __init__(
+        self,
+        steps: Sequence[Step],
+        inputs: Sequence[str],
+        output: Any,
+        *,
+        engine: str | None = None,
+    ):
         steps = tuple(steps)
         inputs = tuple(inputs)
         known = set(inputs)
@@ -137,6 +146,7 @@ class Program:
         self.steps = steps
         self.inputs = inputs
         self.output = output
+        self.engine = engine
         self.params = {s.name: s.params for s in steps}
         self.compile_count = 0
         self._run = jax.jit(self._make(trace=False))

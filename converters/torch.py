@@ -306,7 +306,7 @@ def import_model(model, example_inputs, engine: str = "x86") -> Program:
                 ) from e
     if len(input_names) != len(inputs):
         raise ValueError(f"the model takes {len(input_names)} inputs, got {len(inputs)} examples")
-    return Program(steps, input_names, output)
+    return Program(steps, input_names, output, engine=engine)
 
 
 def torch_trace(model, *inputs) -> dict[str, QArray]:

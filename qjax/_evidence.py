@@ -42,7 +42,19 @@ def weight_and_bias(params: Any) -> tuple[QArray | None, bool]:
     return weight, has_bias
 
 
-def evidence(program, name: str, codes, ref_codes, trace, floats, engine, reference_kind):
+def evidence(
+    program,
+    name: str,
+    codes,
+    ref_codes,
+    trace,
+    floats,
+    engine,
+    reference_kind,
+    *,
+    reference_engine=None,
+    input_differs=False,
+):
     """:class:`LayerEvidence` for step ``name``: its op, weight, bias and first input.
 
     The input is the traced activation the step reads (or, for a quantize step, the
@@ -72,6 +84,8 @@ def evidence(program, name: str, codes, ref_codes, trace, floats, engine, refere
         float_input=float_input,
         reference_kind=reference_kind,
         scheme=getattr(layer, "scheme", None),
+        reference_engine=reference_engine,
+        input_differs=input_differs,
     )
 
 

@@ -28,6 +28,9 @@ onednn_epilogue        13     oneDNN conv (x86 engine on VNNI CPUs, onednn engin
                               1-2 outputs per million differ by 1 LSB (kernel f32 order)
 bias_rounding          11,12  ±1 LSB where one side rounds the bias to int32 (QNNPACK,
                               hand simulations) and the other keeps it float (FBGEMM)
+engine_mismatch        11-17  the program was imported for one torch engine, torch ran
+                              another: requantization (11-13), add (15, 16) and
+                              pooling (17) formulas differ between engines
 =====================  =====  ========================================================
 """
 
@@ -88,6 +91,9 @@ class LayerEvidence:
     ``"onednn"``, ...),
     ``reference_kind`` what produced ``ref_codes``: ``"torch"`` (a converted model),
     ``"fake_quant"`` (a QAT model), ``"hand"`` (a hand simulation) or ``"none"``.
+    ``reference_engine`` is the torch engine that produced ``ref_codes`` (torch's
+    ``torch.backends.quantized.engine`` when the reference ran, if known) and
+    ``input_differs`` says the layer's input already differs from the reference's.
     """
 
     name: str
@@ -103,6 +109,8 @@ class LayerEvidence:
     float_input: np.ndarray | None = None
     reference_kind: ReferenceKind = "torch"
     scheme: str | None = None
+    reference_engine: str | None = None
+    input_differs: bool = False
 
     @property
     def compared(self) -> bool:
@@ -460,7 +468,49 @@ def bias_rounding(ev: LayerEvidence) -> Cause | None:
     )
 
 
+# The torch engine a qjax engine name emulates (fbgemm_avx2 is FBGEMM on a CPU without VNNI).
+_ENGINE_FAMILY = {"fbgemm_avx2": "fbgemm"}
+
+
+def engine_mismatch(ev: LayerEvidence) -> Cause | None:
+    """Rules 11-17: the program was imported for one torch engine and torch ran another.
+
+    Engines requantize differently (fbgemm: float bias, f32 multiplier, rule 11; qnnpack:
+    int32 bias, reciprocal multiplier, rule 12; onednn: rule 13) and compute add (15, 16)
+    and pools (17) differently, so an import for the wrong engine differs by an LSB here
+    and there. Named for a layer whose own input agrees with the reference (a layer fed
+    differing input inherits its difference instead).
+
+    >>> ev = LayerEvidence("fc1", "linear", "qnnpack", np.array([5, 7]), np.array([5, 6]),
+    ...                    reference_engine="fbgemm")
+    >>> c = engine_mismatch(ev)
+    >>> c.name, c.fix
+    ('engine_mismatch', "import with engine='fbgemm', the engine torch ran")
+    """
+    if ev.reference_kind != "torch" or not ev.compared or ev.input_differs:
+        return None
+    if ev.engine is None or ev.reference_engine is None:
+        return None
+    mine = _ENGINE_FAMILY.get(ev.engine, ev.engine)
+    theirs = _ENGINE_FAMILY.get(ev.reference_engine, ev.reference_engine)
+    if mine == theirs:
+        return None
+    n, worst, _ = _mismatch_stats(ev)
+    if n == 0:
+        return None
+    return Cause(
+        "11-17",
+        "engine_mismatch",
+        "likely",
+        f"{n} outputs differ (up to {worst} LSB): the program was imported for engine "
+        f"{ev.engine!r} (scheme {ev.scheme or 'n/a'}) but torch ran {ev.reference_engine!r}; "
+        "the engines requantize (rules 11-13), add (15, 16) and pool (17) differently",
+        f"import with engine={ev.reference_engine!r}, the engine torch ran",
+    )
+
+
 RULES: tuple[Callable[[LayerEvidence], Cause | None], ...] = (
+    engine_mismatch,
     weight_at_clamp_bound,
     int16_saturation,
     zero_point_tie,

@@ -199,6 +199,7 @@ def compare_traces(
     inputs: Sequence[Any] = (),
     engine: str | None = None,
     reference_kind: ReferenceKind = "torch",
+    reference_engine: str | None = None,
 ) -> ParityReport:
     """Compare qjax's ``trace`` (``{name: QArray}``) with ``reference`` codes, per layer.
 
@@ -213,6 +214,8 @@ def compare_traces(
       program, inputs: optional, for causes.
       engine: the torch engine the program was imported for (``program.engine`` if unset).
       reference_kind: ``"torch"``, ``"fake_quant"`` or ``"hand"`` (which rules apply).
+      reference_engine: the torch engine that produced ``reference`` (when known, an
+        import for another engine is named as the cause).
 
     Returns:
       a :class:`ParityReport`.
@@ -238,13 +241,24 @@ def compare_traces(
         if codes.shape != ref.shape:
             notes.append(f"layer {name!r}: qjax shape {codes.shape} != reference {ref.shape}")
             continue
-        ev = evidence(program, name, codes, ref, trace, floats, engine, reference_kind)
+        src = _source(program, name)
+        src_bad = src is not None and any(p.name == src and p.mismatches for p in layers)
+        ev = evidence(
+            program,
+            name,
+            codes,
+            ref,
+            trace,
+            floats,
+            engine,
+            reference_kind,
+            reference_engine=reference_engine,
+            input_differs=src_bad,
+        )
         layer = program.layers.get(name) if program is not None else None
         la = _layer_parity(ev, getattr(layer, "scheme", None))
-        if la.mismatches and not la.causes:
-            src = _source(program, name)
-            if src is not None and any(p.name == src and p.mismatches for p in layers):
-                la = dataclasses.replace(la, propagated_from=src)
+        if la.mismatches and not la.causes and src_bad:
+            la = dataclasses.replace(la, propagated_from=src)
         layers.append(la)
     notes += [
         f"reference layer {n!r} is not in the qjax trace" for n in reference if n not in trace
@@ -276,7 +290,9 @@ def compare(
     quantized activations of a converted eager/FX model, under the same names as
     ``program.trace``); pass ``reference`` (``{name: codes}``) instead to compare with a
     QAT model's fake-quant codes (``reference_kind="fake_quant"``) or a hand simulation
-    (``"hand"``). Counting and causes: :func:`compare_traces`.
+    (``"hand"``). Counting and causes: :func:`compare_traces`; torch's engine at the
+    time (``torch.backends.quantized.engine``) is the reference engine, so a program
+    imported for another engine gets that named as the cause (``engine_mismatch``).
 
     Args:
       torch_model: the converted torch model (``None`` when ``reference`` is given).
@@ -306,13 +322,23 @@ def compare(
     if reference is None:
         if torch_model is None:
             raise ValueError("compare needs a torch_model or a reference trace")
-        from qjax.converters.torch import torch_trace  # torch only when asked for
+        import torch  # torch only when asked for
+
+        from qjax.converters.torch import torch_trace
 
         reference = torch_trace(torch_model, *args)
+        ref_engine = torch.backends.quantized.engine  # what torch's kernels just ran
         kind = reference_kind or "torch"
     else:
+        ref_engine = None
         kind = reference_kind or "hand"
     trace = program.trace(*args)
     return compare_traces(
-        reference, trace, program=program, inputs=args, engine=engine, reference_kind=kind
+        reference,
+        trace,
+        program=program,
+        inputs=args,
+        engine=engine,
+        reference_kind=kind,
+        reference_engine=ref_engine,
     )

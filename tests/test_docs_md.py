@@ -17,6 +17,7 @@ import io
 import pathlib
 import re
 import shlex
+import sys
 import time
 import warnings
 
@@ -79,8 +80,24 @@ def _run_cli(cmd: str) -> tuple[int, str]:
     return rc, out.getvalue() + err.getvalue()
 
 
+@pytest.fixture
+def _no_temp_modules(tmp_path_factory):
+    """Forget modules imported from pytest's temp dir, before and after: a `defs.py` that
+    another test wrote (test_cli) must not shadow the one a doc block writes, and back."""
+    base = str(tmp_path_factory.getbasetemp())
+
+    def forget():
+        for name, mod in list(sys.modules.items()):
+            if (getattr(mod, "__file__", None) or "").startswith(base):
+                del sys.modules[name]
+
+    forget()
+    yield
+    forget()
+
+
 @pytest.mark.parametrize("path", FILES, ids=[str(f.relative_to(ROOT)) for f in FILES])
-def test_markdown_code_runs(path, tmp_path, monkeypatch, capsys):
+def test_markdown_code_runs(path, tmp_path, _no_temp_modules, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
     monkeypatch.syspath_prepend(str(tmp_path))  # as `python script.py` run in that directory

@@ -322,7 +322,7 @@ def test_rule11_vs_12_bias_rounding_hand_simulation(rng):
 
 
 def test_diagnose_runs_every_rule_and_each_has_a_docstring():
-    assert len(rules.RULES) == 6
+    assert len(rules.RULES) == 7
     for rule in rules.RULES:
         assert rule.__doc__ and "Rule" in rule.__doc__.split("\n")[0]
     assert rules.diagnose(_ev("r", "relu", codes=np.zeros(3), ref_codes=np.ones(3))) == []
