@@ -3,7 +3,8 @@
 * :func:`requantize` and :data:`SCHEMES` (``"fbgemm"``, ``"qnnpack"``, ``"onednn"``,
   ``"tflite"``, ``"tflite_single_rounding"``, ``"litert_ref"``, ``"litert"``, ``"exact"``):
   int32 accumulator -> codes;
-* :func:`prepare_linear` / :func:`quantized_linear`: int8 x int8 -> int32 linear layer;
+* :func:`prepare_linear` / :func:`quantized_linear`: int8 x int8 -> int32 linear layer
+  (``kernel="amx"``: an opt-in native Intel AMX GEMM, see :func:`native_status`);
 * :func:`prepare_conv` / :func:`quantized_conv`: int8 x int8 -> int32 1-D/2-D convolution;
 * :func:`quantized_add` (engines fbgemm/x86/onednn/qnnpack), :func:`quantized_mul`,
   :func:`quantized_mul_scalar`, :func:`quantized_cat`, :func:`relu`/:func:`relu6`/
@@ -36,9 +37,11 @@ from ._elementwise import relu6 as relu6
 from ._elementwise import reshape as reshape
 from ._fixed_point import multiply_by_quantized_multiplier as multiply_by_quantized_multiplier
 from ._linear import Accumulate as Accumulate
+from ._linear import Kernel as Kernel
 from ._linear import PreparedLinear as PreparedLinear
 from ._linear import prepare_linear as prepare_linear
 from ._linear import quantized_linear as quantized_linear
+from ._native import native_status as native_status
 from ._norm import quantized_batch_norm as quantized_batch_norm
 from ._pool import PoolScheme as PoolScheme
 from ._pool import adaptive_avg_pool2d as adaptive_avg_pool2d
@@ -78,6 +81,7 @@ __all__ = [
     "Activation",
     "AddScheme",
     "ConvActivation",
+    "Kernel",
     "PoolScheme",
     "PreparedConv",
     "PreparedLinear",
@@ -94,6 +98,7 @@ __all__ = [
     "multiply_by_quantized_multiplier_litert",
     "multiply_by_quantized_multiplier_litert_ref",
     "multiply_by_quantized_multiplier_single_rounding",
+    "native_status",
     "prepare_conv",
     "prepare_linear",
     "quantize_input",

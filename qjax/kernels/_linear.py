@@ -30,6 +30,15 @@ Overflow. The int32 accumulator is exact as long as ``K·max|x - zp_x|·max|w - 
 and ``K·128·max|w|`` (the shifted dot) stay below ``2^31``; :func:`prepare_linear`
 checks this when the layer is built (with the actual weight codes when they are
 concrete, the spec's bounds otherwise) and raises with the layer's name.
+
+Kernel. ``prepare_linear(w, kernel="amx")`` (opt-in, x86-64 CPUs with AMX-INT8) packs
+the weight once into AMX tiles and ``accumulate="exact"`` then computes ``Σ x'w`` with
+the native FFI kernel (:mod:`qjax.kernels._native`) instead of ``lax.dot_general``;
+every other step above is unchanged, so the codes are the same. Off CPU the program
+uses ``lax.dot_general`` (same integers). A ``jax.export`` of such a program contains
+the custom call ``qjax_amx_s8_gemm``: export refuses it unless the caller disables
+that check (``jax.export.DisabledSafetyCheck.custom_call("qjax_amx_s8_gemm")``), and
+the result runs only in a process where qjax has registered the target on an AMX CPU.
 """
 
 from __future__ import annotations
@@ -46,12 +55,15 @@ from jax import lax
 
 from .._qarray import QArray
 from .._spec import QParams
+from . import _native
 from ._requant import Scheme, clamp_activation, requantize
 
-__all__ = ["Accumulate", "PreparedLinear", "prepare_linear", "quantized_linear"]
+__all__ = ["Accumulate", "Kernel", "PreparedLinear", "prepare_linear", "quantized_linear"]
 
 Accumulate = Literal["exact", "fbgemm_sat16"]
 _ACCUMULATES = ("exact", "fbgemm_sat16")
+Kernel = Literal["xla", "amx"]
+_KERNELS = ("xla", "amx")
 _I32_MAX = 2**31 - 1
 
 
@@ -64,7 +76,9 @@ class PreparedLinear:
     (int32 ``(N,)``, ``Σ_k w[k, n]`` of the raw codes). Static: ``name`` (used in error
     messages), ``max_abs_x`` (the largest ``|x - zp_x|`` the overflow check allowed for)
     and ``zero_point_is_zero`` (the weight zero points are known to be 0, so the
-    ``zp_w`` correction terms are left out of the program).
+    ``zp_w`` correction terms are left out of the program). With ``kernel="amx"`` a
+    third leaf ``packed`` holds the weight codes in AMX tile order
+    (:func:`qjax.kernels._native.pack_weight`); ``kernel="xla"`` has none.
     """
 
     weight: QArray
@@ -72,6 +86,8 @@ class PreparedLinear:
     name: str = "linear"
     max_abs_x: int = 255
     zero_point_is_zero: bool = False
+    packed: jax.Array | None = None
+    kernel: str = "xla"
 
     @property
     def in_features(self) -> int:
@@ -83,13 +99,19 @@ class PreparedLinear:
 
     def tree_flatten_with_keys(self):
         ga = jax.tree_util.GetAttrKey
-        return ((ga("weight"), self.weight), (ga("col_sum"), self.col_sum)), self._aux()
+        kids = ((ga("weight"), self.weight), (ga("col_sum"), self.col_sum))
+        if self.kernel == "amx":
+            kids += ((ga("packed"), self.packed),)
+        return kids, self._aux()
 
     def tree_flatten(self):
-        return (self.weight, self.col_sum), self._aux()
+        kids = (self.weight, self.col_sum)
+        return (kids + (self.packed,) if self.kernel == "amx" else kids), self._aux()
 
     def _aux(self):
-        return (self.name, self.max_abs_x, self.zero_point_is_zero)
+        # the XLA kernel keeps the 3-entry aux of earlier versions (same serialization)
+        aux = (self.name, self.max_abs_x, self.zero_point_is_zero)
+        return aux + ("amx",) if self.kernel == "amx" else aux
 
     @classmethod
     def tree_unflatten(cls, aux, children) -> PreparedLinear:
@@ -99,6 +121,9 @@ class PreparedLinear:
         object.__setattr__(obj, "name", aux[0])
         object.__setattr__(obj, "max_abs_x", aux[1])
         object.__setattr__(obj, "zero_point_is_zero", aux[2])
+        amx = len(aux) > 3 and aux[3] == "amx"
+        object.__setattr__(obj, "packed", children[2] if amx else None)
+        object.__setattr__(obj, "kernel", "amx" if amx else "xla")
         return obj
 
 
@@ -110,7 +135,9 @@ jax.export.register_pytree_node_serialization(
 )
 
 
-def prepare_linear(w: QArray, *, name: str = "linear", max_abs_x: int = 255) -> PreparedLinear:
+def prepare_linear(
+    w: QArray, *, name: str = "linear", max_abs_x: int = 255, kernel: Kernel = "xla"
+) -> PreparedLinear:
     """Check an int8 ``(K, N)`` weight once and precompute its per-channel sums.
 
     Checks: int8 codes (signed 8-bit spec), rank 2, qparams per-tensor or along the
@@ -125,6 +152,9 @@ def prepare_linear(w: QArray, *, name: str = "linear", max_abs_x: int = 255) -> 
       name: layer name for error messages.
       max_abs_x: the largest ``|x - zp_x|`` inputs may have (255 covers any 8-bit
         activation with any zero point; 128 covers symmetric int8).
+      kernel: ``"xla"`` (default, ``lax.dot_general``) or ``"amx"`` (native AMX int8
+        GEMM on the packed weight, same integers; raises ``RuntimeError`` with the
+        reason when unavailable, see :func:`qjax.kernels.native_status`).
 
     Returns:
       a :class:`PreparedLinear` (a pytree).
@@ -141,10 +171,16 @@ def prepare_linear(w: QArray, *, name: str = "linear", max_abs_x: int = 255) -> 
       ...
     ValueError: layer 'fc1': the int32 accumulator could overflow: K=70000 ...
     """
+    if kernel not in _KERNELS:
+        raise ValueError(f"layer {name!r}: kernel must be one of {_KERNELS}, got {kernel!r}")
     if isinstance(w, PreparedLinear):
+        if kernel == "amx" and w.kernel != "amx":
+            return prepare_linear(w.weight, name=w.name, max_abs_x=w.max_abs_x, kernel=kernel)
         return w
     if not isinstance(w, QArray):
         raise TypeError(f"layer {name!r}: weight must be a QArray, got {type(w).__name__}")
+    if kernel == "amx":
+        _native.require_amx(name)
     spec = w.spec
     if spec.dtype != np.int8:
         raise TypeError(
@@ -168,7 +204,8 @@ def prepare_linear(w: QArray, *, name: str = "linear", max_abs_x: int = 255) -> 
         w, k, max_abs_x, name, hint="split K or narrow the ranges", what=f"K={k}"
     )
     col_sum = jnp.sum(vals.astype(jnp.int32), axis=0)
-    return PreparedLinear(w, col_sum, name, int(max_abs_x), zp_zero)
+    packed = _native.pack_weight(vals) if kernel == "amx" else None
+    return PreparedLinear(w, col_sum, name, int(max_abs_x), zp_zero, packed, kernel)
 
 
 def quantized_linear(
@@ -241,7 +278,10 @@ def quantized_linear(
             zx = zx - jnp.int32(128)
         else:
             xv = x.values
-        acc = _int8_dot(xv, wq.values)
+        if pw.kernel == "amx":
+            acc = _native.amx_dot(xv, pw.packed, wq.values)
+        else:
+            acc = _int8_dot(xv, wq.values)
     else:
         xv = x.values
         acc = _sat16_pair_dot(xv, wq.values)

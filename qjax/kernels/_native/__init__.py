@@ -1,0 +1,167 @@
+"""Opt-in native kernels for XLA:CPU: an Intel AMX int8 GEMM called through ``jax.ffi``.
+
+``prepare_linear(w, kernel="amx")`` packs the weight once (:func:`pack_weight`) and
+``quantized_linear`` then computes its int32 dot with :func:`amx_dot` instead of XLA's
+``dot_general``; everything around the dot (uint8 -> int8 shift, zero-point sums,
+requantization) is the same XLA code, so the codes are identical whenever the int32 dot
+is, and it is exact (no rounding anywhere; the overflow check bounds the sum).
+
+Availability (:func:`native_status`), checked once per process, in this order:
+
+1. the machine is x86-64 running Linux;
+2. ``/proc/cpuinfo`` lists ``amx_tile`` and ``amx_int8``;
+3. a C++ compiler is found (``$CXX``, ``c++``, ``g++``) and builds ``amx_gemm.cc``
+   (g++ >= 11 or clang >= 12 know ``-mamx-int8``); the library is cached
+   (:mod:`._build`);
+4. Linux grants the AMX tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM,
+   XFEATURE_XTILEDATA)``, kernel >= 5.16).
+
+Then the FFI target ``qjax_amx_s8_gemm`` is registered for the ``"cpu"`` platform.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import platform
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _build
+
+__all__ = ["TARGET", "amx_dot", "native_status", "pack_weight", "require_amx"]
+
+TARGET = "qjax_amx_s8_gemm"
+TILE_K = 64  # int8 values of K per AMX tile row
+TILE_N = 16  # int32 output columns per AMX tile
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def _probe() -> tuple[bool, str]:
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64") or platform.system() != "Linux":
+        return False, f"not x86-64 Linux ({platform.system()} {platform.machine()})"
+    flags = _cpu_flags()
+    missing = [f for f in ("amx_tile", "amx_int8") if f not in flags]
+    if missing:
+        return False, f"CPU lacks {' and '.join(missing)} (/proc/cpuinfo flags)"
+    try:
+        path = _build.build()
+    except _build.BuildError as e:
+        return False, str(e)
+    try:
+        lib = ctypes.CDLL(os.fspath(path))
+    except OSError as e:
+        return False, f"loading {path} failed: {e}"
+    err = lib.qjax_amx_init()
+    if err != 0:
+        return False, (
+            f"arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) refused: "
+            f"{os.strerror(err)} (errno {err}); Linux >= 5.16 grants AMX state"
+        )
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.QjaxAmxS8Gemm), platform="cpu")
+    return True, f"AMX int8 GEMM ready ({path})"
+
+
+def native_status() -> tuple[bool, str]:
+    """Whether the native AMX int8 GEMM can run here, and why (not).
+
+    The first call probes the CPU, builds (or finds cached) the library and registers
+    the FFI target; later calls return the cached answer. ``reason`` names the first
+    failed condition (module docstring): not x86-64 Linux, the CPU lacks
+    ``amx_int8``/``amx_tile``, no C++ compiler, the compile failed (with the tail of the
+    compiler's output), loading failed, or ``arch_prctl`` refused the AMX state.
+
+    Returns:
+      ``(available, reason)``.
+
+    >>> ok, reason = native_status()
+    >>> isinstance(ok, bool) and isinstance(reason, str) and reason != ""
+    True
+    """
+    return _probe()
+
+
+def require_amx(layer: str) -> None:
+    """Raise ``RuntimeError`` naming the layer and the reason if AMX is unavailable.
+
+    >>> ok, _ = native_status()
+    >>> ok == (require_amx("fc1") is None)
+    True
+    """
+    ok, reason = native_status()
+    if not ok:
+        raise RuntimeError(
+            f"layer {layer!r}: kernel='amx' was requested but the native AMX kernel is "
+            f"unavailable: {reason}; use kernel='xla'"
+        )
+
+
+def pack_weight(w: jax.Array) -> jax.Array:
+    """Pack an int8 ``(K, N)`` weight into AMX tiles: int8 ``(Nt, Kt, 16, 64)``.
+
+    ``packed[nt, kt, r, 4c + q] = w[64kt + 4r + q, 16nt + c]`` with ``Kt = ceil(K/64)``,
+    ``Nt = ceil(N/16)`` and zeros where the index runs past ``K`` or ``N``: each
+    ``(nt, kt)`` block is one 16x64 B tile of ``tdpbssd`` (four consecutive K values of
+    one column side by side, VNNI order). Pure ``jnp``; works on traced weights.
+
+    >>> w = jnp.arange(8, dtype=jnp.int8).reshape(4, 2)  # K=4, N=2
+    >>> p = pack_weight(w)
+    >>> p.shape, p.dtype
+    ((1, 1, 16, 64), dtype('int8'))
+    >>> p[0, 0, 0, :8]  # row 0: w[0:4, 0] then w[0:4, 1]
+    Array([0, 2, 4, 6, 1, 3, 5, 7], dtype=int8)
+    """
+    if w.ndim != 2 or w.dtype != jnp.int8:
+        raise TypeError(f"pack_weight needs an int8 (K, N) array, got {w.dtype} {w.shape}")
+    k, n = w.shape
+    kt, nt = -(-k // TILE_K), -(-n // TILE_N)
+    wp = jnp.pad(w, ((0, kt * TILE_K - k), (0, nt * TILE_N - n)))
+    wp = wp.reshape(kt, 16, 4, nt, TILE_N).transpose(3, 0, 1, 4, 2)
+    return wp.reshape(nt, kt, 16, TILE_K)
+
+
+def amx_dot(x: jax.Array, packed: jax.Array, w: jax.Array) -> jax.Array:
+    """``acc[..., n] = Σ_k x[..., k]·w[k, n]``: int8 x int8 -> int32, exact, on AMX.
+
+    ``x`` int8 ``(..., K)``; ``packed = pack_weight(w)``; ``w`` the int8 ``(K, N)``
+    weight itself, used only where the program runs off CPU (there the custom call is
+    not emitted and ``lax.dot_general`` computes the same integers). On CPU one FFI call
+    ``qjax_amx_s8_gemm`` does the whole dot; under ``vmap`` extra leading dims of ``x``
+    fold into its rows. Call :func:`require_amx` first (prepare time).
+
+    >>> if native_status()[0]:
+    ...     x = jnp.array([[1, -2, 3]], jnp.int8)
+    ...     w = jnp.array([[1, 0], [2, 1], [-1, 5]], jnp.int8)
+    ...     print(amx_dot(x, pack_weight(w), w))
+    ... else:
+    ...     print("[[-6 13]]")
+    [[-6 13]]
+    """
+    n = w.shape[1]
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.int32)
+
+    def native(x, packed, w):
+        del w
+        return jax.ffi.ffi_call(TARGET, out, vmap_method="expand_dims")(x, packed)
+
+    def portable(x, packed, w):
+        del packed
+        dims = (((x.ndim - 1,), (0,)), ((), ()))
+        return lax.dot_general(x, w, dims, preferred_element_type=jnp.int32)
+
+    return lax.platform_dependent(x, packed, w, cpu=native, default=portable)
