@@ -11,6 +11,11 @@ PyTorch's fbgemm engine (``quantized::linear_relu``, prepacked, 2 threads,
 ``OMP_WAIT_POLICY=PASSIVE``) when torch is installed. Goal (issue 3): >= 10x JAX f32.
 ``QJAX_BENCH_QUICK=1``: K = N = 1024 only, fewer repeats. Prints one ``BENCH`` line per
 shape (ratio JAX f32 / qjax).
+
+``qjax amx``: the same layer prepared with ``kernel="amx"`` (the native AMX int8 GEMM,
+:func:`qjax.kernels.native_status`), timed beside the XLA lowering with its own parity
+count against torch fbgemm and its own ``BENCH`` lines (case suffixed `` (amx)``); left
+out, with the reason printed, where the kernel is unavailable.
 """
 
 import functools
@@ -26,7 +31,7 @@ from _timing import bench_line, interleaved, load_line, machine_line, quick, tab
 from jax import lax
 
 import qjax
-from qjax.kernels import QArray, prepare_linear, quantized_linear
+from qjax.kernels import QArray, native_status, prepare_linear, quantized_linear
 
 SHAPES = [(m, k) for k in (1024, 2048) for m in (32, 256)]
 if quick():
@@ -87,13 +92,15 @@ def f32_dot(x, w):
 
 
 def main():
+    amx, amx_reason = native_status()
     print(machine_line())
     if torch is not None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(load_line())
+    print(f"qjax amx: {'timed' if amx else 'left out'} ({amx_reason})")
     print()
     rng = np.random.default_rng(0)
-    rows, ratios = [], []
+    rows, ratios, amx_ratios = [], [], []
     for m, k in SHAPES:
         n = k
         wf = (rng.standard_normal((k, n)) / k**0.5).astype(np.float32)
@@ -121,14 +128,22 @@ def main():
             "s8 dot": functools.partial(s8_dot, xi, wi),
             "f32 dot": functools.partial(f32_dot, xj, wj),
         }
+        if amx:
+            pw_amx = prepare_linear(w, kernel="amx")
+            fns["qjax amx"] = functools.partial(q_dense, x, pw_amx, b, out_qp)
         mism = None
         if torch is not None:
             fns["torch fbgemm"] = torch_fbgemm_layer(x, wq, sw.astype(np.float32), bf, out_qp)
             ref = fns["torch fbgemm"]().int_repr().numpy()
             mism = int((np.asarray(q_dense(x, pw, b, out_qp)) != ref).sum())
+            if amx:
+                amx_mism = int((np.asarray(q_dense(x, pw_amx, b, out_qp)) != ref).sum())
+                mism = f"{mism} (amx {amx_mism})"
         reps = (40 if m == 32 else 15) // (4 if quick() else 1)
         t = interleaved(fns, repeats=reps, warmup=3)
         ratios.append((f"M={m} K=N={k}", t["f32"] / t["qjax"]))
+        if amx:
+            amx_ratios.append((f"M={m} K=N={k} (amx)", t["f32"] / t["qjax amx"]))
         rows.append(
             [m, k, n]
             + [f"{t[name] * 1e6:.0f}" for name in fns]
@@ -138,15 +153,23 @@ def main():
                 f"{t['s8 dot'] / t['qjax']:.2f}",
             ]
             + ([f"{t['torch fbgemm'] / t['qjax']:.2f}x", mism] if torch is not None else [])
+            + (
+                [f"{t['f32'] / t['qjax amx']:.2f}x", f"{t['qjax'] / t['qjax amx']:.2f}x"]
+                if amx
+                else []
+            )
+            + ([f"{t['torch fbgemm'] / t['qjax amx']:.2f}x"] if amx and torch is not None else [])
         )
     header = ["M", "K", "N"] + [f"{name} us" for name in fns]
     header += ["f32/qjax", "f32dot/s8dot (ceiling)", "s8dot/qjax"]
     header += ["fbgemm/qjax", "codes != fbgemm"] if torch is not None else []
+    header += ["f32/amx", "qjax/amx"] if amx else []
+    header += ["fbgemm/amx"] if amx and torch is not None else []
     print("median latency (interleaved); ratios > 1: int8 faster")
     print(table(header, rows))
     print(load_line())
     print("goal: qjax >= 10x f32 at M >= 32, K, N >= 1024")
-    for case, r in ratios:
+    for case, r in ratios + amx_ratios:
         bench_line("int8_dense", case, r, "jax f32", ">= 10x")
 
 

@@ -13,11 +13,16 @@ same float weights, the same weight codes and the same qparams:
   (``x86``, ``fbgemm``, ``onednn``, ``qnnpack``), ``OMP_WAIT_POLICY=PASSIVE`` and
   2 threads (XLA's CPU client uses the 2 cores too).
 
-The qjax output codes are checked against torch fbgemm's (mismatch count printed).
+* qjax amx: the same qjax program with every layer prepared with ``kernel="amx"`` (the
+  native AMX int8 GEMM, :func:`qjax.kernels.native_status`); left out, with the reason
+  printed, where that kernel is unavailable.
+
+The qjax output codes (both kernels) are checked against torch fbgemm's (mismatch count
+printed).
 Goals (issue 3): >= 7.5x JAX f32 and >= 1.5x the best torch engine at batch 32 and 256;
 >= 1.0x torch fbgemm at batch 1. ``QJAX_BENCH_QUICK=1``: a fifth of the repeats. Prints
 ``BENCH`` lines: JAX f32 / qjax and best torch / qjax per batch, torch fbgemm / qjax at
-batch 1.
+batch 1; the same for qjax amx with the case suffixed `` (amx)``.
 """
 
 import functools
@@ -40,7 +45,12 @@ from _timing import (  # noqa: E402
 )
 
 import qjax  # noqa: E402
-from qjax.kernels import QArray, prepare_linear, quantized_linear  # noqa: E402
+from qjax.kernels import (  # noqa: E402
+    QArray,
+    native_status,
+    prepare_linear,
+    quantized_linear,
+)
 
 THREADS = 2
 torch.set_num_threads(THREADS)
@@ -115,7 +125,7 @@ def torch_model(engine, qws, bs, act_qp):
     return run
 
 
-def qjax_params(qws, bs, act_qp):
+def qjax_params(qws, bs, act_qp, kernel="xla"):
     layers = []
     for i, (qw, b) in enumerate(zip(qws, bs, strict=True)):
         codes = jnp.asarray(qw.int_repr().numpy().T.copy())  # (in, out)
@@ -125,7 +135,7 @@ def qjax_params(qws, bs, act_qp):
         s, z = act_qp[i + 1]
         layers.append(
             {
-                "w": prepare_linear(w, name=f"fc{i + 1}"),
+                "w": prepare_linear(w, name=f"fc{i + 1}", kernel=kernel),
                 "b": jnp.asarray(b.numpy()),
                 "out": qjax.QParams(jnp.float32(s), jnp.int32(z), A_SPEC),
             }
@@ -173,6 +183,8 @@ def main():
     ws, bs = build_float()
     act_qp, qws = calibrate(ws, bs)
     qp = qjax_params(qws, bs, act_qp)
+    amx, amx_reason = native_status()
+    qp_amx = qjax_params(qws, bs, act_qp, kernel="amx") if amx else None
     fp = [
         (jnp.asarray(w.numpy().T.copy()), jnp.asarray(b.numpy()))
         for w, b in zip(ws, bs, strict=True)
@@ -182,30 +194,36 @@ def main():
     print(machine_line())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY=PASSIVE")
     print(load_line())
+    print(f"qjax amx: {'timed' if amx else 'left out'} ({amx_reason})")
     print()
 
     rng = np.random.default_rng(2)
-    rows, checks, ratios = [], [], []
+    rows, checks, ratios, amx_ratios = [], [], [], []
     for batch in BATCHES:
         xn = rng.random((batch, SIZES[0]), dtype=np.float32)
         xj, xt = jnp.asarray(xn), torch.from_numpy(xn)
         # parity: qjax output codes vs torch fbgemm's
         torch.backends.quantized.engine = "fbgemm"
         refs = tmodels["fbgemm"](xt, collect=True)
-        gots = qjax_codes(qp, xj)
-        mism = sum(
-            int((np.asarray(g.values) != r.int_repr().numpy()).sum())
-            for g, r in zip(gots, refs, strict=True)
-        )
         total = sum(r.numel() for r in refs)
         ref = refs[-1].dequantize().numpy()
-        fmism = int((np.asarray(qjax_forward(qp, xj)) != ref).sum())
-        checks.append((batch, mism, total, fmism, ref.size))
+        for label, params in (("qjax", qp), ("qjax amx", qp_amx)):
+            if params is None:
+                continue
+            gots = qjax_codes(params, xj)
+            mism = sum(
+                int((np.asarray(g.values) != r.int_repr().numpy()).sum())
+                for g, r in zip(gots, refs, strict=True)
+            )
+            fmism = int((np.asarray(qjax_forward(params, xj)) != ref).sum())
+            checks.append((label, batch, mism, total, fmism, ref.size))
 
         fns = {
             "qjax int8": functools.partial(qjax_forward, qp, xj),
             "jax f32": functools.partial(f32_forward, fp, xj),
         }
+        if amx:
+            fns["qjax amx"] = functools.partial(qjax_forward, qp_amx, xj)
         with torch.inference_mode():
             for e in ENGINES:
                 fns[f"torch {e}"] = functools.partial(run_torch, tmodels[e], e, xt)
@@ -226,6 +244,19 @@ def main():
         )
         if not big:
             ratios.append((f"batch {batch}", t["torch fbgemm"] / tq, "torch fbgemm", ">= 1.0x"))
+        if amx:
+            ta, case = t["qjax amx"], f"batch {batch} (amx)"
+            amx_ratios.append((case, t["jax f32"] / ta, "jax f32", ">= 7.5x" if big else None))
+            amx_ratios.append(
+                (
+                    case,
+                    t[f"torch {best_e}"] / ta,
+                    f"best torch ({best_e})",
+                    ">= 1.5x" if big else None,
+                )
+            )
+            if not big:
+                amx_ratios.append((case, t["torch fbgemm"] / ta, "torch fbgemm", ">= 1.0x"))
         rows.append(
             [batch]
             + [f"{t[k] * 1e6:.0f}" for k in fns]
@@ -234,15 +265,25 @@ def main():
                 f"{t['torch fbgemm'] / tq:.2f}x",
                 f"{t[f'torch {best_e}'] / tq:.2f}x ({best_e})",
             ]
+            + (
+                [
+                    f"{t['jax f32'] / t['qjax amx']:.2f}x",
+                    f"{t[f'torch {best_e}'] / t['qjax amx']:.2f}x ({best_e})",
+                    f"{tq / t['qjax amx']:.2f}x",
+                ]
+                if amx
+                else []
+            )
         )
     header = ["batch"] + [f"{k} us" for k in fns] + ["f32/qjax", "fbgemm/qjax", "best torch/qjax"]
+    header += ["f32/amx", "best torch/amx", "qjax/amx"] if amx else []
     print("median latency per forward (interleaved), ratios > 1: qjax faster")
     print(table(header, rows))
     print()
     print("parity, qjax vs torch fbgemm (same weights, qparams, input):")
-    for batch, mism, total, fmism, n in checks:
+    for label, batch, mism, total, fmism, n in checks:
         print(
-            f"  batch {batch}: {mism} / {total} layer output codes differ (all 3 layers), "
+            f"  {label} batch {batch}: {mism} / {total} layer output codes differ (all 3 layers), "
             f"{fmism} / {n} dequantized outputs"
         )
     print(load_line())
@@ -250,7 +291,7 @@ def main():
         "goals: >= 7.5x f32 and >= 1.5x best torch at batch 32, 256; "
         ">= 1.0x torch fbgemm at batch 1"
     )
-    for case, r, base, goal in ratios:
+    for case, r, base, goal in ratios + amx_ratios:
         bench_line("int8_mlp", case, r, base, goal)
 
 

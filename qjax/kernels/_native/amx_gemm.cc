@@ -23,6 +23,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -169,9 +170,12 @@ void Drain(Job& j) {
   if (configured) _tile_release();
 }
 
-// A second thread pays off above about this many multiply-adds (measured: the pool
-// hand-off costs a few microseconds; AMX does ~1000 MAC per cycle).
+// A second thread pays off above about this many multiply-adds (the pool hand-off
+// costs a few microseconds; AMX does up to ~1000 MAC per cycle), or when the packed
+// weight is large enough that streaming it from L3 dominates (a few rows, K*N >= 512K):
+// two cores pull it in at twice the bandwidth.
 constexpr int64_t kParallelMacs = int64_t{1} << 24;
+constexpr int64_t kParallelWeightBytes = int64_t{1} << 19;
 
 ffi::Error AmxGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
                        ffi::Buffer<ffi::S8> wp, ffi::ResultBuffer<ffi::S32> out) {
@@ -235,7 +239,8 @@ ffi::Error AmxGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
     }
   }
   int64_t pairs = (nt + 1) / 2;
-  bool parallel = m * n * k >= kParallelMacs && pairs >= 2 && pool.num_threads() >= 2;
+  bool big = m * n * k >= kParallelMacs || nt * kt * 1024 >= kParallelWeightBytes;
+  bool parallel = big && pairs >= 2 && pool.num_threads() >= 2;
   // Several items per thread so an uneven start evens out; each keeps >= 2 pairs.
   j.chunk_pairs = parallel ? (pairs + 7) / 8 : pairs;
   if (j.chunk_pairs < 1) j.chunk_pairs = 1;
@@ -243,7 +248,11 @@ ffi::Error AmxGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
   if (parallel) pool.Schedule([job] { Drain(*job); });
   Drain(j);
   // Items claimed by the pool task are running; wait for them (no new ones start).
-  while (j.done.load(std::memory_order_acquire) < j.items) _mm_pause();
+  // Yield rather than spin: on 2 busy cores the task may need this very core.
+  for (int spins = 0; j.done.load(std::memory_order_acquire) < j.items; ++spins) {
+    if (spins < 64) _mm_pause();
+    else std::this_thread::yield();
+  }
   return ffi::Error::Success();
 }
 
