@@ -9,6 +9,9 @@
   weight zero points (the full scheme x activation product in the slow run);
 * == torch's ``quantized::linear[_relu]`` (fbgemm engine) codes: 0 mismatches;
 * one compile per shape, the same codes with and without ``jit`` and across batch sizes;
+* the conv kernel (``prepare_conv(..., kernel="amx")``, implicit GEMM): int32 ==
+  ``lax.conv_general_dilated`` over kernel sizes, strides and channel tails, and
+  ``quantized_conv`` codes == the XLA path (NCHW/NHWC, padding, stride, zero points);
 * unavailable kernel (probe monkeypatched) and build failures raise with the reason;
   ``jax.export`` refuses the custom call unless told otherwise.
 
@@ -33,7 +36,9 @@ from qjax.kernels import (
     QArray,
     _native,
     native_status,
+    prepare_conv,
     prepare_linear,
+    quantized_conv,
     quantized_linear,
 )
 from qjax.kernels._native import _build
@@ -351,6 +356,111 @@ def test_export_refuses_the_custom_call_unless_allowed(rng):
     restored = jax.export.deserialize(exp.serialize())  # aux with the kernel round-trips
     y = restored.call(x, pw_amx)
     np.testing.assert_array_equal(y.values, f(x, pw_xla).values)
+
+
+# ----------------------------------------------------------------------------------------
+# convolution
+
+
+CONV_CASES = [  # (N, H, W, C, O, kh, kw, stride)
+    (2, 8, 8, 3, 5, 3, 3, (1, 1)),
+    (1, 30, 30, 32, 64, 3, 3, (1, 1)),  # the int8 CNN benchmark's conv, one image
+    (3, 9, 37, 16, 17, 3, 3, (2, 1)),
+    (2, 10, 10, 8, 33, 1, 1, (1, 1)),
+    (1, 7, 7, 70, 20, 5, 5, (1, 2)),
+    (2, 30, 30, 3, 16, 2, 2, (2, 2)),
+    (1, 5, 40, 1, 1, 1, 3, (1, 1)),
+]
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _amx_conv(x, packed, w, stride):
+    return _native.amx_conv2d(x, packed, w, stride)
+
+
+def test_conv_int32_equals_conv_general_dilated(rng):
+    values = bad = 0
+    for n, h, w_, c, o, kh, kw, stride in CONV_CASES:
+        x, w = _codes(rng, (n, h, w_, c)), _codes(rng, (kh, kw, c, o))
+        got = np.asarray(_amx_conv(x, _native.pack_conv_weight(w), w, stride))
+        ref = np.asarray(
+            lax.conv_general_dilated(
+                x,
+                w,
+                stride,
+                "VALID",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                preferred_element_type=jnp.int32,
+            )
+        )
+        assert got.shape == ref.shape
+        values += ref.size
+        bad += int((got != ref).sum())
+    print(
+        f"\namx conv vs conv_general_dilated: {len(CONV_CASES)} shapes, {values:,} int32, "
+        f"{bad} differ"
+    )
+    assert bad == 0 and values > 50_000
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "stride", "padding"))
+def _qconv(x, pw, b, out, *, layout, stride, padding):
+    return quantized_conv(
+        x, pw, b, out, stride=stride, padding=padding, layout=layout, activation="relu"
+    ).values
+
+
+def test_quantized_conv_amx_equals_xla(rng):
+    compared = bad = 0
+    for layout, stride, padding, wzp, signed in (
+        ("NCHW", 1, 1, 0, False),
+        ("NHWC", 2, "SAME", 3, True),
+        ("NCHW", (1, 2), ((0, 1), (2, 0)), 0, True),
+    ):
+        c, o = 12, 20
+        spec = QuantSpec(signed=True, symmetric=not wzp, axis=None if wzp else 0)
+        if wzp:
+            wqp = QParams(jnp.float32(0.01), jnp.int32(wzp), spec)
+        else:
+            wqp = QParams(
+                jnp.asarray(rng.uniform(0.002, 0.02, o), jnp.float32), jnp.zeros(o, jnp.int32), spec
+            )
+        w = QArray(_codes(rng, (o, c, 3, 3), -127, 127), wqp)
+        pw_xla, pw_amx = prepare_conv(w, name="c"), prepare_conv(w, name="c", kernel="amx")
+        shape = (2, c, 11, 13) if layout == "NCHW" else (2, 11, 13, c)
+        lo, hi = (-128, 127) if signed else (0, 255)
+        xv = jnp.asarray(rng.integers(lo, hi + 1, shape), jnp.int8 if signed else jnp.uint8)
+        x = QArray(
+            xv,
+            QParams(jnp.float32(0.02), jnp.int32(-3 if signed else 125), QuantSpec(signed=signed)),
+        )
+        out = QParams(jnp.float32(0.05), jnp.int32(60), XSPEC)
+        b = jnp.asarray(rng.normal(0, 0.3, o), jnp.float32)
+        kw = dict(layout=layout, stride=stride, padding=padding)
+        ref = np.asarray(_qconv(x, pw_xla, b, out, **kw))
+        got = np.asarray(_qconv(x, pw_amx, b, out, **kw))
+        compared += ref.size
+        bad += int((got != ref).sum())
+        assert len(np.unique(ref)) > 20
+    print(f"\namx vs xla quantized_conv: {compared:,} codes, {bad} differ")
+    assert bad == 0
+
+
+def test_conv_amx_refuses_what_it_does_not_cover(rng):
+    spec = QuantSpec(signed=True, symmetric=True)
+    w = QArray(_codes(rng, (8, 2, 3, 3), -127, 127), QParams(0.1, 0, spec))
+    with pytest.raises(ValueError, match=r"layer 'dw'.*kernel='amx'.*groups=1.*groups=2"):
+        prepare_conv(w, name="dw", groups=2, kernel="amx")
+    w1 = QArray(_codes(rng, (8, 2, 3), -127, 127), QParams(0.1, 0, spec))
+    with pytest.raises(ValueError, match=r"2-D convolutions.*1-D"):
+        prepare_conv(w1, weight_layout="OIW", kernel="amx")
+    pw = prepare_conv(QArray(w.values[:, :1], w.qparams), name="c2", kernel="amx")
+    assert (
+        pw.kernel == "amx" and prepare_conv(prepare_conv(w, groups=2), kernel="xla").packed is None
+    )
+    x = QArray(jnp.zeros((1, 1, 9, 9), jnp.uint8), QParams(0.1, 0, XSPEC))
+    with pytest.raises(ValueError, match=r"layer 'c2'.*dilation 1, got \(2, 2\)"):
+        quantized_conv(x, pw, None, QParams(0.1, 0, XSPEC), dilation=2)
 
 
 # ----------------------------------------------------------------------------------------

@@ -43,6 +43,13 @@ slower channels-first (measured), so NCHW codes are transposed in and out.
 
 Overflow: as for the linear layer, ``K·max|x - zp_x|·max|w - zp_w|`` and ``K·128·max|w|``
 must stay below ``2^31``; :func:`prepare_conv` checks it and raises with the layer name.
+
+Kernel. ``prepare_conv(w, kernel="amx")`` (opt-in, AMX-INT8 CPUs; 2-D, ``groups=1``)
+packs the weight once and ``accumulate="exact"`` then computes ``Σ x'w`` with the native
+implicit-GEMM kernel (:func:`qjax.kernels._native.amx_conv2d`) on the same padded,
+shifted NHWC input; dilation other than 1 is refused at call time. Everything else is
+unchanged, so the codes are the same. ``jax.export`` behaves as for the linear layer
+(custom call ``qjax_amx_s8_conv2d``).
 """
 
 from __future__ import annotations
@@ -59,7 +66,8 @@ from jax import lax
 
 from .._qarray import QArray
 from .._spec import QParams
-from ._linear import Accumulate, check_accumulator, check_operands
+from . import _native
+from ._linear import Accumulate, Kernel, check_accumulator, check_operands
 from ._requant import Scheme, clamp_activation, requantize
 
 __all__ = ["ConvActivation", "PreparedConv", "prepare_conv", "quantized_conv"]
@@ -79,6 +87,8 @@ class PreparedConv:
     C_out)``, per-channel qparams on the last axis) and ``w_sum`` (int32 ``(C_out,)``,
     ``Σ_{t,c} w[t, c, o]`` of the raw codes). Static: ``name``, ``groups``, ``max_abs_x``
     (the largest ``|x - zp_x|`` the overflow check allowed for) and ``zero_point_is_zero``.
+    With ``kernel="amx"`` a third leaf ``packed`` holds the weight in AMX tile order
+    (:func:`qjax.kernels._native.pack_conv_weight`).
     """
 
     weight: QArray
@@ -87,6 +97,8 @@ class PreparedConv:
     groups: int = 1
     max_abs_x: int = 255
     zero_point_is_zero: bool = False
+    packed: jax.Array | None = None
+    kernel: str = "xla"
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
@@ -102,21 +114,32 @@ class PreparedConv:
 
     def tree_flatten_with_keys(self):
         ga = jax.tree_util.GetAttrKey
-        return ((ga("weight"), self.weight), (ga("w_sum"), self.w_sum)), self._aux()
+        kids = ((ga("weight"), self.weight), (ga("w_sum"), self.w_sum))
+        if self.kernel == "amx":
+            kids += ((ga("packed"), self.packed),)
+        return kids, self._aux()
 
     def tree_flatten(self):
-        return (self.weight, self.w_sum), self._aux()
+        kids = (self.weight, self.w_sum)
+        return (kids + (self.packed,) if self.kernel == "amx" else kids), self._aux()
 
     def _aux(self):
-        return (self.name, self.groups, self.max_abs_x, self.zero_point_is_zero)
+        # the XLA kernel keeps the 4-entry aux of earlier versions (same serialization)
+        aux = (self.name, self.groups, self.max_abs_x, self.zero_point_is_zero)
+        return aux + ("amx",) if self.kernel == "amx" else aux
 
     @classmethod
     def tree_unflatten(cls, aux, children) -> PreparedConv:
         obj = object.__new__(cls)
         object.__setattr__(obj, "weight", children[0])
         object.__setattr__(obj, "w_sum", children[1])
-        for f, v in zip(("name", "groups", "max_abs_x", "zero_point_is_zero"), aux, strict=True):
+        for f, v in zip(
+            ("name", "groups", "max_abs_x", "zero_point_is_zero"), aux[:4], strict=True
+        ):
             object.__setattr__(obj, f, v)
+        amx = len(aux) > 4 and aux[4] == "amx"
+        object.__setattr__(obj, "packed", children[2] if amx else None)
+        object.__setattr__(obj, "kernel", "amx" if amx else "xla")
         return obj
 
 
@@ -135,6 +158,7 @@ def prepare_conv(
     groups: int = 1,
     weight_layout: str = "OIHW",
     max_abs_x: int = 255,
+    kernel: Kernel = "xla",
 ) -> PreparedConv:
     """Check an int8 conv weight once: flip it to ``HWIO``, precompute ``Σw`` per channel.
 
@@ -152,6 +176,9 @@ def prepare_conv(
       groups: feature groups (``C_in`` for a depthwise conv).
       weight_layout: ``"OIHW"``, ``"HWIO"``, ``"OIW"`` or ``"WIO"``.
       max_abs_x: the largest ``|x - zp_x|`` inputs may have (255: any 8-bit activation).
+      kernel: ``"xla"`` (default) or ``"amx"`` (native AMX implicit GEMM, 2-D kernels
+        with ``groups=1``; raises ``RuntimeError`` with the reason when unavailable, see
+        :func:`qjax.kernels.native_status`).
 
     Returns:
       a :class:`PreparedConv` (a pytree).
@@ -170,10 +197,24 @@ def prepare_conv(
       ...
     ValueError: layer 'stem': the int32 accumulator could overflow: K=81000 ...
     """
+    if kernel not in ("xla", "amx"):
+        raise ValueError(f"layer {name!r}: kernel must be one of ('xla', 'amx'), got {kernel!r}")
     if isinstance(w, PreparedConv):
+        if kernel == "amx" and w.kernel != "amx":  # stored HWIO, O last
+            layout = "HWIO" if len(w.kernel_size) == 2 else "WIO"
+            return prepare_conv(
+                w.weight,
+                name=w.name,
+                groups=w.groups,
+                weight_layout=layout,
+                max_abs_x=w.max_abs_x,
+                kernel="amx",
+            )
         return w
     if not isinstance(w, QArray):
         raise TypeError(f"layer {name!r}: weight must be a QArray, got {type(w).__name__}")
+    if kernel == "amx":
+        _native.require_amx(name)
     if weight_layout not in _WEIGHT_LAYOUTS:
         raise ValueError(
             f"layer {name!r}: weight_layout must be one of {sorted(_WEIGHT_LAYOUTS)}, "
@@ -222,7 +263,15 @@ def prepare_conv(
         hint="split the input channels or narrow the ranges",
     )
     w_sum = jnp.sum(vals.astype(jnp.int32), axis=tuple(range(nsp + 1)))
-    return PreparedConv(wq, w_sum, name, groups, int(max_abs_x), zp_zero)
+    packed = None
+    if kernel == "amx":
+        if nsp != 2 or groups != 1:
+            raise ValueError(
+                f"layer {name!r}: kernel='amx' supports 2-D convolutions with groups=1, got "
+                f"a {nsp}-D kernel with groups={groups}; use kernel='xla'"
+            )
+        packed = _native.pack_conv_weight(vals)
+    return PreparedConv(wq, w_sum, name, groups, int(max_abs_x), zp_zero, packed, kernel)
 
 
 def _tuple(v, n: int, what: str, layer: str) -> tuple[int, ...]:
@@ -388,7 +437,14 @@ def quantized_conv(
             xv = lax.bitcast_convert_type(xv ^ jnp.uint8(0x80), jnp.int8)
             zx = zx - jnp.int32(128)
         sp = "HW" if nsp == 2 else "W"
-        if g == 1 and all(kk == 1 for kk in kernel):
+        if pw.kernel == "amx":
+            if dil_t != (1, 1):
+                raise ValueError(
+                    f"layer {layer!r}: kernel='amx' supports dilation 1, got {dil_t}; "
+                    "prepare the weight with kernel='xla'"
+                )
+            acc = _native.amx_conv2d(xv, pw.packed, wq.values, stride_t)
+        elif g == 1 and all(kk == 1 for kk in kernel):
             # Pointwise: an int8 dot over the channels (measured faster on XLA:CPU).
             xs = xv[(slice(None),) + tuple(slice(None, None, st) for st in stride_t)]
             acc = lax.dot_general(

@@ -1,10 +1,13 @@
-"""Opt-in native kernels for XLA:CPU: an Intel AMX int8 GEMM called through ``jax.ffi``.
+"""Opt-in native kernels for XLA:CPU: Intel AMX int8 GEMM and conv through ``jax.ffi``.
 
 ``prepare_linear(w, kernel="amx")`` packs the weight once (:func:`pack_weight`) and
 ``quantized_linear`` then computes its int32 dot with :func:`amx_dot` instead of XLA's
 ``dot_general``; everything around the dot (uint8 -> int8 shift, zero-point sums,
 requantization) is the same XLA code, so the codes are identical whenever the int32 dot
 is, and it is exact (no rounding anywhere; the overflow check bounds the sum).
+``prepare_conv(w, kernel="amx")`` does the same for 2-D convolutions (groups 1,
+dilation 1) with :func:`pack_conv_weight` and :func:`amx_conv2d`, an implicit GEMM that
+reads the zero-point-padded NHWC input in place.
 
 Availability (:func:`native_status`), checked once per process, in this order:
 
@@ -16,7 +19,8 @@ Availability (:func:`native_status`), checked once per process, in this order:
 4. Linux grants the AMX tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM,
    XFEATURE_XTILEDATA)``, kernel >= 5.16).
 
-Then the FFI target ``qjax_amx_s8_gemm`` is registered for the ``"cpu"`` platform.
+Then the FFI targets ``qjax_amx_s8_gemm`` and ``qjax_amx_s8_conv2d`` are registered for
+the ``"cpu"`` platform.
 """
 
 from __future__ import annotations
@@ -32,9 +36,19 @@ from jax import lax
 
 from . import _build
 
-__all__ = ["TARGET", "amx_dot", "native_status", "pack_weight", "require_amx"]
+__all__ = [
+    "CONV_TARGET",
+    "TARGET",
+    "amx_conv2d",
+    "amx_dot",
+    "native_status",
+    "pack_conv_weight",
+    "pack_weight",
+    "require_amx",
+]
 
 TARGET = "qjax_amx_s8_gemm"
+CONV_TARGET = "qjax_amx_s8_conv2d"
 TILE_K = 64  # int8 values of K per AMX tile row
 TILE_N = 16  # int32 output columns per AMX tile
 
@@ -74,6 +88,7 @@ def _probe() -> tuple[bool, str]:
             f"{os.strerror(err)} (errno {err}); Linux >= 5.16 grants AMX state"
         )
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.QjaxAmxS8Gemm), platform="cpu")
+    jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.QjaxAmxS8Conv2d), platform="cpu")
     return True, f"AMX int8 GEMM ready ({path})"
 
 
@@ -163,5 +178,65 @@ def amx_dot(x: jax.Array, packed: jax.Array, w: jax.Array) -> jax.Array:
         del packed
         dims = (((x.ndim - 1,), (0,)), ((), ()))
         return lax.dot_general(x, w, dims, preferred_element_type=jnp.int32)
+
+    return lax.platform_dependent(x, packed, w, cpu=native, default=portable)
+
+
+def pack_conv_weight(w: jax.Array) -> jax.Array:
+    """Pack an int8 ``HWIO`` conv weight for :func:`amx_conv2d`.
+
+    The reduction index runs over ``(kh, kw, c)``; each kernel row's ``kw·C`` values are
+    padded with zeros to a multiple of 64 (so an A tile reading past them multiplies by
+    0), then the ``(KH·Kseg, O)`` matrix is packed by :func:`pack_weight`.
+
+    >>> p = pack_conv_weight(jnp.ones((3, 3, 32, 64), jnp.int8))  # Kseg = 128
+    >>> p.shape  # (64/16, 3·128/64, 16, 64)
+    (4, 6, 16, 64)
+    """
+    if w.ndim != 4 or w.dtype != jnp.int8:
+        raise TypeError(f"pack_conv_weight needs an int8 HWIO array, got {w.dtype} {w.shape}")
+    kh, kw, c, o = w.shape
+    seg = -(-kw * c // TILE_K) * TILE_K
+    wr = jnp.pad(w.reshape(kh, kw * c, o), ((0, 0), (0, seg - kw * c), (0, 0)))
+    return pack_weight(wr.reshape(kh * seg, o))
+
+
+def amx_conv2d(x: jax.Array, packed: jax.Array, w: jax.Array, stride: tuple[int, int]):
+    """``acc[n, i, j, o] = Σ x[n, i·sh + a, j·sw + b, c]·w[a, b, c, o]``, int32, on AMX.
+
+    ``x`` int8 NHWC, already padded (``VALID`` conv); ``w`` int8 HWIO; ``packed =
+    pack_conv_weight(w)``; groups 1, dilation 1. On CPU one FFI call
+    ``qjax_amx_s8_conv2d`` reads ``x`` in place (plus a zero tail appended here so the
+    last tiles stay in bounds); elsewhere ``lax.conv_general_dilated`` computes the same
+    integers. Exact for any int8 codes as long as the true sums fit in int32.
+
+    >>> if native_status()[0]:
+    ...     x = jnp.arange(16, dtype=jnp.int8).reshape(1, 4, 4, 1)
+    ...     w = jnp.ones((2, 2, 1, 1), jnp.int8)
+    ...     print(amx_conv2d(x, pack_conv_weight(w), w, (2, 2))[..., 0].tolist())
+    ... else:
+    ...     print([[[10, 18], [42, 50]]])
+    [[[10, 18], [42, 50]]]
+    """
+    n, hp, wpad, c = x.shape
+    kh, kw, _, o = w.shape
+    sh, sw = stride
+    oh, ow = (hp - kh) // sh + 1, (wpad - kw) // sw + 1
+    out = jax.ShapeDtypeStruct((n, oh, ow, o), jnp.int32)
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def native(x, packed, w):
+        del w
+        seg = -(-kw * c // TILE_K) * TILE_K
+        tail = 32 * sw * c + seg
+        flat = jnp.pad(x.reshape(-1), (0, tail))
+        call = jax.ffi.ffi_call(CONV_TARGET, out, vmap_method="sequential")
+        return call(flat, packed, hp=hp, wp=wpad, c=c, kh=kh, kw=kw, sh=sh, sw=sw)
+
+    def portable(x, packed, w):
+        del packed
+        return lax.conv_general_dilated(
+            x, w, stride, "VALID", dimension_numbers=dims, preferred_element_type=jnp.int32
+        )
 
     return lax.platform_dependent(x, packed, w, cpu=native, default=portable)

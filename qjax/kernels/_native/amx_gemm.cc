@@ -58,102 +58,97 @@ void ConfigureTiles() {
   _tile_loadconfig(&cfg);
 }
 
-// Everything one call shares between the caller thread and a pool task. Held by a
-// shared_ptr: a task that starts after the caller finished finds no work and returns.
-struct Job {
-  const int8_t* x = nullptr;   // A source rows, stride lda
-  int64_t lda = 0;
-  const int8_t* tail = nullptr;  // last, partial 16-row block (zero-padded), or null
-  int64_t full_blocks = 0;     // 16-row blocks read from x directly
-  int64_t m = 0, n = 0, kt = 0, nt = 0;
-  const int8_t* wp = nullptr;
-  int32_t* out = nullptr;
-  int64_t chunk_pairs = 0;     // n-tile pairs per work item
-  int64_t items = 0;
-  std::vector<int8_t> a_pad;   // padded copy of A when K % 64 != 0
-  std::vector<int8_t> a_tail;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
+// One 32x32 (or smaller) output block: A row blocks a0 (and a1) times the B column
+// tiles b0 (and b1), summed over kt K tiles; A tile k sits at a + aoff[k] (row stride
+// sa), B tile k at b + 1024 k. Results in C tiles 0-3 (a0b0, a0b1, a1b0, a1b1).
+struct Operands {
+  const int8_t* a0;
+  const int8_t* a1;
+  int64_t sa0, sa1;
+  const int64_t* aoff;
+  int64_t kt;
+  const int8_t* b0;
+  const int8_t* b1;
 };
 
-inline const int8_t* ABlock(const Job& j, int64_t mb, int64_t* stride) {
-  if (mb < j.full_blocks) {
-    *stride = j.lda;
-    return j.x + mb * kTileRows * j.lda;
-  }
-  *stride = j.kt * kTileK;
-  return j.tail;
-}
-
-// C tile `T` -> out rows [m0, m0+16) cols [n0, n0+16), clipped to (M, N).
-template <int T>
-inline void StoreC(const Job& j, int64_t m0, int64_t n0) {
-  bool full = m0 + kTileRows <= j.m && n0 + kTileN <= j.n;
-  alignas(64) int32_t buf[kTileRows * kTileN];
-  int32_t* dst = full ? j.out + m0 * j.n + n0 : buf;
-  int64_t stride = full ? j.n * 4 : kTileN * 4;
-  // the tile number must be an immediate
-  if constexpr (T == 0) _tile_stored(0, dst, stride);
-  if constexpr (T == 1) _tile_stored(1, dst, stride);
-  if constexpr (T == 2) _tile_stored(2, dst, stride);
-  if constexpr (T == 3) _tile_stored(3, dst, stride);
-  if (full) return;
-  int64_t rows = j.m - m0 < kTileRows ? j.m - m0 : kTileRows;
-  int64_t cols = j.n - n0 < kTileN ? j.n - n0 : kTileN;
-  for (int64_t r = 0; r < rows; ++r)
-    std::memcpy(j.out + (m0 + r) * j.n + n0, buf + r * kTileN, cols * 4);
-}
-
-// One 32x32 (or smaller) output block: two A row blocks x two B column tiles.
 template <bool kTwoM, bool kTwoN>
-void Block(const Job& j, int64_t mb, int64_t nb) {
-  int64_t sa0 = 0, sa1 = 0;
-  const int8_t* a0 = ABlock(j, mb, &sa0);
-  const int8_t* a1 = kTwoM ? ABlock(j, mb + 1, &sa1) : nullptr;
-  const int8_t* b0 = j.wp + nb * j.kt * 1024;
-  const int8_t* b1 = b0 + j.kt * 1024;
+void Accumulate(const Operands& t) {
   _tile_zero(0);
   if (kTwoN) _tile_zero(1);
   if (kTwoM) _tile_zero(2);
   if (kTwoM && kTwoN) _tile_zero(3);
-  for (int64_t k = 0; k < j.kt; ++k) {
-    _tile_loadd(4, a0 + k * kTileK, sa0);
-    _tile_loadd(6, b0 + k * 1024, 64);
+  for (int64_t k = 0; k < t.kt; ++k) {
+    _tile_loadd(4, t.a0 + t.aoff[k], t.sa0);
+    _tile_loadd(6, t.b0 + k * 1024, 64);
     _tile_dpbssd(0, 4, 6);
     if (kTwoN) {
-      _tile_loadd(7, b1 + k * 1024, 64);
+      _tile_loadd(7, t.b1 + k * 1024, 64);
       _tile_dpbssd(1, 4, 7);
     }
     if (kTwoM) {
-      _tile_loadd(5, a1 + k * kTileK, sa1);
+      _tile_loadd(5, t.a1 + t.aoff[k], t.sa1);
       _tile_dpbssd(2, 5, 6);
       if (kTwoN) _tile_dpbssd(3, 5, 7);
     }
   }
-  int64_t m0 = mb * kTileRows, n0 = nb * kTileN;
-  StoreC<0>(j, m0, n0);
-  if (kTwoN) StoreC<1>(j, m0, n0 + kTileN);
-  if (kTwoM) StoreC<2>(j, m0 + kTileRows, n0);
-  if (kTwoM && kTwoN) StoreC<3>(j, m0 + kTileRows, n0 + kTileN);
 }
 
-// Work item i: n tiles [2 * chunk_pairs * i, ...) for every row block.
-void RunItem(const Job& j, int64_t i) {
-  int64_t mt = (j.m + kTileRows - 1) / kTileRows;
-  int64_t nb_begin = 2 * j.chunk_pairs * i;
-  int64_t nb_end = nb_begin + 2 * j.chunk_pairs;
-  if (nb_end > j.nt) nb_end = j.nt;
-  for (int64_t mb = 0; mb < mt; mb += 2) {
-    bool two_m = mb + 1 < mt;
-    for (int64_t nb = nb_begin; nb < nb_end; nb += 2) {
-      bool two_n = nb + 1 < nb_end;
-      if (two_m && two_n) Block<true, true>(j, mb, nb);
-      else if (two_m) Block<true, false>(j, mb, nb);
-      else if (two_n) Block<false, true>(j, mb, nb);
-      else Block<false, false>(j, mb, nb);
-    }
+// C tile T -> dst (row stride ld int32), only the first rows x cols values.
+template <int T>
+inline void StoreC(int32_t* dst, int64_t ld, int64_t rows, int64_t cols) {
+  bool full = rows >= kTileRows && cols >= kTileN;
+  alignas(64) int32_t buf[kTileRows * kTileN];
+  int32_t* p = full ? dst : buf;
+  int64_t stride = full ? ld * 4 : kTileN * 4;
+  // the tile number must be an immediate
+  if constexpr (T == 0) _tile_stored(0, p, stride);
+  if constexpr (T == 1) _tile_stored(1, p, stride);
+  if constexpr (T == 2) _tile_stored(2, p, stride);
+  if constexpr (T == 3) _tile_stored(3, p, stride);
+  if (full) return;
+  if (rows > kTileRows) rows = kTileRows;
+  if (cols > kTileN) cols = kTileN;
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ld, buf + r * kTileN, cols * 4);
+}
+
+// Output block at rows [0, 32) of c (row stride ld), columns n0.. of n; rows0/rows1
+// valid rows of the two row blocks.
+template <bool kTwoM, bool kTwoN>
+void Block(const Operands& t, int32_t* c, int64_t ld, int64_t rows0, int64_t rows1,
+           int64_t n0, int64_t n) {
+  Accumulate<kTwoM, kTwoN>(t);
+  StoreC<0>(c + n0, ld, rows0, n - n0);
+  if (kTwoN) StoreC<1>(c + n0 + kTileN, ld, rows0, n - n0 - kTileN);
+  if (kTwoM) StoreC<2>(c + kTileRows * ld + n0, ld, rows1, n - n0);
+  if (kTwoM && kTwoN) StoreC<3>(c + kTileRows * ld + n0 + kTileN, ld, rows1, n - n0 - kTileN);
+}
+
+// Every n-tile pair of [nb_begin, nb_end) for one pair of A row blocks.
+void RowBlocks(Operands t, bool two_m, int32_t* c, int64_t ld, int64_t rows0,
+               int64_t rows1, int64_t nb_begin, int64_t nb_end, const int8_t* wp,
+               int64_t n) {
+  for (int64_t nb = nb_begin; nb < nb_end; nb += 2) {
+    bool two_n = nb + 1 < nb_end;
+    t.b0 = wp + nb * t.kt * 1024;
+    t.b1 = t.b0 + t.kt * 1024;
+    int64_t n0 = nb * kTileN;
+    if (two_m && two_n) Block<true, true>(t, c, ld, rows0, rows1, n0, n);
+    else if (two_m) Block<true, false>(t, c, ld, rows0, rows1, n0, n);
+    else if (two_n) Block<false, true>(t, c, ld, rows0, rows1, n0, n);
+    else Block<false, false>(t, c, ld, rows0, rows1, n0, n);
   }
 }
+
+// Work shared by the caller thread and one pool task: items are claimed from an atomic
+// counter, so a task that starts late (or never) only leaves more to the caller. Held
+// by a shared_ptr: a task that starts after the caller returned finds nothing to do.
+struct Job {
+  virtual ~Job() = default;
+  virtual void RunItem(int64_t i) = 0;
+  int64_t items = 0;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
 
 void Drain(Job& j) {
   bool configured = false;
@@ -164,7 +159,7 @@ void Drain(Job& j) {
       ConfigureTiles();  // per thread: the tile config is thread state
       configured = true;
     }
-    RunItem(j, i);
+    j.RunItem(i);
     j.done.fetch_add(1, std::memory_order_release);
   }
   if (configured) _tile_release();
@@ -176,6 +171,62 @@ void Drain(Job& j) {
 // two cores pull it in at twice the bandwidth.
 constexpr int64_t kParallelMacs = int64_t{1} << 24;
 constexpr int64_t kParallelWeightBytes = int64_t{1} << 19;
+
+void Run(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, bool parallel) {
+  if (parallel) pool.Schedule([job] { Drain(*job); });
+  Drain(*job);
+  // Items claimed by the pool task are running; wait for them (no new ones start).
+  // Yield rather than spin: on 2 busy cores the task may need this very core.
+  for (int spins = 0; job->done.load(std::memory_order_acquire) < job->items; ++spins) {
+    if (spins < 64) _mm_pause();
+    else std::this_thread::yield();
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// GEMM: out (M, N) = x (M, K) . w (K, N)
+
+struct GemmJob : Job {
+  const int8_t* x = nullptr;  // A rows, stride lda
+  int64_t lda = 0;
+  const int8_t* tail = nullptr;  // last, partial 16-row block (zero-padded), or null
+  int64_t full_blocks = 0;       // 16-row blocks read from x directly
+  int64_t m = 0, n = 0, kt = 0, nt = 0;
+  const int8_t* wp = nullptr;
+  int32_t* out = nullptr;
+  int64_t chunk_pairs = 0;  // n-tile pairs per work item
+  std::vector<int64_t> aoff;
+  std::vector<int8_t> a_pad;  // padded copy of A when K % 64 != 0
+  std::vector<int8_t> a_tail;
+
+  const int8_t* ABlock(int64_t mb, int64_t* stride) const {
+    if (mb < full_blocks) {
+      *stride = lda;
+      return x + mb * kTileRows * lda;
+    }
+    *stride = kt * kTileK;
+    return tail;
+  }
+
+  // Work item i: n tiles [2 * chunk_pairs * i, ...) for every row block.
+  void RunItem(int64_t i) override {
+    int64_t mt = (m + kTileRows - 1) / kTileRows;
+    int64_t nb_begin = 2 * chunk_pairs * i;
+    int64_t nb_end = nb_begin + 2 * chunk_pairs;
+    if (nb_end > nt) nb_end = nt;
+    Operands t{};
+    t.aoff = aoff.data();
+    t.kt = kt;
+    for (int64_t mb = 0; mb < mt; mb += 2) {
+      bool two_m = mb + 1 < mt;
+      t.a0 = ABlock(mb, &t.sa0);
+      if (two_m) t.a1 = ABlock(mb + 1, &t.sa1);
+      int64_t m0 = mb * kTileRows;
+      RowBlocks(t, two_m, out + m0 * n, n, m - m0, m - m0 - kTileRows, nb_begin, nb_end,
+                wp, n);
+    }
+  }
+};
 
 ffi::Error AmxGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
                        ffi::Buffer<ffi::S8> wp, ffi::ResultBuffer<ffi::S32> out) {
@@ -209,14 +260,16 @@ ffi::Error AmxGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
     return ffi::Error::Success();
   }
 
-  auto job = std::make_shared<Job>();
-  Job& j = *job;
+  auto job = std::make_shared<GemmJob>();
+  GemmJob& j = *job;
   j.m = m;
   j.n = n;
   j.kt = kt;
   j.nt = nt;
   j.wp = wp.typed_data();
   j.out = o;
+  j.aoff.resize(kt);
+  for (int64_t i = 0; i < kt; ++i) j.aoff[i] = i * kTileK;
   const int8_t* xs = x.typed_data();
   int64_t kp = kt * kTileK;
   int64_t mt = (m + kTileRows - 1) / kTileRows;
@@ -241,18 +294,99 @@ ffi::Error AmxGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
   int64_t pairs = (nt + 1) / 2;
   bool big = m * n * k >= kParallelMacs || nt * kt * 1024 >= kParallelWeightBytes;
   bool parallel = big && pairs >= 2 && pool.num_threads() >= 2;
-  // Several items per thread so an uneven start evens out; each keeps >= 2 pairs.
+  // Several items per thread so an uneven start evens out.
   j.chunk_pairs = parallel ? (pairs + 7) / 8 : pairs;
   if (j.chunk_pairs < 1) j.chunk_pairs = 1;
   j.items = (pairs + j.chunk_pairs - 1) / j.chunk_pairs;
-  if (parallel) pool.Schedule([job] { Drain(*job); });
-  Drain(j);
-  // Items claimed by the pool task are running; wait for them (no new ones start).
-  // Yield rather than spin: on 2 busy cores the task may need this very core.
-  for (int spins = 0; j.done.load(std::memory_order_acquire) < j.items; ++spins) {
-    if (spins < 64) _mm_pause();
-    else std::this_thread::yield();
+  Run(pool, job, parallel);
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------------
+// 2-D convolution, NHWC, groups 1, dilation 1, as an implicit GEMM:
+//   out[n, oh, ow, o] = sum_{kh, kw, c} x[n, oh*sh + kh, ow*sw + kw, c] * w[kh, kw, c, o]
+// x is the already padded input (Hp, Wp) followed by a zero tail in the same flat
+// buffer. For one tap row kh the (kw, c) values of an output position are kw*C
+// consecutive bytes of x, so an A tile row reads them in place (row stride sw*C); the
+// K segment per kh is padded to a multiple of 64 with zero weights, so whatever bytes
+// an A tile reads past kw*C are multiplied by 0. Rows past OW in a tile read in-bounds
+// bytes (the tail) whose results are never stored.
+
+struct ConvJob : Job {
+  const int8_t* x = nullptr;
+  int64_t hp = 0, wp_ = 0, c = 0, oh = 0, ow = 0, sh = 0, sw = 0, kt = 0, nt = 0, o = 0;
+  const int8_t* wp = nullptr;
+  int32_t* out = nullptr;
+  int64_t rows_per_item = 0, total_rows = 0;
+  std::vector<int64_t> aoff;
+
+  void RunItem(int64_t i) override {
+    int64_t r_begin = i * rows_per_item;
+    int64_t r_end = r_begin + rows_per_item;
+    if (r_end > total_rows) r_end = total_rows;
+    Operands t{};
+    t.aoff = aoff.data();
+    t.kt = kt;
+    t.sa0 = t.sa1 = sw * c;
+    for (int64_t row = r_begin; row < r_end; ++row) {  // row = n * OH + oh
+      int64_t nn = row / oh, y = row % oh;
+      const int8_t* xrow = x + ((nn * hp + y * sh) * wp_) * c;
+      int32_t* orow = out + row * ow * o;
+      for (int64_t w0 = 0; w0 < ow; w0 += 2 * kTileRows) {
+        bool two_m = w0 + kTileRows < ow;
+        t.a0 = xrow + w0 * sw * c;
+        t.a1 = t.a0 + kTileRows * sw * c;
+        RowBlocks(t, two_m, orow + w0 * o, o, ow - w0, ow - w0 - kTileRows, 0, nt, wp, o);
+      }
+    }
   }
+};
+
+ffi::Error AmxConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
+                       ffi::Buffer<ffi::S8> wp, ffi::ResultBuffer<ffi::S32> out,
+                       int64_t hp, int64_t wpad, int64_t c, int64_t kh, int64_t kw,
+                       int64_t sh, int64_t sw) {
+  auto od = out->dimensions();
+  auto wd = wp.dimensions();
+  if (od.size() != 4 || wd.size() != 4 || wd[2] != 16 || wd[3] != 64)
+    return ffi::Error::InvalidArgument("qjax_amx_s8_conv2d: bad operand ranks");
+  int64_t n = od[0], oh = od[1], ow = od[2], o = od[3];
+  int64_t seg = (kw * c + kTileK - 1) / kTileK;  // K tiles per kernel row
+  if (wd[0] != (o + kTileN - 1) / kTileN || wd[1] != kh * seg)
+    return ffi::Error::InvalidArgument(
+        "qjax_amx_s8_conv2d: packed weight shape does not match the conv");
+  if (oh != (hp - kh) / sh + 1 || ow != (wpad - kw) / sw + 1)
+    return ffi::Error::InvalidArgument("qjax_amx_s8_conv2d: output size mismatch");
+  // the zero tail must cover the furthest read: 32 rows of a block and a full segment
+  int64_t need = n * hp * wpad * c + 2 * kTileRows * sw * c + seg * kTileK;
+  if (static_cast<int64_t>(x.element_count()) < need)
+    return ffi::Error::InvalidArgument("qjax_amx_s8_conv2d: input tail too short");
+  if (n * oh * ow * o == 0) return ffi::Error::Success();
+
+  auto job = std::make_shared<ConvJob>();
+  ConvJob& j = *job;
+  j.x = x.typed_data();
+  j.hp = hp;
+  j.wp_ = wpad;
+  j.c = c;
+  j.oh = oh;
+  j.ow = ow;
+  j.sh = sh;
+  j.sw = sw;
+  j.kt = kh * seg;
+  j.nt = wd[0];
+  j.o = o;
+  j.wp = wp.typed_data();
+  j.out = out->typed_data();
+  j.aoff.resize(j.kt);
+  for (int64_t r = 0; r < kh; ++r)
+    for (int64_t s = 0; s < seg; ++s) j.aoff[r * seg + s] = r * wpad * c + s * kTileK;
+  j.total_rows = n * oh;
+  int64_t macs = n * oh * ow * o * kh * kw * c;
+  bool parallel = macs >= kParallelMacs && j.total_rows >= 2 && pool.num_threads() >= 2;
+  j.rows_per_item = parallel ? (j.total_rows + 15) / 16 : j.total_rows;
+  j.items = (j.total_rows + j.rows_per_item - 1) / j.rows_per_item;
+  Run(pool, job, parallel);
   return ffi::Error::Success();
 }
 
@@ -264,6 +398,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxAmxS8Gemm, AmxGemmImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxAmxS8Conv2d, AmxConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("hp")
+                                  .Attr<int64_t>("wp")
+                                  .Attr<int64_t>("c")
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw"));
 
 // Once per process: ask the kernel for the AMX tile-data state. Returns 0 or errno.
 extern "C" int qjax_amx_init() {
