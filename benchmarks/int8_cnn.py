@@ -11,6 +11,11 @@ onednn/x86 engines use for conv on this CPU) or ``"fbgemm"``. JAX float32 runs t
 weights. Goals (issue 3): >= 4x JAX f32 and >= 1.0x torch onednn. ``QJAX_BENCH_QUICK=1``:
 5 repeats instead of 15. Prints ``BENCH`` lines: best JAX f32 / qjax and torch onednn /
 qjax (qjax with the ``"onednn"`` scheme).
+
+``qjax amx``: the same program with every conv and the FC prepared with ``kernel="amx"``
+(the native AMX int8 kernels, :func:`qjax.kernels.native_status`), with its own parity
+line and ``BENCH`` lines (case suffixed `` (amx)``); left out, with the reason printed,
+where unavailable.
 """
 
 import os
@@ -30,6 +35,7 @@ from qjax.kernels import (  # noqa: E402
     dequantize_output,
     flatten,
     max_pool2d,
+    native_status,
     prepare_conv,
     prepare_linear,
     quantize_input,
@@ -88,7 +94,7 @@ def _qarray_weight(wq):
     return vals, qp
 
 
-def qjax_program(qm, scheme):
+def qjax_program(qm, scheme, kernel="xla"):
     u8 = qjax.QuantSpec(signed=False)
 
     def act_qp(mod):
@@ -98,14 +104,14 @@ def qjax_program(qm, scheme):
     convs = []
     for mod in (qm.conv1, qm.conv2):
         vals, qp = _qarray_weight(mod.weight())
-        w = prepare_conv(QArray(vals, qp), name="conv", weight_layout="OIHW")
+        w = prepare_conv(QArray(vals, qp), name="conv", weight_layout="OIHW", kernel=kernel)
         convs.append((w, jnp.asarray(mod.bias().detach().numpy()), act_qp(mod)))
     # FC: torch flattens NCHW (c, h, w); the qjax activations are NHWC (h, w, c).
     vals, qp = _qarray_weight(qm.fc.weight())  # (10, 12544) per output channel
     perm = np.arange(64 * 14 * 14).reshape(64, 14, 14).transpose(1, 2, 0).reshape(-1)
     vals = vals[:, perm].T  # (K, N) in NHWC order
     fc_qp = qjax.QParams(qp.scale, qp.zero_point, qp.spec.replace(axis=1))
-    fc = prepare_linear(QArray(vals, fc_qp), name="fc")
+    fc = prepare_linear(QArray(vals, fc_qp), name="fc", kernel=kernel)
     fc_b = jnp.asarray(qm.fc.bias().detach().numpy())
     fc_out = act_qp(qm.fc)
 
@@ -162,15 +168,20 @@ def main():
 
     progs = {"onednn": qjax_program(models["onednn"], "onednn")}
     progs["fbgemm"] = qjax_program(models["fbgemm"], "fbgemm")
+    amx, amx_reason = native_status()
+    if amx:
+        progs["onednn amx"] = qjax_program(models["onednn"], "onednn", kernel="amx")
     print(machine_line())
     print(load_line())
-    for eng, prog in progs.items():
+    print(f"qjax amx: {'timed' if amx else 'left out'} ({amx_reason})")
+    for key, prog in progs.items():
+        eng = key.split()[0]
         torch.backends.quantized.engine = eng
         want = models[eng](x).numpy()
         got = np.asarray(prog(xj))
         print(
-            f"qjax scheme {eng!r} vs torch {eng}: {int((got != want).sum())} of {got.size} "
-            "outputs differ"
+            f"qjax scheme {eng!r}{' (amx)' if key.endswith('amx') else ''} vs torch {eng}: "
+            f"{int((got != want).sum())} of {got.size} outputs differ"
         )
 
     def torch_fn(eng):
@@ -181,18 +192,18 @@ def main():
 
         return f
 
-    t = interleaved(
-        {
-            "qjax int8 (onednn scheme)": lambda: progs["onednn"](xj),
-            "qjax int8 (fbgemm scheme)": lambda: progs["fbgemm"](xj),
-            "jax f32 NCHW": lambda: f32(xj),
-            "jax f32 NHWC": lambda: f32_nhwc(xj),
-            "torch onednn": torch_fn("onednn"),
-            "torch x86": torch_fn("x86"),
-            "torch fbgemm": torch_fn("fbgemm"),
-        },
-        repeats=5 if quick() else 15,
-    )
+    fns = {
+        "qjax int8 (onednn scheme)": lambda: progs["onednn"](xj),
+        "qjax int8 (fbgemm scheme)": lambda: progs["fbgemm"](xj),
+        "jax f32 NCHW": lambda: f32(xj),
+        "jax f32 NHWC": lambda: f32_nhwc(xj),
+        "torch onednn": torch_fn("onednn"),
+        "torch x86": torch_fn("x86"),
+        "torch fbgemm": torch_fn("fbgemm"),
+    }
+    if amx:
+        fns["qjax amx (onednn scheme)"] = lambda: progs["onednn amx"](xj)
+    t = interleaved(fns, repeats=5 if quick() else 15)
     for k, v in t.items():
         print(f"{k:28s} {v * 1e3:8.2f} ms")
     q = t["qjax int8 (onednn scheme)"]
@@ -203,6 +214,11 @@ def main():
     case = f"batch {BATCH} 28x28"
     bench_line("int8_cnn", case, best_f32 / q, "jax f32 (best layout)", ">= 4x")
     bench_line("int8_cnn", case, t["torch onednn"] / q, "torch onednn", ">= 1.0x")
+    if amx:
+        qa = t["qjax amx (onednn scheme)"]
+        print(f"qjax int8 / qjax amx: {q / qa:.2f}x")
+        bench_line("int8_cnn", case + " (amx)", best_f32 / qa, "jax f32 (best layout)", ">= 4x")
+        bench_line("int8_cnn", case + " (amx)", t["torch onednn"] / qa, "torch onednn", ">= 1.0x")
 
 
 if __name__ == "__main__":

@@ -206,9 +206,10 @@ def amx_conv2d(x: jax.Array, packed: jax.Array, w: jax.Array, stride: tuple[int,
 
     ``x`` int8 NHWC, already padded (``VALID`` conv); ``w`` int8 HWIO; ``packed =
     pack_conv_weight(w)``; groups 1, dilation 1. On CPU one FFI call
-    ``qjax_amx_s8_conv2d`` reads ``x`` in place (plus a zero tail appended here so the
-    last tiles stay in bounds); elsewhere ``lax.conv_general_dilated`` computes the same
-    integers. Exact for any int8 codes as long as the true sums fit in int32.
+    ``qjax_amx_s8_conv2d`` reads ``x`` in place (the last output rows from a zero-padded
+    copy of its end, so no tile reads out of bounds); elsewhere
+    ``lax.conv_general_dilated`` computes the same integers. Exact for any int8 codes as
+    long as the true sums fit in int32.
 
     >>> if native_status()[0]:
     ...     x = jnp.arange(16, dtype=jnp.int8).reshape(1, 4, 4, 1)
@@ -227,11 +228,8 @@ def amx_conv2d(x: jax.Array, packed: jax.Array, w: jax.Array, stride: tuple[int,
 
     def native(x, packed, w):
         del w
-        seg = -(-kw * c // TILE_K) * TILE_K
-        tail = 32 * sw * c + seg
-        flat = jnp.pad(x.reshape(-1), (0, tail))
         call = jax.ffi.ffi_call(CONV_TARGET, out, vmap_method="sequential")
-        return call(flat, packed, hp=hp, wp=wpad, c=c, kh=kh, kw=kw, sh=sh, sw=sw)
+        return call(x, packed, kh=kh, kw=kw, sh=sh, sw=sw)
 
     def portable(x, packed, w):
         del packed

@@ -305,12 +305,12 @@ ffi::Error AmxGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
 // ---------------------------------------------------------------------------------
 // 2-D convolution, NHWC, groups 1, dilation 1, as an implicit GEMM:
 //   out[n, oh, ow, o] = sum_{kh, kw, c} x[n, oh*sh + kh, ow*sw + kw, c] * w[kh, kw, c, o]
-// x is the already padded input (Hp, Wp) followed by a zero tail in the same flat
-// buffer. For one tap row kh the (kw, c) values of an output position are kw*C
-// consecutive bytes of x, so an A tile row reads them in place (row stride sw*C); the
-// K segment per kh is padded to a multiple of 64 with zero weights, so whatever bytes
-// an A tile reads past kw*C are multiplied by 0. Rows past OW in a tile read in-bounds
-// bytes (the tail) whose results are never stored.
+// x is the already padded input (N, Hp, Wp, C). For one tap row kh the (kw, c) values
+// of an output position are kw*C consecutive bytes of x, so an A tile row reads them in
+// place (row stride sw*C); the K segment per kh is padded to a multiple of 64 with zero
+// weights, so whatever bytes an A tile reads past kw*C are multiplied by 0, and rows
+// past OW in a tile are never stored. The last output rows would read past the end of
+// x: they read from a copy of x's end followed by zeros instead.
 
 struct ConvJob : Job {
   const int8_t* x = nullptr;
@@ -318,7 +318,13 @@ struct ConvJob : Job {
   const int8_t* wp = nullptr;
   int32_t* out = nullptr;
   int64_t rows_per_item = 0, total_rows = 0;
+  int64_t first_tail_row = 0, tail_start = 0;  // rows >= first_tail_row read `tail`
+  std::vector<int8_t> tail;
   std::vector<int64_t> aoff;
+
+  int64_t RowStart(int64_t row) const {  // byte offset of the first tap row in x
+    return ((row / oh) * hp + (row % oh) * sh) * wp_ * c;
+  }
 
   void RunItem(int64_t i) override {
     int64_t r_begin = i * rows_per_item;
@@ -329,8 +335,8 @@ struct ConvJob : Job {
     t.kt = kt;
     t.sa0 = t.sa1 = sw * c;
     for (int64_t row = r_begin; row < r_end; ++row) {  // row = n * OH + oh
-      int64_t nn = row / oh, y = row % oh;
-      const int8_t* xrow = x + ((nn * hp + y * sh) * wp_) * c;
+      const int8_t* xrow = row < first_tail_row ? x + RowStart(row)
+                                                 : tail.data() + (RowStart(row) - tail_start);
       int32_t* orow = out + row * ow * o;
       for (int64_t w0 = 0; w0 < ow; w0 += 2 * kTileRows) {
         bool two_m = w0 + kTileRows < ow;
@@ -344,23 +350,22 @@ struct ConvJob : Job {
 
 ffi::Error AmxConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
                        ffi::Buffer<ffi::S8> wp, ffi::ResultBuffer<ffi::S32> out,
-                       int64_t hp, int64_t wpad, int64_t c, int64_t kh, int64_t kw,
-                       int64_t sh, int64_t sw) {
+                       int64_t kh, int64_t kw, int64_t sh, int64_t sw) {
+  auto xd = x.dimensions();
   auto od = out->dimensions();
   auto wd = wp.dimensions();
-  if (od.size() != 4 || wd.size() != 4 || wd[2] != 16 || wd[3] != 64)
+  if (xd.size() != 4 || od.size() != 4 || wd.size() != 4 || wd[2] != 16 || wd[3] != 64)
     return ffi::Error::InvalidArgument("qjax_amx_s8_conv2d: bad operand ranks");
   int64_t n = od[0], oh = od[1], ow = od[2], o = od[3];
+  int64_t hp = xd[1], wpad = xd[2], c = xd[3];
+  if (xd[0] != n || kh > hp || kw > wpad)
+    return ffi::Error::InvalidArgument("qjax_amx_s8_conv2d: x / out shapes differ");
   int64_t seg = (kw * c + kTileK - 1) / kTileK;  // K tiles per kernel row
   if (wd[0] != (o + kTileN - 1) / kTileN || wd[1] != kh * seg)
     return ffi::Error::InvalidArgument(
         "qjax_amx_s8_conv2d: packed weight shape does not match the conv");
   if (oh != (hp - kh) / sh + 1 || ow != (wpad - kw) / sw + 1)
     return ffi::Error::InvalidArgument("qjax_amx_s8_conv2d: output size mismatch");
-  // the zero tail must cover the furthest read: 32 rows of a block and a full segment
-  int64_t need = n * hp * wpad * c + 2 * kTileRows * sw * c + seg * kTileK;
-  if (static_cast<int64_t>(x.element_count()) < need)
-    return ffi::Error::InvalidArgument("qjax_amx_s8_conv2d: input tail too short");
   if (n * oh * ow * o == 0) return ffi::Error::Success();
 
   auto job = std::make_shared<ConvJob>();
@@ -382,6 +387,18 @@ ffi::Error AmxConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
   for (int64_t r = 0; r < kh; ++r)
     for (int64_t s = 0; s < seg; ++s) j.aoff[r * seg + s] = r * wpad * c + s * kTileK;
   j.total_rows = n * oh;
+  // The furthest byte an output row's tiles read: its last tap row, the last 32-row
+  // block (rows up to 31 past its start) and a whole K segment.
+  int64_t total = n * hp * wpad * c;
+  int64_t reach = (kh - 1) * wpad * c + ((ow - 1) / 32 * 32 + 31) * sw * c + seg * kTileK;
+  j.first_tail_row = j.total_rows;
+  while (j.first_tail_row > 0 && j.RowStart(j.first_tail_row - 1) + reach > total)
+    --j.first_tail_row;
+  if (j.first_tail_row < j.total_rows) {
+    j.tail_start = j.RowStart(j.first_tail_row);
+    j.tail.assign(total - j.tail_start + reach, 0);
+    std::memcpy(j.tail.data(), j.x + j.tail_start, total - j.tail_start);
+  }
   int64_t macs = n * oh * ow * o * kh * kw * c;
   bool parallel = macs >= kParallelMacs && j.total_rows >= 2 && pool.num_threads() >= 2;
   j.rows_per_item = parallel ? (j.total_rows + 15) / 16 : j.total_rows;
@@ -405,9 +422,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxAmxS8Conv2d, AmxConvImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("hp")
-                                  .Attr<int64_t>("wp")
-                                  .Attr<int64_t>("c")
                                   .Attr<int64_t>("kh")
                                   .Attr<int64_t>("kw")
                                   .Attr<int64_t>("sh")
