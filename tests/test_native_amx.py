@@ -124,6 +124,22 @@ def test_dot_is_exact_over_all_tile_tails(rng):
     assert bad == 0 and values > 2_000_000
 
 
+def test_two_thread_split_is_exact(rng):
+    """Calls above 2^31 multiply-adds hand half the tiles to XLA's pool: same integers."""
+    before = _native.parallel_calls()
+    x, w = _codes(rng, (2048, 1024)), _codes(rng, (1024, 1040))
+    got = np.asarray(_amx_dot(x, _native.pack_weight(w), w))
+    np.testing.assert_array_equal(got, np.asarray(_xla_dot(x, w)))
+    xc, wc = _codes(rng, (10, 58, 58, 64)), _codes(rng, (3, 3, 64, 128))
+    got = np.asarray(_amx_conv(xc, _native.pack_conv_weight(wc), wc, (1, 1)))
+    dn = ("NHWC", "HWIO", "NHWC")
+    ref = lax.conv_general_dilated(
+        xc, wc, (1, 1), "VALID", dimension_numbers=dn, preferred_element_type=jnp.int32
+    )
+    np.testing.assert_array_equal(got, np.asarray(ref))
+    assert _native.parallel_calls() - before == 2
+
+
 def _largest_safe_k(w_code: int, max_abs_x: int = 255) -> int:
     """The largest K that ``prepare_linear``'s overflow check accepts for constant codes."""
     return (2**31 - 1) // max(max_abs_x * abs(w_code), 128 * abs(w_code))

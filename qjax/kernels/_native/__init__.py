@@ -64,6 +64,18 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+_LIB = None  # the loaded library once the probe succeeded
+
+
+def parallel_calls() -> int:
+    """How many native calls so far split their work over two threads (0 if not loaded).
+
+    >>> parallel_calls() >= 0
+    True
+    """
+    return int(_LIB.qjax_amx_parallel_calls()) if _LIB is not None else 0
+
+
 @functools.cache
 def _probe() -> tuple[bool, str]:
     machine = platform.machine().lower()
@@ -81,6 +93,7 @@ def _probe() -> tuple[bool, str]:
         lib = ctypes.CDLL(os.fspath(path))
     except OSError as e:
         return False, f"loading {path} failed: {e}"
+    global _LIB
     err = lib.qjax_amx_init()
     if err != 0:
         return False, (
@@ -89,6 +102,8 @@ def _probe() -> tuple[bool, str]:
         )
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.QjaxAmxS8Gemm), platform="cpu")
     jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.QjaxAmxS8Conv2d), platform="cpu")
+    lib.qjax_amx_parallel_calls.restype = ctypes.c_int64
+    _LIB = lib
     return True, f"AMX int8 GEMM ready ({path})"
 
 

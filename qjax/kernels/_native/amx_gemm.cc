@@ -165,15 +165,20 @@ void Drain(Job& j) {
   if (configured) _tile_release();
 }
 
-// A second thread pays off above about this many multiply-adds (the pool hand-off
-// costs a few microseconds; AMX does up to ~1000 MAC per cycle), or when the packed
-// weight is large enough that streaming it from L3 dominates (a few rows, K*N >= 512K):
-// two cores pull it in at twice the bandwidth.
-constexpr int64_t kParallelMacs = int64_t{1} << 24;
-constexpr int64_t kParallelWeightBytes = int64_t{1} << 19;
+// A second thread (a task on XLA's intra-op pool) only for very large calls. Measured on
+// the 2-core AMX machine while other work ran, same process, interleaved (median us,
+// K=N=1024): one thread M=1 32, M=32 40, M=256 ~300; two threads 75, 92, ~420; the
+// 64x28x28 3x3 32->64 conv: 9.0 vs 9.2 ms. The other core is rarely idle (XLA's own
+// threads, other processes), so the hand-off mostly adds latency.
+constexpr int64_t kParallelMacs = int64_t{1} << 31;
+
+std::atomic<int64_t> g_parallel_calls{0};  // calls that handed work to the pool (tests)
 
 void Run(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, bool parallel) {
-  if (parallel) pool.Schedule([job] { Drain(*job); });
+  if (parallel) {
+    g_parallel_calls.fetch_add(1, std::memory_order_relaxed);
+    pool.Schedule([job] { Drain(*job); });
+  }
   Drain(*job);
   // Items claimed by the pool task are running; wait for them (no new ones start).
   // Yield rather than spin: on 2 busy cores the task may need this very core.
@@ -292,8 +297,7 @@ ffi::Error AmxGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
     }
   }
   int64_t pairs = (nt + 1) / 2;
-  bool big = m * n * k >= kParallelMacs || nt * kt * 1024 >= kParallelWeightBytes;
-  bool parallel = big && pairs >= 2 && pool.num_threads() >= 2;
+  bool parallel = m * n * k >= kParallelMacs && pairs >= 2 && pool.num_threads() >= 2;
   // Several items per thread so an uneven start evens out.
   j.chunk_pairs = parallel ? (pairs + 7) / 8 : pairs;
   if (j.chunk_pairs < 1) j.chunk_pairs = 1;
@@ -432,3 +436,6 @@ extern "C" int qjax_amx_init() {
   if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return errno;
   return 0;
 }
+
+// How many calls so far scheduled a second thread (lets tests see that path run).
+extern "C" int64_t qjax_amx_parallel_calls() { return g_parallel_calls.load(); }
