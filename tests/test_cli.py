@@ -12,7 +12,11 @@ import pytest
 from qjax._cli import main
 
 pytest.importorskip("torch")
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
+    # xdist: the whole module on one worker (the module fixture saves models in a subprocess)
+    pytest.mark.xdist_group("test_cli"),
+]
 
 DEFS = textwrap.dedent('''
     import torch
