@@ -343,9 +343,11 @@ def test_one_compile_per_shape_jit_equals_eager_and_batch_split(rng):
     parts = [np.asarray(f(QArray(xv[i : i + s], xqp), pw)) for i, s in ((0, 1), (1, 32), (33, 223))]
     np.testing.assert_array_equal(np.concatenate(parts), full)
     assert len(traces) == 4  # one per new shape
-    # the compiled CPU program calls the native kernel and holds no int8 dot
+    # the compiled CPU program is one fused native call: no dot, no int32 (M, N) pass
     hlo = f.lower(QArray(xv, xqp), pw).compile().as_text()
-    assert 'custom_call_target="qjax_amx_s8_gemm"' in hlo and "dot(" not in hlo
+    assert hlo.count("custom_call_target=") == 1
+    assert f'custom_call_target="{_native.QTARGET}"' in hlo and "dot(" not in hlo
+    assert "s32[256,40]" not in hlo and "f32[256,40]" not in hlo
 
 
 def test_prepared_pytree_roundtrip_and_xla_aux_unchanged(rng):
@@ -368,9 +370,9 @@ def test_export_refuses_the_custom_call_unless_allowed(rng):
     x = QArray(jnp.asarray(rng.integers(0, 256, (4, 64)), jnp.uint8), QParams(0.02, 128, XSPEC))
     out = QParams(jnp.float32(0.03), jnp.int32(100), XSPEC)
     f = jax.jit(lambda x, pw: quantized_linear(x, pw, None, out))
-    with pytest.raises(ValueError, match="qjax_amx_s8_gemm"):
+    with pytest.raises(ValueError, match=_native.QTARGET):
         jax.export.export(f)(x, pw_amx)
-    allow = [jax.export.DisabledSafetyCheck.custom_call(_native.TARGET)]
+    allow = [jax.export.DisabledSafetyCheck.custom_call(_native.QTARGET)]
     exp = jax.export.export(f, disabled_checks=allow)(x, pw_amx)
     restored = jax.export.deserialize(exp.serialize())  # aux with the kernel round-trips
     y = restored.call(x, pw_amx)

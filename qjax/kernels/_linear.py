@@ -34,7 +34,11 @@ concrete, the spec's bounds otherwise) and raises with the layer's name.
 Kernel. ``prepare_linear(w, kernel="amx")`` (opt-in, x86-64 CPUs with AMX-INT8) packs
 the weight once into AMX tiles and ``accumulate="exact"`` then computes ``Σ x'w`` with
 the native FFI kernel (:mod:`qjax.kernels._native`) instead of ``lax.dot_general``;
-every other step above is unchanged, so the codes are the same. Off CPU the program
+every other step above is unchanged, so the codes are the same. With ``scheme``
+``"fbgemm"``/``"qnnpack"`` and weight zero points known to be 0, one fused native call
+(``qjax_amx_q8_gemm``) also does the zero-point correction and the requantize epilogue
+on each accumulator tile, uint8 codes taken as they are (:mod:`qjax.kernels._native._fused`:
+the same operations in the same order, so again the same codes). Off CPU the program
 uses ``lax.dot_general`` (same integers). A ``jax.export`` of such a program contains
 the custom call ``qjax_amx_s8_gemm``: export refuses it unless the caller disables
 that check (``jax.export.DisabledSafetyCheck.custom_call("qjax_amx_s8_gemm")``), and
@@ -269,6 +273,13 @@ def quantized_linear(
             f"layer {layer!r}: x of shape {x.shape} does not fit a ({k}, {n}) weight "
             f"(last dimension must be {k})"
         )
+    if accumulate == "exact" and _native.fusable(pw, x, bias, out_qparams, scheme):
+        # one native call: dot + zero-point correction + requantize (same codes)
+        codes = _native.fused_linear_codes(x, pw, bias, out_qparams, scheme, activation == "relu")
+        try:
+            return QArray(clamp_activation(codes, out_qparams, activation, bounds), out_qparams)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"layer {layer!r}: {e}") from None
     wq = pw.weight
     zx = jnp.asarray(x.zero_point).astype(jnp.int32).reshape(())
     zw = jnp.asarray(wq.zero_point).astype(jnp.int32)  # () or (N,)

@@ -19,7 +19,8 @@ Availability (:func:`native_status`), checked once per process, in this order:
 4. Linux grants the AMX tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM,
    XFEATURE_XTILEDATA)``, kernel >= 5.16).
 
-Then the FFI targets ``qjax_amx_s8_gemm`` and ``qjax_amx_s8_conv2d`` are registered for
+Then the FFI targets ``qjax_amx_s8_gemm``, ``qjax_amx_q8_gemm`` (the dot fused with
+the requantize epilogue, :mod:`._fused`) and ``qjax_amx_s8_conv2d`` are registered for
 the ``"cpu"`` platform.
 """
 
@@ -35,12 +36,26 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _build
+from ._fused import (
+    FUSED_SCHEMES,
+    QTARGET,
+    amx_linear_q8,
+    epilogue_vectors,
+    fusable,
+    fused_linear_codes,
+)
 
 __all__ = [
     "CONV_TARGET",
+    "FUSED_SCHEMES",
+    "QTARGET",
     "TARGET",
     "amx_conv2d",
     "amx_dot",
+    "amx_linear_q8",
+    "epilogue_vectors",
+    "fusable",
+    "fused_linear_codes",
     "native_status",
     "pack_conv_weight",
     "pack_weight",
@@ -101,6 +116,7 @@ def _probe() -> tuple[bool, str]:
             f"{os.strerror(err)} (errno {err}); Linux >= 5.16 grants AMX state"
         )
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.QjaxAmxS8Gemm), platform="cpu")
+    jax.ffi.register_ffi_target(QTARGET, jax.ffi.pycapsule(lib.QjaxAmxQ8Gemm), platform="cpu")
     jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.QjaxAmxS8Conv2d), platform="cpu")
     lib.qjax_amx_parallel_calls.restype = ctypes.c_int64
     _LIB = lib

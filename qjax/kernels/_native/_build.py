@@ -22,7 +22,8 @@ import jaxlib
 
 SOURCE = Path(__file__).with_name("amx_gemm.cc")
 LIB_NAME = "libqjax_amx.so"
-# Integer-only code: no float flag (-ffast-math, -ffp-contract) changes a result.
+# The fused epilogue does float32 arithmetic that must round exactly as XLA's: no fast
+# math, and no contraction of a multiply into an add (-ffp-contract=off).
 FLAGS = (
     "-O3",
     "-std=c++17",
@@ -32,6 +33,8 @@ FLAGS = (
     "-mamx-int8",
     "-mavx512f",
     "-mavx512bw",
+    "-ffp-contract=off",
+    "-fno-fast-math",
     "-w",  # the FFI headers warn under -O3 (unreachable returns); not ours to fix
 )
 

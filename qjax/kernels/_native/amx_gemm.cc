@@ -71,7 +71,17 @@ struct Operands {
   const int8_t* b1;
 };
 
-template <bool kTwoM, bool kTwoN>
+// kU: A holds uint8 codes (tdpbusd, unsigned x signed), else int8 (tdpbssd).
+template <bool kU>
+inline void Dp0() { if constexpr (kU) _tile_dpbusd(0, 4, 6); else _tile_dpbssd(0, 4, 6); }
+template <bool kU>
+inline void Dp1() { if constexpr (kU) _tile_dpbusd(1, 4, 7); else _tile_dpbssd(1, 4, 7); }
+template <bool kU>
+inline void Dp2() { if constexpr (kU) _tile_dpbusd(2, 5, 6); else _tile_dpbssd(2, 5, 6); }
+template <bool kU>
+inline void Dp3() { if constexpr (kU) _tile_dpbusd(3, 5, 7); else _tile_dpbssd(3, 5, 7); }
+
+template <bool kTwoM, bool kTwoN, bool kU>
 void Accumulate(const Operands& t) {
   _tile_zero(0);
   if (kTwoN) _tile_zero(1);
@@ -80,62 +90,127 @@ void Accumulate(const Operands& t) {
   for (int64_t k = 0; k < t.kt; ++k) {
     _tile_loadd(4, t.a0 + t.aoff[k], t.sa0);
     _tile_loadd(6, t.b0 + k * 1024, 64);
-    _tile_dpbssd(0, 4, 6);
+    Dp0<kU>();
     if (kTwoN) {
       _tile_loadd(7, t.b1 + k * 1024, 64);
-      _tile_dpbssd(1, 4, 7);
+      Dp1<kU>();
     }
     if (kTwoM) {
       _tile_loadd(5, t.a1 + t.aoff[k], t.sa1);
-      _tile_dpbssd(2, 5, 6);
-      if (kTwoN) _tile_dpbssd(3, 5, 7);
+      Dp2<kU>();
+      if (kTwoN) Dp3<kU>();
     }
   }
 }
 
-// C tile T -> dst (row stride ld int32), only the first rows x cols values.
 template <int T>
-inline void StoreC(int32_t* dst, int64_t ld, int64_t rows, int64_t cols) {
-  bool full = rows >= kTileRows && cols >= kTileN;
-  alignas(64) int32_t buf[kTileRows * kTileN];
-  int32_t* p = full ? dst : buf;
-  int64_t stride = full ? ld * 4 : kTileN * 4;
+inline void TileStore(void* p, int64_t stride) {
   // the tile number must be an immediate
   if constexpr (T == 0) _tile_stored(0, p, stride);
   if constexpr (T == 1) _tile_stored(1, p, stride);
   if constexpr (T == 2) _tile_stored(2, p, stride);
   if constexpr (T == 3) _tile_stored(3, p, stride);
-  if (full) return;
-  if (rows > kTileRows) rows = kTileRows;
-  if (cols > kTileN) cols = kTileN;
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * ld, buf + r * kTileN, cols * 4);
 }
 
-// Output block at rows [0, 32) of c (row stride ld), columns n0.. of n; rows0/rows1
-// valid rows of the two row blocks.
-template <bool kTwoM, bool kTwoN>
-void Block(const Operands& t, int32_t* c, int64_t ld, int64_t rows0, int64_t rows1,
-           int64_t n0, int64_t n) {
-  Accumulate<kTwoM, kTwoN>(t);
-  StoreC<0>(c + n0, ld, rows0, n - n0);
-  if (kTwoN) StoreC<1>(c + n0 + kTileN, ld, rows0, n - n0 - kTileN);
-  if (kTwoM) StoreC<2>(c + kTileRows * ld + n0, ld, rows1, n - n0);
-  if (kTwoM && kTwoN) StoreC<3>(c + kTileRows * ld + n0 + kTileN, ld, rows1, n - n0 - kTileN);
+// int32 output (the plain dot): C tile T -> c[r.., col..] (row stride ld int32), only
+// the first rows x cols values.
+struct I32Out {
+  int32_t* c;
+  int64_t ld;
+  template <int T>
+  void Put(int64_t r, int64_t col, int64_t rows, int64_t cols) const {
+    int32_t* dst = c + r * ld + col;
+    if (rows >= kTileRows && cols >= kTileN) {
+      TileStore<T>(dst, ld * 4);
+      return;
+    }
+    alignas(64) int32_t buf[kTileRows * kTileN];
+    TileStore<T>(buf, kTileN * 4);
+    if (rows > kTileRows) rows = kTileRows;
+    if (cols > kTileN) cols = kTileN;
+    for (int64_t i = 0; i < rows; ++i) std::memcpy(dst + i * ld, buf + i * kTileN, cols * 4);
+  }
+};
+
+// The fused requantize epilogue, per output column n (one implementation of
+// qjax.kernels._requant._apply_fbgemm, step for step):
+//   a = acc + ivec[n]                       int32, wrapping (XLA's int32 add)
+//   y = f32(a) + fvec[n]                    (round to nearest even)
+//   r = rint(f32(y * mult[n]))              round half to even
+//   v = NaN ? 0 : min(max(r, flo), fhi)     jnp.clip then astype(int32): NaN -> 0
+//   code = (int8/uint8)(int32(v) + zp)      the low byte (XLA's integer convert)
+// "qnnpack" is the same with ivec = corr + b_q and fvec = 0 (f32(a) + 0 == f32(a)).
+// Plain AVX-512 operations under the thread's MXCSR (as XLA's own code), and the
+// library is built with -ffp-contract=off, so y * mult is never fused into the add.
+struct Epilogue {
+  const int32_t* ivec;
+  const float* fvec;
+  const float* mult;
+  float flo, fhi;
+  int32_t zp;
+};
+
+inline void Requant16(const int32_t* acc, int64_t rows, int64_t cols, uint8_t* dst,
+                      int64_t ld, const Epilogue& e, int64_t col) {
+  __mmask16 m = static_cast<__mmask16>((1u << cols) - 1);
+  __m512i iv = _mm512_maskz_loadu_epi32(m, e.ivec + col);
+  __m512 fv = _mm512_maskz_loadu_ps(m, e.fvec + col);
+  __m512 mu = _mm512_maskz_loadu_ps(m, e.mult + col);
+  __m512 lo = _mm512_set1_ps(e.flo);
+  __m512 hi = _mm512_set1_ps(e.fhi);
+  __m512i zp = _mm512_set1_epi32(e.zp);
+  for (int64_t i = 0; i < rows; ++i) {
+    __m512i a = _mm512_add_epi32(_mm512_load_si512(acc + i * kTileN), iv);
+    __m512 y = _mm512_add_ps(_mm512_cvtepi32_ps(a), fv);
+    __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(y, mu), _MM_FROUND_TO_NEAREST_INT);
+    __mmask16 nan = _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
+    __m512 v = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+    __m512i q = _mm512_maskz_mov_epi32(static_cast<__mmask16>(~nan), _mm512_cvttps_epi32(v));
+    _mm512_mask_cvtepi32_storeu_epi8(dst + i * ld, m, _mm512_add_epi32(q, zp));
+  }
+}
+
+// 8-bit output through the epilogue: C tile T -> codes c[r.., col..] (row stride ld).
+struct Q8Out {
+  uint8_t* c;
+  int64_t ld;
+  const Epilogue* e;
+  template <int T>
+  void Put(int64_t r, int64_t col, int64_t rows, int64_t cols) const {
+    if (rows <= 0 || cols <= 0) return;
+    alignas(64) int32_t buf[kTileRows * kTileN];
+    TileStore<T>(buf, kTileN * 4);
+    if (rows > kTileRows) rows = kTileRows;
+    if (cols > kTileN) cols = kTileN;
+    Requant16(buf, rows, cols, c + r * ld + col, ld, *e, col);
+  }
+};
+
+// Output block at rows [0, 32) of out, columns n0.. of n; rows0/rows1 valid rows of
+// the two row blocks.
+template <bool kTwoM, bool kTwoN, bool kU, class Out>
+void Block(const Operands& t, const Out& out, int64_t rows0, int64_t rows1, int64_t n0,
+           int64_t n) {
+  Accumulate<kTwoM, kTwoN, kU>(t);
+  out.template Put<0>(0, n0, rows0, n - n0);
+  if (kTwoN) out.template Put<1>(0, n0 + kTileN, rows0, n - n0 - kTileN);
+  if (kTwoM) out.template Put<2>(kTileRows, n0, rows1, n - n0);
+  if (kTwoM && kTwoN) out.template Put<3>(kTileRows, n0 + kTileN, rows1, n - n0 - kTileN);
 }
 
 // Every n-tile pair of [nb_begin, nb_end) for one pair of A row blocks.
-void RowBlocks(Operands t, bool two_m, int32_t* c, int64_t ld, int64_t rows0,
-               int64_t rows1, int64_t nb_begin, int64_t nb_end, const int8_t* wp,
-               int64_t n) {
+template <bool kU, class Out>
+void RowBlocks(Operands t, bool two_m, const Out& out, int64_t rows0, int64_t rows1,
+               int64_t nb_begin, int64_t nb_end, const int8_t* wp, int64_t n) {
   for (int64_t nb = nb_begin; nb < nb_end; nb += 2) {
     bool two_n = nb + 1 < nb_end;
     t.b0 = wp + nb * t.kt * 1024;
     t.b1 = t.b0 + t.kt * 1024;
     int64_t n0 = nb * kTileN;
-    if (two_m && two_n) Block<true, true>(t, c, ld, rows0, rows1, n0, n);
-    else if (two_m) Block<true, false>(t, c, ld, rows0, rows1, n0, n);
-    else if (two_n) Block<false, true>(t, c, ld, rows0, rows1, n0, n);
-    else Block<false, false>(t, c, ld, rows0, rows1, n0, n);
+    if (two_m && two_n) Block<true, true, kU>(t, out, rows0, rows1, n0, n);
+    else if (two_m) Block<true, false, kU>(t, out, rows0, rows1, n0, n);
+    else if (two_n) Block<false, true, kU>(t, out, rows0, rows1, n0, n);
+    else Block<false, false, kU>(t, out, rows0, rows1, n0, n);
   }
 }
 
@@ -198,7 +273,10 @@ struct GemmJob : Job {
   int64_t full_blocks = 0;       // 16-row blocks read from x directly
   int64_t m = 0, n = 0, kt = 0, nt = 0;
   const int8_t* wp = nullptr;
-  int32_t* out = nullptr;
+  int32_t* out = nullptr;  // int32 output, or
+  uint8_t* q = nullptr;    // 8-bit codes through the epilogue
+  Epilogue epi{};
+  bool unsigned_a = false;  // A holds uint8 codes
   int64_t chunk_pairs = 0;  // n-tile pairs per work item
   std::vector<int64_t> aoff;
   std::vector<int8_t> a_pad;  // padded copy of A when K % 64 != 0
@@ -227,55 +305,54 @@ struct GemmJob : Job {
       t.a0 = ABlock(mb, &t.sa0);
       if (two_m) t.a1 = ABlock(mb + 1, &t.sa1);
       int64_t m0 = mb * kTileRows;
-      RowBlocks(t, two_m, out + m0 * n, n, m - m0, m - m0 - kTileRows, nb_begin, nb_end,
-                wp, n);
+      int64_t r0 = m - m0, r1 = m - m0 - kTileRows;
+      if (q == nullptr) {
+        RowBlocks<false>(t, two_m, I32Out{out + m0 * n, n}, r0, r1, nb_begin, nb_end, wp, n);
+      } else {
+        Q8Out o{q + m0 * n, n, &epi};
+        if (unsigned_a) RowBlocks<true>(t, two_m, o, r0, r1, nb_begin, nb_end, wp, n);
+        else RowBlocks<false>(t, two_m, o, r0, r1, nb_begin, nb_end, wp, n);
+      }
     }
   }
 };
 
-ffi::Error AmxGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
-                       ffi::Buffer<ffi::S8> wp, ffi::ResultBuffer<ffi::S32> out) {
-  auto xd = x.dimensions();
-  auto wd = wp.dimensions();
-  auto od = out->dimensions();
+// Shapes of x (..., K), the packed weight (..., Nt, Kt, 16, 64) and out (..., N);
+// sets m, k, n, kt, nt or returns the error.
+ffi::Error GemmShapes(const char* who, ffi::AnyBuffer::Dimensions xd,
+                      ffi::AnyBuffer::Dimensions wd, ffi::AnyBuffer::Dimensions od, int64_t* m,
+                      int64_t* k, int64_t* n, int64_t* kt, int64_t* nt) {
+  std::string w(who);
   if (xd.size() < 1 || wd.size() < 4 || od.size() != xd.size())
-    return ffi::Error::InvalidArgument("qjax_amx_s8_gemm: bad operand ranks");
+    return ffi::Error::InvalidArgument(w + ": bad operand ranks");
   for (size_t i = 0; i + 4 < wd.size(); ++i)
     if (wd[i] != 1)
       return ffi::Error::InvalidArgument(
-          "qjax_amx_s8_gemm: a batched (vmapped) packed weight is not supported");
-  int64_t k = xd.back();
-  int64_t n = od.back();
-  int64_t m = 1;
+          w + ": a batched (vmapped) packed weight is not supported");
+  *k = xd.back();
+  *n = od.back();
+  *m = 1;
   for (size_t i = 0; i + 1 < xd.size(); ++i) {
-    m *= xd[i];
-    if (xd[i] != od[i])
-      return ffi::Error::InvalidArgument("qjax_amx_s8_gemm: x / out leading dims differ");
+    *m *= xd[i];
+    if (xd[i] != od[i]) return ffi::Error::InvalidArgument(w + ": x / out leading dims differ");
   }
   size_t r = wd.size();
-  int64_t nt = wd[r - 4], kt = wd[r - 3];
-  if (wd[r - 2] != 16 || wd[r - 1] != 64 || nt != (n + kTileN - 1) / kTileN ||
-      kt != (k + kTileK - 1) / kTileK)
+  *nt = wd[r - 4];
+  *kt = wd[r - 3];
+  if (wd[r - 2] != 16 || wd[r - 1] != 64 || *nt != (*n + kTileN - 1) / kTileN ||
+      *kt != (*k + kTileK - 1) / kTileK)
     return ffi::Error::InvalidArgument(
-        "qjax_amx_s8_gemm: packed weight shape does not match x (K) and out (N)");
-  if (m == 0 || n == 0) return ffi::Error::Success();
-  int32_t* o = out->typed_data();
-  if (k == 0) {
-    std::memset(o, 0, sizeof(int32_t) * m * n);
-    return ffi::Error::Success();
-  }
+        w + ": packed weight shape does not match x (K) and out (N)");
+  return ffi::Error::Success();
+}
 
-  auto job = std::make_shared<GemmJob>();
+// Fills the A-side of the job (x rows, K tail copy, M tail block) and runs it.
+void RunGemm(ffi::ThreadPool& pool, const std::shared_ptr<GemmJob>& job, const int8_t* xs,
+             int64_t k) {
   GemmJob& j = *job;
-  j.m = m;
-  j.n = n;
-  j.kt = kt;
-  j.nt = nt;
-  j.wp = wp.typed_data();
-  j.out = o;
+  int64_t m = j.m, kt = j.kt, nt = j.nt;
   j.aoff.resize(kt);
   for (int64_t i = 0; i < kt; ++i) j.aoff[i] = i * kTileK;
-  const int8_t* xs = x.typed_data();
   int64_t kp = kt * kTileK;
   int64_t mt = (m + kTileRows - 1) / kTileRows;
   if (k % kTileK != 0) {
@@ -297,12 +374,83 @@ ffi::Error AmxGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
     }
   }
   int64_t pairs = (nt + 1) / 2;
-  bool parallel = m * n * k >= kParallelMacs && pairs >= 2 && pool.num_threads() >= 2;
+  bool parallel = m * j.n * k >= kParallelMacs && pairs >= 2 && pool.num_threads() >= 2;
   // Several items per thread so an uneven start evens out.
   j.chunk_pairs = parallel ? (pairs + 7) / 8 : pairs;
   if (j.chunk_pairs < 1) j.chunk_pairs = 1;
   j.items = (pairs + j.chunk_pairs - 1) / j.chunk_pairs;
   Run(pool, job, parallel);
+}
+
+ffi::Error AmxGemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
+                       ffi::Buffer<ffi::S8> wp, ffi::ResultBuffer<ffi::S32> out) {
+  int64_t m, k, n, kt, nt;
+  ffi::Error err = GemmShapes("qjax_amx_s8_gemm", x.dimensions(), wp.dimensions(),
+                              out->dimensions(), &m, &k, &n, &kt, &nt);
+  if (err.failure()) return err;
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  int32_t* o = out->typed_data();
+  if (k == 0) {
+    std::memset(o, 0, sizeof(int32_t) * m * n);
+    return ffi::Error::Success();
+  }
+  auto job = std::make_shared<GemmJob>();
+  job->m = m;
+  job->n = n;
+  job->kt = kt;
+  job->nt = nt;
+  job->wp = wp.typed_data();
+  job->out = o;
+  RunGemm(pool, job, x.typed_data(), k);
+  return ffi::Error::Success();
+}
+
+// Fused: 8-bit codes = epilogue(x . w) in one pass (Epilogue above). x int8 or uint8
+// (as they are: uint8 goes through tdpbusd); out int8 or uint8; ivec int32 (N,),
+// fvec/mult float32 (N,), clamp float32 (2,) = (lo - zp, hi - zp), zp int32 (1,).
+ffi::Error AmxGemmQImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S8> wp,
+                        ffi::Buffer<ffi::S32> ivec, ffi::Buffer<ffi::F32> fvec,
+                        ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::F32> clamp,
+                        ffi::Buffer<ffi::S32> zp, ffi::Result<ffi::AnyBuffer> out) {
+  const char* who = "qjax_amx_q8_gemm";
+  auto xt = x.element_type();
+  auto ot = out->element_type();
+  if ((xt != ffi::DataType::S8 && xt != ffi::DataType::U8) ||
+      (ot != ffi::DataType::S8 && ot != ffi::DataType::U8))
+    return ffi::Error::InvalidArgument(
+        "qjax_amx_q8_gemm: x and out must be int8 or uint8 codes");
+  int64_t m, k, n, kt, nt;
+  ffi::Error err =
+      GemmShapes(who, x.dimensions(), wp.dimensions(), out->dimensions(), &m, &k, &n, &kt, &nt);
+  if (err.failure()) return err;
+  if (ivec.element_count() != static_cast<size_t>(n) ||
+      fvec.element_count() != static_cast<size_t>(n) ||
+      mult.element_count() != static_cast<size_t>(n) || clamp.element_count() != 2 ||
+      zp.element_count() != 1)
+    return ffi::Error::InvalidArgument(
+        "qjax_amx_q8_gemm: epilogue vectors must be (N,), clamp (2,), zp (1,)");
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  auto job = std::make_shared<GemmJob>();
+  job->m = m;
+  job->n = n;
+  job->kt = kt;
+  job->nt = nt;
+  job->wp = wp.typed_data();
+  job->q = static_cast<uint8_t*>(out->untyped_data());
+  job->unsigned_a = xt == ffi::DataType::U8;
+  job->epi = Epilogue{ivec.typed_data(), fvec.typed_data(), mult.typed_data(),
+                      clamp.typed_data()[0], clamp.typed_data()[1], zp.typed_data()[0]};
+  const int8_t* xs = static_cast<const int8_t*>(x.untyped_data());
+  if (k == 0) {
+    // no K tiles: an all-zero accumulator through the same epilogue
+    std::vector<int8_t> zero(kTileK * m, 0);
+    std::vector<int8_t> wz(nt * 1024, 0);
+    job->kt = 1;
+    job->wp = wz.data();
+    RunGemm(pool, job, zero.data(), kTileK);
+    return ffi::Error::Success();
+  }
+  RunGemm(pool, job, xs, k);
   return ffi::Error::Success();
 }
 
@@ -346,7 +494,8 @@ struct ConvJob : Job {
         bool two_m = w0 + kTileRows < ow;
         t.a0 = xrow + w0 * sw * c;
         t.a1 = t.a0 + kTileRows * sw * c;
-        RowBlocks(t, two_m, orow + w0 * o, o, ow - w0, ow - w0 - kTileRows, 0, nt, wp, o);
+        RowBlocks<false>(t, two_m, I32Out{orow + w0 * o, o}, ow - w0, ow - w0 - kTileRows, 0,
+                         nt, wp, o);
       }
     }
   }
@@ -419,6 +568,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxAmxS8Gemm, AmxGemmImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxAmxQ8Gemm, AmxGemmQImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxAmxS8Conv2d, AmxConvImpl,
                               ffi::Ffi::Bind()

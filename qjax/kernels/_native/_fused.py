@@ -1,0 +1,167 @@
+"""The fused AMX linear layer: 8-bit codes in, 8-bit codes out, one native call.
+
+``qjax_amx_q8_gemm`` computes the int32 dot on AMX (uint8 codes as they are through
+``tdpbusd``, int8 through ``tdpbssd``) and runs the requantize epilogue on each 16x16
+accumulator tile while it is still in cache, writing the output codes directly. The
+per-channel coefficients are computed in XLA by the scheme's own coefficient function
+(``_coef_fbgemm`` / ``_coef_qnnpack`` via ``_coefficients``, the one implementation of
+those float formulas); the kernel only runs the per-element steps of
+``_apply_fbgemm``, in the same order with the same roundings:
+
+``a = acc + ivec[n]`` (int32, wrapping), ``y = f32(a) + fvec[n]``,
+``code = clamp(rint(f32(y·mult[n])), lo - zp, hi - zp) + zp`` (NaN -> ``zp``)
+
+with, for ``"fbgemm"``: ``ivec = -zp_x·Σ_k w``, ``fvec = b`` (the scheme's ``f32(b/ats)``
+or ``f32(b·inv(ats))``, 0 without bias), ``mult = M``; for ``"qnnpack"``: ``ivec =
+-zp_x·Σ_k w + b_q`` (int32, wrapping, as ``(acc - zp_x·Σw) + b_q``), ``fvec = 0``
+(``f32(a) + 0 = f32(a)`` exactly), ``mult = rs``. So the codes equal the unfused path's.
+
+Covered: weights whose zero points are known to be 0 (``zero_point_is_zero``; otherwise
+a per-row ``Σ_k x`` term is needed and the unfused path runs), per-tensor or
+per-channel weight scales, ``activation`` ``None``/``"relu"`` (folded into ``lo``) and
+``"relu6"``/``"hardtanh"`` (their clamp runs after the call), int8/uint8 outputs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .._requant import (
+    _apply_fbgemm,
+    _coef_fbgemm,
+    _coef_qnnpack,
+    _coefficients,
+    _zero_point_scalar,
+    activation_bounds,
+)
+
+QTARGET = "qjax_amx_q8_gemm"
+FUSED_SCHEMES = ("fbgemm", "qnnpack")
+_CODES = (np.dtype(np.int8), np.dtype(np.uint8))
+
+
+def epilogue_vectors(scheme, n, corr, bias, scale_x, scale_w, out, relu):
+    """``(ivec, fvec, mult, clamp, zp)`` of the fused epilogue (module docstring).
+
+    ``corr`` int32 ``(N,)`` (``-zp_x·Σ_k w``); ``bias`` float32 ``(N,)``/0-d or ``None``;
+    ``scale_w`` 0-d (per-tensor) or ``(N,)``. Returns int32 ``(N,)``, float32 ``(N,)``,
+    float32 ``(N,)``, float32 ``(2,)`` = ``(lo - zp, hi - zp)``, int32 ``(1,)``.
+
+    >>> from qjax import QParams, QuantSpec
+    >>> out = QParams(0.5, 3, QuantSpec(signed=False))
+    >>> iv, fv, mu, cl, zp = epilogue_vectors("qnnpack", 2, jnp.array([-4, 0], jnp.int32),
+    ...     jnp.array([1.0, -1.0], jnp.float32), 1.0, jnp.float32(0.5), out, True)
+    >>> iv.tolist(), fv.tolist(), mu.tolist(), cl.tolist(), zp.tolist()
+    ([-2, -2], [0.0, 0.0], [1.0, 1.0], [0.0, 252.0], [3])
+    """
+    lo, hi = activation_bounds(out, "relu" if relu else None)
+    sx = jnp.asarray(scale_x, jnp.float32).reshape(())
+    sw = jnp.asarray(scale_w, jnp.float32)
+    so = jnp.asarray(out.scale, jnp.float32).reshape(())
+    zo = _zero_point_scalar(out.zero_point)
+    b = None if bias is None else jnp.asarray(bias).astype(jnp.float32)
+    if scheme == "fbgemm":
+        bf, mult, zp, flo, fhi = _coefficients(_coef_fbgemm, b, sx, sw, so, zo, lo, hi)
+        ivec = corr
+        fvec = jnp.zeros((n,), jnp.float32) if bf is None else jnp.broadcast_to(bf, (n,))
+    elif scheme == "qnnpack":
+        b_q, mult, zp, flo, fhi = _coefficients(_coef_qnnpack, b, sx, sw, so, zo, lo, hi)
+        ivec = corr if b_q is None else corr + b_q
+        fvec = jnp.zeros((n,), jnp.float32)
+    else:
+        raise ValueError(f"the fused AMX epilogue covers {FUSED_SCHEMES}, got {scheme!r}")
+    ivec = jnp.broadcast_to(ivec, (n,)).astype(jnp.int32)
+    mult = jnp.broadcast_to(mult, (n,))
+    clamp = jnp.stack([jnp.reshape(flo, ()), jnp.reshape(fhi, ())])
+    return ivec, fvec, mult, clamp, jnp.reshape(zp, (1,))
+
+
+def fusable(pw, x, bias, out, scheme) -> bool:
+    """Whether ``quantized_linear`` can take the fused call (else the unfused path runs).
+
+    Needs an AMX-prepared weight with zero points known to be 0, scheme
+    ``"fbgemm"``/``"qnnpack"``, int8/uint8 inputs and per-tensor int8/uint8 outputs
+    with an integer zero point, and a float32-castable ``(N,)`` or 0-d bias; anything
+    else (including malformed input, whose error the unfused path raises) is ``False``.
+
+    >>> fusable(None, None, None, None, "tflite")
+    False
+    """
+    if scheme not in FUSED_SCHEMES or getattr(pw, "kernel", None) != "amx":
+        return False
+    if not pw.zero_point_is_zero or x.values.dtype not in _CODES:
+        return False
+    ospec = out.spec
+    if ospec.granularity != "tensor" or np.dtype(ospec.dtype) not in _CODES:
+        return False
+    if jnp.size(out.scale) != 1 or not jnp.issubdtype(
+        jnp.asarray(out.zero_point).dtype, jnp.integer
+    ):
+        return False
+    if jnp.size(x.scale) != 1:
+        return False
+    if bias is not None:
+        b = jnp.asarray(bias)
+        if not jnp.issubdtype(b.dtype, jnp.floating) or b.shape not in ((), (pw.out_features,)):
+            return False
+    return True
+
+
+def fused_linear_codes(x, pw, bias, out, scheme, relu) -> jax.Array:
+    """Output codes of ``quantized_linear`` (before a ``relu6``/``hardtanh`` clamp) in one
+    fused AMX call; only when :func:`fusable` said so.
+
+    ``x`` a :class:`~qjax.QArray` ``(..., K)``; ``pw`` an AMX ``PreparedLinear``; the
+    accumulator correction ``-zp_x·Σ_k w`` uses the raw codes' zero point (uint8 codes
+    are not shifted: ``tdpbusd`` takes them as they are). Returns ``out.spec.dtype``.
+
+    >>> fusable(None, None, None, None, "exact")  # see quantized_linear's tests
+    False
+    """
+    wq = pw.weight
+    zx = jnp.asarray(x.zero_point).astype(jnp.int32).reshape(())
+    corr = jnp.int32(0) - zx * pw.col_sum
+    scale_w = wq.scale if wq.spec.granularity == "axis" else jnp.reshape(wq.scale, ())
+    vecs = epilogue_vectors(
+        scheme, pw.out_features, corr, bias, jnp.reshape(x.scale, ()), scale_w, out, relu
+    )
+    return amx_linear_q8(x.values, pw.packed, wq.values, *vecs, out.spec.dtype)
+
+
+def amx_linear_q8(x, packed, w, ivec, fvec, mult, clamp, zp, out_dtype) -> jax.Array:
+    """8-bit codes ``(..., N)`` of the fused layer (module docstring) from codes ``x``.
+
+    ``x`` int8 or uint8 ``(..., K)``; ``packed = pack_weight(w)``, ``w`` int8 ``(K, N)``
+    (used only off CPU, where ``lax.dot_general`` and ``_apply_fbgemm`` compute the same
+    codes); the vectors from :func:`epilogue_vectors`; ``out_dtype`` int8 or uint8.
+
+    >>> from qjax.kernels._native import native_status, pack_weight
+    >>> x = jnp.array([[200, 3]], jnp.uint8)
+    >>> w = jnp.array([[1, -1], [2, 1]], jnp.int8)
+    >>> one, z = jnp.ones(2, jnp.float32), jnp.zeros(2, jnp.float32)
+    >>> if native_status()[0]:  # rint(206 / 2) = 103, rint(-197 / 2) = -98 (ties to even)
+    ...     print(amx_linear_q8(x, pack_weight(w), w, jnp.zeros(2, jnp.int32), z, one / 2,
+    ...           jnp.array([-128.0, 127.0]), jnp.array([0], jnp.int32), jnp.int8))
+    ... else:
+    ...     print("[[103 -98]]")
+    [[103 -98]]
+    """
+    n = w.shape[1]
+    shape = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), out_dtype)
+
+    def native(x, packed, w, *vecs):
+        del w
+        return jax.ffi.ffi_call(QTARGET, shape, vmap_method="expand_dims")(x, packed, *vecs)
+
+    def portable(x, packed, w, ivec, fvec, mult, clamp, zp):
+        del packed
+        dims = (((x.ndim - 1,), (0,)), ((), ()))
+        acc = lax.dot_general(x.astype(jnp.int32), w.astype(jnp.int32), dims)
+        codes = _apply_fbgemm(acc + ivec, fvec, mult, zp[0], clamp[0], clamp[1])
+        return codes.astype(out_dtype)
+
+    vecs = (ivec, fvec, mult, clamp, zp)
+    return lax.platform_dependent(x, packed, w, *vecs, cpu=native, default=portable)
