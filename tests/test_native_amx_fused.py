@@ -24,7 +24,15 @@ import numpy as np
 import pytest
 
 from qjax import QParams, QuantSpec
-from qjax.kernels import QArray, _native, native_status, prepare_linear, quantized_linear
+from qjax.kernels import (
+    QArray,
+    _native,
+    native_status,
+    prepare_conv,
+    prepare_linear,
+    quantized_conv,
+    quantized_linear,
+)
 
 try:
     import torch
@@ -250,3 +258,78 @@ def test_fused_codes_equal_torch(engine, rng):
             bad += int((got != ref).sum())
     print(f"\nfused amx vs torch {engine}: {n_out:,} output codes, {bad} differ")
     assert bad == 0 and n_out > 15_000
+
+
+# ----------------------------------------------------------------------------------------
+# the fused conv
+
+
+@functools.partial(jax.jit, static_argnames=("combos", "layout", "stride", "padding"))
+def _conv_both(x, pw_xla, pw_amx, b, out, *, combos, layout, stride, padding):
+    res = []
+    for scheme, act, has_bias in combos:
+        bounds = (-0.4, 0.9) if act == "hardtanh" else None
+        for pw in (pw_xla, pw_amx):
+            y = quantized_conv(
+                x,
+                pw,
+                b if has_bias else None,
+                out,
+                scheme=scheme,
+                activation=act,
+                bounds=bounds,
+                layout=layout,
+                stride=stride,
+                padding=padding,
+            )
+            res.append(y.values.astype(jnp.int32))
+    return jnp.stack(res)
+
+
+def test_fused_conv_equals_xla_path(rng):
+    compared = bad = 0
+    combos = tuple((s, a, hb) for s, a, hb in COMBOS if (a is None) == hb or a == "relu6")
+    for layout, stride, padding, signed, per_channel, tie in (
+        ("NHWC", 1, "SAME", False, True, False),
+        ("NCHW", (1, 2), ((0, 1), (2, 0)), True, False, False),
+        ("NHWC", 2, "VALID", False, False, True),
+    ):
+        c, o = 12, 20
+        spec = QuantSpec(signed=True, symmetric=True, axis=0 if per_channel else None)
+        if tie:
+            wv, sw, sx, so = rng.integers(-3, 4, (o, c, 3, 3)), 2.0**-3, 2.0**-2, 2.0**-6
+        else:
+            wv, sw, sx, so = rng.integers(-127, 128, (o, c, 3, 3)), 0.01, 0.02, 0.05
+        scale = jnp.asarray(rng.uniform(0.5, 1.5, o) * sw if per_channel and not tie else sw)
+        wqp = QParams(scale.astype(jnp.float32), jnp.zeros(scale.shape, jnp.int32), spec)
+        w = QArray(jnp.asarray(wv, jnp.int8), wqp)
+        pw_xla, pw_amx = prepare_conv(w, name="c"), prepare_conv(w, name="c", kernel="amx")
+        shape = (2, c, 11, 13) if layout == "NCHW" else (2, 11, 13, c)
+        zx = -3 if signed else 125
+        if tie:
+            xv = rng.integers(-3, 4, shape) + zx
+        else:
+            xv = rng.integers(-128, 128, shape) if signed else rng.integers(0, 256, shape)
+        xspec = QuantSpec(signed=signed)
+        x = QArray(
+            jnp.asarray(xv, jnp.int8 if signed else jnp.uint8),
+            QParams(jnp.float32(sx), jnp.int32(zx), xspec),
+        )
+        out = QParams(jnp.float32(so), jnp.int32(3 if signed else 60), QuantSpec(signed=signed))
+        b = jnp.asarray(rng.integers(-9, 10, o) * sx * sw, jnp.float32)
+        kw = dict(combos=combos, layout=layout, stride=stride, padding=padding)
+        got = np.asarray(_conv_both(x, pw_xla, pw_amx, b, out, **kw))
+        compared += got[1::2].size
+        bad += int((got[0::2] != got[1::2]).sum())
+        assert len(np.unique(got)) > 10
+    print(f"\nfused amx vs xla quantized_conv: {compared:,} codes, {bad} differ")
+    assert bad == 0
+    # the program: one fused conv call, no int32 output-sized pass
+    f = jax.jit(lambda x, pw: quantized_conv(x, pw, b, out, layout="NHWC", padding="SAME").values)
+    xn = QArray(jnp.zeros((2, 11, 13, c), jnp.uint8), QParams(0.02, 125, QuantSpec(signed=False)))
+    pw = prepare_conv(
+        QArray(jnp.asarray(wv, jnp.int8), QParams(0.01, 0, QuantSpec(signed=True))), kernel="amx"
+    )
+    hlo = f.lower(xn, pw).compile().as_text()
+    assert hlo.count("custom_call_target=") == 1 and _native.QCONV_TARGET in hlo
+    assert "s32[2,11,13,20]" not in hlo

@@ -47,7 +47,10 @@ must stay below ``2^31``; :func:`prepare_conv` checks it and raises with the lay
 Kernel. ``prepare_conv(w, kernel="amx")`` (opt-in, AMX-INT8 CPUs; 2-D, ``groups=1``)
 packs the weight once and ``accumulate="exact"`` then computes ``Σ x'w`` with the native
 implicit-GEMM kernel (:func:`qjax.kernels._native.amx_conv2d`) on the same padded,
-shifted NHWC input; dilation other than 1 is refused at call time. Everything else is
+shifted NHWC input; dilation other than 1 is refused at call time. With ``"fbgemm"`` /
+``"qnnpack"`` and weight zero points known to be 0, one fused call
+(``qjax_amx_q8_conv2d``) reads the padded raw codes (uint8 through ``tdpbusd``) and
+applies the zero-point term and the requantize epilogue per tile (same codes). Everything else is
 unchanged, so the codes are the same. ``jax.export`` behaves as for the linear layer
 (custom call ``qjax_amx_s8_conv2d``).
 """
@@ -432,6 +435,21 @@ def quantized_conv(
     g = pw.groups
     o = pw.out_channels
     cg = c_in // g
+    if (
+        accumulate == "exact"
+        and pw.kernel == "amx"
+        and dil_t == (1, 1)
+        and _native.fusable(pw, x, bias, out_qparams, scheme)
+    ):
+        # one native call on the padded raw codes: conv + zero-point term + requantize
+        codes = _native.fused_conv_codes(
+            xv, x, pw, bias, out_qparams, scheme, activation == "relu", stride_t
+        )
+        try:
+            codes = clamp_activation(codes, out_qparams, activation, bounds)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"layer {layer!r}: {e}") from None
+        return QArray(jnp.moveaxis(codes, -1, 1) if channels_first else codes, out_qparams)
     if accumulate == "exact":
         if unsigned:  # x - 128 as int8: flip the top bit, reinterpret
             xv = lax.bitcast_convert_type(xv ^ jnp.uint8(0x80), jnp.int8)

@@ -20,8 +20,9 @@ Availability (:func:`native_status`), checked once per process, in this order:
    XFEATURE_XTILEDATA)``, kernel >= 5.16).
 
 Then the FFI targets ``qjax_amx_s8_gemm``, ``qjax_amx_q8_gemm`` (the dot fused with
-the requantize epilogue, :mod:`._fused`) and ``qjax_amx_s8_conv2d`` are registered for
-the ``"cpu"`` platform.
+the requantize epilogue, :mod:`._fused`), ``qjax_amx_s8_conv2d`` and
+``qjax_amx_q8_conv2d`` (the conv fused likewise) are registered for the ``"cpu"``
+platform.
 """
 
 from __future__ import annotations
@@ -38,23 +39,29 @@ from jax import lax
 from . import _build
 from ._fused import (
     FUSED_SCHEMES,
+    QCONV_TARGET,
     QTARGET,
+    amx_conv2d_q8,
     amx_linear_q8,
     epilogue_vectors,
     fusable,
+    fused_conv_codes,
     fused_linear_codes,
 )
 
 __all__ = [
     "CONV_TARGET",
     "FUSED_SCHEMES",
+    "QCONV_TARGET",
     "QTARGET",
     "TARGET",
     "amx_conv2d",
+    "amx_conv2d_q8",
     "amx_dot",
     "amx_linear_q8",
     "epilogue_vectors",
     "fusable",
+    "fused_conv_codes",
     "fused_linear_codes",
     "native_status",
     "pack_conv_weight",
@@ -117,6 +124,9 @@ def _probe() -> tuple[bool, str]:
         )
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.QjaxAmxS8Gemm), platform="cpu")
     jax.ffi.register_ffi_target(QTARGET, jax.ffi.pycapsule(lib.QjaxAmxQ8Gemm), platform="cpu")
+    jax.ffi.register_ffi_target(
+        QCONV_TARGET, jax.ffi.pycapsule(lib.QjaxAmxQ8Conv2d), platform="cpu"
+    )
     jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.QjaxAmxS8Conv2d), platform="cpu")
     lib.qjax_amx_parallel_calls.restype = ctypes.c_int64
     _LIB = lib

@@ -39,6 +39,7 @@ from .._requant import (
 )
 
 QTARGET = "qjax_amx_q8_gemm"
+QCONV_TARGET = "qjax_amx_q8_conv2d"
 FUSED_SCHEMES = ("fbgemm", "qnnpack")
 _CODES = (np.dtype(np.int8), np.dtype(np.uint8))
 
@@ -105,7 +106,8 @@ def fusable(pw, x, bias, out, scheme) -> bool:
         return False
     if bias is not None:
         b = jnp.asarray(bias)
-        if not jnp.issubdtype(b.dtype, jnp.floating) or b.shape not in ((), (pw.out_features,)):
+        n = pw.out_features if hasattr(pw, "out_features") else pw.out_channels
+        if not jnp.issubdtype(b.dtype, jnp.floating) or b.shape not in ((), (n,)):
             return False
     return True
 
@@ -129,6 +131,70 @@ def fused_linear_codes(x, pw, bias, out, scheme, relu) -> jax.Array:
         scheme, pw.out_features, corr, bias, jnp.reshape(x.scale, ()), scale_w, out, relu
     )
     return amx_linear_q8(x.values, pw.packed, wq.values, *vecs, out.spec.dtype)
+
+
+def fused_conv_codes(xv, x, pw, bias, out, scheme, relu, stride) -> jax.Array:
+    """Output codes (NHWC) of a 2-D ``quantized_conv`` in one fused AMX call.
+
+    ``xv`` the zero-point-padded NHWC codes (int8 or uint8, not shifted); ``x`` the
+    input :class:`~qjax.QArray` (its scale and zero point); ``pw`` an AMX
+    ``PreparedConv`` with ``groups == 1``; ``stride`` ``(sh, sw)``. Only when
+    :func:`fusable` said so; as :func:`fused_linear_codes` with ``Σ_{kh,kw,c} w``.
+
+    >>> fusable(None, None, None, None, "onednn")
+    False
+    """
+    wq = pw.weight
+    zx = jnp.asarray(x.zero_point).astype(jnp.int32).reshape(())
+    corr = jnp.int32(0) - zx * pw.w_sum
+    scale_w = wq.scale if wq.spec.granularity == "axis" else jnp.reshape(wq.scale, ())
+    vecs = epilogue_vectors(
+        scheme, pw.out_channels, corr, bias, jnp.reshape(x.scale, ()), scale_w, out, relu
+    )
+    return amx_conv2d_q8(xv, pw.packed, wq.values, stride, *vecs, out.spec.dtype)
+
+
+def amx_conv2d_q8(x, packed, w, stride, ivec, fvec, mult, clamp, zp, out_dtype) -> jax.Array:
+    """8-bit NHWC codes of the fused conv: the epilogue of :func:`amx_linear_q8` applied
+    to ``Σ x[n, i·sh + a, j·sw + b, c]·w[a, b, c, o]`` (``x`` padded NHWC int8/uint8
+    codes, ``w`` int8 HWIO, ``packed = pack_conv_weight(w)``), per output channel ``o``.
+
+    >>> from qjax.kernels._native import native_status, pack_conv_weight
+    >>> x = jnp.full((1, 2, 2, 1), 200, jnp.uint8)
+    >>> w = jnp.ones((2, 2, 1, 1), jnp.int8)
+    >>> v = (jnp.zeros(1, jnp.int32), jnp.zeros(1), jnp.full(1, 0.25), jnp.array([0.0, 255.0]))
+    >>> if native_status()[0]:  # 800 / 4
+    ...     print(amx_conv2d_q8(x, pack_conv_weight(w), w, (1, 1), *v,
+    ...                         jnp.array([0], jnp.int32), jnp.uint8)[..., 0])
+    ... else:
+    ...     print("[[[200]]]")
+    [[[200]]]
+    """
+    n, hp, wpad, _ = x.shape
+    kh, kw, _, o = w.shape
+    sh, sw = stride
+    oh, ow = (hp - kh) // sh + 1, (wpad - kw) // sw + 1
+    shape = jax.ShapeDtypeStruct((n, oh, ow, o), out_dtype)
+
+    def native(x, packed, w, *vecs):
+        del w
+        call = jax.ffi.ffi_call(QCONV_TARGET, shape, vmap_method="sequential")
+        return call(x, packed, *vecs, kh=kh, kw=kw, sh=sh, sw=sw)
+
+    def portable(x, packed, w, ivec, fvec, mult, clamp, zp):
+        del packed
+        acc = lax.conv_general_dilated(
+            x.astype(jnp.int32),
+            w.astype(jnp.int32),
+            stride,
+            "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        codes = _apply_fbgemm(acc + ivec, fvec, mult, zp[0], clamp[0], clamp[1])
+        return codes.astype(out_dtype)
+
+    vecs = (ivec, fvec, mult, clamp, zp)
+    return lax.platform_dependent(x, packed, w, *vecs, cpu=native, default=portable)
 
 
 def amx_linear_q8(x, packed, w, ivec, fvec, mult, clamp, zp, out_dtype) -> jax.Array:

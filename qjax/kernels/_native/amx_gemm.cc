@@ -468,7 +468,10 @@ struct ConvJob : Job {
   const int8_t* x = nullptr;
   int64_t hp = 0, wp_ = 0, c = 0, oh = 0, ow = 0, sh = 0, sw = 0, kt = 0, nt = 0, o = 0;
   const int8_t* wp = nullptr;
-  int32_t* out = nullptr;
+  int32_t* out = nullptr;  // int32 output, or
+  uint8_t* q = nullptr;    // 8-bit codes through the epilogue
+  Epilogue epi{};
+  bool unsigned_a = false;  // x holds uint8 codes
   int64_t rows_per_item = 0, total_rows = 0;
   int64_t first_tail_row = 0, tail_start = 0;  // rows >= first_tail_row read `tail`
   std::vector<int8_t> tail;
@@ -489,41 +492,45 @@ struct ConvJob : Job {
     for (int64_t row = r_begin; row < r_end; ++row) {  // row = n * OH + oh
       const int8_t* xrow = row < first_tail_row ? x + RowStart(row)
                                                  : tail.data() + (RowStart(row) - tail_start);
-      int32_t* orow = out + row * ow * o;
       for (int64_t w0 = 0; w0 < ow; w0 += 2 * kTileRows) {
         bool two_m = w0 + kTileRows < ow;
         t.a0 = xrow + w0 * sw * c;
         t.a1 = t.a0 + kTileRows * sw * c;
-        RowBlocks<false>(t, two_m, I32Out{orow + w0 * o, o}, ow - w0, ow - w0 - kTileRows, 0,
-                         nt, wp, o);
+        int64_t at = (row * ow + w0) * o, r0 = ow - w0, r1 = ow - w0 - kTileRows;
+        if (q == nullptr) {
+          RowBlocks<false>(t, two_m, I32Out{out + at, o}, r0, r1, 0, nt, wp, o);
+        } else {
+          Q8Out qo{q + at, o, &epi};
+          if (unsigned_a) RowBlocks<true>(t, two_m, qo, r0, r1, 0, nt, wp, o);
+          else RowBlocks<false>(t, two_m, qo, r0, r1, 0, nt, wp, o);
+        }
       }
     }
   }
 };
 
-ffi::Error AmxConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
-                       ffi::Buffer<ffi::S8> wp, ffi::ResultBuffer<ffi::S32> out,
-                       int64_t kh, int64_t kw, int64_t sh, int64_t sw) {
-  auto xd = x.dimensions();
-  auto od = out->dimensions();
-  auto wd = wp.dimensions();
+// Checks the shapes (x (N, Hp, Wp, C), out (N, OH, OW, O), packed weight) and runs the
+// job, whose output (out or q, epi) the caller has set.
+ffi::Error RunConv(const char* who, ffi::ThreadPool& pool, const std::shared_ptr<ConvJob>& job,
+                   const int8_t* xs, ffi::AnyBuffer::Dimensions xd,
+                   ffi::AnyBuffer::Dimensions wd, ffi::AnyBuffer::Dimensions od, int64_t kh,
+                   int64_t kw, int64_t sh, int64_t sw) {
+  std::string w(who);
   if (xd.size() != 4 || od.size() != 4 || wd.size() != 4 || wd[2] != 16 || wd[3] != 64)
-    return ffi::Error::InvalidArgument("qjax_amx_s8_conv2d: bad operand ranks");
+    return ffi::Error::InvalidArgument(w + ": bad operand ranks");
   int64_t n = od[0], oh = od[1], ow = od[2], o = od[3];
   int64_t hp = xd[1], wpad = xd[2], c = xd[3];
   if (xd[0] != n || kh > hp || kw > wpad)
-    return ffi::Error::InvalidArgument("qjax_amx_s8_conv2d: x / out shapes differ");
+    return ffi::Error::InvalidArgument(w + ": x / out shapes differ");
   int64_t seg = (kw * c + kTileK - 1) / kTileK;  // K tiles per kernel row
   if (wd[0] != (o + kTileN - 1) / kTileN || wd[1] != kh * seg)
-    return ffi::Error::InvalidArgument(
-        "qjax_amx_s8_conv2d: packed weight shape does not match the conv");
+    return ffi::Error::InvalidArgument(w + ": packed weight shape does not match the conv");
   if (oh != (hp - kh) / sh + 1 || ow != (wpad - kw) / sw + 1)
-    return ffi::Error::InvalidArgument("qjax_amx_s8_conv2d: output size mismatch");
+    return ffi::Error::InvalidArgument(w + ": output size mismatch");
   if (n * oh * ow * o == 0) return ffi::Error::Success();
 
-  auto job = std::make_shared<ConvJob>();
   ConvJob& j = *job;
-  j.x = x.typed_data();
+  j.x = xs;
   j.hp = hp;
   j.wp_ = wpad;
   j.c = c;
@@ -534,8 +541,6 @@ ffi::Error AmxConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
   j.kt = kh * seg;
   j.nt = wd[0];
   j.o = o;
-  j.wp = wp.typed_data();
-  j.out = out->typed_data();
   j.aoff.resize(j.kt);
   for (int64_t r = 0; r < kh; ++r)
     for (int64_t s = 0; s < seg; ++s) j.aoff[r * seg + s] = r * wpad * c + s * kTileK;
@@ -558,6 +563,45 @@ ffi::Error AmxConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
   j.items = (j.total_rows + j.rows_per_item - 1) / j.rows_per_item;
   Run(pool, job, parallel);
   return ffi::Error::Success();
+}
+
+ffi::Error AmxConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
+                       ffi::Buffer<ffi::S8> wp, ffi::ResultBuffer<ffi::S32> out,
+                       int64_t kh, int64_t kw, int64_t sh, int64_t sw) {
+  auto job = std::make_shared<ConvJob>();
+  job->wp = wp.typed_data();
+  job->out = out->typed_data();
+  return RunConv("qjax_amx_s8_conv2d", pool, job, x.typed_data(), x.dimensions(),
+                 wp.dimensions(), out->dimensions(), kh, kw, sh, sw);
+}
+
+// Fused conv: 8-bit codes = epilogue(conv) (Epilogue above, column = output channel);
+// operands as AmxGemmQImpl's, x the padded NHWC int8 or uint8 codes.
+ffi::Error AmxConvQImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S8> wp,
+                        ffi::Buffer<ffi::S32> ivec, ffi::Buffer<ffi::F32> fvec,
+                        ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::F32> clamp,
+                        ffi::Buffer<ffi::S32> zp, ffi::Result<ffi::AnyBuffer> out,
+                        int64_t kh, int64_t kw, int64_t sh, int64_t sw) {
+  auto xt = x.element_type();
+  auto ot = out->element_type();
+  if ((xt != ffi::DataType::S8 && xt != ffi::DataType::U8) ||
+      (ot != ffi::DataType::S8 && ot != ffi::DataType::U8))
+    return ffi::Error::InvalidArgument(
+        "qjax_amx_q8_conv2d: x and out must be int8 or uint8 codes");
+  auto od = out->dimensions();
+  size_t o = od.size() == 4 ? static_cast<size_t>(od[3]) : 0;
+  if (ivec.element_count() != o || fvec.element_count() != o || mult.element_count() != o ||
+      clamp.element_count() != 2 || zp.element_count() != 1)
+    return ffi::Error::InvalidArgument(
+        "qjax_amx_q8_conv2d: epilogue vectors must be (O,), clamp (2,), zp (1,)");
+  auto job = std::make_shared<ConvJob>();
+  job->wp = wp.typed_data();
+  job->q = static_cast<uint8_t*>(out->untyped_data());
+  job->unsigned_a = xt == ffi::DataType::U8;
+  job->epi = Epilogue{ivec.typed_data(), fvec.typed_data(), mult.typed_data(),
+                      clamp.typed_data()[0], clamp.typed_data()[1], zp.typed_data()[0]};
+  return RunConv("qjax_amx_q8_conv2d", pool, job, static_cast<const int8_t*>(x.untyped_data()),
+                 x.dimensions(), wp.dimensions(), od, kh, kw, sh, sw);
 }
 
 }  // namespace
@@ -587,6 +631,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxAmxS8Conv2d, AmxConvImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxAmxQ8Conv2d, AmxConvQImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("kh")
                                   .Attr<int64_t>("kw")
                                   .Attr<int64_t>("sh")
