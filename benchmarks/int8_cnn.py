@@ -15,7 +15,9 @@ qjax (qjax with the ``"onednn"`` scheme).
 ``qjax amx``: the same program with every conv and the FC prepared with ``kernel="amx"``
 (the native AMX int8 kernels, :func:`qjax.kernels.native_status`), with its own parity
 line and ``BENCH`` lines (case suffixed `` (amx)``); left out, with the reason printed,
-where unavailable.
+where unavailable. ``qjax amx fused (fbgemm)``: the ``"fbgemm"``-scheme program on AMX,
+whose convs and FC each run as one fused native call (int8 GEMM + requantize); timed and
+parity-checked against torch fbgemm, printed without ``BENCH`` lines.
 """
 
 import os
@@ -171,6 +173,8 @@ def main():
     amx, amx_reason = native_status()
     if amx:
         progs["onednn amx"] = qjax_program(models["onednn"], "onednn", kernel="amx")
+        # the fused AMX path (conv/linear + requantize in one call) covers fbgemm/qnnpack
+        progs["fbgemm amx"] = qjax_program(models["fbgemm"], "fbgemm", kernel="amx")
     print(machine_line())
     print(load_line())
     print(f"qjax amx: {'timed' if amx else 'left out'} ({amx_reason})")
@@ -203,6 +207,7 @@ def main():
     }
     if amx:
         fns["qjax amx (onednn scheme)"] = lambda: progs["onednn amx"](xj)
+        fns["qjax amx fused (fbgemm)"] = lambda: progs["fbgemm amx"](xj)
     t = interleaved(fns, repeats=5 if quick() else 15)
     for k, v in t.items():
         print(f"{k:28s} {v * 1e3:8.2f} ms")
@@ -217,6 +222,12 @@ def main():
     if amx:
         qa = t["qjax amx (onednn scheme)"]
         print(f"qjax int8 / qjax amx: {q / qa:.2f}x")
+        qf = t["qjax amx fused (fbgemm)"]
+        print(
+            f"qjax amx fused (fbgemm scheme): best JAX f32 / it {best_f32 / qf:.2f}x, "
+            f"torch onednn / it {t['torch onednn'] / qf:.2f}x, torch fbgemm / it "
+            f"{t['torch fbgemm'] / qf:.2f}x (informational: its codes follow torch fbgemm)"
+        )
         bench_line("int8_cnn", case + " (amx)", best_f32 / qa, "jax f32 (best layout)", ">= 4x")
         bench_line("int8_cnn", case + " (amx)", t["torch onednn"] / qa, "torch onednn", ">= 1.0x")
 

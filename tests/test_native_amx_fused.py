@@ -333,3 +333,27 @@ def test_fused_conv_equals_xla_path(rng):
     hlo = f.lower(xn, pw).compile().as_text()
     assert hlo.count("custom_call_target=") == 1 and _native.QCONV_TARGET in hlo
     assert "s32[2,11,13,20]" not in hlo
+
+
+def test_fused_vmap_batch_dims_and_two_thread_split(rng):
+    """Leading batch dims and ``vmap`` fold into M; a call above 2^31 multiply-adds splits
+    its N tiles over two threads (each tile's epilogue on the thread that computed it)."""
+    out = QParams(jnp.float32(0.4), jnp.int32(7), QuantSpec(signed=False))
+    xspec = QParams(jnp.float32(0.02), jnp.int32(128), QuantSpec(signed=False))
+
+    def both(xv, k, n):
+        pw_xla, pw_amx = _weights(rng, k, n, per_channel=True, tie=False)
+        b = jnp.asarray(rng.normal(0, 0.3, n), jnp.float32)
+        f = jax.jit(lambda xv, pw: quantized_linear(QArray(xv, xspec), pw, b, out).values)
+        return np.asarray(f(xv, pw_xla)), np.asarray(f(xv, pw_amx)), f, pw_amx
+
+    xv = jnp.asarray(rng.integers(0, 256, (3, 5, 70)), jnp.uint8)
+    ref, got, f, pw = both(xv, 70, 24)
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(f, in_axes=(0, None))(xv, pw)), ref)
+    before = _native.parallel_calls()
+    xv = jnp.asarray(rng.integers(0, 256, (2048, 1024)), jnp.uint8)
+    ref, got, _, _ = both(xv, 1024, 1040)
+    assert _native.parallel_calls() > before  # the split was taken
+    np.testing.assert_array_equal(got, ref)
+    assert len(np.unique(ref)) > 40
