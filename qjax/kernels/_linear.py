@@ -40,8 +40,9 @@ every other step above is unchanged, so the codes are the same. With ``scheme``
 on each accumulator tile, uint8 codes taken as they are (:mod:`qjax.kernels._native._fused`:
 the same operations in the same order, so again the same codes). Off CPU the program
 uses ``lax.dot_general`` (same integers). A ``jax.export`` of such a program contains
-the custom call ``qjax_amx_s8_gemm``: export refuses it unless the caller disables
-that check (``jax.export.DisabledSafetyCheck.custom_call("qjax_amx_s8_gemm")``), and
+the custom call ``qjax_amx_s8_gemm`` (``qjax_amx_q8_gemm`` when fused): export refuses
+it unless the caller disables that check
+(``jax.export.DisabledSafetyCheck.custom_call(name)``), and
 the result runs only in a process where qjax has registered the target on an AMX CPU.
 """
 

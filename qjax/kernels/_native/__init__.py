@@ -4,7 +4,9 @@
 ``quantized_linear`` then computes its int32 dot with :func:`amx_dot` instead of XLA's
 ``dot_general``; everything around the dot (uint8 -> int8 shift, zero-point sums,
 requantization) is the same XLA code, so the codes are identical whenever the int32 dot
-is, and it is exact (no rounding anywhere; the overflow check bounds the sum).
+is, and it is exact (no rounding anywhere; the overflow check bounds the sum). For the
+``"fbgemm"``/``"qnnpack"`` schemes with weight zero points 0, :mod:`._fused` does all of
+it in one call (``qjax_amx_q8_gemm`` / ``qjax_amx_q8_conv2d``), same codes.
 ``prepare_conv(w, kernel="amx")`` does the same for 2-D convolutions (groups 1,
 dilation 1) with :func:`pack_conv_weight` and :func:`amx_conv2d`, an implicit GEMM that
 reads the zero-point-padded NHWC input in place.
