@@ -31,6 +31,7 @@ from torch.fx.node import Node
 
 from qjax import QArray, QParams
 from qjax import kernels as K
+from qjax._kernel_choice import conv_kernel, linear_kernel
 
 from . import _pt2e_graph as G
 from ._program import Layer, Step
@@ -117,7 +118,10 @@ def _conv(qnode, qp, op, act, bounds, b, nodes):
     dilation = _arg(op, 5, "dilation", 1)
     groups = int(_arg(op, 6, "groups", 1))
     layout = "NCHW" if nsp == 2 else "NCW"
-    pw = K.prepare_conv(w, name=qnode.name, groups=groups, weight_layout="OI" + "HW"[-nsp:])
+    kernel = conv_kernel(b.kernel, nsp, groups, dilation)
+    pw = K.prepare_conv(
+        w, name=qnode.name, groups=groups, weight_layout="OI" + "HW"[-nsp:], kernel=kernel
+    )
     pad = padding.upper() if isinstance(padding, str) else padding
     spec, scheme = qp.spec, b.scheme
 
@@ -159,7 +163,7 @@ def _linear(qnode, qp, op, act, bounds, b, nodes):
         spec_w = spec_w.replace(axis=1)
     # torch's (out, in) weight -> qjax's (in, out)
     wt = QArray(w.values.T, QParams(w.scale, w.zero_point, spec_w))
-    pw = K.prepare_linear(wt, name=qnode.name)
+    pw = K.prepare_linear(wt, name=qnode.name, kernel=linear_kernel(b.kernel))
     spec, scheme = qp.spec, b.scheme
 
     def fn(p, xq):

@@ -24,6 +24,7 @@ from torch import fx, nn
 
 from qjax import QArray
 from qjax import kernels as K
+from qjax._kernel_choice import conv_kernel, linear_kernel
 
 from ._program import Layer, Step
 from ._torch_act import hardswish_aten, hardswish_table, lookup
@@ -112,9 +113,10 @@ def h_linear(ctx, node, mod):
     relu = isinstance(mod, nniq.LinearReLU)
     where = f"layer {_layer_name(node)!r}"
     w = weight_qarray(mod.weight(), where, transpose=True)
-    pw = K.prepare_linear(w, name=_layer_name(node))
-    out = act_qparams(mod.scale, mod.zero_point, torch.quint8)
     scheme, acc = ctx.engine.linear, ctx.engine.accumulate
+    kernel = linear_kernel(ctx.kernel, acc)
+    pw = K.prepare_linear(w, name=_layer_name(node), kernel=kernel)
+    out = act_qparams(mod.scale, mod.zero_point, torch.quint8)
     src = node.args[0]
     cl = ctx.cl.get(src.name, False)
     act = "relu" if relu else None
@@ -126,7 +128,7 @@ def h_linear(ctx, node, mod):
 
     layer = Layer(
         "linear", type(mod).__module__ + "." + type(mod).__name__, scheme, w.qparams, out,
-        {"activation": act, "accumulate": acc},
+        {"activation": act, "accumulate": acc, "kernel": kernel},
     )  # fmt: skip
     return _step(ctx, node, f, [src.name], params=(pw, bias_array(mod.bias())), layer=layer)
 
@@ -154,13 +156,15 @@ def h_conv(ctx, node, mod):
     if mod.padding_mode != "zeros":
         raise NotImplementedError(f"conv {name!r}: padding_mode={mod.padding_mode!r}")
     w = weight_qarray(mod.weight(), f"layer {name!r}")
-    pw = K.prepare_conv(
-        w, name=name, groups=mod.groups, weight_layout="OIHW" if nsp == 2 else "OIW"
-    )
     zp_zero = bool(np.all(np.asarray(w.zero_point) == 0))
     scheme, acc = ctx.engine.conv_scheme(zp_zero, mod.groups)
     if scheme == "fbgemm" and acc == "exact" and _dw_fast_path(mod, nsp):
         acc = "fbgemm_sat16"
+    kernel = conv_kernel(ctx.kernel, nsp, mod.groups, tuple(mod.dilation), acc)
+    pw = K.prepare_conv(
+        w, name=name, groups=mod.groups, weight_layout="OIHW" if nsp == 2 else "OIW",
+        kernel=kernel,
+    )  # fmt: skip
     out = act_qparams(mod.scale, mod.zero_point, torch.quint8)
     src = node.args[0]
     cl = ctx.cl.get(src.name, False)
@@ -176,7 +180,7 @@ def h_conv(ctx, node, mod):
 
     layer = Layer(
         f"conv{nsp}d", type(mod).__module__ + "." + type(mod).__name__, scheme, w.qparams, out,
-        {k: v for k, v in opts.items() if k not in ("layout", "scheme")},
+        {k: v for k, v in opts.items() if k not in ("layout", "scheme")} | {"kernel": kernel},
     )  # fmt: skip
     return _step(ctx, node, f, [src.name], params=(pw, bias_array(mod.bias())), layer=layer)
 

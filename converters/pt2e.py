@@ -53,6 +53,7 @@ from torch.fx.node import Node, map_aggregate
 import qjax
 from qjax import QArray, QParams
 from qjax._float import materialize
+from qjax._kernel_choice import kernels_of, resolve_kernel
 
 from . import _pt2e_graph as G
 from ._program import Layer, Program, Step
@@ -108,6 +109,7 @@ class _Builder:
         self.gm = gm
         self.mode = mode
         self.scheme, self.add_scheme, self.pool_scheme = scheme, add_scheme, pool_scheme
+        self.kernel = "xla"  # "amx" or "xla" (resolved, qjax._kernel_choice)
         self.consts: dict[str, np.ndarray] = {}
         self.weights: dict[str, QArray] = {}  # dq of constant codes: the weight's QArray
         self.qparams: dict[str, QParams] = {}  # runtime q nodes
@@ -309,6 +311,7 @@ def import_pt2e(
     scheme: str = "fbgemm",
     add_scheme: str = "fbgemm",
     pool_scheme: str = "fbgemm",
+    kernel: str = "xla",
 ) -> Program:
     """Import a pt2e quantized program (``convert_pt2e`` output) as a qjax Program.
 
@@ -325,11 +328,16 @@ def import_pt2e(
       mode: ``"integer"`` (integer kernels where a pattern has one) or ``"reference"``
         (dequantize -> float op -> quantize, as the graph says).
       scheme, add_scheme, pool_scheme: schemes of the integer kernels.
+      kernel: ``"xla"`` (default), ``"amx"`` or ``"auto"``: the int32 dot/conv kernel of
+        the integer conv/linear steps, as in :func:`qjax.converters.torch.import_model`
+        (:mod:`qjax._kernel_choice`; grouped / dilated / 1-D convs keep XLA).
 
     Returns:
       a :class:`~qjax.converters._program.Program`: float32 inputs in the graph's
       placeholder order; output(s) as the graph returns them (one name: a single array;
-      several: a tuple); ``trace`` keys are the graph's quantize node names.
+      several: a tuple); ``trace`` keys are the graph's quantize node names;
+      ``program.kernels`` is ``{step name: "amx" | "xla"}`` for the integer conv/linear
+      steps.
 
     Raises:
       TypeError: ``model`` is not a GraphModule / ExportedProgram.
@@ -355,8 +363,10 @@ def import_pt2e(
     """
     if mode not in _MODES:
         raise ValueError(f"import_pt2e: mode must be one of {_MODES}, got {mode!r}")
+    wish = resolve_kernel(kernel, "qjax.converters.pt2e.import_pt2e")
     gm = G.graph_module(model)
     b = _Builder(gm, mode, scheme, add_scheme, pool_scheme)
+    b.kernel = wish
     output = None
     for node in gm.graph.nodes:
         b.add(node)
@@ -365,6 +375,7 @@ def import_pt2e(
     if output is None:
         raise ValueError("pt2e import: the graph has no output node")
     program = b.program(output)
+    program.kernels = kernels_of(program.params)
     if example_inputs is not None:
         args = tuple(example_inputs)
         if len(args) != len(program.inputs):

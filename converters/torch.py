@@ -58,6 +58,7 @@ import torch
 from torch import fx
 
 from qjax import QArray
+from qjax._kernel_choice import kernels_of, resolve_kernel
 
 from . import _torch_ops as ops
 from ._program import Layer, Program, Step
@@ -177,9 +178,10 @@ def _channels_last(t) -> bool:
 
 
 class _Ctx:
-    def __init__(self, gm, engine: Engine, values):
+    def __init__(self, gm, engine: Engine, values, kernel: str = "xla"):
         self.gm = gm
         self.engine = engine
+        self.kernel = kernel  # "amx" or "xla", resolved (qjax._kernel_choice)
         self.values = values
         self.modules = dict(gm.named_modules())
         self.consts: dict[str, Any] = {}
@@ -245,7 +247,7 @@ def _output_step(ctx, node) -> tuple[Step, Any]:
     return Step("output", run, tuple(names), None, False, None, Layer("output", "output")), "output"
 
 
-def import_model(model, example_inputs, engine: str = "x86") -> Program:
+def import_model(model, example_inputs, engine: str = "x86", kernel: str = "xla") -> Program:
     """Import a converted torch int8 model as a jitted qjax :class:`Program`.
 
     ``program(*xs)`` computes, on integer codes, what ``model(*xs)`` computes under the
@@ -258,10 +260,19 @@ def import_model(model, example_inputs, engine: str = "x86") -> Program:
       example_inputs: a tensor or a tuple of them (float); run through torch once.
       engine: ``"x86"``, ``"fbgemm"``, ``"fbgemm_avx2"``, ``"qnnpack"``, ``"onednn"``,
         ``"tflite"`` or ``"exact"``.
+      kernel: the int32 dot/conv kernel (:mod:`qjax._kernel_choice`): ``"xla"``
+        (default; ``jax.export``-able), ``"amx"`` (the native AMX kernel of
+        :func:`qjax.kernels.native_status` for linear layers and 2-D convs with
+        ``groups=1``, dilation 1, exact accumulation; grouped / depthwise / dilated / 1-D
+        convs and ``fbgemm_sat16`` layers (engine ``fbgemm_avx2``, FBGEMM's depthwise 3x3
+        path) keep XLA; ``RuntimeError`` with the reason when it cannot run here) or
+        ``"auto"`` (AMX where available, else XLA). Same codes either way. A program
+        with AMX layers cannot be ``jax.export``-ed (the custom call is refused).
 
     Returns:
-      a :class:`~qjax.converters._program.Program` with ``__call__``, ``trace`` and
-      ``layers``.
+      a :class:`~qjax.converters._program.Program` with ``__call__``, ``trace``,
+      ``layers`` and ``kernels`` (``{layer name: "amx" | "xla"}`` for every linear and
+      conv step).
 
     >>> import torch, warnings
     >>> from torch.ao.quantization import QuantStub, DeQuantStub, get_default_qconfig
@@ -279,12 +290,15 @@ def import_model(model, example_inputs, engine: str = "x86") -> Program:
     True
     >>> list(program.trace(x))
     ['_0', '_1']
+    >>> program.kernels
+    {'_1': 'xla'}
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; known: {sorted(ENGINES)}")
+    wish = resolve_kernel(kernel, "qjax.converters.torch.import_model")
     gm = _graph_module(model)
     inputs = _torch_inputs(_as_tuple(example_inputs))
-    ctx = _Ctx(gm, ENGINES[engine], _record(gm, inputs))
+    ctx = _Ctx(gm, ENGINES[engine], _record(gm, inputs), wish)
     steps: list[Step] = []
     input_names: list[str] = []
     output = None
@@ -306,7 +320,9 @@ def import_model(model, example_inputs, engine: str = "x86") -> Program:
                 ) from e
     if len(input_names) != len(inputs):
         raise ValueError(f"the model takes {len(input_names)} inputs, got {len(inputs)} examples")
-    return Program(steps, input_names, output, engine=engine)
+    program = Program(steps, input_names, output, engine=engine)
+    program.kernels = kernels_of(program.params)
+    return program
 
 
 def torch_trace(model, *inputs) -> dict[str, QArray]:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .._kernel_choice import resolve_kernel
 from . import _pooling
 from . import linen as qlinen
 from . import nnx as qnnx
@@ -215,7 +216,7 @@ def _fold(kernel, bias, gamma, beta, mean, var, eps):
     return fold_bn(kernel, bias, gamma, beta, mean, var, eps)
 
 
-def _layer_step(views, i, scheme, stream, consumed) -> tuple[dict, dict, int]:
+def _layer_step(views, i, scheme, stream, consumed, native) -> tuple[dict, dict, int]:
     """The step for the layer ``views[i]``; returns (step, params, next index)."""
     v = views[i]
     cfg = v.config
@@ -255,7 +256,7 @@ def _layer_step(views, i, scheme, stream, consumed) -> tuple[dict, dict, int]:
                 "not followed by one; add an ActQuant after it or use quantize_output=True"
             )
     name = v.path
-    pw = prepare_weight(v.kind, kernel, qw, cfg.fake_quant_compat, name)
+    pw = prepare_weight(v.kind, kernel, qw, cfg.fake_quant_compat, name, native=native)
     step = {"op": v.kind, "name": name, "scheme": scheme, "relu": bool(relu)}
     step["compat"] = cfg.fake_quant_compat
     if v.kind == "conv":
@@ -264,7 +265,7 @@ def _layer_step(views, i, scheme, stream, consumed) -> tuple[dict, dict, int]:
     return step, {"in_qp": in_qp, "w": pw, "b": b, "out_qp": qy}, j
 
 
-def convert(model, example_input, *, scheme: str = "fbgemm") -> ServedModel:
+def convert(model, example_input, *, scheme: str = "fbgemm", kernel: str = "xla") -> ServedModel:
     """Convert a calibrated / QAT-trained qjax ``Sequential`` into an int8 program.
 
     ``y = served(x)``: float32 ``(batch, *example_input.shape[1:])`` in, float32 out (the
@@ -274,10 +275,18 @@ def convert(model, example_input, *, scheme: str = "fbgemm") -> ServedModel:
     exactly their ``Mode.FROZEN`` outputs (frozen BN); with ``scheme=None`` configs the
     float simulation can differ from the served codes by one step at rounding ties.
 
+    ``kernel`` picks the int32 dot/conv kernel (:mod:`qjax._kernel_choice`): ``"xla"``
+    (default; ``jax.export``-able), ``"amx"`` (the native AMX kernel of
+    :func:`qjax.kernels.native_status` for linear layers and 2-D convs; 1-D convs keep
+    XLA; ``RuntimeError`` with the reason when it cannot run here) or ``"auto"`` (AMX
+    where available, else XLA). The codes are the same; ``served.kernels`` records
+    ``{layer: "amx" | "xla"}``. A model with AMX layers cannot be ``jax.export``-ed.
+
     Args:
       model: an ``nnx.Sequential`` or ``(linen nn.Sequential, variables)``.
       example_input: a float array with the served input's shape (batch may differ).
       scheme: a key of :data:`qjax.kernels.SCHEMES`.
+      kernel: ``"xla"``, ``"amx"`` or ``"auto"``.
 
     >>> from flax import nnx
     >>> from qjax.flax import default_qat_qconfig, nnx as qnnx
@@ -290,11 +299,16 @@ def convert(model, example_input, *, scheme: str = "fbgemm") -> ServedModel:
     >>> served = convert(model, x)
     >>> [s["op"] for s in served.steps], served(x).shape
     (['quantize', 'linear', 'dequantize'], (4, 2))
+    >>> served.kernels
+    {'layers/1': 'xla'}
+    >>> bool((convert(model, x, kernel="auto")(x) == served(x)).all())  # AMX if it runs
+    True
     """
     from ..kernels import SCHEMES
 
     if scheme not in SCHEMES:
         raise ValueError(f"convert: unknown scheme {scheme!r}; known: {sorted(SCHEMES)}")
+    native = resolve_kernel(kernel, "qjax.convert")
     if isinstance(model, tuple) and len(model) == 2:
         views = _linen_views(*model)
     else:
@@ -316,7 +330,7 @@ def convert(model, example_input, *, scheme: str = "fbgemm") -> ServedModel:
             stream, i = "codes", i + 1
             continue
         if v.kind in ("linear", "conv"):
-            step, p, i = _layer_step(views, i, scheme, stream, consumed)
+            step, p, i = _layer_step(views, i, scheme, stream, consumed, native)
             steps.append(step)
             params.append(p)
             stream = "codes"

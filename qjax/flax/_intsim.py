@@ -48,6 +48,7 @@ from jax import lax
 
 from .. import kernels
 from .._float import div_ieee, materialize
+from .._kernel_choice import conv_kernel, linear_kernel
 from .._primitives import QCompat, dequantize, quantize
 from .._qarray import QArray
 from .._spec import QParams
@@ -155,10 +156,16 @@ def conv_geometry(conv_kwargs: dict, name: str) -> dict:
     }
 
 
-def prepare_weight(kind: str, kernel, w_qp: QParams, compat: QCompat, name: str):
+def prepare_weight(
+    kind: str, kernel, w_qp: QParams, compat: QCompat, name: str, *, native: str = "xla"
+):
     """Quantize a Flax kernel (``(in, out)`` or ``HWIO``) to int8 codes and prepare it:
     a :class:`~qjax.kernels.PreparedLinear` (``kind="linear"``) or
     :class:`~qjax.kernels.PreparedConv` (``"conv"``).
+
+    ``native``: ``"xla"`` or ``"amx"`` (already resolved, :mod:`qjax._kernel_choice`);
+    ``"amx"`` prepares linear layers and 2-D convs for the native AMX kernel, 1-D convs
+    keep XLA (the prepared weight's ``kernel`` says which).
 
     >>> from qjax import QuantSpec, QParams
     >>> qp = QParams(jnp.array([0.1, 0.2]), jnp.array([0, 0]), QuantSpec(symmetric=True, axis=-1))
@@ -173,10 +180,11 @@ def prepare_weight(kind: str, kernel, w_qp: QParams, compat: QCompat, name: str)
         spec = spec.replace(axis=kernel.ndim - 1)
     wq = QArray(codes, QParams(w_qp.scale, w_qp.zero_point, spec))
     if kind == "linear":
-        return kernels.prepare_linear(wq, name=name)
+        return kernels.prepare_linear(wq, name=name, kernel=linear_kernel(native))
     if kind == "conv":
         layout = "HWIO" if kernel.ndim == 4 else "WIO"
-        return kernels.prepare_conv(wq, name=name, weight_layout=layout)
+        k = conv_kernel(native, kernel.ndim - 2)
+        return kernels.prepare_conv(wq, name=name, weight_layout=layout, kernel=k)
     raise ValueError(f"{name}: unknown layer kind {kind!r}")
 
 

@@ -23,6 +23,14 @@ step            on the codes ``h``
 Every ``dot_general``/convolution in the program is int8 x int8 -> int32. Saving
 (:func:`save_served`) writes one ``.safetensors`` file: the integer and float arrays as
 tensors, the structure as JSON in the file's metadata; nothing is pickled.
+
+Kernel: ``qjax.convert(..., kernel=...)`` and ``load_served(path, kernel=...)`` prepare
+the weights for XLA's dot/conv (``"xla"``, the default) or the native AMX kernel
+(``"amx"``, ``"auto"``; :mod:`qjax._kernel_choice`); :attr:`ServedModel.kernels` says
+which each layer got, :meth:`ServedModel.with_kernel` re-prepares. The codes are the same
+either way, and the saved file holds no kernel (codes and qparams only). ``jax.export``
+refuses a model with AMX layers (the native custom call is not serializable: the kernels
+raise a ``ValueError`` naming it); export an ``"xla"`` one.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import kernels
+from .._kernel_choice import conv_kernel, kernels_of, linear_kernel, resolve_kernel
 from .._primitives import dequantize
 from .._qarray import QArray, _deserialize_spec, _serialize_spec
 from .._spec import QParams
@@ -124,6 +133,29 @@ class ServedModel:
     def steps(self) -> tuple[dict, ...]:
         return _thaw(self.structure)
 
+    @property
+    def kernels(self) -> dict[str, str]:
+        """``{layer name: "amx" | "xla"}``: the int32 dot/conv kernel of each linear and
+        conv step (module docstring)."""
+        return kernels_of({st["name"]: p for st, p in zip(self.steps, self.params, strict=True)})
+
+    def with_kernel(self, kernel: str) -> ServedModel:
+        """The same model with its weights prepared for ``kernel`` (``"xla"``, ``"amx"``
+        or ``"auto"``, :mod:`qjax._kernel_choice`): same codes, same outputs.
+
+        >>> from qjax import QuantSpec
+        >>> qp = QParams(jnp.float32(0.5), jnp.int32(0), QuantSpec())
+        >>> st = [{"op": "quantize", "name": "stub", "compat": "qjax"}]
+        >>> m = ServedModel(json.dumps(st), ({"qp": qp},), (3,))
+        >>> m.with_kernel("auto").kernels  # no linear or conv layers
+        {}
+        """
+        wish = resolve_kernel(kernel, "ServedModel.with_kernel")
+        params = tuple(
+            {k: (_reprepare(v, wish) if k == "w" else v) for k, v in p.items()} for p in self.params
+        )
+        return ServedModel(self.structure, params, self.input_shape)
+
     def tree_flatten_with_keys(self):
         ga = jax.tree_util.GetAttrKey
         return ((ga("params"), self.params),), (self.structure, self.input_shape)
@@ -162,6 +194,26 @@ def _jit_apply(served: ServedModel, x):
     return served.forward(x)
 
 
+def _prepare_stored(kind: str, w: QArray, name: str, max_abs_x: int, groups: int, wish: str):
+    """Prepare a stored weight (``(in, out)`` or ``HWIO``/``WIO`` codes) for ``wish``."""
+    if kind == "linear":
+        k = linear_kernel(wish)
+        return kernels.prepare_linear(w, name=name, max_abs_x=max_abs_x, kernel=k)
+    k = conv_kernel(wish, w.ndim - 2, groups)
+    layout = "HWIO" if w.ndim == 4 else "WIO"
+    return kernels.prepare_conv(
+        w, name=name, groups=groups, weight_layout=layout, max_abs_x=max_abs_x, kernel=k
+    )
+
+
+def _reprepare(pw, wish: str):
+    if isinstance(pw, kernels.PreparedLinear):
+        return _prepare_stored("linear", pw.weight, pw.name, pw.max_abs_x, 1, wish)
+    if isinstance(pw, kernels.PreparedConv):
+        return _prepare_stored("conv", pw.weight, pw.name, pw.max_abs_x, pw.groups, wish)
+    return pw
+
+
 # --------------------------------------------------------------------------------------
 # save / load (safetensors + JSON, no pickle)
 
@@ -192,7 +244,7 @@ def _encode(prefix: str, v, tensors: dict) -> Any:
     return {"kind": "array"}
 
 
-def _decode(prefix: str, d, tensors: dict):
+def _decode(prefix: str, d, tensors: dict, wish: str = "xla"):
     if d is None:
         return None
     kind = d["kind"]
@@ -205,13 +257,9 @@ def _decode(prefix: str, d, tensors: dict):
     if kind == "qparams":
         return qp
     w = QArray(jnp.asarray(tensors[f"{prefix}.values"]), qp)
-    if kind == "linear":
-        return kernels.prepare_linear(w, name=d["name"], max_abs_x=d["max_abs_x"])
-    if kind == "conv":
-        layout = "HWIO" if w.ndim == 4 else "WIO"
-        return kernels.prepare_conv(
-            w, name=d["name"], groups=d["groups"], weight_layout=layout, max_abs_x=d["max_abs_x"]
-        )
+    if kind in ("linear", "conv"):
+        groups = d.get("groups", 1)
+        return _prepare_stored(kind, w, d["name"], d["max_abs_x"], groups, wish)
     raise ValueError(f"load_served: unknown parameter kind {kind!r} at {prefix!r}")
 
 
@@ -246,8 +294,12 @@ def save_served(path: str | os.PathLike, served: ServedModel) -> None:
     save_file(tensors, os.fspath(path), metadata={"qjax": json.dumps(meta)})
 
 
-def load_served(path: str | os.PathLike) -> ServedModel:
+def load_served(path: str | os.PathLike, *, kernel: str = "xla") -> ServedModel:
     """Read a :func:`save_served` file (``ValueError`` if it is not one).
+
+    The file holds codes and qparams, no kernel: ``kernel`` (``"xla"``, ``"amx"`` or
+    ``"auto"``, :mod:`qjax._kernel_choice`) prepares the weights on load, the same codes
+    either way (``RuntimeError`` naming the reason for ``"amx"`` on a machine without it).
 
     >>> load_served(__file__)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -256,6 +308,7 @@ def load_served(path: str | os.PathLike) -> ServedModel:
     """
     from safetensors import safe_open
 
+    wish = resolve_kernel(kernel, "qjax.load_served")
     path = os.fspath(path)
     try:
         with safe_open(path, framework="np") as f:
@@ -271,7 +324,7 @@ def load_served(path: str | os.PathLike) -> ServedModel:
             f"{meta.get('version')!r}; this qjax reads {_FORMAT!r} version {_VERSION}"
         )
     params = tuple(
-        {k: _decode(f"{i}.{k}", d, tensors) for k, d in p.items()}
+        {k: _decode(f"{i}.{k}", d, tensors, wish) for k, d in p.items()}
         for i, p in enumerate(meta["params"])
     )
     return ServedModel(_freeze(meta["steps"]), params, tuple(meta["input_shape"]))

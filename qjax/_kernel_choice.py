@@ -1,0 +1,114 @@
+"""Which int32 dot/conv kernel a model-level call prepares each layer with.
+
+Model-level calls (``qjax.convert``, ``qjax.load_served``,
+``qjax.converters.torch.import_model``, ``qjax.converters.pt2e.import_pt2e``) take
+``kernel``:
+
+==========  ==========================================================================
+``kernel``  each linear / conv layer runs on
+==========  ==========================================================================
+``"xla"``   XLA's ``dot_general`` / convolution (the default; ``jax.export``-able)
+``"amx"``   the native AMX kernel (:func:`qjax.kernels.native_status`) where it supports
+            the layer, XLA elsewhere; ``RuntimeError`` with the reason when the native
+            kernel cannot run on this machine
+``"auto"``  as ``"amx"`` when :func:`qjax.kernels.native_status` says available, else
+            as ``"xla"`` (never raises for availability)
+==========  ==========================================================================
+
+The native kernel supports linear layers and 2-D convolutions with ``groups=1`` and
+dilation 1, accumulated exactly; grouped / depthwise / dilated / 1-D convolutions and the
+``accumulate="fbgemm_sat16"`` layers (engine ``fbgemm_avx2``, FBGEMM's depthwise 3x3 fast
+path) keep XLA. The codes are the same either way; the models record the choice per layer
+(``served.kernels``, ``program.kernels``).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from .kernels import PreparedConv, PreparedLinear, _native
+
+__all__ = ["KERNEL_CHOICES", "conv_kernel", "kernels_of", "linear_kernel", "resolve_kernel"]
+
+KERNEL_CHOICES = ("xla", "amx", "auto")
+
+
+def resolve_kernel(kernel: str, where: str) -> str:
+    """The model-wide wish, ``"amx"`` or ``"xla"``, for ``kernel`` asked of ``where``.
+
+    Raises ``ValueError`` for an unknown name and ``RuntimeError`` (naming ``where`` and
+    :func:`qjax.kernels.native_status`'s reason) for ``"amx"`` when the native kernel is
+    unavailable; ``"auto"`` gives ``"amx"`` exactly when it is available.
+
+    >>> resolve_kernel("xla", "qjax.convert")
+    'xla'
+    >>> resolve_kernel("auto", "qjax.convert") == ("amx" if _native.native_status()[0] else "xla")
+    True
+    >>> resolve_kernel("tpu", "qjax.convert")
+    Traceback (most recent call last):
+      ...
+    ValueError: qjax.convert: kernel must be one of ('xla', 'amx', 'auto'), got 'tpu'
+    """
+    if kernel not in KERNEL_CHOICES:
+        raise ValueError(f"{where}: kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")
+    if kernel == "xla":
+        return "xla"
+    # looked up on the module at each call: the kernels' own check reads the same function
+    ok, reason = _native.native_status()
+    if kernel == "auto":
+        return "amx" if ok else "xla"
+    if not ok:
+        raise RuntimeError(
+            f"{where}(kernel='amx'): the native AMX kernel is unavailable on this machine: "
+            f"{reason}; use kernel='xla', or kernel='auto' to take AMX only where it runs"
+        )
+    return "amx"
+
+
+def linear_kernel(wish: str, accumulate: str = "exact") -> str:
+    """The kernel a linear layer gets: ``wish`` unless it accumulates ``fbgemm_sat16``
+    (int16 pair saturation, computed by XLA only).
+
+    >>> linear_kernel("amx"), linear_kernel("amx", "fbgemm_sat16"), linear_kernel("xla")
+    ('amx', 'xla', 'xla')
+    """
+    return "amx" if wish == "amx" and accumulate == "exact" else "xla"
+
+
+def conv_kernel(wish: str, nsp: int, groups: int = 1, dilation=1, accumulate: str = "exact") -> str:
+    """The kernel a convolution gets: ``wish`` for 2-D (``nsp=2``), ``groups=1``,
+    dilation 1, exact accumulation; ``"xla"`` otherwise.
+
+    >>> conv_kernel("amx", 2), conv_kernel("amx", 2, groups=8), conv_kernel("amx", 1)
+    ('amx', 'xla', 'xla')
+    >>> conv_kernel("amx", 2, dilation=(2, 2)), conv_kernel("amx", 2, dilation=(1, 1))
+    ('xla', 'amx')
+    """
+    dil = (dilation,) * nsp if isinstance(dilation, int) else tuple(dilation)
+    ok = nsp == 2 and groups == 1 and all(d == 1 for d in dil) and accumulate == "exact"
+    return "amx" if wish == "amx" and ok else "xla"
+
+
+def _is_prepared(v) -> bool:
+    return isinstance(v, (PreparedLinear, PreparedConv))
+
+
+def kernels_of(named_params) -> dict[str, str]:
+    """``{name: "amx" | "xla"}`` for each entry of ``{name: params pytree}`` holding a
+    prepared weight (:class:`~qjax.kernels.PreparedLinear` /
+    :class:`~qjax.kernels.PreparedConv`), in the mapping's order.
+
+    >>> import jax.numpy as jnp
+    >>> from qjax import QArray, QParams, QuantSpec
+    >>> from qjax.kernels import prepare_linear
+    >>> w = QArray(jnp.ones((2, 2), jnp.int8), QParams(0.1, 0, QuantSpec(symmetric=True)))
+    >>> kernels_of({"fc": {"w": prepare_linear(w), "b": None}, "relu": None})
+    {'fc': 'xla'}
+    """
+    out = {}
+    for name, params in named_params.items():
+        leaves = jax.tree_util.tree_leaves(params, is_leaf=_is_prepared)
+        prepared = [v for v in leaves if _is_prepared(v)]
+        if prepared:
+            out[name] = prepared[0].kernel
+    return out

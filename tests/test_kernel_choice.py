@@ -1,0 +1,323 @@
+"""``kernel="xla" | "amx" | "auto"`` at the model level: served Flax models, save/load, the
+torch importer and pt2e.
+
+* ``qjax.convert(kernel="amx")`` == ``kernel="xla"`` exactly (output floats, hence codes)
+  on a calibrated conv-BN-ReLU-pool-dense NNX model, an MLP and a Linen CNN, and
+  ``served.kernels`` names every layer "amx";
+* ``import_model(kernel="amx")`` on an eager converted CNN (conv+relu, depthwise conv,
+  1x1 conv, add, max pool, linear): ``program.trace`` == torch's own codes at run time
+  (0 mismatches) and == the XLA-kernel program, engines fbgemm and x86; the depthwise
+  layer is reported "xla";
+* ``kernel="auto"``; errors: unknown kernel name, unavailable native kernel (probe
+  monkeypatched) names the model-level call and the reason; save -> load(kernel="amx").
+
+The AMX comparisons need the native kernel (:func:`qjax.kernels.native_status`) and
+are skipped with its reason on machines without it; the rest runs everywhere. Counts are
+printed (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from qjax.converters import torch as qtorch
+from torch import nn
+from torch.ao import quantization as tq
+
+import qjax
+from qjax.flax import default_qat_qconfig
+from qjax.flax import linen as qlinen
+from qjax.flax import nnx as qnnx
+from qjax.kernels import _native, native_status
+
+_OK, _REASON = native_status()
+amx = pytest.mark.skipif(not _OK, reason=f"native AMX kernel unavailable: {_REASON}")
+
+
+def _cfg():
+    return default_qat_qconfig("x86").replace(quantize_input=True, scheme="fbgemm")
+
+
+def _data(shape, n=2, seed=0):
+    keys = jax.random.split(jax.random.key(seed), n)
+    return [jax.random.normal(k, shape) * 2.0 for k in keys]
+
+
+def _calibrated(model, shape):
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, qnnx.QuantConvBn):  # BN away from identity
+            k1, k2 = jax.random.split(jax.random.key(1))
+            m.bn_scale[...] = 1.0 + 0.3 * jax.random.normal(k1, m.bn_scale.shape)
+            m.bn_bias[...] = 0.2 * jax.random.normal(k2, m.bn_bias.shape)
+    qnnx.calibrate(model, _data(shape), progress=False)
+    if any(isinstance(m, qnnx.QuantConvBn) for _, m in nnx.iter_modules(model)):
+        qnnx.freeze_bn_stats(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def nnx_cnn():
+    cfg, r = _cfg(), nnx.Rngs(0)
+    model = nnx.Sequential(
+        qnnx.QuantStub(cfg),
+        qnnx.QuantConvBn(3, 16, (3, 3), config=cfg, relu=True, rngs=r),
+        qnnx.QuantConvBn(16, 20, (3, 3), config=cfg, relu=True, padding="SAME", rngs=r),
+        qnnx.MaxPool((2, 2)),
+        qnnx.Flatten(),
+        qnnx.QuantLinear(5 * 5 * 20, 7, config=cfg, rngs=r),
+        qnnx.DeQuantStub(),
+    )
+    x = _data((48, 10, 10, 3), n=1, seed=5)[0]
+    model = _calibrated(model, (16, 10, 10, 3))
+    return model, x, qjax.convert(model, x)  # served on XLA, compiled for x's shape
+
+
+@pytest.fixture(scope="module")
+def nnx_mlp():
+    cfg, r = _cfg(), nnx.Rngs(1)
+    model = nnx.Sequential(
+        qnnx.QuantStub(cfg),
+        qnnx.QuantLinear(40, 70, config=cfg, rngs=r),
+        nnx.relu,
+        qnnx.QuantLinear(70, 33, config=cfg, rngs=r),
+        nnx.relu,
+        qnnx.QuantLinear(33, 5, config=cfg, rngs=r),
+        qnnx.DeQuantStub(),
+    )
+    x = _data((100, 40), n=1, seed=6)[0]
+    model = _calibrated(model, (64, 40))
+    return model, x, qjax.convert(model, x)
+
+
+def _exact(a, b) -> tuple[int, int]:
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype == np.float32
+    return a.size, int((a != b).sum())
+
+
+@amx
+@pytest.mark.parametrize(
+    "which",
+    # the MLP's own calibrate/convert compiles take ~40 s on the loaded 2-core machine;
+    # the CNN runs both kernels (2-D conv and linear) by default
+    ["nnx_cnn", pytest.param("nnx_mlp", marks=pytest.mark.slow)],
+)
+def test_served_amx_equals_served_xla(which, request):
+    model, x, xla = request.getfixturevalue(which)
+    fast = qjax.convert(model, x, kernel="amx")
+    assert set(xla.kernels.values()) == {"xla"}
+    assert set(fast.kernels.values()) == {"amx"} and fast.kernels.keys() == xla.kernels.keys()
+    n, mism = _exact(fast(x), xla(x))
+    print(f"{which}: served amx vs xla: {mism} of {n} outputs differ")
+    assert n > 300 and mism == 0
+    # the AMX program really calls the native kernel, the XLA one does not
+    fwd = jax.jit(lambda served, x: served.forward(x))
+    assert "custom_call @qjax_amx_" in fwd.lower(fast, x).as_text()
+    assert "custom_call @qjax_amx_" not in fwd.lower(xla, x).as_text()
+
+
+@amx
+@pytest.mark.slow  # Linen shares convert's layer code with NNX; its own compiles take ~30 s
+def test_linen_served_amx_equals_xla():
+    import flax.linen as nn_linen
+
+    cfg = _cfg()
+    model = nn_linen.Sequential(
+        [
+            qlinen.QuantStub(cfg),
+            qlinen.QuantConvBn(16, (3, 3), config=cfg, relu=True, use_running_average=True),
+            qlinen.MaxPool((2, 2)),
+            qlinen.Flatten(),
+            qlinen.QuantDense(5, config=cfg),
+            qlinen.DeQuantStub(),
+        ]
+    )
+    xs = _data((16, 8, 8, 2))
+    variables = model.init(jax.random.key(0), xs[0])
+    variables, _ = qlinen.calibrate(
+        model, variables, xs, progress=False, mode=qjax.flax.Mode.CALIBRATE
+    )
+    fast = qjax.convert((model, variables), xs[0][:1], kernel="amx")
+    xla = qjax.convert((model, variables), xs[0][:1])
+    assert set(fast.kernels.values()) == {"amx"} and len(fast.kernels) == 2
+    n, mism = _exact(fast(xs[1]), xla(xs[1]))
+    print(f"linen cnn: served amx vs xla: {mism} of {n} outputs differ")
+    assert mism == 0
+
+
+def test_auto_and_xla_default(nnx_cnn):
+    model, x, xla = nnx_cnn
+    auto = qjax.convert(model, x, kernel="auto")
+    want = "amx" if _OK else "xla"
+    assert set(auto.kernels.values()) == {want} and len(auto.kernels) == 3  # 2 convs, 1 dense
+    assert set(xla.kernels.values()) == {"xla"}
+    n, mism = _exact(auto(x), xla(x))
+    assert mism == 0
+    # the default stays exportable
+    exp = jax.export.export(jax.jit(xla.forward))(jax.ShapeDtypeStruct(x.shape, x.dtype))
+    assert _native.TARGET not in exp.mlir_module()
+
+
+def test_unknown_kernel_name_is_named(nnx_cnn):
+    model, x, _ = nnx_cnn
+    with pytest.raises(ValueError, match=r"qjax.convert: kernel must be one of .*'tpu'"):
+        qjax.convert(model, x[:1], kernel="tpu")
+    with pytest.raises(ValueError, match=r"import_model: kernel must be one of .*'AMX'"):
+        qtorch.import_model(nn.Identity(), (torch.zeros(1),), kernel="AMX")
+
+
+def test_unavailable_native_kernel_names_call_and_reason(nnx_cnn, tmp_path, monkeypatch):
+    model, x, served = nnx_cnn
+    path = tmp_path / "m.safetensors"
+    qjax.save_served(path, served)
+    monkeypatch.setattr(_native, "native_status", lambda: (False, "CPU lacks amx_int8 (test)"))
+    with pytest.raises(RuntimeError, match=r"qjax.convert\(kernel='amx'\).*amx_int8 \(test\)"):
+        qjax.convert(model, x, kernel="amx")
+    with pytest.raises(RuntimeError, match=r"qjax.load_served\(kernel='amx'\).*\(test\)"):
+        qjax.load_served(path, kernel="amx")
+    with pytest.raises(RuntimeError, match=r"import_model\(kernel='amx'\).*\(test\)"):
+        qtorch.import_model(nn.Identity(), (torch.zeros(1),), kernel="amx")
+    auto = qjax.convert(model, x, kernel="auto")  # auto never raises: XLA everywhere
+    assert set(auto.kernels.values()) == {"xla"}
+    assert set(qjax.load_served(path, kernel="auto").kernels.values()) == {"xla"}
+
+
+@amx
+def test_save_load_with_kernel(nnx_cnn, tmp_path):
+    model, x, xla = nnx_cnn
+    fast = xla.with_kernel("amx")
+    path = tmp_path / "cnn.safetensors"
+    qjax.save_served(path, fast)
+    again = qjax.load_served(path, kernel="amx")
+    plain = qjax.load_served(path)  # the file holds no kernel: XLA by default
+    assert set(again.kernels.values()) == {"amx"} and set(plain.kernels.values()) == {"xla"}
+    assert set(fast.with_kernel("xla").kernels.values()) == {"xla"}
+    y = np.asarray(fast(x))
+    for other in (again, plain):
+        n, mism = _exact(other(x), y)
+        assert mism == 0
+    print(f"save -> load(kernel='amx'): 0 of {n} outputs differ")
+    # jax.export refuses the native custom call, naming it
+    with pytest.raises(ValueError, match="qjax_amx_"):
+        jax.export.export(jax.jit(fast.forward))(jax.ShapeDtypeStruct(x.shape, x.dtype))
+
+
+# ---------------------------------------------------------------------------------------
+# torch importer
+
+
+class _TorchCNN(nn.Module):
+    """quant -> conv+relu -> depthwise 3x3 + relu -> 1x1 conv -> add(stem) -> max pool ->
+    linear -> dequant."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.dq = tq.QuantStub(), tq.DeQuantStub()
+        self.stem, self.stem_relu = nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()
+        self.dw, self.dw_relu = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU()
+        self.pw = nn.Conv2d(16, 16, 1)
+        self.ff = torch.ao.nn.quantized.FloatFunctional()
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(16 * 4 * 4, 6)
+
+    def forward(self, x):
+        y = self.stem_relu(self.stem(self.q(x)))
+        z = self.ff.add(y, self.pw(self.dw_relu(self.dw(y))))
+        z = self.pool(z)
+        return self.dq(self.fc(z.reshape(z.size(0), -1)))
+
+
+def _torch_model(engine):
+    torch.backends.quantized.engine = engine
+    torch.manual_seed(0)
+    net = _TorchCNN().eval()
+    net.qconfig = tq.get_default_qconfig(engine)
+    tq.fuse_modules(net, [["stem", "stem_relu"], ["dw", "dw_relu"]], inplace=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = tq.prepare(net)
+        prepared(torch.randn(32, 3, 8, 8) * 2)
+        return tq.convert(prepared)
+
+
+@amx
+@pytest.mark.parametrize("engine", ["fbgemm", "x86"])
+def test_imported_amx_equals_torch_and_xla(engine):
+    eng = torch.backends.quantized.engine
+    try:
+        qm = _torch_model(engine)
+        x = torch.randn(5, 3, 8, 8) * 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = qtorch.torch_trace(qm, x)
+            with torch.no_grad():
+                ref_out = qm(x).numpy()
+        fast = qtorch.import_model(qm, (x,), engine=engine, kernel="amx")
+        xla = qtorch.import_model(qm, (x,), engine=engine)
+    finally:
+        torch.backends.quantized.engine = eng
+    assert fast.kernels == {"stem": "amx", "dw": "xla", "pw": "amx", "fc": "amx"}
+    assert set(xla.kernels.values()) == {"xla"}
+    assert fast.layers["fc"].extra["kernel"] == "amx" and fast.layers["dw"].extra["kernel"] == "xla"
+    out, trace = fast.run_traced(x)
+    _, trace_xla = xla.run_traced(x)
+    assert list(trace) == list(ref)
+    n = vs_torch = vs_xla = 0
+    for k, r in ref.items():
+        got = np.asarray(trace[k].values)
+        n += got.size
+        vs_torch += int((got != np.asarray(r.values)).sum())
+        vs_xla += int((got != np.asarray(trace_xla[k].values)).sum())
+    out_mism = int((np.asarray(out) != ref_out).sum())
+    print(f"{engine}: import amx: {vs_torch} of {n} codes differ from torch, {vs_xla} from xla; "
+          f"{out_mism} of {ref_out.size} floats")  # fmt: skip
+    assert n > 3000 and vs_torch == 0 and vs_xla == 0 and out_mism == 0
+    np.testing.assert_array_equal(np.asarray(fast(x)), ref_out)
+
+
+@amx
+def test_fbgemm_avx2_sat16_layers_stay_on_xla():
+    eng = torch.backends.quantized.engine
+    try:
+        qm = _torch_model("fbgemm")
+        x = torch.randn(2, 3, 8, 8)
+        program = qtorch.import_model(qm, (x,), engine="fbgemm_avx2", kernel="amx")
+    finally:
+        torch.backends.quantized.engine = eng
+    assert set(program.kernels.values()) == {"xla"} and len(program.kernels) == 4
+
+
+@amx
+def test_pt2e_kernel_amx_equals_xla():
+    from qjax.converters.pt2e import import_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.testing.pt2e._xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    x = (torch.randn(3, 3, 8, 8),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config())
+        gm = prepare_pt2e(torch.export.export(m.eval(), x).module(), q)
+        gm(*x)
+        gm = convert_pt2e(gm)
+    fast = import_pt2e(gm, x, kernel="amx")
+    xla = import_pt2e(gm, x)
+    assert sorted(fast.kernels.values()) == ["amx", "amx"]
+    assert sorted(xla.kernels.values()) == ["xla", "xla"]
+    a, b = fast.trace(*x), xla.trace(*x)
+    assert list(a) == list(b)
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k].values), np.asarray(b[k].values))
+    np.testing.assert_array_equal(np.asarray(fast(*x)), np.asarray(xla(*x)))
+    assert jnp.asarray(fast(*x)).dtype == jnp.float32
