@@ -6,10 +6,13 @@
   programs. The cache lives in the run's pytest temp base (fresh per run, so nothing
   compiled by an earlier checkout of the code is ever reused) and pytest's temp-dir
   retention removes it. ``QJAX_TEST_XLA_CACHE=0`` turns it off.
-* Under ``-n`` with xdist's default ``--dist load``, the run is scheduled as
-  ``--dist loadgroup``: modules marked ``pytest.mark.xdist_group`` (those whose
-  module-scoped fixtures run long torch sweeps) stay on one worker, so each such fixture
-  is built once per run instead of once per worker. An explicit ``--dist`` is kept.
+* Under ``-n`` with xdist's default ``--dist load``, the modules in ``ONE_WORKER`` (whose
+  module-scoped fixtures run long torch sweeps or imports) are each sent whole to one
+  worker, so each such fixture is built once per run instead of once per worker; every
+  other test is load-balanced one by one. xdist's ``--dist loadgroup`` would do this from
+  ``xdist_group`` marks, but xdist 3.8 tags grouped test ids through ``item._nodeid``,
+  which pytest 9 no longer reads, so the grouping is done here by module path instead.
+  An explicit ``--dist`` is kept as given.
 """
 
 import os
@@ -22,22 +25,35 @@ import pytest
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
-def pytest_configure(config):
-    if hasattr(config, "workerinput"):
-        # A worker parses the command line itself (no --dist there): take the controller's
-        # choice, which makes xdist tag grouped test ids with their group.
-        if config.workerinput.get("qjax_loadgroup"):
-            config.option.loadgroup = True
-        return
-    args = config.invocation_params.args
-    explicit = any(str(a) == "-d" or str(a).startswith("--dist") for a in args)
-    if getattr(config.option, "dist", "no") == "load" and not explicit:
-        config.option.dist = "loadgroup"
+# modules whose module-scoped fixtures are expensive (see the module docstring)
+ONE_WORKER = {
+    "test_converters_torch",  # two sweeps importing ~50 torch models each
+    "test_int8_conv",  # the torch conv engine sweep
+    "test_int8_linear",  # the torch linear engine sweep
+    "test_int8_ops",  # the add cases; module-wide counts
+    "test_converters_onnx",  # per model: convert, export, run ORT
+    "test_converters_pt2e",  # each pt2e case converted once
+    "test_debug",  # the calibrated MLP
+    "test_cli",  # models saved by a subprocess
+}
 
 
 @pytest.hookimpl(optionalhook=True)
-def pytest_configure_node(node):
-    node.workerinput["qjax_loadgroup"] = node.config.option.dist == "loadgroup"
+def pytest_xdist_make_scheduler(config, log):
+    args = [str(a) for a in config.invocation_params.args]
+    if config.option.dist != "load" or any(a == "-d" or a.startswith("--dist") for a in args):
+        return None  # xdist's own scheduler for what the caller asked for
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroups(LoadScopeScheduling):
+        """LoadScope with a scope per ONE_WORKER module and per test elsewhere (scopes
+        with more tests go out first, so the long grouped modules start early)."""
+
+        def _split_scope(self, nodeid):
+            path = nodeid.split("::", 1)[0]
+            return path if pathlib.PurePosixPath(path).stem in ONE_WORKER else nodeid
+
+    return ModuleGroups(config, log)
 
 
 def pytest_sessionstart(session):

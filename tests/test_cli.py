@@ -12,11 +12,7 @@ import pytest
 from qjax._cli import main
 
 pytest.importorskip("torch")
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning"),
-    # xdist: the whole module on one worker (the module fixture saves models in a subprocess)
-    pytest.mark.xdist_group("test_cli"),
-]
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
 DEFS = textwrap.dedent('''
     import torch

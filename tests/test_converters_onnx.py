@@ -37,9 +37,6 @@ from torch.ao.quantization import (
 
 from qjax.kernels import quantize_input
 
-# xdist: the whole module on one worker (per-model module fixtures convert and run ORT)
-pytestmark = pytest.mark.xdist_group("test_converters_onnx")
-
 SCHEMES = ("fbgemm", "qnnpack", "exact", "onednn")
 RESULTS: dict[tuple[str, str, str], tuple[int, int, int]] = {}
 

@@ -22,9 +22,6 @@ import jax
 import numpy as np
 import pytest
 
-# xdist: the whole module on one worker (the module fixture converts each pt2e case once)
-pytestmark = pytest.mark.xdist_group("test_converters_pt2e")
-
 torch = pytest.importorskip("torch")
 pt2e_api = pytest.importorskip("torchao.quantization.pt2e.quantize_pt2e")
 

@@ -29,9 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-# xdist: the whole module on one worker (module fixtures sweep 50 imported models against torch)
-pytestmark = pytest.mark.xdist_group("test_converters_torch")
-
 torch = pytest.importorskip("torch")
 
 import _torch_models as tm  # noqa: E402

@@ -16,9 +16,6 @@ from qjax.flax import Mode, default_qat_qconfig, qjax_recommended
 from qjax.flax import nnx as qnnx
 from qjax.flax._core import init_layer_stats
 
-# xdist: the whole module on one worker (the module fixture calibrates the MLP)
-pytestmark = pytest.mark.xdist_group("test_debug")
-
 BAD = "layers/2"  # the MLP layer whose input range the tests shrink
 
 

@@ -33,9 +33,6 @@ import pytest
 from qjax import QParams, QuantSpec
 from qjax.kernels import QArray, prepare_conv, quantized_conv
 
-# xdist: the whole module on one worker (the module fixture runs the torch conv engine sweep)
-pytestmark = pytest.mark.xdist_group("test_int8_conv")
-
 try:
     import torch
 except ImportError:

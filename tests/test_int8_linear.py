@@ -33,9 +33,6 @@ import pytest
 from qjax import QParams, QuantSpec
 from qjax.kernels import PreparedLinear, QArray, prepare_linear, quantized_linear
 
-# xdist: the whole module on one worker (the module fixture runs the torch linear engine sweep)
-pytestmark = pytest.mark.xdist_group("test_int8_linear")
-
 try:
     import torch
 except ImportError:  # the program and NumPy-reference tests still run

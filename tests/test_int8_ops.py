@@ -50,9 +50,6 @@ from qjax.kernels._elementwise import (
 )
 from qjax.kernels._pool import adaptive_avg_pool2d, avg_pool2d, max_pool2d
 
-# xdist: the whole module on one worker (module-wide COUNTS and the add cases fixture)
-pytestmark = pytest.mark.xdist_group("test_int8_ops")
-
 torch = pytest.importorskip("torch")
 
 U8 = QuantSpec(signed=False)
