@@ -7,7 +7,10 @@ Stages (each with a progress bar and a printed time):
    ``calibrate`` (histogram observers), ``qjax.convert`` -> int8 served;
 3. QAT: the float model with torch's QAT qconfig (``scheme="fbgemm"``), calibrated,
    fine-tuned in ``Mode.QAT``, frozen and served: served == frozen fake-quant, exactly;
-4. speed: the int8 served forward vs the float jitted forward (interleaved medians);
+4. speed: the int8 served forward vs the float jitted forward (interleaved medians); where
+   :func:`qjax.kernels.native_status` says the native AMX kernel runs, the same served
+   model on it too (``served.with_kernel("amx")``), whose outputs must equal the XLA
+   kernel's exactly (otherwise the row says why it is missing);
 5. torch: the same CNN as a torch eager model with the same weights (float logits
    checked), torch eager PTQ per engine (fbgemm, qnnpack, x86, onednn where supported) on
    the same calibration batches; the converted model imported into qjax and compared
@@ -31,7 +34,8 @@ qparams for 0..127, while ``qjax.convert`` serves the fake-quant range 0..127 (s
 served == frozen); test activations beyond the calibrated range then differ by more than
 one step (counted per layer as "torch codes outside qjax's range").
 
-Exit status 1 when a promised exactness fails (served != frozen QAT; torch float logits
+Exit status 1 when a promised exactness fails (served != frozen QAT; served on AMX !=
+served on XLA; torch float logits
 off by more than 1e-4; parity mismatches on fbgemm/qnnpack, or more than one LSB on
 x86/onednn, NUMERICS.md rule 13), naming what failed.
 """
@@ -123,18 +127,35 @@ def _qat_stage(model, batches, xtr, ytr, xte, qat_epochs, seed, bar):
     return qat, frozen, served, np.asarray(served(jnp.asarray(xte)))
 
 
-def _speed_stage(model, served, xte, batch, repeats):
+def _speed_stage(model, served, served_out, xte, batch, repeats, checks):
+    """Float vs int8 (XLA kernel) and, where it runs, int8 on the native AMX kernel: the
+    same weights re-prepared, its outputs on the test images checked == XLA's."""
+    from .kernels import native_status
+
     x = jnp.asarray(np.resize(xte, (batch,) + xte.shape[1:]))  # test images, cycled
     graphdef, state = nnx.split(model)
     float_fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
     int8_fwd = jax.jit(lambda sv, x: sv.forward(x))
-    t = interleaved(
-        {"float": lambda: float_fwd(state, x), "int8": lambda: int8_fwd(served, x)},
-        repeats=repeats,
-    )
+    fns = {"float": lambda: float_fwd(state, x), "int8": lambda: int8_fwd(served, x)}
+    ok, reason = native_status()
+    amx = {"available": ok, "reason": reason}
+    if ok:
+        fast = served.with_kernel("amx")
+        amx["kernels"] = fast.kernels
+        got = np.asarray(fast(jnp.asarray(xte)))
+        amx["compared"], amx["mismatches"] = int(got.size), int((got != served_out).sum())
+        _check(checks, "int8 served on AMX == on XLA (test-image outputs)",
+               f"{amx['mismatches']} of {amx['compared']} outputs differ",
+               amx["mismatches"] == 0)  # fmt: skip
+        fns["amx"] = lambda: int8_fwd(fast, x)
+    t = interleaved(fns, repeats=repeats)
     f_ms, i_ms = 1e3 * t["float"], 1e3 * t["int8"]
-    return {"batch": batch, "repeats": repeats, "float_ms": f_ms, "int8_ms": i_ms,
-            "ratio": i_ms / f_ms}  # fmt: skip
+    out = {"batch": batch, "repeats": repeats, "float_ms": f_ms, "int8_ms": i_ms,
+           "ratio": i_ms / f_ms, "amx": amx}  # fmt: skip
+    if ok:
+        a_ms = 1e3 * t["amx"]
+        out.update(amx_ms=a_ms, amx_ratio=a_ms / f_ms, amx_vs_int8=a_ms / i_ms)
+    return out
 
 
 def _torch_stage(model, float_logits, ptqs, engines, calib, xte, yte, checks, bar):
@@ -291,7 +312,8 @@ def run_demo(
     mism = int((served_out != frozen).sum())
     _check(checks, "QAT int8 served == frozen fake-quant", f"{mism} of {frozen.size} outputs "
            "differ", mism == 0)  # fmt: skip
-    speed = st.run("speed", lambda: _speed_stage(model, served, xte, 256, 5 if quick else 30))
+    speed = st.run("speed", lambda: _speed_stage(model, served, served_out, xte, 256,
+                                                  5 if quick else 30, checks))  # fmt: skip
     engines_out, diff = st.run(
         "torch PTQ + parity",
         lambda: _torch_stage(model, float_logits, ptqs, engines, calib, xte, yte, checks,

@@ -29,12 +29,23 @@ def tables(s: dict) -> list[tuple[str, list[str], list[list[object]]]]:
                 acc))  # fmt: skip
     sp = s.get("speed")
     if sp:
+        header = ["float32 (ms)", "int8 served (ms)", "int8 / float time"]
+        row = [f"{sp['float_ms']:.3f}", f"{sp['int8_ms']:.3f}", f"{sp['ratio']:.2f}x"]
+        amx = sp.get("amx")
+        if amx is not None:  # the same served model on the native AMX kernel
+            header = ["float32 (ms)", "int8 XLA (ms)", "XLA / float time", "int8 AMX (ms)",
+                      "AMX / float time", "AMX / XLA time"]  # fmt: skip
+            if sp.get("amx_ms") is not None:
+                row += [f"{sp['amx_ms']:.3f}", f"{sp['amx_ratio']:.2f}x",
+                        f"{sp['amx_vs_int8']:.2f}x"]  # fmt: skip
+            else:
+                row += [f"unavailable: {amx['reason']}", "-", "-"]
         out.append(
             (
                 f"speed: jitted forward on {sp['batch']} test images (median of {sp['repeats']}"
                 ", interleaved)",
-                ["float32 (ms)", "int8 served (ms)", "int8 / float time"],
-                [[f"{sp['float_ms']:.3f}", f"{sp['int8_ms']:.3f}", f"{sp['ratio']:.2f}x"]],
+                header,
+                [row],
             )
         )
     rows = []

@@ -321,3 +321,41 @@ def test_pt2e_kernel_amx_equals_xla():
         np.testing.assert_array_equal(np.asarray(a[k].values), np.asarray(b[k].values))
     np.testing.assert_array_equal(np.asarray(fast(*x)), np.asarray(xla(*x)))
     assert jnp.asarray(fast(*x)).dtype == jnp.float32
+
+
+# ---------------------------------------------------------------------------------------
+# qjax demo: the speed row
+
+
+@amx
+def test_demo_speed_stage_times_amx_and_checks_it(nnx_cnn):
+    from qjax._demo import _speed_stage
+
+    model, x, served = nnx_cnn
+    want = np.asarray(served(x))
+    checks = []
+    sp = _speed_stage(model, served, want, np.asarray(x), 8, 2, checks)
+    assert sp["amx"]["available"] and sp["amx"]["mismatches"] == 0
+    assert sp["amx"]["compared"] == want.size and set(sp["amx"]["kernels"].values()) == {"amx"}
+    assert sp["amx_ms"] > 0 and sp["amx_vs_int8"] == sp["amx_ms"] / sp["int8_ms"]
+    assert [c["ok"] for c in checks] == [True]
+    # a wrong reference fails the demo's check (exit status 1), naming the count
+    bad = []
+    _speed_stage(model, served, want + 1.0, np.asarray(x), 8, 1, bad)
+    assert not bad[0]["ok"] and bad[0]["result"] == f"{want.size} of {want.size} outputs differ"
+
+
+def test_demo_speed_row_with_and_without_amx():
+    from qjax._demo_report import tables
+
+    base = {"batch": 256, "repeats": 3, "float_ms": 2.0, "int8_ms": 1.0, "ratio": 0.5}
+    s = {"n_test": 1, "accuracy": {}, "engines": {}, "checks": []}
+    fast = dict(base, amx={"available": True, "reason": "ready"}, amx_ms=0.5)
+    fast.update(amx_ratio=0.25, amx_vs_int8=0.5)
+    (_, header, rows), *_ = [t for t in tables(dict(s, speed=fast)) if "speed" in t[0]]
+    assert header[3] == "int8 AMX (ms)" and rows == [
+        ["2.000", "1.000", "0.50x", "0.500", "0.25x", "0.50x"]
+    ]
+    none = dict(base, amx={"available": False, "reason": "CPU lacks amx_int8"})
+    (_, header, rows), *_ = [t for t in tables(dict(s, speed=none)) if "speed" in t[0]]
+    assert rows[0][3] == "unavailable: CPU lacks amx_int8" and rows[0][4:] == ["-", "-"]
