@@ -84,8 +84,7 @@ def conv_kernel(wish: str, nsp: int, groups: int = 1, dilation=1, accumulate: st
     >>> conv_kernel("amx", 2, dilation=(2, 2)), conv_kernel("amx", 2, dilation=(1, 1))
     ('xla', 'amx')
     """
-    dil = (dilation,) * nsp if isinstance(dilation, int) else tuple(dilation)
-    ok = nsp == 2 and groups == 1 and all(d == 1 for d in dil) and accumulate == "exact"
+    ok = _native.conv_supported(nsp, groups, dilation) and accumulate == "exact"
     return "amx" if wish == "amx" and ok else "xla"
 
 

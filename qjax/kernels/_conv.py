@@ -268,7 +268,7 @@ def prepare_conv(
     w_sum = jnp.sum(vals.astype(jnp.int32), axis=tuple(range(nsp + 1)))
     packed = None
     if kernel == "amx":
-        if nsp != 2 or groups != 1:
+        if not _native.conv_supported(nsp, groups):
             raise ValueError(
                 f"layer {name!r}: kernel='amx' supports 2-D convolutions with groups=1, got "
                 f"a {nsp}-D kernel with groups={groups}; use kernel='xla'"
@@ -438,7 +438,7 @@ def quantized_conv(
     if (
         accumulate == "exact"
         and pw.kernel == "amx"
-        and dil_t == (1, 1)
+        and _native.conv_supported(2, 1, dil_t)
         and _native.fusable(pw, x, bias, out_qparams, scheme)
     ):
         # one native call on the padded raw codes: conv + zero-point term + requantize
@@ -456,7 +456,7 @@ def quantized_conv(
             zx = zx - jnp.int32(128)
         sp = "HW" if nsp == 2 else "W"
         if pw.kernel == "amx":
-            if dil_t != (1, 1):
+            if not _native.conv_supported(2, 1, dil_t):
                 raise ValueError(
                     f"layer {layer!r}: kernel='amx' supports dilation 1, got {dil_t}; "
                     "prepare the weight with kernel='xla'"

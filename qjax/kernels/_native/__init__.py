@@ -68,6 +68,7 @@ __all__ = [
     "native_status",
     "pack_conv_weight",
     "pack_weight",
+    "conv_supported",
     "require_amx",
 ]
 
@@ -152,6 +153,19 @@ def native_status() -> tuple[bool, str]:
     True
     """
     return _probe()
+
+
+def conv_supported(nsp: int, groups: int = 1, dilation=1) -> bool:
+    """Whether the AMX conv kernel runs a convolution: 2-D (``nsp == 2``), ``groups=1``,
+    dilation 1 (an int or one per spatial dim); the one statement of what it covers.
+
+    >>> conv_supported(2), conv_supported(2, groups=8), conv_supported(1)
+    (True, False, False)
+    >>> conv_supported(2, dilation=(2, 2)), conv_supported(2, dilation=(1, 1))
+    (False, True)
+    """
+    dil = (dilation,) * nsp if isinstance(dilation, int) else tuple(dilation)
+    return nsp == 2 and groups == 1 and all(d == 1 for d in dil)
 
 
 def require_amx(layer: str) -> None:

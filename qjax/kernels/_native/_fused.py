@@ -123,14 +123,8 @@ def fused_linear_codes(x, pw, bias, out, scheme, relu) -> jax.Array:
     >>> fusable(None, None, None, None, "exact")  # see quantized_linear's tests
     False
     """
-    wq = pw.weight
-    zx = jnp.asarray(x.zero_point).astype(jnp.int32).reshape(())
-    corr = jnp.int32(0) - zx * pw.col_sum
-    scale_w = wq.scale if wq.spec.granularity == "axis" else jnp.reshape(wq.scale, ())
-    vecs = epilogue_vectors(
-        scheme, pw.out_features, corr, bias, jnp.reshape(x.scale, ()), scale_w, out, relu
-    )
-    return amx_linear_q8(x.values, pw.packed, wq.values, *vecs, out.spec.dtype)
+    vecs = _layer_vectors(x, pw.weight, pw.col_sum, bias, out, scheme, relu)
+    return amx_linear_q8(x.values, pw.packed, pw.weight.values, *vecs, out.spec.dtype)
 
 
 def fused_conv_codes(xv, x, pw, bias, out, scheme, relu, stride) -> jax.Array:
@@ -144,14 +138,18 @@ def fused_conv_codes(xv, x, pw, bias, out, scheme, relu, stride) -> jax.Array:
     >>> fusable(None, None, None, None, "onednn")
     False
     """
-    wq = pw.weight
+    vecs = _layer_vectors(x, pw.weight, pw.w_sum, bias, out, scheme, relu)
+    return amx_conv2d_q8(xv, pw.packed, pw.weight.values, stride, *vecs, out.spec.dtype)
+
+
+def _layer_vectors(x, wq, w_sum, bias, out, scheme, relu):
+    """:func:`epilogue_vectors` of a layer: ``corr = -zp_x·Σw`` per output channel
+    (``w_sum``, int32 ``(N,)``), the input's scale and the weight's (0-d per tensor)."""
     zx = jnp.asarray(x.zero_point).astype(jnp.int32).reshape(())
-    corr = jnp.int32(0) - zx * pw.w_sum
+    corr = jnp.int32(0) - zx * w_sum
     scale_w = wq.scale if wq.spec.granularity == "axis" else jnp.reshape(wq.scale, ())
-    vecs = epilogue_vectors(
-        scheme, pw.out_channels, corr, bias, jnp.reshape(x.scale, ()), scale_w, out, relu
-    )
-    return amx_conv2d_q8(xv, pw.packed, wq.values, stride, *vecs, out.spec.dtype)
+    sx = jnp.reshape(x.scale, ())
+    return epilogue_vectors(scheme, w_sum.shape[0], corr, bias, sx, scale_w, out, relu)
 
 
 def amx_conv2d_q8(x, packed, w, stride, ivec, fvec, mult, clamp, zp, out_dtype) -> jax.Array:
