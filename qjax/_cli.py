@@ -5,7 +5,9 @@ quantized activation with torch's, on the same inputs, layer by layer (max LSB
 difference, mismatch count and rate, first mismatch, likely cause from NUMERICS.md);
 exit status 0 when every integer matches, 1 when some differ, 2 on errors.
 ``qjax inspect MODEL`` prints qparams per layer, the activation codes the inputs use and
-the risks the same rulebook sees. MODEL formats: :mod:`qjax._cli_model`.
+the risks the same rulebook sees. MODEL formats: :mod:`qjax._cli_model` (a state_dict is
+read safely; ``.pt2``, TorchScript and pickled models only with ``--trusted``, since their
+loaders run code from the file).
 ``qjax debug FILE.py:FUNCTION``: debugging views of a quantized Flax model
 (:mod:`qjax._debug_cli`).
 """
@@ -22,8 +24,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
         metavar="MODEL",
-        help="a state_dict (with --definition), TorchScript file (with --definition),"
-        " torch.export .pt2 file, or pickled model (with --trusted)",
+        help="a state_dict (with --definition; read safely, weights_only), or, only with"
+        " --trusted: a TorchScript file (with --definition), a torch.export .pt2 file or a"
+        " pickled model (loading these runs code from the file)",
     )
     p.add_argument(
         "--definition",
@@ -33,7 +36,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--trusted",
         action="store_true",
-        help="allow unpickling a whole model (runs code from the file)",
+        help="allow loading a .pt2, TorchScript or pickled model: torch's loaders run code"
+        " from these files, so pass it only for files you trust",
     )
     p.add_argument("--engine", default="x86", choices=ENGINES, help="qjax engine (default x86)")
     p.add_argument(

@@ -5,16 +5,23 @@ MODEL formats, told apart by content (never by trusting a pickle):
 ==========================  ==============================================================
 file                        how it is read
 ==========================  ==============================================================
-``torch.export`` ``.pt2``   ``torch.export.load``; imported with ``qjax.converters.pt2e``
-TorchScript archive         ``torch.jit.load``; its quantized weights and qparams are copied
-                            into the eager structure ``--definition`` builds (a scripted
-                            module has no FX graph to import)
 state_dict                  ``torch.load(weights_only=True)`` into the module
                             ``--definition FILE.py:FUNCTION`` returns (the converted model's
-                            structure)
+                            structure); safe: nothing from the file runs
+``torch.export`` ``.pt2``   only with ``--trusted``: ``torch.export.load`` unpickles parts of
+                            the archive (weights, constants, sample inputs) and retries a
+                            refused part with ``weights_only=False``, which runs its code;
+                            imported with ``qjax.converters.pt2e``
+TorchScript archive         only with ``--trusted``: ``torch.jit.load`` runs the archive's
+                            compiled code (a module's ``__setstate__``); its quantized weights
+                            and qparams are copied into the eager structure ``--definition``
+                            builds (a scripted module has no FX graph to import)
 pickled whole module        only with ``--trusted``: ``torch.load(weights_only=False)`` runs
-                            the pickle's code; refused otherwise, with the reason
+                            the pickle's code
 ==========================  ==============================================================
+
+Without ``--trusted`` (``trusted=True`` in :func:`load_model`) the last three are refused
+with a ``ValueError`` naming the file, the format and why, before torch reads any of it.
 
 Eager / FX converted modules are imported with ``qjax.converters.torch.import_model`` and
 compared with its ``torch_trace``; ``.pt2`` programs with ``import_pt2e``, compared with the
@@ -86,7 +93,12 @@ def _build(definition: str):
 
 
 def _is_pt2(path: pathlib.Path, names: Sequence[str]) -> bool:
-    return path.suffix == ".pt2" or any("serialized_exported_program" in n for n in names)
+    # torch >= 2.8 archives hold ARCHIVE/archive_format ("pt2"); older ones
+    # serialized_exported_program.json
+    return path.suffix == ".pt2" or any(
+        "serialized_exported_program" in n or n.rpartition("/")[2] == "archive_format"
+        for n in names
+    )
 
 
 def _is_torchscript(names: Sequence[str]) -> bool:
@@ -130,6 +142,34 @@ def _register_quantized_decomposed() -> None:
         import torch.ao.quantization.fx._decomposed  # noqa: F401
 
 
+_PT2_WHY = (
+    "torch.export.load unpickles parts of it (weights, constants, sample inputs) and "
+    "retries a part weights_only refuses with weights_only=False, which runs code from the file"
+)
+_TS_WHY = "torch.jit.load runs code from the file (the archive's compiled __setstate__)"
+
+
+def _refuse_untrusted(path: str, trusted: bool, what: str, why: str) -> None:
+    """Refuse a format whose loader runs code from the file, before torch reads it."""
+    if not trusted:
+        raise ValueError(
+            f"{path!r} is {what}: {why}. Pass --trusted (trusted=True) only if you trust the "
+            "file; a state_dict (torch.save(model.state_dict())) with --definition is read "
+            "safely, with weights_only=True"
+        )
+
+
+def _zip_names(file: pathlib.Path) -> list[str]:
+    """The member names of a zip archive; ``[]`` for anything else."""
+    if not zipfile.is_zipfile(file):
+        return []
+    try:
+        with zipfile.ZipFile(file) as z:
+            return z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise ValueError(f"{str(file)!r}: a damaged zip archive ({e})") from None
+
+
 def load_model(path: str, *, definition: str | None = None, trusted: bool = False) -> Loaded:
     """Read MODEL (module docstring table); errors name the file and what to pass.
 
@@ -143,24 +183,38 @@ def load_model(path: str, *, definition: str | None = None, trusted: bool = Fals
         raise ValueError(f"MODEL {path!r} does not exist")
     import torch
 
-    names = zipfile.ZipFile(file).namelist() if zipfile.is_zipfile(file) else []
+    from qjax.converters._torch_io import _first_line, _load
+
+    names = _zip_names(file)
     if _is_pt2(file, names):
+        _refuse_untrusted(path, trusted, "a torch.export .pt2 program", _PT2_WHY)
+        if not names:
+            raise ValueError(f"{path!r}: not a readable .pt2 file (not a zip archive; truncated?)")
         _register_quantized_decomposed()
-        ep = torch.export.load(str(file))
+        try:
+            ep = torch.export.load(str(file))
+        except Exception as e:  # torch raises many types for bad archives
+            raise ValueError(
+                f"{path!r}: torch.export.load failed ({type(e).__name__}: {_first_line(e)})"
+            ) from None
         ex = getattr(ep, "example_inputs", None)
         return Loaded("pt2", ep, tuple(ex[0]) if ex else None)
     if _is_torchscript(names):
-        script = torch.jit.load(str(file), map_location="cpu")
+        _refuse_untrusted(path, trusted, "a TorchScript archive", _TS_WHY)
         if definition is None:
             raise ValueError(
                 f"{path!r} is TorchScript, which has no FX graph to import: pass "
                 "--definition FILE.py:FUNCTION returning the converted model's eager structure "
                 "(its weights are copied from the TorchScript file)"
             )
+        try:
+            script = torch.jit.load(str(file), map_location="cpu")
+        except Exception as e:
+            raise ValueError(
+                f"{path!r}: torch.jit.load failed ({type(e).__name__}: {_first_line(e)})"
+            ) from None
         return Loaded("torchscript", _from_torchscript(script, _build(definition)))
     # one safe loader for the library and the CLI: weights_only=True unless trusted
-    from qjax.converters._torch_io import _load
-
     try:
         obj = _load(torch, str(file), repr(path), trusted)
     except ValueError as e:

@@ -2,6 +2,7 @@
 state_dict + definition, TorchScript + definition, torch.export ``.pt2``, pickled whole
 model (only with ``--trusted``; a malicious pickle is never run without it)."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -147,7 +148,9 @@ def test_parity_state_dict_with_definition(saved, capsys):
 def test_inspect_torchscript_matches_torch_code_ranges(saved, capsys):
     defn = f"{saved / 'defs.py'}:converted"
     common = ("--definition", defn, "--inputs", saved / "x.npy", "--engine", "fbgemm")
-    rc, out, err = _run(capsys, "inspect", saved / "net_script.pt", *common, "--format", "json")
+    rc, out, err = _run(
+        capsys, "inspect", saved / "net_script.pt", "--trusted", *common, "--format", "json"
+    )
     assert rc == 0, err
     info = {la["name"]: la for la in json.loads(out)["layers"]}
     rc, out, _ = _run(capsys, "parity", saved / "net_state.pt", *common, "--format", "json")
@@ -159,7 +162,7 @@ def test_inspect_torchscript_matches_torch_code_ranges(saved, capsys):
 
 
 def test_parity_pt2_program(saved, capsys):
-    rc, out, err = _run(capsys, "parity", saved / "net.pt2", "--format", "markdown")
+    rc, out, err = _run(capsys, "parity", saved / "net.pt2", "--trusted", "--format", "markdown")
     assert rc == 0, err  # example inputs saved in the .pt2
     assert out.startswith("**qjax parity vs torch") and "0 of 482 integers differ" in out
     assert "| quantize_per_tensor_1 | conv2d/fbgemm | 128 | 0 |" in out
@@ -191,7 +194,9 @@ def test_pickles_need_trusted_and_never_run_otherwise(saved, capsys, monkeypatch
 def test_cli_errors_name_what_to_pass(saved, capsys):
     rc, _, err = _run(capsys, "parity", saved / "net_state.pt", "--input-shape", "1,3,6,6")
     assert rc == 2 and "state_dict: pass --definition" in err
-    rc, _, err = _run(capsys, "inspect", saved / "net_script.pt", "--input-shape", "1,3,6,6")
+    rc, _, err = _run(
+        capsys, "inspect", saved / "net_script.pt", "--trusted", "--input-shape", "1,3,6,6"
+    )
     assert rc == 2 and "TorchScript" in err and "--definition" in err
     rc, _, err = _run(capsys, "parity", saved / "nope.pt", "--input-shape", "1,3,6,6")
     assert rc == 2 and "does not exist" in err
@@ -209,3 +214,135 @@ def test_cli_errors_name_what_to_pass(saved, capsys):
         capsys, "parity", saved / "net_state.pt", "--definition", f"{saved / 'defs.py'}:converted"
     )
     assert rc == 2 and "--input-shape" in err
+
+
+# --- .pt2 and TorchScript run code from the file on load: both need --trusted ------------
+# The malicious files are built here, at test time, in tmp_path (nothing malicious is
+# committed). Each writes a marker file when loaded; without --trusted it must not exist.
+
+
+def _evil_pt2(tmp_path):
+    """A real torch.export .pt2 whose sample inputs are a pickle that writes MARKER:
+    torch.export.load retries a failed weights_only load of that part with
+    weights_only=False, which runs it."""
+    import io
+    import pathlib
+    import zipfile
+
+    import torch
+
+    marker = tmp_path / "PWNED_PT2"
+
+    class Evil:
+        def __reduce__(self):
+            return (pathlib.Path.write_text, (marker, "x"))
+
+    good = tmp_path / "good.pt2"
+    ep = torch.export.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
+    torch.export.save(ep, str(good))
+    buf = io.BytesIO()
+    torch.save((Evil(),), buf)
+    evil = tmp_path / "evil.pt2"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(evil, "w") as zout:
+        names = zin.namelist()
+        assert any(n.endswith("sample_inputs/model.pt") for n in names), names
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("sample_inputs/model.pt"):
+                data = buf.getvalue()
+            zout.writestr(info, data)
+    return evil, marker
+
+
+_EVIL_SCRIPT = textwrap.dedent('''
+    import sys
+    import torch
+
+
+    class Evil(torch.nn.Module):
+        """torch.jit.load runs the archive's compiled __setstate__: it creates MARKER."""
+
+        def __init__(self, marker: str):
+            super().__init__()
+            self.p = marker
+            self.t = torch.zeros(1, dtype=torch.uint8)
+
+        def forward(self, x):
+            return x
+
+        @torch.jit.export
+        def __getstate__(self):
+            return (self.p, self.training)
+
+        @torch.jit.export
+        def __setstate__(self, state: tuple[str, bool]):
+            self.p = state[0]
+            self.training = state[1]
+            self.t = torch.from_file(self.p, shared=True, size=1, dtype=torch.uint8)
+
+
+    torch.jit.save(torch.jit.script(Evil(sys.argv[2])), sys.argv[1])
+    print("saved")
+''')
+
+
+def _evil_torchscript(tmp_path):
+    marker = tmp_path / "PWNED_TS"
+    (tmp_path / "make_evil_ts.py").write_text(_EVIL_SCRIPT)
+    path = tmp_path / "evil_script.pt"
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "make_evil_ts.py"), str(path), str(marker)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "saved" in proc.stdout, proc.stdout + proc.stderr
+    assert not marker.exists()
+    return path, marker
+
+
+@pytest.mark.parametrize("command", ["parity", "inspect"])
+def test_pt2_needs_trusted_and_never_runs_otherwise(tmp_path, capsys, command):
+    evil, marker = _evil_pt2(tmp_path)
+    for extra in ((), ("--input-shape", "1,2"), ("--definition", "x.py:f")):
+        rc, out, err = _run(capsys, command, evil, *extra)
+        assert rc == 2 and not marker.exists(), (out, err)
+        assert err.startswith(f"qjax {command}: error: ") and str(evil) in err
+        assert "torch.export" in err and "--trusted" in err and "runs code" in err
+    # a .pt2 without the .pt2 suffix is still recognised by its content and refused
+    renamed = tmp_path / "evil_renamed.bin"
+    renamed.write_bytes(evil.read_bytes())
+    rc, _, err = _run(capsys, command, renamed)
+    assert rc == 2 and "--trusted" in err and not marker.exists(), err
+    # the file is really malicious: a trusted load runs it (what --trusted is for)
+    from qjax._cli_model import load_model
+
+    with pytest.raises(ValueError, match=r"--trusted"):
+        load_model(str(evil))
+    assert not marker.exists()
+    # torch 2.13's fallback warning has a bad format string, which pytest's log capture
+    # raises as a TypeError (a ValueError here): the code has run by then either way
+    with contextlib.suppress(ValueError):
+        load_model(str(evil), trusted=True)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("command", ["parity", "inspect"])
+def test_torchscript_needs_trusted_and_never_runs_otherwise(tmp_path, capsys, command):
+    evil, marker = _evil_torchscript(tmp_path)
+    for extra in ((), ("--input-shape", "1,2"), ("--definition", "x.py:f")):
+        rc, out, err = _run(capsys, command, evil, *extra)
+        assert rc == 2 and not marker.exists(), (out, err)
+        assert err.startswith(f"qjax {command}: error: ") and str(evil) in err
+        assert "TorchScript" in err and "--trusted" in err and "runs code" in err
+    from qjax._cli_model import load_model
+
+    with pytest.raises(ValueError, match=r"--trusted"):
+        load_model(str(evil))
+    assert not marker.exists()
+    with pytest.raises(ValueError, match=r"--definition"):  # asked before loading
+        load_model(str(evil), trusted=True)
+    assert not marker.exists()
+    (tmp_path / "defs.py").write_text("import torch\n\ndef f():\n    return torch.nn.Identity()\n")
+    load_model(str(evil), definition=f"{tmp_path / 'defs.py'}:f", trusted=True)
+    assert marker.exists()  # the file is really malicious: a trusted load runs it
