@@ -38,7 +38,7 @@ import numpy as np
 
 from ._primitives import dequantize as _dequantize
 from ._primitives import quantize as _quantize
-from ._spec import QParams, QuantSpec
+from ._spec import QParams, QuantSpec, _short, check_qparam_values
 
 __all__ = ["QArray"]
 
@@ -188,22 +188,7 @@ class QArray:
         """
         self._check_structure()
         spec = self.spec
-        z, s = self.zero_point, self.scale
-        if _concrete(z):
-            zn = np.asarray(z)
-            bad = (zn < spec.qmin) | (zn > spec.qmax)
-            if bad.any():
-                raise ValueError(
-                    f"QArray zero_point {_short(zn[bad] if zn.ndim else zn)} is outside "
-                    f"the spec range [{spec.qmin}, {spec.qmax}]"
-                )
-        if _concrete(s):
-            sn = np.asarray(s)
-            bad = ~(np.isfinite(sn) & (sn > 0))
-            if bad.any():
-                raise ValueError(
-                    f"QArray scale must be finite and > 0, got {_short(sn[bad] if sn.ndim else sn)}"
-                )
+        check_qparam_values(self.qparams, "QArray")  # invariants 4 and 5
         if check_values and _concrete(self.values):
             vn = np.asarray(self.values)
             if vn.size and (vn.min() < spec.qmin or vn.max() > spec.qmax):
@@ -273,17 +258,6 @@ def _concrete(v) -> bool:
     return isinstance(v, (int, float, np.ndarray, np.generic, jax.Array)) and not isinstance(
         v, jax.core.Tracer
     )
-
-
-def _short(v, n: int = 6) -> str:
-    if isinstance(v, jax.core.Tracer):
-        return f"<traced {v.dtype}{list(v.shape)}>"
-    a = np.asarray(v)
-    if a.ndim == 0:
-        return str(a.item())
-    flat = a.reshape(-1)
-    body = ", ".join(str(x) for x in flat[:n].tolist())
-    return f"[{body}{', ...' if flat.size > n else ''}] (shape {a.shape})"
 
 
 def _describe_spec(spec: QuantSpec) -> str:

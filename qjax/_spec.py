@@ -305,6 +305,57 @@ def _describe(spec: QuantSpec) -> str:
     )
 
 
+def check_qparam_values(qp: QParams, what: str = "QParams") -> QParams:
+    """The value invariants of qparams, one check for every place that accepts them
+    (:meth:`qjax.QArray.validate`, :func:`qjax.load_served`, the state_dict reader):
+    every scale finite and ``> 0``, every zero point an integer (integer dtype) inside
+    ``[spec.qmin, spec.qmax]``. ``ValueError`` naming ``what`` and the bad values;
+    traced leaves are skipped (safe inside ``jit``). Returns ``qp``.
+
+    >>> check_qparam_values(QParams(-0.05, 0, QuantSpec()), "input")
+    Traceback (most recent call last):
+      ...
+    ValueError: input scale must be finite and > 0, got -0.05000000074505806
+    >>> check_qparam_values(QParams(0.1, 700, QuantSpec(signed=False)), "fc out_qp")
+    Traceback (most recent call last):
+      ...
+    ValueError: fc out_qp zero_point 700 is outside the spec range [0, 255]
+    """
+    spec = qp.spec
+    z, s = qp.zero_point, qp.scale
+    if _is_concrete_leaf(z):
+        zn = np.asarray(z)
+        if not np.issubdtype(zn.dtype, np.integer):
+            raise ValueError(f"{what} zero_point must be integers, got dtype {zn.dtype}")
+        bad = (zn < spec.qmin) | (zn > spec.qmax)
+        if bad.any():
+            raise ValueError(
+                f"{what} zero_point {_short(zn[bad] if zn.ndim else zn)} is outside "
+                f"the spec range [{spec.qmin}, {spec.qmax}]"
+            )
+    if _is_concrete_leaf(s):
+        sn = np.asarray(s)
+        if not np.issubdtype(sn.dtype, np.floating):
+            raise ValueError(f"{what} scale must be floating, got dtype {sn.dtype}")
+        bad = ~(np.isfinite(sn) & (sn > 0))
+        if bad.any():
+            raise ValueError(
+                f"{what} scale must be finite and > 0, got {_short(sn[bad] if sn.ndim else sn)}"
+            )
+    return qp
+
+
+def _short(v, n: int = 6) -> str:
+    if isinstance(v, jax.core.Tracer):
+        return f"<traced {v.dtype}{list(v.shape)}>"
+    a = np.asarray(v)
+    if a.ndim == 0:
+        return str(a.item())
+    flat = a.reshape(-1)
+    body = ", ".join(str(x) for x in flat[:n].tolist())
+    return f"[{body}{', ...' if flat.size > n else ''}] (shape {a.shape})"
+
+
 def broadcast_qparam(v: jax.Array, spec: QuantSpec, shape: Sequence[int]) -> jax.Array:
     """Reshape a compact qparam (spec's qparams shape) to broadcast against ``shape``.
 
