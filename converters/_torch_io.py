@@ -3,7 +3,11 @@
 ``torch.load(path, weights_only=True)`` always; a pickled whole module (or anything
 else that needs code from the file to unpickle) loads only with ``trusted=True``.
 Every failure (missing, corrupt, truncated or foreign file) is a ``ValueError`` that
-names the file and the cause.
+names the file and the cause. Quantization parameters are checked as every qjax loader
+checks them (:func:`qjax._spec.check_qparam_values`: scales finite and > 0 in float32,
+zero points integers in the spec's range), and an int8 layer's bias must be finite; a
+bad value is a ``ValueError`` naming the entry and the value (torch itself builds
+quantized tensors with NaN, zero or negative scales).
 
 A converted eager model's state_dict (NUMERICS.md rule 20) is normalised to flat
 entries (``P`` a module prefix):
@@ -33,6 +37,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from qjax import QArray, QParams, QuantSpec
+from qjax._spec import check_qparam_values
 
 __all__ = ["normalize_state_dict", "read_state_dict"]
 
@@ -148,17 +153,37 @@ def _qarray(t, key: str) -> QArray:
     from ._torch_values import weight_qarray  # the torch importer's weight conversion
 
     try:
-        return weight_qarray(t, key)
+        w = weight_qarray(t, key)
     except NotImplementedError as e:
         raise ValueError(f"state_dict entry {key!r}: unsupported quantized tensor ({e})") from None
+    # torch builds quantized tensors with any scale (NaN, <= 0): refuse them here, with the
+    # check every qjax loader uses, on the float32 values qjax computes with
+    check_qparam_values(w.qparams, f"state_dict entry {key!r}: weight")
+    return w
+
+
+def _bias(b, key: str) -> np.ndarray:
+    """An int8 layer's float bias: finite."""
+    a = _array(b, key)
+    if not np.isfinite(a).all():
+        bad = a[~np.isfinite(a)].reshape(-1)[0]
+        raise ValueError(f"state_dict entry {key!r}: bias must be finite, got {bad}")
+    return a
 
 
 def _qparams(scale, zero_point, key: str) -> QParams:
-    z = int(zero_point)
-    if not 0 <= z <= 255:
-        raise ValueError(f"state_dict entry {key!r}: zero point {z} is not a quint8 code")
     # Converted eager models keep quint8 activations, clamped to 0..255 (rule 18).
-    return QParams(np.float32(float(scale)), np.int32(z), QuantSpec(signed=False))
+    spec = QuantSpec(signed=False)
+    with np.errstate(over="ignore"):  # a float64 scale beyond float32 becomes inf: refused
+        s = np.asarray(float(scale), np.float32)
+    # checked before QParams casts the zero point to int32 (which would wrap a large one)
+    raw = QParams.tree_unflatten(spec, (s, np.asarray(int(zero_point))))
+    check_qparam_values(raw, f"state_dict entry {key!r}: activation")
+    return QParams(s, np.int32(int(zero_point)), spec)
+
+
+def _is_quantized(v) -> bool:
+    return isinstance(v, _torch().Tensor) and v.is_quantized
 
 
 def _is_qparams_pair(sd, prefix) -> bool:
@@ -197,7 +222,7 @@ def normalize_state_dict(sd: Mapping) -> dict:
             w, b = v
             out[f"{base}weight"] = _qarray(w, key)
             if b is not None:
-                out[f"{base}bias"] = _array(b, key)
+                out[f"{base}bias"] = _bias(b, key)
         elif key.endswith("_packed_params.dtype"):
             continue
         elif key.endswith(("scale", "zero_point")) and key in (
@@ -213,6 +238,8 @@ def normalize_state_dict(sd: Mapping) -> dict:
                 out[key] = _array(v, key)
         elif isinstance(v, torch.Tensor) and v.is_quantized:
             out[key] = _qarray(v, key)
+        elif key == f"{prefix}bias" and _is_quantized(sd.get(f"{prefix}weight")):
+            out[key] = _bias(v, key)  # a quantized conv's bias
         else:
             out[key] = _array(v, key)
     return out

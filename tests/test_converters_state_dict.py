@@ -259,6 +259,114 @@ def test_converted_eager_state_dict_to_qarrays(tmp_path):
         load_state_dict(path, {"fc": {"kernel": jnp.zeros((3, 4))}}, table)
 
 
+def _per_channel(w, scales):
+    """``w`` (a per-channel qint8 tensor) with other scales (torch accepts any double)."""
+    s = torch.tensor(scales, dtype=torch.double)
+    return torch._make_per_channel_quantized_tensor(
+        w.int_repr(), s, w.q_per_channel_zero_points(), w.q_per_channel_axis()
+    )
+
+
+def _put(key, value):
+    def edit(sd):
+        sd[key] = value
+
+    return edit
+
+
+def _weight_scales(scales):
+    def edit(sd):
+        sd["conv.weight"] = _per_channel(sd["conv.weight"], scales)
+
+    return edit
+
+
+def _packed(scales=None, bias=None):
+    def edit(sd):
+        w, b = sd["fc._packed_params._packed_params"]
+        if scales is not None:
+            w = _per_channel(w, scales)
+        if bias is not None:
+            b = torch.tensor(bias, dtype=torch.float32)
+        sd["fc._packed_params._packed_params"] = (w, b)
+
+    return edit
+
+
+NAN, INF = float("nan"), float("inf")
+SD_TAMPERED = [  # (case, edit, message)
+    (
+        "stub scale NaN",
+        _put("quant.scale", torch.tensor([NAN])),
+        r"'quant.scale'.* scale must be finite and > 0, got nan",
+    ),
+    (
+        "stub scale -0.05",
+        _put("quant.scale", torch.tensor([-0.05])),
+        r"'quant.scale'.*finite and > 0, got -0.05",
+    ),
+    (
+        "stub scale inf",
+        _put("quant.scale", torch.tensor([INF])),
+        r"'quant.scale'.*finite and > 0, got inf",
+    ),
+    (
+        "stub scale 1e300 (inf in float32)",
+        _put("quant.scale", torch.tensor([1e300], dtype=torch.float64)),
+        r"'quant.scale'.*got inf",
+    ),
+    ("output scale 0", _put("fc.scale", torch.tensor(0.0)), r"'fc.scale'.*finite and > 0, got 0.0"),
+    (
+        "output scale -1",
+        _put("conv.scale", torch.tensor(-1.0)),
+        r"'conv.scale'.*finite and > 0, got -1.0",
+    ),
+    (
+        "output zero point 700",
+        _put("fc.zero_point", torch.tensor(700)),
+        r"'fc.(scale|zero_point)'.*zero_point 700 is outside the spec range \[0, 255\]",
+    ),
+    (
+        "conv weight scale NaN",
+        _weight_scales([NAN, 0.1, 0.1]),
+        r"'conv.weight'.*scale must be finite and > 0, got \[nan\]",
+    ),
+    (
+        "conv weight scale negative",
+        _weight_scales([0.1, -0.5, 0.1]),
+        r"'conv.weight'.*got \[-0.5\]",
+    ),
+    ("conv weight scale 0", _weight_scales([0.1, 0.1, 0.0]), r"'conv.weight'.*got \[0.0\]"),
+    (
+        "linear weight scale NaN",
+        _packed(scales=[0.1, NAN, 0.1, 0.1]),
+        r"'fc._packed_params._packed_params'.*got \[nan\]",
+    ),
+    (
+        "linear bias NaN",
+        _packed(bias=[0.0, NAN, 0.0, 0.0]),
+        r"'fc._packed_params._packed_params'.*bias must be finite, got nan",
+    ),
+    (
+        "conv bias inf",
+        _put("conv.bias", torch.tensor([0.0, INF, 0.0])),
+        r"'conv.bias'.*bias must be finite, got inf",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "edit, pattern", [c[1:] for c in SD_TAMPERED], ids=[c[0] for c in SD_TAMPERED]
+)
+def test_converted_state_dict_with_bad_qparams_is_refused(tmp_path, edit, pattern):
+    sd = dict(_converted().state_dict())
+    edit(sd)
+    path = tmp_path / "bad.pt"
+    torch.save(sd, path)  # a file, read with weights_only=True like any other
+    with pytest.raises(ValueError, match=pattern):
+        load_state_dict(path, None, CONVERTED_TABLE)
+
+
 # --------------------------------------------------------------------------------------
 # files: weights_only always, trusted only on request, clean errors for bad bytes
 
