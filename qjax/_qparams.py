@@ -30,6 +30,20 @@ Degenerate ranges never produce NaN or infinite scales: a range that is empty
 range gives ``eps`` (torch), ``0.1`` (torch_fused, FBGEMM's fallback) or ``1.0`` (qjax,
 tflite). Report such conditions
 with :func:`qjax.observers.health`.
+
+A finite range whose float32 width overflows (``max - min > 3.4e38``, e.g. ``[-3e38,
+3e38]``) is a valid range and gets its own finite scale in every mode: the width is taken
+in float64 and the quotient rounded to float32 once (qjax, torch affine; tflite and
+torch_fused affine compute in float64 anyway), and torch_fused symmetric, whose widened
+ends ``ms·-128`` / ``ms·127`` overflow, takes ``s = ms = max(|min|/128, max/127)``, the
+step of that widened range. Wherever the width is finite the formulas above are
+unchanged, bit for bit. Here qjax deliberately differs from torch 2.13, which gives no
+usable answer: ``MinMaxObserver`` (affine) returns ``scale = inf``, ``zero_point = 0``
+for ``[-3e38, 3e38]``, and ``FusedMovingAvgObsFakeQuantize`` (symmetric) ``scale = inf``
+for ``[-3.4e38, 3.4e38]``; fake-quant with an infinite scale outputs NaN everywhere.
+(Before, qjax's own affine formula fell back to ``scale = 1.0``, zero point ``qmax``:
+every output garbage.) Dequantized end codes of a range touching ``±3.4e38`` may still
+round to ``±inf``: the grid's end lies beyond float32.
 """
 
 from __future__ import annotations
@@ -107,6 +121,19 @@ def _zero_code(spec: QuantSpec) -> int:
     return min(max(0, spec.qmin), spec.qmax)
 
 
+def _width_div(hi, lo, n: int) -> jax.Array:
+    """``(hi - lo) / n`` correctly rounded in float32; where the float32 width
+    ``hi - lo`` overflows (a finite range wider than 3.4e38), the float64 width divided
+    in float64 and rounded to float32 once: finite. Wherever the float32 width is finite
+    this is the float32 formula itself (bit for bit what it was)."""
+    w = hi - lo
+    ok = jnp.isfinite(w)
+    with jax.enable_x64(True):
+        f64 = jnp.float64
+        wide = div_ieee(hi.astype(f64) - lo.astype(f64), n).astype(jnp.float32)
+    return jnp.where(ok, div_ieee(jnp.where(ok, w, 0.0), n), wide)
+
+
 def _qjax(mn, mx, spec: QuantSpec):
     qmin, qmax = spec.qmin, spec.qmax
     mn_neg = jnp.minimum(mn, 0.0)
@@ -117,7 +144,7 @@ def _qjax(mn, mx, spec: QuantSpec):
         scale = div_ieee(amax, min(qmax - zs, zs - qmin))
         zp = jnp.full(scale.shape, zs, jnp.int32)
     else:
-        scale = div_ieee(mx_pos - mn_neg, qmax - qmin)
+        scale = _width_div(mx_pos, mn_neg, qmax - qmin)
         safe = jnp.where(scale > 0, scale, 1.0)
         zp = jnp.clip(qmin - jnp.round(mn_neg / safe), qmin, qmax).astype(jnp.int32)
     # A zero range is represented exactly by any scale; 1.0 keeps 1/scale finite.
@@ -140,7 +167,7 @@ def _torch(mn, mx, spec: QuantSpec):
             zs = 2 ** (spec.bits - 1)
         zp = jnp.full(scale.shape, zs, jnp.int32)
     else:
-        scale = jnp.maximum(div_ieee(mx_pos - mn_neg, qmax - qmin), EPS)
+        scale = jnp.maximum(_width_div(mx_pos, mn_neg, qmax - qmin), EPS)
         zp = jnp.clip(qmin - jnp.round(mn_neg / scale), qmin, qmax).astype(jnp.int32)
     return scale, zp
 
@@ -157,8 +184,14 @@ def _torch_fused(mn, mx, spec: QuantSpec):
         ms = jnp.maximum(jnp.abs(div_ieee(mn, sq_min)), jnp.abs(div_ieee(mx, sq_max)))
         mn = jnp.where(both, ms * f32(sq_min), mn)
         mx = jnp.where(both, ms * f32(sq_max), mx)
+        # ms·sq_min overflows float32 when |min| or max is near 3.4e38 (FBGEMM: scale inf,
+        # NaN outputs); the widened range is exactly ms per step, so ms is the scale there
+        wide = both & ~(jnp.isfinite(mn) & jnp.isfinite(mx))
+        mn = jnp.where(wide, f32(-1.0), mn)
+        mx = jnp.where(wide, f32(1.0), mx)
     else:
-        both = jnp.zeros(mn.shape, bool)
+        ms = None
+        both = wide = jnp.zeros(mn.shape, bool)
     mn = jnp.minimum(mn, f32(0.0))
     mx = jnp.maximum(mx, f32(0.0))
     with jax.enable_x64(True):
@@ -186,6 +219,8 @@ def _torch_fused(mn, mx, spec: QuantSpec):
         z0 = jnp.where(both, f64(qmin + qmax) / 2, z0)
         zp = jnp.where(z0 < qmin, qmin, jnp.where(z0 > qmax, qmax, jnp.round(z0)))
         zp = zp.astype(jnp.int32)
+    if ms is not None:
+        scale = jnp.where(wide, ms, scale)
     return scale, zp
 
 

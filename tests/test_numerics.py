@@ -379,6 +379,48 @@ def test_degenerate_ranges_give_finite_positive_scales(compat, spec):
         assert np.isfinite(float(qp1.scale)) and float(qp1.scale) > 0
 
 
+F32_MAX = float(np.finfo(np.float32).max)
+HUGE = [(-4e37, 3e38), (-3e38, 3e38), (-3.4e38, 3.4e38), (-F32_MAX, F32_MAX), (-F32_MAX, 1.0)]
+
+
+@pytest.mark.parametrize("compat", COMPATS)
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(signed=False),
+        QuantSpec(signed=True),
+        QuantSpec(signed=True, symmetric=True),
+        QuantSpec(signed=False, symmetric=True),
+    ],
+    ids=["u8", "s8", "s8-sym", "u8-sym"],
+)
+def test_finite_range_whose_width_overflows_gives_the_range_scale(compat, spec):
+    """max - min overflows float32 (torch: scale inf or NaN outputs, see _qparams): the
+    scale is still finite and the range's own, never the 1.0 of an invalid range."""
+    mn = jnp.asarray([r[0] for r in HUGE], jnp.float32)
+    mx = jnp.asarray([r[1] for r in HUGE], jnp.float32)
+    for jit in (False, True):
+        fn = lambda a, b: qjax.qparams_from_minmax(a, b, spec.replace(axis=0), compat=compat)
+        qp = (jax.jit(fn) if jit else fn)(mn, mx)
+        s, z = np.asarray(qp.scale, np.float64), np.asarray(qp.zero_point)
+        assert np.all(np.isfinite(s) & (s > 0)), s
+        assert np.all((z >= spec.qmin) & (z <= spec.qmax)), z
+        lo, hi = (
+            np.minimum(np.asarray(mn, np.float64), 0),
+            np.maximum(np.asarray(mx, np.float64), 0),
+        )
+        if spec.symmetric:
+            want = np.maximum(-lo, hi) / ((spec.qmax - spec.qmin) / 2)
+        else:
+            want = (hi - lo) / (spec.qmax - spec.qmin)
+        np.testing.assert_allclose(s, want, rtol=0.01)  # the range's scale, not 1.0
+        for i, (a, b) in enumerate(HUGE):  # 0 is a code; the ends are the end codes
+            qpi = QParams(qp.scale[i], qp.zero_point[i], spec)
+            q = np.asarray(qjax.quantize(jnp.asarray([a, 0.0, b], jnp.float32), qpi), np.int64)
+            assert q[1] == z[i] and q[0] <= z[i] <= q[2], (a, b, q)
+            assert q[2] >= spec.qmax - 1 or q[0] <= spec.qmin + 1, (a, b, q)
+
+
 # ---------------------------------------------------------------------------------
 # transforms
 
