@@ -67,7 +67,28 @@ def _load(args):
 
     loaded = load_model(args.model, definition=args.definition, trusted=args.trusted)
     inputs = load_inputs(args.input_shape, args.inputs, args.seed, loaded.example_inputs)
-    return loaded, inputs, import_program(loaded, inputs, args.engine, args.pt2e_mode)
+    with _running(inputs):
+        return loaded, inputs, import_program(loaded, inputs, args.engine, args.pt2e_mode)
+
+
+class _running:
+    """torch raises ``RuntimeError`` when a model cannot run on the given inputs (shapes
+    that do not fit a layer): a usage error, reported with the input shapes."""
+
+    def __init__(self, inputs):
+        self.shapes = ", ".join(str(tuple(getattr(x, "shape", ()))) for x in inputs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if kind is not None and issubclass(kind, RuntimeError):
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+            raise ValueError(
+                f"MODEL does not run on inputs of shape {self.shapes} ({kind.__name__}: "
+                f"{first[:200]}); check --input-shape / --inputs"
+            ) from None
+        return False
 
 
 def _emit(report, fmt: str) -> None:
@@ -82,7 +103,8 @@ def _parity(args) -> int:
     from ._cli_model import reference_trace
 
     loaded, inputs, program = _load(args)
-    reference = reference_trace(loaded, program, inputs)
+    with _running(inputs):
+        reference = reference_trace(loaded, program, inputs)
     report = parity.compare(
         None, program, inputs, reference=reference, reference_kind="torch", engine=args.engine
     )
@@ -94,7 +116,9 @@ def _inspect(args) -> int:
     from . import parity
 
     _, inputs, program = _load(args)
-    _emit(parity.inspect(program, inputs, engine=args.engine), args.format)
+    with _running(inputs):
+        report = parity.inspect(program, inputs, engine=args.engine)
+    _emit(report, args.format)
     return 0
 
 

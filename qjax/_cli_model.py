@@ -256,7 +256,12 @@ def load_inputs(
     if files:
         out = []
         for f in files:
-            a = np.load(f, allow_pickle=False)
+            try:
+                a = np.load(f, allow_pickle=False)
+            except FileNotFoundError:
+                raise ValueError(f"--inputs {f!r}: no such file") from None
+            except (ValueError, OSError) as e:  # not .npy, or pickled objects (refused)
+                raise ValueError(f"--inputs {f!r}: not a readable .npy array ({e})") from None
             if not np.issubdtype(a.dtype, np.floating):
                 raise TypeError(f"--inputs {f!r}: expected a float array, got dtype {a.dtype}")
             out.append(a.astype(np.float32))

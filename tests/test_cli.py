@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from qjax._cli import main
@@ -346,3 +347,46 @@ def test_torchscript_needs_trusted_and_never_runs_otherwise(tmp_path, capsys, co
     (tmp_path / "defs.py").write_text("import torch\n\ndef f():\n    return torch.nn.Identity()\n")
     load_model(str(evil), definition=f"{tmp_path / 'defs.py'}:f", trusted=True)
     assert marker.exists()  # the file is really malicious: a trusted load runs it
+
+
+def test_damaged_files_and_wrong_shapes_are_errors_not_tracebacks(saved, tmp_path, capsys):
+    """Exit status 2 and one ``qjax X: error:`` line; 1 is kept for "integers differ"."""
+    raw = (saved / "net.pt2").read_bytes()
+    cases = {}
+    for name, data in {
+        "truncated.pt2": raw[: len(raw) // 2],
+        "cut_tail.pt2": raw[:-10],
+        "garbage.pt2": b"PK\x03\x04" + b"\x00" * 64,
+        "garbage.pt": bytes(range(256)) * 4,
+        "empty.pt": b"",
+    }.items():
+        (tmp_path / name).write_bytes(data)
+        cases[name] = (tmp_path / name, "--trusted", "--input-shape", "2,3,6,6")
+    defn = ("--definition", f"{saved / 'defs.py'}:converted")
+    cases["state_dict, wrong --input-shape"] = (
+        saved / "net_state.pt",
+        *defn,
+        "--input-shape",
+        "1,5",
+    )
+    cases["state_dict, wrong H, W"] = (saved / "net_state.pt", *defn, "--input-shape", "1,3,5,5")
+    cases["state_dict, wrong C"] = (saved / "net_state.pt", *defn, "--input-shape", "1,4,6,6")
+    cases[".pt2, wrong H, W"] = (saved / "net.pt2", "--trusted", "--input-shape", "2,3,5,5")
+    cases[".pt2, wrong C"] = (saved / "net.pt2", "--trusted", "--input-shape", "2,4,6,6")
+    cases["state_dict, wrong rank"] = (saved / "net_state.pt", *defn, "--input-shape", "3,6,6")
+    cases[".pt2, wrong --input-shape"] = (saved / "net.pt2", "--trusted", "--input-shape", "1,5")
+    cases["TorchScript, wrong --input-shape"] = (
+        saved / "net_script.pt", "--trusted", *defn, "--input-shape", "1,5",
+    )  # fmt: skip
+    np.save(tmp_path / "ints.npy", np.zeros((1, 3, 6, 6), np.int32))
+    cases["--inputs of ints"] = (saved / "net_state.pt", *defn, "--inputs", tmp_path / "ints.npy")
+    cases["--inputs missing"] = (saved / "net_state.pt", *defn, "--inputs", tmp_path / "no.npy")
+    for command in ("parity", "inspect"):
+        for label, argv in cases.items():
+            try:
+                rc, out, err = _run(capsys, command, *argv)
+            except Exception as e:  # a raw traceback is what this test forbids
+                pytest.fail(f"{command} {label}: raised {type(e).__name__}: {e}")
+            assert rc == 2, (command, label, rc, out, err)
+            assert err.startswith(f"qjax {command}: error: "), (label, err)
+            assert "Traceback" not in err, (label, err)
