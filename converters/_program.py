@@ -99,6 +99,8 @@ class Program:
       output: name(s) of the returned value(s): a string, or a tuple / list / dict of them.
       engine: the torch engine the program was imported for (``import_model`` sets it;
         the parity rulebook reads it), or ``None``.
+      level: the CPU level that engine was emulated at (``"avx2"``, ``"avx512"``,
+        ``"vnni"``, ``"amx"``; :mod:`qjax.kernels._levels`), or ``None``.
 
     >>> import jax.numpy as jnp
     >>> from qjax import QuantSpec
@@ -122,6 +124,7 @@ class Program:
         output: Any,
         *,
         engine: str | None = None,
+        level: str | None = None,
     ):
         steps = tuple(steps)
         inputs = tuple(inputs)
@@ -147,6 +150,7 @@ class Program:
         self.inputs = inputs
         self.output = output
         self.engine = engine
+        self.level = level  # the CPU level of the engine (qjax.kernels._levels), if any
         self.params = {s.name: s.params for s in steps}
         self.compile_count = 0
         self._run = jax.jit(self._make(trace=False))

@@ -25,6 +25,7 @@ from torch import fx, nn
 from qjax import QArray
 from qjax import kernels as K
 from qjax._kernel_choice import conv_kernel, linear_kernel
+from qjax.kernels._levels import fbgemm_depthwise_fast_path
 
 from ._program import Layer, Step
 from ._torch_act import hardswish_aten, hardswish_table, lookup
@@ -113,7 +114,7 @@ def h_linear(ctx, node, mod):
     relu = isinstance(mod, nniq.LinearReLU)
     where = f"layer {_layer_name(node)!r}"
     w = weight_qarray(mod.weight(), where, transpose=True)
-    scheme, acc = ctx.engine.linear, ctx.engine.accumulate
+    scheme, acc = ctx.engine.linear, ctx.engine.linear_accumulate
     kernel = linear_kernel(ctx.kernel, acc)
     pw = K.prepare_linear(w, name=_layer_name(node), kernel=kernel)
     out = act_qparams(mod.scale, mod.zero_point, torch.quint8)
@@ -133,22 +134,6 @@ def h_linear(ctx, node, mod):
     return _step(ctx, node, f, [src.name], params=(pw, bias_array(mod.bias())), layer=layer)
 
 
-def _dw_fast_path(mod, nsp: int) -> bool:
-    """FBGEMM's direct depthwise 3x3 kernel (int16 pair saturation even with VNNI, rule 14):
-    2-D, groups = C_in (a multiple of 8), C_out = C_in or 2·C_in, 3x3, stride 1 or 2, no
-    dilation, padding 1 (the shapes the kernel tests measured)."""
-    return (
-        nsp == 2
-        and mod.groups == mod.in_channels
-        and mod.in_channels % 8 == 0
-        and mod.out_channels in (mod.in_channels, 2 * mod.in_channels)
-        and tuple(mod.kernel_size) == (3, 3)
-        and all(s in (1, 2) for s in mod.stride)
-        and tuple(mod.dilation) == (1, 1)
-        and tuple(mod.padding) == (1, 1)
-    )
-
-
 def h_conv(ctx, node, mod):
     relu = isinstance(mod, (nniq.ConvReLU1d, nniq.ConvReLU2d))
     nsp = 1 if isinstance(mod, (nnq.Conv1d, nniq.ConvReLU1d)) else 2
@@ -157,9 +142,13 @@ def h_conv(ctx, node, mod):
         raise NotImplementedError(f"conv {name!r}: padding_mode={mod.padding_mode!r}")
     w = weight_qarray(mod.weight(), f"layer {name!r}")
     zp_zero = bool(np.all(np.asarray(w.zero_point) == 0))
-    scheme, acc = ctx.engine.conv_scheme(zp_zero, mod.groups)
-    if scheme == "fbgemm" and acc == "exact" and _dw_fast_path(mod, nsp):
-        acc = "fbgemm_sat16"
+    fast = nsp == 2 and fbgemm_depthwise_fast_path(
+        mod.groups, mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride,
+        mod.dilation, mod.padding,
+    )  # fmt: skip
+    scheme, acc = ctx.engine.conv_scheme(
+        zp_zero, mod.groups, mod.in_channels, mod.out_channels, depthwise_fast_path=fast
+    )
     kernel = conv_kernel(ctx.kernel, nsp, mod.groups, tuple(mod.dilation), acc)
     pw = K.prepare_conv(
         w, name=name, groups=mod.groups, weight_layout="OIHW" if nsp == 2 else "OIW",
@@ -412,6 +401,8 @@ def _pool(ctx, node, mod, op, kernel_fn, fields):
         raise NotImplementedError(f"{op} with return_indices=True")
     if scheme is not None:
         kw2["scheme"] = scheme
+    if op == "avg_pool2d" and layout == "NHWC":
+        kw2["nhwc_block"] = ctx.engine.avg_pool_block  # ATen's vector width (CPU level)
     layer = Layer(op, target_name(node), scheme, None, None, dict(o))
     return _step(
         ctx, node, lambda _, x: (kernel_fn(x, layout=layout, **kw2), cl), [src.name], layer=layer

@@ -14,18 +14,21 @@ Values are stored in torch's memory order (channels-last after every quantized c
 so convolutions run NHWC and layout-dependent kernels take the path torch takes; the
 example inputs are run through torch once at import to record those layouts.
 
-``engine`` picks the arithmetic (the schemes of :mod:`qjax.kernels`):
+``engine`` and ``isa`` pick the arithmetic: torch's integers depend on the quantized
+engine *and* the CPU level it runs at (:mod:`qjax.kernels._levels`, the one table).
+``isa=None`` reproduces torch as it runs on this machine
+(:func:`qjax.kernels.host_level`); ``isa="avx2" | "avx512" | "vnni" | "amx"`` another
+machine. In short:
 
 =================  ========================  ===============================  ===========
 engine             linear                    conv                             add / pools
 =================  ========================  ===============================  ===========
 ``"fbgemm"``       ``fbgemm``                ``fbgemm`` (3x3 depthwise fast    ``fbgemm``
                                              path: ``fbgemm_sat16``, rule 14)
-``"fbgemm_avx2"``  ``fbgemm``, sat16         ``fbgemm``, sat16                 ``fbgemm``
 ``"x86"``          ``fbgemm`` (rule 11)      ``onednn`` when every weight      ``x86``
                                              zero point is 0 and groups <=
-                                             100 (torch's dispatch on VNNI
-                                             CPUs), else as ``"fbgemm"``
+                                             100 on VNNI/AMX, else as
+                                             ``"fbgemm"``
 ``"onednn"``       ``onednn``                ``onednn`` (rule 13)              ``onednn``
 ``"qnnpack"``      ``qnnpack`` (rule 12)     ``qnnpack``                       ``qnnpack``
 ``"tflite"``       ``tflite``                ``tflite``                        ``exact`` /
@@ -33,6 +36,10 @@ engine             linear                    conv                             ad
 ``"exact"``        ``exact``                 ``exact``                         ``exact`` /
                                                                               ``fbgemm``
 =================  ========================  ===============================  ===========
+
+On ``"avx2"`` and ``"avx512"`` FBGEMM and oneDNN accumulate with int16 pair saturation
+(``fbgemm_sat16`` / ``onednn_sat16``; rule 14) and ATen's NHWC average pool uses an
+8-channel block. ``"fbgemm_avx2"`` is ``engine="fbgemm", isa="avx2"``.
 
 ``mul``, ``cat``, clamps and max pooling are the same integers on every engine, except
 torch's QNNPACK clamp (relu6 / hardtanh of a channels-last quint8 tensor under
@@ -50,7 +57,6 @@ max/avg/adaptive-avg 2-D pools, dropout and identity. Any other node raises
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
@@ -59,6 +65,8 @@ from torch import fx
 
 from qjax import QArray
 from qjax._kernel_choice import kernels_of, resolve_kernel
+from qjax.kernels._levels import ENGINE_NAMES, Engine
+from qjax.kernels._levels import engine as engine_at
 
 from . import _torch_ops as ops
 from ._program import Layer, Program, Step
@@ -66,40 +74,8 @@ from ._program import Layer, Program, Step
 __all__ = ["ENGINES", "Engine", "import_model", "torch_trace"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Engine:
-    """Schemes for one torch engine: requant schemes for ``linear`` and ``conv`` (``conv``
-    ``"x86"``: oneDNN for symmetric weights with groups <= 100, else FBGEMM), ``add`` and
-    ``pool`` schemes, the int32 ``accumulate`` mode."""
-
-    name: str
-    linear: str
-    conv: str
-    add: str
-    pool: str
-    accumulate: str = "exact"
-
-    def conv_scheme(self, zero_point_is_zero: bool, groups: int) -> tuple[str, str]:
-        """``(scheme, accumulate)`` for a conv layer under this engine.
-
-        >>> ENGINES["x86"].conv_scheme(True, 8), ENGINES["x86"].conv_scheme(False, 8)
-        (('onednn', 'exact'), ('fbgemm', 'exact'))
-        """
-        if self.conv == "x86":
-            ok = zero_point_is_zero and groups <= 100
-            return ("onednn" if ok else "fbgemm"), self.accumulate
-        return self.conv, self.accumulate
-
-
-ENGINES: dict[str, Engine] = {
-    "fbgemm": Engine("fbgemm", "fbgemm", "fbgemm", "fbgemm", "fbgemm"),
-    "fbgemm_avx2": Engine("fbgemm_avx2", "fbgemm", "fbgemm", "fbgemm", "fbgemm", "fbgemm_sat16"),
-    "x86": Engine("x86", "fbgemm", "x86", "x86", "x86"),
-    "onednn": Engine("onednn", "onednn", "onednn", "onednn", "onednn"),
-    "qnnpack": Engine("qnnpack", "qnnpack", "qnnpack", "qnnpack", "qnnpack"),
-    "tflite": Engine("tflite", "tflite", "tflite", "exact", "fbgemm"),
-    "exact": Engine("exact", "exact", "exact", "exact", "fbgemm"),
-}
+ENGINES = ENGINE_NAMES + ("fbgemm_avx2",)
+"""Engine names :func:`import_model` accepts."""
 
 
 def _graph_module(model) -> fx.GraphModule:
@@ -247,7 +223,9 @@ def _output_step(ctx, node) -> tuple[Step, Any]:
     return Step("output", run, tuple(names), None, False, None, Layer("output", "output")), "output"
 
 
-def import_model(model, example_inputs, engine: str = "x86", kernel: str = "xla") -> Program:
+def import_model(
+    model, example_inputs, engine: str = "x86", kernel: str = "xla", *, isa: str | None = None
+) -> Program:
     """Import a converted torch int8 model as a jitted qjax :class:`Program`.
 
     ``program(*xs)`` computes, on integer codes, what ``model(*xs)`` computes under the
@@ -260,6 +238,9 @@ def import_model(model, example_inputs, engine: str = "x86", kernel: str = "xla"
       example_inputs: a tensor or a tuple of them (float); run through torch once.
       engine: ``"x86"``, ``"fbgemm"``, ``"fbgemm_avx2"``, ``"qnnpack"``, ``"onednn"``,
         ``"tflite"`` or ``"exact"``.
+      isa: the CPU level torch ran at: ``None`` (this machine's, as torch detects it,
+        :func:`qjax.kernels.host_level`), ``"avx2"``, ``"avx512"``, ``"vnni"`` or
+        ``"amx"`` (:mod:`qjax.kernels._levels`).
       kernel: the int32 dot/conv kernel (:mod:`qjax._kernel_choice`): ``"xla"``
         (default; ``jax.export``-able), ``"amx"`` (the native AMX kernel of
         :func:`qjax.kernels.native_status` for linear layers and 2-D convs with
@@ -271,8 +252,8 @@ def import_model(model, example_inputs, engine: str = "x86", kernel: str = "xla"
 
     Returns:
       a :class:`~qjax.converters._program.Program` with ``__call__``, ``trace``,
-      ``layers`` and ``kernels`` (``{layer name: "amx" | "xla"}`` for every linear and
-      conv step).
+      ``layers``, ``engine`` / ``level`` (what it emulates) and ``kernels`` (``{layer
+      name: "amx" | "xla"}`` for every linear and conv step).
 
     >>> import torch, warnings
     >>> from torch.ao.quantization import QuantStub, DeQuantStub, get_default_qconfig
@@ -293,12 +274,11 @@ def import_model(model, example_inputs, engine: str = "x86", kernel: str = "xla"
     >>> program.kernels
     {'_1': 'xla'}
     """
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; known: {sorted(ENGINES)}")
+    eng = engine_at(engine, isa)
     wish = resolve_kernel(kernel, "qjax.converters.torch.import_model")
     gm = _graph_module(model)
     inputs = _torch_inputs(_as_tuple(example_inputs))
-    ctx = _Ctx(gm, ENGINES[engine], _record(gm, inputs), wish)
+    ctx = _Ctx(gm, eng, _record(gm, inputs), wish)
     steps: list[Step] = []
     input_names: list[str] = []
     output = None
@@ -320,7 +300,7 @@ def import_model(model, example_inputs, engine: str = "x86", kernel: str = "xla"
                 ) from e
     if len(input_names) != len(inputs):
         raise ValueError(f"the model takes {len(input_names)} inputs, got {len(inputs)} examples")
-    program = Program(steps, input_names, output, engine=engine)
+    program = Program(steps, input_names, output, engine=eng.name, level=eng.level)
     program.kernels = kernels_of(program.params)
     return program
 

@@ -17,9 +17,9 @@ Model-level calls (``qjax.convert``, ``qjax.load_served``,
 
 The native kernel supports linear layers and 2-D convolutions with ``groups=1`` and
 dilation 1, accumulated exactly; grouped / depthwise / dilated / 1-D convolutions and the
-``accumulate="fbgemm_sat16"`` layers (engine ``fbgemm_avx2``, FBGEMM's depthwise 3x3 fast
-path) keep XLA. The codes are the same either way; the models record the choice per layer
-(``served.kernels``, ``program.kernels``).
+saturating layers (``fbgemm_sat16`` / ``onednn_sat16``: engines at CPU levels without
+VNNI, FBGEMM's depthwise 3x3 fast path) keep XLA. The codes are the same either way; the
+models record the choice per layer (``served.kernels``, ``program.kernels``).
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def resolve_kernel(kernel: str, where: str) -> str:
 
 
 def linear_kernel(wish: str, accumulate: str = "exact") -> str:
-    """The kernel a linear layer gets: ``wish`` unless it accumulates ``fbgemm_sat16``
-    (int16 pair saturation, computed by XLA only).
+    """The kernel a linear layer gets: ``wish`` unless it accumulates with int16 pair
+    saturation (``fbgemm_sat16`` / ``onednn_sat16``, computed by XLA only).
 
     >>> linear_kernel("amx"), linear_kernel("amx", "fbgemm_sat16"), linear_kernel("xla")
     ('amx', 'xla', 'xla')

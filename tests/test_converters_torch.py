@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import pathlib
 import textwrap
 import warnings
 
@@ -35,16 +34,9 @@ import _torch_models as tm  # noqa: E402
 from _helpers import run_script  # noqa: E402
 from qjax.converters import torch as qtorch  # noqa: E402
 
+from qjax.kernels import host_level  # noqa: E402
 
-def _has_vnni() -> bool:
-    try:
-        flags = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-
-
-VNNI = _has_vnni()
+VNNI = host_level() in ("vnni", "amx")
 VARIANTS = {
     "fbgemm": ("default", "wide", "per_tensor", "affine_w"),
     "qnnpack": ("default", "wide", "per_tensor", "affine_w"),
@@ -68,8 +60,6 @@ def _cases():
             for j in range(n):
                 variants = VARIANTS[engine]
                 variant = variants[j % len(variants)]
-                if variant == "wide" and not VNNI and engine in ("fbgemm", "x86"):
-                    variant = "per_tensor"  # codes > 127 saturate in FBGEMM without VNNI
                 opts = {}
                 if fam == "cnn":
                     eidx = list(PLAN).index(engine)
@@ -234,7 +224,7 @@ def test_fbgemm_depthwise_3x3_fast_path_saturates_like_torch(monkeypatch):
     assert mismatches(program) == 0
     from qjax.converters import _torch_ops
 
-    monkeypatch.setattr(_torch_ops, "_dw_fast_path", lambda mod, nsp: False)
+    monkeypatch.setattr(_torch_ops, "fbgemm_depthwise_fast_path", lambda *a: False)
     exact = qtorch.import_model(model, x, engine="fbgemm")
     assert exact.layers["b1"].extra["accumulate"] == "exact"
     assert mismatches(exact) > 0
@@ -399,20 +389,24 @@ _AVX2_SCRIPT = textwrap.dedent(
     ref = qtorch.torch_trace(q, x)
     codes = int(ref["_2"].values.max())
     counts = {{}}
-    for engine in ("fbgemm_avx2", "fbgemm"):
-        trace = qtorch.import_model(q, x, engine=engine).trace(x)
-        counts[engine] = sum(
+    # default: the level torch runs at here (the switch says AVX2); the alias; and the
+    # exact accumulation of a VNNI CPU, which must differ
+    for key, engine, isa in (("here", "fbgemm", None), ("fbgemm_avx2", "fbgemm_avx2", None),
+                             ("vnni", "fbgemm", "vnni")):
+        program = qtorch.import_model(q, x, engine=engine, isa=isa)
+        assert program.level == ("vnni" if isa else "avx2"), program.level
+        trace = program.trace(x)
+        counts[key] = sum(
             int((np.asarray(trace[k].values) != np.asarray(r.values)).sum())
             for k, r in ref.items())
     n = sum(r.values.size for r in ref.values())
     print("values", n, "max code", codes, "mismatches", counts)
-    assert codes > 127 and counts["fbgemm_avx2"] == 0 and counts["fbgemm"] > 0
+    assert codes > 127 and counts["here"] == counts["fbgemm_avx2"] == 0 and counts["vnni"] > 0
     print("AVX2-OK")
     """
 )
 
 
-@pytest.mark.skipif(not VNNI, reason="checks that AVX2 differs from this CPU's VNNI path")
 def test_fbgemm_avx2_saturation_matches_torch_forced_to_avx2():
     tests = os.path.dirname(os.path.abspath(__file__))
     out = run_script(

@@ -12,6 +12,9 @@
   :func:`adaptive_avg_pool2d`, :func:`flatten`/:func:`reshape`,
   :func:`quantize_input`/:func:`dequantize_output`, :func:`quantized_batch_norm`
   (bit-exact with torch's quantized ops);
+* :func:`host_level`, :func:`engine`, :data:`LEVELS`: the CPU levels torch's int8
+  kernels run at and, per engine and level, which scheme and accumulation reproduce
+  them (the one table, :mod:`qjax.kernels._levels`);
 * the TFLite fixed-point building blocks (:func:`quantize_multiplier`,
   :func:`multiply_by_quantized_multiplier`, ...), integer-only.
 
@@ -36,6 +39,11 @@ from ._elementwise import relu as relu
 from ._elementwise import relu6 as relu6
 from ._elementwise import reshape as reshape
 from ._fixed_point import multiply_by_quantized_multiplier as multiply_by_quantized_multiplier
+from ._levels import LEVELS as LEVELS
+from ._levels import Engine as Engine
+from ._levels import engine as engine
+from ._levels import host_level as host_level
+from ._levels import level_env as level_env
 from ._linear import Accumulate as Accumulate
 from ._linear import Kernel as Kernel
 from ._linear import PreparedLinear as PreparedLinear
@@ -76,11 +84,13 @@ from ._requant import (
 )
 
 __all__ = [
+    "LEVELS",
     "SCHEMES",
     "Accumulate",
     "Activation",
     "AddScheme",
     "ConvActivation",
+    "Engine",
     "Kernel",
     "PoolScheme",
     "PreparedConv",
@@ -91,8 +101,11 @@ __all__ = [
     "adaptive_avg_pool2d",
     "avg_pool2d",
     "dequantize_output",
+    "engine",
     "flatten",
     "hardtanh",
+    "host_level",
+    "level_env",
     "max_pool2d",
     "multiply_by_quantized_multiplier",
     "multiply_by_quantized_multiplier_litert",

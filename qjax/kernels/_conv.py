@@ -34,6 +34,12 @@ AVX512-VNNI CPUs: torch's fbgemm engine took it in the tests for C in {8, 16}, p
 stride 1-2, channel multiplier 1-2 (0 mismatches with ``"fbgemm_sat16"`` there);
 depthwise convs with other channel counts or 5x5 kernels accumulated exactly on VNNI.
 
+``accumulate="onednn_sat16"`` is oneDNN's ``vpmaddubsw`` path (CPUs without VNNI): the
+pairs run over the channels of one kernel tap, never across taps, i.e. the channels of a
+group are padded with zeros to an even count and then paired as above. With an even
+``Cg`` it is the same sum as ``"fbgemm_sat16"``. Which engine takes which path at which
+CPU level is the table in :mod:`qjax.kernels._levels`.
+
 Layouts: activations ``"NCHW"`` (torch; ``"NCW"`` in 1-D) or ``"NHWC"`` (``"NWC"``);
 weights are given as ``"OIHW"`` (torch, ``(C_out, C_in/groups, kh, kw)``) or ``"HWIO"``
 (Flax) to :func:`prepare_conv` and stored as ``HWIO`` with per-channel qparams along the
@@ -349,7 +355,8 @@ def quantized_conv(
       scheme: a key of :data:`~qjax.kernels.SCHEMES`.
       activation: ``None``, ``"relu"``, ``"relu6"`` or ``"hardtanh"``.
       bounds: ``(min, max)`` for ``"hardtanh"``.
-      accumulate: ``"exact"`` or ``"fbgemm_sat16"`` (uint8 activations only).
+      accumulate: ``"exact"``, ``"fbgemm_sat16"`` or ``"onednn_sat16"`` (uint8
+        activations only).
       name: layer name for errors (defaults to the prepared weight's).
 
     Returns:
@@ -429,6 +436,7 @@ def quantized_conv(
     # Pad with the zero point (the real value 0), in the raw dtype.
     zx = jnp.asarray(x.zero_point).astype(jnp.int32).reshape(())
     pad_cfg = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)]
+    xv_unpadded = xv
     xv = lax.pad(xv, zx.astype(xv.dtype), pad_cfg)
     wq = pw.weight
     zw = jnp.asarray(wq.zero_point).astype(jnp.int32)  # () or (O,)
@@ -454,7 +462,6 @@ def quantized_conv(
         if unsigned:  # x - 128 as int8: flip the top bit, reinterpret
             xv = lax.bitcast_convert_type(xv ^ jnp.uint8(0x80), jnp.int8)
             zx = zx - jnp.int32(128)
-        sp = "HW" if nsp == 2 else "W"
         if pw.kernel == "amx":
             if not _native.conv_supported(2, 1, dil_t):
                 raise ValueError(
@@ -472,19 +479,18 @@ def quantized_conv(
                 preferred_element_type=jnp.int32,
             )
         else:
-            acc = lax.conv_general_dilated(
-                xv,
-                wq.values,
-                window_strides=stride_t,
-                padding="VALID",
-                rhs_dilation=dil_t,
-                dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"),
-                feature_group_count=g,
-                preferred_element_type=jnp.int32,
-            )
-    else:
+            acc = _int8_conv(xv, wq.values, stride_t, dil_t, g)
+    elif accumulate == "fbgemm_sat16":
         acc = _sat16_conv(xv, wq.values, stride_t, dil_t, g)
-    acc = acc - zx * pw.w_sum
+    else:
+        # oneDNN skips the padding taps: products and zero-point term over valid taps only
+        xz = lax.pad(xv_unpadded, jnp.zeros((), xv.dtype), pad_cfg)
+        acc = _sat16_conv(xz, wq.values, stride_t, dil_t, g, per_tap=True)
+        valid = _valid_taps(in_sizes, pads, kernel, stride_t, dil_t)  # (*out, T) 0/1
+        w_tap = jnp.sum(wq.values.astype(jnp.int32), axis=-2).reshape(valid.shape[-1], o)
+        acc = acc - zx * jnp.einsum("...t,to->...o", jnp.asarray(valid), w_tap)
+    if accumulate != "onednn_sat16":
+        acc = acc - zx * pw.w_sum
     if not pw.zero_point_is_zero:
         # Σ_window x' per group and output position, then per output channel.
         xi = xv.astype(jnp.int32)
@@ -523,11 +529,44 @@ def quantized_conv(
     return QArray(codes, out_qparams)
 
 
-def _sat16_conv(xv, w, stride, dilation, groups):
+def _valid_taps(in_sizes, pads, kernel, stride, dilation) -> np.ndarray:
+    """int32 ``(*out, T)``: 1 where kernel tap ``t`` of output position ``p`` reads the
+    input, 0 where it reads padding (static shapes, so plain NumPy)."""
+    axes = []
+    for n, (lo, hi), k, s, d in zip(in_sizes, pads, kernel, stride, dilation, strict=True):
+        out = (n + lo + hi - (k - 1) * d - 1) // s + 1
+        pos = np.arange(out)[:, None] * s + np.arange(k)[None, :] * d - lo  # (out, k)
+        axes.append(((pos >= 0) & (pos < n)).astype(np.int32))
+    m = axes[0]
+    for a in axes[1:]:  # outer product over the spatial axes, taps row-major
+        m = (m[:, None, :, None] * a[None, :, None, :]).reshape(
+            m.shape[:-1] + a.shape[:-1] + (m.shape[-1] * a.shape[-1],)
+        )
+    return m
+
+
+def _int8_conv(xv, w, stride, dilation, groups):
+    """``Σ x·w`` over each window: ``(N, *sp, C)`` x HWIO int8 -> int32, ``VALID``."""
+    sp = "HW" if xv.ndim == 4 else "W"
+    return lax.conv_general_dilated(
+        xv,
+        w,
+        window_strides=stride,
+        padding="VALID",
+        rhs_dilation=dilation,
+        dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"),
+        feature_group_count=groups,
+        preferred_element_type=jnp.int32,
+    )
+
+
+def _sat16_conv(xv, w, stride, dilation, groups, per_tap=False):
     """FBGEMM im2col + ``vpmaddubsw``: ``Σ_j sat16(x[2j]·w[2j] + x[2j+1]·w[2j+1])``.
 
     ``xv`` raw (padded) uint8 ``(N, *sp, C)``, ``w`` HWIO int8; the reduction index runs
-    over (kernel taps row-major, channel in group). Returns int32 ``(N, *out, C_out)``.
+    over (kernel taps row-major, channel in group). ``per_tap`` (oneDNN): each tap's
+    channels padded with zeros to an even count first, so no pair spans two taps.
+    Returns int32 ``(N, *out, C_out)``.
     """
     xi = xv.astype(jnp.int32)
     nsp = xi.ndim - 2
@@ -547,13 +586,17 @@ def _sat16_conv(xv, w, stride, dilation, groups):
     n_t = p.shape[-2]
     c = p.shape[-1]
     cg = c // groups
+    o = w.shape[-1]
     p = p.reshape(p.shape[:-1] + (groups, cg))  # (N, *out, T, G, Cg)
     p = jnp.moveaxis(p, -2, -3)  # (N, *out, G, T, Cg)
+    wk = w.astype(jnp.int32).reshape(n_t, cg, groups, o // groups)
+    if per_tap and cg % 2:
+        p = jnp.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, 1)])
+        wk = jnp.pad(wk, ((0, 0), (0, 1), (0, 0), (0, 0)))
+        cg += 1
     k = n_t * cg
     p = p.reshape(p.shape[:-2] + (k,))  # (N, *out, G, K)
-    o = w.shape[-1]
-    wk = w.astype(jnp.int32).reshape(k, groups, o // groups)
-    wk = jnp.moveaxis(wk, 1, 0)  # (G, K, Og)
+    wk = jnp.moveaxis(wk, 2, 0).reshape(groups, k, o // groups)  # (G, K, Og)
     if k % 2:
         p = jnp.concatenate([p, jnp.zeros(p.shape[:-1] + (1,), jnp.int32)], axis=-1)
         wk = jnp.concatenate([wk, jnp.zeros((groups, 1, o // groups), jnp.int32)], axis=1)
@@ -561,6 +604,19 @@ def _sat16_conv(xv, w, stride, dilation, groups):
     pair = jnp.clip(xe * wk[:, 0::2] + xo * wk[:, 1::2], -(2**15), 2**15 - 1)
     acc = jnp.sum(pair, axis=-2)  # (N, *out, G, Og)
     return acc.reshape(acc.shape[:-2] + (o,))
+
+
+def _sat16_conv_zp_term(w, zx):
+    """oneDNN's zero-point term without VNNI, ``Σ_j sat16(zp_x·w[2j] + zp_x·w[2j+1])`` per
+    output channel, over the per-tap channel pairs: it is computed with the same saturating
+    instruction as the products, so it can saturate too (zero points above 128). ``w``
+    HWIO int8; returns int32 ``(C_out,)``."""
+    cg, o = w.shape[-2], w.shape[-1]
+    wt = w.astype(jnp.int32).reshape(-1, cg, o)  # (T, Cg, O)
+    if cg % 2:
+        wt = jnp.pad(wt, ((0, 0), (0, 1), (0, 0)))
+    pair = jnp.clip(zx * (wt[:, 0::2] + wt[:, 1::2]), -(2**15), 2**15 - 1)
+    return jnp.sum(pair, axis=(0, 1))
 
 
 def _concrete(v) -> bool:

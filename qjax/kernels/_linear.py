@@ -24,7 +24,12 @@ How ``acc`` is computed (``accumulate="exact"``, the default):
 raw uint8 codes times int8 weights in adjacent pairs along K, each pair sum saturated to
 int16: ``acc = Σ_j sat16(x[2j]·w[2j] + x[2j+1]·w[2j+1]) - zp_x·Σw`` (plus the ``zp_w``
 terms above). It differs from the exact sum only when a pair exceeds the int16 range,
-which needs activation codes above 127.
+which needs activation codes above 127. ``accumulate="onednn_sat16"`` is oneDNN's
+``vpmaddubsw`` path on the same CPUs (torch's ``onednn`` engine): for a linear layer the
+same pairs along K, so the same integers (measured: 0 of 5,120 differ from FBGEMM's at
+``ONEDNN_MAX_CPU_ISA=AVX2``); the two names differ for convolutions
+(:mod:`qjax.kernels._conv`). Which engine saturates at which CPU level is one table,
+:mod:`qjax.kernels._levels`.
 
 Overflow. The int32 accumulator is exact as long as ``K·max|x - zp_x|·max|w - zp_w|``
 and ``K·128·max|w|`` (the shifted dot) stay below ``2^31``; :func:`prepare_linear`
@@ -65,8 +70,8 @@ from ._requant import Scheme, clamp_activation, requantize
 
 __all__ = ["Accumulate", "Kernel", "PreparedLinear", "prepare_linear", "quantized_linear"]
 
-Accumulate = Literal["exact", "fbgemm_sat16"]
-_ACCUMULATES = ("exact", "fbgemm_sat16")
+Accumulate = Literal["exact", "fbgemm_sat16", "onednn_sat16"]
+_ACCUMULATES = ("exact", "fbgemm_sat16", "onednn_sat16")
 Kernel = Literal["xla", "amx"]
 _KERNELS = ("xla", "amx")
 _I32_MAX = 2**31 - 1
@@ -245,7 +250,8 @@ def quantized_linear(
         ``"exact"``.
       activation: ``None``, ``"relu"``, ``"relu6"`` or ``"hardtanh"``.
       bounds: ``(min, max)`` for ``"hardtanh"``.
-      accumulate: ``"exact"`` or ``"fbgemm_sat16"`` (uint8 activations only).
+      accumulate: ``"exact"``, ``"fbgemm_sat16"`` or ``"onednn_sat16"`` (both uint8
+        activations only; the same pairs in a linear layer).
       name: layer name for errors (defaults to the prepared weight's).
 
     Returns:
@@ -433,9 +439,9 @@ def check_operands(x, out_qparams, max_abs_x: int, accumulate, activation, layer
             f"checked for overflow with max_abs_x={max_abs_x}; prepare it with a larger "
             "max_abs_x"
         )
-    if accumulate == "fbgemm_sat16" and xs.signed:
+    if accumulate != "exact" and xs.signed:
         raise ValueError(
-            f"layer {layer!r}: accumulate='fbgemm_sat16' models FBGEMM's uint8 x int8 "
-            f"kernel; got {xs.dtype} activations"
+            f"layer {layer!r}: accumulate={accumulate!r} models a uint8 x int8 "
+            f"vpmaddubsw kernel; got {xs.dtype} activations"
         )
     return not xs.signed

@@ -172,7 +172,12 @@ def require_amx(layer: str) -> None:
     """Raise ``RuntimeError`` naming the layer and the reason if AMX is unavailable.
 
     >>> ok, _ = native_status()
-    >>> ok == (require_amx("fc1") is None)
+    >>> try:
+    ...     require_amx("fc1")
+    ...     raised = False
+    ... except RuntimeError as e:
+    ...     raised = "layer 'fc1'" in str(e)
+    >>> raised != ok  # returns None with AMX, raises naming the layer without it
     True
     """
     ok, reason = native_status()
