@@ -176,3 +176,37 @@ def graph_module(model):
             f"torch.export.ExportedProgram, got {type(model).__name__}"
         )
     return model
+
+
+def is_pt2e(model) -> bool:
+    """Whether ``model`` is a pt2e program: an ExportedProgram, or a GraphModule with
+    ``quantized_decomposed`` quantize nodes (an eager/FX converted model has none)."""
+    import torch
+
+    if isinstance(model, torch.export.ExportedProgram):
+        return True
+    if not isinstance(model, torch.fx.GraphModule):
+        return False
+    return any(target_name(n) in Q_TENSOR for n in model.graph.nodes)
+
+
+def pt2e_trace(model, *inputs) -> dict[str, np.ndarray]:
+    """torch's integer codes of every ``quantize_per_tensor`` node of a pt2e program,
+    ``{node name: int array}`` (the names :meth:`Program.trace` of an
+    :func:`~qjax.converters.pt2e.import_pt2e` program uses), from one run of the graph."""
+    import torch
+
+    gm = graph_module(model)
+    xs = tuple(torch.as_tensor(np.asarray(x)) if not hasattr(x, "detach") else x for x in inputs)
+    out: dict[str, np.ndarray] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            v = super().run_node(n)
+            if target_name(n) in Q_TENSOR and isinstance(v, torch.Tensor):
+                out[n.name] = v.detach().cpu().numpy().copy()
+            return v
+
+    with torch.no_grad():
+        Recorder(gm).run(*xs)
+    return out

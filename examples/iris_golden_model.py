@@ -13,10 +13,11 @@ This example retrains that model (sklearn ``load_iris``), then with qjax:
    (exact int32 sums, correctly rounded requantization): they agree up to the user's
    int32 bias rounding (1 LSB, NUMERICS rules 11 vs 12), and exactly once the bias is
    kept unrounded — the user's arithmetic was right;
-3. in a subprocess with ``FBGEMM_ENABLE_INSTRUCTIONS=AVX2`` (a CPU without AVX512-VNNI,
-   like the user's), runs torch again: FBGEMM's int16 pair sums saturate (rule 14), torch
-   drifts by tens of LSB, qjax's ``"fbgemm_avx2"`` engine reproduces it exactly, and the
-   parity report of the exact engine against torch names rule 14.
+3. in a subprocess with torch's switches set to the AVX2 level (``level_env("avx2")``: a
+   CPU without VNNI, like the user's), runs torch again: FBGEMM's int16 pair sums
+   saturate (rule 14), torch drifts by tens of LSB, qjax's import (``isa=None`` follows
+   the level torch runs at) reproduces it exactly, and the parity report of an import for
+   a VNNI CPU (``isa="vnni"``) against torch names the level mismatch (rule 14).
 
 Run: ``python examples/iris_golden_model.py``.
 """
@@ -37,6 +38,7 @@ from torch import nn
 from torch.ao import quantization as tq
 
 import qjax
+from qjax.kernels import level_env
 
 
 class QuantizableFNN(nn.Module):
@@ -143,17 +145,17 @@ sys.exit(ex.avx2_part(sys.argv[2]))
 
 
 def avx2_part(state_path: str) -> int:
-    """Run under ``FBGEMM_ENABLE_INSTRUCTIONS=AVX2``: torch vs qjax, printed as JSON."""
+    """Run under torch's AVX2 switches: torch vs qjax, printed as JSON."""
     torch.set_num_threads(1)
     model = skeleton()
     model.load_state_dict(torch.load(state_path, weights_only=True))
     saved = np.load(state_path + ".data.npz")  # the inputs, without importing sklearn here
     x, y = saved["x"], saved["y"]
     xt = torch.from_numpy(x)
-    sat = import_model(model, (xt,), engine="fbgemm_avx2")
-    exact = import_model(model, (xt,), engine="x86")
-    r_sat = qjax.parity.compare(model, sat, xt, engine="fbgemm_avx2")
-    r_exact = qjax.parity.compare(model, exact, xt, engine="x86")
+    sat = import_model(model, (xt,), engine="x86")  # the level torch runs at here: avx2
+    exact = import_model(model, (xt,), engine="x86", isa="vnni")  # a VNNI CPU's integers
+    r_sat = qjax.parity.compare(model, sat, xt)
+    r_exact = qjax.parity.compare(model, exact, xt)
     with torch.no_grad():
         torch_logits = model(xt).numpy()
     print(r_exact.render("text"))
@@ -161,8 +163,9 @@ def avx2_part(state_path: str) -> int:
         "RESULT "
         + json.dumps(
             {
-                "fbgemm_avx2": r_sat.to_dict(),
-                "x86_exact": r_exact.to_dict(),
+                "level": sat.level,
+                "x86_here": r_sat.to_dict(),
+                "x86_vnni": r_exact.to_dict(),
                 "acc_torch_avx2": _accuracy(torch_logits, y),
                 "acc_qjax_avx2": _accuracy(sat(xt), y),
                 "acc_qjax_exact": _accuracy(exact(xt), y),
@@ -219,7 +222,7 @@ def main(epochs: int = 25, seed: int = 0) -> dict:
         path = os.path.join(tmp, "iris_int8_state.pt")
         torch.save(model.state_dict(), path)  # a state_dict keeps its version metadata
         np.savez(path + ".data.npz", x=x, y=y)
-        env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "JAX_PLATFORMS": "cpu"}
+        env = {**os.environ, **level_env("avx2"), "JAX_PLATFORMS": "cpu"}
         proc = subprocess.run(
             [sys.executable, "-c", AVX2_SCRIPT, os.path.abspath(__file__), path],
             env=env,
@@ -233,14 +236,14 @@ def main(epochs: int = 25, seed: int = 0) -> dict:
     avx2 = json.loads(result)
     with torch.no_grad():
         acc_here = _accuracy(model(xt).numpy(), y)
-    print("3. FBGEMM_ENABLE_INSTRUCTIONS=AVX2 (no VNNI): the exact engine vs torch:")
+    print("3. torch forced to AVX2 (no VNNI): an import for a VNNI CPU (isa='vnni') vs torch:")
     print(text.rstrip())
-    sat = avx2["fbgemm_avx2"]
+    sat = avx2["x86_here"]
     print(
-        f"   qjax engine 'fbgemm_avx2' vs torch under AVX2: {sat['mismatches']} of "
-        f"{sat['values']} integers differ; accuracy on all 150 samples: torch on this CPU "
-        f"{acc_here:.1%}, torch AVX2 {avx2['acc_torch_avx2']:.1%}, qjax fbgemm_avx2 "
-        f"{avx2['acc_qjax_avx2']:.1%}"
+        f"   qjax engine 'x86' at the level torch runs at ({avx2['level']}) vs torch under "
+        f"AVX2: {sat['mismatches']} of {sat['values']} integers differ; accuracy on all 150 "
+        f"samples: torch on this CPU {acc_here:.1%}, torch AVX2 {avx2['acc_torch_avx2']:.1%}, "
+        f"qjax at AVX2 {avx2['acc_qjax_avx2']:.1%}"
     )
     return {
         "here": here,

@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-ENGINES = ("x86", "fbgemm", "fbgemm_avx2", "qnnpack", "onednn", "tflite", "exact")
+from .kernels._levels import ENGINE_NAMES, LEVELS
+
+ENGINES = ENGINE_NAMES + ("fbgemm_avx2",)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -40,6 +42,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         " from these files, so pass it only for files you trust",
     )
     p.add_argument("--engine", default="x86", choices=ENGINES, help="qjax engine (default x86)")
+    p.add_argument(
+        "--isa",
+        default=None,
+        choices=LEVELS,
+        help="CPU level to emulate (default: this machine's, as torch detects it); torch's"
+        " integers differ between AVX2, AVX-512 without VNNI, VNNI and AMX CPUs",
+    )
     p.add_argument(
         "--input-shape",
         action="append",
@@ -68,7 +77,8 @@ def _load(args):
     loaded = load_model(args.model, definition=args.definition, trusted=args.trusted)
     inputs = load_inputs(args.input_shape, args.inputs, args.seed, loaded.example_inputs)
     with _running(inputs):
-        return loaded, inputs, import_program(loaded, inputs, args.engine, args.pt2e_mode)
+        program = import_program(loaded, inputs, args.engine, args.pt2e_mode, isa=args.isa)
+        return loaded, inputs, program
 
 
 class _running:
@@ -101,12 +111,19 @@ def _emit(report, fmt: str) -> None:
 def _parity(args) -> int:
     from . import parity
     from ._cli_model import reference_trace
+    from .kernels import host_level
 
     loaded, inputs, program = _load(args)
     with _running(inputs):
         reference = reference_trace(loaded, program, inputs)
     report = parity.compare(
-        None, program, inputs, reference=reference, reference_kind="torch", engine=args.engine
+        None,
+        program,
+        inputs,
+        reference=reference,
+        reference_kind="torch",
+        engine=args.engine,
+        reference_level=host_level(),  # torch just ran here
     )
     _emit(report, args.format)
     return 0 if report.ok else 1

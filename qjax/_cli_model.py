@@ -283,8 +283,11 @@ def load_inputs(
     raise ValueError("give the inputs: --input-shape 1,3,32,32 (random) or --inputs x.npy")
 
 
-def import_program(loaded: Loaded, inputs: tuple, engine: str, pt2e_mode: str = "integer"):
-    """The qjax program for ``loaded`` (``import_model`` or ``import_pt2e``)."""
+def import_program(
+    loaded: Loaded, inputs: tuple, engine: str, pt2e_mode: str = "integer", isa=None
+):
+    """The qjax program for ``loaded`` (``import_model`` at CPU level ``isa``, or
+    ``import_pt2e``: a pt2e graph runs float kernels in torch, the same on every level)."""
     import torch
 
     xs = tuple(torch.from_numpy(np.asarray(x)) for x in inputs)
@@ -299,7 +302,7 @@ def import_program(loaded: Loaded, inputs: tuple, engine: str, pt2e_mode: str = 
 
     if engine in torch.backends.quantized.supported_engines:  # torch computes the reference
         torch.backends.quantized.engine = engine
-    return import_model(loaded.model, xs, engine=engine)
+    return import_model(loaded.model, xs, engine=engine, isa=isa)
 
 
 def reference_trace(loaded: Loaded, program, inputs: tuple) -> dict[str, np.ndarray]:
@@ -312,17 +315,6 @@ def reference_trace(loaded: Loaded, program, inputs: tuple) -> dict[str, np.ndar
         from qjax.converters.torch import torch_trace
 
         return torch_trace(loaded.model, *xs)
-    gm = loaded.model.module()
-    wanted = set(program.trace(*inputs))
-    out: dict[str, np.ndarray] = {}
+    from qjax.converters._pt2e_graph import pt2e_trace
 
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, n):
-            v = super().run_node(n)
-            if n.name in wanted and isinstance(v, torch.Tensor) and not v.is_floating_point():
-                out[n.name] = v.detach().numpy().copy()
-            return v
-
-    with torch.no_grad():
-        Recorder(gm).run(*xs)
-    return out
+    return pt2e_trace(loaded.model, *xs)

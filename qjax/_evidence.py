@@ -54,6 +54,7 @@ def evidence(
     *,
     reference_engine=None,
     input_differs=False,
+    reference_level=None,
 ):
     """:class:`LayerEvidence` for step ``name``: its op, weight, bias and first input.
 
@@ -86,6 +87,8 @@ def evidence(
         scheme=getattr(layer, "scheme", None),
         reference_engine=reference_engine,
         input_differs=input_differs,
+        level=getattr(program, "level", None),
+        reference_level=reference_level,
     )
 
 

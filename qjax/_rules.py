@@ -17,9 +17,12 @@ weight_at_clamp_bound  9, 6   symmetric int8 weight whose largest positive code 
                               with no -128 in the channel: convert's ``amax/127.5``
                               scale put it at 127.5 and clamped it; QAT (fused
                               fake-quant) trained it exact
-int16_saturation       14     uint8 activation codes > 127 into an FBGEMM linear/conv:
-                              without AVX512-VNNI, adjacent products are summed in int16
-                              and saturate
+int16_saturation       14     uint8 activation codes > 127 into an FBGEMM/oneDNN
+                              linear/conv imported for a VNNI CPU: without VNNI,
+                              adjacent products are summed in int16 and saturate
+level_mismatch         14     the program emulates one CPU level, torch ran at another
+                              (qjax.kernels._levels): accumulation (int16 pairs or
+                              exact) or the x86 conv routing differ
 zero_point_tie         1, 4   quantize with an odd zero point: at exact ties ``x/s = k+½``
                               ``rint(x/s + zp)`` and ``rint(x/s) + zp`` differ by 1
 reduce_range_clamp     18     reference clamped at 127 (QAT ``reduce_range`` /
@@ -50,9 +53,9 @@ __all__ = ["RULES", "Cause", "LayerEvidence", "diagnose"]
 Strength = Literal["confirmed", "likely", "risk"]
 ReferenceKind = Literal["torch", "fake_quant", "hand", "none"]
 
-# Engines whose int8 linear runs on FBGEMM's uint8 x int8 kernel (rule 11, 14).
-_FBGEMM_LINEAR = ("fbgemm", "x86", "fbgemm_avx2")
-_FBGEMM_CONV = ("fbgemm", "fbgemm_avx2", "x86")  # x86 conv: FBGEMM on CPUs without VNNI
+# Engines whose int8 linear/conv run a uint8 x int8 vpmaddubsw kernel without VNNI (rule 14).
+_SATURATING_ENGINES = ("fbgemm", "x86", "fbgemm_avx2", "onednn")
+_SATURATING_LEVELS = ("avx2", "avx512")
 _ONEDNN_RATE = 1e-4  # rule 13 measures 1-2 per million; allow two orders of slack
 _I16_MAX = 2**15 - 1
 _MAX_ROWS = 4096  # rows of input used to count saturating pairs (bounded memory)
@@ -94,6 +97,9 @@ class LayerEvidence:
     ``reference_engine`` is the torch engine that produced ``ref_codes`` (torch's
     ``torch.backends.quantized.engine`` when the reference ran, if known) and
     ``input_differs`` says the layer's input already differs from the reference's.
+    ``level`` is the CPU level the program emulates (``program.level``) and
+    ``reference_level`` the one torch ran at (:func:`qjax.kernels.host_level` when the
+    reference ran), when known.
     """
 
     name: str
@@ -111,6 +117,8 @@ class LayerEvidence:
     scheme: str | None = None
     reference_engine: str | None = None
     input_differs: bool = False
+    level: str | None = None
+    reference_level: str | None = None
 
     @property
     def compared(self) -> bool:
@@ -228,11 +236,12 @@ def _short_list(a: np.ndarray, n: int = 6) -> str:
 
 
 def int16_saturation(ev: LayerEvidence) -> Cause | None:
-    """Rule 14: FBGEMM without VNNI saturates pair sums of uint8 x int8 products to int16.
+    """Rule 14: FBGEMM and oneDNN without VNNI saturate pair sums of uint8 x int8 products.
 
-    Applies to linear/conv layers on an FBGEMM path (scheme ``"fbgemm"``, or engines
-    fbgemm, x86 and fbgemm_avx2: x86 conv runs FBGEMM on CPUs without VNNI) with
-    unsigned activations whose codes exceed 127: ``x[2j]·w[2j] + x[2j+1]·w[2j+1]`` is
+    Applies to linear/conv layers of a program that accumulates exactly (imported for a
+    VNNI or AMX level, or of unknown level) on an FBGEMM or oneDNN path (schemes
+    ``"fbgemm"``/``"onednn"``, engines fbgemm, x86, onednn) with unsigned activations
+    whose codes exceed 127: on a CPU without VNNI ``x[2j]·w[2j] + x[2j+1]·w[2j+1]`` is
     summed in int16 (``vpmaddubsw``) before int32 accumulation. For a linear layer
     with its input codes at hand the saturating pairs are counted exactly (pairs along K,
     the first ``4096`` input rows); for conv, the weight pairs along K = (kh, kw, c_in)
@@ -245,15 +254,16 @@ def int16_saturation(ev: LayerEvidence) -> Cause | None:
     ...                    input_codes=np.array([[209, 147]], np.uint8),
     ...                    input_qparams=QParams(0.1, 128, QuantSpec(signed=False)))
     >>> int16_saturation(ev).message.split(":")[0]
-    'activation codes up to 209 (> 127) into FBGEMM'
+    'activation codes up to 209 (> 127) into FBGEMM/oneDNN'
     """
     if not _is_weighted(ev.kind) or ev.weight is None or ev.input_codes is None:
         return None
     if ev.input_qparams is not None and ev.input_qparams.spec.signed:
         return None
-    engines = _FBGEMM_LINEAR if ev.kind.startswith("linear") else _FBGEMM_CONV
-    on_fbgemm = ev.scheme == "fbgemm" or ev.engine in engines
-    if not on_fbgemm and (ev.engine is not None or ev.scheme is not None):
+    if ev.compared and ev.level is not None and ev.reference_level is not None:
+        return None  # both levels known: level_mismatch says it, or the levels agree
+    on_lib = ev.scheme in ("fbgemm", "onednn") or ev.engine in _SATURATING_ENGINES
+    if not on_lib and (ev.engine is not None or ev.scheme is not None):
         return None
     x = np.asarray(ev.input_codes, np.int64)
     if x.size == 0 or x.max() <= 127:
@@ -289,12 +299,13 @@ def int16_saturation(ev: LayerEvidence) -> Cause | None:
     else:
         strength = "risk"
     msg = (
-        f"activation codes up to {int(x.max())} (> 127) into FBGEMM: on CPUs without "
-        f"AVX512-VNNI {seen} (rule 14); torch's result depends on the CPU"
+        f"activation codes up to {int(x.max())} (> 127) into FBGEMM/oneDNN: on CPUs "
+        f"without VNNI {seen} (rule 14); torch's result depends on the CPU"
     )
     fix = (
-        "import with engine='fbgemm_avx2' to reproduce a non-VNNI CPU, or use "
-        "reduce_range=True / signed activations so codes stay <= 127"
+        "import with isa='avx2' (or 'avx512') to reproduce a CPU without VNNI (isa=None "
+        "follows this machine), or use reduce_range=True / signed activations so codes "
+        "stay <= 127"
     )
     return Cause("14", "int16_saturation", strength, msg, fix)
 
@@ -509,8 +520,48 @@ def engine_mismatch(ev: LayerEvidence) -> Cause | None:
     )
 
 
+def level_mismatch(ev: LayerEvidence) -> Cause | None:
+    """Rule 14: the program emulates one CPU level and torch ran at another.
+
+    FBGEMM and oneDNN accumulate exactly on VNNI/AMX CPUs and in saturating int16 pairs
+    on AVX2 / AVX-512 CPUs without VNNI, and the x86 engine routes convs by the CPU
+    (:mod:`qjax.kernels._levels`). Named for a linear/conv layer of an fbgemm, x86 or
+    onednn program whose level (``program.level``) falls on the other side of VNNI from
+    torch's (:func:`qjax.kernels.host_level` when the reference ran), when the layer's
+    own input agrees with the reference.
+
+    >>> ev = LayerEvidence("fc1", "linear", "x86", np.array([5, 7]), np.array([5, 9]),
+    ...                    level="vnni", reference_level="avx2")
+    >>> c = level_mismatch(ev)
+    >>> c.name, c.fix
+    ('level_mismatch', "import with isa='avx2', the CPU level torch ran at")
+    """
+    if ev.reference_kind != "torch" or not ev.compared or ev.input_differs:
+        return None
+    if not _is_weighted(ev.kind) or ev.engine not in _SATURATING_ENGINES:
+        return None
+    if ev.level is None or ev.reference_level is None:
+        return None
+    if (ev.level in _SATURATING_LEVELS) == (ev.reference_level in _SATURATING_LEVELS):
+        return None
+    n, worst, _ = _mismatch_stats(ev)
+    if n == 0:
+        return None
+    return Cause(
+        "14",
+        "level_mismatch",
+        "likely",
+        f"{n} outputs differ (up to {worst} LSB): the program emulates engine "
+        f"{ev.engine!r} on a {ev.level!r} CPU but torch ran at level {ev.reference_level!r}; "
+        "FBGEMM/oneDNN accumulate in saturating int16 pairs without VNNI and exactly with "
+        "it, and x86 convs run oneDNN only on VNNI CPUs",
+        f"import with isa={ev.reference_level!r}, the CPU level torch ran at",
+    )
+
+
 RULES: tuple[Callable[[LayerEvidence], Cause | None], ...] = (
     engine_mismatch,
+    level_mismatch,
     weight_at_clamp_bound,
     int16_saturation,
     zero_point_tie,

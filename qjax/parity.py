@@ -86,7 +86,8 @@ class ParityReport(Rendered):
     """Per-layer parity of a program against a reference (:func:`compare`).
 
     ``layers`` in graph order; ``notes`` lists layers present on one side only or with
-    different shapes. ``ok`` is true when no compared integer differs.
+    different shapes. ``ok`` is true when integers were compared and none differs (a
+    report that compared nothing does not pass).
     """
 
     layers: tuple[LayerParity, ...]
@@ -104,7 +105,7 @@ class ParityReport(Rendered):
 
     @property
     def ok(self) -> bool:
-        return self.mismatches == 0
+        return self.values > 0 and self.mismatches == 0
 
     def __getitem__(self, name: str) -> LayerParity:
         for la in self.layers:
@@ -200,6 +201,7 @@ def compare_traces(
     engine: str | None = None,
     reference_kind: ReferenceKind = "torch",
     reference_engine: str | None = None,
+    reference_level: str | None = None,
 ) -> ParityReport:
     """Compare qjax's ``trace`` (``{name: QArray}``) with ``reference`` codes, per layer.
 
@@ -216,6 +218,8 @@ def compare_traces(
       reference_kind: ``"torch"``, ``"fake_quant"`` or ``"hand"`` (which rules apply).
       reference_engine: the torch engine that produced ``reference`` (when known, an
         import for another engine is named as the cause).
+      reference_level: the CPU level torch ran at (when known, a program emulating
+        another level is named as the cause, ``level_mismatch``).
 
     Returns:
       a :class:`ParityReport`.
@@ -254,6 +258,7 @@ def compare_traces(
             reference_kind,
             reference_engine=reference_engine,
             input_differs=src_bad,
+            reference_level=reference_level,
         )
         layer = program.layers.get(name) if program is not None else None
         la = _layer_parity(ev, getattr(layer, "scheme", None))
@@ -283,6 +288,7 @@ def compare(
     reference: Mapping[str, Any] | None = None,
     reference_kind: ReferenceKind | None = None,
     engine: str | None = None,
+    reference_level: str | None = None,
 ) -> ParityReport:
     """Per-layer integer parity of ``program`` against ``torch_model`` on ``inputs``.
 
@@ -291,16 +297,30 @@ def compare(
     ``program.trace``); pass ``reference`` (``{name: codes}``) instead to compare with a
     QAT model's fake-quant codes (``reference_kind="fake_quant"``) or a hand simulation
     (``"hand"``). Counting and causes: :func:`compare_traces`; torch's engine at the
-    time (``torch.backends.quantized.engine``) is the reference engine, so a program
-    imported for another engine gets that named as the cause (``engine_mismatch``).
+    time (``torch.backends.quantized.engine``) is the reference engine and this
+    machine's CPU level (:func:`qjax.kernels.host_level`) the reference level, so a
+    program imported for another engine or level gets that named as the cause
+    (``engine_mismatch``, ``level_mismatch``).
 
     Args:
       torch_model: the converted torch model (``None`` when ``reference`` is given).
       program: the imported qjax program.
       inputs: one input or a tuple of inputs (numpy, jax or torch, float).
+      reference: ``{layer name: codes}`` to compare with instead of running torch.
+      reference_kind: ``"torch"``, ``"fake_quant"`` or ``"hand"`` (default: ``"torch"``
+        when torch runs, else ``"hand"``).
+      engine: the engine the program was imported for (``program.engine`` if unset).
+      reference_level: the CPU level a given ``reference`` was computed at (when torch
+        runs here, this machine's: :func:`qjax.kernels.host_level`).
 
     Returns:
       a :class:`ParityReport`: ``report.print()``, ``.to_markdown()``, ``.to_json()``.
+
+    Raises:
+      ValueError: nothing was compared (no trace name of the program has reference
+        codes): a report on nothing never passes. A pt2e program (``convert_pt2e``
+        GraphModule or ExportedProgram) is compared through the codes of its
+        ``quantize_per_tensor`` nodes.
 
     >>> import torch, warnings
     >>> from torch.ao.quantization import QuantStub, DeQuantStub, get_default_qconfig
@@ -324,16 +344,22 @@ def compare(
             raise ValueError("compare needs a torch_model or a reference trace")
         import torch  # torch only when asked for
 
+        from qjax.converters._pt2e_graph import is_pt2e, pt2e_trace
         from qjax.converters.torch import torch_trace
+        from qjax.kernels import host_level
 
-        reference = torch_trace(torch_model, *args)
+        if is_pt2e(torch_model):  # q/dq graph: the codes of its quantize nodes
+            reference = pt2e_trace(torch_model, *args)
+        else:
+            reference = torch_trace(torch_model, *args)
         ref_engine = torch.backends.quantized.engine  # what torch's kernels just ran
+        ref_level = host_level()  # ... and the CPU level they ran at
         kind = reference_kind or "torch"
     else:
-        ref_engine = None
+        ref_engine, ref_level = None, reference_level
         kind = reference_kind or "hand"
     trace = program.trace(*args)
-    return compare_traces(
+    report = compare_traces(
         reference,
         trace,
         program=program,
@@ -341,4 +367,13 @@ def compare(
         engine=engine,
         reference_kind=kind,
         reference_engine=ref_engine,
+        reference_level=ref_level,
     )
+    if report.values == 0:
+        raise ValueError(
+            "compare: no quantized activation of the program has reference codes, so "
+            f"nothing was compared (program trace: {sorted(trace)[:8]}; reference: "
+            f"{sorted(reference)[:8]}); pass the model the program was imported from, or "
+            "reference={name: codes} under the program's trace names"
+        )
+    return report

@@ -445,3 +445,25 @@ def test_conv_bn_qat_x86():
     for mode in ("reference", "integer"):
         stats, _ = _layerwise(pt2e.import_pt2e(gm, x, mode=mode), tvals, x)
         assert all(w <= 1 for _, _, w in stats.values()), stats
+
+
+def test_parity_compare_on_a_pt2e_program_compares_every_quantize_node(converted):
+    """``qjax.parity.compare(gm, program, x)`` on a pt2e program compares torch's codes of
+    every quantize node (reference mode: exact on this elementwise MLP's q nodes up to
+    rule 13-like float-order ties), never nothing; a model with no counterpart raises."""
+    import qjax
+
+    gm, x, tvals, _ = converted("mlp_xnnpack_per_channel")
+    program = pt2e.import_pt2e(gm, x, mode="reference")
+    report = qjax.parity.compare(gm, program, x)
+    names = sorted(program.trace(*x))
+    assert [la.name for la in report.layers] == [n for n in program.trace(*x)]
+    assert report.values == sum(np.asarray(tvals[n]).size for n in names) > 0
+    for la in report.layers:  # each layer's count is torch's q node against qjax's
+        got = np.asarray(program.trace(*x)[la.name].values, np.int64)
+        assert la.mismatches == int((got != np.asarray(tvals[la.name], np.int64)).sum())
+    other = torch.nn.Sequential(torch.nn.ReLU()).eval()  # no quantized activations
+    with pytest.raises(ValueError, match="nothing was compared"):
+        qjax.parity.compare(other, program, x)
+    empty = qjax.parity.compare_traces({}, {})
+    assert empty.values == 0 and not empty.ok  # a report on nothing does not pass

@@ -158,9 +158,15 @@ def test_rule14_int16_saturation_explains_sat16_vs_exact(rng):
     n, worst, _ = rules._mismatch_stats(ev)
     assert n > 0 and worst > 1
     cause = rules.int16_saturation(ev)
-    assert cause.rule == "14" and cause.strength == "likely" and "fbgemm_avx2" in cause.fix
-    for engine in ("qnnpack", "onednn"):  # not an FBGEMM path
-        assert rules.int16_saturation(_ev(**{**ev.__dict__, "engine": engine})) is None
+    assert cause.rule == "14" and cause.strength == "likely" and "isa='avx2'" in cause.fix
+    assert rules.int16_saturation(_ev(**{**ev.__dict__, "engine": "qnnpack"})) is None
+    assert rules.int16_saturation(_ev(**{**ev.__dict__, "engine": "onednn"})) is not None
+    # both levels known: level_mismatch names it instead (rule 14 once, not twice)
+    lv = _ev(**{**ev.__dict__, "level": "vnni", "reference_level": "avx2"})
+    assert rules.int16_saturation(lv) is None
+    assert [c.name for c in rules.diagnose(lv)] == ["level_mismatch"]
+    same = _ev(**{**ev.__dict__, "level": "avx2", "reference_level": "avx2"})
+    assert rules.level_mismatch(same) is None
     risk = rules.int16_saturation(_ev(**{**ev.__dict__, "ref_codes": None}))
     assert risk.strength == "risk"
 
@@ -322,7 +328,7 @@ def test_rule11_vs_12_bias_rounding_hand_simulation(rng):
 
 
 def test_diagnose_runs_every_rule_and_each_has_a_docstring():
-    assert len(rules.RULES) == 7
+    assert len(rules.RULES) == 8
     for rule in rules.RULES:
         assert rule.__doc__ and "Rule" in rule.__doc__.split("\n")[0]
     assert rules.diagnose(_ev("r", "relu", codes=np.zeros(3), ref_codes=np.ones(3))) == []

@@ -47,8 +47,9 @@ adaptive average pool are the same integers on every level. Where the rows come 
 
 The x86 engine routes convs by cpuinfo's ``avx512_vnni`` flag, which torch's switches
 do not reach: a VNNI machine forced to AVX2 still routes x86 convs to oneDNN (at its
-forced level), while a real AVX2 machine runs them on FBGEMM. The table's ``x86`` rows
-describe real machines of each level.
+forced level), while a real AVX2 machine runs them on FBGEMM. ``engine(name)`` on this
+machine follows what torch does here (``Engine.x86_conv_onednn`` from the CPU flags);
+``engine(name, isa)`` describes a real machine of that level.
 """
 
 from __future__ import annotations
@@ -198,6 +199,7 @@ class Engine:
     conv: str
     add: str
     pool: str
+    x86_conv_onednn: bool = True  # the x86 engine's conv routing (cpuinfo avx512_vnni)
 
     @property
     def label(self) -> str:
@@ -245,8 +247,8 @@ class Engine:
         """
         scheme = self.conv
         if scheme == "x86":
-            vnni = self.level in ("vnni", "amx", None)
-            scheme = "onednn" if vnni and zero_point_is_zero and groups <= 100 else "fbgemm"
+            routed = self.x86_conv_onednn and zero_point_is_zero and groups <= 100
+            scheme = "onednn" if routed else "fbgemm"
         if scheme == "fbgemm":
             if self.saturates or depthwise_fast_path:
                 return scheme, "fbgemm_sat16"
@@ -312,5 +314,8 @@ def engine(name: str, isa: str | None = None) -> Engine:
         raise ValueError(f"unknown engine {name!r}; known: {known}")
     if isa is not None:
         _check_level(isa)
+        routed = isa in ("vnni", "amx")
+    else:  # torch routes by the CPU flags, whatever its switches say
+        routed = _hardware_level(_cpu_flags()) in ("vnni", "amx", None)
     level = None if name in _LEVEL_FREE else (isa or host_level() or "vnni")
-    return Engine(name, level, *_SCHEMES[name])
+    return Engine(name, level, *_SCHEMES[name], x86_conv_onednn=routed)
