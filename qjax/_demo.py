@@ -171,6 +171,7 @@ def _torch_stage(model, float_logits, ptqs, engines, calib, xte, yte, checks, ba
         weight_differences,
     )
     from .converters.torch import import_model, torch_trace
+    from .kernels import engine as qengine
 
     tmodel = torch_float_model(model)
     xt = to_nchw(xte)
@@ -190,13 +191,17 @@ def _torch_stage(model, float_logits, ptqs, engines, calib, xte, yte, checks, ba
                 acc = accuracy(qm(xt).numpy(), yte)
             ref = torch_trace(qm, xt)
         max_lsb = max((la.max_lsb for la in rep.layers), default=0)
-        exact = eng in ("fbgemm", "qnnpack")
+        # the promise at this CPU level: oneDNN's epilogue (rule 13) is the only inexact
+        # part; x86 convs run it only on VNNI CPUs (qjax.kernels._levels)
+        e_here = qengine(eng)
+        exact = eng in ("fbgemm", "qnnpack") or (eng == "x86" and not e_here.x86_conv_onednn)
         promise = "0 mismatches" if exact else "<= 1 LSB (rule 13)"
         ok = rep.mismatches == 0 if exact else max_lsb <= 1
         _check(checks, f"parity {eng}: qjax import == torch", f"{rep.mismatches} of "
                f"{rep.values} differ, max {max_lsb} LSB", ok)  # fmt: skip
         e = {
             "accuracy": acc,
+            "level": program.level or "-",
             "parity": {
                 "values": rep.values,
                 "mismatches": rep.mismatches,

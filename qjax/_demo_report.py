@@ -53,14 +53,15 @@ def tables(s: dict) -> list[tuple[str, list[str], list[list[object]]]]:
         p, d = e["parity"], e.get("direct")
         direct = "-" if d is None else f"{d['mismatches']} / {d['values']}"
         qp = "-" if d is None else f"{d['qparams_equal']} of {d['layers']}"
-        rows.append([eng, _pct(e["accuracy"]), f"{p['mismatches']} / {p['values']}",
-                     p["max_lsb"], p["promise"], direct, qp])  # fmt: skip
+        rows.append([eng, e.get("level", "-"), _pct(e["accuracy"]),
+                     f"{p['mismatches']} / {p['values']}", p["max_lsb"], p["promise"], direct,
+                     qp])  # fmt: skip
     if rows:
         out.append(
             (
                 "torch int8 per engine: qjax import vs torch (parity) and qjax's own PTQ vs torch",
-                ["engine", "torch int8 acc", "parity mismatches", "max LSB", "promised",
-                 "qjax PTQ vs torch codes", "same qparams"],
+                ["engine", "CPU level", "torch int8 acc", "parity mismatches", "max LSB",
+                 "promised", "qjax PTQ vs torch codes", "same qparams"],
                 rows,
             )
         )  # fmt: skip

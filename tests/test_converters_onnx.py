@@ -35,9 +35,14 @@ from torch.ao.quantization import (
     prepare,
 )
 
-from qjax.kernels import quantize_input
+from qjax.kernels import host_level, quantize_input
 
 SCHEMES = ("fbgemm", "qnnpack", "exact", "onednn")
+# ORT's optimized u8s8 kernels (QLinearConv, QGemm) sum uint8 x int8 pairs in saturating
+# int16 on CPUs without VNNI (onnxruntime's quantization docs: vpmaddubsw); with
+# optimizations off, or on VNNI/AMX CPUs, they accumulate exactly. qjax does not emulate
+# ORT's saturation, so the "on" code comparisons below are exact promises only there.
+ORT_EXACT = host_level() in ("vnni", "amx")
 RESULTS: dict[tuple[str, str, str], tuple[int, int, int]] = {}
 
 
@@ -144,7 +149,9 @@ def case(request, tmp_path_factory):
     qm, x = _convert(name)
     engine = MODELS[name][1]
     torch.backends.quantized.engine = engine
-    progs = {s: qtorch.import_model(qm, (x,), engine=s) for s in SCHEMES}
+    # exact accumulation (a VNNI CPU's integers): what an ONNX graph expresses and what
+    # ORT computes with optimizations off (or on VNNI CPUs)
+    progs = {s: qtorch.import_model(qm, (x,), engine=s, isa="vnni") for s in SCHEMES}
     models = {s: export_onnx(p, (x,), intermediates=True) for s, p in progs.items()}
     opt_path = tmp_path_factory.mktemp(name) / "optimized.onnx"
     ort_out = {
@@ -216,6 +223,8 @@ def test_codes_vs_qjax(case, scheme, setting):
     # inputs have no near-ties
     first = next(iter(d))
     assert d[first][1] == 0, (first, d[first])
+    if setting == "on" and not ORT_EXACT:
+        return  # ORT's saturating u8s8 kernels on this CPU: counted above, not promised
     # the first diverging layer differs by at most one LSB (a rounding rule, not a bug)
     for k, v in d.items():
         if v[1]:
@@ -255,6 +264,8 @@ def test_codes_vs_torch(case, setting):
     print(f"\n{case['name']:7s} torch {engine:8s} ORT-{setting:3s}: {n} codes, {mism} mismatches, "
           f"max {max(v[2] for v in d.values())} LSB")  # fmt: skip
     assert n >= 400 and set(d) <= set(case["progs"][engine].trace(case["x"]))
+    if setting == "on" and not ORT_EXACT:
+        return  # ORT's saturating u8s8 kernels on this CPU: counted above, not promised
     diverging = [k for k, v in d.items() if v[1]]
     assert not diverging or d[diverging[0]][2] <= 1, d  # first diverging layer: 1 LSB
     if engine == "qnnpack" and setting == "on":

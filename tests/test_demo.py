@@ -14,6 +14,8 @@ pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
+from qjax.kernels import host_level  # noqa: E402
+
 ACCURACY_ROWS = (
     "float (JAX, Flax NNX)",
     "PTQ int8 served (torch x86 preset)",
@@ -51,6 +53,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 
     fb = s["engines"]["fbgemm"]
     assert fb["parity"]["mismatches"] == 0 and fb["parity"]["values"] > 10**6
+    assert fb["level"] == host_level()  # the engine emulates torch at this CPU's level
     layers = fb["parity"]["report"]["layers"]
     assert sum(la["values"] for la in layers) == fb["parity"]["values"]
     assert fb["direct"]["values"] > 0 and fb["direct"]["layers"] == 6
@@ -111,6 +114,7 @@ def test_summary_files_and_accuracy_figure(tmp_path):
         "engines": {
             "fbgemm": {
                 "accuracy": 0.97,
+                "level": "avx2",
                 "parity": {"values": 10, "mismatches": 0, "max_lsb": 0, "promise": "0"},
                 "direct": None,
             }
@@ -121,7 +125,9 @@ def test_summary_files_and_accuracy_figure(tmp_path):
     text = write_summary(s, tmp_path)
     assert "99.0%" in text and "0 / 10" in text and "0.50x" in text
     md = (tmp_path / "summary.md").read_text()
-    assert "| fbgemm | 97.0% | 0 / 10 |" in md and "stage times (s): float training 1.0" in md
+    assert (
+        "| fbgemm | avx2 | 97.0% | 0 / 10 |" in md and "stage times (s): float training 1.0" in md
+    )
     assert json.loads((tmp_path / "summary.json").read_text())["speed"]["batch"] == 256
     png = plot_accuracy(s, tmp_path / "accuracy.png")
     assert png.read_bytes()[:4] == b"\x89PNG"

@@ -35,6 +35,7 @@ import pytest
 
 from qjax import QParams, QuantSpec
 from qjax.kernels import QArray
+from qjax.kernels import engine as qengine
 from qjax.kernels._elementwise import (
     dequantize_output,
     flatten,
@@ -524,6 +525,8 @@ def _run_pool(op, fn, torch_fn, configs, engines, b, seed):
                     kwj = {k: v for k, v in kwj.items() if k in _MAX_KW}
                 else:
                     kwj["scheme"] = engine
+                if fn is avg_pool2d and cl:  # ATen's channel block: this CPU's vector width
+                    kwj["nhwc_block"] = qengine(engine).avg_pool_block
                 out = np.asarray(
                     _jax_pool(
                         qj,

@@ -224,8 +224,14 @@ class Engine:
 
     @property
     def avg_pool_block(self) -> int:
-        """ATen's NHWC ``avg_pool2d`` channel block (:func:`qjax.kernels.avg_pool2d`)."""
-        return 8 if self.level == "avx2" else 16
+        """ATen's NHWC ``avg_pool2d`` channel block (:func:`qjax.kernels.avg_pool2d`): its
+        vector width, 8 channels at AVX2, 16 above. Level-free engines (qnnpack, tflite,
+        exact) fall back to ATen's kernel where QNNPACK has none, at this machine's level.
+
+        >>> engine("fbgemm", "avx2").avg_pool_block, engine("x86", "amx").avg_pool_block
+        (8, 16)
+        """
+        return 8 if (self.level or host_level()) == "avx2" else 16
 
     def conv_scheme(
         self,
