@@ -152,6 +152,8 @@ def _array(t, key: str) -> np.ndarray:
 def _qarray(t, key: str) -> QArray:
     from ._torch_values import weight_qarray  # the torch importer's weight conversion
 
+    if not isinstance(t, _torch().Tensor):
+        raise TypeError(f"state_dict entry {key!r}: weight is a {type(t).__name__}, not a tensor")
     try:
         w = weight_qarray(t, key)
     except NotImplementedError as e:

@@ -222,27 +222,34 @@ def test_cli_errors_name_what_to_pass(saved, capsys):
 # committed). Each writes a marker file when loaded; without --trusted it must not exist.
 
 
+class Evil:
+    """A pickled object that writes ``marker`` when unpickled (shared with
+    test_fuzz_loaders)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.write_text, (pathlib.Path(self.marker), "x"))
+
+
 def _evil_pt2(tmp_path):
     """A real torch.export .pt2 whose sample inputs are a pickle that writes MARKER:
     torch.export.load retries a failed weights_only load of that part with
     weights_only=False, which runs it."""
     import io
-    import pathlib
     import zipfile
 
     import torch
 
     marker = tmp_path / "PWNED_PT2"
-
-    class Evil:
-        def __reduce__(self):
-            return (pathlib.Path.write_text, (marker, "x"))
-
     good = tmp_path / "good.pt2"
     ep = torch.export.export(torch.nn.Linear(2, 2), (torch.randn(1, 2),))
     torch.export.save(ep, str(good))
     buf = io.BytesIO()
-    torch.save((Evil(),), buf)
+    torch.save((Evil(marker),), buf)
     evil = tmp_path / "evil.pt2"
     with zipfile.ZipFile(good) as zin, zipfile.ZipFile(evil, "w") as zout:
         names = zin.namelist()

@@ -313,9 +313,27 @@ def _tensor(tensors: dict, key: str, what: str, dtype=None) -> np.ndarray:
     return t
 
 
+_SPEC_BOOLS = ("signed", "symmetric", "narrow_range", "reduce_range")
+_SPEC_OPT_INTS = ("quant_min", "quant_max", "group_size", "group_axis")
+
+
+def _check_spec_types(spec: dict, what: str) -> None:
+    """JSON types of a spec's fields (QuantSpec itself would take ``"no"`` as true)."""
+    for k in _SPEC_BOOLS:
+        if k in spec and not isinstance(spec[k], bool):
+            raise ValueError(f"{what}: spec {k} {spec[k]!r} must be true or false")
+    for k in _SPEC_OPT_INTS:
+        if spec.get(k) is not None and not _is_int(spec[k]):
+            raise ValueError(f"{what}: spec {k} {spec[k]!r} must be an integer or null")
+    axis = spec.get("axis")
+    if not (axis is None or _is_int(axis) or (isinstance(axis, list) and all(map(_is_int, axis)))):
+        raise ValueError(f"{what}: spec axis {axis!r} must be an integer, a list of them or null")
+
+
 def _load_qparams(prefix: str, d: dict, tensors: dict, what: str) -> QParams:
     if not isinstance(d.get("spec"), dict):
         raise ValueError(f"{what}: missing 'spec' (a JSON object)")
+    _check_spec_types(d["spec"], what)
     try:
         spec = _deserialize_spec(json.dumps(d["spec"]).encode())
     except (ValueError, TypeError) as e:
@@ -345,10 +363,10 @@ def _load_param(prefix: str, d, kind: str, tensors: dict, wish: str, what: str):
         return jnp.asarray(b)
     qp = _load_qparams(prefix, d, tensors, what)
     if kind == "qparams":  # an activation's: per-tensor
-        if qp.spec.granularity != "tensor" or np.size(s := qp.scale) != 1:
+        if qp.spec.granularity != "tensor" or np.size(qp.scale) != 1:
             raise ValueError(
                 f"{what}: activation qparams must be per-tensor (one scale and zero point), "
-                f"got scale shape {tuple(np.shape(s))} under {qp.spec}"
+                f"got scale shape {tuple(np.shape(qp.scale))} under {qp.spec}"
             )
         return qp
     try:
