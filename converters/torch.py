@@ -157,7 +157,7 @@ class _Ctx:
     def __init__(self, gm, engine: Engine, values, kernel: str = "xla"):
         self.gm = gm
         self.engine = engine
-        self.kernel = kernel  # "amx" or "xla", resolved (qjax._kernel_choice)
+        self.kernel = kernel  # "amx", "xla" or "default", resolved (qjax._kernel_choice)
         self.values = values
         self.modules = dict(gm.named_modules())
         self.consts: dict[str, Any] = {}
@@ -224,7 +224,12 @@ def _output_step(ctx, node) -> tuple[Step, Any]:
 
 
 def import_model(
-    model, example_inputs, engine: str = "x86", kernel: str = "xla", *, isa: str | None = None
+    model,
+    example_inputs,
+    engine: str = "x86",
+    kernel: str | None = None,
+    *,
+    isa: str | None = None,
 ) -> Program:
     """Import a converted torch int8 model as a jitted qjax :class:`Program`.
 
@@ -241,19 +246,23 @@ def import_model(
       isa: the CPU level torch ran at: ``None`` (this machine's, as torch detects it,
         :func:`qjax.kernels.host_level`), ``"avx2"``, ``"avx512"``, ``"vnni"`` or
         ``"amx"`` (:mod:`qjax.kernels._levels`).
-      kernel: the int32 dot/conv kernel (:mod:`qjax._kernel_choice`): ``"xla"``
-        (default; ``jax.export``-able), ``"amx"`` (the native AMX kernel of
-        :func:`qjax.kernels.native_status` for linear layers and 2-D convs with
-        ``groups=1``, dilation 1, exact accumulation; grouped / depthwise / dilated / 1-D
-        convs and ``fbgemm_sat16`` layers (engine ``fbgemm_avx2``, FBGEMM's depthwise 3x3
-        path) keep XLA; ``RuntimeError`` with the reason when it cannot run here) or
-        ``"auto"`` (AMX where available, else XLA). Same codes either way. A program
-        with AMX layers cannot be ``jax.export``-ed (the custom call is refused).
+      kernel: the int32 dot/conv kernel (:mod:`qjax._kernel_choice`): ``None``
+        (default: XLA for exactly accumulated layers; the layers that saturate int16
+        pairs, at levels without VNNI (``isa="avx2"``/``"avx512"``, engine
+        ``fbgemm_avx2``, FBGEMM's depthwise 3x3 path), on the native AVX2 ``"sat16"``
+        kernel when :func:`qjax.kernels.sat16_status` says it runs, else XLA);
+        ``"xla"`` (every layer on XLA; ``jax.export``-able), ``"amx"`` (the native AMX
+        kernel of :func:`qjax.kernels.native_status` for linear layers and 2-D convs
+        with ``groups=1``, dilation 1, exact accumulation, saturating layers as under
+        ``None``, XLA elsewhere; ``RuntimeError`` with the reason when it cannot run
+        here) or ``"auto"`` (AMX where available, else as ``None``). Same codes either
+        way. A program with native layers cannot be ``jax.export``-ed (the custom call
+        is refused; import with ``kernel="xla"`` to export).
 
     Returns:
       a :class:`~qjax.converters._program.Program` with ``__call__``, ``trace``,
       ``layers``, ``engine`` / ``level`` (what it emulates) and ``kernels`` (``{layer
-      name: "amx" | "xla"}`` for every linear and conv step).
+      name: "amx" | "sat16" | "xla"}`` for every linear and conv step).
 
     >>> import torch, warnings
     >>> from torch.ao.quantization import QuantStub, DeQuantStub, get_default_qconfig

@@ -4,7 +4,9 @@
   ``"tflite"``, ``"tflite_single_rounding"``, ``"litert_ref"``, ``"litert"``, ``"exact"``):
   int32 accumulator -> codes;
 * :func:`prepare_linear` / :func:`quantized_linear`: int8 x int8 -> int32 linear layer
-  (``kernel="amx"``: an opt-in native Intel AMX GEMM, see :func:`native_status`);
+  (``kernel="amx"``: an opt-in native Intel AMX GEMM, see :func:`native_status`;
+  ``kernel="sat16"``: the native AVX2 kernel for the int16-saturating accumulations,
+  see :func:`sat16_status`);
 * :func:`prepare_conv` / :func:`quantized_conv`: int8 x int8 -> int32 1-D/2-D convolution;
 * :func:`quantized_add` (engines fbgemm/x86/onednn/qnnpack), :func:`quantized_mul`,
   :func:`quantized_mul_scalar`, :func:`quantized_cat`, :func:`relu`/:func:`relu6`/
@@ -50,6 +52,7 @@ from ._linear import PreparedLinear as PreparedLinear
 from ._linear import prepare_linear as prepare_linear
 from ._linear import quantized_linear as quantized_linear
 from ._native import native_status as native_status
+from ._native import sat16_status as sat16_status
 from ._norm import quantized_batch_norm as quantized_batch_norm
 from ._pool import PoolScheme as PoolScheme
 from ._pool import adaptive_avg_pool2d as adaptive_avg_pool2d
@@ -125,6 +128,7 @@ __all__ = [
     "quantized_mul_scalar",
     "relu",
     "relu6",
+    "sat16_status",
     "requant_exact",
     "requant_fbgemm",
     "requant_litert",

@@ -76,7 +76,7 @@ from jax import lax
 from .._qarray import QArray
 from .._spec import QParams
 from . import _native
-from ._linear import Accumulate, Kernel, check_accumulator, check_operands
+from ._linear import Accumulate, Kernel, _sat16_pair_dot, check_accumulator, check_operands
 from ._requant import Scheme, clamp_activation, requantize
 
 __all__ = ["ConvActivation", "PreparedConv", "prepare_conv", "quantized_conv"]
@@ -97,7 +97,9 @@ class PreparedConv:
     ``Σ_{t,c} w[t, c, o]`` of the raw codes). Static: ``name``, ``groups``, ``max_abs_x``
     (the largest ``|x - zp_x|`` the overflow check allowed for) and ``zero_point_is_zero``.
     With ``kernel="amx"`` a third leaf ``packed`` holds the weight in AMX tile order
-    (:func:`qjax.kernels._native.pack_conv_weight`).
+    (:func:`qjax.kernels._native.pack_conv_weight`). ``kernel="sat16"`` has no extra
+    leaf: the saturating accumulations pack the (small) im2col weight on each call, in
+    the pairing the ``accumulate`` of that call asks for.
     """
 
     weight: QArray
@@ -135,7 +137,7 @@ class PreparedConv:
     def _aux(self):
         # the XLA kernel keeps the 4-entry aux of earlier versions (same serialization)
         aux = (self.name, self.groups, self.max_abs_x, self.zero_point_is_zero)
-        return aux + ("amx",) if self.kernel == "amx" else aux
+        return aux + (self.kernel,) if self.kernel != "xla" else aux
 
     @classmethod
     def tree_unflatten(cls, aux, children) -> PreparedConv:
@@ -146,9 +148,9 @@ class PreparedConv:
             ("name", "groups", "max_abs_x", "zero_point_is_zero"), aux[:4], strict=True
         ):
             object.__setattr__(obj, f, v)
-        amx = len(aux) > 4 and aux[4] == "amx"
-        object.__setattr__(obj, "packed", children[2] if amx else None)
-        object.__setattr__(obj, "kernel", "amx" if amx else "xla")
+        kernel = aux[4] if len(aux) > 4 else "xla"
+        object.__setattr__(obj, "packed", children[2] if kernel == "amx" else None)
+        object.__setattr__(obj, "kernel", kernel)
         return obj
 
 
@@ -185,9 +187,12 @@ def prepare_conv(
       groups: feature groups (``C_in`` for a depthwise conv).
       weight_layout: ``"OIHW"``, ``"HWIO"``, ``"OIW"`` or ``"WIO"``.
       max_abs_x: the largest ``|x - zp_x|`` inputs may have (255: any 8-bit activation).
-      kernel: ``"xla"`` (default) or ``"amx"`` (native AMX implicit GEMM, 2-D kernels
+      kernel: ``"xla"`` (default), ``"amx"`` (native AMX implicit GEMM, 2-D kernels
         with ``groups=1``; raises ``RuntimeError`` with the reason when unavailable, see
-        :func:`qjax.kernels.native_status`).
+        :func:`qjax.kernels.native_status`) or ``"sat16"`` (the native AVX2 GEMM on XLA's
+        im2col patches for ``accumulate="fbgemm_sat16"``/``"onednn_sat16"``, any groups,
+        dilation and 1-D/2-D; exact accumulation stays on XLA; see
+        :func:`qjax.kernels.sat16_status`).
 
     Returns:
       a :class:`PreparedConv` (a pytree).
@@ -206,10 +211,12 @@ def prepare_conv(
       ...
     ValueError: layer 'stem': the int32 accumulator could overflow: K=81000 ...
     """
-    if kernel not in ("xla", "amx"):
-        raise ValueError(f"layer {name!r}: kernel must be one of ('xla', 'amx'), got {kernel!r}")
+    if kernel not in ("xla", "amx", "sat16"):
+        raise ValueError(
+            f"layer {name!r}: kernel must be one of ('xla', 'amx', 'sat16'), got {kernel!r}"
+        )
     if isinstance(w, PreparedConv):
-        if kernel == "amx" and w.kernel != "amx":  # stored HWIO, O last
+        if kernel != "xla" and w.kernel != kernel:  # stored HWIO, O last
             layout = "HWIO" if len(w.kernel_size) == 2 else "WIO"
             return prepare_conv(
                 w.weight,
@@ -217,13 +224,15 @@ def prepare_conv(
                 groups=w.groups,
                 weight_layout=layout,
                 max_abs_x=w.max_abs_x,
-                kernel="amx",
+                kernel=kernel,
             )
         return w
     if not isinstance(w, QArray):
         raise TypeError(f"layer {name!r}: weight must be a QArray, got {type(w).__name__}")
     if kernel == "amx":
         _native.require_amx(name)
+    elif kernel == "sat16":
+        _native.require_sat16(name)
     if weight_layout not in _WEIGHT_LAYOUTS:
         raise ValueError(
             f"layer {name!r}: weight_layout must be one of {sorted(_WEIGHT_LAYOUTS)}, "
@@ -481,11 +490,13 @@ def quantized_conv(
         else:
             acc = _int8_conv(xv, wq.values, stride_t, dil_t, g)
     elif accumulate == "fbgemm_sat16":
-        acc = _sat16_conv(xv, wq.values, stride_t, dil_t, g)
+        acc = _sat16_conv(xv, wq.values, stride_t, dil_t, g, native=pw.kernel == "sat16")
     else:
         # oneDNN skips the padding taps: products and zero-point term over valid taps only
         xz = lax.pad(xv_unpadded, jnp.zeros((), xv.dtype), pad_cfg)
-        acc = _sat16_conv(xz, wq.values, stride_t, dil_t, g, per_tap=True)
+        acc = _sat16_conv(
+            xz, wq.values, stride_t, dil_t, g, per_tap=True, native=pw.kernel == "sat16"
+        )
         valid = _valid_taps(in_sizes, pads, kernel, stride_t, dil_t)  # (*out, T) 0/1
         w_tap = jnp.sum(wq.values.astype(jnp.int32), axis=-2).reshape(valid.shape[-1], o)
         acc = acc - zx * jnp.einsum("...t,to->...o", jnp.asarray(valid), w_tap)
@@ -560,15 +571,17 @@ def _int8_conv(xv, w, stride, dilation, groups):
     )
 
 
-def _sat16_conv(xv, w, stride, dilation, groups, per_tap=False):
+def _sat16_conv(xv, w, stride, dilation, groups, per_tap=False, native=False):
     """FBGEMM im2col + ``vpmaddubsw``: ``Σ_j sat16(x[2j]·w[2j] + x[2j+1]·w[2j+1])``.
 
     ``xv`` raw (padded) uint8 ``(N, *sp, C)``, ``w`` HWIO int8; the reduction index runs
     over (kernel taps row-major, channel in group). ``per_tap`` (oneDNN): each tap's
     channels padded with zeros to an even count first, so no pair spans two taps.
+    ``native``: the same im2col patches (uint8) go to the AVX2 kernel
+    (:func:`qjax.kernels._native.sat16_dot`), one call for all groups; the same integers.
     Returns int32 ``(N, *out, C_out)``.
     """
-    xi = xv.astype(jnp.int32)
+    xi = xv if native else xv.astype(jnp.int32)
     nsp = xi.ndim - 2
     kernel = w.shape[:nsp]
     out_sizes = [
@@ -589,7 +602,7 @@ def _sat16_conv(xv, w, stride, dilation, groups, per_tap=False):
     o = w.shape[-1]
     p = p.reshape(p.shape[:-1] + (groups, cg))  # (N, *out, T, G, Cg)
     p = jnp.moveaxis(p, -2, -3)  # (N, *out, G, T, Cg)
-    wk = w.astype(jnp.int32).reshape(n_t, cg, groups, o // groups)
+    wk = (w if native else w.astype(jnp.int32)).reshape(n_t, cg, groups, o // groups)
     if per_tap and cg % 2:
         p = jnp.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, 1)])
         wk = jnp.pad(wk, ((0, 0), (0, 1), (0, 0), (0, 0)))
@@ -597,6 +610,11 @@ def _sat16_conv(xv, w, stride, dilation, groups, per_tap=False):
     k = n_t * cg
     p = p.reshape(p.shape[:-2] + (k,))  # (N, *out, G, K)
     wk = jnp.moveaxis(wk, 2, 0).reshape(groups, k, o // groups)  # (G, K, Og)
+    if native:
+        lead = p.shape[:-2]
+        pg = jnp.moveaxis(p.reshape((-1, groups, k)), 1, 0)  # (G, M, K)
+        acc = _native.sat16_dot(pg, _native.pack_sat16_weight(wk), wk, _batched_pair_dot)
+        return jnp.moveaxis(acc, 0, 1).reshape(lead + (o,))  # (M, G, Og) -> (N, *out, O)
     if k % 2:
         p = jnp.concatenate([p, jnp.zeros(p.shape[:-1] + (1,), jnp.int32)], axis=-1)
         wk = jnp.concatenate([wk, jnp.zeros((groups, 1, o // groups), jnp.int32)], axis=1)
@@ -604,6 +622,11 @@ def _sat16_conv(xv, w, stride, dilation, groups, per_tap=False):
     pair = jnp.clip(xe * wk[:, 0::2] + xo * wk[:, 1::2], -(2**15), 2**15 - 1)
     acc = jnp.sum(pair, axis=-2)  # (N, *out, G, Og)
     return acc.reshape(acc.shape[:-2] + (o,))
+
+
+def _batched_pair_dot(x, w):
+    """:func:`~qjax.kernels._linear._sat16_pair_dot` per group: ``(G, M, K)`` x ``(G, K, N)``."""
+    return jax.vmap(_sat16_pair_dot)(x, w)
 
 
 def _sat16_conv_zp_term(w, zx):

@@ -49,6 +49,11 @@ the custom call ``qjax_amx_s8_gemm`` (``qjax_amx_q8_gemm`` when fused): export r
 it unless the caller disables that check
 (``jax.export.DisabledSafetyCheck.custom_call(name)``), and
 the result runs only in a process where qjax has registered the target on an AMX CPU.
+``prepare_linear(w, kernel="sat16")`` packs the weight for the native AVX2 kernel
+(:mod:`qjax.kernels._native._sat16`) and the saturating accumulations then compute
+``Σ_j sat16(...)`` with ``vpmaddubsw`` itself, one FFI call ``qjax_sat16_gemm``: the
+same integers as :func:`_sat16_pair_dot`, 100x and more faster; exact accumulation stays
+on XLA. Export refuses it likewise (its location names ``kernel='xla'``).
 """
 
 from __future__ import annotations
@@ -72,8 +77,8 @@ __all__ = ["Accumulate", "Kernel", "PreparedLinear", "prepare_linear", "quantize
 
 Accumulate = Literal["exact", "fbgemm_sat16", "onednn_sat16"]
 _ACCUMULATES = ("exact", "fbgemm_sat16", "onednn_sat16")
-Kernel = Literal["xla", "amx"]
-_KERNELS = ("xla", "amx")
+Kernel = Literal["xla", "amx", "sat16"]
+_KERNELS = ("xla", "amx", "sat16")
 _I32_MAX = 2**31 - 1
 
 
@@ -88,7 +93,9 @@ class PreparedLinear:
     and ``zero_point_is_zero`` (the weight zero points are known to be 0, so the
     ``zp_w`` correction terms are left out of the program). With ``kernel="amx"`` a
     third leaf ``packed`` holds the weight codes in AMX tile order
-    (:func:`qjax.kernels._native.pack_weight`); ``kernel="xla"`` has none.
+    (:func:`qjax.kernels._native.pack_weight`), with ``kernel="sat16"`` in the order of
+    the AVX2 saturating kernel (:func:`qjax.kernels._native.pack_sat16_weight`);
+    ``kernel="xla"`` has none.
     """
 
     weight: QArray
@@ -110,18 +117,18 @@ class PreparedLinear:
     def tree_flatten_with_keys(self):
         ga = jax.tree_util.GetAttrKey
         kids = ((ga("weight"), self.weight), (ga("col_sum"), self.col_sum))
-        if self.kernel == "amx":
+        if self.kernel != "xla":
             kids += ((ga("packed"), self.packed),)
         return kids, self._aux()
 
     def tree_flatten(self):
         kids = (self.weight, self.col_sum)
-        return (kids + (self.packed,) if self.kernel == "amx" else kids), self._aux()
+        return (kids + (self.packed,) if self.kernel != "xla" else kids), self._aux()
 
     def _aux(self):
         # the XLA kernel keeps the 3-entry aux of earlier versions (same serialization)
         aux = (self.name, self.max_abs_x, self.zero_point_is_zero)
-        return aux + ("amx",) if self.kernel == "amx" else aux
+        return aux + (self.kernel,) if self.kernel != "xla" else aux
 
     @classmethod
     def tree_unflatten(cls, aux, children) -> PreparedLinear:
@@ -131,9 +138,9 @@ class PreparedLinear:
         object.__setattr__(obj, "name", aux[0])
         object.__setattr__(obj, "max_abs_x", aux[1])
         object.__setattr__(obj, "zero_point_is_zero", aux[2])
-        amx = len(aux) > 3 and aux[3] == "amx"
-        object.__setattr__(obj, "packed", children[2] if amx else None)
-        object.__setattr__(obj, "kernel", "amx" if amx else "xla")
+        kernel = aux[3] if len(aux) > 3 else "xla"
+        object.__setattr__(obj, "packed", children[2] if kernel != "xla" else None)
+        object.__setattr__(obj, "kernel", kernel)
         return obj
 
 
@@ -162,9 +169,12 @@ def prepare_linear(
       name: layer name for error messages.
       max_abs_x: the largest ``|x - zp_x|`` inputs may have (255 covers any 8-bit
         activation with any zero point; 128 covers symmetric int8).
-      kernel: ``"xla"`` (default, ``lax.dot_general``) or ``"amx"`` (native AMX int8
+      kernel: ``"xla"`` (default, ``lax.dot_general``), ``"amx"`` (native AMX int8
         GEMM on the packed weight, same integers; raises ``RuntimeError`` with the
-        reason when unavailable, see :func:`qjax.kernels.native_status`).
+        reason when unavailable, see :func:`qjax.kernels.native_status`) or ``"sat16"``
+        (the native AVX2 kernel for ``accumulate="fbgemm_sat16"``/``"onednn_sat16"``,
+        same integers as the XLA formulation; exact accumulation stays on XLA; raises
+        ``RuntimeError`` when unavailable, see :func:`qjax.kernels.sat16_status`).
 
     Returns:
       a :class:`PreparedLinear` (a pytree).
@@ -184,13 +194,15 @@ def prepare_linear(
     if kernel not in _KERNELS:
         raise ValueError(f"layer {name!r}: kernel must be one of {_KERNELS}, got {kernel!r}")
     if isinstance(w, PreparedLinear):
-        if kernel == "amx" and w.kernel != "amx":
+        if kernel != "xla" and w.kernel != kernel:
             return prepare_linear(w.weight, name=w.name, max_abs_x=w.max_abs_x, kernel=kernel)
         return w
     if not isinstance(w, QArray):
         raise TypeError(f"layer {name!r}: weight must be a QArray, got {type(w).__name__}")
     if kernel == "amx":
         _native.require_amx(name)
+    elif kernel == "sat16":
+        _native.require_sat16(name)
     spec = w.spec
     if spec.dtype != np.int8:
         raise TypeError(
@@ -214,7 +226,11 @@ def prepare_linear(
         w, k, max_abs_x, name, hint="split K or narrow the ranges", what=f"K={k}"
     )
     col_sum = jnp.sum(vals.astype(jnp.int32), axis=0)
-    packed = _native.pack_weight(vals) if kernel == "amx" else None
+    packed = None
+    if kernel == "amx":
+        packed = _native.pack_weight(vals)
+    elif kernel == "sat16":
+        packed = _native.pack_sat16_weight(vals)
     return PreparedLinear(w, col_sum, name, int(max_abs_x), zp_zero, packed, kernel)
 
 
@@ -302,7 +318,10 @@ def quantized_linear(
             acc = _int8_dot(xv, wq.values)
     else:
         xv = x.values
-        acc = _sat16_pair_dot(xv, wq.values)
+        if pw.kernel == "sat16":
+            acc = _native.sat16_dot(xv, pw.packed, wq.values, _sat16_pair_dot)
+        else:
+            acc = _sat16_pair_dot(xv, wq.values)
     acc = acc - zx * pw.col_sum
     if not pw.zero_point_is_zero:
         row_sum = jnp.sum(xv.astype(jnp.int32), axis=-1, keepdims=True)

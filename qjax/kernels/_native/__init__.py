@@ -1,4 +1,6 @@
-"""Opt-in native kernels for XLA:CPU: Intel AMX int8 GEMM and conv through ``jax.ffi``.
+"""Native kernels for XLA:CPU through ``jax.ffi``: Intel AMX int8 GEMM and conv (opt-in),
+and the AVX2 int16-saturating GEMM (:mod:`._sat16`, :func:`sat16_status`, its own
+library ``sat16_gemm.cc`` built by the same :mod:`._build`).
 
 ``prepare_linear(w, kernel="amx")`` packs the weight once (:func:`pack_weight`) and
 ``quantized_linear`` then computes its int32 dot with :func:`amx_dot` instead of XLA's
@@ -50,12 +52,20 @@ from ._fused import (
     fused_conv_codes,
     fused_linear_codes,
 )
+from ._sat16 import (
+    SAT16_TARGET,
+    pack_sat16_weight,
+    require_sat16,
+    sat16_dot,
+    sat16_status,
+)
 
 __all__ = [
     "CONV_TARGET",
     "FUSED_SCHEMES",
     "QCONV_TARGET",
     "QTARGET",
+    "SAT16_TARGET",
     "TARGET",
     "amx_conv2d",
     "amx_conv2d_q8",
@@ -69,7 +79,11 @@ __all__ = [
     "pack_conv_weight",
     "pack_weight",
     "conv_supported",
+    "pack_sat16_weight",
     "require_amx",
+    "require_sat16",
+    "sat16_dot",
+    "sat16_status",
 ]
 
 TARGET = "qjax_amx_s8_gemm"

@@ -1,6 +1,9 @@
-"""Build ``amx_gemm.cc`` into a shared library once, cached on disk, safe under xdist.
+"""Build a native source into a shared library once, cached on disk, safe under xdist.
 
-The cache key is the SHA-256 of the source, the compiler (path and ``--version``), the
+One implementation for every native library: a :class:`Library` names the source, the
+compiler flags and the library's file name (:data:`AMX`: ``amx_gemm.cc``; :data:`SAT16`:
+``sat16_gemm.cc``, AVX2 only), and :func:`build` compiles it. The cache key is the
+SHA-256 of the source, the compiler (path and ``--version``), the
 flags and the jaxlib version (the FFI headers come from jaxlib), so an edit to any of
 them builds a new library. Location: ``$QJAX_CACHE_DIR/native/<key>/`` or
 ``~/.cache/qjax/native/<key>/``. Several processes may build at once: each compiles
@@ -10,6 +13,7 @@ rename, so a reader sees either no library or a whole one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -39,6 +43,32 @@ FLAGS = (
 )
 
 
+# The AVX2 saturating GEMM runs on every x86-64 class with AVX2 (no AVX-512 code, so an
+# AVX2-only CPU runs it too); integer arithmetic only.
+SAT16_FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "-fPIC",
+    "-shared",
+    "-mavx2",
+    "-mfma",
+    "-w",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Library:
+    """What to build: ``source`` (a ``.cc`` file), compiler ``flags`` and the ``.so`` name."""
+
+    source: Path
+    flags: tuple[str, ...]
+    lib_name: str
+
+
+AMX = Library(SOURCE, FLAGS, LIB_NAME)
+SAT16 = Library(Path(__file__).with_name("sat16_gemm.cc"), SAT16_FLAGS, "libqjax_sat16.so")
+
+
 class BuildError(RuntimeError):
     """The compiler is missing or failed; the message carries the reason."""
 
@@ -66,7 +96,7 @@ def cache_root() -> Path:
     return root / "native"
 
 
-def _key(cxx: str) -> str:
+def _key(cxx: str, lib: Library = AMX) -> str:
     try:
         version = subprocess.run(
             [cxx, "--version"], capture_output=True, text=True, timeout=60
@@ -74,15 +104,17 @@ def _key(cxx: str) -> str:
     except (OSError, subprocess.SubprocessError) as e:
         raise BuildError(f"C++ compiler {cxx!r} does not run: {e}") from None
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cxx.encode(), version.encode(), " ".join(FLAGS).encode()):
+    parts = (lib.source.read_bytes(), cxx.encode(), version.encode(), " ".join(lib.flags).encode())
+    for part in parts:
         h.update(part)
         h.update(b"\0")
     h.update(jaxlib.__version__.encode())
     return h.hexdigest()[:32]
 
 
-def build() -> Path:
-    """Return the path of the compiled library, compiling it first if not cached.
+def build(lib: Library = AMX) -> Path:
+    """Return the path of ``lib`` compiled (default :data:`AMX`), compiling it first if not
+    cached.
 
     Raises :class:`BuildError` naming the missing compiler or with the tail of the
     compiler's error output.
@@ -90,25 +122,24 @@ def build() -> Path:
     cxx = compiler()
     if cxx is None:
         raise BuildError("no C++ compiler found ($CXX, c++ or g++ on PATH)")
-    folder = cache_root() / _key(cxx)
-    lib = folder / LIB_NAME
-    if lib.is_file():
-        return lib
+    folder = cache_root() / _key(cxx, lib)
+    out = folder / lib.lib_name
+    if out.is_file():
+        return out
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
     os.close(fd)
-    cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    src = lib.source
+    cmd = [cxx, *lib.flags, "-I", jax.ffi.include_dir(), str(src), "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip()[-2000:]
-            raise BuildError(
-                f"compiling {SOURCE.name} failed ({cxx}, exit {proc.returncode}): {tail}"
-            )
-        os.replace(tmp, lib)
+            raise BuildError(f"compiling {src.name} failed ({cxx}, exit {proc.returncode}): {tail}")
+        os.replace(tmp, out)
     except (OSError, subprocess.SubprocessError) as e:
-        raise BuildError(f"compiling {SOURCE.name} with {cxx!r} failed: {e}") from None
+        raise BuildError(f"compiling {src.name} with {cxx!r} failed: {e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return lib
+    return out

@@ -1,0 +1,169 @@
+"""Native AVX2 kernel for the int16 pair-saturating accumulation (``*_sat16``).
+
+FBGEMM and oneDNN on CPUs without VNNI multiply uint8 activations by int8 weights with
+``vpmaddubsw``: adjacent products summed in pairs, each pair sum saturated to int16, the
+pairs then added exactly in int32. qjax's XLA formulation of this
+(``_linear._sat16_pair_dot``, ``_conv._sat16_conv``) materialises every pair product and
+runs 100-300x slower than the exact int8 dot; :func:`sat16_dot` computes the same
+integers with the instruction itself, one FFI call ``qjax_sat16_gemm`` (source
+``sat16_gemm.cc``, compiled with ``-mavx2`` only, so it runs on every x86-64 CPU with
+AVX2, AVX-512 and AMX ones included).
+
+Availability (:func:`sat16_status`), checked once per process: x86-64 Linux, ``avx2`` in
+``/proc/cpuinfo``, a C++ compiler that builds the library (cached, :mod:`._build`).
+Off CPU (``lax.platform_dependent``) the program runs the XLA formulation it is given.
+
+``jax.export`` refuses the custom call (no compatibility guarantee); the call sits in a
+named scope that says to build the model with ``kernel='xla'`` for an exportable
+program, and ``jax.export``'s error message quotes it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import platform
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _build
+
+__all__ = [
+    "SAT16_TARGET",
+    "pack_sat16_weight",
+    "require_sat16",
+    "sat16_dot",
+    "sat16_status",
+]
+
+SAT16_TARGET = "qjax_sat16_gemm"
+NB = 16  # output columns per packed block
+# Named scope of the custom call: jax.export's refusal quotes the op's location with it.
+EXPORT_HINT = "qjax_native_sat16_kernel: for jax.export build the model with kernel='xla'"
+# Threads per call (1 or 2): the second one runs on XLA's intra-op pool for large calls.
+THREADS = 2
+
+_LIB = None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.cache
+def _probe() -> tuple[bool, str]:
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64") or platform.system() != "Linux":
+        return False, f"not x86-64 Linux ({platform.system()} {platform.machine()})"
+    if "avx2" not in _cpu_flags():
+        return False, "CPU lacks avx2 (/proc/cpuinfo flags)"
+    try:
+        path = _build.build(_build.SAT16)
+    except _build.BuildError as e:
+        return False, str(e)
+    try:
+        lib = ctypes.CDLL(os.fspath(path))
+    except OSError as e:
+        return False, f"loading {path} failed: {e}"
+    jax.ffi.register_ffi_target(SAT16_TARGET, jax.ffi.pycapsule(lib.QjaxSat16Gemm), platform="cpu")
+    lib.qjax_sat16_parallel_calls.restype = ctypes.c_int64
+    global _LIB
+    _LIB = lib
+    return True, f"AVX2 saturating int8 GEMM ready ({path})"
+
+
+def sat16_status() -> tuple[bool, str]:
+    """Whether the native AVX2 saturating GEMM can run here, and why (not).
+
+    ``reason`` names the first failed condition: not x86-64 Linux, no ``avx2``, no C++
+    compiler, the compile failed (tail of the compiler's output) or loading failed.
+
+    >>> ok, reason = sat16_status()
+    >>> isinstance(ok, bool) and reason != ""
+    True
+    """
+    return _probe()
+
+
+def parallel_calls() -> int:
+    """How many native sat16 calls so far split their work over two threads.
+
+    >>> parallel_calls() >= 0
+    True
+    """
+    return int(_LIB.qjax_sat16_parallel_calls()) if _LIB is not None else 0
+
+
+def require_sat16(layer: str) -> None:
+    """Raise ``RuntimeError`` naming the layer and the reason if the kernel cannot run."""
+    ok, reason = sat16_status()
+    if not ok:
+        raise RuntimeError(
+            f"layer {layer!r}: kernel='sat16' was requested but the native AVX2 saturating "
+            f"kernel is unavailable: {reason}; use kernel='xla'"
+        )
+
+
+def pack_sat16_weight(w: jax.Array) -> jax.Array:
+    """Pack int8 ``(K, N)`` (or ``(B, K, N)``) weights: int8 ``(B, Nb, K4, 64)``.
+
+    ``packed[b, nb, k4, 4c + q] = w[b][4·k4 + q, 16·nb + c]`` with ``K4 = ceil(K/4)``,
+    ``Nb = ceil(N/16)`` and zeros past ``K`` / ``N``: one ``(nb, k4)`` row is the two
+    256-bit operands of ``vpmaddubsw`` for 16 columns (four K values of each column side
+    by side, so pairs (0,1) and (2,3) are summed in int16 then added in int32). Pure
+    ``jnp``; works on traced weights.
+
+    >>> w = jnp.arange(8, dtype=jnp.int8).reshape(4, 2)  # K=4, N=2
+    >>> p = pack_sat16_weight(w)
+    >>> p.shape, p[0, 0, 0, :8]
+    ((1, 1, 1, 64), Array([0, 2, 4, 6, 1, 3, 5, 7], dtype=int8))
+    """
+    if w.dtype != jnp.int8 or w.ndim not in (2, 3):
+        raise TypeError(
+            f"pack_sat16_weight needs int8 (K, N) or (B, K, N), got {w.dtype} {w.shape}"
+        )
+    if w.ndim == 2:
+        w = w[None]
+    b, k, n = w.shape
+    k4, nb = -(-k // 4), -(-n // NB)
+    wp = jnp.pad(w, ((0, 0), (0, 4 * k4 - k), (0, NB * nb - n)))
+    wp = wp.reshape(b, k4, 4, nb, NB).transpose(0, 3, 1, 4, 2)  # (b, nb, k4, c, q)
+    return wp.reshape(b, nb, k4, 4 * NB)
+
+
+def sat16_dot(
+    x: jax.Array, packed: jax.Array, w: jax.Array, portable, threads: int | None = None
+) -> jax.Array:
+    """``Σ_j sat16(x[..., 2j]·w[2j, n] + x[..., 2j+1]·w[2j+1, n])``, int32, native.
+
+    ``x`` uint8 ``(..., K)`` with ``packed = pack_sat16_weight(w)`` of one ``(K, N)``
+    weight, or ``x`` ``(..., B, M, K)`` with ``B`` weights ``(B, K, N)`` (convolution
+    groups); ``portable(x, w)`` is the XLA formulation the program runs off CPU (the same
+    integers). ``threads``: 1 or 2 per call (default :data:`THREADS`; the second thread
+    is used only for large calls). Call :func:`require_sat16` first (prepare time).
+    """
+    threads = THREADS if threads is None else int(threads)
+    n = w.shape[-1]
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.int32)
+
+    def native(x, packed, w):
+        del w
+        call = jax.ffi.ffi_call(SAT16_TARGET, out, vmap_method="expand_dims")
+        with jax.named_scope(EXPORT_HINT):
+            return call(x, packed, threads=threads)
+
+    def default(x, packed, w):
+        del packed
+        return portable(x, w)
+
+    return lax.platform_dependent(x, packed, w, cpu=native, default=default)

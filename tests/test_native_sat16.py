@@ -1,0 +1,371 @@
+"""The native AVX2 int16-saturating kernel (``kernel="sat16"``) gives the XLA formulation's
+integers, and torch's forced to AVX2.
+
+* linear: ``sat16_dot`` vs ``_sat16_pair_dot`` (the XLA formulation) over every M tail
+  (register blocks of 4 rows), K tail (groups of 4, K odd, K = 1) and N tail (blocks of
+  16 columns), random and extreme codes (x in {0, 1, 127, 128, 254, 255}, w in {-128,
+  -127, -1, 0, 1, 127}), leading / vmapped dims and the two-thread split;
+* conv: ``_sat16_conv(native=True)`` vs the XLA im2col formulation: groups, depthwise,
+  odd channels per group, stride, dilation, 1-D and 2-D, both pairings (FBGEMM across
+  taps, oneDNN per tap) and whole ``quantized_conv`` layers;
+* kernel choice: ``import_model``'s default puts saturating layers on ``"sat16"``,
+  ``kernel="xla"`` keeps them on XLA (exportable), ``jax.export`` of the native program
+  is refused with a message naming ``kernel='xla'``;
+* end to end: a torch int8 MLP and CNN run by torch forced to AVX2 (``level_env``) in a
+  subprocess, imported with ``isa="avx2"``: the native program's codes == torch's.
+
+Counts are printed (``-s``).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qjax import QParams, QuantSpec
+from qjax.kernels import (
+    LEVELS,
+    QArray,
+    _native,
+    host_level,
+    level_env,
+    prepare_conv,
+    prepare_linear,
+    quantized_conv,
+    quantized_linear,
+    sat16_status,
+)
+from qjax.kernels._conv import _sat16_conv
+from qjax.kernels._linear import _sat16_pair_dot
+from qjax.kernels._native import _sat16
+
+pytestmark = pytest.mark.skipif(not sat16_status()[0], reason=sat16_status()[1])
+
+X_EXTREME = np.array([0, 1, 127, 128, 254, 255], np.uint8)
+W_EXTREME = np.array([-128, -127, -1, 0, 1, 127], np.int8)
+XSPEC = QuantSpec(signed=False)
+WSPEC = QuantSpec(signed=True, symmetric=True, axis=1)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1612)
+
+
+def _codes(rng, shape_x, shape_w, extreme):
+    if extreme:
+        return rng.choice(X_EXTREME, shape_x), rng.choice(W_EXTREME, shape_w)
+    x = rng.integers(0, 256, shape_x).astype(np.uint8)
+    w = rng.integers(-128, 128, shape_w).astype(np.int8)
+    return x, w
+
+
+_xla_pair_dot = jax.jit(_sat16_pair_dot)
+
+
+def _native_dot(x, w, threads=None):
+    packed = _sat16.pack_sat16_weight(jnp.asarray(w))
+    return _sat16.sat16_dot(jnp.asarray(x), packed, jnp.asarray(w), _sat16_pair_dot, threads)
+
+
+def _sweep(rng, ks, ns, ms):
+    n = mism = 0
+    for i, k in enumerate(ks):
+        for j, nn in enumerate(ns):
+            m = ms[(i + j) % len(ms)]
+            x, w = _codes(rng, (m, k), (k, nn), extreme=(i + j) % 2 == 0)
+            got = np.asarray(_native_dot(x, w))
+            want = np.asarray(_xla_pair_dot(x, w))
+            n += want.size
+            mism += int((got != want).sum())
+    return n, mism
+
+
+def test_linear_every_tail_matches_xla(rng):
+    # K mod 4 = 1, 3, 0, 2 (K odd, K = 1); N mod 16 = 1, 15, 0, 1; M mod 4 = 1, 2, 3, 0
+    ks, ns, ms = (1, 3, 4, 6, 33), (1, 15, 16, 17), (1, 2, 3, 4, 5, 7)
+    n, mism = _sweep(rng, ks, ns, ms)
+    # saturation happened (a sanity check on the inputs): exact sums differ somewhere
+    x, w = _codes(rng, (4, 64), (64, 16), extreme=True)
+    exact = x.astype(np.int64) @ w.astype(np.int64)
+    assert (exact != np.asarray(_native_dot(x, w))).any()
+    print(f"\nlinear sat16 native vs XLA: {len(ks) * len(ns)} shapes, {n} values, {mism} differ")
+    assert mism == 0
+
+
+@pytest.mark.slow
+def test_linear_every_tail_matches_xla_full(rng):
+    ks = (1, 2, 3, 4, 5, 6, 7, 8, 33, 130, 785)
+    ns = (1, 7, 8, 9, 15, 16, 17, 31, 33)
+    ms = (1, 2, 3, 4, 5, 6, 7, 8, 9, 13)
+    n, mism = _sweep(rng, ks, ns, ms)
+    print(f"\nlinear sat16 native vs XLA: {len(ks) * len(ns)} shapes, {n} values, {mism} differ")
+    assert mism == 0
+
+
+def test_linear_leading_dims_vmap_and_threads(rng):
+    x, w = _codes(rng, (2, 3, 5, 37), (37, 40), extreme=True)
+    want = np.asarray(_xla_pair_dot(x, w))
+    assert (np.asarray(_native_dot(x, w)) == want).all()  # leading dims fold into M
+    packed = _sat16.pack_sat16_weight(jnp.asarray(w))
+    f = jax.vmap(lambda xi: _sat16.sat16_dot(xi, packed, jnp.asarray(w), _sat16_pair_dot))
+    assert (np.asarray(f(jnp.asarray(x))) == want).all()
+    # large enough for the two-thread split; one thread gives the same integers
+    x, w = _codes(rng, (130, 515), (515, 257), extreme=False)
+    before = _sat16.parallel_calls()
+    two = np.asarray(_native_dot(x, w, threads=2))
+    assert _sat16.parallel_calls() == before + 1
+    one = np.asarray(_native_dot(x, w, threads=1))
+    assert _sat16.parallel_calls() == before + 1
+    want = np.asarray(_xla_pair_dot(x, w))
+    assert (two == want).all() and (one == want).all()
+    print(f"\nthreads 1 / 2 vs XLA: 0 of {want.size} differ")
+
+
+def test_quantized_linear_layer_matches_xla(rng):
+    k, nn = 45, 33
+    x = QArray(jnp.asarray(rng.integers(96, 256, (3, 7, k)), jnp.uint8), QParams(0.02, 131, XSPEC))
+    wv = jnp.asarray(rng.choice(W_EXTREME, (k, nn)))
+    wz = QArray(wv, QParams(jnp.full((nn,), 0.01), jnp.zeros((nn,), jnp.int32), WSPEC))
+    aff = QuantSpec(signed=True, axis=1)  # per-channel affine: the zp_w terms too
+    wa = QArray(wv, QParams(jnp.full((nn,), 0.01), jnp.asarray(rng.integers(-5, 5, nn)), aff))
+    out = QParams(jnp.float32(0.4), jnp.int32(120), XSPEC)
+    bias = jnp.asarray(rng.normal(0, 3, nn), jnp.float32)
+    n = 0
+    for w in (wz, wa):
+        xla, nat = prepare_linear(w), prepare_linear(w, kernel="sat16")
+        assert nat.kernel == "sat16" and prepare_linear(xla, kernel="sat16").kernel == "sat16"
+        for acc in ("fbgemm_sat16", "onednn_sat16"):
+            want = quantized_linear(x, xla, bias, out, accumulate=acc, activation="relu").values
+            got = jax.jit(
+                lambda x, p, acc=acc: quantized_linear(x, p, bias, out, accumulate=acc).values
+            )(x, nat)
+            want = quantized_linear(x, xla, bias, out, accumulate=acc).values
+            assert (np.asarray(got) == np.asarray(want)).all()
+            n += want.size
+        # exact accumulation with a sat16-prepared weight stays on XLA, same codes
+        same = quantized_linear(x, nat, bias, out).values
+        assert (np.asarray(same) == np.asarray(quantized_linear(x, xla, bias, out).values)).all()
+    # the pytree round-trips with the kernel and its packed leaf
+    leaves, tree = jax.tree_util.tree_flatten(nat)
+    assert len(leaves) == 5 and jax.tree_util.tree_unflatten(tree, leaves).kernel == "sat16"
+    print(f"\nquantized_linear sat16 vs xla: 0 of {n} codes differ")
+
+
+_CONV_CASES = [
+    # (N, C, spatial, O, kernel, stride, dilation, groups)
+    (2, 3, (7, 6), 5, (3, 3), (1, 1), (1, 1), 1),
+    (1, 8, (6, 5), 8, (3, 3), (2, 1), (1, 1), 8),  # depthwise
+    (1, 8, (6, 6), 16, (3, 3), (1, 1), (1, 1), 8),  # depthwise, multiplier 2
+    (2, 6, (5, 7), 9, (2, 3), (1, 2), (1, 1), 3),  # Cg = 2
+    (1, 9, (8, 8), 6, (3, 3), (1, 1), (2, 2), 3),  # Cg = 3 (odd), dilated
+    (1, 5, (9, 4), 17, (1, 1), (1, 1), (1, 1), 1),  # pointwise, odd C
+    (3, 7, (11,), 4, (3,), (2,), (1,), 1),  # 1-D
+    (1, 4, (13,), 8, (5,), (1,), (2,), 2),  # 1-D, groups, dilated
+]
+
+
+@pytest.mark.parametrize("per_tap", [False, True], ids=["fbgemm", "onednn"])
+def test_conv_accumulator_matches_xla(rng, per_tap):
+    n = mism = 0
+    for i, (b, c, sp, o, kern, stride, dil, g) in enumerate(_CONV_CASES):
+        x, w = _codes(rng, (b, *sp, c), (*kern, c // g, o), extreme=i % 2 == 0)
+        args = (jnp.asarray(x), jnp.asarray(w), stride, dil, g)
+        want = np.asarray(
+            jax.jit(lambda x, w, a=args: _sat16_conv(x, w, *a[2:], per_tap))(*args[:2])
+        )
+        got = np.asarray(
+            jax.jit(lambda x, w, a=args: _sat16_conv(x, w, *a[2:], per_tap, native=True))(*args[:2])
+        )
+        assert got.shape == want.shape
+        n += want.size
+        mism += int((got != want).sum())
+    print(
+        f"\nconv sat16 ({'per tap' if per_tap else 'fbgemm'}) native vs XLA: {n} values, "
+        f"{mism} differ"
+    )
+    assert mism == 0
+
+
+@pytest.mark.slow
+def test_quantized_conv_layers_match_xla(rng):
+    n = 0
+    for b, c, sp, o, kern, stride, dil, g in _CONV_CASES[:6]:
+        wv = rng.choice(W_EXTREME, (o, c // g, *kern))
+        spec = QuantSpec(signed=True, symmetric=True, axis=0)
+        w = QArray(jnp.asarray(wv), QParams(jnp.full((o,), 0.01), jnp.zeros((o,), jnp.int32), spec))
+        x = QArray(
+            jnp.asarray(rng.integers(90, 256, (b, c, *sp)), jnp.uint8), QParams(0.02, 140, XSPEC)
+        )
+        out = QParams(jnp.float32(0.3), jnp.int32(100), XSPEC)
+        xla = prepare_conv(w, groups=g)
+        nat = prepare_conv(w, groups=g, kernel="sat16")
+        assert nat.kernel == "sat16"
+        for acc in ("fbgemm_sat16", "onednn_sat16"):
+            kw = dict(stride=stride, dilation=dil, padding=1, accumulate=acc)
+            want = quantized_conv(x, xla, None, out, **kw).values
+            got = quantized_conv(x, nat, None, out, **kw).values
+            assert (np.asarray(got) == np.asarray(want)).all(), (c, g, acc)
+            n += want.size
+    print(f"\nquantized_conv sat16 vs xla: 0 of {n} codes differ")
+
+
+def test_unavailable_is_named(monkeypatch):
+    w = QArray(jnp.ones((4, 2), jnp.int8), QParams(0.1, 0, QuantSpec(symmetric=True)))
+    monkeypatch.setattr(_native, "sat16_status", lambda: (False, "CPU lacks avx2 (test)"))
+    monkeypatch.setattr(_native, "require_sat16", _sat16.require_sat16)
+    monkeypatch.setattr(_sat16, "sat16_status", lambda: (False, "CPU lacks avx2 (test)"))
+    with pytest.raises(RuntimeError, match=r"layer 'fc'.*kernel='sat16'.*CPU lacks avx2"):
+        prepare_linear(w, name="fc", kernel="sat16")
+    from qjax._kernel_choice import linear_kernel
+
+    assert linear_kernel("default", "fbgemm_sat16") == "xla"
+
+
+# ---------------------------------------------------------------------------------------
+# torch: kernel choice, export, and torch forced to AVX2
+
+torch = pytest.importorskip("torch")
+
+_TORCH_MODELS = r"""
+import warnings
+import numpy as np
+import torch
+from torch import nn
+from torch.ao.quantization import QuantStub, DeQuantStub, get_default_qconfig, prepare, convert
+
+
+def models(engine):
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = engine
+    mlp = nn.Sequential(QuantStub(), nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 48),
+                        nn.ReLU(), nn.Linear(48, 10), DeQuantStub()).eval()
+    cnn = nn.Sequential(QuantStub(), nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                        nn.Conv2d(8, 12, 3, padding=1, groups=2), DeQuantStub()).eval()
+    out = []
+    for m, shape in ((mlp, (64,)), (cnn, (3, 9, 9))):
+        for mod in m.modules():  # weights of magnitude 0.6-1: codes 76-127 per channel
+            if isinstance(mod, (nn.Linear, nn.Conv2d)):
+                w = mod.weight.data
+                w.copy_(torch.sign(torch.randn(w.shape)) * (0.6 + 0.4 * torch.rand(w.shape)))
+        m.qconfig = get_default_qconfig(engine)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p = prepare(m)
+            # calibrate on small inputs, run on large ones: codes near 255 saturate pairs
+            p(torch.rand(64, *shape) * 0.5)
+            q = convert(p)
+        x = torch.rand(16, *shape) * 3.0
+        out.append((q, x))
+    return out
+"""
+
+_SUBPROCESS = (
+    _TORCH_MODELS
+    + r"""
+import sys
+import jax
+from qjax.converters.torch import import_model, torch_trace
+
+results = {}
+full = sys.argv[1] == "full"
+for engine in ("fbgemm", "x86", "onednn") if full else ("fbgemm", "onednn"):
+    for mi, (q, x) in enumerate(models(engine)[: 2 if full else 1]):
+        ref = torch_trace(q, x)
+        progs = {"default": import_model(q, (x,), engine=engine, isa="avx2"),
+                 "xla": import_model(q, (x,), engine=engine, isa="avx2", kernel="xla"),
+                 "vnni": import_model(q, (x,), engine=engine, isa="vnni", kernel="xla")}
+        xla_tr = progs["xla"].trace(x)
+        for name, prog in progs.items():
+            tr = prog.trace(x)
+            n = d = dx = 0
+            for k, v in ref.items():
+                if k in tr:
+                    a = np.asarray(tr[k].values).astype(np.int64)
+                    b = np.asarray(v.values).astype(np.int64)
+                    n += a.size
+                    d += int((a != b).sum())
+                    dx += int((a != np.asarray(xla_tr[k].values)).sum())
+            results[f"{engine}/{mi}/{name}"] = (n, d, dx, sorted(set(prog.kernels.values())))
+print(repr(results))
+"""
+)
+
+
+def _forced_avx2(which):
+    here = host_level()
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("x86 only")
+    if here is None or LEVELS.index(here) < LEVELS.index("avx2"):
+        pytest.skip(f"this CPU ({here}) cannot run level avx2")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **level_env("avx2"))
+    proc = subprocess.run(
+        [sys.executable, "-c", _SUBPROCESS, which],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return eval(proc.stdout.strip().splitlines()[-1])  # a dict literal we printed
+
+
+def _check_forced(results, claimed):
+    total = vnni_diff = 0
+    for key, (n, d, dx, kernels) in results.items():
+        engine, model, name = key.split("/")
+        assert n > 0, key
+        if name == "default":
+            assert "sat16" in kernels, key
+            assert dx == 0, (key, n, dx)  # the native program == the pure-XLA one
+            if (engine, model) in claimed:
+                assert d == 0, (key, n, d)
+                total += n
+            else:
+                print(f"\n{key}: {d} of {n} codes differ from torch (the XLA import too)")
+        elif name == "xla":
+            assert kernels == ["xla"], key
+        else:
+            vnni_diff += d
+    print(
+        f"\ntorch forced to AVX2 vs native sat16 programs: {total} codes, 0 differ; "
+        f"exact (vnni) import: {vnni_diff} differ"
+    )
+    assert vnni_diff > 0  # the inputs do saturate
+
+
+def test_torch_forced_to_avx2_matches_native_program():
+    _check_forced(_forced_avx2("quick"), {("fbgemm", "0"), ("onednn", "0")})
+
+
+@pytest.mark.slow
+def test_torch_forced_to_avx2_matches_native_program_cnn():
+    claimed = {(e, "0") for e in ("fbgemm", "x86", "onednn")} | {("fbgemm", "1")}
+    _check_forced(_forced_avx2("full"), claimed)
+
+
+def test_default_import_uses_sat16_and_export_names_kernel_xla():
+    ns = {}
+    exec(_TORCH_MODELS, ns)
+    from qjax.converters.torch import import_model
+
+    q, x = ns["models"]("fbgemm")[0]
+    program = import_model(q, (x,), engine="fbgemm", isa="avx2")
+    assert set(program.kernels.values()) == {"sat16"}
+    plain = import_model(q, (x,), engine="fbgemm", isa="avx2", kernel="xla")
+    assert set(plain.kernels.values()) == {"xla"}
+    exact = import_model(q, (x,), engine="fbgemm", isa="vnni")  # exact layers: XLA
+    assert set(exact.kernels.values()) == {"xla"}
+    assert (np.asarray(program(x)) == np.asarray(plain(x))).all()
+    spec = (jax.ShapeDtypeStruct(tuple(x.shape), jnp.float32),)
+    with pytest.raises(ValueError, match=r"qjax_sat16_gemm(.|\n)*kernel='xla'"):
+        jax.export.export(program._run)(program.params, spec)
+    jax.export.export(plain._run)(plain.params, spec)  # the pure-XLA program exports
