@@ -41,17 +41,6 @@ import numpy as np
 
 __all__ = ["Loaded", "import_program", "load_inputs", "load_model", "reference_trace"]
 
-# pt2e imports take requantization schemes; torch engine names map onto them.
-_PT2E_SCHEMES = {
-    "x86": "fbgemm",
-    "fbgemm": "fbgemm",
-    "fbgemm_avx2": "fbgemm",
-    "qnnpack": "qnnpack",
-    "onednn": "onednn",
-    "tflite": "tflite",
-    "exact": "exact",
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Loaded:
@@ -293,10 +282,10 @@ def import_program(
     xs = tuple(torch.from_numpy(np.asarray(x)) for x in inputs)
     if loaded.kind == "pt2":
         from qjax.converters.pt2e import import_pt2e
+        from qjax.kernels import engine as engine_at
 
-        scheme = _PT2E_SCHEMES.get(engine)
-        if scheme is None:
-            raise ValueError(f"unknown engine {engine!r}; known: {sorted(_PT2E_SCHEMES)}")
+        # pt2e imports take requantization schemes: the engine's linear scheme (the table)
+        scheme = engine_at(engine).linear
         return import_pt2e(loaded.model, xs, mode=pt2e_mode, scheme=scheme)
     from qjax.converters.torch import import_model
 

@@ -53,7 +53,7 @@ from flax import nnx
 
 from ._demo_data import accuracy, copy_float_weights, data, interleaved, make_model, train
 
-ENGINES = ("fbgemm", "qnnpack", "x86", "onednn")
+ENGINES = ("fbgemm", "qnnpack", "x86", "onednn")  # kernels.TORCH_ENGINES, display order
 # torch's engine -> the qjax preset whose calibration it shares and the one convert
 # scheme that serves it (x86 runs oneDNN convs and FBGEMM linears: no single scheme)
 _PRESET = {"fbgemm": "x86", "x86": "x86", "qnnpack": "qnnpack", "onednn": "onednn"}

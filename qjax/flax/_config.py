@@ -38,6 +38,7 @@ from .. import observers as _observers
 from .._primitives import QCompat
 from .._qparams import COMPATS, Compat
 from .._spec import QuantSpec
+from ..kernels._levels import TORCH_ENGINES
 
 __all__ = [
     "EMAMinMax",
@@ -256,7 +257,7 @@ def default_qat_qconfig(backend: str = "x86") -> QuantConfig:
     >>> default_qat_qconfig("qnnpack").weight.axis is None
     True
     """
-    backends = ("x86", "fbgemm", "qnnpack", "onednn")
+    backends = TORCH_ENGINES
     if backend not in backends:
         raise ValueError(f"default_qat_qconfig: backend must be one of {backends}, got {backend!r}")
     act = QuantSpec(
@@ -319,7 +320,7 @@ def default_qconfig(backend: str = "x86") -> QuantConfig:
     >>> cfg.activation.qmax, cfg.weight.axis, cfg.compat, type(cfg.activation_observer).__name__
     (127, -1, 'torch', 'Histogram')
     """
-    backends = ("x86", "fbgemm", "qnnpack", "onednn")
+    backends = TORCH_ENGINES
     if backend not in backends:
         raise ValueError(f"default_qconfig: backend must be one of {backends}, got {backend!r}")
     qat = default_qat_qconfig(backend)

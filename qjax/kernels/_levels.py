@@ -62,6 +62,7 @@ import platform
 __all__ = [
     "ENGINE_NAMES",
     "LEVELS",
+    "TORCH_ENGINES",
     "Engine",
     "engine",
     "host_level",
@@ -71,8 +72,12 @@ __all__ = [
 LEVELS = ("avx2", "avx512", "vnni", "amx")
 """CPU levels, lowest first."""
 
-ENGINE_NAMES = ("x86", "fbgemm", "onednn", "qnnpack", "tflite", "exact")
-"""Engine names (``"fbgemm_avx2"`` is accepted as ``("fbgemm", "avx2")``)."""
+TORCH_ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
+"""torch's quantized CPU engines (``torch.backends.quantized.engine``)."""
+
+ENGINE_NAMES = TORCH_ENGINES + ("tflite", "exact")
+"""Engine names: torch's and qjax's integer-only ones (``"fbgemm_avx2"`` is accepted as
+``("fbgemm", "avx2")``)."""
 
 _ALIASES = {"fbgemm_avx2": ("fbgemm", "avx2")}
 
