@@ -1,0 +1,138 @@
+"""int16-saturating emulation (torch's int8 engines below VNNI) vs the exact int8 path.
+
+Run: ``.venv/bin/python benchmarks/int8_sat16.py``. One torch int8 MLP 784-1024-1024-10
+(eager ``convert``, x86 qconfig, per-channel weights), imported three ways per CPU level
+torch could have run at (:mod:`qjax.kernels._levels`):
+
+* exact: ``isa="vnni"`` (exact int32 accumulation, XLA's int8 dot) -- the baseline;
+* sat16 native: ``isa="avx2"`` / ``"avx512"`` with the default kernel (saturating
+  layers on the native AVX2 ``qjax_sat16_gemm``, :func:`qjax.kernels.sat16_status`);
+* sat16 XLA: the same import with ``kernel="xla"`` (the pure-XLA formulation,
+  exportable), timed with fewer repeats (it is 100x and more slower).
+
+At batch 1, 32 and 256; medians of interleaved runs in one process. The native and XLA
+sat16 programs' outputs are compared (mismatch count printed). Goal (issue 12): sat16
+native within 1.2x of the exact path's time. ``BENCH`` lines: exact / sat16-native time
+per level and batch (goal ``>= 0.83``, i.e. sat16 <= 1.2x exact). ``QJAX_BENCH_QUICK=1``:
+fewer repeats.
+"""
+
+import os
+import warnings
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _timing import (  # noqa: E402
+    bench_line,
+    interleaved,
+    load_line,
+    machine_line,
+    quick,
+    table,
+)
+from qjax.converters.torch import import_model  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.ao.quantization import (  # noqa: E402
+    DeQuantStub,
+    QuantStub,
+    convert,
+    get_default_qconfig,
+    prepare,
+)
+
+from qjax.kernels import sat16_status  # noqa: E402
+
+SIZES = (784, 1024, 1024, 10)
+BATCHES = (1, 32, 256)
+LEVELS = ("avx2", "avx512")
+GOAL = 1 / 1.2
+
+
+def torch_mlp():
+    torch.manual_seed(0)
+    torch.backends.quantized.engine = "x86"
+    layers = [QuantStub()]
+    for i in range(len(SIZES) - 1):
+        layers.append(nn.Linear(SIZES[i], SIZES[i + 1]))
+        if i < len(SIZES) - 2:
+            layers.append(nn.ReLU())
+    m = nn.Sequential(*layers, DeQuantStub()).eval()
+    m.qconfig = get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = prepare(m)
+        p(torch.rand(256, SIZES[0]))
+        return convert(p)
+
+
+def main():
+    print(machine_line())
+    print(load_line())
+    ok, reason = sat16_status()
+    print(f"sat16 native kernel: {reason}")
+    if not ok:
+        return
+    q = torch_mlp()
+    reps = 4 if quick() else 20
+    rows = []
+    for batch in BATCHES:
+        x = torch.rand(batch, SIZES[0]) * 1.2  # a little past the calibration range
+        xj = jnp.asarray(x.numpy())
+        exact = import_model(q, (x,), engine="x86", isa="vnni", kernel="xla")
+        fns = {"exact": lambda p=exact, xj=xj: p(xj)}
+        progs = {}
+        for level in LEVELS:
+            nat = import_model(q, (x,), engine="x86", isa=level)
+            assert set(nat.kernels.values()) == {"sat16"}, nat.kernels
+            xla = import_model(q, (x,), engine="x86", isa=level, kernel="xla")
+            progs[level] = (nat, xla)
+            fns[f"sat16 {level}"] = lambda p=nat, xj=xj: p(xj)
+        t = interleaved(fns, repeats=reps, warmup=2)
+        for level in LEVELS:
+            nat, xla = progs[level]
+            t_xla = interleaved(
+                {"x": lambda p=xla, xj=xj: p(xj)}, repeats=2 if quick() else 3, warmup=1
+            )
+            mism = int((np.asarray(nat(xj)) != np.asarray(xla(xj))).sum())
+            ratio = t[f"sat16 {level}"] / t["exact"]
+            rows.append(
+                [
+                    level,
+                    batch,
+                    f"{t['exact'] * 1e3:.3f}",
+                    f"{t[f'sat16 {level}'] * 1e3:.3f}",
+                    f"{t_xla['x'] * 1e3:.1f}",
+                    f"{ratio:.2f}x",
+                    f"{t_xla['x'] / t[f'sat16 {level}']:.0f}x",
+                    f"{mism}/{np.asarray(nat(xj)).size}",
+                ]
+            )
+            bench_line(
+                "int8_sat16",
+                f"MLP {level} batch {batch}: exact / sat16 native",
+                t["exact"] / t[f"sat16 {level}"],
+                "qjax exact (vnni)",
+                f">= {GOAL:.2f}",
+            )
+    print(
+        table(
+            [
+                "level",
+                "batch",
+                "exact ms",
+                "sat16 native ms",
+                "sat16 XLA ms",
+                "sat16/exact",
+                "XLA/native",
+                "native!=XLA",
+            ],
+            rows,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
