@@ -154,14 +154,10 @@ def _qarray(t, key: str) -> QArray:
 
     if not isinstance(t, _torch().Tensor):
         raise TypeError(f"state_dict entry {key!r}: weight is a {type(t).__name__}, not a tensor")
-    try:
-        w = weight_qarray(t, key)
+    try:  # weight_qarray refuses bad qparams (NaN, <= 0 scales; zero points out of range)
+        return weight_qarray(t, f"state_dict entry {key!r}")
     except NotImplementedError as e:
-        raise ValueError(f"state_dict entry {key!r}: unsupported quantized tensor ({e})") from None
-    # torch builds quantized tensors with any scale (NaN, <= 0): refuse them here, with the
-    # check every qjax loader uses, on the float32 values qjax computes with
-    check_qparam_values(w.qparams, f"state_dict entry {key!r}: weight")
-    return w
+        raise ValueError(f"unsupported quantized tensor: {e}") from None
 
 
 def _bias(b, key: str) -> np.ndarray:

@@ -71,7 +71,9 @@ def _unary(ctx, node, op, target, f, *, scheme=None, out=None):
 
 def h_quantize(ctx, node, mod=None):
     if mod is not None:  # nnq.Quantize
-        qp = act_qparams(mod.scale.item(), mod.zero_point.item(), mod.dtype)
+        qp = act_qparams(
+            mod.scale.item(), mod.zero_point.item(), mod.dtype, f"layer {node.target!r} input"
+        )
         src = node.args[0]
         target = "torch.ao.nn.quantized.Quantize"
     else:
@@ -81,7 +83,7 @@ def h_quantize(ctx, node, mod=None):
         sc, zp, dt = (
             pick(a, kw, [("scale", None), ("zero_point", None), ("dtype", None)])
         ).values()
-        qp = act_qparams(float(sc), int(zp), dt)
+        qp = act_qparams(float(sc), int(zp), dt, "input")
         src = node.args[0]
         target = "torch.quantize_per_tensor"
     cl = ctx.cl.get(src.name, False)
@@ -117,7 +119,7 @@ def h_linear(ctx, node, mod):
     scheme, acc = ctx.engine.linear, ctx.engine.linear_accumulate
     kernel = linear_kernel(ctx.kernel, acc)
     pw = K.prepare_linear(w, name=_layer_name(node), kernel=kernel)
-    out = act_qparams(mod.scale, mod.zero_point, torch.quint8)
+    out = act_qparams(mod.scale, mod.zero_point, torch.quint8, f"{where} output")
     src = node.args[0]
     cl = ctx.cl.get(src.name, False)
     act = "relu" if relu else None
@@ -131,7 +133,7 @@ def h_linear(ctx, node, mod):
         "linear", type(mod).__module__ + "." + type(mod).__name__, scheme, w.qparams, out,
         {"activation": act, "accumulate": acc, "kernel": kernel},
     )  # fmt: skip
-    return _step(ctx, node, f, [src.name], params=(pw, bias_array(mod.bias())), layer=layer)
+    return _step(ctx, node, f, [src.name], params=(pw, bias_array(mod.bias(), where)), layer=layer)
 
 
 def h_conv(ctx, node, mod):
@@ -154,7 +156,7 @@ def h_conv(ctx, node, mod):
         w, name=name, groups=mod.groups, weight_layout="OIHW" if nsp == 2 else "OIW",
         kernel=kernel,
     )  # fmt: skip
-    out = act_qparams(mod.scale, mod.zero_point, torch.quint8)
+    out = act_qparams(mod.scale, mod.zero_point, torch.quint8, f"layer {name!r} output")
     src = node.args[0]
     cl = ctx.cl.get(src.name, False)
     layout = ("NHWC" if nsp == 2 else "NWC") if cl else ("NCHW" if nsp == 2 else "NCW")
@@ -171,7 +173,8 @@ def h_conv(ctx, node, mod):
         f"conv{nsp}d", type(mod).__module__ + "." + type(mod).__name__, scheme, w.qparams, out,
         {k: v for k, v in opts.items() if k not in ("layout", "scheme")} | {"kernel": kernel},
     )  # fmt: skip
-    return _step(ctx, node, f, [src.name], params=(pw, bias_array(mod.bias())), layer=layer)
+    params = (pw, bias_array(mod.bias(), f"layer {name!r}"))
+    return _step(ctx, node, f, [src.name], params=params, layer=layer)
 
 
 def h_identity(ctx, node, mod=None):

@@ -17,6 +17,7 @@ import torch
 from torch import fx
 
 from qjax import QArray, QParams, QuantSpec
+from qjax._spec import check_qparam_values
 
 __all__ = [
     "Ref",
@@ -49,14 +50,27 @@ def relayout(v, src: bool, dst: bool):
     return QArray(vals, v.qparams)
 
 
-def act_qparams(scale, zero_point, dtype) -> QParams:
-    """Per-tensor activation qparams of a torch ``quint8``/``qint8`` tensor (f32 scale)."""
+def _checked(scale, zero_point, spec: QuantSpec, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """float32 scales and int32 zero points, checked as every qjax loader checks qparams
+    (:func:`qjax._spec.check_qparam_values`: scale finite and > 0 after the float32 cast,
+    zero point in the spec's range, before the int32 cast that would wrap a large one);
+    torch keeps NaN, zero or negative scales and out-of-range zero points in a module."""
+    with np.errstate(over="ignore"):  # a float64 scale beyond float32 becomes inf: refused
+        s = np.asarray(scale, np.float64).astype(np.float32)
+    z = np.asarray(zero_point)
+    check_qparam_values(QParams.tree_unflatten(spec, (s, z)), what)
+    return s, z.astype(np.int32)
+
+
+def act_qparams(scale, zero_point, dtype, where: str = "output") -> QParams:
+    """Per-tensor activation qparams of a torch ``quint8``/``qint8`` tensor (f32 scale),
+    checked (``ValueError`` naming ``where``: NaN, zero or negative scale, zero point out
+    of the dtype's range)."""
     if dtype not in (torch.quint8, torch.qint8):
         raise NotImplementedError(f"activation dtype {dtype} (only quint8 and qint8)")
     spec = QuantSpec(signed=dtype == torch.qint8)
-    return QParams(
-        device_array(float(scale), np.float32), device_array(int(zero_point), np.int32), spec
-    )
+    s, z = _checked(float(scale), int(zero_point), spec, f"{where} qparams")
+    return QParams(device_array(s, np.float32), device_array(z, np.int32), spec)
 
 
 def qparams_of(t: torch.Tensor) -> QParams:
@@ -75,26 +89,34 @@ def weight_qarray(w: torch.Tensor, where: str, *, transpose: bool = False) -> QA
     vals = device_array(vals.T if transpose else vals, np.int8)
     axis = 1 if transpose else 0
     if w.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-        qp = QParams(
-            device_array(w.q_scale(), np.float32),
-            device_array(w.q_zero_point(), np.int32),
-            QuantSpec(signed=True),
-        )
+        spec = QuantSpec(signed=True)
+        s, z = _checked(w.q_scale(), w.q_zero_point(), spec, f"{where}: weight")
+        qp = QParams(device_array(s, np.float32), device_array(z, np.int32), spec)
     elif w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
         if w.q_per_channel_axis() != 0:
             raise NotImplementedError(f"{where}: per-channel weight axis {w.q_per_channel_axis()}")
-        qp = QParams(
-            device_array(w.q_per_channel_scales().numpy(), np.float32),
-            device_array(w.q_per_channel_zero_points().numpy(), np.int32),
-            QuantSpec(signed=True, axis=axis),
+        spec = QuantSpec(signed=True, axis=axis)
+        s, z = _checked(
+            w.q_per_channel_scales().numpy(),
+            w.q_per_channel_zero_points().numpy(),
+            spec,
+            f"{where}: weight",
         )
+        qp = QParams(device_array(s, np.float32), device_array(z, np.int32), spec)
     else:
         raise NotImplementedError(f"{where}: weight qscheme {w.qscheme()}")
     return QArray(vals, qp)
 
 
-def bias_array(b) -> Any:
-    return None if b is None else device_array(b.detach().numpy(), np.float32)
+def bias_array(b, where: str = "layer") -> Any:
+    """A quantized layer's float bias on the device; ``ValueError`` naming ``where`` if
+    any entry is NaN or infinite."""
+    if b is None:
+        return None
+    a = b.detach().numpy()
+    if not np.isfinite(a).all():
+        raise ValueError(f"{where}: bias must be finite, got {a[~np.isfinite(a)].reshape(-1)[0]}")
+    return device_array(a, np.float32)
 
 
 # ---------------------------------------------------------------------------------------

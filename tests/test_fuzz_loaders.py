@@ -325,7 +325,7 @@ def state_dict_case(tmp_path_factory):
 NAN, INF = float("nan"), float("inf")
 SD_SCALE_BAD = [NAN, INF, -INF, 0.0, -1.0, 1e300, -1e-300]
 SD_ZP_BAD = [700, -1, 256, 2**40, -(2**40)]  # quint8 activations: 0..255
-SD_WEIGHT_ZP_BAD = [700, 128, -129, 2**40]  # qint8 weights: -128..127 (-1 is a valid zp)
+SD_WEIGHT_ZP_BAD = [700, 128, -129, 2**32 + 3, 2**40]  # qint8 weights: -128..127 (-1 is valid)
 SD_TYPE_BAD = [
     "x",
     None,
