@@ -168,6 +168,11 @@ def load_model(path: str, *, definition: str | None = None, trusted: bool = Fals
     ValueError: MODEL '/nonexistent.pt' does not exist
     """
     file = pathlib.Path(path)
+    if file.is_dir():
+        raise ValueError(
+            f"MODEL {path!r} is a directory; pass a saved model file (a state_dict .pt, "
+            "a TorchScript archive or a torch.export .pt2)"
+        )
     if not file.is_file():
         raise ValueError(f"MODEL {path!r} does not exist")
     import torch

@@ -22,11 +22,18 @@ __all__ = ["add_debug_parser", "load_target", "run_debug"]
 
 def add_debug_parser(sub) -> None:
     """The ``debug`` subcommand's arguments on an argparse subparsers object."""
-    p = sub.add_parser("debug", help="debugging views of a quantized Flax model (tables, plots)")
+    p = sub.add_parser(
+        "debug",
+        help="debugging views of a quantized Flax model (tables, plots)",
+        description="Debugging views of a quantized Flax model. Imports and runs TARGET: "
+        "your own Python file or module is executed (like 'python FILE.py'), with your "
+        "permissions; pass only code you trust.",
+    )
     p.add_argument(
         "target",
         metavar="TARGET",
-        help="FILE.py:FUNCTION or MODULE:FUNCTION returning (model, x) or (model, x, y)",
+        help="FILE.py:FUNCTION or MODULE:FUNCTION returning (model, x) or (model, x, y); "
+        "the file or module is imported and runs as Python code",
     )
     p.add_argument("--out", default="qjax-debug", help="folder for the plots (default qjax-debug/)")
     p.add_argument(

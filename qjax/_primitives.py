@@ -200,6 +200,11 @@ def fake_quant(
 
 
 def _check_float(x, fn: str) -> None:
+    if isinstance(x, (list, tuple)):  # as jax.numpy functions do: no implicit conversion
+        raise TypeError(
+            f"{fn} requires an array or a scalar, got a {type(x).__name__}; "
+            f"pass jnp.asarray(x, jnp.float32)"
+        )
     dt = jnp.result_type(x)
     if not jnp.issubdtype(dt, jnp.floating):
         raise TypeError(
