@@ -70,6 +70,7 @@ from qjax.kernels._levels import engine as engine_at
 
 from . import _torch_ops as ops
 from ._program import Layer, Program, Step
+from ._torch_values import act_qparams
 
 __all__ = ["ENGINES", "Engine", "import_model", "torch_trace"]
 
@@ -286,6 +287,7 @@ def import_model(
     eng = engine_at(engine, isa)
     wish = resolve_kernel(kernel, "qjax.converters.torch.import_model")
     gm = _graph_module(model)
+    _check_module_qparams(gm)  # before torch runs the model (it fails late, or not at all)
     inputs = _torch_inputs(_as_tuple(example_inputs))
     ctx = _Ctx(gm, eng, _record(gm, inputs), wish)
     steps: list[Step] = []
@@ -312,6 +314,19 @@ def import_model(
     program = Program(steps, input_names, output, engine=eng.name, level=eng.level)
     program.kernels = kernels_of(program.params)
     return program
+
+
+def _check_module_qparams(gm) -> None:
+    """Every quantized module's output qparams (``scale``, ``zero_point``), checked as every
+    loader checks qparams (``ValueError`` naming the layer)."""
+    for name, mod in gm.named_modules():
+        scale, zp = getattr(mod, "scale", None), getattr(mod, "zero_point", None)
+        if scale is None or zp is None or isinstance(scale, torch.nn.Module):
+            continue
+        dtype = getattr(mod, "dtype", torch.quint8)
+        side = "input" if isinstance(mod, torch.ao.nn.quantized.Quantize) else "output"
+        if dtype in (torch.quint8, torch.qint8):
+            act_qparams(scale, zp, dtype, where=f"layer {name!r} {side}")
 
 
 def torch_trace(model, *inputs) -> dict[str, QArray]:
