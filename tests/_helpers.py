@@ -48,3 +48,33 @@ def run_script(script: str, *, marker: str, host_devices: int | None = None, env
     )
     assert proc.returncode == 0 and marker in proc.stdout, proc.stdout + proc.stderr
     return proc.stdout
+
+
+def saved_served_cnn(directory):
+    """A small served CNN (quant, conv, ReLU, max pool, avg pool, flatten, linear), saved
+    to ``directory/cnn.safetensors``: ``(path, served, xs)`` with two calibration batches."""
+    import jax
+    from flax import nnx
+
+    import qjax
+    from qjax.flax import default_qat_qconfig
+    from qjax.flax import nnx as qnnx
+
+    cfg = default_qat_qconfig("x86").replace(quantize_input=True, scheme="fbgemm")
+    r = nnx.Rngs(0)
+    model = nnx.Sequential(
+        qnnx.QuantStub(cfg),
+        qnnx.QuantConv(1, 2, (3, 3), config=cfg, rngs=r),
+        nnx.relu,
+        qnnx.MaxPool((2, 2)),
+        qnnx.AvgPool((1, 1)),
+        qnnx.Flatten(),
+        qnnx.QuantLinear(2 * 4 * 4, 3, config=cfg, rngs=r),
+        qnnx.DeQuantStub(),
+    )
+    xs = [jax.random.normal(jax.random.key(i), (4, 8, 8, 1)) for i in range(2)]
+    qnnx.calibrate(model, xs, progress=False)
+    served = qjax.convert(model, xs[0])
+    path = directory / "cnn.safetensors"
+    qjax.save_served(path, served)
+    return path, served, xs

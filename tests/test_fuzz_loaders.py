@@ -31,6 +31,7 @@ import pathlib
 import jax
 import numpy as np
 import pytest
+from _helpers import saved_served_cnn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_served_validation import _read, _write
@@ -86,28 +87,8 @@ def _refused(e: Exception) -> bool:
 
 @pytest.fixture(scope="module")
 def served_file(tmp_path_factory):
-    from flax import nnx
-
-    from qjax.flax import default_qat_qconfig
-    from qjax.flax import nnx as qnnx
-
-    cfg = default_qat_qconfig("x86").replace(quantize_input=True, scheme="fbgemm")
-    r = nnx.Rngs(0)
-    model = nnx.Sequential(
-        qnnx.QuantStub(cfg),
-        qnnx.QuantConv(1, 2, (3, 3), config=cfg, rngs=r),
-        nnx.relu,
-        qnnx.MaxPool((2, 2)),
-        qnnx.AvgPool((1, 1)),
-        qnnx.Flatten(),
-        qnnx.QuantLinear(2 * 4 * 4, 3, config=cfg, rngs=r),
-        qnnx.DeQuantStub(),
-    )
-    xs = [jax.random.normal(jax.random.key(i), (4, 8, 8, 1)) for i in range(2)]
-    qnnx.calibrate(model, xs, progress=False)
-    served = qjax.convert(model, xs[0])
     d = tmp_path_factory.mktemp("fuzz_served")
-    qjax.save_served(d / "cnn.safetensors", served)
+    _, served, xs = saved_served_cnn(d)
     meta, tensors = _read(d / "cnn.safetensors")
     return d, meta, tensors, np.asarray(xs[1]), np.asarray(served(xs[1]))
 

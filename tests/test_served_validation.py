@@ -7,35 +7,16 @@ small converted CNN (conv, ReLU, max pool, avg pool, flatten, linear) and then e
 import json
 import math
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
+from _helpers import saved_served_cnn
 
 import qjax
-from qjax.flax import default_qat_qconfig
-from qjax.flax import nnx as qnnx
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    cfg = default_qat_qconfig("x86").replace(quantize_input=True, scheme="fbgemm")
-    r = nnx.Rngs(0)
-    model = nnx.Sequential(
-        qnnx.QuantStub(cfg),
-        qnnx.QuantConv(1, 2, (3, 3), config=cfg, rngs=r),
-        nnx.relu,
-        qnnx.MaxPool((2, 2)),
-        qnnx.AvgPool((1, 1)),
-        qnnx.Flatten(),
-        qnnx.QuantLinear(2 * 4 * 4, 3, config=cfg, rngs=r),
-        qnnx.DeQuantStub(),
-    )
-    xs = [jax.random.normal(jax.random.key(i), (4, 8, 8, 1)) for i in range(2)]
-    qnnx.calibrate(model, xs, progress=False)
-    served = qjax.convert(model, xs[0])
-    path = tmp_path_factory.mktemp("served") / "cnn.safetensors"
-    qjax.save_served(path, served)
+    path, served, xs = saved_served_cnn(tmp_path_factory.mktemp("served"))
     return path, xs[1], served(xs[1])
 
 

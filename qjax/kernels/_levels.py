@@ -61,6 +61,7 @@ import platform
 
 __all__ = [
     "ENGINE_NAMES",
+    "cpu_flags",
     "LEVELS",
     "TORCH_ENGINES",
     "Engine",
@@ -101,7 +102,13 @@ _ONEDNN_SWITCH = {
 _ATEN_SWITCH = {"AVX2": "avx2"}
 
 
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them in ``/proc/cpuinfo`` (empty elsewhere):
+    what torch's cpuinfo reads, and what the native kernels check before they build.
+
+    >>> isinstance(cpu_flags(), frozenset)
+    True
+    """
     try:
         text = pathlib.Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -143,7 +150,7 @@ def host_level(environ=None, flags=None) -> str | None:
     if flags is None:
         if platform.machine().lower() not in ("x86_64", "amd64"):
             return None
-        flags = _cpu_flags()
+        flags = cpu_flags()
     env = os.environ if environ is None else environ
     level = _hardware_level(flags)
     if level is None:
@@ -327,6 +334,6 @@ def engine(name: str, isa: str | None = None) -> Engine:
         _check_level(isa)
         routed = isa in ("vnni", "amx")
     else:  # torch routes by the CPU flags, whatever its switches say
-        routed = _hardware_level(_cpu_flags()) in ("vnni", "amx", None)
+        routed = _hardware_level(cpu_flags()) in ("vnni", "amx", None)
     level = None if name in _LEVEL_FREE else (isa or host_level() or "vnni")
     return Engine(name, level, *_SCHEMES[name], x86_conv_onednn=routed)

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .._levels import cpu_flags
 from . import _build
 from ._fused import (
     FUSED_SCHEMES,
@@ -92,17 +93,6 @@ TILE_K = 64  # int8 values of K per AMX tile row
 TILE_N = 16  # int32 output columns per AMX tile
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 _LIB = None  # the loaded library once the probe succeeded
 
 
@@ -120,7 +110,7 @@ def _probe() -> tuple[bool, str]:
     machine = platform.machine().lower()
     if machine not in ("x86_64", "amd64") or platform.system() != "Linux":
         return False, f"not x86-64 Linux ({platform.system()} {platform.machine()})"
-    flags = _cpu_flags()
+    flags = cpu_flags()
     missing = [f for f in ("amx_tile", "amx_int8") if f not in flags]
     if missing:
         return False, f"CPU lacks {' and '.join(missing)} (/proc/cpuinfo flags)"

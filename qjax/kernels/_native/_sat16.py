@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .._levels import cpu_flags
 from . import _build
 
 __all__ = [
@@ -57,23 +58,12 @@ THREADS = 2
 _LIB = None
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 @functools.cache
 def _probe() -> tuple[bool, str]:
     machine = platform.machine().lower()
     if machine not in ("x86_64", "amd64") or platform.system() != "Linux":
         return False, f"not x86-64 Linux ({platform.system()} {platform.machine()})"
-    if "avx2" not in _cpu_flags():
+    if "avx2" not in cpu_flags():
         return False, "CPU lacks avx2 (/proc/cpuinfo flags)"
     try:
         path = _build.build(_build.SAT16)
