@@ -574,8 +574,16 @@ def save_served(path: str | os.PathLike, served: ServedModel) -> None:
     >>> p = os.path.join(tempfile.mkdtemp(), "m.safetensors")
     >>> save_served(p, m); load_served(p)(jnp.array([[0.3, 1.0, -9.0]]))
     Array([[ 0.5,  1. , -9. ]], dtype=float32)
+
+    The write is atomic: the bytes go to a hidden temporary file in the target's folder,
+    which is renamed over the target once complete, so a reader never sees half a file.
+    The file gets the mode of any new file (``0o666`` less the umask), a symlink is
+    followed (its target is written, the link stays), and an exception or
+    ``KeyboardInterrupt`` during the write removes the temporary file; a process killed
+    outright (``kill -9``, power loss) can leave a ``.<name>.*.tmp`` file behind. An
+    ``OSError`` (e.g. ``PermissionError``) names ``path``.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     if not isinstance(served, ServedModel):
         raise TypeError(f"save_served: expected a ServedModel, got {type(served).__name__}")
@@ -590,7 +598,36 @@ def save_served(path: str | os.PathLike, served: ServedModel) -> None:
         "params": params,
         "input_shape": list(served.input_shape),
     }
-    save_file(tensors, os.fspath(path), metadata={"qjax": json.dumps(meta)})
+    _write_atomic(os.fspath(path), save(tensors, metadata={"qjax": json.dumps(meta)}))
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    """``data`` to ``path`` through a temporary file in the same folder and a rename
+    (see :func:`save_served`)."""
+    import tempfile
+
+    target = os.path.realpath(path)  # a symlink: write its target, keep the link
+    folder, name = os.path.split(target)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; follow the umask
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        tmp = None
+    except OSError as e:
+        raise type(e)(e.errno, f"save_served: cannot write {path!r} ({e.strerror or e})") from e
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def load_served(path: str | os.PathLike, *, kernel: str = "xla") -> ServedModel:
@@ -610,6 +647,12 @@ def load_served(path: str | os.PathLike, *, kernel: str = "xla") -> ServedModel:
     wish = resolve_kernel(kernel, "qjax.load_served")
     path = os.fspath(path)
     where = f"load_served: {path!r}"
+    try:  # safetensors reports an unreadable file as 'No such file or directory'
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        why = "permission denied" if isinstance(e, PermissionError) else (e.strerror or e)
+        raise ValueError(f"load_served: cannot read {path!r} ({why})") from None
     try:
         with safe_open(path, framework="np") as f:
             text = (f.metadata() or {}).get("qjax")
