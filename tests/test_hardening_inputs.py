@@ -52,3 +52,37 @@ def test_debug_help_says_it_runs_the_users_file(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "your own Python file or module is executed" in out, out
     assert "pass only code you trust" in out
+
+
+def test_linen_wrong_input_features_name_the_layer():
+    """Linen layers size the kernel from the first input; a later input of another feature
+    size is the NNX layers' ValueError (was flax's ScopeParamShapeError)."""
+    import flax.linen as nn
+    import jax
+
+    from qjax.flax import linen as ql
+
+    cfg = default_qat_qconfig("x86")
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return ql.QuantDense(2, config=cfg, name="fc1")(x)
+
+    cases = [
+        (Net(), (4, 3), (4, 5), "fc1", 5, 3, "(3, 2)"),
+        (ql.QuantDense(2, config=cfg), (4, 3), (4, 5), "<root>", 5, 3, "(3, 2)"),
+        (ql.QuantConv(2, (3, 3), config=cfg), (1, 6, 6, 3), (1, 6, 6, 4), "<root>", 4, 3,
+         "(3, 3, 3, 2)"),
+        (ql.QuantConvBn(2, (3, 3), config=cfg), (1, 6, 6, 3), (1, 6, 6, 1), "<root>", 1, 3,
+         "(3, 3, 3, 2)"),
+    ]  # fmt: skip
+    for layer, good, bad, name, got, want, kshape in cases:
+        v = layer.init(jax.random.key(0), jnp.ones(good))
+        msg = (
+            f"{name}: the input has {got} features (shape {bad}), the layer takes "
+            f"in_features={want} (kernel shape {kshape})"
+        )
+        with pytest.raises(ValueError, match="^" + re.escape(msg)):
+            layer.apply(v, jnp.ones(bad), mutable=["quant_stats", "batch_stats"])
+        layer.apply(v, jnp.ones(good), mutable=["quant_stats", "batch_stats"])  # still works

@@ -79,6 +79,19 @@ def promote_operands(x, kernel, name: str = "layer"):
     return x.astype(dt), kernel.astype(dt)
 
 
+def check_features(x, kernel, name: str) -> None:
+    """The input's last axis against the kernel's ``in_features`` (a static shape check:
+    the error names the layer instead of ``dot_general``/``conv_general_dilated`` or
+    flax's ``ScopeParamShapeError``; the NNX and Linen layers share it)."""
+    shape, k = jnp.shape(x), kernel.shape
+    if not shape or shape[-1] != k[-2]:
+        n = shape[-1] if shape else "no"
+        raise ValueError(
+            f"{name}: the input has {n} features (shape {tuple(shape)}), the layer takes "
+            f"in_features={k[-2]} (kernel shape {tuple(k)})"
+        )
+
+
 def init_tensor_stats(spec: QuantSpec | None, factory, compat, shape) -> Any:
     """Observer state for a tensor of ``shape`` (``None`` when ``spec`` is ``None``).
 

@@ -68,6 +68,14 @@ def _check_config(module: nn.Module, config) -> None:
         )
 
 
+def _check_existing_kernel(module: nn.Module, x) -> None:
+    """Once initialized, the input's features must match the stored kernel's (a ValueError
+    naming the layer and both shapes, as the NNX layers; not flax's shape error)."""
+    if module.has_variable("params", "kernel"):
+        kernel = nn.meta.unbox(module.get_variable("params", "kernel"))
+        _core.check_features(x, kernel, _path(module))
+
+
 def _stats_variable(module: nn.Module, init_fn):
     return module.variable(COLLECTION, "stats", init_fn)
 
@@ -251,6 +259,7 @@ class QuantDense(nn.Module):
         _check_config(self, self.config)
         mode = as_mode(self.mode if mode is None else mode)
         kshape = (jnp.shape(x)[-1], self.features)
+        _check_existing_kernel(self, x)
         kernel = self.param("kernel", self.kernel_init, kshape, jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         var = _stats_variable(self, lambda: _core.init_layer_stats(self.config, kshape))
@@ -312,6 +321,7 @@ class QuantConv(nn.Module):
         ks = tuple(self.kernel_size)
         kshape = ks + (jnp.shape(x)[-1], self.features)
         strides = (self.strides,) * len(ks) if isinstance(self.strides, int) else self.strides
+        _check_existing_kernel(self, x)
         kernel = self.param("kernel", self.kernel_init, kshape, jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         var = _stats_variable(self, lambda: _core.init_layer_stats(self.config, kshape))
@@ -397,6 +407,7 @@ class QuantConvBn(nn.Module):
         ks = tuple(self.kernel_size)
         kshape = ks + (jnp.shape(x)[-1], self.features)
         f = (self.features,)
+        _check_existing_kernel(self, x)
         kernel = self.param("kernel", self.kernel_init, kshape, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), f) if self.use_bias else None
         gamma = self.param("bn_scale", nn.initializers.ones_init(), f)

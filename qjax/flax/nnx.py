@@ -269,7 +269,7 @@ class QuantLinear(_QuantModule):
         self._setup(config, mode, _core.init_layer_stats(config, kshape), name)
 
     def __call__(self, x):
-        _check_features(x, self.kernel, self.name)
+        _core.check_features(x, self.kernel, self.name)
         x, kernel = _core.promote_operands(x, self.kernel[...], self.name)
         y, st = _core.quantized_op(
             lax.dot_general,
@@ -333,7 +333,7 @@ class QuantConv(_QuantModule):
         self._setup(config, mode, _core.init_layer_stats(config, kshape), name)
 
     def __call__(self, x):
-        _check_features(x, self.kernel, self.name)
+        _core.check_features(x, self.kernel, self.name)
         x, kernel = _core.promote_operands(x, self.kernel[...], self.name)
         kw = _conv_kwargs(x.ndim, self.strides, self.padding)
         y, st = _core.quantized_op(
@@ -356,18 +356,6 @@ class QuantConv(_QuantModule):
             y, x, kernel, bias, st, self.config, self.mode, self.fake_quant, kind="conv",
             conv_kwargs=kw, name=self.name,
         )  # fmt: skip
-
-
-def _check_features(x, kernel, name: str) -> None:
-    """The input's last axis against the kernel's ``in_features`` (a static shape check:
-    the error names the layer instead of ``dot_general``/``conv_general_dilated``)."""
-    shape, k = jnp.shape(x), kernel.shape
-    if not shape or shape[-1] != k[-2]:
-        n = shape[-1] if shape else "no"
-        raise ValueError(
-            f"{name}: the input has {n} features (shape {tuple(shape)}), the layer takes "
-            f"in_features={k[-2]} (kernel shape {tuple(k)})"
-        )
 
 
 def _conv_kwargs(ndim: int, strides, padding) -> dict:
@@ -440,7 +428,7 @@ class QuantConvBn(_QuantModule):
 
     def __call__(self, x, use_running_average: bool | None = None):
         ura = self.use_running_average if use_running_average is None else use_running_average
-        _check_features(x, self.kernel, self.name)
+        _core.check_features(x, self.kernel, self.name)
         x, kernel = _core.promote_operands(x, self.kernel[...], self.name)
         y, st, mean, var = _convbn.conv_bn(
             x,
