@@ -397,3 +397,69 @@ def test_damaged_files_and_wrong_shapes_are_errors_not_tracebacks(saved, tmp_pat
             assert rc == 2, (command, label, rc, out, err)
             assert err.startswith(f"qjax {command}: error: "), (label, err)
             assert "Traceback" not in err, (label, err)
+
+
+def _rewrite_zip(src, dst, edit):
+    """Copy the zip archive ``src`` to ``dst`` with ``edit(name, bytes)`` applied to each
+    member (None drops it)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = edit(info.filename, zin.read(info.filename))
+            if data is not None:
+                zout.writestr(info, data)
+
+
+def _break_pt2_signature(name, data):
+    """The first user output renamed to the first user input: torch.export.load's verifier
+    raises SpecViolationError ('User output ... is not in the correct order ...')."""
+    if not name.endswith("models/model.json"):
+        return data
+    model = json.loads(data)
+    sig = model["graph_module"]["signature"]
+    first_in = next(s["user_input"]["arg"] for s in sig["input_specs"] if "user_input" in s)
+    out = next(s["user_output"] for s in sig["output_specs"] if "user_output" in s)
+    out["arg"] = first_in
+    return json.dumps(model).encode()
+
+
+def _break_torchscript_code(name, data):
+    """TorchScript's Python source in the archive made unparsable (torch.jit.load's
+    RuntimeError), the rest of the archive intact."""
+    return b"def forward(self, (:\n" if name.endswith(".py") and "/code/" in name else data
+
+
+@pytest.mark.parametrize("command", ["parity", "inspect"])
+def test_broken_trusted_archives_are_errors_not_tracebacks(saved, tmp_path, capsys, command):
+    """Trusted .pt2 failing torch's checks (SpecViolationError) and a TorchScript archive
+    whose code does not parse: exit 2 with one ``qjax X: error:`` line naming the file."""
+    import torch
+    from torch._export.verifier import SpecViolationError
+
+    from qjax._cli_model import _register_quantized_decomposed
+
+    _register_quantized_decomposed()  # the ops the quantized program uses
+    bad_pt2 = tmp_path / "spec_violation.pt2"
+    _rewrite_zip(saved / "net.pt2", bad_pt2, _break_pt2_signature)
+    with pytest.raises(SpecViolationError):  # the case is what it says
+        torch.export.load(str(bad_pt2))
+    bad_ts = tmp_path / "broken_script.pt"
+    _rewrite_zip(saved / "net_script.pt", bad_ts, _break_torchscript_code)
+    with pytest.raises(RuntimeError):
+        torch.jit.load(str(bad_ts))
+    defn = ("--definition", f"{saved / 'defs.py'}:converted")
+    cases = {
+        "SpecViolationError": (bad_pt2, "torch.export.load failed (SpecViolationError"),
+        "TorchScript": (bad_ts, "torch.jit.load failed ("),
+    }
+    for label, (path, why) in cases.items():
+        try:
+            rc, out, err = _run(
+                capsys, command, path, "--trusted", *defn, "--input-shape", "1,3,6,6"
+            )
+        except Exception as e:  # a raw traceback is what this test forbids
+            pytest.fail(f"{command} {label}: raised {type(e).__name__}: {e}")
+        assert rc == 2, (label, rc, out, err)
+        assert err.startswith(f"qjax {command}: error: {str(path)!r}: {why}"), (label, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (label, err)
