@@ -281,8 +281,9 @@ def import_model(
     True
     >>> list(program.trace(x))
     ['_0', '_1']
-    >>> program.kernels
-    {'_1': 'xla'}
+    >>> from qjax.kernels import host_level
+    >>> program.level == host_level(), list(program.kernels)  # this CPU's level
+    (True, ['_1'])
     """
     eng = engine_at(engine, isa)
     wish = resolve_kernel(kernel, "qjax.converters.torch.import_model")
