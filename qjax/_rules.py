@@ -47,15 +47,13 @@ import numpy as np
 
 from ._qarray import QArray
 from ._spec import QParams
+from .kernels._levels import SATURATING_ENGINES, SATURATING_LEVELS
 
 __all__ = ["RULES", "Cause", "LayerEvidence", "diagnose"]
 
 Strength = Literal["confirmed", "likely", "risk"]
 ReferenceKind = Literal["torch", "fake_quant", "hand", "none"]
 
-# Engines whose int8 linear/conv run a uint8 x int8 vpmaddubsw kernel without VNNI (rule 14).
-_SATURATING_ENGINES = ("fbgemm", "x86", "fbgemm_avx2", "onednn")
-_SATURATING_LEVELS = ("avx2", "avx512")
 _ONEDNN_RATE = 1e-4  # rule 13 measures 1-2 per million; allow two orders of slack
 _I16_MAX = 2**15 - 1
 _MAX_ROWS = 4096  # rows of input used to count saturating pairs (bounded memory)
@@ -262,7 +260,7 @@ def int16_saturation(ev: LayerEvidence) -> Cause | None:
         return None
     if ev.compared and ev.level is not None and ev.reference_level is not None:
         return None  # both levels known: level_mismatch says it, or the levels agree
-    on_lib = ev.scheme in ("fbgemm", "onednn") or ev.engine in _SATURATING_ENGINES
+    on_lib = ev.scheme in ("fbgemm", "onednn") or ev.engine in SATURATING_ENGINES
     if not on_lib and (ev.engine is not None or ev.scheme is not None):
         return None
     x = np.asarray(ev.input_codes, np.int64)
@@ -538,11 +536,11 @@ def level_mismatch(ev: LayerEvidence) -> Cause | None:
     """
     if ev.reference_kind != "torch" or not ev.compared or ev.input_differs:
         return None
-    if not _is_weighted(ev.kind) or ev.engine not in _SATURATING_ENGINES:
+    if not _is_weighted(ev.kind) or ev.engine not in SATURATING_ENGINES:
         return None
     if ev.level is None or ev.reference_level is None:
         return None
-    if (ev.level in _SATURATING_LEVELS) == (ev.reference_level in _SATURATING_LEVELS):
+    if (ev.level in SATURATING_LEVELS) == (ev.reference_level in SATURATING_LEVELS):
         return None
     n, worst, _ = _mismatch_stats(ev)
     if n == 0:

@@ -63,6 +63,8 @@ __all__ = [
     "ENGINE_NAMES",
     "cpu_flags",
     "LEVELS",
+    "SATURATING_ENGINES",
+    "SATURATING_LEVELS",
     "TORCH_ENGINES",
     "Engine",
     "engine",
@@ -72,6 +74,13 @@ __all__ = [
 
 LEVELS = ("avx2", "avx512", "vnni", "amx")
 """CPU levels, lowest first."""
+
+SATURATING_LEVELS = ("avx2", "avx512")
+"""Levels where FBGEMM and oneDNN sum uint8 x int8 pairs in saturating int16
+(``vpmaddubsw``; no VNNI)."""
+
+SATURATING_ENGINES = ("x86", "fbgemm", "onednn", "fbgemm_avx2")
+"""Engines whose linear/conv run FBGEMM or oneDNN, so saturate at those levels."""
 
 TORCH_ENGINES = ("x86", "fbgemm", "qnnpack", "onednn")
 """torch's quantized CPU engines (``torch.backends.quantized.engine``)."""
@@ -221,7 +230,7 @@ class Engine:
     @property
     def saturates(self) -> bool:
         """Whether FBGEMM/oneDNN run ``vpmaddubsw`` (int16 pair saturation) here."""
-        return self.level in ("avx2", "avx512")
+        return self.level in SATURATING_LEVELS
 
     @property
     def linear_accumulate(self) -> str:
