@@ -101,7 +101,14 @@ class _Recorder(fx.Interpreter):
         self.values: dict[str, Any] = {}
 
     def run_node(self, n):
-        out = super().run_node(n)
+        try:
+            out = super().run_node(n)
+        except RuntimeError as e:  # torch's own failure: say which node it was
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+            raise RuntimeError(
+                f"torch failed running node {n.name!r} (op={n.op}, target="
+                f"{ops.target_name(n)}) of the model during import: {first}"
+            ) from e
         if n.op != "output":
             self.values[n.name] = out
         return out

@@ -132,3 +132,11 @@ def test_output_zero_point_700_is_refused_before_torch_runs():
     m.fc.zero_point = 700
     with pytest.raises(ValueError, match=r"layer 'fc' output qparams zero_point 700"):
         import_model(m, (X,))
+
+
+def test_torch_failure_during_import_names_the_node():
+    """torch's own RuntimeError while import_model runs the model (here: inputs with the
+    wrong channel count for the first conv) says which fx node failed."""
+    m = _converted()
+    with pytest.raises(RuntimeError, match=r"torch failed running node 'conv' \(op=call_module"):
+        import_model(m, (torch.randn(2, X.shape[1] + 1, *X.shape[2:]),))
