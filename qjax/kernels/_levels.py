@@ -18,6 +18,11 @@ switches, :func:`host_level`):
 ``"amx"``    AMX-INT8 (Sapphire Rapids and newer)
 ===========  ===================================================================
 
+Not modelled: CPUs with AVX-VNNI but no AVX-512 (some client CPUs; they count as
+``"avx2"`` here, although oneDNN may accumulate exactly on them) and torch forced below
+AVX2 (``ATEN_CPU_CAPABILITY=default``: ATen's scalar kernels, e.g. hardswish, round
+differently by 1 LSB in about 1% of codes, measured).
+
 What torch 2.13 computes (every cell measured against torch, the lower levels through
 torch's switches on a VNNI machine, :func:`level_env`; the tests re-measure each cell):
 
