@@ -34,13 +34,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import platform
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._levels import cpu_flags
 from . import _build
 from ._fused import (
     FUSED_SCHEMES,
@@ -107,21 +105,9 @@ def parallel_calls() -> int:
 
 @functools.cache
 def _probe() -> tuple[bool, str]:
-    machine = platform.machine().lower()
-    if machine not in ("x86_64", "amd64") or platform.system() != "Linux":
-        return False, f"not x86-64 Linux ({platform.system()} {platform.machine()})"
-    flags = cpu_flags()
-    missing = [f for f in ("amx_tile", "amx_int8") if f not in flags]
-    if missing:
-        return False, f"CPU lacks {' and '.join(missing)} (/proc/cpuinfo flags)"
-    try:
-        path = _build.build()
-    except _build.BuildError as e:
-        return False, str(e)
-    try:
-        lib = ctypes.CDLL(os.fspath(path))
-    except OSError as e:
-        return False, f"loading {path} failed: {e}"
+    lib, reason = _build.load(_build.AMX, ("amx_tile", "amx_int8"))
+    if lib is None:
+        return False, reason
     global _LIB
     err = lib.qjax_amx_init()
     if err != 0:
@@ -137,7 +123,7 @@ def _probe() -> tuple[bool, str]:
     jax.ffi.register_ffi_target(CONV_TARGET, jax.ffi.pycapsule(lib.QjaxAmxS8Conv2d), platform="cpu")
     lib.qjax_amx_parallel_calls.restype = ctypes.c_int64
     _LIB = lib
-    return True, f"AMX int8 GEMM ready ({path})"
+    return True, f"AMX int8 GEMM ready ({lib._name})"
 
 
 def native_status() -> tuple[bool, str]:
@@ -184,12 +170,7 @@ def require_amx(layer: str) -> None:
     >>> raised != ok  # returns None with AMX, raises naming the layer without it
     True
     """
-    ok, reason = native_status()
-    if not ok:
-        raise RuntimeError(
-            f"layer {layer!r}: kernel='amx' was requested but the native AMX kernel is "
-            f"unavailable: {reason}; use kernel='xla'"
-        )
+    _build.require(native_status(), layer, "amx", "AMX kernel")
 
 
 def pack_weight(w: jax.Array) -> jax.Array:

@@ -13,9 +13,11 @@ rename, so a reader sees either no library or a whole one.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import jax
 import jaxlib
+
+from .._levels import cpu_flags
 
 SOURCE = Path(__file__).with_name("amx_gemm.cc")
 LIB_NAME = "libqjax_amx.so"
@@ -143,3 +147,33 @@ def build(lib: Library = AMX) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def load(lib: Library, cpu_needs: tuple[str, ...]) -> tuple[ctypes.CDLL | None, str]:
+    """``(library, "")`` when this is x86-64 Linux, the CPU has every flag in
+    ``cpu_needs`` and ``lib`` builds and loads; else ``(None, reason)`` naming the first
+    failed condition. The probes of every native kernel share this one sequence."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or platform.system() != "Linux":
+        return None, f"not x86-64 Linux ({platform.system()} {platform.machine()})"
+    missing = [f for f in cpu_needs if f not in cpu_flags()]
+    if missing:
+        return None, f"CPU lacks {' and '.join(missing)} (/proc/cpuinfo flags)"
+    try:
+        path = build(lib)
+    except BuildError as e:
+        return None, str(e)
+    try:
+        return ctypes.CDLL(os.fspath(path)), ""
+    except OSError as e:
+        return None, f"loading {path} failed: {e}"
+
+
+def require(status: tuple[bool, str], layer: str, kernel: str, what: str) -> None:
+    """Raise ``RuntimeError`` naming the layer, ``kernel='...'`` and the reason when
+    ``status`` (a ``*_status()`` answer) says the native kernel cannot run."""
+    ok, reason = status
+    if not ok:
+        raise RuntimeError(
+            f"layer {layer!r}: kernel={kernel!r} was requested but the native {what} is "
+            f"unavailable: {reason}; use kernel='xla'"
+        )

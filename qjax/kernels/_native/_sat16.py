@@ -30,14 +30,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import platform
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._levels import cpu_flags
 from . import _build
 
 __all__ = [
@@ -60,24 +57,14 @@ _LIB = None
 
 @functools.cache
 def _probe() -> tuple[bool, str]:
-    machine = platform.machine().lower()
-    if machine not in ("x86_64", "amd64") or platform.system() != "Linux":
-        return False, f"not x86-64 Linux ({platform.system()} {platform.machine()})"
-    if "avx2" not in cpu_flags():
-        return False, "CPU lacks avx2 (/proc/cpuinfo flags)"
-    try:
-        path = _build.build(_build.SAT16)
-    except _build.BuildError as e:
-        return False, str(e)
-    try:
-        lib = ctypes.CDLL(os.fspath(path))
-    except OSError as e:
-        return False, f"loading {path} failed: {e}"
+    lib, reason = _build.load(_build.SAT16, ("avx2",))
+    if lib is None:
+        return False, reason
     jax.ffi.register_ffi_target(SAT16_TARGET, jax.ffi.pycapsule(lib.QjaxSat16Gemm), platform="cpu")
     lib.qjax_sat16_parallel_calls.restype = ctypes.c_int64
     global _LIB
     _LIB = lib
-    return True, f"AVX2 saturating int8 GEMM ready ({path})"
+    return True, f"AVX2 saturating int8 GEMM ready ({lib._name})"
 
 
 def sat16_status() -> tuple[bool, str]:
@@ -104,12 +91,7 @@ def parallel_calls() -> int:
 
 def require_sat16(layer: str) -> None:
     """Raise ``RuntimeError`` naming the layer and the reason if the kernel cannot run."""
-    ok, reason = sat16_status()
-    if not ok:
-        raise RuntimeError(
-            f"layer {layer!r}: kernel='sat16' was requested but the native AVX2 saturating "
-            f"kernel is unavailable: {reason}; use kernel='xla'"
-        )
+    _build.require(sat16_status(), layer, "sat16", "AVX2 saturating kernel")
 
 
 def pack_sat16_weight(w: jax.Array) -> jax.Array:
