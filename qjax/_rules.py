@@ -47,7 +47,7 @@ import numpy as np
 
 from ._qarray import QArray
 from ._spec import QParams
-from .kernels._levels import SATURATING_ENGINES, SATURATING_LEVELS
+from .kernels._levels import SATURATING_ENGINES, SATURATING_LEVELS, engine_family
 
 __all__ = ["RULES", "Cause", "LayerEvidence", "diagnose"]
 
@@ -477,8 +477,10 @@ def bias_rounding(ev: LayerEvidence) -> Cause | None:
     )
 
 
-# The torch engine a qjax engine name emulates (fbgemm_avx2 is FBGEMM on a CPU without VNNI).
-_ENGINE_FAMILY = {"fbgemm_avx2": "fbgemm"}
+def _own_torch_mismatch(ev: LayerEvidence) -> bool:
+    """A torch reference was compared and the layer's own input agrees with it (a layer
+    fed differing input inherits its difference instead)."""
+    return ev.reference_kind == "torch" and ev.compared and not ev.input_differs
 
 
 def engine_mismatch(ev: LayerEvidence) -> Cause | None:
@@ -496,13 +498,9 @@ def engine_mismatch(ev: LayerEvidence) -> Cause | None:
     >>> c.name, c.fix
     ('engine_mismatch', "import with engine='fbgemm', the engine torch ran")
     """
-    if ev.reference_kind != "torch" or not ev.compared or ev.input_differs:
+    if not _own_torch_mismatch(ev) or ev.engine is None or ev.reference_engine is None:
         return None
-    if ev.engine is None or ev.reference_engine is None:
-        return None
-    mine = _ENGINE_FAMILY.get(ev.engine, ev.engine)
-    theirs = _ENGINE_FAMILY.get(ev.reference_engine, ev.reference_engine)
-    if mine == theirs:
+    if engine_family(ev.engine) == engine_family(ev.reference_engine):
         return None
     n, worst, _ = _mismatch_stats(ev)
     if n == 0:
@@ -534,7 +532,7 @@ def level_mismatch(ev: LayerEvidence) -> Cause | None:
     >>> c.name, c.fix
     ('level_mismatch', "import with isa='avx2', the CPU level torch ran at")
     """
-    if ev.reference_kind != "torch" or not ev.compared or ev.input_differs:
+    if not _own_torch_mismatch(ev):
         return None
     if not _is_weighted(ev.kind) or ev.engine not in SATURATING_ENGINES:
         return None

@@ -73,6 +73,7 @@ __all__ = [
     "TORCH_ENGINES",
     "Engine",
     "engine",
+    "engine_family",
     "host_level",
     "level_env",
 ]
@@ -324,6 +325,15 @@ _SCHEMES = {
     "exact": ("exact", "exact", "exact", "fbgemm"),
 }
 _LEVEL_FREE = ("qnnpack", "tflite", "exact")
+
+
+def engine_family(name: str) -> str:
+    """The torch engine an engine name emulates (an alias's engine; other names as given).
+
+    >>> engine_family("fbgemm_avx2"), engine_family("x86")
+    ('fbgemm', 'x86')
+    """
+    return _ALIASES.get(name, (name,))[0]
 
 
 def engine(name: str, isa: str | None = None) -> Engine:
