@@ -65,7 +65,7 @@ from torch import fx
 
 from qjax import QArray
 from qjax._kernel_choice import kernels_of, resolve_kernel
-from qjax.kernels._levels import ENGINE_NAMES, Engine
+from qjax.kernels._levels import ENGINE_CHOICES, Engine
 from qjax.kernels._levels import engine as engine_at
 
 from . import _torch_ops as ops
@@ -75,7 +75,7 @@ from ._torch_values import act_qparams
 __all__ = ["ENGINES", "Engine", "import_model", "torch_trace"]
 
 
-ENGINES = ENGINE_NAMES + ("fbgemm_avx2",)
+ENGINES = ENGINE_CHOICES
 """Engine names :func:`import_model` accepts."""
 
 

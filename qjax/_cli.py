@@ -17,9 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .kernels._levels import ENGINE_NAMES, LEVELS
-
-ENGINES = ENGINE_NAMES + ("fbgemm_avx2",)
+from .kernels._levels import ENGINE_CHOICES as ENGINES
+from .kernels._levels import LEVELS
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

@@ -629,18 +629,5 @@ def _batched_pair_dot(x, w):
     return jax.vmap(_sat16_pair_dot)(x, w)
 
 
-def _sat16_conv_zp_term(w, zx):
-    """oneDNN's zero-point term without VNNI, ``Σ_j sat16(zp_x·w[2j] + zp_x·w[2j+1])`` per
-    output channel, over the per-tap channel pairs: it is computed with the same saturating
-    instruction as the products, so it can saturate too (zero points above 128). ``w``
-    HWIO int8; returns int32 ``(C_out,)``."""
-    cg, o = w.shape[-2], w.shape[-1]
-    wt = w.astype(jnp.int32).reshape(-1, cg, o)  # (T, Cg, O)
-    if cg % 2:
-        wt = jnp.pad(wt, ((0, 0), (0, 1), (0, 0)))
-    pair = jnp.clip(zx * (wt[:, 0::2] + wt[:, 1::2]), -(2**15), 2**15 - 1)
-    return jnp.sum(pair, axis=(0, 1))
-
-
 def _concrete(v) -> bool:
     return isinstance(v, (np.ndarray, np.generic, jax.Array)) and not isinstance(v, jax.core.Tracer)

@@ -60,11 +60,13 @@ machine follows what torch does here (``Engine.x86_conv_onednn`` from the CPU fl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import pathlib
 import platform
 
 __all__ = [
+    "ENGINE_CHOICES",
     "ENGINE_NAMES",
     "cpu_flags",
     "LEVELS",
@@ -97,6 +99,9 @@ ENGINE_NAMES = TORCH_ENGINES + ("tflite", "exact")
 
 _ALIASES = {"fbgemm_avx2": ("fbgemm", "avx2")}
 
+ENGINE_CHOICES = ENGINE_NAMES + tuple(_ALIASES)
+"""Every name :func:`engine` accepts (the names plus the aliases)."""
+
 # Each torch switch as the level it forces, by its value (upper case).
 _FBGEMM_SWITCH = {"AVX2": "avx2", "AVX512": "avx512", "AVX512_VNNI": "vnni", "AVX512_E1": "vnni"}
 _ONEDNN_SWITCH = {
@@ -117,9 +122,12 @@ _ONEDNN_SWITCH = {
 _ATEN_SWITCH = {"AVX2": "avx2"}
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as Linux lists them in ``/proc/cpuinfo`` (empty elsewhere):
     what torch's cpuinfo reads, and what the native kernels check before they build.
+    Read once per process (the CPU does not change; torch's switches are read by
+    :func:`host_level` on every call).
 
     >>> isinstance(cpu_flags(), frozenset)
     True
@@ -352,7 +360,7 @@ def engine(name: str, isa: str | None = None) -> Engine:
             raise ValueError(f"engine {name!r} is level {level!r}; got isa={isa!r}")
         name, isa = alias, level
     if name not in _SCHEMES:
-        known = sorted(ENGINE_NAMES + tuple(_ALIASES))
+        known = sorted(ENGINE_CHOICES)
         raise ValueError(f"unknown engine {name!r}; known: {known}")
     if isa is not None:
         _check_level(isa)
