@@ -655,3 +655,82 @@ def test_pool_rounding_paths_matter():
     nchw = np.asarray(avg_pool2d(xc, **kw).values).transpose(0, 2, 3, 1)
     assert (nhwc != one_path).sum() > 0
     assert (nhwc != nchw).sum() > 0
+
+
+_POOL_SUBPROCESS = r"""
+import sys
+import numpy as np
+import torch
+torch.set_num_threads(1)
+data = dict(np.load(sys.argv[1]))
+out = {}
+for ci in range(int(data["n"])):
+    q, s, z = data[f"q{ci}"], data[f"s{ci}"], data[f"z{ci}"]
+    kw = dict(kernel_size=3, stride=2, padding=1, count_include_pad=bool(ci % 2))
+    ys = []
+    for i in range(q.shape[0]):
+        t = torch._make_per_tensor_quantized_tensor(torch.from_numpy(q[i]), float(s[i]), int(z[i]))
+        t = t.contiguous(memory_format=torch.channels_last)
+        ys.append(torch.nn.functional.avg_pool2d(t, **kw).int_repr().contiguous().numpy())
+    out[f"y{ci}"] = np.stack(ys)
+np.savez(sys.argv[2], **out)
+"""
+
+
+def test_avg_pool2d_nhwc_at_lower_levels_matches_torch_forced_to_them(tmp_path):
+    """ATen's NHWC average pool takes its channel block from the vector width: torch forced
+    to each lower level (``level_env`` in a subprocess) against the table's block; the
+    other block differs (channel counts 21, 37, 45 put channels in one block only)."""
+    import os
+    import subprocess
+    import sys
+
+    from qjax.kernels import LEVELS, host_level, level_env
+
+    here = host_level()
+    if here is None:
+        pytest.skip("x86 only")
+    rng = np.random.default_rng(31)
+    shapes = [(2, 21, 8, 9), (2, 37, 13, 11), (1, 45, 9, 10), (2, 21, 8, 9)]
+    arrays = {"n": np.array(len(shapes))}
+    cases = []
+    for ci, shape in enumerate(shapes):
+        spec, q, s, z = _pool_cases(rng, shape, 24, signed=bool(ci % 2))
+        cases.append((spec, q, s, z))
+        arrays.update({f"q{ci}": q, f"s{ci}": s, f"z{ci}": z})
+    src = tmp_path / "cases.npz"
+    np.savez(src, **arrays)
+    checked = 0
+    for level in ("avx2", "avx512"):
+        if LEVELS.index(here) < LEVELS.index(level):
+            continue  # this CPU cannot run it
+        dst = tmp_path / f"{level}.npz"
+        env = dict(os.environ, OMP_NUM_THREADS="1", **level_env(level))
+        proc = subprocess.run(
+            [sys.executable, "-c", _POOL_SUBPROCESS, str(src), str(dst)],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ref = dict(np.load(dst))
+        block = qengine("fbgemm", level).avg_pool_block
+        n = mism = other_mism = 0
+        for ci, (spec, q, s, z) in enumerate(cases):
+            kw = dict(kernel_size=3, stride=2, padding=1, count_include_pad=bool(ci % 2))
+            r = ref[f"y{ci}"].astype(np.int64)
+            for b, count in ((block, "mine"), (24 - block, "other")):
+                kwj = tuple(sorted({**kw, "scheme": "fbgemm", "nhwc_block": b}.items()))
+                got = _jax_pool(jnp.asarray(q.transpose(0, 1, 3, 4, 2)), jnp.asarray(s),
+                                jnp.asarray(z, jnp.int32), fn=avg_pool2d, spec=spec,
+                                layout="NHWC", kw=kwj)  # fmt: skip
+                got = np.asarray(got).transpose(0, 1, 4, 2, 3).astype(np.int64)
+                if count == "mine":
+                    n += r.size
+                    mism += int((got != r).sum())
+                else:
+                    other_mism += int((got != r).sum())
+        print(f"\navg_pool2d NHWC at {level} (block {block}): {n} codes, {mism} mismatches; "
+              f"block {24 - block}: {other_mism} mismatches")  # fmt: skip
+        assert n > 50_000 and mism == 0
+        assert other_mism > 0  # the block matters: the check can fail
+        checked += 1
+    assert checked >= 1
