@@ -9,7 +9,7 @@ import platform
 import jax
 
 # one implementation of interleaved timing, shared with `qjax demo`
-from qjax._demo_data import interleaved as interleaved
+from qjax.demo._data import interleaved as interleaved
 
 
 def machine_line() -> str:

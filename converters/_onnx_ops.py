@@ -10,8 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qjax import QArray, QParams
 from qjax.kernels import PreparedConv, PreparedLinear
-
-from ._program import Step
+from qjax.program import Step
 
 __all__ = ["ALIASES", "HANDLERS", "STATIC", "Builder", "value_info"]
 

@@ -24,10 +24,10 @@ from torch import fx, nn
 
 from qjax import QArray
 from qjax import kernels as K
-from qjax._kernel_choice import conv_kernel, linear_kernel
+from qjax.kernels._choice import conv_kernel, linear_kernel
 from qjax.kernels._levels import fbgemm_depthwise_fast_path
+from qjax.program import Layer, Step
 
-from ._program import Layer, Step
 from ._torch_act import hardswish_aten, hardswish_table, lookup
 from ._torch_values import (
     Ref,

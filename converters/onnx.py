@@ -1,4 +1,4 @@
-"""Export a qjax int8 :class:`~qjax.converters._program.Program` as an ONNX model in QDQ form.
+"""Export a qjax int8 :class:`~qjax.program.Program` as an ONNX model in QDQ form.
 
 ``export_onnx(program, example_inputs)`` writes every step as float ONNX ops between
 ``QuantizeLinear`` / ``DequantizeLinear`` pairs (the "QDQ" format that onnxruntime and
@@ -80,8 +80,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from qjax.program import Program, Step
+
 from ._onnx_ops import ALIASES, HANDLERS, STATIC, Builder, value_info
-from ._program import Program, Step
 
 __all__ = ["export_onnx"]
 
@@ -103,7 +104,7 @@ def export_onnx(
     (float32 after a ``dequantize`` step, uint8/int8 codes otherwise).
 
     Args:
-      program: a :class:`~qjax.converters._program.Program` (e.g. from
+      program: a :class:`~qjax.program.Program` (e.g. from
         ``qjax.converters.torch.import_model``).
       example_inputs: one array per program input (a single array is taken as one
         input); run once through ``program.trace`` for the activations' qparams and shapes.
@@ -119,7 +120,7 @@ def export_onnx(
     >>> from qjax import QParams, QuantSpec
     >>> from qjax.kernels import quantize_input, relu, dequantize_output
     >>> qp = QParams(0.5, 128, QuantSpec(signed=False))
-    >>> from qjax.converters._program import Layer
+    >>> from qjax.program import Layer
     >>> p = Program(
     ...     [Step("q", lambda _, x: quantize_input(x, qp), ("x",), layer=Layer("quantize", "q")),
     ...      Step("relu", lambda _, q: relu(q), ("q",), layer=Layer("relu", "relu")),

@@ -4,7 +4,7 @@ A pt2e program is an ATen graph in which quantized tensors are explicit
 ``quantize_per_tensor -> dequantize_per_tensor`` pairs (``quantized_decomposed`` ops,
 NUMERICS.md rule 5) around float ops, and weights are int8 buffers with
 ``dequantize_per_channel`` (or ``_per_tensor``). :func:`import_pt2e` walks the graph
-node by node and returns a :class:`~qjax.converters._program.Program`:
+node by node and returns a :class:`~qjax.program.Program`:
 ``program(*inputs)`` runs it, ``program.trace(*inputs)`` returns ``{q node name:
 QArray}`` — the integer codes of every ``quantize_per_tensor`` node of the graph, named
 as in the graph (``quantize_per_tensor_default_1``, ...), ``program.layers`` what each
@@ -53,10 +53,10 @@ from torch.fx.node import Node, map_aggregate
 import qjax
 from qjax import QArray, QParams
 from qjax._float import materialize
-from qjax._kernel_choice import kernels_of, resolve_kernel
+from qjax.kernels._choice import kernels_of, resolve_kernel
+from qjax.program import Layer, Program, Step
 
 from . import _pt2e_graph as G
-from ._program import Layer, Program, Step
 from ._pt2e_float import FLOAT_OPS
 from ._pt2e_int import lower
 
@@ -109,7 +109,7 @@ class _Builder:
         self.gm = gm
         self.mode = mode
         self.scheme, self.add_scheme, self.pool_scheme = scheme, add_scheme, pool_scheme
-        self.kernel = "xla"  # "amx" or "xla" (resolved, qjax._kernel_choice)
+        self.kernel = "xla"  # "amx" or "xla" (resolved, qjax.kernels._choice)
         self.consts: dict[str, np.ndarray] = {}
         self.weights: dict[str, QArray] = {}  # dq of constant codes: the weight's QArray
         self.qparams: dict[str, QParams] = {}  # runtime q nodes
@@ -330,10 +330,10 @@ def import_pt2e(
       scheme, add_scheme, pool_scheme: schemes of the integer kernels.
       kernel: ``"xla"`` (default), ``"amx"`` or ``"auto"``: the int32 dot/conv kernel of
         the integer conv/linear steps, as in :func:`qjax.converters.torch.import_model`
-        (:mod:`qjax._kernel_choice`; grouped / dilated / 1-D convs keep XLA).
+        (:mod:`qjax.kernels._choice`; grouped / dilated / 1-D convs keep XLA).
 
     Returns:
-      a :class:`~qjax.converters._program.Program`: float32 inputs in the graph's
+      a :class:`~qjax.program.Program`: float32 inputs in the graph's
       placeholder order; output(s) as the graph returns them (one name: a single array;
       several: a tuple); ``trace`` keys are the graph's quantize node names;
       ``program.kernels`` is ``{step name: "amx" | "xla"}`` for the integer conv/linear

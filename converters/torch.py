@@ -3,7 +3,7 @@
 ``import_model(model, example_inputs, engine)`` traces the model with ``torch.fx`` (eager
 models with ``torch.fx.symbolic_trace``; FX-converted models already are GraphModules),
 maps every node to a qjax int8 kernel (:mod:`qjax.kernels`) and returns a jitted
-:class:`~qjax.converters._program.Program`: ``program(x)`` returns what the torch model
+:class:`~qjax.program.Program`: ``program(x)`` returns what the torch model
 returns (float after a ``DeQuantStub``), ``program.trace(x)`` every quantized activation
 ``{fx node name: QArray}`` in graph order, with the codes in torch's logical (NCHW)
 layout. :func:`torch_trace` gives torch's own activations under the same names.
@@ -64,12 +64,12 @@ import torch
 from torch import fx
 
 from qjax import QArray
-from qjax._kernel_choice import kernels_of, resolve_kernel
+from qjax.kernels._choice import kernels_of, resolve_kernel
 from qjax.kernels._levels import ENGINE_CHOICES, Engine
 from qjax.kernels._levels import engine as engine_at
+from qjax.program import Layer, Program, Step
 
 from . import _torch_ops as ops
-from ._program import Layer, Program, Step
 from ._torch_values import act_qparams
 
 __all__ = ["ENGINES", "Engine", "import_model", "torch_trace"]
@@ -165,7 +165,7 @@ class _Ctx:
     def __init__(self, gm, engine: Engine, values, kernel: str = "xla"):
         self.gm = gm
         self.engine = engine
-        self.kernel = kernel  # "amx", "xla" or "default", resolved (qjax._kernel_choice)
+        self.kernel = kernel  # "amx", "xla" or "default", resolved (qjax.kernels._choice)
         self.values = values
         self.modules = dict(gm.named_modules())
         self.consts: dict[str, Any] = {}
@@ -254,7 +254,7 @@ def import_model(
       isa: the CPU level torch ran at: ``None`` (this machine's, as torch detects it,
         :func:`qjax.kernels.host_level`), ``"avx2"``, ``"avx512"``, ``"vnni"`` or
         ``"amx"`` (:mod:`qjax.kernels._levels`).
-      kernel: the int32 dot/conv kernel (:mod:`qjax._kernel_choice`): ``None``
+      kernel: the int32 dot/conv kernel (:mod:`qjax.kernels._choice`): ``None``
         (default: XLA for exactly accumulated layers; the layers that saturate int16
         pairs, at levels without VNNI (``isa="avx2"``/``"avx512"``, engine
         ``fbgemm_avx2``, FBGEMM's depthwise 3x3 path), on the native AVX2 ``"sat16"``
@@ -268,7 +268,7 @@ def import_model(
         is refused; import with ``kernel="xla"`` to export).
 
     Returns:
-      a :class:`~qjax.converters._program.Program` with ``__call__``, ``trace``,
+      a :class:`~qjax.program.Program` with ``__call__``, ``trace``,
       ``layers``, ``engine`` / ``level`` (what it emulates) and ``kernels`` (``{layer
       name: "amx" | "sat16" | "xla"}`` for every linear and conv step).
 

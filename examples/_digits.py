@@ -5,7 +5,7 @@ front-ends train on the same batches and report the same way."""
 import numpy as np
 
 # one implementation, shared with ``qjax demo``
-from qjax._demo_data import accuracy, data, minibatches
+from qjax.demo._data import accuracy, data, minibatches
 
 __all__ = ["accuracy", "data", "finish", "minibatches"]
 

@@ -22,8 +22,8 @@ from _digits import accuracy, data, finish  # examples/_digits.py
 from flax import nnx
 
 import qjax
-from qjax._demo_data import make_model as digits_cnn
-from qjax._demo_data import train as train_loop
+from qjax.demo._data import make_model as digits_cnn
+from qjax.demo._data import train as train_loop
 from qjax.flax import Mode, default_qat_qconfig
 from qjax.flax import nnx as qnnx
 

@@ -33,7 +33,8 @@ from _digits import accuracy, data  # examples/_digits.py
 from cnn_digits import train  # examples/cnn_digits.py
 from flax import nnx
 
-from qjax import QuantSpec, _demo_data
+from qjax import QuantSpec
+from qjax.demo import _data as _demo_data
 from qjax.flax import Mode, qjax_recommended
 from qjax.flax import nnx as qnnx
 

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from qjax import _bench
-from qjax._bench import BenchRecord, goal_met, parse_bench_lines, run_bench
-from qjax._cli import main
+from qjax.cli import _bench, main
+from qjax.cli._bench import BenchRecord, goal_met, parse_bench_lines, run_bench
 
 GOOD = textwrap.dedent(
     """

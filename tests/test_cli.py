@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from qjax._cli import main
+from qjax.cli import main
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -323,7 +323,7 @@ def test_pt2_needs_trusted_and_never_runs_otherwise(tmp_path, capsys, command):
     rc, _, err = _run(capsys, command, renamed)
     assert rc == 2 and "--trusted" in err and not marker.exists(), err
     # the file is really malicious: a trusted load runs it (what --trusted is for)
-    from qjax._cli_model import load_model
+    from qjax.cli._model import load_model
 
     with pytest.raises(ValueError, match=r"--trusted"):
         load_model(str(evil))
@@ -343,7 +343,7 @@ def test_torchscript_needs_trusted_and_never_runs_otherwise(tmp_path, capsys, co
         assert rc == 2 and not marker.exists(), (out, err)
         assert err.startswith(f"qjax {command}: error: ") and str(evil) in err
         assert "TorchScript" in err and "--trusted" in err and "runs code" in err
-    from qjax._cli_model import load_model
+    from qjax.cli._model import load_model
 
     with pytest.raises(ValueError, match=r"--trusted"):
         load_model(str(evil))
@@ -437,7 +437,7 @@ def test_broken_trusted_archives_are_errors_not_tracebacks(saved, tmp_path, caps
     import torch
     from torch._export.verifier import SpecViolationError
 
-    from qjax._cli_model import _register_quantized_decomposed
+    from qjax.cli._model import _register_quantized_decomposed
 
     _register_quantized_decomposed()  # the ops the quantized program uses
     bad_pt2 = tmp_path / "spec_violation.pt2"

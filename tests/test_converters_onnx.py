@@ -23,7 +23,6 @@ import onnxruntime as ort
 import pytest
 import qjax.converters.torch as qtorch
 import torch
-from qjax.converters._program import Layer, Program, Step
 from qjax.converters.onnx import export_onnx
 from torch import nn
 from torch.ao.quantization import (
@@ -36,6 +35,7 @@ from torch.ao.quantization import (
 )
 
 from qjax.kernels import host_level, quantize_input
+from qjax.program import Layer, Program, Step
 
 SCHEMES = ("fbgemm", "qnnpack", "exact", "onednn")
 # ORT's optimized u8s8 kernels (QLinearConv, QGemm) sum uint8 x int8 pairs in saturating

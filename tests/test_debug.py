@@ -272,7 +272,7 @@ def test_other_models_hooks_and_errors(rng):
 
 
 def _digits_cnn():
-    from qjax._demo_data import data, make_model  # the digits CNN of examples/ and the demo
+    from qjax.demo._data import data, make_model  # the digits CNN of examples/ and the demo
 
     (xtr, ytr), _ = data()
     # examples/cnn_digits.py's config: torch's x86 QAT qconfig, input quantizers, fbgemm
@@ -321,7 +321,7 @@ def test_cli_on_a_file_target(tmp_path, capsys):
             """
         )
     )
-    from qjax._cli import main
+    from qjax.cli import main
 
     out = tmp_path / "plots"
     assert main(["debug", f"{target}:build", "--out", str(out), "--format", "markdown"]) == 0

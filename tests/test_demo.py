@@ -26,7 +26,7 @@ ACCURACY_ROWS = (
 
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path, capsys):
-    from qjax._cli import main
+    from qjax.cli import main
 
     out = tmp_path / "demo"
     # optax's adam is not strict-promotion clean (int32 step count ** float)
@@ -80,8 +80,8 @@ def test_torch_twin_has_the_same_float_logits():
     import torch
     from flax import nnx
 
-    from qjax._demo_data import make_model
-    from qjax._demo_torch import to_nchw, torch_float_model
+    from qjax.demo._data import make_model
+    from qjax.demo._torch import to_nchw, torch_float_model
     from qjax.flax import Mode, default_qconfig
     from qjax.flax import nnx as qnnx
 
@@ -105,7 +105,7 @@ def test_torch_twin_has_the_same_float_logits():
 
 
 def test_summary_files_and_accuracy_figure(tmp_path):
-    from qjax._demo_report import plot_accuracy, write_summary
+    from qjax.demo._report import plot_accuracy, write_summary
 
     s = {
         "n_test": 360,

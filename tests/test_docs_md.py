@@ -4,7 +4,7 @@ Every ```python block of a file runs in one namespace shared by that file's bloc
 order), in a fresh temporary directory (files a block writes stay there). A block is
 skipped only when the line just before its fence is ``<!-- no-test: REASON -->``.
 ```bash blocks whose every command line starts with ``qjax `` run through the command
-line's entry point (``qjax._cli:main``, what the ``qjax`` script calls) in the same
+line's entry point (``qjax.cli:main``, what the ``qjax`` script calls) in the same
 directory; an ``<!-- exit: N -->`` line before the fence states the expected exit status
 (default 0). Other shell blocks (``./run.sh ...``) are shown, not run. Relative links in
 the docs must point at files that exist.
@@ -71,7 +71,7 @@ def _cli_lines(src: str) -> list[str] | None:
 
 
 def _run_cli(cmd: str) -> tuple[int, str]:
-    from qjax._cli import main
+    from qjax.cli import main
 
     argv = shlex.split(cmd.split(" #")[0])[1:]
     out, err = io.StringIO(), io.StringIO()

@@ -26,7 +26,7 @@ def test_demo_runs_small(capsys):
     # the CLI offers it with the documented options.
     import pytest
 
-    from qjax._cli import main
+    from qjax.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["demo", "--help"])

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import qjax
-from qjax._cli import main
+from qjax.cli import main
 from qjax.flax import default_qat_qconfig
 from qjax.flax import nnx as qn
 

@@ -334,7 +334,7 @@ def test_pt2e_kernel_amx_equals_xla():
 
 @amx
 def test_demo_speed_stage_times_amx_and_checks_it(nnx_cnn):
-    from qjax._demo import _speed_stage
+    from qjax.demo import _speed_stage
 
     model, x, served = nnx_cnn
     want = np.asarray(served(x))
@@ -351,7 +351,7 @@ def test_demo_speed_stage_times_amx_and_checks_it(nnx_cnn):
 
 
 def test_demo_speed_row_with_and_without_amx():
-    from qjax._demo_report import tables
+    from qjax.demo._report import tables
 
     base = {"batch": 256, "repeats": 3, "float_ms": 2.0, "int8_ms": 1.0, "ratio": 0.5}
     s = {"n_test": 1, "accuracy": {}, "engines": {}, "checks": []}

@@ -226,7 +226,7 @@ def test_unavailable_is_named(monkeypatch):
     monkeypatch.setattr(_sat16, "sat16_status", lambda: (False, "CPU lacks avx2 (test)"))
     with pytest.raises(RuntimeError, match=r"layer 'fc'.*kernel='sat16'.*CPU lacks avx2"):
         prepare_linear(w, name="fc", kernel="sat16")
-    from qjax._kernel_choice import linear_kernel
+    from qjax.kernels._choice import linear_kernel
 
     assert linear_kernel("default", "fbgemm_sat16") == "xla"
 

@@ -12,8 +12,8 @@ from _helpers import run_script, tie_heavy
 
 import qjax
 from qjax import QArray, QParams, QuantSpec
-from qjax import _rules as rules
 from qjax.kernels import prepare_conv, prepare_linear, quantized_conv, quantized_linear
+from qjax.parity import _rules as rules
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.filterwarnings(

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from qjax import _rules as rules
+from qjax.parity import _rules as rules
 
 
 def _ev(**kw):

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .._kernel_choice import resolve_kernel
+from ..kernels._choice import resolve_kernel
 from . import _pooling
 from . import linen as qlinen
 from . import nnx as qnnx
@@ -275,7 +275,7 @@ def convert(model, example_input, *, scheme: str = "fbgemm", kernel: str = "xla"
     exactly their ``Mode.FROZEN`` outputs (frozen BN); with ``scheme=None`` configs the
     float simulation can differ from the served codes by one step at rounding ties.
 
-    ``kernel`` picks the int32 dot/conv kernel (:mod:`qjax._kernel_choice`): ``"xla"``
+    ``kernel`` picks the int32 dot/conv kernel (:mod:`qjax.kernels._choice`): ``"xla"``
     (default; ``jax.export``-able), ``"amx"`` (the native AMX kernel of
     :func:`qjax.kernels.native_status` for linear layers and 2-D convs; 1-D convs keep
     XLA; ``RuntimeError`` with the reason when it cannot run here) or ``"auto"`` (AMX

@@ -48,10 +48,10 @@ from jax import lax
 
 from .. import kernels
 from .._float import div_ieee, materialize
-from .._kernel_choice import conv_kernel, linear_kernel
 from .._primitives import QCompat, dequantize, quantize
 from .._qarray import QArray
 from .._spec import QParams
+from ..kernels._choice import conv_kernel, linear_kernel
 from ._config import Mode, QuantConfig, as_mode
 
 __all__ = [
@@ -163,7 +163,7 @@ def prepare_weight(
     a :class:`~qjax.kernels.PreparedLinear` (``kind="linear"``) or
     :class:`~qjax.kernels.PreparedConv` (``"conv"``).
 
-    ``native``: ``"xla"`` or ``"amx"`` (already resolved, :mod:`qjax._kernel_choice`);
+    ``native``: ``"xla"`` or ``"amx"`` (already resolved, :mod:`qjax.kernels._choice`);
     ``"amx"`` prepares linear layers and 2-D convs for the native AMX kernel, 1-D convs
     keep XLA (the prepared weight's ``kernel`` says which).
 

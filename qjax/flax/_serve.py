@@ -33,7 +33,7 @@ a ``ValueError`` naming the step, the key and the bad value.
 
 Kernel: ``qjax.convert(..., kernel=...)`` and ``load_served(path, kernel=...)`` prepare
 the weights for XLA's dot/conv (``"xla"``, the default) or the native AMX kernel
-(``"amx"``, ``"auto"``; :mod:`qjax._kernel_choice`); :attr:`ServedModel.kernels` says
+(``"amx"``, ``"auto"``; :mod:`qjax.kernels._choice`); :attr:`ServedModel.kernels` says
 which each layer got, :meth:`ServedModel.with_kernel` re-prepares. The codes are the same
 either way, and the saved file holds no kernel (codes and qparams only). ``jax.export``
 refuses a model with AMX layers (the native custom call is not serializable: the kernels
@@ -53,10 +53,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import kernels
-from .._kernel_choice import conv_kernel, kernels_of, linear_kernel, resolve_kernel
 from .._primitives import dequantize
 from .._qarray import QArray, _deserialize_spec, _serialize_spec
 from .._spec import QParams, check_qparam_values
+from ..kernels._choice import conv_kernel, kernels_of, linear_kernel, resolve_kernel
 from ._intsim import apply_layer, fake_quant_codes
 
 __all__ = ["ServedModel", "load_served", "save_served"]
@@ -148,7 +148,7 @@ class ServedModel:
 
     def with_kernel(self, kernel: str) -> ServedModel:
         """The same model with its weights prepared for ``kernel`` (``"xla"``, ``"amx"``
-        or ``"auto"``, :mod:`qjax._kernel_choice`): same codes, same outputs.
+        or ``"auto"``, :mod:`qjax.kernels._choice`): same codes, same outputs.
 
         >>> from qjax import QuantSpec
         >>> qp = QParams(jnp.float32(0.5), jnp.int32(0), QuantSpec())
@@ -634,7 +634,7 @@ def load_served(path: str | os.PathLike, *, kernel: str = "xla") -> ServedModel:
     """Read a :func:`save_served` file (``ValueError`` if it is not one).
 
     The file holds codes and qparams, no kernel: ``kernel`` (``"xla"``, ``"amx"`` or
-    ``"auto"``, :mod:`qjax._kernel_choice`) prepares the weights on load, the same codes
+    ``"auto"``, :mod:`qjax.kernels._choice`) prepares the weights on load, the same codes
     either way (``RuntimeError`` naming the reason for ``"amx"`` on a machine without it).
 
     >>> load_served(__file__)  # doctest: +ELLIPSIS

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .flax import QuantConfig
-from .flax import nnx as qnnx
+from ..flax import QuantConfig
+from ..flax import nnx as qnnx
 
 __all__ = [
     "accuracy",

@@ -5,11 +5,11 @@ quantized activation with torch's, on the same inputs, layer by layer (max LSB
 difference, mismatch count and rate, first mismatch, likely cause from NUMERICS.md);
 exit status 0 when every integer matches, 1 when some differ, 2 on errors.
 ``qjax inspect MODEL`` prints qparams per layer, the activation codes the inputs use and
-the risks the same rulebook sees. MODEL formats: :mod:`qjax._cli_model` (a state_dict is
+the risks the same rulebook sees. MODEL formats: :mod:`qjax.cli._model` (a state_dict is
 read safely; ``.pt2``, TorchScript and pickled models only with ``--trusted``, since their
 loaders run code from the file).
 ``qjax debug FILE.py:FUNCTION``: debugging views of a quantized Flax model
-(:mod:`qjax._debug_cli`).
+(:mod:`qjax.debug._cli`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .kernels._levels import ENGINE_CHOICES as ENGINES
-from .kernels._levels import LEVELS
+from ..kernels._levels import ENGINE_CHOICES as ENGINES
+from ..kernels._levels import LEVELS
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -71,7 +71,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from ._cli_model import import_program, load_inputs, load_model
+    from ._model import import_program, load_inputs, load_model
 
     loaded = load_model(args.model, definition=args.definition, trusted=args.trusted)
     inputs = load_inputs(args.input_shape, args.inputs, args.seed, loaded.example_inputs)
@@ -108,9 +108,9 @@ def _emit(report, fmt: str) -> None:
 
 
 def _parity(args) -> int:
-    from . import parity
-    from ._cli_model import reference_trace
-    from .kernels import host_level
+    from .. import parity
+    from ..kernels import host_level
+    from ._model import reference_trace
 
     loaded, inputs, program = _load(args)
     with _running(inputs):
@@ -129,7 +129,7 @@ def _parity(args) -> int:
 
 
 def _inspect(args) -> int:
-    from . import parity
+    from .. import parity
 
     _, inputs, program = _load(args)
     with _running(inputs):
@@ -147,7 +147,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, help="seconds per script before it is killed")
 
 
-def _bench(args) -> int:
+def _bench_cmd(args) -> int:
     from ._bench import run_bench
 
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
@@ -178,19 +178,19 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--quick", action="store_true", help="tiny run (for tests)")
     _model_args(sub.add_parser("parity", help="layer-by-layer integer parity of MODEL vs torch"))
     _model_args(sub.add_parser("inspect", help="qparams, code ranges and risks of MODEL"))
-    from ._debug_cli import add_debug_parser
+    from ..debug._cli import add_debug_parser
 
     add_debug_parser(sub)
     _bench_args(sub.add_parser("bench", help="run benchmarks/*.py and print the ratio table"))
     args = parser.parse_args(argv)
     if args.command == "debug":
-        from ._debug_cli import run_debug
+        from ..debug._cli import run_debug
 
         return run_debug(args)
     if args.command == "bench":
-        return _bench(args)
+        return _bench_cmd(args)
     if args.command == "demo":
-        from ._demo import run_demo
+        from ..demo import run_demo
 
         return run_demo(
             args.out, epochs=args.epochs, qat_epochs=args.qat_epochs, seed=args.seed,

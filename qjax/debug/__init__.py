@@ -37,17 +37,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _debug_walk as _walk
-from ._debug_plots import plot_histograms as plot_histograms
-from ._debug_plots import plot_layer_errors as plot_layer_errors
-from ._debug_plots import plot_sensitivity as plot_sensitivity
-from ._debug_render import render_health as render_health
-from ._debug_render import render_histograms as render_histograms
-from ._debug_render import render_layer_errors as render_layer_errors
-from ._debug_render import render_qparams as render_qparams
-from ._debug_render import render_sensitivity as render_sensitivity
-from .flax._config import Mode
-from .flax._health import stats_health
+from ..flax._config import Mode
+from ..flax._health import stats_health
+from . import _walk
+from ._plots import plot_histograms as plot_histograms
+from ._plots import plot_layer_errors as plot_layer_errors
+from ._plots import plot_sensitivity as plot_sensitivity
+from ._render import render_health as render_health
+from ._render import render_histograms as render_histograms
+from ._render import render_layer_errors as render_layer_errors
+from ._render import render_qparams as render_qparams
+from ._render import render_sensitivity as render_sensitivity
 
 __all__ = [
     "ActHist",
@@ -171,8 +171,8 @@ def _doc_model():
     views never change a model)."""
     from flax import nnx
 
-    from .flax import nnx as qnnx
-    from .flax import qjax_recommended
+    from ..flax import nnx as qnnx
+    from ..flax import qjax_recommended
 
     cfg = qjax_recommended()
     rngs = nnx.Rngs(0)

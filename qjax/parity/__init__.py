@@ -1,13 +1,13 @@
 """Layer-by-layer parity between an imported qjax program and a reference, with causes.
 
 :func:`compare` runs the torch model (through ``qjax.converters.torch.torch_trace``) and
-the qjax :class:`~qjax.converters._program.Program` on the same inputs and, for every
+the qjax :class:`~qjax.program.Program` on the same inputs and, for every
 quantized activation both produce, counts integer mismatches:
 
 * ``max_lsb = max |q_qjax - q_ref|`` (codes, so 1 = one quantization step),
 * ``mismatches = #{q_qjax != q_ref}`` and ``rate = mismatches / values``,
 * the first mismatch (row-major index, both codes),
-* likely causes from the rulebook (:mod:`qjax._rules`, NUMERICS.md rule numbers).
+* likely causes from the rulebook (:mod:`qjax.parity._rules`, NUMERICS.md rule numbers).
 
 :func:`compare_traces` does the same for any two ``{layer name: codes}`` mappings (a
 hand simulation, a QAT model's fake-quant codes), and :func:`inspect` lists qparams,
@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from .._qarray import QArray
+from .._render import Rendered
 from ._evidence import codes_of, engine_of, evidence, float_inputs
 from ._inspect import InspectReport, LayerInfo, inspect
-from ._qarray import QArray
-from ._render import Rendered
 from ._rules import Cause, LayerEvidence, ReferenceKind, diagnose
 
 __all__ = [

@@ -84,7 +84,7 @@ def _unpack(result, spec: str):
 
 def run_debug(args: argparse.Namespace, file=None) -> int:
     """Run every view for ``args`` (from :func:`add_debug_parser`); print, plot, exit code."""
-    from . import debug
+    from .. import debug
 
     file = sys.stdout if file is None else file
     try:

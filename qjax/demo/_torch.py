@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._primitives import quantize
-from ._qarray import QArray
-from .flax._serve import ServedModel, _freeze
+from .._primitives import quantize
+from .._qarray import QArray
+from ..flax._serve import ServedModel, _freeze
 
 __all__ = [
     "engine",
@@ -76,7 +76,7 @@ def _t(a) -> torch.Tensor:
 
 def torch_float_model(model) -> DigitsNet:
     """A :class:`DigitsNet` (eval mode) carrying the float weights of the qjax digits CNN
-    ``model`` (:func:`qjax._demo_data.make_model`): HWIO kernels -> OIHW, BN scale/bias and
+    ``model`` (:func:`qjax.demo._data.make_model`): HWIO kernels -> OIHW, BN scale/bias and
     running statistics as they are, the dense kernel ``(512, 10)`` in H, W, C row order ->
     torch's ``(10, 512)`` in C, H, W order."""
     layers = model.layers

@@ -10,7 +10,7 @@ import io
 
 import numpy as np
 
-from ._render import markdown_table, print_table, text_table
+from .._render import markdown_table, print_table, text_table
 
 __all__ = [
     "render_health",

@@ -2,7 +2,7 @@
 
 No reference is needed: the program runs on the given inputs, and every quantized
 activation is summarised (qparams, the codes it actually used, how much of the dtype
-range that is) with the risks the rulebook (:mod:`qjax._rules`) sees without a reference:
+range that is) with the risks the rulebook (:mod:`qjax.parity._rules`) sees without a reference:
 convert-clamped weights (rule 9), int16 saturation on FBGEMM without VNNI (rule 14), odd
 zero points at quantize ties (rules 1 vs 4), oneDNN's 1-LSB epilogue (rule 13).
 """
@@ -13,10 +13,10 @@ import dataclasses
 
 import numpy as np
 
+from .._render import Rendered
+from .._spec import QParams
 from ._evidence import engine_of, evidence, float_inputs
-from ._render import Rendered
 from ._rules import Cause, diagnose
-from ._spec import QParams
 
 __all__ = ["InspectReport", "LayerInfo", "inspect"]
 
@@ -103,13 +103,13 @@ def inspect(program, inputs, *, engine: str | None = None) -> InspectReport:
     ``(max - min + 1) / (qmax - qmin + 1)``, and the rulebook's risks (no reference).
 
     Args:
-      program: an imported :class:`~qjax.converters._program.Program`.
+      program: an imported :class:`~qjax.program.Program`.
       inputs: one input or a tuple of inputs.
       engine: the torch engine it was imported for (``program.engine`` if unset).
 
     >>> import jax.numpy as jnp
     >>> from qjax import QuantSpec
-    >>> from qjax.converters._program import Layer, Program, Step
+    >>> from qjax.program import Layer, Program, Step
     >>> from qjax.kernels import quantize_input
     >>> qp = QParams(0.5, 3, QuantSpec(signed=False))
     >>> p = Program([Step("q", lambda _, x: quantize_input(x, qp), ("x",),

@@ -23,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ._primitives import dequantize
-from .flax import nnx as qnnx
-from .flax._config import Mode
-from .flax._core import LayerStats
-from .flax._intsim import fold_bn
-from .flax._learnable import tensor_qparams
+from .._primitives import dequantize
+from ..flax import nnx as qnnx
+from ..flax._config import Mode
+from ..flax._core import LayerStats
+from ..flax._intsim import fold_bn
+from ..flax._learnable import tensor_qparams
 
 _HOOK_PARENTS = (nnx.Linear, nnx.Conv)
 _PASS_THROUGH = (qnnx.MaxPool, qnnx.Flatten)  # keep the qparams of what they receive

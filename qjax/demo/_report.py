@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-from ._render import markdown_table, text_table
+from .._render import markdown_table, text_table
 
 __all__ = ["plot_accuracy", "tables", "write_summary"]
 
@@ -16,7 +16,7 @@ def _pct(v) -> str:
 
 
 def tables(s: dict) -> list[tuple[str, list[str], list[list[object]]]]:
-    """``[(title, header, rows)]`` of the summary ``s`` (see :func:`qjax._demo.run_demo`).
+    """``[(title, header, rows)]`` of the summary ``s`` (see :func:`qjax.demo.run_demo`).
 
     >>> s = {"n_test": 2, "accuracy": {"float": 1.0}, "speed": None, "engines": {},
     ...      "checks": []}

@@ -1,6 +1,6 @@
 """Evidence for the rulebook, gathered from an imported program and its trace.
 
-A :class:`~qjax._rules.LayerEvidence` needs, per layer: its op kind, the int8 weight, whether
+A :class:`~qjax.parity._rules.LayerEvidence` needs, per layer: its op kind, the int8 weight, whether
 it has a bias, its quantized (or float) input and its output qparams. All of them come
 from the program's steps (``Step.inputs``, ``Step.params``, ``Step.layer``) and the trace.
 """
@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._qarray import QArray
+from .._qarray import QArray
 from ._rules import LayerEvidence
 
 

@@ -35,7 +35,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from qjax import QArray, QParams
+from ._qarray import QArray
+from ._spec import QParams
 
 __all__ = ["Layer", "Program", "Step"]
 

@@ -2,7 +2,7 @@
 
 Stages (each with a progress bar and a printed time):
 
-1. float training of a small CNN (:func:`qjax._demo_data.make_model`) in Flax NNX + optax;
+1. float training of a small CNN (:func:`qjax.demo._data.make_model`) in Flax NNX + optax;
 2. PTQ: the float weights in a model with torch's preset ``default_qconfig(engine)``,
    ``calibrate`` (histogram observers), ``qjax.convert`` -> int8 served;
 3. QAT: the float model with torch's QAT qconfig (``scheme="fbgemm"``), calibrated,
@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ._demo_data import accuracy, copy_float_weights, data, interleaved, make_model, train
+from ._data import accuracy, copy_float_weights, data, interleaved, make_model, train
 
 ENGINES = ("fbgemm", "qnnpack", "x86", "onednn")  # kernels.TORCH_ENGINES, display order
 # torch's engine -> the qjax preset whose calibration it shares and the one convert
@@ -82,8 +82,8 @@ def _check(checks: list, name: str, result: str, ok: bool) -> None:
 
 
 def _float_stage(xtr, ytr, xte, yte, epochs, seed, bar):
-    from . import flax as qflax
-    from .flax import nnx as qnnx
+    from .. import flax as qflax
+    from ..flax import nnx as qnnx
 
     cfg = qflax.default_qat_qconfig("x86").replace(quantize_input=True, scheme="fbgemm")
     model = make_model(nnx.Rngs(seed), cfg)
@@ -98,8 +98,8 @@ def _ptq_stage(model, presets, batches, xte, bar):
     """qjax PTQ with torch's presets: ``{preset: (calibrated model, {scheme: served})}``."""
     import qjax
 
-    from .flax import default_qconfig
-    from .flax import nnx as qnnx
+    from ..flax import default_qconfig
+    from ..flax import nnx as qnnx
 
     out = {}
     for preset, schemes in presets.items():
@@ -114,8 +114,8 @@ def _ptq_stage(model, presets, batches, xte, bar):
 def _qat_stage(model, batches, xtr, ytr, xte, qat_epochs, seed, bar):
     import qjax
 
-    from .flax import Mode
-    from .flax import nnx as qnnx
+    from ..flax import Mode
+    from ..flax import nnx as qnnx
 
     qat = copy.deepcopy(model)
     qnnx.calibrate(qat, batches, progress=bar)
@@ -130,7 +130,7 @@ def _qat_stage(model, batches, xtr, ytr, xte, qat_epochs, seed, bar):
 def _speed_stage(model, served, served_out, xte, batch, repeats, checks):
     """Float vs int8 (XLA kernel) and, where it runs, int8 on the native AMX kernel: the
     same weights re-prepared, its outputs on the test images checked == XLA's."""
-    from .kernels import native_status
+    from ..kernels import native_status
 
     x = jnp.asarray(np.resize(xte, (batch,) + xte.shape[1:]))  # test images, cycled
     graphdef, state = nnx.split(model)
@@ -161,17 +161,18 @@ def _speed_stage(model, served, served_out, xte, batch, repeats, checks):
 def _torch_stage(model, float_logits, ptqs, engines, calib, xte, yte, checks, bar):
     import torch
 
-    from . import parity
-    from ._demo_data import progress
-    from ._demo_torch import (
+    from qjax.converters.torch import import_model, torch_trace
+
+    from .. import parity
+    from ..kernels import engine as qengine
+    from ._data import progress
+    from ._torch import (
         engine,
         to_nchw,
         torch_float_model,
         torch_ptq,
         weight_differences,
     )
-    from .converters.torch import import_model, torch_trace
-    from .kernels import engine as qengine
 
     tmodel = torch_float_model(model)
     xt = to_nchw(xte)
@@ -224,8 +225,8 @@ def _torch_stage(model, float_logits, ptqs, engines, calib, xte, yte, checks, ba
 def _direct(served, ref, xte, eng) -> dict:
     """qjax's own PTQ (torch's preset, same batches) served with ``eng``'s scheme vs the
     codes torch's converted model computes: per layer mismatches and qparams equality."""
-    from . import parity
-    from ._demo_torch import served_codes
+    from .. import parity
+    from ._torch import served_codes
 
     mine = served_codes(served, xte, _TORCH_NAMES)
     rep = parity.compare_traces({n: ref[n] for n in _TORCH_NAMES}, mine, engine=eng)
@@ -255,8 +256,8 @@ def _direct(served, ref, xte, eng) -> dict:
 
 
 def _plots(ptq_model, xte, summary, out: pathlib.Path) -> dict:
-    from . import debug
-    from ._demo_report import plot_accuracy
+    from .. import debug
+    from ._report import plot_accuracy
 
     hists = debug.activation_histograms(ptq_model, jnp.asarray(xte))
     errors = debug.layer_errors(ptq_model, jnp.asarray(xte))
@@ -284,7 +285,7 @@ def run_demo(
     timing repeats (for tests; the accuracy is then low)."""
     import torch
 
-    from ._demo_report import write_summary
+    from ._report import write_summary
 
     out = pathlib.Path(out)
     st = _Stages()

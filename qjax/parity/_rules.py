@@ -45,9 +45,9 @@ from typing import Literal
 
 import numpy as np
 
-from ._qarray import QArray
-from ._spec import QParams
-from .kernels._levels import SATURATING_ENGINES, SATURATING_LEVELS, engine_family
+from .._qarray import QArray
+from .._spec import QParams
+from ..kernels._levels import SATURATING_ENGINES, SATURATING_LEVELS, engine_family
 
 __all__ = ["RULES", "Cause", "LayerEvidence", "diagnose"]
 

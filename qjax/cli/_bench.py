@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from ._render import text_table
+from .._render import text_table
 
 __all__ = [
     "BenchRecord",

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import jax
 
-from .kernels import PreparedConv, PreparedLinear, _native
+from . import PreparedConv, PreparedLinear, _native
 
 _SATURATING = ("fbgemm_sat16", "onednn_sat16")
 
