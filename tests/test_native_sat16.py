@@ -44,8 +44,7 @@ from qjax.kernels import (
     quantized_linear,
     sat16_status,
 )
-from qjax.kernels._conv import _sat16_conv
-from qjax.kernels._linear import _sat16_pair_dot
+from qjax.kernels._accumulate import _sat16_conv, _sat16_pair_dot
 from qjax.kernels._native import _sat16
 
 pytestmark = pytest.mark.skipif(not sat16_status()[0], reason=sat16_status()[1])

@@ -24,6 +24,7 @@ Inputs and outputs are :class:`qjax.QArray` (``qjax._qarray``).
 """
 
 from .._qarray import QArray as QArray
+from ._accumulate import Accumulate as Accumulate
 from ._conv import ConvActivation as ConvActivation
 from ._conv import PreparedConv as PreparedConv
 from ._conv import prepare_conv as prepare_conv
@@ -46,8 +47,6 @@ from ._levels import Engine as Engine
 from ._levels import engine as engine
 from ._levels import host_level as host_level
 from ._levels import level_env as level_env
-from ._linear import Accumulate as Accumulate
-from ._linear import Kernel as Kernel
 from ._linear import PreparedLinear as PreparedLinear
 from ._linear import prepare_linear as prepare_linear
 from ._linear import quantized_linear as quantized_linear
@@ -58,6 +57,7 @@ from ._pool import PoolScheme as PoolScheme
 from ._pool import adaptive_avg_pool2d as adaptive_avg_pool2d
 from ._pool import avg_pool2d as avg_pool2d
 from ._pool import max_pool2d as max_pool2d
+from ._prepared import Kernel as Kernel
 from ._requant import SCHEMES as SCHEMES
 from ._requant import Activation as Activation
 from ._requant import Scheme as Scheme

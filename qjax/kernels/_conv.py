@@ -64,7 +64,6 @@ unchanged, so the codes are the same. ``jax.export`` behaves as for the linear l
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from typing import Literal
 
@@ -76,18 +75,30 @@ from jax import lax
 from .._qarray import QArray
 from .._spec import QParams
 from . import _native
-from ._linear import Accumulate, Kernel, _sat16_pair_dot, check_accumulator, check_operands
+from ._accumulate import (
+    Accumulate,
+    _int8_conv,
+    _onednn_sat16_conv,
+    _sat16_conv,
+    check_accumulator,
+    check_operands,
+)
+from ._prepared import Kernel, register_prepared
 from ._requant import Scheme, clamp_activation, requantize
 
 __all__ = ["ConvActivation", "PreparedConv", "prepare_conv", "quantized_conv"]
 
 ConvActivation = Literal["relu", "relu6", "hardtanh"] | None
-_I32_MAX = 2**31 - 1
 _WEIGHT_LAYOUTS = {"OIHW": (2, True), "HWIO": (2, False), "OIW": (1, True), "WIO": (1, False)}
 _X_LAYOUTS = {"NCHW": (2, True), "NHWC": (2, False), "NCW": (1, True), "NWC": (1, False)}
 
 
-@jax.tree_util.register_pytree_with_keys_class
+@register_prepared(
+    leaves=("weight", "w_sum"),
+    static=("name", "groups", "max_abs_x", "zero_point_is_zero"),
+    packed_when=lambda kernel: kernel == "amx",
+    serialized_name="qjax.kernels.PreparedConv",
+)
 @dataclasses.dataclass(frozen=True)
 class PreparedConv:
     """Weights of an integer convolution, prepared once by :func:`prepare_conv`.
@@ -122,44 +133,6 @@ class PreparedConv:
     @property
     def out_channels(self) -> int:
         return self.weight.shape[-1]
-
-    def tree_flatten_with_keys(self):
-        ga = jax.tree_util.GetAttrKey
-        kids = ((ga("weight"), self.weight), (ga("w_sum"), self.w_sum))
-        if self.kernel == "amx":
-            kids += ((ga("packed"), self.packed),)
-        return kids, self._aux()
-
-    def tree_flatten(self):
-        kids = (self.weight, self.w_sum)
-        return (kids + (self.packed,) if self.kernel == "amx" else kids), self._aux()
-
-    def _aux(self):
-        # the XLA kernel keeps the 4-entry aux of earlier versions (same serialization)
-        aux = (self.name, self.groups, self.max_abs_x, self.zero_point_is_zero)
-        return aux + (self.kernel,) if self.kernel != "xla" else aux
-
-    @classmethod
-    def tree_unflatten(cls, aux, children) -> PreparedConv:
-        obj = object.__new__(cls)
-        object.__setattr__(obj, "weight", children[0])
-        object.__setattr__(obj, "w_sum", children[1])
-        for f, v in zip(
-            ("name", "groups", "max_abs_x", "zero_point_is_zero"), aux[:4], strict=True
-        ):
-            object.__setattr__(obj, f, v)
-        kernel = aux[4] if len(aux) > 4 else "xla"
-        object.__setattr__(obj, "packed", children[2] if kernel == "amx" else None)
-        object.__setattr__(obj, "kernel", kernel)
-        return obj
-
-
-jax.export.register_pytree_node_serialization(
-    PreparedConv,
-    serialized_name="qjax.kernels.PreparedConv",
-    serialize_auxdata=lambda aux: json.dumps(list(aux)).encode(),
-    deserialize_auxdata=lambda data: tuple(json.loads(data.decode())),
-)
 
 
 def prepare_conv(
@@ -491,15 +464,10 @@ def quantized_conv(
             acc = _int8_conv(xv, wq.values, stride_t, dil_t, g)
     elif accumulate == "fbgemm_sat16":
         acc = _sat16_conv(xv, wq.values, stride_t, dil_t, g, native=pw.kernel == "sat16")
-    else:
-        # oneDNN skips the padding taps: products and zero-point term over valid taps only
-        xz = lax.pad(xv_unpadded, jnp.zeros((), xv.dtype), pad_cfg)
-        acc = _sat16_conv(
-            xz, wq.values, stride_t, dil_t, g, per_tap=True, native=pw.kernel == "sat16"
+    else:  # oneDNN skips the padding taps, so it starts from the unpadded codes
+        acc = _onednn_sat16_conv(
+            xv_unpadded, wq.values, zx, pads, stride_t, dil_t, g, native=pw.kernel == "sat16"
         )
-        valid = _valid_taps(in_sizes, pads, kernel, stride_t, dil_t)  # (*out, T) 0/1
-        w_tap = jnp.sum(wq.values.astype(jnp.int32), axis=-2).reshape(valid.shape[-1], o)
-        acc = acc - zx * jnp.einsum("...t,to->...o", jnp.asarray(valid), w_tap)
     if accumulate != "onednn_sat16":
         acc = acc - zx * pw.w_sum
     if not pw.zero_point_is_zero:
@@ -538,96 +506,3 @@ def quantized_conv(
     if channels_first:
         codes = jnp.moveaxis(codes, -1, 1)
     return QArray(codes, out_qparams)
-
-
-def _valid_taps(in_sizes, pads, kernel, stride, dilation) -> np.ndarray:
-    """int32 ``(*out, T)``: 1 where kernel tap ``t`` of output position ``p`` reads the
-    input, 0 where it reads padding (static shapes, so plain NumPy)."""
-    axes = []
-    for n, (lo, hi), k, s, d in zip(in_sizes, pads, kernel, stride, dilation, strict=True):
-        out = (n + lo + hi - (k - 1) * d - 1) // s + 1
-        pos = np.arange(out)[:, None] * s + np.arange(k)[None, :] * d - lo  # (out, k)
-        axes.append(((pos >= 0) & (pos < n)).astype(np.int32))
-    m = axes[0]
-    for a in axes[1:]:  # outer product over the spatial axes, taps row-major
-        m = (m[:, None, :, None] * a[None, :, None, :]).reshape(
-            m.shape[:-1] + a.shape[:-1] + (m.shape[-1] * a.shape[-1],)
-        )
-    return m
-
-
-def _int8_conv(xv, w, stride, dilation, groups):
-    """``Σ x·w`` over each window: ``(N, *sp, C)`` x HWIO int8 -> int32, ``VALID``."""
-    sp = "HW" if xv.ndim == 4 else "W"
-    return lax.conv_general_dilated(
-        xv,
-        w,
-        window_strides=stride,
-        padding="VALID",
-        rhs_dilation=dilation,
-        dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"),
-        feature_group_count=groups,
-        preferred_element_type=jnp.int32,
-    )
-
-
-def _sat16_conv(xv, w, stride, dilation, groups, per_tap=False, native=False):
-    """FBGEMM im2col + ``vpmaddubsw``: ``Σ_j sat16(x[2j]·w[2j] + x[2j+1]·w[2j+1])``.
-
-    ``xv`` raw (padded) uint8 ``(N, *sp, C)``, ``w`` HWIO int8; the reduction index runs
-    over (kernel taps row-major, channel in group). ``per_tap`` (oneDNN): each tap's
-    channels padded with zeros to an even count first, so no pair spans two taps.
-    ``native``: the same im2col patches (uint8) go to the AVX2 kernel
-    (:func:`qjax.kernels._native.sat16_dot`), one call for all groups; the same integers.
-    Returns int32 ``(N, *out, C_out)``.
-    """
-    xi = xv if native else xv.astype(jnp.int32)
-    nsp = xi.ndim - 2
-    kernel = w.shape[:nsp]
-    out_sizes = [
-        (xi.shape[1 + i] - (kernel[i] - 1) * dilation[i] - 1) // stride[i] + 1 for i in range(nsp)
-    ]
-    taps = []
-    for t in np.ndindex(*kernel):
-        idx = [slice(None)]
-        for i in range(nsp):
-            start = t[i] * dilation[i]
-            idx.append(slice(start, start + (out_sizes[i] - 1) * stride[i] + 1, stride[i]))
-        idx.append(slice(None))
-        taps.append(xi[tuple(idx)])  # (N, *out, C)
-    p = jnp.stack(taps, axis=-2)  # (N, *out, T, C)
-    n_t = p.shape[-2]
-    c = p.shape[-1]
-    cg = c // groups
-    o = w.shape[-1]
-    p = p.reshape(p.shape[:-1] + (groups, cg))  # (N, *out, T, G, Cg)
-    p = jnp.moveaxis(p, -2, -3)  # (N, *out, G, T, Cg)
-    wk = (w if native else w.astype(jnp.int32)).reshape(n_t, cg, groups, o // groups)
-    if per_tap and cg % 2:
-        p = jnp.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, 1)])
-        wk = jnp.pad(wk, ((0, 0), (0, 1), (0, 0), (0, 0)))
-        cg += 1
-    k = n_t * cg
-    p = p.reshape(p.shape[:-2] + (k,))  # (N, *out, G, K)
-    wk = jnp.moveaxis(wk, 2, 0).reshape(groups, k, o // groups)  # (G, K, Og)
-    if native:
-        lead = p.shape[:-2]
-        pg = jnp.moveaxis(p.reshape((-1, groups, k)), 1, 0)  # (G, M, K)
-        acc = _native.sat16_dot(pg, _native.pack_sat16_weight(wk), wk, _batched_pair_dot)
-        return jnp.moveaxis(acc, 0, 1).reshape(lead + (o,))  # (M, G, Og) -> (N, *out, O)
-    if k % 2:
-        p = jnp.concatenate([p, jnp.zeros(p.shape[:-1] + (1,), jnp.int32)], axis=-1)
-        wk = jnp.concatenate([wk, jnp.zeros((groups, 1, o // groups), jnp.int32)], axis=1)
-    xe, xo = p[..., 0::2, None], p[..., 1::2, None]  # (N, *out, G, K/2, 1)
-    pair = jnp.clip(xe * wk[:, 0::2] + xo * wk[:, 1::2], -(2**15), 2**15 - 1)
-    acc = jnp.sum(pair, axis=-2)  # (N, *out, G, Og)
-    return acc.reshape(acc.shape[:-2] + (o,))
-
-
-def _batched_pair_dot(x, w):
-    """:func:`~qjax.kernels._linear._sat16_pair_dot` per group: ``(G, M, K)`` x ``(G, K, N)``."""
-    return jax.vmap(_sat16_pair_dot)(x, w)
-
-
-def _concrete(v) -> bool:
-    return isinstance(v, (np.ndarray, np.generic, jax.Array)) and not isinstance(v, jax.core.Tracer)

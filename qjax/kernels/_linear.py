@@ -14,7 +14,8 @@ How ``acc`` is computed (``accumulate="exact"``, the default):
   ``x' = x - 128`` (a bit flip, ``x ^ 0x80``) and ``zp_x' = zp_x - 128``. XLA's CPU dot
   for uint8 operands is 33-65x slower than for int8, so uint8 never reaches it;
 * a one-row dot (batch 1) gets a zero row appended and sliced off again
-  (``_MIN_DOT_ROWS``): XLA:CPU's one-row int8 dot is about 2x slower than a two-row one;
+  (``_accumulate._MIN_DOT_ROWS``): XLA:CPU's one-row int8 dot is about 2x slower than a
+  two-row one;
 * the zero points are folded in afterwards with precomputed sums:
   ``acc = Σ x'w - zp_x'·Σ_k w - zp_w·Σ_k x' + K·zp_x'·zp_w``, where ``Σ_k w`` per output
   channel is computed once by :func:`prepare_linear` and the ``zp_w`` terms are dropped
@@ -52,15 +53,14 @@ the result runs only in a process where qjax has registered the target on an AMX
 ``prepare_linear(w, kernel="sat16")`` packs the weight for the native AVX2 kernel
 (:mod:`qjax.kernels._native._sat16`) and the saturating accumulations then compute
 ``Σ_j sat16(...)`` with ``vpmaddubsw`` itself, one FFI call ``qjax_sat16_gemm``: the
-same integers as :func:`_sat16_pair_dot`, 100x and more faster; exact accumulation stays
-on XLA. Export refuses it likewise (its location names ``kernel='xla'``).
+same integers as :func:`~qjax.kernels._accumulate._sat16_pair_dot`, 100x and more
+faster; exact accumulation stays on XLA. Export refuses it likewise (its location names
+``kernel='xla'``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from typing import Literal
 
 import jax
@@ -71,18 +71,25 @@ from jax import lax
 from .._qarray import QArray
 from .._spec import QParams
 from . import _native
+from ._accumulate import (
+    Accumulate,
+    _int8_dot,
+    _sat16_pair_dot,
+    check_accumulator,
+    check_operands,
+)
+from ._prepared import _KERNELS, Kernel, register_prepared
 from ._requant import Scheme, clamp_activation, requantize
 
 __all__ = ["Accumulate", "Kernel", "PreparedLinear", "prepare_linear", "quantized_linear"]
 
-Accumulate = Literal["exact", "fbgemm_sat16", "onednn_sat16"]
-_ACCUMULATES = ("exact", "fbgemm_sat16", "onednn_sat16")
-Kernel = Literal["xla", "amx", "sat16"]
-_KERNELS = ("xla", "amx", "sat16")
-_I32_MAX = 2**31 - 1
 
-
-@jax.tree_util.register_pytree_with_keys_class
+@register_prepared(
+    leaves=("weight", "col_sum"),
+    static=("name", "max_abs_x", "zero_point_is_zero"),
+    packed_when=lambda kernel: kernel != "xla",
+    serialized_name="qjax.kernels.PreparedLinear",
+)
 @dataclasses.dataclass(frozen=True)
 class PreparedLinear:
     """Weights of an integer linear layer, prepared once by :func:`prepare_linear`.
@@ -113,43 +120,6 @@ class PreparedLinear:
     @property
     def out_features(self) -> int:
         return self.weight.shape[1]
-
-    def tree_flatten_with_keys(self):
-        ga = jax.tree_util.GetAttrKey
-        kids = ((ga("weight"), self.weight), (ga("col_sum"), self.col_sum))
-        if self.kernel != "xla":
-            kids += ((ga("packed"), self.packed),)
-        return kids, self._aux()
-
-    def tree_flatten(self):
-        kids = (self.weight, self.col_sum)
-        return (kids + (self.packed,) if self.kernel != "xla" else kids), self._aux()
-
-    def _aux(self):
-        # the XLA kernel keeps the 3-entry aux of earlier versions (same serialization)
-        aux = (self.name, self.max_abs_x, self.zero_point_is_zero)
-        return aux + (self.kernel,) if self.kernel != "xla" else aux
-
-    @classmethod
-    def tree_unflatten(cls, aux, children) -> PreparedLinear:
-        obj = object.__new__(cls)
-        object.__setattr__(obj, "weight", children[0])
-        object.__setattr__(obj, "col_sum", children[1])
-        object.__setattr__(obj, "name", aux[0])
-        object.__setattr__(obj, "max_abs_x", aux[1])
-        object.__setattr__(obj, "zero_point_is_zero", aux[2])
-        kernel = aux[3] if len(aux) > 3 else "xla"
-        object.__setattr__(obj, "packed", children[2] if kernel != "xla" else None)
-        object.__setattr__(obj, "kernel", kernel)
-        return obj
-
-
-jax.export.register_pytree_node_serialization(
-    PreparedLinear,
-    serialized_name="qjax.kernels.PreparedLinear",
-    serialize_auxdata=lambda aux: json.dumps(list(aux)).encode(),
-    deserialize_auxdata=lambda data: tuple(json.loads(data.decode())),
-)
 
 
 def prepare_linear(
@@ -341,126 +311,3 @@ def quantized_linear(
     except (TypeError, ValueError) as e:
         raise type(e)(f"layer {layer!r}: {e}") from None
     return QArray(codes, out_qparams)
-
-
-# A one-row dot gets a zero row appended (sliced off again after the dot): XLA:CPU runs
-# a one-row int8 dot (a matrix-vector product) on a slow generic path, a two-row one on
-# its int8 GEMM (raw 1024x1024 dot: 1 row ~270 us, 2 rows ~130 us; MLP 784-1024-1024-10
-# at batch 1: ~1.5-1.9x faster). Padding 2 or 3 rows up to 4 measured no better. The pad
-# fuses into the pass that makes the int8 operand, the slice into the requantize
-# epilogue; each row of ``acc`` is computed on its own, so the codes are unchanged.
-_MIN_DOT_ROWS = 2
-
-
-def _int8_dot(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``Σ_k x[..., k]·w[k, n]``: int8 x int8 -> int32 ``dot_general``, shaped for speed."""
-    lead = x.shape[:-1]
-    rows = math.prod(lead)
-    if 0 < rows < _MIN_DOT_ROWS:
-        x2 = jnp.pad(x.reshape(rows, x.shape[-1]), ((0, _MIN_DOT_ROWS - rows), (0, 0)))
-        acc = lax.dot_general(x2, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-        return acc[:rows].reshape(lead + (w.shape[1],))
-    return lax.dot_general(
-        x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32
-    )
-
-
-def _sat16_pair_dot(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``Σ_j sat16(x[2j]·w[2j] + x[2j+1]·w[2j+1])`` over K, int32 (FBGEMM vpmaddubsw)."""
-    k = x.shape[-1]
-    xi = x.astype(jnp.int32)
-    wi = w.astype(jnp.int32)
-    if k % 2:
-        xi = jnp.concatenate([xi, jnp.zeros(xi.shape[:-1] + (1,), jnp.int32)], axis=-1)
-        wi = jnp.concatenate([wi, jnp.zeros((1,) + wi.shape[1:], jnp.int32)], axis=0)
-    xe, xo = xi[..., 0::2, None], xi[..., 1::2, None]  # (..., K/2, 1)
-    we, wo = wi[0::2], wi[1::2]  # (K/2, N)
-    pair = jnp.clip(xe * we + xo * wo, -(2**15), 2**15 - 1)
-    return jnp.sum(pair, axis=-2)
-
-
-def _concrete(v) -> bool:
-    return isinstance(v, (np.ndarray, np.generic, jax.Array)) and not isinstance(v, jax.core.Tracer)
-
-
-def check_accumulator(w: QArray, k: int, max_abs_x: int, name: str, *, what: str, hint: str):
-    """Raise ``ValueError`` naming the layer if an int32 accumulator could overflow.
-
-    Bound: ``K·max(max_abs_x·max|w - zp_w|, 128·max|w|) <= 2^31 - 1`` (the second term
-    covers the uint8 -> int8 shifted operand), using the actual codes when ``w`` is
-    concrete and the spec's bounds when it is traced. Returns whether every weight zero
-    point is 0 (so the ``zp_w`` correction terms can be dropped).
-
-    >>> from qjax import QuantSpec, QParams
-    >>> w = QArray(jnp.full((4, 2), 127, jnp.int8), QParams(0.1, 0, QuantSpec()))
-    >>> check_accumulator(w, 4, 255, "fc", what="K=4", hint="split K")
-    True
-    """
-    spec, vals, zp = w.spec, w.values, w.zero_point
-    if _concrete(vals) and _concrete(zp):
-        wn = np.asarray(vals, np.int64)
-        zn = np.asarray(zp, np.int64).reshape(-1 if spec.granularity == "axis" else ())
-        max_w = int(np.abs(wn).max(initial=0))
-        max_wz = int(np.abs(wn - zn).max(initial=0))
-        zp_zero = bool((zn == 0).all())
-    else:
-        max_w = max(-spec.qmin, spec.qmax)
-        # a symmetric signed spec (default range) has zero point 0
-        zp_zero = spec.symmetric and spec.symmetric_zero_point() == 0
-        max_wz = max_w if zp_zero else spec.qmax - spec.qmin
-    worst = k * max(max_abs_x * max_wz, 128 * max_w)
-    if worst > _I32_MAX:
-        raise ValueError(
-            f"layer {name!r}: the int32 accumulator could overflow: {what} · "
-            f"max(max|x - zp_x|={max_abs_x} · max|w - zp_w|={max_wz}, 128 · max|w|={max_w})"
-            f" = {worst} > 2^31 - 1; {hint}"
-        )
-    return zp_zero
-
-
-def check_operands(x, out_qparams, max_abs_x: int, accumulate, activation, layer: str) -> bool:
-    """Validate what linear and conv layers share; return whether ``x`` is unsigned.
-
-    Checks: ``out_qparams`` is a :class:`~qjax.QParams`; ``accumulate`` and the fused
-    ``activation`` are known; ``x`` holds int8/uint8 codes with per-tensor qparams whose
-    code span fits the ``max_abs_x`` the layer's overflow check assumed; and
-    ``"fbgemm_sat16"`` only with uint8 activations. Errors name the layer.
-
-    >>> from qjax import QuantSpec, QParams
-    >>> x = QArray(jnp.zeros((1, 2), jnp.uint8), QParams(0.1, 0, QuantSpec(signed=False)))
-    >>> check_operands(x, x.qparams, 255, "exact", "relu", "fc")
-    True
-    """
-    if not isinstance(out_qparams, QParams):
-        raise TypeError(
-            f"layer {layer!r}: out_qparams must be a QParams, got {type(out_qparams).__name__}"
-        )
-    if accumulate not in _ACCUMULATES:
-        raise ValueError(
-            f"layer {layer!r}: accumulate must be one of {_ACCUMULATES}, got {accumulate!r}"
-        )
-    if activation not in (None, "relu", "relu6", "hardtanh"):
-        raise ValueError(
-            f"layer {layer!r}: unsupported fused activation {activation!r}; supported: "
-            "None, 'relu', 'relu6', 'hardtanh'"
-        )
-    xs = x.spec
-    if xs.dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
-        raise TypeError(f"layer {layer!r}: activations must be int8 or uint8 codes, got {xs.dtype}")
-    if xs.granularity != "tensor":
-        raise ValueError(
-            f"layer {layer!r}: activation qparams must be per-tensor, got axis={xs.axis}, "
-            f"group_size={xs.group_size}"
-        )
-    if xs.qmax - xs.qmin > max_abs_x:
-        raise ValueError(
-            f"layer {layer!r}: activations span {xs.qmax - xs.qmin} codes but the layer was "
-            f"checked for overflow with max_abs_x={max_abs_x}; prepare it with a larger "
-            "max_abs_x"
-        )
-    if accumulate != "exact" and xs.signed:
-        raise ValueError(
-            f"layer {layer!r}: accumulate={accumulate!r} models a uint8 x int8 "
-            f"vpmaddubsw kernel; got {xs.dtype} activations"
-        )
-    return not xs.signed

@@ -3,8 +3,8 @@
 FBGEMM and oneDNN on CPUs without VNNI multiply uint8 activations by int8 weights with
 ``vpmaddubsw``: adjacent products summed in pairs, each pair sum saturated to int16, the
 pairs then added exactly in int32. qjax's XLA formulation of this
-(``_linear._sat16_pair_dot``, ``_conv._sat16_conv``) materialises every pair product and
-runs 100-300x slower than the exact int8 dot; :func:`sat16_dot` computes the same
+(``_accumulate._sat16_pair_dot``, ``_accumulate._sat16_conv``) materialises every pair
+product and runs 100-300x slower than the exact int8 dot; :func:`sat16_dot` computes the same
 integers with the instruction itself, one FFI call ``qjax_sat16_gemm`` (source
 ``sat16_gemm.cc``, compiled with ``-mavx2`` only, so it runs on every x86-64 CPU with
 AVX2, AVX-512 and AMX ones included).

@@ -1,0 +1,284 @@
+"""The int32 accumulator of linear and conv layers: its checks and its variants.
+
+One topic shared by :mod:`qjax.kernels._linear` and :mod:`qjax.kernels._conv`:
+
+* the checks every integer layer runs before it accumulates: the int32 overflow bound
+  (:func:`check_accumulator`, at prepare time) and the operands (:func:`check_operands`,
+  at call time);
+* the ways ``Σ x·w`` is accumulated, one per ``accumulate`` name (:data:`Accumulate`):
+
+  - ``"exact"``: int8 x int8 -> int32 ``dot_general`` (:func:`_int8_dot`) or
+    ``conv_general_dilated`` (:func:`_int8_conv`), exact;
+  - ``"fbgemm_sat16"``: FBGEMM's ``vpmaddubsw`` on CPUs without VNNI (NUMERICS.md rule
+    14): adjacent products along the reduction summed in pairs, each pair saturated to
+    int16 (:func:`_sat16_pair_dot`; :func:`_sat16_conv` over FBGEMM's im2col order);
+  - ``"onednn_sat16"``: oneDNN's path on the same CPUs: for a linear layer the same
+    pairs; for a conv the pairs never span two kernel taps, and the padding taps are
+    skipped (:func:`_onednn_sat16_conv`, with :func:`_valid_taps`).
+
+Which engine takes which variant at which CPU level is :mod:`qjax.kernels._levels`; the
+native AVX2 kernel computing the saturating sums is :mod:`qjax.kernels._native._sat16`
+(the same integers). The layers' module docstrings give the full accumulator rule,
+zero-point terms included.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from .._qarray import QArray
+from .._spec import QParams
+from . import _native
+
+__all__ = ["Accumulate", "check_accumulator", "check_operands"]
+
+Accumulate = Literal["exact", "fbgemm_sat16", "onednn_sat16"]
+_ACCUMULATES = ("exact", "fbgemm_sat16", "onednn_sat16")
+_I32_MAX = 2**31 - 1
+
+
+# --------------------------------------------------------------------------------------
+# checks shared by linear and conv
+
+
+def _concrete(v) -> bool:
+    return isinstance(v, (np.ndarray, np.generic, jax.Array)) and not isinstance(v, jax.core.Tracer)
+
+
+def check_accumulator(w: QArray, k: int, max_abs_x: int, name: str, *, what: str, hint: str):
+    """Raise ``ValueError`` naming the layer if an int32 accumulator could overflow.
+
+    Bound: ``K·max(max_abs_x·max|w - zp_w|, 128·max|w|) <= 2^31 - 1`` (the second term
+    covers the uint8 -> int8 shifted operand), using the actual codes when ``w`` is
+    concrete and the spec's bounds when it is traced. Returns whether every weight zero
+    point is 0 (so the ``zp_w`` correction terms can be dropped).
+
+    >>> from qjax import QuantSpec, QParams
+    >>> w = QArray(jnp.full((4, 2), 127, jnp.int8), QParams(0.1, 0, QuantSpec()))
+    >>> check_accumulator(w, 4, 255, "fc", what="K=4", hint="split K")
+    True
+    """
+    spec, vals, zp = w.spec, w.values, w.zero_point
+    if _concrete(vals) and _concrete(zp):
+        wn = np.asarray(vals, np.int64)
+        zn = np.asarray(zp, np.int64).reshape(-1 if spec.granularity == "axis" else ())
+        max_w = int(np.abs(wn).max(initial=0))
+        max_wz = int(np.abs(wn - zn).max(initial=0))
+        zp_zero = bool((zn == 0).all())
+    else:
+        max_w = max(-spec.qmin, spec.qmax)
+        # a symmetric signed spec (default range) has zero point 0
+        zp_zero = spec.symmetric and spec.symmetric_zero_point() == 0
+        max_wz = max_w if zp_zero else spec.qmax - spec.qmin
+    worst = k * max(max_abs_x * max_wz, 128 * max_w)
+    if worst > _I32_MAX:
+        raise ValueError(
+            f"layer {name!r}: the int32 accumulator could overflow: {what} · "
+            f"max(max|x - zp_x|={max_abs_x} · max|w - zp_w|={max_wz}, 128 · max|w|={max_w})"
+            f" = {worst} > 2^31 - 1; {hint}"
+        )
+    return zp_zero
+
+
+def check_operands(x, out_qparams, max_abs_x: int, accumulate, activation, layer: str) -> bool:
+    """Validate what linear and conv layers share; return whether ``x`` is unsigned.
+
+    Checks: ``out_qparams`` is a :class:`~qjax.QParams`; ``accumulate`` and the fused
+    ``activation`` are known; ``x`` holds int8/uint8 codes with per-tensor qparams whose
+    code span fits the ``max_abs_x`` the layer's overflow check assumed; and
+    ``"fbgemm_sat16"`` only with uint8 activations. Errors name the layer.
+
+    >>> from qjax import QuantSpec, QParams
+    >>> x = QArray(jnp.zeros((1, 2), jnp.uint8), QParams(0.1, 0, QuantSpec(signed=False)))
+    >>> check_operands(x, x.qparams, 255, "exact", "relu", "fc")
+    True
+    """
+    if not isinstance(out_qparams, QParams):
+        raise TypeError(
+            f"layer {layer!r}: out_qparams must be a QParams, got {type(out_qparams).__name__}"
+        )
+    if accumulate not in _ACCUMULATES:
+        raise ValueError(
+            f"layer {layer!r}: accumulate must be one of {_ACCUMULATES}, got {accumulate!r}"
+        )
+    if activation not in (None, "relu", "relu6", "hardtanh"):
+        raise ValueError(
+            f"layer {layer!r}: unsupported fused activation {activation!r}; supported: "
+            "None, 'relu', 'relu6', 'hardtanh'"
+        )
+    xs = x.spec
+    if xs.dtype not in (np.dtype(np.int8), np.dtype(np.uint8)):
+        raise TypeError(f"layer {layer!r}: activations must be int8 or uint8 codes, got {xs.dtype}")
+    if xs.granularity != "tensor":
+        raise ValueError(
+            f"layer {layer!r}: activation qparams must be per-tensor, got axis={xs.axis}, "
+            f"group_size={xs.group_size}"
+        )
+    if xs.qmax - xs.qmin > max_abs_x:
+        raise ValueError(
+            f"layer {layer!r}: activations span {xs.qmax - xs.qmin} codes but the layer was "
+            f"checked for overflow with max_abs_x={max_abs_x}; prepare it with a larger "
+            "max_abs_x"
+        )
+    if accumulate != "exact" and xs.signed:
+        raise ValueError(
+            f"layer {layer!r}: accumulate={accumulate!r} models a uint8 x int8 "
+            f"vpmaddubsw kernel; got {xs.dtype} activations"
+        )
+    return not xs.signed
+
+
+# --------------------------------------------------------------------------------------
+# linear: (..., K) x (K, N)
+
+# A one-row dot gets a zero row appended (sliced off again after the dot): XLA:CPU runs
+# a one-row int8 dot (a matrix-vector product) on a slow generic path, a two-row one on
+# its int8 GEMM (raw 1024x1024 dot: 1 row ~270 us, 2 rows ~130 us; MLP 784-1024-1024-10
+# at batch 1: ~1.5-1.9x faster). Padding 2 or 3 rows up to 4 measured no better. The pad
+# fuses into the pass that makes the int8 operand, the slice into the requantize
+# epilogue; each row of ``acc`` is computed on its own, so the codes are unchanged.
+_MIN_DOT_ROWS = 2
+
+
+def _int8_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``Σ_k x[..., k]·w[k, n]``: int8 x int8 -> int32 ``dot_general``, shaped for speed."""
+    lead = x.shape[:-1]
+    rows = math.prod(lead)
+    if 0 < rows < _MIN_DOT_ROWS:
+        x2 = jnp.pad(x.reshape(rows, x.shape[-1]), ((0, _MIN_DOT_ROWS - rows), (0, 0)))
+        acc = lax.dot_general(x2, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+        return acc[:rows].reshape(lead + (w.shape[1],))
+    return lax.dot_general(
+        x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32
+    )
+
+
+def _sat16_pair_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``Σ_j sat16(x[2j]·w[2j] + x[2j+1]·w[2j+1])`` over K, int32 (FBGEMM vpmaddubsw)."""
+    k = x.shape[-1]
+    xi = x.astype(jnp.int32)
+    wi = w.astype(jnp.int32)
+    if k % 2:
+        xi = jnp.concatenate([xi, jnp.zeros(xi.shape[:-1] + (1,), jnp.int32)], axis=-1)
+        wi = jnp.concatenate([wi, jnp.zeros((1,) + wi.shape[1:], jnp.int32)], axis=0)
+    xe, xo = xi[..., 0::2, None], xi[..., 1::2, None]  # (..., K/2, 1)
+    we, wo = wi[0::2], wi[1::2]  # (K/2, N)
+    pair = jnp.clip(xe * we + xo * wo, -(2**15), 2**15 - 1)
+    return jnp.sum(pair, axis=-2)
+
+
+# --------------------------------------------------------------------------------------
+# conv: (N, *spatial, C) x HWIO, channels-last, input already padded
+
+
+def _int8_conv(xv, w, stride, dilation, groups):
+    """``Σ x·w`` over each window: ``(N, *sp, C)`` x HWIO int8 -> int32, ``VALID``."""
+    sp = "HW" if xv.ndim == 4 else "W"
+    return lax.conv_general_dilated(
+        xv,
+        w,
+        window_strides=stride,
+        padding="VALID",
+        rhs_dilation=dilation,
+        dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"),
+        feature_group_count=groups,
+        preferred_element_type=jnp.int32,
+    )
+
+
+def _sat16_conv(xv, w, stride, dilation, groups, per_tap=False, native=False):
+    """FBGEMM im2col + ``vpmaddubsw``: ``Σ_j sat16(x[2j]·w[2j] + x[2j+1]·w[2j+1])``.
+
+    ``xv`` raw (padded) uint8 ``(N, *sp, C)``, ``w`` HWIO int8; the reduction index runs
+    over (kernel taps row-major, channel in group). ``per_tap`` (oneDNN): each tap's
+    channels padded with zeros to an even count first, so no pair spans two taps.
+    ``native``: the same im2col patches (uint8) go to the AVX2 kernel
+    (:func:`qjax.kernels._native.sat16_dot`), one call for all groups; the same integers.
+    Returns int32 ``(N, *out, C_out)``.
+    """
+    xi = xv if native else xv.astype(jnp.int32)
+    nsp = xi.ndim - 2
+    kernel = w.shape[:nsp]
+    out_sizes = [
+        (xi.shape[1 + i] - (kernel[i] - 1) * dilation[i] - 1) // stride[i] + 1 for i in range(nsp)
+    ]
+    taps = []
+    for t in np.ndindex(*kernel):
+        idx = [slice(None)]
+        for i in range(nsp):
+            start = t[i] * dilation[i]
+            idx.append(slice(start, start + (out_sizes[i] - 1) * stride[i] + 1, stride[i]))
+        idx.append(slice(None))
+        taps.append(xi[tuple(idx)])  # (N, *out, C)
+    p = jnp.stack(taps, axis=-2)  # (N, *out, T, C)
+    n_t = p.shape[-2]
+    c = p.shape[-1]
+    cg = c // groups
+    o = w.shape[-1]
+    p = p.reshape(p.shape[:-1] + (groups, cg))  # (N, *out, T, G, Cg)
+    p = jnp.moveaxis(p, -2, -3)  # (N, *out, G, T, Cg)
+    wk = (w if native else w.astype(jnp.int32)).reshape(n_t, cg, groups, o // groups)
+    if per_tap and cg % 2:
+        p = jnp.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, 1)])
+        wk = jnp.pad(wk, ((0, 0), (0, 1), (0, 0), (0, 0)))
+        cg += 1
+    k = n_t * cg
+    p = p.reshape(p.shape[:-2] + (k,))  # (N, *out, G, K)
+    wk = jnp.moveaxis(wk, 2, 0).reshape(groups, k, o // groups)  # (G, K, Og)
+    if native:
+        lead = p.shape[:-2]
+        pg = jnp.moveaxis(p.reshape((-1, groups, k)), 1, 0)  # (G, M, K)
+        acc = _native.sat16_dot(pg, _native.pack_sat16_weight(wk), wk, _batched_pair_dot)
+        return jnp.moveaxis(acc, 0, 1).reshape(lead + (o,))  # (M, G, Og) -> (N, *out, O)
+    if k % 2:
+        p = jnp.concatenate([p, jnp.zeros(p.shape[:-1] + (1,), jnp.int32)], axis=-1)
+        wk = jnp.concatenate([wk, jnp.zeros((groups, 1, o // groups), jnp.int32)], axis=1)
+    xe, xo = p[..., 0::2, None], p[..., 1::2, None]  # (N, *out, G, K/2, 1)
+    pair = jnp.clip(xe * wk[:, 0::2] + xo * wk[:, 1::2], -(2**15), 2**15 - 1)
+    acc = jnp.sum(pair, axis=-2)  # (N, *out, G, Og)
+    return acc.reshape(acc.shape[:-2] + (o,))
+
+
+def _batched_pair_dot(x, w):
+    """:func:`_sat16_pair_dot` per group: ``(G, M, K)`` x ``(G, K, N)``."""
+    return jax.vmap(_sat16_pair_dot)(x, w)
+
+
+def _onednn_sat16_conv(x, w, zx, pads, stride, dilation, groups, native=False):
+    """oneDNN's ``vpmaddubsw`` conv: per-tap pairs, padding taps skipped, ``zp_x`` folded in.
+
+    ``x`` raw uint8 ``(N, *sp, C)`` before padding, ``w`` HWIO int8, ``zx`` the int32
+    input zero point. oneDNN skips the padding taps: the products run over a zero-padded
+    input (:func:`_sat16_conv` with ``per_tap``) and the zero-point term
+    ``zp_x·Σ_c w[t, c, o]`` over the valid taps of each output position only. Returns
+    int32 ``(N, *out, C_out)``, the zero-point term included.
+    """
+    nsp = x.ndim - 2
+    pad_cfg = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)]
+    xz = lax.pad(x, jnp.zeros((), x.dtype), pad_cfg)
+    acc = _sat16_conv(xz, w, stride, dilation, groups, per_tap=True, native=native)
+    valid = _valid_taps(x.shape[1:-1], pads, w.shape[:nsp], stride, dilation)  # (*out, T) 0/1
+    w_tap = jnp.sum(w.astype(jnp.int32), axis=-2).reshape(valid.shape[-1], w.shape[-1])
+    return acc - zx * jnp.einsum("...t,to->...o", jnp.asarray(valid), w_tap)
+
+
+def _valid_taps(in_sizes, pads, kernel, stride, dilation) -> np.ndarray:
+    """int32 ``(*out, T)``: 1 where kernel tap ``t`` of output position ``p`` reads the
+    input, 0 where it reads padding (static shapes, so plain NumPy)."""
+    axes = []
+    for n, (lo, hi), k, s, d in zip(in_sizes, pads, kernel, stride, dilation, strict=True):
+        out = (n + lo + hi - (k - 1) * d - 1) // s + 1
+        pos = np.arange(out)[:, None] * s + np.arange(k)[None, :] * d - lo  # (out, k)
+        axes.append(((pos >= 0) & (pos < n)).astype(np.int32))
+    m = axes[0]
+    for a in axes[1:]:  # outer product over the spatial axes, taps row-major
+        m = (m[:, None, :, None] * a[None, :, None, :]).reshape(
+            m.shape[:-1] + a.shape[:-1] + (m.shape[-1] * a.shape[-1],)
+        )
+    return m

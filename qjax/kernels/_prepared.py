@@ -1,0 +1,90 @@
+"""Prepared weights as pytrees: one registration for :class:`PreparedLinear` and
+:class:`PreparedConv`.
+
+A prepared weight (:mod:`qjax.kernels._linear`, :mod:`qjax.kernels._conv`) is a frozen
+dataclass with array leaves (the weight and its precomputed sums), static fields (name,
+geometry, overflow bound) and the ``kernel`` it was packed for, plus a ``packed`` leaf
+for the kernels that pack the weight. :func:`register_prepared` writes the pytree
+methods and the ``jax.export`` serialization once, from the field names.
+
+Pytree layout, which saved ``jax.export`` programs depend on (keep it): children are the
+leaves in order, then ``packed`` when the kernel has one; aux data is the static fields
+in order, then ``kernel`` unless it is ``"xla"`` (so the XLA kernel keeps the aux of the
+versions before native kernels existed), serialized as a JSON list.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Literal
+
+import jax
+
+__all__ = ["Kernel", "register_prepared"]
+
+Kernel = Literal["xla", "amx", "sat16"]
+_KERNELS = ("xla", "amx", "sat16")
+
+
+def register_prepared(
+    *,
+    leaves: tuple[str, ...],
+    static: tuple[str, ...],
+    packed_when: Callable[[str], bool],
+    serialized_name: str,
+):
+    """Class decorator: register a prepared-weight dataclass as a pytree with keys and
+    for ``jax.export`` serialization under ``serialized_name``.
+
+    Args:
+      leaves: the array fields, in child order.
+      static: the static fields, in aux order (``kernel`` follows unless ``"xla"``).
+      packed_when: ``packed_when(kernel)`` says whether the ``packed`` field is a leaf.
+      serialized_name: the name ``jax.export`` records for the node type.
+
+    The class gets ``tree_flatten_with_keys``, ``tree_flatten`` and ``tree_unflatten``.
+    """
+    n_leaves, n_static = len(leaves), len(static)
+
+    def wrap(cls):
+        def _aux(self):
+            aux = tuple(getattr(self, f) for f in static)
+            return aux + (self.kernel,) if self.kernel != "xla" else aux
+
+        def tree_flatten_with_keys(self):
+            ga = jax.tree_util.GetAttrKey
+            kids = tuple((ga(f), getattr(self, f)) for f in leaves)
+            if packed_when(self.kernel):
+                kids += ((ga("packed"), self.packed),)
+            return kids, self._aux()
+
+        def tree_flatten(self):
+            kids = tuple(getattr(self, f) for f in leaves)
+            return (kids + (self.packed,) if packed_when(self.kernel) else kids), self._aux()
+
+        def tree_unflatten(cls, aux, children):
+            obj = object.__new__(cls)
+            for f, v in zip(leaves, children[:n_leaves], strict=True):
+                object.__setattr__(obj, f, v)
+            for f, v in zip(static, aux[:n_static], strict=True):
+                object.__setattr__(obj, f, v)
+            kernel = aux[n_static] if len(aux) > n_static else "xla"
+            object.__setattr__(obj, "packed", children[n_leaves] if packed_when(kernel) else None)
+            object.__setattr__(obj, "kernel", kernel)
+            return obj
+
+        cls._aux = _aux
+        cls.tree_flatten_with_keys = tree_flatten_with_keys
+        cls.tree_flatten = tree_flatten
+        cls.tree_unflatten = classmethod(tree_unflatten)
+        jax.tree_util.register_pytree_with_keys_class(cls)
+        jax.export.register_pytree_node_serialization(
+            cls,
+            serialized_name=serialized_name,
+            serialize_auxdata=lambda aux: json.dumps(list(aux)).encode(),
+            deserialize_auxdata=lambda data: tuple(json.loads(data.decode())),
+        )
+        return cls
+
+    return wrap
