@@ -1,7 +1,7 @@
 """How the int8 kernels lower under ``jit``: integer-only dots/convs, hoisted coefficients.
 
 The requantization schemes are split into per-channel coefficients (computed once) and a
-per-element apply (``qjax.kernels._requant._coefficients``); these tests check that the
+per-element apply (``qjax.kernels._schemes._coefficients``); these tests check that the
 split changes no code (against the same formulas evaluated op by op, with ties and
 per-channel scales), that the hoisting guard is the identity on every special value, that
 the compiled epilogue no longer recomputes divisions per element, that the serving
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from qjax import QArray, QParams, QuantSpec
-from qjax.kernels import _requant as R
+from qjax.kernels import _schemes as R
 from qjax.kernels import (
     max_pool2d,
     prepare_conv,

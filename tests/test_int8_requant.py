@@ -1,7 +1,7 @@
 """Requantization schemes: each formula against an independent NumPy implementation.
 
 NumPy float32 arithmetic rounds every operation separately (no FMA contraction), so it
-is the literal reading of the formulas in ``qjax.kernels._requant``. The pools below are
+is the literal reading of the formulas in ``qjax.kernels._schemes``. The pools below are
 large enough to contain inputs where contracting ``a·b + c`` into an FMA (as XLA's CPU
 backend does unless prevented) changes the code; the tests check that such inputs exist
 in the pool and that qjax still matches the separately rounded formula.

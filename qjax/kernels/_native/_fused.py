@@ -29,14 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .._requant import (
-    _apply_fbgemm,
-    _coef_fbgemm,
-    _coef_qnnpack,
-    _coefficients,
-    _zero_point_scalar,
-    activation_bounds,
-)
+from .._requant import _zero_point_scalar, activation_bounds
+from .._schemes import _apply_fbgemm, _coef_fbgemm, _coef_qnnpack, _coefficients
 
 QTARGET = "qjax_amx_q8_gemm"
 QCONV_TARGET = "qjax_amx_q8_conv2d"
