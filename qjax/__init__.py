@@ -31,8 +31,8 @@ from ._spec import QParams as QParams
 from ._spec import QuantSpec as QuantSpec
 from .flax._convert import convert as convert
 from .flax._serve import ServedModel as ServedModel
-from .flax._serve import load_served as load_served
-from .flax._serve import save_served as save_served
+from .flax._served_io import load_served as load_served
+from .flax._served_io import save_served as save_served
 from .program import Program as Program
 
 __version__ = "0.1.0"
