@@ -15,6 +15,7 @@ from qjax import debug
 from qjax.flax import Mode, default_qat_qconfig, qjax_recommended
 from qjax.flax import nnx as qnnx
 from qjax.flax._core import init_layer_stats
+from qjax.flax._paths import join_path
 
 BAD = "layers/2"  # the MLP layer whose input range the tests shrink
 
@@ -43,7 +44,7 @@ def mlp():
 
 
 def _shrink_input_range(model, path, lo=-0.05, hi=0.05):
-    m = dict((qnnx._path_str(p), m) for p, m in nnx.iter_modules(model))[path]
+    m = dict((join_path(p), m) for p, m in nnx.iter_modules(model))[path]
     st = m.quant_stats.get_value()
     inp = st.input._replace(min_val=jnp.float32(lo), max_val=jnp.float32(hi))
     m.quant_stats.set_value(st._replace(input=inp))

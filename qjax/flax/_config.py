@@ -142,7 +142,7 @@ class QuantConfig:
         torch modes).
       grad: fake-quant gradient, ``"ste"``, ``"clipped_ste"`` or ``"identity"``
         ``"lsq"``/``"pact"``: learnable qparams as parameters, for the layers of
-        :mod:`qjax.flax.nnx_extras` / :mod:`qjax.flax.linen_extras` only.
+        :mod:`qjax.flax.nnx._learnable` / :mod:`qjax.flax.linen._learnable` only.
       quantize_input: the activation quantizer sits on the layer's input (qjax's and
         the ``dot_general`` hook's convention; what an int8 kernel consumes).
       quantize_output: the activation quantizer sits on the layer's output after the

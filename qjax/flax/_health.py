@@ -9,11 +9,12 @@ float32 maximum has an infinite width. qparams from such a range are meaningless
 * :func:`stats_health` is pure and jit-able: ``{path: Health}`` plus a ``bad_range``
   count per observer state, to return from a jitted training or calibration step
   (a data-dependent condition inside ``jit`` cannot raise there);
-* :func:`check_statistics` (host side) raises ``ValueError`` naming every module path
-  with a non-finite range and the fix, and warns (``UserWarning``) about NaN/inf inputs
-  the observers ignored. The Flax shells call it when entering ``Mode.FROZEN``
-  (:func:`qjax.flax.nnx.set_mode`, :func:`qjax.flax.linen.require_statistics`) and
-  before reading qparams into learnable parameters;
+* :func:`check_stats_tree` (host side, on a statistics tree) raises ``ValueError``
+  naming every module path with a non-finite range and the fix, and warns
+  (``UserWarning``) about NaN/inf inputs the observers ignored. The Flax shells call
+  it when entering ``Mode.FROZEN`` (:func:`qjax.flax.nnx.set_mode`,
+  :func:`qjax.flax.linen.require_statistics`) and before reading qparams into
+  learnable parameters;
 * :func:`raise_if_unhealthy` does the same for the arrays :func:`stats_health` returned
   from a jitted function.
 """
@@ -29,7 +30,7 @@ import numpy as np
 
 from ..observers import health as _observer_health
 
-__all__ = ["StatsHealth", "check_statistics", "raise_if_unhealthy", "stats_health"]
+__all__ = ["StatsHealth", "check_stats_tree", "raise_if_unhealthy", "stats_health"]
 
 _FIX = (
     "re-initialise these statistics (init the model again or load finite ranges) and run "
@@ -122,13 +123,13 @@ def raise_if_unhealthy(health: dict[str, StatsHealth], *, where: str = "statisti
         raise ValueError(f"{where}: non-finite ranges in {bad}; {_FIX}")
 
 
-def check_statistics(tree: Any, *, where: str = "statistics", prefix: str = "") -> None:
+def check_stats_tree(tree: Any, *, where: str = "statistics", prefix: str = "") -> None:
     """Host side: :func:`stats_health` of ``tree`` then :func:`raise_if_unhealthy`.
 
     >>> import qjax
     >>> obs = qjax.observers.minmax(qjax.QuantSpec())
     >>> st = obs.update(obs.init(jnp.zeros(2)), jnp.array([1.0, 2.0]))
-    >>> check_statistics({"fc1": st._replace(max_val=jnp.float32(jnp.nan))}, where="FROZEN")
+    >>> check_stats_tree({"fc1": st._replace(max_val=jnp.float32(jnp.nan))}, where="FROZEN")
     Traceback (most recent call last):
       ...
     ValueError: FROZEN: non-finite ranges in ['fc1 (1 entry)']; re-initialise ...

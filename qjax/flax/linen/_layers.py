@@ -1,70 +1,34 @@
-"""Quantization-aware training layers for ``flax.linen`` (a thin shell over the core).
+"""The ``flax.linen`` quantized layers and hooks: statistics and the forward pass.
 
-Observer statistics live in the ``quant_stats`` collection, never in ``params``:
-``model.init`` allocates them with their final shapes; a training step that observes
-(``Mode.CALIBRATE``/``Mode.QAT``) runs ``model.apply(variables, x,
-mutable=["quant_stats"])`` and keeps the returned collection, as with ``batch_stats``.
-The init call itself does not update statistics (as ``nn.BatchNorm``). Mode and
-per-layer switches (``observe``, ``fake_quant``) are module attributes; the layers also
-take ``mode=`` at call time.
-
-Hooks into stock layers: ``nn.Dense(..., dot_general_cls=functools.partial(
-QuantDotGeneral, config=cfg))`` and ``nn.Conv(..., conv_general_dilated_cls=
-functools.partial(QuantConvGeneralDilated, config=cfg))``; as in NNX they quantize the
-input and the kernel only (not the output, which gets its bias after the hook). A
-hook's mode is an attribute of the partial, so switching modes means rebuilding the
-model with another partial (Linen has no way to reach ``nn.Dense``'s inner submodule).
-
-Convenience layers: :class:`QuantDense`, :class:`QuantConv`, :class:`QuantConvBn`
-(BN folded as torch's ``ConvBn2d``, running statistics in ``batch_stats``),
-:class:`ActQuant`, :class:`QuantStub`, :class:`DeQuantStub`. Post-training
-calibration: :func:`calibrate`; before ``Mode.FROZEN``: :func:`require_statistics`.
+Observer statistics live in the ``quant_stats`` collection (:data:`COLLECTION`), one
+``stats`` variable per quantized module. The ``dot_general_cls`` /
+``conv_general_dilated_cls`` hooks (:class:`QuantDotGeneral`,
+:class:`QuantConvGeneralDilated`) go into stock ``nn.Dense`` / ``nn.Conv``; the
+convenience layers (:class:`QuantDense`, :class:`QuantConv`, :class:`QuantConvBn`,
+:class:`ActQuant`, :class:`QuantStub`, :class:`DeQuantStub`) also quantize outputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _convbn, _core, _intsim
-from ._calibrate import run_batches as _run_batches
-from ._config import Mode, QuantConfig, as_mode
-from ._pooling import LinenAvgPool as AvgPool
-from ._pooling import LinenFlatten as Flatten
-from ._pooling import LinenMaxPool as MaxPool
-
-__all__ = [
-    "ActQuant",
-    "AvgPool",
-    "DeQuantStub",
-    "Flatten",
-    "MaxPool",
-    "QuantConv",
-    "QuantConvBn",
-    "QuantConvGeneralDilated",
-    "QuantDense",
-    "QuantDotGeneral",
-    "QuantStub",
-    "calibrate",
-    "require_statistics",
-]
+from .. import _convbn, _core, _intsim
+from .._config import Mode, QuantConfig, as_mode
+from .._paths import join_path
 
 COLLECTION = "quant_stats"
 
 
-def _path(module: nn.Module) -> str:
-    return "/".join(module.path) or "<root>"
-
-
 def _check_config(module: nn.Module, config) -> None:
     if not isinstance(config, QuantConfig):
+        where = join_path(module.path)
         raise TypeError(
-            f"{_path(module)}: config must be a qjax.flax.QuantConfig, got {type(config).__name__}"
+            f"{where}: config must be a qjax.flax.QuantConfig, got {type(config).__name__}"
         )
 
 
@@ -73,7 +37,7 @@ def _check_existing_kernel(module: nn.Module, x) -> None:
     naming the layer and both shapes, as the NNX layers; not flax's shape error)."""
     if module.has_variable("params", "kernel"):
         kernel = nn.meta.unbox(module.get_variable("params", "kernel"))
-        _core.check_features(x, kernel, _path(module))
+        _core.check_features(x, kernel, join_path(module.path))
 
 
 def _stats_variable(module: nn.Module, init_fn):
@@ -85,7 +49,7 @@ def _store(module: nn.Module, var, new, mode: Mode, observe: bool) -> None:
         return
     if not module.is_mutable_collection(COLLECTION):
         raise ValueError(
-            f"{_path(module)}: {mode} updates observer statistics, but the "
+            f"{join_path(module.path)}: {mode} updates observer statistics, but the "
             f"{COLLECTION!r} collection is immutable; call apply(..., mutable=[{COLLECTION!r}]) "
             "or use Mode.FROZEN (or observe=False) for evaluation"
         )
@@ -99,8 +63,8 @@ def _switches(module) -> _core.Switches:
 def _refuse_output_quant(module, config) -> None:
     if config.quantize_output:
         raise ValueError(
-            f"{_path(module)}: a dot_general/conv hook sees the input and kernel only (the "
-            "bias is added after it), so it cannot quantize the output; use "
+            f"{join_path(module.path)}: a dot_general/conv hook sees the input and kernel "
+            "only (the bias is added after it), so it cannot quantize the output; use "
             "config.replace(quantize_input=True, quantize_output=False), or QuantDense/"
             "QuantConv for PyTorch's output-quantizing convention"
         )
@@ -153,7 +117,7 @@ class QuantDotGeneral(nn.Module):
             self.config,
             mode,
             _switches(self),
-            name=_path(self),
+            name=join_path(self.path),
             require_stats=not self.is_initializing(),
             dimension_numbers=dimension_numbers,
             precision=precision,
@@ -214,7 +178,7 @@ class QuantConvGeneralDilated(nn.Module):
             self.config,
             mode,
             _switches(self),
-            name=_path(self),
+            name=join_path(self.path),
             require_stats=not self.is_initializing(),
             window_strides=window_strides,
             padding=padding,
@@ -263,8 +227,8 @@ class QuantDense(nn.Module):
         kernel = self.param("kernel", self.kernel_init, kshape, jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         var = _stats_variable(self, lambda: _core.init_layer_stats(self.config, kshape))
-        sw, name = _switches(self), _path(self)
-        x, kernel = _core.promote_operands(x, kernel, _path(self))
+        sw, name = _switches(self), join_path(self.path)
+        x, kernel = _core.promote_operands(x, kernel, join_path(self.path))
         y, st = _core.quantized_op(
             lax.dot_general,
             x,
@@ -325,7 +289,7 @@ class QuantConv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, kshape, jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         var = _stats_variable(self, lambda: _core.init_layer_stats(self.config, kshape))
-        sw, name = _switches(self), _path(self)
+        sw, name = _switches(self), join_path(self.path)
         n = x.ndim - 2
         if not 1 <= n <= 3:
             raise ValueError(
@@ -338,7 +302,7 @@ class QuantConv(nn.Module):
             padding=padding,
             dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"),
         )
-        x, kernel = _core.promote_operands(x, kernel, _path(self))
+        x, kernel = _core.promote_operands(x, kernel, join_path(self.path))
         y, st = _core.quantized_op(
             lax.conv_general_dilated,
             x,
@@ -415,7 +379,7 @@ class QuantConvBn(nn.Module):
         mean = self.variable("batch_stats", "bn_mean", jnp.zeros, f, jnp.float32)
         var = self.variable("batch_stats", "bn_var", jnp.ones, f, jnp.float32)
         qvar = _stats_variable(self, lambda: _core.init_layer_stats(self.config, kshape))
-        name = _path(self)
+        name = join_path(self.path)
         n = x.ndim - 2
         if not 1 <= n <= 3:
             raise ValueError(f"{name}: QuantConvBn supports 1-3 spatial dims, got rank {x.ndim}")
@@ -484,11 +448,13 @@ class ActQuant(nn.Module):
         _check_config(self, self.config)
         spec = self.config.activation
         if spec is None:
-            raise ValueError(f"{_path(self)}: config.activation is None; nothing to quantize")
+            raise ValueError(
+                f"{join_path(self.path)}: config.activation is None; nothing to quantize"
+            )
         mode = as_mode(self.mode if mode is None else mode)
         shape = () if spec.granularity == "tensor" else self.shape
         if shape is None:
-            raise ValueError(f"{_path(self)}: a per-axis activation spec needs shape=...")
+            raise ValueError(f"{join_path(self.path)}: a per-axis activation spec needs shape=...")
         var = _stats_variable(
             self,
             lambda: _core.init_tensor_stats(
@@ -503,7 +469,7 @@ class ActQuant(nn.Module):
             self.config,
             mode,
             _switches(self),
-            name=_path(self),
+            name=join_path(self.path),
             require_stats=not self.is_initializing(),
         )
         _store(self, var, st, mode, self.observe)
@@ -532,96 +498,3 @@ class DeQuantStub(nn.Module):
     @nn.compact
     def __call__(self, x):
         return x
-
-
-def require_statistics(quant_stats) -> None:
-    """Raise ``ValueError`` naming every module whose observers never saw data.
-
-    Run it on ``variables["quant_stats"]`` before applying a model in ``Mode.FROZEN``.
-
-    >>> import jax
-    >>> from qjax.flax import qjax_recommended
-    >>> v = QuantDense(2, config=qjax_recommended()).init(jax.random.key(0), jnp.ones((1, 3)))
-    >>> require_statistics(v["quant_stats"])  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    ValueError: no statistics in ['quant_stats/stats']: these observers never saw data; ...
-    """
-    missing = []
-
-    def walk(node, path):
-        if isinstance(node, dict) or hasattr(node, "items") and not hasattr(node, "_fields"):
-            for k, v in node.items():
-                walk(v, path + (str(k),))
-            return
-        leaves = node if isinstance(node, _core.LayerStats) else (node,)
-        for st in leaves:
-            count = getattr(st, "count", None)
-            if count is not None and int(count) == 0:
-                missing.append("/".join((COLLECTION,) + path))
-                return
-
-    walk(quant_stats, ())
-    if missing:
-        raise ValueError(
-            f"no statistics in {missing}: these observers never saw data; run the model in "
-            f"Mode.CALIBRATE or Mode.QAT (apply with mutable=[{COLLECTION!r}]) first"
-        )
-    from ._health import check_statistics  # non-finite ranges, named by path
-
-    check_statistics(quant_stats, where="require_statistics", prefix=COLLECTION)
-
-
-def calibrate(
-    model: nn.Module,
-    variables,
-    batches: Iterable,
-    *,
-    max_batches: int | None = None,
-    progress: bool = True,
-    **apply_kwargs,
-):
-    """Post-training calibration: ``model.apply(variables, batch, mutable=["quant_stats"],
-    **apply_kwargs)`` (jitted) over ``batches``; returns ``(variables, num_batches)``
-    with the new statistics.
-
-    The model must observe: build it with ``mode=Mode.CALIBRATE`` or pass
-    ``mode=Mode.CALIBRATE`` in ``apply_kwargs``. A tuple batch is passed as
-    ``*batch``. Ends with :func:`require_statistics`, so a module that saw no data is
-    an error naming its path. tqdm progress bar as in :func:`qjax.flax.nnx.calibrate`.
-
-    >>> import jax
-    >>> from qjax.flax import Mode, qjax_recommended
-    >>> layer = QuantDense(2, config=qjax_recommended())
-    >>> v = layer.init(jax.random.key(0), jnp.ones((4, 3)))
-    >>> batches = [jnp.ones((4, 3)), -jnp.ones((4, 3))]
-    >>> v, n = calibrate(layer, v, batches, progress=False, mode=Mode.CALIBRATE)
-    >>> n, round(float(v["quant_stats"]["stats"].input.min_val), 4)  # EMA: 1 + 0.01·(-1 - 1)
-    (2, 0.98)
-    """
-    variables = dict(variables)
-    if COLLECTION not in variables:
-        raise ValueError(
-            f"calibrate: variables have no {COLLECTION!r} collection (got {sorted(variables)}); "
-            "the model has no quantized modules, or variables come from another model"
-        )
-
-    @jax.jit
-    def step(variables, batch):
-        args = batch if isinstance(batch, tuple) else (batch,)
-        _, upd = model.apply(variables, *args, mutable=[COLLECTION], **apply_kwargs)
-        return upd[COLLECTION]
-
-    def run(batch):
-        variables[COLLECTION] = step(variables, batch)
-
-    n = _run_batches(run, batches, max_batches=max_batches, progress=progress)
-    require_statistics(variables[COLLECTION])
-    return variables, n
-
-
-# Layers and helpers of qjax.flax.linen_extras (imported last: they build on the above).
-from . import linen_extras as _extras  # noqa: E402
-from .linen_extras import *  # noqa: E402, F403
-
-__all__ += _extras.__all__
