@@ -24,17 +24,11 @@ from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from qjax.flax import QuantConfig
-from qjax.flax import nnx as qn
+from qjax.flax import QuantConfig, _walk
 
-_HOOKS = (qn.QuantDotGeneral, qn.QuantConvGeneralDilated)
-_HOLDERS = (qn.QuantLinear, qn.QuantConv, qn.QuantConvBn, qn.ActQuant) + _HOOKS
-
-
-def _join(path) -> str:
-    return "/".join(str(p) for p in path)
+# the kinds an imported torch QAT module can go into (no LSQ/PACT layers)
+_KINDS = ("linear", "conv", "conv_bn", "act", "hook")
 
 
 class Target:
@@ -88,31 +82,16 @@ class NnxTarget(Target):
             except (AttributeError, IndexError, KeyError, TypeError):
                 raise ValueError(f"qjax model has no module {path!r} (no {part!r})") from None
         self.path, self.module = path, module
-        holder, hpath = module, path
-        if isinstance(module, nnx.Linear) and isinstance(module.dot_general, qn.QuantDotGeneral):
-            holder, hpath = module.dot_general, f"{path}/dot_general"
-        elif isinstance(module, nnx.Conv) and isinstance(
-            module.conv_general_dilated, qn.QuantConvGeneralDilated
-        ):
-            holder, hpath = module.conv_general_dilated, f"{path}/conv_general_dilated"
-        if not isinstance(holder, _HOLDERS):
+        c = _walk.nnx_classify(module)
+        if c is None or c[0] not in _KINDS:
             raise TypeError(
                 f"qjax module {path!r} is a {type(module).__name__}, not a quantized module "
                 "(QuantLinear, QuantConv, QuantConvBn, ActQuant/QuantStub, or nnx.Linear/"
                 "nnx.Conv with a quantization hook)"
             )
-        self.holder_module, self.holder = holder, hpath
-        self.config = holder.config
-        if isinstance(module, qn.QuantConvBn):
-            self.kind = "conv_bn"
-        elif isinstance(module, (qn.QuantLinear, nnx.Linear)):
-            self.kind = "linear"
-        elif isinstance(module, (qn.QuantConv, nnx.Conv)):
-            self.kind = "conv"
-        elif isinstance(module, qn.ActQuant):
-            self.kind = "act"
-        else:
-            self.kind = "hook"
+        self.kind, self.holder_module, attr = c
+        self.holder = f"{path}/{attr}" if attr else path
+        self.config = self.holder_module.config
 
     def param(self, name):
         var = getattr(self.module, name, None)
@@ -174,7 +153,7 @@ def _pairs(padding, kernel_size, strides):
 
 def nnx_holders(model) -> list[str]:
     """Paths of every module of ``model`` that holds observer statistics."""
-    return [_join(p) for p, m in nnx.iter_modules(model) if isinstance(m, _HOLDERS)]
+    return [q.holder_path for q in _walk.nnx_quantized(model, root="") if q.kind in _KINDS]
 
 
 def copy_tree(tree):
@@ -195,18 +174,7 @@ def _node(tree, path: str):
 
 def linen_holders(variables) -> list[str]:
     """Paths of every ``quant_stats`` node holding ``stats`` (one per quantized module)."""
-    out = []
-
-    def walk(node, path):
-        if isinstance(node, Mapping):
-            if "stats" in node:
-                out.append(_join(path))
-            for k, v in node.items():
-                if k != "stats":
-                    walk(v, path + [k])
-
-    walk(variables.get("quant_stats", {}), [])
-    return out
+    return [p for p, _ in _walk.linen_holders(variables.get("quant_stats", {}))]
 
 
 class LinenTarget(Target):
@@ -214,16 +182,7 @@ class LinenTarget(Target):
 
     def __init__(self, variables, path: str, config):
         self.path, self.vars = path, variables
-        qs = _node(variables.get("quant_stats", {}), path)
-        if not isinstance(qs, Mapping):
-            raise ValueError(f"qjax variables have no 'quant_stats/{path}'")
-        if "stats" in qs:
-            self.holder, self._qs = path, qs
-        else:
-            hooks = [k for k, v in qs.items() if isinstance(v, Mapping) and "stats" in v]
-            if len(hooks) != 1:
-                raise ValueError(f"qjax variables: 'quant_stats/{path}' holds no 'stats'")
-            self.holder, self._qs = f"{path}/{hooks[0]}", qs[hooks[0]]
+        self.holder, self._qs = _walk.linen_holder(variables.get("quant_stats", {}), path)
         cfg = config
         if isinstance(config, Mapping):
             cfg = config.get(path, config.get(self.holder.rpartition("/")[0]))
@@ -235,13 +194,7 @@ class LinenTarget(Target):
         self.config = cfg
         self._params = _node(variables.get("params", {}), path)
         self._bstats = _node(variables.get("batch_stats", {}), path)
-        p = self._params if isinstance(self._params, Mapping) else {}
-        if "bn_scale" in p:
-            self.kind = "conv_bn"
-        elif "kernel" in p:
-            self.kind = "linear" if np.ndim(p["kernel"]) == 2 else "conv"
-        else:
-            self.kind = "act"
+        self.kind = _walk.linen_params_kind(self._params)
 
     def _where(self, name):
         if name in ("bn_mean", "bn_var"):

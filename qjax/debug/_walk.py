@@ -29,8 +29,8 @@ from ..flax._config import Mode
 from ..flax._core import LayerStats
 from ..flax._intsim import fold_bn
 from ..flax._learnable import tensor_qparams
+from ..flax._walk import nnx_quantized
 
-_HOOK_PARENTS = (nnx.Linear, nnx.Conv)
 _PASS_THROUGH = (qnnx.MaxPool, qnnx.Flatten)  # keep the qparams of what they receive
 
 
@@ -67,15 +67,11 @@ def _qparams(factory, spec, compat, state):
 _qparams_jit = jax.jit(_qparams, static_argnums=(0, 1, 2))
 
 
-def path_str(path) -> str:
-    return "/".join(str(p) for p in path) or "<root>"
-
-
 def quant_modules(model) -> list[tuple[str, Any]]:
     """``[(path, module)]`` of every quantized module, in path order; ``ValueError`` if none."""
     if not isinstance(model, nnx.Module):
         raise TypeError(f"expects a flax.nnx.Module, got {type(model).__name__}")
-    out = [(path_str(p), m) for p, m in nnx.iter_modules(model) if isinstance(m, qnnx._QuantModule)]
+    out = [(q.holder_path, q.holder) for q in nnx_quantized(model)]
     if not out:
         raise ValueError(
             "the model has no qjax quantized modules (QuantLinear, QuantConv, QuantConvBn, "
@@ -134,20 +130,18 @@ def units(model, fn: str) -> list[Unit]:
     for i, layer in enumerate(model.layers):
         path = f"layers/{i}"
         quant = []
-        if isinstance(layer, qnnx._QuantModule):
-            quant.append((path, layer))
-        elif isinstance(layer, nnx.Module):
-            for sub, m in nnx.iter_modules(layer):
-                if not isinstance(m, qnnx._QuantModule):
-                    continue
-                sp = f"{path}/{path_str(sub)}"
-                if not (isinstance(layer, _HOOK_PARENTS) and len(sub) == 1):
-                    raise TypeError(
-                        f"debug.{fn}: {sp} is a quantized module nested inside "
-                        f"{path} ({type(layer).__name__}); per-layer capture supports qjax "
-                        "layers as Sequential elements and hooks of nnx.Linear/nnx.Conv"
-                    )
-                quant.append((sp, m))
+        for q in nnx_quantized(layer) if isinstance(layer, nnx.Module) else ():
+            if q.holder is layer:
+                quant.append((path, layer))
+                continue
+            sp = f"{path}/{q.holder_path}"
+            if q.module is not layer:  # only the layer itself or its own hook
+                raise TypeError(
+                    f"debug.{fn}: {sp} is a quantized module nested inside "
+                    f"{path} ({type(layer).__name__}); per-layer capture supports qjax "
+                    "layers as Sequential elements and hooks of nnx.Linear/nnx.Conv"
+                )
+            quant.append((sp, q.holder))
         out.append(Unit(i, path, layer, quant))
     return out
 
@@ -159,9 +153,9 @@ def clone_in(model, mode: Mode, *, float_at: list[str] = ()):
     so float and quantized runs see the same BN and the batch does not change it."""
     c = nnx.clone(model)
     qnnx.set_mode(c, mode)
-    for _, m in nnx.iter_modules(c):
-        if isinstance(m, qnnx.QuantConvBn):
-            m.freeze_bn = True
+    for q in nnx_quantized(c):
+        if q.kind == "conv_bn":
+            q.holder.freeze_bn = True
     if float_at:
         qnnx.set_mode(c, Mode.FLOAT, where="|".join(re.escape(p) for p in float_at))
     return c

@@ -40,6 +40,7 @@ from ._config import QuantConfig
 from ._core import LayerStats
 from ._intsim import conv_geometry, fold_bn, layer_qparams, prepare_weight
 from ._serve import ServedModel, _freeze
+from ._walk import linen_kind, nnx_classify
 
 __all__ = ["convert"]
 
@@ -107,21 +108,23 @@ def _nnx_views(model) -> list[_View]:
     views = []
     for i, m in enumerate(model.layers):
         path = f"layers/{i}"
-        if isinstance(m, qnnx.ActQuant):
+        c = nnx_classify(m)
+        kind = c[0] if c is not None and c[1] is m else None  # a hooked stock layer: unknown
+        if kind == "act":
             views.append(_View("quant", path, m.config, m.quant_stats.get_value()))
         elif isinstance(m, qnnx.DeQuantStub):
             views.append(_View("dequant", path))
-        elif isinstance(m, qnnx.QuantLinear):
+        elif kind == "linear":
             b = None if m.bias is None else m.bias[...]
             views.append(
                 _View("linear", path, m.config, m.quant_stats.get_value(), m.kernel[...], b)
             )
-        elif isinstance(m, (qnnx.QuantConv, qnnx.QuantConvBn)):
+        elif kind in ("conv", "conv_bn"):
             k = m.kernel[...]
             v = _View("conv", path, m.config, m.quant_stats.get_value(), k)
             v.bias = None if m.bias is None else m.bias[...]
             v.conv_kwargs = _conv_kw(k, m.strides, m.padding)
-            if isinstance(m, qnnx.QuantConvBn):
+            if kind == "conv_bn":
                 v.bn = (m.bn_scale[...], m.bn_bias[...], m.bn_mean[...], m.bn_var[...])
                 v.bn += (m.epsilon,)
                 v.relu = m.relu
@@ -158,18 +161,19 @@ def _linen_views(module, variables) -> list[_View]:
                 )
             return qstats[name]["stats"]
 
-        if isinstance(m, qlinen.ActQuant):
+        kind = linen_kind(m)
+        if kind == "act":
             views.append(_View("quant", name, m.config, stats()))
         elif isinstance(m, qlinen.DeQuantStub):
             views.append(_View("dequant", name))
-        elif isinstance(m, qlinen.QuantDense):
+        elif kind == "linear":
             b = p["bias"] if m.use_bias else None
             views.append(_View("linear", name, m.config, stats(), p["kernel"], b))
-        elif isinstance(m, (qlinen.QuantConv, qlinen.QuantConvBn)):
+        elif kind in ("conv", "conv_bn"):
             k = p["kernel"]
             v = _View("conv", name, m.config, stats(), k, p.get("bias") if m.use_bias else None)
             v.conv_kwargs = _conv_kw(k, m.strides, m.padding)
-            if isinstance(m, qlinen.QuantConvBn):
+            if kind == "conv_bn":
                 bs = bstats[name]
                 v.bn = (p["bn_scale"], p["bn_bias"], bs["bn_mean"], bs["bn_var"], m.epsilon)
                 v.relu = m.relu

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..observers import health as _observer_health
+from ._paths import join_path
 
 __all__ = ["StatsHealth", "check_stats_tree", "raise_if_unhealthy", "stats_health"]
 
@@ -65,7 +66,7 @@ def _key_name(k) -> str:
 def _path(prefix: str, keys) -> str:
     names = [_key_name(k) for k in keys]
     names = [n for n in names if n not in ("value", "raw_value", "stats", "layer")]
-    return "/".join([prefix] * bool(prefix) + names) or "<root>"
+    return join_path([prefix] * bool(prefix) + names)
 
 
 def _one(state) -> StatsHealth:

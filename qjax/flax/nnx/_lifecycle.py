@@ -20,20 +20,17 @@ from flax import nnx
 from .. import _core, _health
 from .._calibrate import run_batches as _run_batches
 from .._config import Mode, as_mode
-from .._paths import join_path
-from ._layers import QuantConvBn, QuantStat, _QuantModule
-from ._learnable import LearnableQuantLinear
+from .._walk import QuantLayer, nnx_quantized
+from ._layers import QuantStat
 
 
-def _quant_modules(model, where: str | None = None, fn: str = "set_mode"):
+def _quant_modules(model, where: str | None = None, fn: str = "set_mode") -> list[QuantLayer]:
     out = []
-    for path, m in nnx.iter_modules(model):
-        if isinstance(m, _QuantModule):
-            p = join_path(path)
-            if m.name != p:
-                m.name = p
-            if where is None or re.fullmatch(where, p):
-                out.append((p, m))
+    for q in nnx_quantized(model):
+        if q.holder.name != q.holder_path:
+            q.holder.name = q.holder_path
+        if where is None or re.fullmatch(where, q.holder_path):
+            out.append(q)
     if not out:
         what = "quantized modules" if where is None else f"quantized modules matching {where!r}"
         raise ValueError(
@@ -56,7 +53,7 @@ def set_mode(model: nnx.Module, mode: Mode | str, *, where: str | None = None) -
     <Mode.CALIBRATE: 'calibrate'>
     """
     mode = as_mode(mode)
-    mods = _quant_modules(model, where, "set_mode")
+    mods = [(q.holder_path, q.holder) for q in _quant_modules(model, where, "set_mode")]
     if mode is Mode.FROZEN:
         missing = [p for p, m in mods if _never_observed(m.quant_stats.get_value())]
         if missing:
@@ -92,9 +89,10 @@ _SWITCHES = {
 
 def _switch(fn: str, model, where: str | None) -> None:
     attr, value = _SWITCHES[fn]
-    mods = [m for _, m in _quant_modules(model, where, fn)]
+    qs = _quant_modules(model, where, fn)
+    mods = [q.holder for q in qs]
     if attr == "freeze_bn":  # only QuantConvBn has a BN to freeze
-        mods = [m for m in mods if isinstance(m, QuantConvBn)]
+        mods = [q.holder for q in qs if q.kind == "conv_bn"]
         if not mods:
             raise ValueError(f"{fn}: the model has no QuantConvBn modules (where={where!r})")
     for m in mods:
@@ -162,6 +160,7 @@ def freeze_bn_stats(model: nnx.Module, *, where: str | None = None) -> None:
 
     >>> from flax import nnx
     >>> from qjax.flax import qjax_recommended
+    >>> from qjax.flax.nnx import QuantConvBn
     >>> cb = QuantConvBn(1, 2, (1, 1), config=qjax_recommended(), rngs=nnx.Rngs(0))
     >>> freeze_bn_stats(cb); _ = cb(jnp.ones((1, 2, 2, 1))); cb.bn_mean[...]
     Array([0., 0.], dtype=float32)
@@ -174,6 +173,7 @@ def unfreeze_bn_stats(model: nnx.Module, *, where: str | None = None) -> None:
 
     >>> from flax import nnx
     >>> from qjax.flax import qjax_recommended
+    >>> from qjax.flax.nnx import QuantConvBn
     >>> cb = QuantConvBn(1, 2, (1, 1), config=qjax_recommended(), rngs=nnx.Rngs(0))
     >>> freeze_bn_stats(cb); unfreeze_bn_stats(cb); cb.freeze_bn
     False
@@ -220,12 +220,14 @@ def calibrate(
 
 def init_qparams_from_stats(model: nnx.Module) -> list[str]:
     """Copy the observers' qparams into the learnable ``qparams`` of every
-    :class:`LearnableQuantLinear` of ``model`` (after calibration); returns their paths.
+    :class:`~qjax.flax.nnx.LearnableQuantLinear` of ``model`` (after calibration);
+    returns their paths.
 
     Checks first (:func:`check_statistics`): observers that never saw data, or hold
     non-finite ranges, raise ``ValueError`` naming the module path.
 
     >>> from qjax.flax import qjax_recommended
+    >>> from qjax.flax.nnx import LearnableQuantLinear
     >>> layer = LearnableQuantLinear(
     ...     2, 2, config=qjax_recommended().replace(grad="pact"), rngs=nnx.Rngs(0))
     >>> init_qparams_from_stats(layer)  # doctest: +ELLIPSIS
@@ -234,9 +236,9 @@ def init_qparams_from_stats(model: nnx.Module) -> list[str]:
     ValueError: init_qparams_from_stats: <root>: observers ['input', 'weight'] never saw data; ...
     """
     done = []
-    for path, m in nnx.iter_modules(model):
-        if isinstance(m, LearnableQuantLinear):
-            p = join_path(path)
+    for q in nnx_quantized(model):
+        if q.kind == "learnable_linear":
+            p, m = q.holder_path, q.holder
             st = m.quant_stats.get_value()
             never = [k for k, v in st.layer._asdict().items() if v is not None and not int(v.count)]
             if never:
