@@ -164,3 +164,37 @@ def test_modules_under_the_line_limit():
         if (n := len(p.read_text().splitlines())) > MAX_LINES and m not in LONG_MODULES
     }
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def _readme_tree() -> list[str]:
+    """The paths named in README.md's Layout tree (indentation gives the folders)."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    paths, stack = [], []  # stack: (indent, folder)
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip())
+        head = line.strip().split("  ")[0]  # names before the two-space description
+        if not head or indent >= 20:  # a continued description
+            continue
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        parent = "".join(f for _, f in stack)
+        for name in head.split():
+            paths.append(parent + name)
+        if head.endswith("/") and len(head.split()) == 1:
+            stack.append((indent, head))
+    return paths
+
+
+def test_readme_layout_tree_matches_the_folders():
+    named = _readme_tree()
+    assert "qjax/kernels/" in named and "qjax/flax/nnx/" in named
+    missing = [p for p in named if not (ROOT / p).exists()]
+    assert not missing, f"README's layout names paths that do not exist: {missing}"
+    packages = {
+        str(p.parent.relative_to(ROOT)) + "/"
+        for p in (ROOT / "qjax").rglob("__init__.py")
+        if "__pycache__" not in p.parts
+    }
+    unnamed = sorted(packages - set(named))
+    assert not unnamed, f"packages missing from README's layout tree: {unnamed}"
