@@ -42,6 +42,20 @@ from ._elementwise import relu as relu
 from ._elementwise import relu6 as relu6
 from ._elementwise import reshape as reshape
 from ._fixed_point import multiply_by_quantized_multiplier as multiply_by_quantized_multiplier
+from ._fixed_point import (
+    multiply_by_quantized_multiplier_litert as multiply_by_quantized_multiplier_litert,
+)
+from ._fixed_point import (
+    multiply_by_quantized_multiplier_litert_ref as multiply_by_quantized_multiplier_litert_ref,
+)
+from ._fixed_point import (
+    multiply_by_quantized_multiplier_single_rounding as multiply_by_quantized_multiplier_single_rounding,  # noqa: E501
+)
+from ._fixed_point import quantize_multiplier as quantize_multiplier
+from ._fixed_point import rounding_divide_by_pot as rounding_divide_by_pot
+from ._fixed_point import (
+    saturating_rounding_doubling_high_mul as saturating_rounding_doubling_high_mul,
+)
 from ._levels import LEVELS as LEVELS
 from ._levels import Engine as Engine
 from ._levels import engine as engine
@@ -58,33 +72,19 @@ from ._pool import adaptive_avg_pool2d as adaptive_avg_pool2d
 from ._pool import avg_pool2d as avg_pool2d
 from ._pool import max_pool2d as max_pool2d
 from ._prepared import Kernel as Kernel
-from ._requant import SCHEMES as SCHEMES
 from ._requant import Activation as Activation
-from ._requant import Scheme as Scheme
 from ._requant import activation_bounds as activation_bounds
-from ._requant import (
-    multiply_by_quantized_multiplier_litert as multiply_by_quantized_multiplier_litert,
-)
-from ._requant import (
-    multiply_by_quantized_multiplier_litert_ref as multiply_by_quantized_multiplier_litert_ref,
-)
-from ._requant import (
-    multiply_by_quantized_multiplier_single_rounding as multiply_by_quantized_multiplier_single_rounding,  # noqa: E501
-)
-from ._requant import quantize_multiplier as quantize_multiplier
-from ._requant import requant_exact as requant_exact
-from ._requant import requant_fbgemm as requant_fbgemm
-from ._requant import requant_litert as requant_litert
-from ._requant import requant_litert_ref as requant_litert_ref
-from ._requant import requant_onednn as requant_onednn
-from ._requant import requant_qnnpack as requant_qnnpack
-from ._requant import requant_tflite as requant_tflite
-from ._requant import requant_tflite_single_rounding as requant_tflite_single_rounding
 from ._requant import requantize as requantize
-from ._requant import rounding_divide_by_pot as rounding_divide_by_pot
-from ._requant import (
-    saturating_rounding_doubling_high_mul as saturating_rounding_doubling_high_mul,
-)
+from ._schemes import SCHEMES as SCHEMES
+from ._schemes import Scheme as Scheme
+from ._schemes import requant_exact as requant_exact
+from ._schemes import requant_fbgemm as requant_fbgemm
+from ._schemes import requant_litert as requant_litert
+from ._schemes import requant_litert_ref as requant_litert_ref
+from ._schemes import requant_onednn as requant_onednn
+from ._schemes import requant_qnnpack as requant_qnnpack
+from ._schemes import requant_tflite as requant_tflite
+from ._schemes import requant_tflite_single_rounding as requant_tflite_single_rounding
 
 __all__ = [
     "LEVELS",

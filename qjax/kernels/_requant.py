@@ -7,9 +7,6 @@ named scheme of :data:`~qjax.kernels.SCHEMES`. The schemes themselves, one formu
 each with the reasons their roundings survive compilation, are
 :mod:`qjax.kernels._schemes`; :func:`clamp_activation` applies torch's quantized
 ``relu6`` / ``hardtanh`` to the codes afterwards.
-
-The scheme functions and the fixed-point building blocks are importable from here too
-(``qjax.kernels`` takes them from this module).
 """
 
 from __future__ import annotations
@@ -21,50 +18,9 @@ import jax.numpy as jnp
 
 from .._primitives import quantize
 from .._spec import QParams
-from ._fixed_point import (
-    multiply_by_quantized_multiplier,
-    multiply_by_quantized_multiplier_litert,
-    multiply_by_quantized_multiplier_litert_ref,
-    multiply_by_quantized_multiplier_single_rounding,
-    quantize_multiplier,
-    rounding_divide_by_pot,
-    saturating_rounding_doubling_high_mul,
-)
-from ._schemes import (
-    SCHEMES,
-    Scheme,
-    requant_exact,
-    requant_fbgemm,
-    requant_litert,
-    requant_litert_ref,
-    requant_onednn,
-    requant_qnnpack,
-    requant_tflite,
-    requant_tflite_single_rounding,
-)
+from ._schemes import SCHEMES, Scheme
 
-__all__ = [
-    "SCHEMES",
-    "Activation",
-    "Scheme",
-    "activation_bounds",
-    "multiply_by_quantized_multiplier",
-    "multiply_by_quantized_multiplier_litert",
-    "multiply_by_quantized_multiplier_litert_ref",
-    "multiply_by_quantized_multiplier_single_rounding",
-    "quantize_multiplier",
-    "requant_exact",
-    "requant_fbgemm",
-    "requant_litert",
-    "requant_litert_ref",
-    "requant_onednn",
-    "requant_qnnpack",
-    "requant_tflite",
-    "requant_tflite_single_rounding",
-    "requantize",
-    "rounding_divide_by_pot",
-    "saturating_rounding_doubling_high_mul",
-]
+__all__ = ["Activation", "activation_bounds", "clamp_activation", "requantize"]
 
 Activation = Literal["relu"] | None
 

@@ -133,7 +133,7 @@ struct I32Out {
 };
 
 // The fused requantize epilogue, per output column n (one implementation of
-// qjax.kernels._requant._apply_fbgemm, step for step):
+// qjax.kernels._schemes._apply_fbgemm, step for step):
 //   a = acc + ivec[n]                       int32, wrapping (XLA's int32 add)
 //   y = f32(a) + fvec[n]                    (round to nearest even)
 //   r = rint(f32(y * mult[n]))              round half to even
