@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: interleaved timing in one process, medians, machine line."""
+"""Shared benchmark helpers: interleaved timing in one process, medians, machine line, the
+onnxruntime session every ORT contender uses."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import platform
 
 import jax
+import numpy as np
 
 # one implementation of interleaved timing, shared with `qjax demo`
 from qjax.demo._data import interleaved as interleaved
@@ -69,3 +71,38 @@ def bench_line(
     line = "BENCH " + json.dumps(rec)
     print(line, flush=True)
     return line
+
+
+def ort_session(model, threads: int = 2):
+    """An onnxruntime CPU session for timing against qjax: ``threads`` intra-op threads,
+    graph optimizations ON (QDQ fused into QGemm / QLinearConv integer kernels),
+    sequential execution. ``model``: an ``onnx.ModelProto`` (e.g. from ``export_onnx``).
+    """
+    import onnxruntime as ort  # here, not at the top: only the ORT contenders pay for it
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's workers spin after each run by default; interleaved with XLA and torch on the
+    # same cores, that spin is charged to the next contenders (measured on 2 cores: torch
+    # qnnpack ~2x slower, qjax slower too), so it is off, as torch runs with
+    # OMP_WAIT_POLICY=PASSIVE. It costs ORT itself: timed alone, spinning ran the int8 MLP
+    # 1.6-1.75x faster at batch 1, 32 and 256.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def ort_version() -> str:
+    import onnxruntime as ort
+
+    return f"onnxruntime {ort.__version__}"
+
+
+def lsb_diff(got, want, scale: float) -> tuple[int, int, int]:
+    """Dequantized outputs compared in units of the output scale: (outputs that differ,
+    outputs, max |difference| in LSB)."""
+    d = np.rint(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64)) / scale)
+    return int((d > 0).sum()), int(d.size), int(d.max()) if d.size else 0

@@ -1,4 +1,5 @@
-"""int8 MLP 784-1024-1024-10 inference: qjax vs JAX float32 vs PyTorch int8 engines.
+"""int8 MLP 784-1024-1024-10 inference: qjax vs JAX float32 vs PyTorch int8 engines vs
+ONNX Runtime.
 
 Run: ``.venv/bin/python benchmarks/int8_mlp.py``. The model is what a torch-converted
 model runs: the float input is quantized at the boundary (quint8, ``compat="torch"``),
@@ -11,18 +12,27 @@ same float weights, the same weight codes and the same qparams:
 * JAX float32: ``relu(x @ w + b)`` x3 with the float weights, jitted;
 * PyTorch int8: ``torch.ops.quantized.linear[_relu]`` with weights prepacked per engine
   (``x86``, ``fbgemm``, ``onednn``, ``qnnpack``), ``OMP_WAIT_POLICY=PASSIVE`` and
-  2 threads (XLA's CPU client uses the 2 cores too).
-
+  2 threads (XLA's CPU client uses the 2 cores too);
+* onnxruntime: qjax's own ONNX export of the same model. The qjax contender's weight
+  codes and qparams go into an eager converted torch module (``Quantize``,
+  ``LinearReLU`` x2, ``Linear``, ``DeQuantize``), ``qjax.converters.torch.import_model``
+  (engine ``fbgemm``) makes it a Program (its output is checked equal to the qjax
+  contender's), ``qjax.converters.onnx.export_onnx`` writes the QDQ model (static
+  shapes: one per batch), run on the CPU execution provider with 2 intra-op threads,
+  graph optimizations ON (QDQ fused into ``QGemm``), sequential execution, no spinning.
 * qjax amx: the same qjax program with every layer prepared with ``kernel="amx"`` (the
   native AMX int8 GEMM, :func:`qjax.kernels.native_status`); left out, with the reason
   printed, where that kernel is unavailable.
 
-The qjax output codes (both kernels) are checked against torch fbgemm's (mismatch count
-printed).
+The qjax output codes (both kernels) are checked against torch fbgemm's, and ORT's
+dequantized outputs against qjax's in units of the output scale (LSB; mismatch counts
+printed). ORT's u8s8 kernels may saturate int16 pair sums on CPUs without VNNI (its
+documented behaviour): the header prints the host level (:func:`qjax.kernels.host_level`).
 Goals (issue 3): >= 7.5x JAX f32 and >= 1.5x the best torch engine at batch 32 and 256;
->= 1.0x torch fbgemm at batch 1. ``QJAX_BENCH_QUICK=1``: a fifth of the repeats. Prints
-``BENCH`` lines: JAX f32 / qjax and best torch / qjax per batch, torch fbgemm / qjax at
-batch 1; the same for qjax amx with the case suffixed `` (amx)``.
+>= 1.0x torch fbgemm at batch 1; (issue 16) >= 1.0x onnxruntime at batch 1, 32 and 256.
+``QJAX_BENCH_QUICK=1``: a fifth of the repeats. Prints ``BENCH`` lines: JAX f32 / qjax,
+best torch / qjax and onnxruntime / qjax per batch, torch fbgemm / qjax at batch 1; the
+same for qjax amx with the case suffixed `` (amx)``.
 """
 
 import functools
@@ -34,19 +44,25 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import qjax.converters.torch as qtorch  # noqa: E402
 import torch  # noqa: E402
 from _timing import (  # noqa: E402
     bench_line,
     interleaved,
     load_line,
+    lsb_diff,
     machine_line,
+    ort_session,
+    ort_version,
     quick,
     table,
 )
+from qjax.converters.onnx import export_onnx  # noqa: E402
 
 import qjax  # noqa: E402
 from qjax.kernels import (  # noqa: E402
     QArray,
+    host_level,
     native_status,
     prepare_linear,
     quantized_linear,
@@ -125,6 +141,31 @@ def torch_model(engine, qws, bs, act_qp):
     return run
 
 
+def torch_module(qws, bs, act_qp):
+    """The same model as an eager converted torch module (what ``import_model`` takes):
+    the qjax contender's weight codes, biases and activation qparams, not re-observed."""
+    torch.backends.quantized.engine = "fbgemm"
+    nnq, nniq = torch.ao.nn.quantized, torch.ao.nn.intrinsic.quantized
+    s0, z0 = act_qp[0]
+    mods = [nnq.Quantize(s0, z0, torch.quint8)]
+    for i, (qw, b) in enumerate(zip(qws, bs, strict=True)):
+        n_out, n_in = qw.shape
+        m = (nniq.LinearReLU if i < len(qws) - 1 else nnq.Linear)(n_in, n_out)
+        m.set_weight_bias(qw, b)
+        m.scale, m.zero_point = act_qp[i + 1]
+        mods.append(m)
+    mods.append(nnq.DeQuantize())
+    return torch.nn.Sequential(*mods).eval()
+
+
+def ort_contender(program, xn):
+    """An ORT session of qjax's ONNX export of ``program`` for inputs shaped like ``xn``,
+    and the call to time."""
+    sess = ort_session(export_onnx(program, (xn,)), threads=THREADS)
+    feed = {sess.get_inputs()[0].name: xn}
+    return sess, functools.partial(sess.run, None, feed)
+
+
 def qjax_params(qws, bs, act_qp, kernel="xla"):
     layers = []
     for i, (qw, b) in enumerate(zip(qws, bs, strict=True)):
@@ -190,15 +231,22 @@ def main():
         for w, b in zip(ws, bs, strict=True)
     ]
     tmodels = {e: torch_model(e, qws, bs, act_qp) for e in ENGINES}
+    x_imp = torch.rand(8, SIZES[0], generator=torch.Generator().manual_seed(3))
+    program = qtorch.import_model(torch_module(qws, bs, act_qp), (x_imp,), engine="fbgemm")
+    out_scale = act_qp[-1][0]
 
     print(machine_line())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY=PASSIVE")
+    print(
+        f"{ort_version()}, {THREADS} intra-op threads, ORT_ENABLE_ALL, sequential; host level "
+        f"{host_level()} (ORT's u8s8 kernels may saturate int16 pair sums below vnni)"
+    )
     print(load_line())
     print(f"qjax amx: {'timed' if amx else 'left out'} ({amx_reason})")
     print()
 
     rng = np.random.default_rng(2)
-    rows, checks, ratios, amx_ratios = [], [], [], []
+    rows, checks, ort_checks, ratios, amx_ratios = [], [], [], [], []
     for batch in BATCHES:
         xn = rng.random((batch, SIZES[0]), dtype=np.float32)
         xj, xt = jnp.asarray(xn), torch.from_numpy(xn)
@@ -217,6 +265,12 @@ def main():
             )
             fmism = int((np.asarray(qjax_forward(params, xj)) != ref).sum())
             checks.append((label, batch, mism, total, fmism, ref.size))
+        # ORT runs the export of the imported program: first that program is the qjax
+        # contender's model, then ORT's outputs vs qjax's in output LSBs
+        qout = np.asarray(qjax_forward(qp, xj))
+        same = int((np.asarray(program(xn)) != qout).sum())
+        sess, ort_run = ort_contender(program, xn)
+        ort_checks.append((batch, same, *lsb_diff(ort_run()[0], qout, out_scale)))
 
         fns = {
             "qjax int8": functools.partial(qjax_forward, qp, xj),
@@ -227,6 +281,7 @@ def main():
         with torch.inference_mode():
             for e in ENGINES:
                 fns[f"torch {e}"] = functools.partial(run_torch, tmodels[e], e, xt)
+            fns["onnxruntime"] = ort_run
             reps = 200 if batch == 1 else (60 if batch == 32 else 25)
             reps = max(reps // 5, 5) if quick() else reps
             t = interleaved(fns, repeats=reps, warmup=5)
@@ -244,6 +299,7 @@ def main():
         )
         if not big:
             ratios.append((f"batch {batch}", t["torch fbgemm"] / tq, "torch fbgemm", ">= 1.0x"))
+        ratios.append((f"batch {batch}", t["onnxruntime"] / tq, "onnxruntime", ">= 1.0x"))
         if amx:
             ta, case = t["qjax amx"], f"batch {batch} (amx)"
             amx_ratios.append((case, t["jax f32"] / ta, "jax f32", ">= 7.5x" if big else None))
@@ -257,6 +313,7 @@ def main():
             )
             if not big:
                 amx_ratios.append((case, t["torch fbgemm"] / ta, "torch fbgemm", ">= 1.0x"))
+            amx_ratios.append((case, t["onnxruntime"] / ta, "onnxruntime", ">= 1.0x"))
         rows.append(
             [batch]
             + [f"{t[k] * 1e6:.0f}" for k in fns]
@@ -264,19 +321,22 @@ def main():
                 f"{t['jax f32'] / tq:.2f}x",
                 f"{t['torch fbgemm'] / tq:.2f}x",
                 f"{t[f'torch {best_e}'] / tq:.2f}x ({best_e})",
+                f"{t['onnxruntime'] / tq:.2f}x",
             ]
             + (
                 [
                     f"{t['jax f32'] / t['qjax amx']:.2f}x",
                     f"{t[f'torch {best_e}'] / t['qjax amx']:.2f}x ({best_e})",
+                    f"{t['onnxruntime'] / t['qjax amx']:.2f}x",
                     f"{tq / t['qjax amx']:.2f}x",
                 ]
                 if amx
                 else []
             )
         )
-    header = ["batch"] + [f"{k} us" for k in fns] + ["f32/qjax", "fbgemm/qjax", "best torch/qjax"]
-    header += ["f32/amx", "best torch/amx", "qjax/amx"] if amx else []
+    header = ["batch"] + [f"{k} us" for k in fns]
+    header += ["f32/qjax", "fbgemm/qjax", "best torch/qjax", "ort/qjax"]
+    header += ["f32/amx", "best torch/amx", "ort/amx", "qjax/amx"] if amx else []
     print("median latency per forward (interleaved), ratios > 1: qjax faster")
     print(table(header, rows))
     print()
@@ -286,10 +346,16 @@ def main():
             f"  {label} batch {batch}: {mism} / {total} layer output codes differ (all 3 layers), "
             f"{fmism} / {n} dequantized outputs"
         )
+    print("parity, onnxruntime (qjax's ONNX export) vs qjax int8, output codes in LSB:")
+    for batch, same, mism, n, mx in ort_checks:
+        print(
+            f"  batch {batch}: ORT vs qjax: {mism} of {n} codes differ (max {mx} LSB); "
+            f"imported program vs qjax: {same} of {n} outputs differ"
+        )
     print(load_line())
     print(
         "goals: >= 7.5x f32 and >= 1.5x best torch at batch 32, 256; "
-        ">= 1.0x torch fbgemm at batch 1"
+        ">= 1.0x torch fbgemm at batch 1; >= 1.0x onnxruntime at batch 1, 32, 256"
     )
     for case, r, base, goal in ratios + amx_ratios:
         bench_line("int8_mlp", case, r, base, goal)
