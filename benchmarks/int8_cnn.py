@@ -1,4 +1,5 @@
-"""int8 CNN inference: qjax vs JAX float32 vs PyTorch int8 engines (issue 3 benchmark).
+"""int8 CNN inference: qjax vs JAX float32 vs PyTorch int8 engines vs ONNX Runtime (issues
+3 and 16).
 
 Run: ``.venv/bin/python benchmarks/int8_cnn.py``. The network: conv 3x3 1->32 + ReLU,
 conv 3x3 32->64 + ReLU (BatchNorm already folded into the weights), max-pool 2, FC
@@ -8,8 +9,17 @@ the same codes and qparams taken from the converted model: ``quantized_conv`` (N
 internally), ``max_pool2d``, ``quantized_linear`` with the FC weight's columns permuted
 from torch's NCHW flatten order, requantization scheme ``"onednn"`` (what torch's
 onednn/x86 engines use for conv on this CPU) or ``"fbgemm"``. JAX float32 runs the float
-weights. Goals (issue 3): >= 4x JAX f32 and >= 1.0x torch onednn. ``QJAX_BENCH_QUICK=1``:
-5 repeats instead of 15. Prints ``BENCH`` lines: best JAX f32 / qjax and torch onednn /
+weights. ONNX Runtime runs qjax's own ONNX export of the same model: the onednn-converted
+torch model imported with ``qjax.converters.torch.import_model`` (engine ``onednn``; its
+output is checked equal to the qjax ``"onednn"``-scheme program's),
+``qjax.converters.onnx.export_onnx`` (QDQ, fused by ORT into ``QLinearConv`` / ``QGemm``),
+CPU execution provider, 2 intra-op threads, graph optimizations ON, sequential execution,
+no spinning (``_timing.ort_session``). Its dequantized outputs are compared with qjax's in
+units of the output scale (LSB); ORT's u8s8 kernels may saturate int16 pair sums on CPUs
+without VNNI (its documented behaviour), so the host level
+(:func:`qjax.kernels.host_level`) is printed. Goals: (issue 3) >= 4x JAX f32 and >= 1.0x
+torch onednn; (issue 16) >= 1.0x onnxruntime. ``QJAX_BENCH_QUICK=1``: 5 repeats instead
+of 15. Prints ``BENCH`` lines: best JAX f32 / qjax, torch onednn / qjax and onnxruntime /
 qjax (qjax with the ``"onednn"`` scheme).
 
 ``qjax amx``: the same programs with every conv and the FC prepared with ``kernel="amx"``
@@ -31,14 +41,26 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import qjax.converters.torch as qtorch  # noqa: E402
 import torch  # noqa: E402
-from _timing import bench_line, interleaved, load_line, machine_line, quick  # noqa: E402
+from _timing import (  # noqa: E402
+    bench_line,
+    interleaved,
+    load_line,
+    lsb_diff,
+    machine_line,
+    ort_session,
+    ort_version,
+    quick,
+)
+from qjax.converters.onnx import export_onnx  # noqa: E402
 
 import qjax  # noqa: E402
 from qjax.kernels import (  # noqa: E402
     QArray,
     dequantize_output,
     flatten,
+    host_level,
     max_pool2d,
     native_status,
     prepare_conv,
@@ -178,7 +200,16 @@ def main():
         progs["onednn amx"] = qjax_program(models["onednn"], "onednn", kernel="amx")
         # the fused AMX path (conv/linear + requantize in one call) covers fbgemm/qnnpack
         progs["fbgemm amx"] = qjax_program(models["fbgemm"], "fbgemm", kernel="amx")
+    # ORT: qjax's export of the onednn-converted model (what the timed qjax program runs)
+    torch.backends.quantized.engine = "onednn"  # import_model runs the model once
+    program = qtorch.import_model(models["onednn"], (x,), engine="onednn")
+    sess = ort_session(export_onnx(program, (x.numpy(),)))
+    ort_feed = {sess.get_inputs()[0].name: x.numpy()}
     print(machine_line())
+    print(
+        f"{ort_version()}, 2 intra-op threads, ORT_ENABLE_ALL, sequential; host level "
+        f"{host_level()} (ORT's u8s8 kernels may saturate int16 pair sums below vnni)"
+    )
     print(load_line())
     print(f"qjax amx: {'timed' if amx else 'left out'} ({amx_reason})")
     for key, prog in progs.items():
@@ -190,6 +221,13 @@ def main():
             f"qjax scheme {eng!r}{' (amx)' if key.endswith('amx') else ''} vs torch {eng}: "
             f"{int((got != want).sum())} of {got.size} outputs differ"
         )
+    qout = np.asarray(progs["onednn"](xj))
+    same = int((np.asarray(program(x.numpy())) != qout).sum())
+    mism, n, mx = lsb_diff(sess.run(None, ort_feed)[0], qout, float(models["onednn"].fc.scale))
+    print(
+        f"ORT vs qjax: {mism} of {n} codes differ (max {mx} LSB) (qjax scheme 'onednn'; "
+        f"imported program vs qjax: {same} of {n} outputs differ)"
+    )
 
     def torch_fn(eng):
         def f():
@@ -207,6 +245,7 @@ def main():
         "torch onednn": torch_fn("onednn"),
         "torch x86": torch_fn("x86"),
         "torch fbgemm": torch_fn("fbgemm"),
+        "onnxruntime": lambda: sess.run(None, ort_feed),
     }
     if amx:
         fns["qjax amx (onednn scheme)"] = lambda: progs["onednn amx"](xj)
@@ -218,10 +257,12 @@ def main():
     best_f32 = min(t["jax f32 NCHW"], t["jax f32 NHWC"])
     print(f"best JAX f32 / qjax int8: {best_f32 / q:.2f}x  (goal >= 4x)")
     print(f"torch onednn / qjax int8: {t['torch onednn'] / q:.2f}x  (goal >= 1.0x)")
+    print(f"onnxruntime / qjax int8: {t['onnxruntime'] / q:.2f}x  (goal >= 1.0x)")
     print(load_line())
     case = f"batch {BATCH} 28x28"
     bench_line("int8_cnn", case, best_f32 / q, "jax f32 (best layout)", ">= 4x")
     bench_line("int8_cnn", case, t["torch onednn"] / q, "torch onednn", ">= 1.0x")
+    bench_line("int8_cnn", case, t["onnxruntime"] / q, "onnxruntime", ">= 1.0x")
     if amx:
         qa = t["qjax amx (onednn scheme)"]
         print(f"qjax int8 / qjax amx: {q / qa:.2f}x")
@@ -229,11 +270,13 @@ def main():
         print(
             f"qjax amx fused (fbgemm scheme): best JAX f32 / it {best_f32 / qf:.2f}x, "
             f"torch onednn / it {t['torch onednn'] / qf:.2f}x, torch fbgemm / it "
-            f"{t['torch fbgemm'] / qf:.2f}x (its codes are torch fbgemm's)"
+            f"{t['torch fbgemm'] / qf:.2f}x (its codes are torch fbgemm's), onnxruntime / it "
+            f"{t['onnxruntime'] / qf:.2f}x"
         )
         bench_line("int8_cnn", case + " (amx)", best_f32 / qf, "jax f32 (best layout)", ">= 4x")
         bench_line("int8_cnn", case + " (amx)", t["torch onednn"] / qf, "torch onednn", ">= 1.0x")
         bench_line("int8_cnn", case + " (amx)", t["torch fbgemm"] / qf, "torch fbgemm")
+        bench_line("int8_cnn", case + " (amx)", t["onnxruntime"] / qf, "onnxruntime", ">= 1.0x")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -182,3 +183,22 @@ def test_real_quick_run(tmp_path, capsys):
     # the fused hash draws no random tensor: faster than threefry even on a busy machine
     assert cases["1M float32"]["ratio"] > 1
     assert "stochastic_rounding  1M float32" in text
+
+
+def test_real_quick_run_times_onnxruntime(tmp_path, capsys):
+    """int8_cnn, quick: ONNX Runtime (qjax's own export of the model qjax runs) is timed
+    and reported as a baseline with issue 16's goal, and its outputs are compared."""
+    jpath = tmp_path / "bench.json"
+    rc = main(["bench", "--quick", "--verbose", "--only", "int8_cnn", "--json", str(jpath)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    results = json.loads(jpath.read_text())["results"]
+    ort = [r for r in results if r["baseline"] == "onnxruntime"]
+    assert [(r["case"], r["goal"]) for r in ort][:1] == [("batch 64 28x28", ">= 1.0x")]
+    assert all(r["benchmark"] == "int8_cnn" and r["ratio"] > 0 for r in ort)
+    # the exported program is the timed qjax model; ORT's codes are counted against it
+    line = next(ln for ln in text.splitlines() if "ORT vs qjax:" in ln)
+    m = re.search(r"ORT vs qjax: (\d+) of (\d+) codes differ \(max (\d+) LSB\)", line)
+    assert m and int(m[1]) <= int(m[2]) == 64 * 10, line
+    assert "imported program vs qjax: 0 of 640 outputs differ" in line
+    assert "host level " in text and "onnxruntime " in text
