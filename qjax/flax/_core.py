@@ -28,19 +28,25 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._primitives import fake_quant
 from .._spec import QuantSpec
 from ._config import Mode, QuantConfig, as_mode
 
 __all__ = [
+    "KernelView",
     "LayerStats",
     "Switches",
     "init_layer_stats",
+    "einsum_kernel_view",
+    "embed_view",
     "init_tensor_stats",
     "promote_operands",
+    "quantize_operands",
     "quantize_output",
     "quantize_tensor",
+    "quantize_weight",
     "quantized_op",
 ]
 
@@ -62,6 +68,91 @@ class LayerStats(NamedTuple):
     input: Any = None
     weight: Any = None
     output: Any = None
+
+
+class KernelView(NamedTuple):
+    """A kernel seen by the weight quantizer as a ``(contracted, output)`` matrix.
+
+    ``nnx.LinearGeneral`` kernels ``(*in_features, *out_features)`` and ``Einsum`` kernels
+    (output axes anywhere) are transposed so the output axes come last, then flattened::
+
+        view(w) = reshape(transpose(w, perm), (prod(contracted dims), prod(output dims)))
+
+    so a per-channel weight spec (``axis=-1``) gives one scale per output feature (the
+    flattened output axes) and a per-tensor spec one scale; fake-quant is elementwise,
+    so :meth:`unview` of the fake-quantized view is exactly fake-quant of ``w`` with
+    those qparams.
+
+    >>> v = KernelView.of((4, 2, 3), out_axes=(1, 2))
+    >>> v.shape, v.perm
+    ((4, 6), (0, 1, 2))
+    >>> v2 = KernelView.of((2, 5, 3), out_axes=(0, 2))  # Einsum "bnd,ndh->bh" style
+    >>> v2.shape, v2.perm
+    ((5, 6), (1, 0, 2))
+    >>> w = jnp.arange(30.0).reshape(2, 5, 3)
+    >>> bool((v2.unview(v2.view(w)) == w).all())
+    True
+    """
+
+    perm: tuple[int, ...]  # kernel axes, contracted first, output axes last (order kept)
+    tshape: tuple[int, ...]  # the transposed kernel's shape
+    shape: tuple[int, int]  # (prod(contracted), prod(output))
+
+    @classmethod
+    def of(cls, kernel_shape, out_axes) -> KernelView:
+        kernel_shape = tuple(int(d) for d in kernel_shape)
+        n = len(kernel_shape)
+        outs = sorted(a % n for a in out_axes)
+        perm = tuple(a for a in range(n) if a not in outs) + tuple(outs)
+        tshape = tuple(kernel_shape[a] for a in perm)
+        k = len(perm) - len(outs)
+        rows = int(np.prod(tshape[:k], dtype=np.int64))
+        cols = int(np.prod(tshape[k:], dtype=np.int64))
+        return cls(perm, tshape, (rows, cols))
+
+    def view(self, w):
+        if self.perm != tuple(range(len(self.perm))):
+            w = jnp.transpose(w, self.perm)
+        return jnp.reshape(w, self.shape)
+
+    def unview(self, w):
+        w = jnp.reshape(w, self.tshape)
+        if self.perm != tuple(range(len(self.perm))):
+            w = jnp.transpose(w, np.argsort(self.perm))
+        return w
+
+
+def einsum_kernel_view(subscripts: str, kernel_shape, name: str = "Einsum") -> KernelView:
+    """The :class:`KernelView` of an ``Einsum`` kernel: its output axes are the kernel
+    (second operand) letters that appear in the result, the others are contracted.
+
+    >>> einsum_kernel_view("btd,dnh->btnh", (8, 2, 4)).shape
+    (8, 8)
+    >>> einsum_kernel_view("btnh,nhd->btd", (2, 4, 8)).shape
+    (8, 8)
+    """
+    eq = subscripts.replace(" ", "")
+    if eq.count(",") != 1 or "->" not in eq:
+        raise ValueError(f"{name}: einsum {subscripts!r} must be explicit 'lhs,rhs->out'")
+    ops, out = eq.split("->")
+    rhs = ops.split(",")[1]
+    if "." in rhs or len(rhs) != len(kernel_shape):
+        raise ValueError(
+            f"{name}: einsum {subscripts!r}: the kernel operand {rhs!r} must name each of "
+            f"its {len(kernel_shape)} axes (kernel shape {tuple(kernel_shape)}, no '...')"
+        )
+    return KernelView.of(kernel_shape, [i for i, c in enumerate(rhs) if c in out])
+
+
+def embed_view(table_shape) -> KernelView:
+    """An embedding table ``(num_embeddings, features)`` seen as ``(features,
+    num_embeddings)``: each row (embedding vector) is an output channel, as in
+    ``Embed.attend``'s ``query @ table.T``.
+
+    >>> embed_view((10, 4)).shape
+    (4, 10)
+    """
+    return KernelView.of(tuple(table_shape), out_axes=(0,))
 
 
 def promote_operands(x, kernel, name: str = "layer"):
@@ -211,8 +302,7 @@ def quantize_tensor(
     return x, state
 
 
-def quantized_op(
-    op,
+def quantize_operands(
     lhs: jax.Array,
     rhs: jax.Array,
     stats: LayerStats,
@@ -222,24 +312,23 @@ def quantized_op(
     *,
     name: str = "layer",
     require_stats: bool = True,
-    **op_kwargs,
-) -> tuple[jax.Array, LayerStats]:
-    """``op(fq(lhs), fq(rhs), **op_kwargs)`` and the new stats (input and weight).
+    kernel_view: KernelView | None = None,
+) -> tuple[jax.Array, jax.Array, LayerStats]:
+    """``(fq(lhs), fq(rhs), new stats)``: the input quantizer on ``lhs`` (when
+    ``config.quantize_input``) and the weight quantizer on ``rhs``.
 
-    ``op`` is ``lax.dot_general``, ``lax.conv_general_dilated`` or anything with the
-    same leading ``(lhs, rhs)`` arguments; ``lhs`` is the activation, ``rhs`` the
-    kernel. The output quantizer is not applied here (see :func:`quantize_output`).
+    With a ``kernel_view`` the weight quantizer sees ``kernel_view.view(rhs)`` (its
+    statistics have the view's shape) and the result is put back in ``rhs``'s layout:
+    ``fq(rhs) = unview(fake_quant(view(rhs), qparams))``.
 
-    >>> from jax import lax
     >>> from qjax.flax._config import qjax_recommended
     >>> cfg = qjax_recommended()
-    >>> w = jnp.ones((2, 3))
-    >>> st = init_layer_stats(cfg, w.shape)
-    >>> x = jnp.array([[0.5, -1.0]])
-    >>> y, st = quantized_op(lax.dot_general, x, w, st, cfg, Mode.QAT,
-    ...                      dimension_numbers=(((1,), (0,)), ((), ())))
-    >>> y.shape, int(st.input.count), int(st.weight.count)
-    ((1, 3), 1, 1)
+    >>> v = KernelView.of((2, 3, 4), out_axes=(1, 2))
+    >>> st = init_layer_stats(cfg, v.shape)
+    >>> x, w, st = quantize_operands(jnp.ones((5, 2)), jnp.ones((2, 3, 4)), st, cfg,
+    ...                              Mode.QAT, kernel_view=v)
+    >>> w.shape, st.weight.min_val.shape
+    ((2, 3, 4), (12,))
     """
     mode = as_mode(mode)
     xin, st_in = lhs, stats.input
@@ -255,9 +344,45 @@ def quantized_op(
             name=f"{name} (input)",
             require_stats=require_stats,
         )
-    wq, st_w = quantize_tensor(
+    wq, st_w = quantize_weight(
         rhs,
         stats.weight,
+        config,
+        mode,
+        switches,
+        name=name,
+        require_stats=require_stats,
+        kernel_view=kernel_view,
+    )
+    return xin, wq, LayerStats(input=st_in, weight=st_w, output=stats.output)
+
+
+def quantize_weight(
+    w: jax.Array,
+    state: Any,
+    config: QuantConfig,
+    mode: Mode,
+    switches: Switches = _ALL_ON,
+    *,
+    name: str = "layer",
+    require_stats: bool = True,
+    kernel_view: KernelView | None = None,
+) -> tuple[jax.Array, Any]:
+    """The weight quantizer on ``w`` (seen through ``kernel_view`` if given):
+    ``(unview(fake_quant(view(w), qparams)), new_state)``.
+
+    >>> from qjax.flax._config import qjax_recommended
+    >>> cfg = qjax_recommended()
+    >>> v = KernelView.of((5, 2), out_axes=(0,))  # an embedding table, one scale per row
+    >>> st = init_layer_stats(cfg, v.shape).weight
+    >>> wq, st = quantize_weight(jnp.ones((5, 2)), st, cfg, Mode.QAT, kernel_view=v)
+    >>> wq.shape, st.min_val.shape
+    ((5, 2), (5,))
+    """
+    wv = w if kernel_view is None else kernel_view.view(w)
+    wq, st = quantize_tensor(
+        wv,
+        state,
         config.weight,
         config.weight_observer,
         config,
@@ -266,8 +391,53 @@ def quantized_op(
         name=f"{name} (weight)",
         require_stats=require_stats,
     )
-    y = op(xin, wq, **op_kwargs)
-    return y, LayerStats(input=st_in, weight=st_w, output=stats.output)
+    return (wq if kernel_view is None else kernel_view.unview(wq)), st
+
+
+def quantized_op(
+    op,
+    lhs: jax.Array,
+    rhs: jax.Array,
+    stats: LayerStats,
+    config: QuantConfig,
+    mode: Mode,
+    switches: Switches = _ALL_ON,
+    *,
+    name: str = "layer",
+    require_stats: bool = True,
+    kernel_view: KernelView | None = None,
+    **op_kwargs,
+) -> tuple[jax.Array, LayerStats]:
+    """``op(fq(lhs), fq(rhs), **op_kwargs)`` and the new stats (input and weight).
+
+    ``op`` is ``lax.dot_general``, ``lax.conv_general_dilated`` or anything with the
+    same leading ``(lhs, rhs)`` arguments; ``lhs`` is the activation, ``rhs`` the
+    kernel (seen through ``kernel_view`` if given, see :func:`quantize_operands`). The
+    output quantizer is not applied here (see :func:`quantize_output`).
+
+    >>> from jax import lax
+    >>> from qjax.flax._config import qjax_recommended
+    >>> cfg = qjax_recommended()
+    >>> w = jnp.ones((2, 3))
+    >>> st = init_layer_stats(cfg, w.shape)
+    >>> x = jnp.array([[0.5, -1.0]])
+    >>> y, st = quantized_op(lax.dot_general, x, w, st, cfg, Mode.QAT,
+    ...                      dimension_numbers=(((1,), (0,)), ((), ())))
+    >>> y.shape, int(st.input.count), int(st.weight.count)
+    ((1, 3), 1, 1)
+    """
+    xin, wq, st = quantize_operands(
+        lhs,
+        rhs,
+        stats,
+        config,
+        mode,
+        switches,
+        name=name,
+        require_stats=require_stats,
+        kernel_view=kernel_view,
+    )
+    return op(xin, wq, **op_kwargs), st
 
 
 def quantize_output(

@@ -3,9 +3,11 @@ kind, and where their statistics are.
 
 Kinds: ``"linear"``, ``"conv"``, ``"conv_bn"``, ``"act"`` (``ActQuant`` and its
 subclasses: ``QuantStub``, ``QuantAdd``, ``QuantCat``), ``"learnable_linear"`` (LSQ /
-PACT layers) and ``"hook"`` (a ``dot_general`` / ``conv`` hook that is not inside the
-stock layer it belongs to). A stock ``nnx.Linear`` / ``nnx.Conv`` carrying a qjax hook
-is a ``"linear"`` / ``"conv"`` layer whose statistics live in the hook.
+PACT layers), ``"linear_general"``, ``"einsum"``, ``"embed"`` (hooked
+``LinearGeneral``/``DenseGeneral``, ``Einsum``, ``Embed``: fake-quant only, no int8
+serving) and ``"hook"`` (a hook that is not inside the stock layer it belongs to). A
+stock ``nnx.Linear`` / ``nnx.Conv`` / ... carrying a qjax hook is a ``"linear"`` /
+``"conv"`` / ... layer whose statistics live in the hook.
 
 - NNX: :func:`nnx_classify` looks at one module, :func:`nnx_quantized` walks a model
   and gives one :class:`QuantLayer` per module that holds statistics (the lifecycle
@@ -29,8 +31,10 @@ from flax import nnx
 from ._paths import join_path
 from .linen import _layers as _ll
 from .linen import _learnable as _llearn
+from .linen import _transformer as _ltx
 from .nnx import _layers as _nl
 from .nnx import _learnable as _nlearn
+from .nnx import _transformer as _ntx
 
 __all__ = [
     "QuantLayer",
@@ -42,9 +46,12 @@ __all__ = [
     "nnx_quantized",
 ]
 
-# (stock layer, hook attribute, hook class, kind)
+# (stock layer, hook attribute, hook class, kind); nnx.Linear is no LinearGeneral
 _NNX_HOOKS = (
     (nnx.Linear, "dot_general", _nl.QuantDotGeneral, "linear"),
+    (nnx.LinearGeneral, "dot_general", _nl.QuantDotGeneral, "linear_general"),
+    (nnx.Einsum, "einsum_op", _ntx.QuantEinsum, "einsum"),
+    (nnx.Embed, "promote_dtype", _ntx.QuantEmbed, "embed"),
     (nnx.Conv, "conv_general_dilated", _nl.QuantConvGeneralDilated, "conv"),
 )
 # first match decides (QuantConvBn before QuantConv, ActQuant covers its subclasses)
@@ -54,7 +61,7 @@ _NNX_KINDS = (
     (_nl.QuantConv, "conv"),
     (_nl.ActQuant, "act"),
     (_nlearn.LearnableQuantLinear, "learnable_linear"),
-    ((_nl.QuantDotGeneral, _nl.QuantConvGeneralDilated), "hook"),
+    ((_nl.QuantDotGeneral, _nl.QuantConvGeneralDilated, _ntx.QuantEinsum, _ntx.QuantEmbed), "hook"),
 )
 _LINEN_KINDS = (
     (_ll.QuantConvBn, "conv_bn"),
@@ -62,7 +69,7 @@ _LINEN_KINDS = (
     (_ll.QuantConv, "conv"),
     (_ll.ActQuant, "act"),
     (_llearn.LearnableQuantDense, "learnable_linear"),
-    ((_ll.QuantDotGeneral, _ll.QuantConvGeneralDilated), "hook"),
+    ((_ll.QuantDotGeneral, _ll.QuantConvGeneralDilated, _ltx.QuantEinsum, _ltx.QuantEmbed), "hook"),
 )
 
 
@@ -134,14 +141,32 @@ def linen_kind(module) -> str | None:
     return None
 
 
-def linen_params_kind(params) -> str:
-    """The kind of a Linen quantized module from its ``params`` alone (BN parameters:
-    ``conv_bn``; a 2-D ``kernel``: ``linear``; another kernel: ``conv``; none: ``act``)."""
+def linen_params_kind(params, holder: str = "") -> str:
+    """The kind of a Linen quantized module from its ``params`` (BN parameters:
+    ``conv_bn``; an ``embedding``: ``embed``; a 2-D ``kernel``: ``linear``; another
+    kernel: ``conv``; none: ``act``), or from its hook's name when ``holder`` (the
+    statistics' path, as :func:`linen_holder` gives) names one: ``QuantEinsum_0`` is an
+    ``einsum``, ``QuantEmbed_0`` an ``embed``, ``QuantDotGeneral_0`` with a kernel that
+    is not 2-D a ``linear_general``.
+
+    >>> import numpy as np
+    >>> linen_params_kind({"kernel": np.zeros((4, 2, 3))}, "attn/query/QuantDotGeneral_0")
+    'linear_general'
+    >>> linen_params_kind({"embedding": np.zeros((10, 4))})
+    'embed'
+    """
     p = params if isinstance(params, Mapping) else {}
+    hook = holder.rpartition("/")[2]
+    if hook.startswith("QuantEinsum"):
+        return "einsum"
+    if hook.startswith("QuantEmbed") or "embedding" in p:
+        return "embed"
     if "bn_scale" in p:
         return "conv_bn"
     if "kernel" in p:
-        return "linear" if np.ndim(p["kernel"]) == 2 else "conv"
+        if np.ndim(p["kernel"]) == 2:
+            return "linear"
+        return "linear_general" if hook.startswith("QuantDotGeneral") else "conv"
     return "act"
 
 

@@ -23,7 +23,10 @@ calibration: :func:`calibrate`; before ``Mode.FROZEN``: :func:`require_statistic
 The modules by topic (NNX's package :mod:`qjax.flax.nnx` has the same files):
 
 - :mod:`~qjax.flax.linen._layers`: the hooks and the QAT layers (``quant_stats``);
-- :mod:`~qjax.flax.linen._rules`: :class:`QuantRules`;
+- :mod:`~qjax.flax.linen._rules`: :class:`QuantRules` (also ``nn.DenseGeneral``,
+  ``nn.Einsum``, ``nn.Embed``, so ``nn.MultiHeadDotProductAttention``: fake-quant /
+  QAT only, no int8 serving yet);
+- :mod:`~qjax.flax.linen._transformer`: :class:`QuantEinsum`, :class:`QuantEmbed`;
 - :mod:`~qjax.flax.linen._lifecycle`: :func:`calibrate`, :func:`require_statistics`,
   :func:`check_statistics`, :func:`init_qparams_from_stats`;
 - :mod:`~qjax.flax.linen._ptq`: :class:`DynamicQuantDense`, :class:`WeightOnlyDense`
@@ -59,6 +62,8 @@ from ._ptq import WeightOnlyDense as WeightOnlyDense
 from ._ptq import dynamic_variables as dynamic_variables
 from ._ptq import weight_only_variables as weight_only_variables
 from ._rules import QuantRules as QuantRules
+from ._transformer import QuantEinsum as QuantEinsum
+from ._transformer import QuantEmbed as QuantEmbed
 
 __all__ = [
     "QUANTIZED",
@@ -76,6 +81,8 @@ __all__ = [
     "QuantConvGeneralDilated",
     "QuantDense",
     "QuantDotGeneral",
+    "QuantEinsum",
+    "QuantEmbed",
     "QuantRules",
     "QuantStub",
     "WeightOnlyDense",

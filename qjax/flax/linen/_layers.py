@@ -73,7 +73,10 @@ def _refuse_output_quant(module, config) -> None:
 class QuantDotGeneral(nn.Module):
     """A ``dot_general_cls`` hook for ``nn.Dense``: fake-quantizes input and kernel.
 
-    Called with ``lax.dot_general``'s signature, keywords included.
+    Called with ``lax.dot_general``'s signature, keywords included. ``out_ndim`` (for
+    ``nn.DenseGeneral``, ``len(features)``): the weight quantizer sees the kernel
+    ``(*in, *out)`` as the ``(prod(in), prod(out))`` matrix (per-channel: one scale per
+    flattened output feature), as NNX's :class:`~qjax.flax.nnx.QuantDotGeneral`.
 
     >>> import functools, jax
     >>> import flax.linen as nn
@@ -91,6 +94,7 @@ class QuantDotGeneral(nn.Module):
     observe: bool = True
     fake_quant: bool = True
     input_shape: Sequence[int] | None = None
+    out_ndim: int | None = None
 
     @nn.compact
     def __call__(
@@ -105,9 +109,13 @@ class QuantDotGeneral(nn.Module):
         _check_config(self, self.config)
         _refuse_output_quant(self, self.config)
         mode = as_mode(self.mode)
+        view = None
+        if self.out_ndim is not None:
+            view = _core.KernelView.of(rhs.shape, range(rhs.ndim - self.out_ndim, rhs.ndim))
+        kshape = rhs.shape if view is None else view.shape
         var = _stats_variable(
             self,
-            lambda: _core.init_layer_stats(self.config, rhs.shape, input_shape=self.input_shape),
+            lambda: _core.init_layer_stats(self.config, kshape, input_shape=self.input_shape),
         )
         y, st = _core.quantized_op(
             lax.dot_general,
@@ -119,6 +127,7 @@ class QuantDotGeneral(nn.Module):
             _switches(self),
             name=join_path(self.path),
             require_stats=not self.is_initializing(),
+            kernel_view=view,
             dimension_numbers=dimension_numbers,
             precision=precision,
             preferred_element_type=preferred_element_type,

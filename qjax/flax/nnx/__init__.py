@@ -12,10 +12,13 @@ Two ways in, same numbers:
   kernel_shape=(i, o)))`` and ``nnx.Conv(..., conv_general_dilated=QuantConvGeneral
   Dilated(cfg, kernel_shape=...))``: the hook is itself an ``nnx.Module`` holding the
   statistics, so it becomes a child of the Linear/Conv. Or :func:`quantize_model` sets
-  the hooks on an existing model from path rules. A hook sees ``(inputs, kernel)``
-  only, before the bias: it quantizes the input activation and the weight, not the
-  output (configs with ``quantize_output=True`` are refused; use the layers below). One
-  hook instance per layer (a shared hook shares statistics).
+  the hooks on an existing model from path rules, also into the layers transformers
+  use: ``nnx.LinearGeneral`` (so ``nnx.MultiHeadAttention``'s projections),
+  ``nnx.Einsum`` (:class:`QuantEinsum`) and ``nnx.Embed`` (:class:`QuantEmbed`,
+  weight-only); those are fake-quant / QAT only (no int8 serving yet). A hook sees
+  ``(inputs, kernel)`` only, before the bias: it quantizes the input activation and the
+  weight, not the output (configs with ``quantize_output=True`` are refused; use the
+  layers below). One hook instance per layer (a shared hook shares statistics).
 - **Convenience layers**: :class:`QuantLinear`, :class:`QuantConv`,
   :class:`QuantConvBn` (BN folded as torch's ``ConvBn2d``, :func:`freeze_bn_stats`),
   :class:`ActQuant`, :class:`QuantStub`, :class:`DeQuantStub`, which also quantize
@@ -29,6 +32,7 @@ The modules by topic (Linen's package :mod:`qjax.flax.linen` has the same files)
 
 - :mod:`~qjax.flax.nnx._layers`: :class:`QuantStat`, the hooks and the QAT layers;
 - :mod:`~qjax.flax.nnx._rules`: :func:`quantize_model`;
+- :mod:`~qjax.flax.nnx._transformer`: :class:`QuantEinsum`, :class:`QuantEmbed`;
 - :mod:`~qjax.flax.nnx._lifecycle`: :func:`set_mode`, the switches, :func:`calibrate`,
   :func:`check_statistics`, :func:`init_qparams_from_stats`;
 - :mod:`~qjax.flax.nnx._ptq`: :class:`DynamicQuantLinear`, :class:`WeightOnlyLinear`;
@@ -68,6 +72,8 @@ from ._ptq import DynamicQuantLinear as DynamicQuantLinear
 from ._ptq import QuantWeight as QuantWeight
 from ._ptq import WeightOnlyLinear as WeightOnlyLinear
 from ._rules import quantize_model as quantize_model
+from ._transformer import QuantEinsum as QuantEinsum
+from ._transformer import QuantEmbed as QuantEmbed
 
 __all__ = [
     "ActQuant",
@@ -83,6 +89,8 @@ __all__ = [
     "QuantConvBn",
     "QuantConvGeneralDilated",
     "QuantDotGeneral",
+    "QuantEinsum",
+    "QuantEmbed",
     "QuantLinear",
     "QuantStat",
     "QuantStub",

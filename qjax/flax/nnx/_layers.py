@@ -59,6 +59,12 @@ class QuantDotGeneral(_QuantModule):
       kernel_shape: the layer's kernel shape (the statistics get their final shapes now).
       input_shape: an example input shape, needed only for per-axis activation specs.
       mode: initial :class:`~qjax.flax.Mode`.
+      out_ndim: for ``nnx.LinearGeneral``: its kernel is ``(*in_features,
+        *out_features)`` with ``out_ndim = len(out_features)``; the weight quantizer
+        sees it as the ``(prod(in_features), prod(out_features))`` matrix, so a
+        per-channel spec gives one scale per flattened output feature
+        (:class:`~qjax.flax._core.KernelView`). ``None`` (``nnx.Linear``): the kernel
+        as it is.
 
     >>> from flax import nnx
     >>> from qjax.flax import qjax_recommended
@@ -66,6 +72,10 @@ class QuantDotGeneral(_QuantModule):
     >>> layer = nnx.Linear(3, 2, dot_general=hook, rngs=nnx.Rngs(0))
     >>> layer(jnp.ones((4, 3))).shape, int(hook.quant_stats.get_value().input.count)
     ((4, 2), 1)
+    >>> hook = QuantDotGeneral(qjax_recommended(), kernel_shape=(3, 2, 4), out_ndim=2)
+    >>> lg = nnx.LinearGeneral(3, (2, 4), dot_general=hook, rngs=nnx.Rngs(0))
+    >>> lg(jnp.ones((5, 3))).shape, hook.quant_stats.get_value().weight.min_val.shape
+    ((5, 2, 4), (8,))
     """
 
     def __init__(
@@ -76,8 +86,15 @@ class QuantDotGeneral(_QuantModule):
         input_shape: Sequence[int] | None = None,
         mode: Mode = Mode.QAT,
         name: str = "QuantDotGeneral",
+        out_ndim: int | None = None,
     ):
         _refuse_output_quant(config, name)
+        kernel_shape = tuple(kernel_shape)
+        self.kernel_view = None
+        if out_ndim is not None:
+            n = len(kernel_shape)
+            self.kernel_view = _core.KernelView.of(kernel_shape, range(n - out_ndim, n))
+            kernel_shape = self.kernel_view.shape
         stats = _core.init_layer_stats(config, kernel_shape, input_shape=input_shape)
         self._setup(config, mode, stats, name)
 
@@ -99,6 +116,7 @@ class QuantDotGeneral(_QuantModule):
             self.mode,
             self.switches,
             name=self.name,
+            kernel_view=self.kernel_view,
             dimension_numbers=dimension_numbers,
             precision=precision,
             preferred_element_type=preferred_element_type,
