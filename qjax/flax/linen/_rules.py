@@ -197,7 +197,8 @@ class QuantRules:
 
     def _refuse_leaf(self, m) -> None:
         """A rule that fully matches a leaf module no hook fits is an error (as NNX)."""
-        if not m.path or m._state.children:  # the root, or a container (walked)
+        kids = m._state.children.values()  # variables map to their collection names
+        if not m.path or any(isinstance(c, nn.Module) for c in kids):  # root, container
             return
         if type(m).__module__.startswith("qjax."):  # qjax's own layers and hooks
             return
