@@ -130,6 +130,8 @@ def dequantize(q: jax.Array, qp: QParams, *, dtype=jnp.float32) -> jax.Array:
     >>> dequantize(jnp.array([8, 10, 255], jnp.uint8), qp)
     Array([ -1. ,   0. , 122.5], dtype=float32)
     """
+    codes = jnp.dtype(qp.spec.dtype).name if isinstance(qp, QParams) else "int8"
+    _refuse_sequence(q, "dequantize", codes)
     q = jnp.asarray(q)
     if not jnp.issubdtype(q.dtype, jnp.integer):
         raise TypeError(
@@ -199,12 +201,16 @@ def fake_quant(
 # internals
 
 
-def _check_float(x, fn: str) -> None:
+def _refuse_sequence(x, fn: str, dtype: str) -> None:
     if isinstance(x, (list, tuple)):  # as jax.numpy functions do: no implicit conversion
         raise TypeError(
             f"{fn} requires an array or a scalar, got a {type(x).__name__}; "
-            f"pass jnp.asarray(x, jnp.float32)"
+            f"pass jnp.asarray(x, jnp.{dtype})"
         )
+
+
+def _check_float(x, fn: str) -> None:
+    _refuse_sequence(x, fn, "float32")
     dt = jnp.result_type(x)
     if not jnp.issubdtype(dt, jnp.floating):
         raise TypeError(

@@ -15,15 +15,16 @@ from qjax.flax import default_qat_qconfig
 from qjax.flax import nnx as qn
 
 
-@pytest.mark.parametrize("fn", [qjax.quantize, qjax.fake_quant])
-@pytest.mark.parametrize("x", [[0.3, 1.0, 9.0], (0.3, 1.0)])
+@pytest.mark.parametrize("fn", [qjax.quantize, qjax.fake_quant, qjax.dequantize])
+@pytest.mark.parametrize("x", [[3, 1, 9], (3, 1)])
 def test_lists_are_refused_like_jax_numpy(fn, x):
     qp = qjax.QParams(scale=0.5, zero_point=0, spec=qjax.QuantSpec(bits=4))
     kind = type(x).__name__
+    dtype = jnp.int8 if fn is qjax.dequantize else jnp.float32
     with pytest.raises(TypeError, match=rf"{fn.__name__} requires an array or a scalar, got a "
-                       rf"{kind}; pass jnp.asarray"):  # fmt: skip
+                       rf"{kind}; pass jnp.asarray\(x, jnp.{jnp.dtype(dtype).name}\)"):  # fmt: skip
         fn(x, qp)
-    assert fn(jnp.asarray(x, jnp.float32), qp).shape == (len(x),)  # the array works
+    assert fn(jnp.asarray(x, dtype), qp).shape == (len(x),)  # the array works
 
 
 def test_wrong_input_features_name_the_layer():
