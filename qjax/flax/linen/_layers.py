@@ -70,6 +70,33 @@ def _refuse_output_quant(module, config) -> None:
         )
 
 
+def _hook_operands(module, lhs, rhs, kernel_view=None):
+    """A hook's operands ``(fq(lhs), fq(rhs))`` (:func:`qjax.flax._core.quantize_operands`)
+    from its own statistics (made on first use with the kernel's shape, or the
+    ``kernel_view``'s), stored back when the mode observes."""
+    _check_config(module, module.config)
+    _refuse_output_quant(module, module.config)
+    mode = as_mode(module.mode)
+    kshape = rhs.shape if kernel_view is None else kernel_view.shape
+    var = _stats_variable(
+        module,
+        lambda: _core.init_layer_stats(module.config, kshape, input_shape=module.input_shape),
+    )
+    x, w, st = _core.quantize_operands(
+        lhs,
+        rhs,
+        var.value,
+        module.config,
+        mode,
+        _switches(module),
+        name=join_path(module.path),
+        require_stats=not module.is_initializing(),
+        kernel_view=kernel_view,
+    )
+    _store(module, var, st, mode, module.observe)
+    return x, w
+
+
 class QuantDotGeneral(nn.Module):
     """A ``dot_general_cls`` hook for ``nn.Dense``: fake-quantizes input and kernel.
 
@@ -106,35 +133,18 @@ class QuantDotGeneral(nn.Module):
         preferred_element_type=None,
         out_sharding=None,
     ):
-        _check_config(self, self.config)
-        _refuse_output_quant(self, self.config)
-        mode = as_mode(self.mode)
         view = None
         if self.out_ndim is not None:
             view = _core.KernelView.of(rhs.shape, range(rhs.ndim - self.out_ndim, rhs.ndim))
-        kshape = rhs.shape if view is None else view.shape
-        var = _stats_variable(
-            self,
-            lambda: _core.init_layer_stats(self.config, kshape, input_shape=self.input_shape),
-        )
-        y, st = _core.quantized_op(
-            lax.dot_general,
-            lhs,
-            rhs,
-            var.value,
-            self.config,
-            mode,
-            _switches(self),
-            name=join_path(self.path),
-            require_stats=not self.is_initializing(),
-            kernel_view=view,
-            dimension_numbers=dimension_numbers,
+        x, w = _hook_operands(self, lhs, rhs, view)
+        return lax.dot_general(
+            x,
+            w,
+            dimension_numbers,
             precision=precision,
             preferred_element_type=preferred_element_type,
             out_sharding=out_sharding,
         )
-        _store(self, var, st, mode, self.observe)
-        return y
 
 
 class QuantConvGeneralDilated(nn.Module):
@@ -172,23 +182,10 @@ class QuantConvGeneralDilated(nn.Module):
         preferred_element_type=None,
         out_sharding=None,
     ):
-        _check_config(self, self.config)
-        _refuse_output_quant(self, self.config)
-        mode = as_mode(self.mode)
-        var = _stats_variable(
-            self,
-            lambda: _core.init_layer_stats(self.config, rhs.shape, input_shape=self.input_shape),
-        )
-        y, st = _core.quantized_op(
-            lax.conv_general_dilated,
-            lhs,
-            rhs,
-            var.value,
-            self.config,
-            mode,
-            _switches(self),
-            name=join_path(self.path),
-            require_stats=not self.is_initializing(),
+        x, w = _hook_operands(self, lhs, rhs)
+        return lax.conv_general_dilated(
+            x,
+            w,
             window_strides=window_strides,
             padding=padding,
             lhs_dilation=lhs_dilation,
@@ -200,8 +197,6 @@ class QuantConvGeneralDilated(nn.Module):
             preferred_element_type=preferred_element_type,
             out_sharding=out_sharding,
         )
-        _store(self, var, st, mode, self.observe)
-        return y
 
 
 class QuantDense(nn.Module):

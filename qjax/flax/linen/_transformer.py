@@ -19,7 +19,14 @@ from flax.linen.dtypes import promote_dtype
 from .. import _core
 from .._config import Mode, QuantConfig, as_mode
 from .._paths import join_path
-from ._layers import _check_config, _refuse_output_quant, _stats_variable, _store, _switches
+from ._layers import (
+    _check_config,
+    _hook_operands,
+    _refuse_output_quant,
+    _stats_variable,
+    _store,
+    _switches,
+)
 
 
 class QuantEinsum(nn.Module):
@@ -46,28 +53,9 @@ class QuantEinsum(nn.Module):
 
     @nn.compact
     def __call__(self, *args, dtype=None, inexact=True):
-        _check_config(self, self.config)
-        _refuse_output_quant(self, self.config)
-        mode = as_mode(self.mode)
         inputs, kernel, *rest = promote_dtype(*args, dtype=dtype, inexact=inexact)
-        name = join_path(self.path)
-        view = _core.einsum_kernel_view(self.einsum_str, kernel.shape, name)
-        var = _stats_variable(
-            self,
-            lambda: _core.init_layer_stats(self.config, view.shape, input_shape=self.input_shape),
-        )
-        x, w, st = _core.quantize_operands(
-            inputs,
-            kernel,
-            var.value,
-            self.config,
-            mode,
-            _switches(self),
-            name=name,
-            require_stats=not self.is_initializing(),
-            kernel_view=view,
-        )
-        _store(self, var, st, mode, self.observe)
+        view = _core.einsum_kernel_view(self.einsum_str, kernel.shape, join_path(self.path))
+        x, w = _hook_operands(self, inputs, kernel, view)
         return [x, w, *rest]
 
 

@@ -46,6 +46,21 @@ class _QuantModule(nnx.Module):
     def switches(self) -> _core.Switches:
         return _core.Switches(observe=self.observe, fake_quant=self.fake_quant)
 
+    def _quantize_operands(self, lhs, rhs, kernel_view=None):
+        """``(fq(lhs), fq(rhs), new stats)`` from this module's statistics, config, mode
+        and switches (:func:`qjax.flax._core.quantize_operands`)."""
+        st = self.quant_stats.get_value()
+        return _core.quantize_operands(
+            lhs, rhs, st, self.config, self.mode, self.switches, name=self.name,
+            kernel_view=kernel_view,
+        )  # fmt: skip
+
+    def _hook_operands(self, lhs, rhs, kernel_view=None):
+        """A hook's operands: :meth:`_quantize_operands` with the statistics stored."""
+        x, w, st = self._quantize_operands(lhs, rhs, kernel_view)
+        self.quant_stats.set_value(st)
+        return x, w
+
 
 class QuantDotGeneral(_QuantModule):
     """A ``dot_general`` hook for ``nnx.Linear`` that fake-quantizes input and kernel.
@@ -107,23 +122,15 @@ class QuantDotGeneral(_QuantModule):
         preferred_element_type=None,
         out_sharding=None,
     ):
-        y, st = _core.quantized_op(
-            lax.dot_general,
-            lhs,
-            rhs,
-            self.quant_stats.get_value(),
-            self.config,
-            self.mode,
-            self.switches,
-            name=self.name,
-            kernel_view=self.kernel_view,
-            dimension_numbers=dimension_numbers,
+        x, w = self._hook_operands(lhs, rhs, self.kernel_view)
+        return lax.dot_general(
+            x,
+            w,
+            dimension_numbers,
             precision=precision,
             preferred_element_type=preferred_element_type,
             out_sharding=out_sharding,
         )
-        self.quant_stats.set_value(st)
-        return y
 
 
 class QuantConvGeneralDilated(_QuantModule):
@@ -168,15 +175,10 @@ class QuantConvGeneralDilated(_QuantModule):
         preferred_element_type=None,
         out_sharding=None,
     ):
-        y, st = _core.quantized_op(
-            lax.conv_general_dilated,
-            lhs,
-            rhs,
-            self.quant_stats.get_value(),
-            self.config,
-            self.mode,
-            self.switches,
-            name=self.name,
+        x, w = self._hook_operands(lhs, rhs)
+        return lax.conv_general_dilated(
+            x,
+            w,
             window_strides=window_strides,
             padding=padding,
             lhs_dilation=lhs_dilation,
@@ -188,8 +190,6 @@ class QuantConvGeneralDilated(_QuantModule):
             preferred_element_type=preferred_element_type,
             out_sharding=out_sharding,
         )
-        self.quant_stats.set_value(st)
-        return y
 
 
 def _refuse_output_quant(config, name):
@@ -241,17 +241,8 @@ class QuantLinear(_QuantModule):
     def __call__(self, x):
         _core.check_features(x, self.kernel, self.name)
         x, kernel = _core.promote_operands(x, self.kernel[...], self.name)
-        y, st = _core.quantized_op(
-            lax.dot_general,
-            x,
-            kernel,
-            self.quant_stats.get_value(),
-            self.config,
-            self.mode,
-            self.switches,
-            name=self.name,
-            dimension_numbers=(((x.ndim - 1,), (0,)), ((), ())),
-        )
+        xq, wq, st = self._quantize_operands(x, kernel)
+        y = lax.dot_general(xq, wq, (((x.ndim - 1,), (0,)), ((), ())))
         bias = None if self.bias is None else self.bias[...]
         if bias is not None:
             y = y + bias.astype(y.dtype)
@@ -306,17 +297,8 @@ class QuantConv(_QuantModule):
         _core.check_features(x, self.kernel, self.name)
         x, kernel = _core.promote_operands(x, self.kernel[...], self.name)
         kw = _conv_kwargs(x.ndim, self.strides, self.padding)
-        y, st = _core.quantized_op(
-            lax.conv_general_dilated,
-            x,
-            kernel,
-            self.quant_stats.get_value(),
-            self.config,
-            self.mode,
-            self.switches,
-            name=self.name,
-            **kw,
-        )
+        xq, wq, st = self._quantize_operands(x, kernel)
+        y = lax.conv_general_dilated(xq, wq, **kw)
         bias = None if self.bias is None else self.bias[...]
         if bias is not None:
             y = y + bias.astype(y.dtype)

@@ -15,7 +15,6 @@ Int8 serving of these layers is not there yet (``qjax.convert`` refuses them).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax.numpy as jnp
@@ -73,21 +72,8 @@ class QuantEinsum(_QuantModule):
                 f"(contracted, output) matrix; the weight statistics were made for "
                 f"{self.view_shape} (the layer's einsum_str)"
             )
-        y, st = _core.quantized_op(
-            functools.partial(jnp.einsum, subscripts),
-            lhs,
-            rhs,
-            self.quant_stats.get_value(),
-            self.config,
-            self.mode,
-            self.switches,
-            name=self.name,
-            kernel_view=view,
-            precision=precision,
-            **einsum_kwargs,
-        )
-        self.quant_stats.set_value(st)
-        return y
+        x, w = self._hook_operands(lhs, rhs, view)
+        return jnp.einsum(subscripts, x, w, precision=precision, **einsum_kwargs)
 
 
 class QuantEmbed(_QuantModule):
