@@ -154,9 +154,10 @@ class QuantConfig:
         formula (int32 accumulation of the codes, :func:`qjax.kernels.requantize` with
         this scheme, dequantized; :mod:`qjax.flax._intsim`), with the float
         straight-through gradient, so :func:`qjax.convert` with the same scheme serves
-        exactly the trained numbers. Needs int8 weights and
-        ``quantize_input=quantize_output=True`` (the formula needs the input's and the
-        output's qparams).
+        exactly the trained numbers. Needs int8 weights and ``quantize_input=True``.
+        With ``quantize_output=True`` the output is the requantized codes; without an
+        output quantizer (and in the ``dot_general``/conv hooks) it is the float
+        :func:`qjax.kernels.dequantize_accumulator` ``f32(acc)·f32(s_x·s_w) + b``.
 
     >>> cfg = qjax_recommended()
     >>> cfg.weight.axis, cfg.activation.signed, cfg.compat
@@ -226,11 +227,11 @@ def _check_scheme(cfg: QuantConfig) -> None:
             f"QuantConfig(scheme={cfg.scheme!r}) simulates the int8 server: it needs an int8 "
             f"signed weight spec and an 8-bit activation spec, got weight={w}, activation={a}"
         )
-    if not (cfg.quantize_input and cfg.quantize_output):
+    if not cfg.quantize_input:
         raise ValueError(
             f"QuantConfig(scheme={cfg.scheme!r}): the integer formula needs the layer's input "
-            "and output qparams; set quantize_input=True and quantize_output=True "
-            "(config.replace(quantize_input=True, quantize_output=True, scheme=...))"
+            "qparams; set quantize_input=True (config.replace(quantize_input=True, "
+            "scheme=...))"
         )
 
 

@@ -44,6 +44,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .. import kernels
@@ -52,6 +53,7 @@ from .._primitives import QCompat, dequantize, quantize
 from .._qarray import QArray
 from .._spec import QParams
 from ..kernels._choice import conv_kernel, linear_kernel
+from . import _record
 from ._config import Mode, QuantConfig, as_mode
 
 __all__ = [
@@ -59,7 +61,11 @@ __all__ = [
     "conv_geometry",
     "fake_quant_codes",
     "fold_bn",
+    "hook_override",
     "integer_override",
+    "layer_mark",
+    "prepare_layer",
+    "run_layer",
     "layer_qparams",
     "prepare_weight",
 ]
@@ -133,31 +139,57 @@ def fold_bn(kernel, conv_bias, gamma, beta, mean, var, eps: float):
 
 def conv_geometry(conv_kwargs: dict, name: str) -> dict:
     """``qjax.kernels.quantized_conv`` keywords from ``lax.conv_general_dilated``'s
-    (channels-last 1-D/2-D only).
+    (channels-last 1-D/2-D only; ``dimension_numbers`` as strings or as the
+    ``ConvDimensionNumbers`` that ``nnx.Conv`` passes its hook).
 
     >>> conv_geometry(dict(window_strides=(1, 2), padding="SAME",
     ...                    dimension_numbers=("NHWC", "HWIO", "NHWC")), "c")
-    {'stride': (1, 2), 'padding': 'SAME', 'layout': 'NHWC'}
+    {'stride': (1, 2), 'padding': 'SAME', 'layout': 'NHWC', 'dilation': (1, 1), 'groups': 1}
     """
     dn = conv_kwargs.get("dimension_numbers")
-    layout = dn[0] if dn else None
-    if layout not in ("NHWC", "NWC"):
+    strides = tuple(int(v) for v in conv_kwargs["window_strides"])
+    n = len(strides)
+    layout = {1: "NWC", 2: "NHWC"}.get(n)
+    if isinstance(dn, lax.ConvDimensionNumbers):
+        channels_last = tuple(dn.lhs_spec) == (0, n + 1, *range(1, n + 1))
+        hwio = tuple(dn.rhs_spec) == (n + 1, n, *range(n))
+        ok = channels_last and hwio and tuple(dn.out_spec) == tuple(dn.lhs_spec)
+    else:
+        ok = dn is not None and tuple(dn) == (layout, "HWIO"[2 - n :], layout)
+    if layout is None or not ok:
         raise ValueError(
-            f"{name}: the int8 conv serves channels-last 1-D/2-D convolutions (NWC, NHWC), "
-            f"got dimension_numbers={dn}"
+            f"{name}: the int8 conv serves channels-last 1-D/2-D convolutions (NWC, NHWC "
+            f"with WIO/HWIO kernels), got dimension_numbers={dn}"
+        )
+    lhs_dil = conv_kwargs.get("lhs_dilation") or (1,) * n
+    if any(int(v) != 1 for v in lhs_dil) or conv_kwargs.get("batch_group_count", 1) != 1:
+        raise ValueError(
+            f"{name}: the int8 conv has no input dilation or batch groups (got "
+            f"lhs_dilation={lhs_dil}, batch_group_count={conv_kwargs.get('batch_group_count')})"
         )
     pad = conv_kwargs["padding"]
     if not isinstance(pad, str):
         pad = tuple(tuple(int(v) for v in p) for p in pad)
+    dil = conv_kwargs.get("rhs_dilation") or (1,) * n
     return {
-        "stride": tuple(int(s) for s in conv_kwargs["window_strides"]),
+        "stride": strides,
         "padding": pad,
         "layout": layout,
+        "dilation": tuple(int(v) for v in dil),
+        "groups": int(conv_kwargs.get("feature_group_count", 1)),
     }
 
 
 def prepare_weight(
-    kind: str, kernel, w_qp: QParams, compat: QCompat, name: str, *, native: str = "xla"
+    kind: str,
+    kernel,
+    w_qp: QParams,
+    compat: QCompat,
+    name: str,
+    *,
+    native: str = "xla",
+    groups: int = 1,
+    dilation=1,
 ):
     """Quantize a Flax kernel (``(in, out)`` or ``HWIO``) to int8 codes and prepare it:
     a :class:`~qjax.kernels.PreparedLinear` (``kind="linear"``) or
@@ -183,8 +215,8 @@ def prepare_weight(
         return kernels.prepare_linear(wq, name=name, kernel=linear_kernel(native))
     if kind == "conv":
         layout = "HWIO" if kernel.ndim == 4 else "WIO"
-        k = conv_kernel(native, kernel.ndim - 2)
-        return kernels.prepare_conv(wq, name=name, weight_layout=layout, kernel=k)
+        k = conv_kernel(native, kernel.ndim - 2, groups, dilation)
+        return kernels.prepare_conv(wq, name=name, groups=groups, weight_layout=layout, kernel=k)
     raise ValueError(f"{name}: unknown layer kind {kind!r}")
 
 
@@ -193,16 +225,17 @@ def apply_layer(
     x: QArray,
     prepared,
     bias,
-    out_qp: QParams,
+    out_qp: QParams | None,
     *,
     scheme: str,
     relu: bool = False,
     geometry: dict | None = None,
     name: str = "layer",
-) -> QArray:
+) -> QArray | jax.Array:
     """The int8 layer: :func:`qjax.kernels.quantized_linear` or
     :func:`qjax.kernels.quantized_conv` (``geometry`` from :func:`conv_geometry`), with
-    ReLU fused into the requantization clamp.
+    ReLU fused into the requantization clamp; ``out_qp=None``: the float output
+    (:func:`qjax.kernels.dequantize_accumulator`, no ReLU).
 
     >>> from qjax import QuantSpec, QParams
     >>> qp = QParams(jnp.array([0.1, 0.2]), jnp.array([0, 0]), QuantSpec(symmetric=True, axis=-1))
@@ -212,24 +245,28 @@ def apply_layer(
     >>> apply_layer("linear", x, pw, None, out, scheme="fbgemm", relu=True).values
     Array([[0, 0]], dtype=int8)
     """
-    act = "relu" if relu else None
+    act = "relu" if relu and out_qp is not None else None
     if kind == "linear":
-        return kernels.quantized_linear(
+        y = kernels.quantized_linear(
             x, prepared, bias, out_qp, scheme=scheme, activation=act, name=name
         )
+        return jnp.maximum(y, 0.0) if relu and out_qp is None else y
     g = geometry or {}
-    return kernels.quantized_conv(
+    y = kernels.quantized_conv(
         x,
         prepared,
         bias,
         out_qp,
         stride=g.get("stride", 1),
         padding=g.get("padding", 0),
+        dilation=g.get("dilation", 1),
+        groups=prepared.groups,
         layout=g.get("layout", "NHWC"),
         scheme=scheme,
         activation=act,
         name=name,
     )
+    return jnp.maximum(y, 0.0) if relu and out_qp is None else y
 
 
 def integer_override(
@@ -247,6 +284,7 @@ def integer_override(
     relu: bool = False,
     name: str = "layer",
     active: bool = True,
+    source: str = "qjax.flax",
 ) -> jax.Array:
     """``y`` (the float simulation) with its value replaced by the integer formula.
 
@@ -264,15 +302,142 @@ def integer_override(
     True
     """
     mode = as_mode(mode)
-    if config.scheme is None or not (active and mode.fake_quantizes and fake_quant):
+    if not (active and mode.fake_quantizes and fake_quant):
         return y
-    qx, qw, qy = layer_qparams(stats, config)
-    compat = config.fake_quant_compat
-    geometry = conv_geometry(conv_kwargs, name) if kind == "conv" else None
-    xq = QArray(fake_quant_codes(x, qx, compat), qx)
-    pw = prepare_weight(kind, kernel, qw, compat, name)
-    yq = apply_layer(
-        kind, xq, pw, bias, qy, scheme=config.scheme, relu=relu, geometry=geometry, name=name
-    )
-    y_int = dequantize(yq.values, yq.qparams).astype(y.dtype)
-    return y_int + (y - lax.stop_gradient(y))
+    info = layer_mark(kind, name, config, source, relu=relu, conv_kwargs=conv_kwargs)
+    return _marked_value(y, x, kernel, bias, stats, info)
+
+
+def layer_mark(
+    kind: str,
+    name: str,
+    config: QuantConfig,
+    source: str,
+    *,
+    relu: bool = False,
+    conv_kwargs: dict | None = None,
+    dimension_numbers=None,
+    shapes=None,
+) -> _record.LayerMark:
+    """The :class:`~qjax.flax._record.LayerMark` of a layer: ``kind`` ``"linear"``
+    (``dimension_numbers`` and ``shapes=(x.shape, kernel.shape)`` of a ``dot_general``
+    hook, or none for ``x @ kernel``) or ``"conv"`` (``conv_kwargs`` of
+    ``lax.conv_general_dilated``). A layer the int8 kernels cannot run gets
+    ``unsupported`` (the reason) instead of raising: it stays float when served.
+
+    >>> from qjax.flax import qjax_recommended
+    >>> dn = (((2,), (0,)), ((), ()))
+    >>> layer_mark("linear", "fc", qjax_recommended(), "nnx.Linear", dimension_numbers=dn,
+    ...            shapes=((2, 3, 4), (4, 5))).unsupported is None
+    True
+    """
+    geometry, in_ndim, out_dims, why = None, 1, None, None
+    if kind == "conv":
+        try:
+            geometry = conv_geometry(conv_kwargs, name)
+        except ValueError as e:
+            why = str(e)
+    elif dimension_numbers is not None:
+        (lc, rc), (lb, rb) = dimension_numbers
+        (xs, ks), n = shapes, len(lc)
+        if (
+            lb
+            or rb
+            or tuple(lc) != tuple(range(len(xs) - n, len(xs)))
+            or tuple(rc) != tuple(range(n))
+        ):
+            why = (
+                f"{name}: dot_general dimension_numbers {dimension_numbers}: the int8 linear "
+                "contracts the trailing input axes with the leading kernel axes, no batch axes"
+            )
+        in_ndim, out_dims = n, tuple(ks[n:])
+    return _record.LayerMark(kind, name, config, source, relu, geometry, in_ndim, out_dims, why)
+
+
+def prepare_layer(info: _record.LayerMark, kernel, stats, *, native: str = "xla"):
+    """``(input qparams, prepared weight, output qparams or None)`` of a marked layer,
+    from its float kernel (BN folded) and observer states (:func:`layer_qparams`)."""
+    cfg = info.config
+    qx, qw, qy = layer_qparams(stats, cfg)
+    g = info.geometry or {}
+    if info.op == "linear" and info.in_ndim != 1:
+        k = int(np.prod(kernel.shape[: info.in_ndim], dtype=np.int64))
+        kernel = jnp.reshape(kernel, (k, -1))
+    pw = prepare_weight(
+        info.op, kernel, qw, cfg.fake_quant_compat, info.name, native=native,
+        groups=g.get("groups", 1), dilation=g.get("dilation", 1),
+    )  # fmt: skip
+    return qx, pw, qy
+
+
+def run_layer(info: _record.LayerMark, xq: QArray, pw, bias, qy, scheme: str):
+    """The int8 layer on input codes ``xq``: :func:`apply_layer`, with the input's
+    contracted axes flattened (and the output's unflattened) for a multi-axis kernel."""
+    lead = xq.shape[: xq.ndim - info.in_ndim]
+    if info.op == "linear" and (info.in_ndim != 1 or len(info.out_dims or (0,)) != 1):
+        xq = QArray(jnp.reshape(xq.values, lead + (-1,)), xq.qparams)
+    y = apply_layer(
+        info.op, xq, pw, bias, qy, scheme=scheme, relu=info.relu, geometry=info.geometry,
+        name=info.name,
+    )  # fmt: skip
+    if info.op == "linear" and info.out_dims is not None and len(info.out_dims) != 1:
+        shape = lead + tuple(info.out_dims)
+        y = QArray(jnp.reshape(y.values, shape), y.qparams) if qy else jnp.reshape(y, shape)
+    return y
+
+
+def _marked_value(y, x, kernel, bias, stats, info: _record.LayerMark):
+    """``y``, or its integer value when the config has a scheme, marked when recording."""
+    cfg = info.config
+    if cfg.scheme is not None:
+        if info.unsupported:
+            raise ValueError(f"QuantConfig(scheme={cfg.scheme!r}): {info.unsupported}")
+        qx, pw, qy = prepare_layer(info, kernel, stats)
+        xq = QArray(fake_quant_codes(x, qx, cfg.fake_quant_compat), qx)
+        y_int = run_layer(info, xq, pw, bias, qy, cfg.scheme)
+        y_int = y_int if qy is None else dequantize(y_int.values, y_int.qparams)
+        y = y_int.astype(y.dtype) + (y - lax.stop_gradient(y))
+    if _record.active():
+        y = _record.mark(y, {"x": x, "kernel": kernel, "bias": bias, "stats": stats}, info)
+    return y
+
+
+def hook_override(
+    y: jax.Array,
+    lhs: jax.Array,
+    rhs: jax.Array,
+    stats: Any,
+    config: QuantConfig,
+    mode: Mode,
+    fake_quant: bool,
+    *,
+    kind: str,
+    op_kwargs: dict,
+    name: str,
+    source: str,
+) -> jax.Array:
+    """A ``dot_general`` / conv hook's value: ``y`` (the float op on fake-quantized
+    operands), or with ``config.scheme`` the int8 formula with a float output
+    (:func:`qjax.kernels.dequantize_accumulator` ``f32(acc)·f32(s_x·s_w)``; the stock
+    layer adds its bias after the hook), with ``y``'s gradient.
+
+    >>> from qjax.flax import Mode, qjax_recommended
+    >>> from qjax.flax._core import init_layer_stats
+    >>> st = init_layer_stats(qjax_recommended(), (2, 2))
+    >>> x = jnp.array([[0.5, -1.0]])
+    >>> y = hook_override(x, x, jnp.eye(2), st, qjax_recommended(), Mode.FLOAT, True,
+    ...                   kind="linear", op_kwargs={}, name="fc", source="nnx.Linear")
+    >>> bool((y == x).all())   # FLOAT mode: untouched
+    True
+    """
+    mode = as_mode(mode)
+    if not (mode.fake_quantizes and fake_quant):
+        return y
+    if kind == "linear":
+        dn = op_kwargs["dimension_numbers"]
+        info = layer_mark(
+            kind, name, config, source, dimension_numbers=dn, shapes=(lhs.shape, rhs.shape)
+        )
+    else:
+        info = layer_mark(kind, name, config, source, conv_kwargs=op_kwargs)
+    return _marked_value(y, lhs, rhs, None, stats, info)

@@ -74,6 +74,7 @@ from ._pool import max_pool2d as max_pool2d
 from ._prepared import Kernel as Kernel
 from ._requant import Activation as Activation
 from ._requant import activation_bounds as activation_bounds
+from ._requant import dequantize_accumulator as dequantize_accumulator
 from ._requant import requantize as requantize
 from ._schemes import SCHEMES as SCHEMES
 from ._schemes import Scheme as Scheme
@@ -137,6 +138,7 @@ __all__ = [
     "requant_qnnpack",
     "requant_tflite",
     "requant_tflite_single_rounding",
+    "dequantize_accumulator",
     "requantize",
     "reshape",
     "rounding_divide_by_pot",

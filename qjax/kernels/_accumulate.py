@@ -89,7 +89,8 @@ def check_accumulator(w: QArray, k: int, max_abs_x: int, name: str, *, what: str
 def check_operands(x, out_qparams, max_abs_x: int, accumulate, activation, layer: str) -> bool:
     """Validate what linear and conv layers share; return whether ``x`` is unsigned.
 
-    Checks: ``out_qparams`` is a :class:`~qjax.QParams`; ``accumulate`` and the fused
+    Checks: ``out_qparams`` is a :class:`~qjax.QParams` (or ``None``, a float output,
+    without an activation); ``accumulate`` and the fused
     ``activation`` are known; ``x`` holds int8/uint8 codes with per-tensor qparams whose
     code span fits the ``max_abs_x`` the layer's overflow check assumed; and
     ``"fbgemm_sat16"`` only with uint8 activations. Errors name the layer.
@@ -99,9 +100,16 @@ def check_operands(x, out_qparams, max_abs_x: int, accumulate, activation, layer
     >>> check_operands(x, x.qparams, 255, "exact", "relu", "fc")
     True
     """
-    if not isinstance(out_qparams, QParams):
+    if out_qparams is None:
+        if activation is not None:
+            raise ValueError(
+                f"layer {layer!r}: a float output (out_qparams=None) has no fused activation; "
+                f"got activation={activation!r}"
+            )
+    elif not isinstance(out_qparams, QParams):
         raise TypeError(
-            f"layer {layer!r}: out_qparams must be a QParams, got {type(out_qparams).__name__}"
+            f"layer {layer!r}: out_qparams must be a QParams or None, got "
+            f"{type(out_qparams).__name__}"
         )
     if accumulate not in _ACCUMULATES:
         raise ValueError(

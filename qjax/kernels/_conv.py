@@ -84,7 +84,7 @@ from ._accumulate import (
     check_operands,
 )
 from ._prepared import Kernel, register_prepared
-from ._requant import Scheme, clamp_activation, requantize
+from ._requant import Scheme, clamp_activation, dequantize_accumulator, requantize
 
 __all__ = ["ConvActivation", "PreparedConv", "prepare_conv", "quantized_conv"]
 
@@ -330,6 +330,8 @@ def quantized_conv(
       w: a :class:`PreparedConv` (preferred) or an int8 ``OIHW`` :class:`~qjax.QArray`.
       bias: float32 ``(C_out,)`` or ``None``.
       out_qparams: per-tensor output qparams (their spec sets the output dtype).
+        ``None``: no output quantizer, the float32 output
+        :func:`~qjax.kernels.dequantize_accumulator` ``f32(acc)·f32(s_x·s_w) + b``.
       stride, dilation: int or one per spatial dim.
       padding: int, one int per spatial dim, ``(lo, hi)`` pairs, ``"VALID"`` or ``"SAME"``.
       groups: must equal the prepared weight's (``None``: take it from there).
@@ -487,6 +489,11 @@ def quantized_conv(
         k = cg * int(np.prod(kernel))
         acc = acc - zw * win + jnp.int32(k) * zx * zw
     scale_w = wq.scale if wq.spec.granularity == "axis" else jnp.reshape(wq.scale, ())
+    if out_qparams is None:  # no output quantizer: the float layer output
+        y = dequantize_accumulator(
+            acc, scale_x=jnp.reshape(x.scale, ()), scale_w=scale_w, bias=bias
+        )
+        return jnp.moveaxis(y, -1, 1) if channels_first else y
     try:
         codes = requantize(
             acc,

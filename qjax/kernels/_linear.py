@@ -79,7 +79,7 @@ from ._accumulate import (
     check_operands,
 )
 from ._prepared import _KERNELS, Kernel, register_prepared
-from ._requant import Scheme, clamp_activation, requantize
+from ._requant import Scheme, clamp_activation, dequantize_accumulator, requantize
 
 __all__ = ["Accumulate", "Kernel", "PreparedLinear", "prepare_linear", "quantized_linear"]
 
@@ -231,6 +231,8 @@ def quantized_linear(
         :class:`~qjax.QArray` (prepared on each call).
       bias: float32 ``(N,)`` or ``None``.
       out_qparams: per-tensor output qparams; their spec sets the output dtype.
+        ``None``: no output quantizer, the float32 output
+        :func:`~qjax.kernels.dequantize_accumulator` ``f32(acc)·f32(s_x·s_w) + b``.
       scheme: ``"fbgemm"`` (PyTorch x86/fbgemm), ``"qnnpack"``, ``"onednn"``,
         ``"tflite"``, ``"tflite_single_rounding"``, ``"litert_ref"``, ``"litert"`` or
         ``"exact"``.
@@ -297,6 +299,11 @@ def quantized_linear(
         row_sum = jnp.sum(xv.astype(jnp.int32), axis=-1, keepdims=True)
         acc = acc - zw * row_sum + jnp.int32(k) * zx * zw
     scale_w = wq.scale if wq.spec.granularity == "axis" else jnp.reshape(wq.scale, ())
+    if out_qparams is None:  # no output quantizer: the float layer output
+        y = dequantize_accumulator(
+            acc, scale_x=jnp.reshape(x.scale, ()), scale_w=scale_w, bias=bias
+        )
+        return jnp.moveaxis(y, -1, 1) if False else y
     try:
         codes = requantize(
             acc,

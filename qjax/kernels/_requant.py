@@ -16,11 +16,18 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from .._float import mul_f32, opaque_one
 from .._primitives import quantize
 from .._spec import QParams
 from ._schemes import SCHEMES, Scheme
 
-__all__ = ["Activation", "activation_bounds", "clamp_activation", "requantize"]
+__all__ = [
+    "Activation",
+    "activation_bounds",
+    "clamp_activation",
+    "dequantize_accumulator",
+    "requantize",
+]
 
 Activation = Literal["relu"] | None
 
@@ -132,38 +139,7 @@ def requantize(
             f"requantize: output qparams must be per-tensor, got axis={out.spec.axis}, "
             f"group_size={out.spec.group_size}"
         )
-    acc = jnp.asarray(acc)
-    if acc.dtype != jnp.int32:
-        raise TypeError(f"requantize: acc must be int32, got {acc.dtype}")
-    sx = jnp.asarray(scale_x, jnp.float32)
-    if sx.size != 1:
-        raise ValueError(f"requantize: scale_x must be per-tensor, got shape {sx.shape}")
-    sw = jnp.asarray(scale_w, jnp.float32)
-    if sw.ndim > 1:
-        raise ValueError(f"requantize: scale_w must be 0-d or (C,), got shape {sw.shape}")
-    ax = channel_axis % max(acc.ndim, 1)
-    if sw.ndim == 1:
-        if acc.ndim == 0 or acc.shape[ax] != sw.shape[0]:
-            raise ValueError(
-                f"requantize: {sw.shape[0]} weight scales for acc of shape {acc.shape} "
-                f"along axis {channel_axis}"
-            )
-        sw = _along(sw, acc.ndim, ax)
-    b = None
-    if bias is not None:
-        b = jnp.asarray(bias)
-        if not jnp.issubdtype(b.dtype, jnp.floating):
-            raise TypeError(f"requantize: bias must be floating, got {b.dtype}")
-        b = b.astype(jnp.float32)
-        if b.ndim == 1:
-            if acc.ndim == 0 or acc.shape[ax] != b.shape[0]:
-                raise ValueError(
-                    f"requantize: bias of shape {b.shape} does not fit acc of shape "
-                    f"{acc.shape} along axis {channel_axis}"
-                )
-            b = _along(b, acc.ndim, ax)
-        elif b.ndim > 1:
-            raise ValueError(f"requantize: bias must be 0-d or (C,), got shape {b.shape}")
+    acc, sx, sw, b = _operands("requantize", acc, scale_x, scale_w, bias, channel_axis)
     lo, hi = activation_bounds(out, activation)
     so = jnp.asarray(out.scale, jnp.float32).reshape(())
     zo = _zero_point_scalar(out.zero_point)
@@ -175,3 +151,64 @@ def _along(v: jax.Array, ndim: int, axis: int) -> jax.Array:
     shape = [1] * ndim
     shape[axis] = v.shape[0]
     return v.reshape(shape)
+
+
+def _operands(fn: str, acc, scale_x, scale_w, bias, channel_axis: int):
+    """``(acc, s_x, s_w, b)`` checked, with ``(C,)`` vectors laid along ``channel_axis``."""
+    acc = jnp.asarray(acc)
+    if acc.dtype != jnp.int32:
+        raise TypeError(f"{fn}: acc must be int32, got {acc.dtype}")
+    sx = jnp.asarray(scale_x, jnp.float32)
+    if sx.size != 1:
+        raise ValueError(f"{fn}: scale_x must be per-tensor, got shape {sx.shape}")
+    sw = jnp.asarray(scale_w, jnp.float32)
+    if sw.ndim > 1:
+        raise ValueError(f"{fn}: scale_w must be 0-d or (C,), got shape {sw.shape}")
+    ax = channel_axis % max(acc.ndim, 1)
+    if sw.ndim == 1:
+        if acc.ndim == 0 or acc.shape[ax] != sw.shape[0]:
+            raise ValueError(
+                f"{fn}: {sw.shape[0]} weight scales for acc of shape {acc.shape} "
+                f"along axis {channel_axis}"
+            )
+        sw = _along(sw, acc.ndim, ax)
+    b = None
+    if bias is not None:
+        b = jnp.asarray(bias)
+        if not jnp.issubdtype(b.dtype, jnp.floating):
+            raise TypeError(f"{fn}: bias must be floating, got {b.dtype}")
+        b = b.astype(jnp.float32)
+        if b.ndim == 1:
+            if acc.ndim == 0 or acc.shape[ax] != b.shape[0]:
+                raise ValueError(
+                    f"{fn}: bias of shape {b.shape} does not fit acc of shape "
+                    f"{acc.shape} along axis {channel_axis}"
+                )
+            b = _along(b, acc.ndim, ax)
+        elif b.ndim > 1:
+            raise ValueError(f"{fn}: bias must be 0-d or (C,), got shape {b.shape}")
+    return acc, sx.reshape(()), sw, b
+
+
+def dequantize_accumulator(
+    acc: jax.Array,
+    *,
+    scale_x: jax.Array,
+    scale_w: jax.Array,
+    bias: jax.Array | None = None,
+    channel_axis: int = -1,
+) -> jax.Array:
+    """A float output from an exact int32 accumulator (a layer with no output quantizer).
+
+    ``y = f32(acc)·f32(s_x·s_w) + b``: the product rounded to float32 before the bias is
+    added (never contracted into an fma, so the value is the same eagerly, under ``jit``
+    and in the served program). Scales and bias as in :func:`requantize`; int32 in,
+    float32 out.
+
+    >>> dequantize_accumulator(jnp.array([[3, -4]], jnp.int32), scale_x=0.5,
+    ...                        scale_w=jnp.array([0.25, 1.0]), bias=jnp.array([0.0, 1.0]))
+    Array([[ 0.375, -1.   ]], dtype=float32)
+    """
+    acc, sx, sw, b = _operands("dequantize_accumulator", acc, scale_x, scale_w, bias, channel_axis)
+    y = mul_f32(acc.astype(jnp.float32), sx * sw, opaque_one(sx))
+    return y if b is None else y + b

@@ -94,7 +94,17 @@ def _hook_operands(module, lhs, rhs, kernel_view=None):
         kernel_view=kernel_view,
     )
     _store(module, var, st, mode, module.observe)
-    return x, w
+    return x, w, st
+
+
+def _hook_value(module, y, lhs, rhs, st, kind: str, op_kwargs: dict, source: str):
+    """The hook's output: :func:`qjax.flax._intsim.hook_override` (the int8 value when the
+    config has a scheme; marked for ``qjax.convert``), named by the hooked layer's path."""
+    return _intsim.hook_override(
+        y, lhs, rhs, st, module.config, as_mode(module.mode),
+        module.fake_quant and not module.is_initializing(), kind=kind, op_kwargs=op_kwargs,
+        name=join_path(module.path[:-1]) or join_path(module.path), source=source,
+    )  # fmt: skip
 
 
 class QuantDotGeneral(nn.Module):
@@ -136,8 +146,8 @@ class QuantDotGeneral(nn.Module):
         view = None
         if self.out_ndim is not None:
             view = _core.KernelView.of(rhs.shape, range(rhs.ndim - self.out_ndim, rhs.ndim))
-        x, w = _hook_operands(self, lhs, rhs, view)
-        return lax.dot_general(
+        x, w, st = _hook_operands(self, lhs, rhs, view)
+        y = lax.dot_general(
             x,
             w,
             dimension_numbers,
@@ -145,6 +155,8 @@ class QuantDotGeneral(nn.Module):
             preferred_element_type=preferred_element_type,
             out_sharding=out_sharding,
         )
+        kw = {"dimension_numbers": dimension_numbers}
+        return _hook_value(self, y, lhs, rhs, st, "linear", kw, "flax.linen.Dense")
 
 
 class QuantConvGeneralDilated(nn.Module):
@@ -182,21 +194,17 @@ class QuantConvGeneralDilated(nn.Module):
         preferred_element_type=None,
         out_sharding=None,
     ):
-        x, w = _hook_operands(self, lhs, rhs)
-        return lax.conv_general_dilated(
-            x,
-            w,
-            window_strides=window_strides,
-            padding=padding,
-            lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation,
-            dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count,
-            batch_group_count=batch_group_count,
-            precision=precision,
-            preferred_element_type=preferred_element_type,
+        x, w, st = _hook_operands(self, lhs, rhs)
+        kw = dict(
+            window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        )  # fmt: skip
+        y = lax.conv_general_dilated(
+            x, w, **kw, precision=precision, preferred_element_type=preferred_element_type,
             out_sharding=out_sharding,
-        )
+        )  # fmt: skip
+        return _hook_value(self, y, lhs, rhs, st, "conv", kw, "flax.linen.Conv")
 
 
 class QuantDense(nn.Module):

@@ -55,7 +55,7 @@ class QuantEinsum(nn.Module):
     def __call__(self, *args, dtype=None, inexact=True):
         inputs, kernel, *rest = promote_dtype(*args, dtype=dtype, inexact=inexact)
         view = _core.einsum_kernel_view(self.einsum_str, kernel.shape, join_path(self.path))
-        x, w = _hook_operands(self, inputs, kernel, view)
+        x, w, _ = _hook_operands(self, inputs, kernel, view)
         return [x, w, *rest]
 
 

@@ -61,6 +61,14 @@ class _QuantModule(nnx.Module):
         self.quant_stats.set_value(st)
         return x, w
 
+    def _hook_value(self, y, lhs, rhs, kind: str, op_kwargs: dict, source: str):
+        """The hook's output: :func:`qjax.flax._intsim.hook_override` (the int8 value
+        when the config has a scheme; marked for ``qjax.convert``)."""
+        return _intsim.hook_override(
+            y, lhs, rhs, self.quant_stats.get_value(), self.config, self.mode,
+            self.fake_quant, kind=kind, op_kwargs=op_kwargs, name=self.name, source=source,
+        )  # fmt: skip
+
 
 class QuantDotGeneral(_QuantModule):
     """A ``dot_general`` hook for ``nnx.Linear`` that fake-quantizes input and kernel.
@@ -123,7 +131,7 @@ class QuantDotGeneral(_QuantModule):
         out_sharding=None,
     ):
         x, w = self._hook_operands(lhs, rhs, self.kernel_view)
-        return lax.dot_general(
+        y = lax.dot_general(
             x,
             w,
             dimension_numbers,
@@ -131,6 +139,8 @@ class QuantDotGeneral(_QuantModule):
             preferred_element_type=preferred_element_type,
             out_sharding=out_sharding,
         )
+        kw = {"dimension_numbers": dimension_numbers}
+        return self._hook_value(y, lhs, rhs, "linear", kw, "flax.nnx.Linear")
 
 
 class QuantConvGeneralDilated(_QuantModule):
@@ -176,20 +186,16 @@ class QuantConvGeneralDilated(_QuantModule):
         out_sharding=None,
     ):
         x, w = self._hook_operands(lhs, rhs)
-        return lax.conv_general_dilated(
-            x,
-            w,
-            window_strides=window_strides,
-            padding=padding,
-            lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation,
-            dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count,
-            batch_group_count=batch_group_count,
-            precision=precision,
-            preferred_element_type=preferred_element_type,
+        kw = dict(
+            window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        )  # fmt: skip
+        y = lax.conv_general_dilated(
+            x, w, **kw, precision=precision, preferred_element_type=preferred_element_type,
             out_sharding=out_sharding,
-        )
+        )  # fmt: skip
+        return self._hook_value(y, lhs, rhs, "conv", kw, "flax.nnx.Conv")
 
 
 def _refuse_output_quant(config, name):
@@ -250,7 +256,7 @@ class QuantLinear(_QuantModule):
         self.quant_stats.set_value(st)
         return _intsim.integer_override(
             y, x, kernel, bias, st, self.config, self.mode, self.fake_quant, kind="linear",
-            name=self.name,
+            name=self.name, source="qjax.flax.nnx.QuantLinear",
         )  # fmt: skip
 
 
@@ -306,7 +312,7 @@ class QuantConv(_QuantModule):
         self.quant_stats.set_value(st)
         return _intsim.integer_override(
             y, x, kernel, bias, st, self.config, self.mode, self.fake_quant, kind="conv",
-            conv_kwargs=kw, name=self.name,
+            conv_kwargs=kw, name=self.name, source="qjax.flax.nnx.QuantConv",
         )  # fmt: skip
 
 

@@ -85,7 +85,7 @@ def fusable(pw, x, bias, out, scheme) -> bool:
     >>> fusable(None, None, None, None, "tflite")
     False
     """
-    if scheme not in FUSED_SCHEMES or getattr(pw, "kernel", None) != "amx":
+    if out is None or scheme not in FUSED_SCHEMES or getattr(pw, "kernel", None) != "amx":
         return False
     if not pw.zero_point_is_zero or x.values.dtype not in _CODES:
         return False
