@@ -299,7 +299,9 @@ def test_errors_name_the_module():
 
 
 def test_config_scheme_validation():
-    with pytest.raises(ValueError, match=r"needs the layer.s input qparams; set quantize_input=True"):
+    with pytest.raises(
+        ValueError, match=r"needs the layer.s input qparams; set quantize_input=True"
+    ):
         default_qat_qconfig("x86").replace(scheme="fbgemm")
     with pytest.raises(ValueError, match="scheme must be None or one of"):
         _cfg("x86", "nope")

@@ -29,6 +29,7 @@ where PyTorch (``(out, in)``) says ``ch_axis=0``.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import enum
 from collections.abc import Callable
@@ -79,16 +80,21 @@ class Mode(enum.Enum):
         return self in (Mode.QAT, Mode.FROZEN)
 
 
+# set by qjax.flax._record.recording(): qjax.convert traces every layer in Mode.FROZEN
+RECORDING: contextvars.ContextVar[bool] = contextvars.ContextVar("qjax_recording", default=False)
+
+
 def as_mode(mode) -> Mode:
-    """A :class:`Mode` from a Mode or its name (``"qat"``); ``ValueError`` otherwise."""
-    if isinstance(mode, Mode):
-        return mode
-    try:
-        return Mode(str(mode).lower())
-    except ValueError:
-        raise ValueError(
-            f"mode must be one of {[m.value for m in Mode]} or a qjax.flax.Mode, got {mode!r}"
-        ) from None
+    """A :class:`Mode` from a Mode or its name (``"qat"``); ``ValueError`` otherwise.
+    While ``qjax.convert`` records a forward, every valid mode reads as ``Mode.FROZEN``."""
+    if not isinstance(mode, Mode):
+        try:
+            mode = Mode(str(mode).lower())
+        except ValueError:
+            raise ValueError(
+                f"mode must be one of {[m.value for m in Mode]} or a qjax.flax.Mode, got {mode!r}"
+            ) from None
+    return Mode.FROZEN if RECORDING.get() else mode
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,362 +1,178 @@
-"""``qjax.convert``: a calibrated or QAT-trained Flax ``Sequential`` -> an int8 program.
+"""``qjax.convert``: a calibrated or QAT-trained Flax model -> one int8 :class:`~qjax.Program`.
 
-The model is an ``nnx.Sequential`` (or a Linen ``nn.Sequential`` with its variables,
-passed as ``(module, variables)``) of qjax layers: ``QuantStub``/``ActQuant``,
-``QuantLinear``/``QuantDense``, ``QuantConv``, ``QuantConvBn`` (BN folded with the
-running statistics, as torch's ``convert``), ``DeQuantStub``, ReLU (``nnx.relu`` /
-``nn.relu``, fused into the preceding layer's requantization clamp), ``MaxPool``,
-``AvgPool``, ``Flatten`` (:mod:`qjax.flax._pooling`). Each layer's qparams are read from
-its observer statistics exactly as its fake-quant reads them, and the weights are
-prepared with :mod:`qjax.flax._intsim`, the formula ``QuantConfig(scheme=...)`` layers
-train with, so those layers serve exactly what they computed in ``Mode.FROZEN``.
+The model is traced (``jax.make_jaxpr``) with every qjax layer in ``Mode.FROZEN`` while
+:func:`qjax.flax._record.recording` marks its quantizers and quantized layers, and the
+jaxpr is lowered by :mod:`qjax.flax._lower`: quantized dots and convolutions become
+int8 x int8 -> int32 kernels with the scheme's requantization (weights quantized and
+prepared once, here), ReLU, max pooling and layout ops run on the codes, and everything
+else (LayerNorm, softmax, GELU, an unfolded BatchNorm, residual adds, average pools)
+stays float between a ``dequantize`` and the next quantizer, computed exactly as the model
+computes it. What stays float is listed in ``program.float_ops``.
 
-Where a layer's output qparams come from: its own output quantizer
-(``quantize_output=True``), else the next quantizer in the sequence (an ``ActQuant`` or
-the next layer's input quantizer; a ReLU in between is fused). A layer whose input
-quantizer differs from the codes it receives re-quantizes them (elementwise).
+Models: an ``nnx.Sequential`` / Linen ``nn.Sequential`` of qjax layers goes to
+:mod:`qjax.flax._sequential` (the saveable :class:`~qjax.flax._serve.ServedModel`); any
+other ``nnx.Module`` (a copy is traced in ``eval()`` mode: Dropout is the
+identity, BatchNorm uses its running statistics; the model itself is not changed), a
+Linen ``(module, variables)`` (``module.apply(variables, *args)``; pass a function for
+other ``apply`` arguments such as ``train=False``), or a function of the inputs that
+calls such models. Layers are named by their module paths (``"block/conv1"``).
 
-Errors name the module path and the fix: unknown layers, observers that never saw data
-(``count == 0``), non-finite statistics, a float tensor reaching an integer layer, a
-layer without output qparams, a ``config.scheme`` that differs from ``scheme``.
+Errors name the module path and the fix: observers that never saw data, non-finite
+statistics, a float tensor reaching a layer without an input quantizer, a
+``config.scheme`` that differs from ``scheme``, a model with nothing quantized.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from typing import Any
+import contextlib
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from ..kernels._choice import resolve_kernel
-from . import _pooling
-from . import linen as qlinen
-from . import nnx as qnnx
-from ._config import QuantConfig
-from ._core import LayerStats
-from ._intsim import conv_geometry, fold_bn, layer_qparams, prepare_weight
-from ._serve import ServedModel, _freeze
-from ._walk import linen_kind, nnx_classify
+from ..program import Program
+from . import _record
+from ._lower import lower
+from ._sequential import convert_sequential, is_sequential
+from ._serve import ServedModel
+from ._walk import nnx_quantized
 
 __all__ = ["convert"]
 
-_RELUS = (jax.nn.relu, nnx.relu, nn.relu)
+
+@contextlib.contextmanager
+def _named_by_path(model: nnx.Module):
+    """Every quantized layer's ``name`` set to its path while the forward is traced (errors
+    and steps are named by path, whatever the user named them); restored afterwards."""
+    layers = nnx_quantized(model)
+    names = [q.holder.name for q in layers]
+    try:
+        for q in layers:
+            q.holder.name = q.path
+        yield
+    finally:
+        for q, n in zip(layers, names, strict=True):
+            q.holder.name = n
 
 
-@dataclasses.dataclass
-class _View:
-    """One element of the sequence, framework-independent."""
-
-    kind: str  # quant, dequant, linear, conv, relu, max_pool, avg_pool, flatten
-    path: str
-    config: QuantConfig | None = None
-    stats: Any = None
-    kernel: Any = None
-    bias: Any = None
-    bn: tuple | None = None  # (gamma, beta, mean, var, eps)
-    relu: bool = False
-    conv_kwargs: dict | None = None
-    pool: dict | None = None
+def _nnx_forward(model: nnx.Module):
+    copy = nnx.clone(model)  # the user's model keeps its flags (eval() below)
+    copy.eval()
+    graphdef, state = nnx.split(copy)
+    # the state goes in as arguments: NNX variables cannot be written from inside a trace
+    return (lambda st, *a: nnx.merge(graphdef, st)(*a)), state
 
 
-def _conv_kw(kernel, strides, padding) -> dict:
-    n = kernel.ndim - 2
-    strides = (strides,) * n if isinstance(strides, int) else tuple(strides)
-    sp = "HWD"[:n]
-    return dict(
-        window_strides=strides,
-        padding=padding if isinstance(padding, str) else tuple(map(tuple, padding)),
-        dimension_numbers=("N" + sp + "C", sp + "IO", "N" + sp + "C"),
+def _forward(model):
+    """``(fn, known)``: the forward ``fn(known, *inputs)`` and its fixed first argument."""
+    if isinstance(model, nnx.Module):
+        return _nnx_forward(model)
+    if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], nn.Module):
+        module, variables = model
+        return (lambda v, *a: module.apply(v, *a)), variables
+    if callable(model) and not isinstance(model, nn.Module):
+        return (lambda _, *a: model(*a)), ()
+    raise TypeError(
+        f"convert: expects an nnx.Module, a (linen Module, variables) pair or a function, "
+        f"got {type(model).__name__}"
     )
 
 
-def _pool_view(m, path) -> _View:
-    pad = m.padding
-    if isinstance(pad, str):
-        if pad.upper() != "VALID":
-            raise ValueError(f"{path}: served pooling supports padding 'VALID' or ((p, p), (p, p))")
-        pad = 0
-    else:
-        pairs = [tuple(p) for p in pad]
-        if len(pairs) != 2 or any(lo != hi for lo, hi in pairs):
-            raise ValueError(f"{path}: served pooling needs symmetric 2-D padding, got {pad}")
-        pad = [pairs[0][0], pairs[1][0]]
-    window = list(m.window_shape)
-    strides = list(window if m.strides is None else m.strides)
-    kind = "max_pool" if m.kind == "max" else "avg_pool"
-    return _View(kind, path, pool={"window": window, "strides": strides, "padding": pad})
+def convert(
+    model, *example_args, scheme: str = "fbgemm", kernel: str = "xla"
+) -> Program | ServedModel:
+    """Convert a calibrated / QAT-trained Flax model into an int8 :class:`~qjax.Program`.
 
+    An ``nnx.Sequential`` (or ``(linen nn.Sequential, variables)``) of qjax layers still
+    converts to the :class:`~qjax.flax._serve.ServedModel` of
+    :mod:`qjax.flax._sequential` (same codes; it can be saved with
+    :func:`qjax.save_served`); every other model is traced and lowered as follows.
 
-def _unknown(m, path) -> ValueError:
-    return ValueError(
-        f"convert: {path} is a {type(m).__name__}, which the int8 server cannot run; use "
-        "QuantStub/ActQuant, QuantLinear (QuantDense), QuantConv, QuantConvBn, "
-        "DeQuantStub, relu, qjax.flax MaxPool/AvgPool/Flatten"
-    )
+    ``program(*args)`` takes the inputs the model takes (float arrays, any batch size)
+    and returns what the model returns: quantized values come out dequantized
+    (``f32(q - zp)·s``). Every quantized dot/conv inside is int8 x int8 -> int32 followed
+    by :func:`qjax.kernels.requantize` with ``scheme`` (or the float
+    ``dequantize_accumulator`` for a layer without an output quantizer). Layers trained
+    with ``QuantConfig(scheme=scheme)`` serve exactly their ``Mode.FROZEN`` outputs; with
+    ``scheme=None`` configs the float simulation can differ from the integer result by
+    one step at rounding ties. ``program.trace(*args)`` returns every quantized
+    activation by layer path; ``program.float_ops`` lists what stays float.
 
-
-def _nnx_views(model) -> list[_View]:
-    if not isinstance(model, nnx.Sequential):
-        raise TypeError(
-            f"convert: expects an nnx.Sequential (or (linen nn.Sequential, variables)), "
-            f"got {type(model).__name__}"
-        )
-    views = []
-    for i, m in enumerate(model.layers):
-        path = f"layers/{i}"
-        c = nnx_classify(m)
-        kind = c[0] if c is not None and c[1] is m else None  # a hooked stock layer: unknown
-        if kind == "act":
-            views.append(_View("quant", path, m.config, m.quant_stats.get_value()))
-        elif isinstance(m, qnnx.DeQuantStub):
-            views.append(_View("dequant", path))
-        elif kind == "linear":
-            b = None if m.bias is None else m.bias[...]
-            views.append(
-                _View("linear", path, m.config, m.quant_stats.get_value(), m.kernel[...], b)
-            )
-        elif kind in ("conv", "conv_bn"):
-            k = m.kernel[...]
-            v = _View("conv", path, m.config, m.quant_stats.get_value(), k)
-            v.bias = None if m.bias is None else m.bias[...]
-            v.conv_kwargs = _conv_kw(k, m.strides, m.padding)
-            if kind == "conv_bn":
-                v.bn = (m.bn_scale[...], m.bn_bias[...], m.bn_mean[...], m.bn_var[...])
-                v.bn += (m.epsilon,)
-                v.relu = m.relu
-            views.append(v)
-        elif any(m is r for r in _RELUS):
-            views.append(_View("relu", path))
-        elif isinstance(m, _pooling.MaxPool):
-            views.append(_pool_view(m, path))
-        elif isinstance(m, _pooling.Flatten):
-            views.append(_View("flatten", path))
-        else:
-            raise _unknown(m, path)
-    return views
-
-
-def _linen_views(module, variables) -> list[_View]:
-    if not isinstance(module, nn.Sequential):
-        raise TypeError(
-            f"convert: (module, variables) needs a linen nn.Sequential, got {type(module).__name__}"
-        )
-    params = variables.get("params", {})
-    qstats = variables.get("quant_stats", {})
-    bstats = variables.get("batch_stats", {})
-    views = []
-    for i, m in enumerate(module.layers):
-        name = f"layers_{i}"
-        p = params.get(name, {})
-
-        def stats(m=m, name=name):
-            if name not in qstats:
-                raise ValueError(
-                    f"convert: {name} ({type(m).__name__}) has no 'quant_stats' in the "
-                    "variables; pass the variables returned by init/calibrate (all collections)"
-                )
-            return qstats[name]["stats"]
-
-        kind = linen_kind(m)
-        if kind == "act":
-            views.append(_View("quant", name, m.config, stats()))
-        elif isinstance(m, qlinen.DeQuantStub):
-            views.append(_View("dequant", name))
-        elif kind == "linear":
-            b = p["bias"] if m.use_bias else None
-            views.append(_View("linear", name, m.config, stats(), p["kernel"], b))
-        elif kind in ("conv", "conv_bn"):
-            k = p["kernel"]
-            v = _View("conv", name, m.config, stats(), k, p.get("bias") if m.use_bias else None)
-            v.conv_kwargs = _conv_kw(k, m.strides, m.padding)
-            if kind == "conv_bn":
-                bs = bstats[name]
-                v.bn = (p["bn_scale"], p["bn_bias"], bs["bn_mean"], bs["bn_var"], m.epsilon)
-                v.relu = m.relu
-            views.append(v)
-        elif any(m is r for r in _RELUS):
-            views.append(_View("relu", name))
-        elif isinstance(m, _pooling.LinenMaxPool):
-            views.append(_pool_view(m, name))
-        elif isinstance(m, _pooling.LinenFlatten):
-            views.append(_View("flatten", name))
-        else:
-            raise _unknown(m, name)
-    return views
-
-
-def _check_stats(v: _View) -> None:
-    leaves = v.stats if isinstance(v.stats, LayerStats) else (v.stats,)
-    for st in leaves:
-        if st is None:
-            continue
-        count = getattr(st, "count", None)
-        if count is not None and int(np.asarray(count)) == 0:
-            raise ValueError(
-                f"convert: {v.path} has observers that never saw data (count 0); calibrate "
-                "the model (qjax.flax.nnx.calibrate / linen.calibrate) or train it in "
-                "Mode.QAT first"
-            )
-        for leaf in jax.tree_util.tree_leaves(st):
-            a = np.asarray(leaf)
-            if a.dtype.kind == "f" and not np.isfinite(a).all():
-                raise ValueError(
-                    f"convert: {v.path} has non-finite observer statistics ({a.ravel()[:4]}); "
-                    "the calibration data contained inf/NaN: recalibrate with finite data"
-                )
-
-
-def _act_qp(v: _View):
-    cfg = v.config
-    return cfg.activation_observer(cfg.activation, cfg.compat).qparams(v.stats)
-
-
-@jax.jit
-def _fold(kernel, bias, gamma, beta, mean, var, eps):
-    return fold_bn(kernel, bias, gamma, beta, mean, var, eps)
-
-
-def _layer_step(views, i, scheme, stream, consumed, native) -> tuple[dict, dict, int]:
-    """The step for the layer ``views[i]``; returns (step, params, next index)."""
-    v = views[i]
-    cfg = v.config
-    _check_stats(v)
-    if cfg.scheme is not None and cfg.scheme != scheme:
-        raise ValueError(
-            f"convert: {v.path} trained with QuantConfig(scheme={cfg.scheme!r}); convert with "
-            f"scheme={cfg.scheme!r} to serve what it trained"
-        )
-    if cfg.weight is None or cfg.activation is None:
-        raise ValueError(f"convert: {v.path} has a float weight or activation (config {cfg})")
-    qx, qw, qy = layer_qparams(v.stats, cfg)
-    in_qp = None if i in consumed else qx
-    if in_qp is None and stream != "codes":
-        raise ValueError(
-            f"convert: {v.path} receives a float tensor but has no input quantizer; put a "
-            "QuantStub before it or use a config with quantize_input=True"
-        )
-    kernel, bias = jnp.asarray(v.kernel, jnp.float32), v.bias
-    if v.bn is not None:
-        kernel, bias = _fold(kernel, bias, *v.bn[:4], v.bn[4])
-    relu, j = v.relu, i + 1
-    if j < len(views) and views[j].kind == "relu":
-        relu, j = True, j + 1
-    if qy is None:  # the output qparams are the next quantizer's
-        nxt = views[j] if j < len(views) else None
-        if nxt is not None and nxt.kind == "quant":
-            _check_stats(nxt)
-            qy, j = _act_qp(nxt), j + 1
-        elif nxt is not None and nxt.kind in ("linear", "conv") and nxt.config.quantize_input:
-            _check_stats(nxt)
-            qy = layer_qparams(nxt.stats, nxt.config)[0]
-            consumed.add(j)
-        else:
-            raise ValueError(
-                f"convert: {v.path} has no output quantizer (quantize_output=False) and is "
-                "not followed by one; add an ActQuant after it or use quantize_output=True"
-            )
-    name = v.path
-    pw = prepare_weight(v.kind, kernel, qw, cfg.fake_quant_compat, name, native=native)
-    step = {"op": v.kind, "name": name, "scheme": scheme, "relu": bool(relu)}
-    step["compat"] = cfg.fake_quant_compat
-    if v.kind == "conv":
-        step["geometry"] = conv_geometry(v.conv_kwargs, name)
-    b = None if bias is None else jnp.asarray(bias, jnp.float32)
-    return step, {"in_qp": in_qp, "w": pw, "b": b, "out_qp": qy}, j
-
-
-def convert(model, example_input, *, scheme: str = "fbgemm", kernel: str = "xla") -> ServedModel:
-    """Convert a calibrated / QAT-trained qjax ``Sequential`` into an int8 program.
-
-    ``y = served(x)``: float32 ``(batch, *example_input.shape[1:])`` in, float32 out (the
-    dequantized output codes); every dot/conv inside is int8 x int8 -> int32 followed by
-    :func:`qjax.kernels.requantize` with ``scheme`` (module docstring of
-    :mod:`qjax.flax._serve`). Layers trained with ``QuantConfig(scheme=scheme)`` serve
-    exactly their ``Mode.FROZEN`` outputs (frozen BN); with ``scheme=None`` configs the
-    float simulation can differ from the served codes by one step at rounding ties.
+    The program is traced at the example's shapes: another batch size runs where no step
+    bakes the batch into its shape (max pools, means, convs and linear layers do not; a
+    ``reshape`` or ``h[:, 0]`` of activations does, and then fails with the step's name:
+    convert again with an example of the serving shape).
 
     ``kernel`` picks the int32 dot/conv kernel (:mod:`qjax.kernels._choice`): ``"xla"``
     (default; ``jax.export``-able), ``"amx"`` (the native AMX kernel of
-    :func:`qjax.kernels.native_status` for linear layers and 2-D convs; 1-D convs keep
-    XLA; ``RuntimeError`` with the reason when it cannot run here) or ``"auto"`` (AMX
-    where available, else XLA). The codes are the same; ``served.kernels`` records
-    ``{layer: "amx" | "xla"}``. A model with AMX layers cannot be ``jax.export``-ed.
+    :func:`qjax.kernels.native_status`; ``RuntimeError`` with the reason when it cannot
+    run here) or ``"auto"`` (AMX where available, else XLA); ``program.kernels`` records
+    ``{layer: "amx" | "xla"}``; the codes are the same.
 
     Args:
-      model: an ``nnx.Sequential`` or ``(linen nn.Sequential, variables)``.
-      example_input: a float array with the served input's shape (batch may differ).
+      model: an ``nnx.Module``, ``(linen Module, variables)`` or a function.
+      *example_args: float arrays with the inputs' shapes and dtypes.
       scheme: a key of :data:`qjax.kernels.SCHEMES`.
       kernel: ``"xla"``, ``"amx"`` or ``"auto"``.
 
     >>> from flax import nnx
     >>> from qjax.flax import default_qat_qconfig, nnx as qnnx
     >>> cfg = default_qat_qconfig("x86")
-    >>> model = nnx.Sequential(qnnx.QuantStub(cfg), qnnx.QuantLinear(3, 2, config=cfg,
-    ...                        rngs=nnx.Rngs(0)), nnx.relu, qnnx.DeQuantStub())
+    >>> class Net(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.stub = qnnx.QuantStub(cfg)
+    ...         self.fc = qnnx.QuantLinear(3, 2, config=cfg, rngs=rngs)
+    ...     def __call__(self, x):
+    ...         return nnx.relu(self.fc(self.stub(x)))
+    >>> model = Net(nnx.Rngs(0))
     >>> x = jnp.linspace(-1, 1, 12).reshape(4, 3)
     >>> qnnx.calibrate(model, [x], progress=False)
     1
     >>> served = convert(model, x)
-    >>> [s["op"] for s in served.steps], served(x).shape
-    (['quantize', 'linear', 'dequantize'], (4, 2))
-    >>> served.kernels
-    {'layers/1': 'xla'}
-    >>> bool((convert(model, x, kernel="auto")(x) == served(x)).all())  # AMX if it runs
-    True
+    >>> [layer.op for layer in served.layers.values()]
+    ['quantize', 'linear', 'relu', 'dequantize']
+    >>> served(x).shape, served.kernels
+    ((4, 2), {'fc': 'xla'})
     """
     from ..kernels import SCHEMES
 
+    if is_sequential(model):
+        if len(example_args) != 1:
+            raise TypeError("convert: a Sequential takes one example input")
+        return convert_sequential(model, example_args[0], scheme=scheme, kernel=kernel)
     if scheme not in SCHEMES:
         raise ValueError(f"convert: unknown scheme {scheme!r}; known: {sorted(SCHEMES)}")
     native = resolve_kernel(kernel, "qjax.convert")
-    if isinstance(model, tuple) and len(model) == 2:
-        views = _linen_views(*model)
-    else:
-        views = _nnx_views(model)
-    x = jnp.asarray(example_input)
-    if not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim < 1:
-        raise TypeError(
-            f"convert: example_input must be a float array (batch, ...), got {x.dtype} {x.shape}"
-        )
-    steps, params = [], []
-    stream, consumed, i = "float", set(), 0
-    while i < len(views):
-        v = views[i]
-        if v.kind == "quant":
-            _check_stats(v)
-            compat = v.config.fake_quant_compat
-            steps.append({"op": "quantize", "name": v.path, "compat": compat})
-            params.append({"qp": _act_qp(v)})
-            stream, i = "codes", i + 1
-            continue
-        if v.kind in ("linear", "conv"):
-            step, p, i = _layer_step(views, i, scheme, stream, consumed, native)
-            steps.append(step)
-            params.append(p)
-            stream = "codes"
-            continue
-        if v.kind == "dequant":
-            if stream == "codes":
-                steps.append({"op": "dequantize", "name": v.path})
-                params.append({})
-            stream, i = "float", i + 1
-            continue
-        if stream != "codes":
-            raise ValueError(
-                f"convert: {v.path} ({v.kind}) runs on a float tensor; the int8 server runs it "
-                "on codes: put it after a QuantStub/quantized layer (before the DeQuantStub)"
+    if not example_args:
+        raise TypeError("convert: pass example inputs (float arrays) after the model")
+    fn, known = _forward(model)
+    what = type(model[0] if isinstance(model, tuple) else model).__name__
+    args = []
+    for i, a in enumerate(example_args):
+        a = jnp.asarray(a)
+        if not jnp.issubdtype(a.dtype, jnp.floating) or a.ndim < 1:
+            raise TypeError(
+                f"convert: example input {i} must be a float array (batch, ...), got "
+                f"{a.dtype} {a.shape}"
             )
-        step = {"op": v.kind, "name": v.path}
-        if v.pool is not None:
-            step.update(v.pool)
-            step["scheme"] = scheme if scheme in ("fbgemm", "onednn", "qnnpack") else "fbgemm"
-        steps.append(step)
-        params.append({})
-        i += 1
-    served = ServedModel(_freeze(json.loads(json.dumps(steps))), tuple(params), x.shape[1:])
-    served(x)  # traces once: shape errors surface now, with the module path
-    return served
+        args.append(a)
+    named = _named_by_path(model) if isinstance(model, nnx.Module) else contextlib.nullcontext()
+    with named, _record.recording():
+        if isinstance(model, nnx.Module):
+            fn, known = _nnx_forward(model)
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(known, *args)
+    out_tree = jax.tree_util.tree_structure(out_shape)
+    names = ("x",) if len(args) == 1 else tuple(f"x{i}" for i in range(len(args)))
+    known = jax.tree_util.tree_leaves(known)
+    program, low = lower(closed, known, names, out_tree, scheme=scheme, native=native)
+    if low.marked == 0:
+        raise ValueError(
+            f"convert: {what} has no quantized layer or quantizer in its forward; hook it "
+            "(qjax.flax.nnx.quantize_model / linen.QuantRules) or use qjax layers, then "
+            "calibrate or train it"
+        )
+    program.float_ops = low.float_ops
+    program(*args)  # compiles once: shape errors surface now, with the step's layer
+    return program

@@ -32,6 +32,7 @@ import numpy as np
 
 from .._primitives import fake_quant
 from .._spec import QuantSpec
+from . import _record
 from ._config import Mode, QuantConfig, as_mode
 
 __all__ = [
@@ -297,8 +298,11 @@ def quantize_tensor(
         if require_stats and not (mode.observes and switches.observe):
             _check_observed(state, name)
         qp = obs.qparams(state)
-        y = fake_quant(x, qp, grad=config.grad, compat=config.fake_quant_compat)
-        return y.astype(x.dtype), state
+        y = fake_quant(x, qp, grad=config.grad, compat=config.fake_quant_compat).astype(x.dtype)
+        if _record.active():
+            info = _record.QuantizeMark(name, qp.spec, config.fake_quant_compat)
+            y = _record.mark(y, {"x": x, "qp": qp}, info)
+        return y, state
     return x, state
 
 

@@ -21,7 +21,6 @@ to the same programs as before.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 from typing import Any
 
@@ -30,21 +29,20 @@ from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
 from .._spec import QuantSpec
-from ._config import QuantConfig
+from ._config import RECORDING, QuantConfig
 
 __all__ = ["LayerMark", "QuantizeMark", "active", "mark", "mark_p", "recording"]
-
-_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("qjax_recording", default=False)
 
 
 @contextlib.contextmanager
 def recording():
-    """Mark the quantized ops of every forward traced inside this block."""
-    token = _ACTIVE.set(True)
+    """Mark the quantized ops of every forward traced inside this block, with every
+    qjax layer in ``Mode.FROZEN`` (:func:`qjax.flax._config.as_mode`)."""
+    token = RECORDING.set(True)
     try:
         yield
     finally:
-        _ACTIVE.reset(token)
+        RECORDING.reset(token)
 
 
 def active() -> bool:
@@ -53,7 +51,7 @@ def active() -> bool:
     >>> active()
     False
     """
-    return _ACTIVE.get()
+    return RECORDING.get()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

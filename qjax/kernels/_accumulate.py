@@ -57,7 +57,8 @@ def check_accumulator(w: QArray, k: int, max_abs_x: int, name: str, *, what: str
     Bound: ``K·max(max_abs_x·max|w - zp_w|, 128·max|w|) <= 2^31 - 1`` (the second term
     covers the uint8 -> int8 shifted operand), using the actual codes when ``w`` is
     concrete and the spec's bounds when it is traced. Returns whether every weight zero
-    point is 0 (so the ``zp_w`` correction terms can be dropped).
+    point is known to be 0 (so the ``zp_w`` correction terms can be dropped; never for a
+    traced weight).
 
     >>> from qjax import QuantSpec, QParams
     >>> w = QArray(jnp.full((4, 2), 127, jnp.int8), QParams(0.1, 0, QuantSpec()))
@@ -73,9 +74,10 @@ def check_accumulator(w: QArray, k: int, max_abs_x: int, name: str, *, what: str
         zp_zero = bool((zn == 0).all())
     else:
         max_w = max(-spec.qmin, spec.qmax)
-        # a symmetric signed spec (default range) has zero point 0
-        zp_zero = spec.symmetric and spec.symmetric_zero_point() == 0
-        max_wz = max_w if zp_zero else spec.qmax - spec.qmin
+        # traced zero points are unknown: a symmetric spec does not make them 0 (torch's
+        # fused per-channel observer gives an all-negative channel zero point 127)
+        zp_zero = False
+        max_wz = spec.qmax - spec.qmin
     worst = k * max(max_abs_x * max_wz, 128 * max_w)
     if worst > _I32_MAX:
         raise ValueError(

@@ -132,7 +132,7 @@ def prepare_linear(
     cannot overflow: ``K·max_abs_x·max|w - zp_w| <= 2^31 - 1`` and ``K·128·max|w| <=
     2^31 - 1``, with the actual codes when ``w`` is concrete. Traced weights (inside
     ``jit``) are checked against the spec's bounds instead, and their zero points are
-    taken to be 0 exactly when the spec is symmetric.
+    not assumed to be 0 (the correction terms are kept).
 
     Args:
       w: the weight, ``(in, out)``.

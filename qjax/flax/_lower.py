@@ -1,0 +1,400 @@
+"""Lowering a recorded forward (a jaxpr with qjax marks) to one int8 :class:`~qjax.Program`.
+
+:func:`lower` walks the equations of the jaxpr that :func:`qjax.convert` traced while
+:func:`qjax.flax._record.recording` was on, with two kinds of values: *known* ones
+(weights, observer states, qparams: everything that does not depend on the inputs,
+computed once, now) and *program* values, each the output of a :class:`~qjax.Step`. A
+program value is either a float array or integer codes with their qparams (a
+:class:`~qjax.QArray` whose dequantization is, bit for bit, the float value the model
+computed there). Per equation:
+
+=================================  ======================================================
+equation                           lowered to
+=================================  ======================================================
+only known inputs                  evaluated now (a constant of the program)
+``jit`` / ``custom_jvp`` /         its body, inlined
+``custom_vjp`` / ``checkpoint``
+activation quantizer (mark)        ``quantize`` step: float -> codes, or codes -> codes
+                                   in other qparams (``fake_quant`` of the dequantized
+                                   value, elementwise); the same qparams: nothing
+quantized layer (mark)             the input's ``quantize`` (when the layer has an input
+                                   quantizer), then an int8 x int8 -> int32 ``linear`` /
+                                   ``conv2d`` / ``conv1d`` step with the scheme's
+                                   requantization (codes out) or, without an output
+                                   quantizer, the float ``f32(acc)·f32(s_x·s_w) + b``;
+                                   weights quantized and prepared once, here
+``max(codes, 0)``                  ``relu`` on the codes (clamp at the zero point)
+``reduce_window_max`` and layout   the same op on the codes (max pool, reshape,
+ops on per-tensor codes            transpose, slices, concatenation in one qparams)
+anything else                      a ``float`` step: the same primitive on the
+                                   dequantized inputs (``dequantize`` steps)
+=================================  ======================================================
+
+Every step computes exactly what the model computed at that point (the marks carry the
+model's own qparams and formula, :mod:`qjax.flax._intsim`), so the program's outputs are
+the frozen model's, bit for bit, when its layers have a ``QuantConfig(scheme=...)`` equal
+to the program's scheme. Equations whose values the outputs do not need (the float
+simulation a mark replaced) are dropped. :attr:`Lowering.float_ops` lists the float
+steps that remain, and a marked layer the int8 kernels cannot run (with the reason).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from .. import kernels
+from .._primitives import dequantize
+from .._qarray import QArray
+from .._spec import QParams
+from ..program import Layer, Program, Step
+from . import _record
+from ._intsim import fake_quant_codes, prepare_layer, run_layer
+
+__all__ = ["Lowering", "lower"]
+
+# primitives with a body to inline: the parameter holding it
+_CALLS = {
+    "pjit": "jaxpr",
+    "jit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+    "checkpoint": "jaxpr",
+    "remat": "jaxpr",
+}
+# ops that move codes without arithmetic: the same op on the integer values
+_LAYOUT = {
+    "reshape",
+    "transpose",
+    "squeeze",
+    "expand_dims",
+    "broadcast_in_dim",
+    "slice",
+    "rev",
+    "copy",
+    "copy_p",
+    "reduce_window_max",
+    "concatenate",
+}
+
+
+@dataclasses.dataclass
+class _Known:
+    val: Any
+    literal: bool = False
+
+
+@dataclasses.dataclass
+class _Value:
+    """A program value: the output ``idx`` of step ``name`` (codes when ``qp`` is set)."""
+
+    name: str
+    idx: int | None = None
+    qp: QParams | None = None
+    dtype: Any = None
+
+
+def _same_qparams(a: QParams, b: QParams) -> bool:
+    return (
+        a.spec == b.spec
+        and np.array_equal(np.asarray(a.scale), np.asarray(b.scale))
+        and np.array_equal(np.asarray(a.zero_point), np.asarray(b.zero_point))
+    )
+
+
+def _bind(eqn, vals):
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(eqn.params))
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _check_stats(stats, name: str) -> None:
+    for st in stats if isinstance(stats, tuple) else (stats,):
+        if st is None:
+            continue
+        count = getattr(st, "count", None)
+        if count is not None and int(np.asarray(count)) == 0:
+            raise ValueError(
+                f"convert: {name} has observers that never saw data (count 0); calibrate "
+                "the model (qjax.flax.nnx.calibrate / linen.calibrate) or train it in "
+                "Mode.QAT first"
+            )
+        for leaf in jax.tree_util.tree_leaves(st):
+            a = np.asarray(leaf)
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise ValueError(
+                    f"convert: {name} has non-finite observer statistics ({a.ravel()[:4]}); "
+                    "the calibration data contained inf/NaN: recalibrate with finite data"
+                )
+
+
+class Lowering:
+    """The state of one lowering: the steps so far and the names they use."""
+
+    def __init__(self, scheme: str, native: str):
+        self.scheme = scheme
+        self.native = native
+        self.steps: list[Step] = []
+        self._names: set[str] = set()
+        self._deq: dict[tuple, _Value] = {}
+        self._quantized: dict[tuple, list] = {}
+        self.marked = 0
+        self.float_ops: dict[str, str] = {}  # step name -> what stays float (and why)
+
+    # -- steps -------------------------------------------------------------------------
+
+    def _fresh(self, stem: str) -> str:
+        name, i = stem, 1
+        while name in self._names:
+            i += 1
+            name = f"{stem}_{i}"
+        self._names.add(name)
+        return name
+
+    def add(self, stem, fn, inputs, params=None, layer=None, traced=True) -> str:
+        """A step ``fn(params, *values)`` over program values; returns its name."""
+        name = self._fresh(stem)
+        idxs = tuple(v.idx for v in inputs)
+
+        def run(p, *vals):
+            return fn(p, *(v if i is None else v[i] for v, i in zip(vals, idxs, strict=True)))
+
+        self.steps.append(
+            Step(name, run, tuple(v.name for v in inputs), params, traced, None, layer)
+        )
+        return name
+
+    def dequantized(self, v: _Value, dtype) -> _Value:
+        """The float value of codes ``v`` (one ``dequantize`` step per value and dtype)."""
+        key = (v.name, v.idx, np.dtype(dtype).name)
+        if key not in self._deq:
+
+            def fn(_, q):
+                return dequantize(q.values, q.qparams).astype(dtype)
+
+            layer = Layer("dequantize", "dequantize")
+            name = self.add(f"{v.name}:dequantize", fn, [v], None, layer, traced=False)
+            self._deq[key] = _Value(name, dtype=np.dtype(dtype))
+        return self._deq[key]
+
+    def quantized(self, x: _Value, qp: QParams, compat: str, stem: str, target: str) -> _Value:
+        """``x`` as codes in ``qp``: ``fake_quant_codes`` of its float value (no step
+        when ``x`` already holds codes in ``qp``)."""
+        if x.qp is not None and _same_qparams(x.qp, qp):
+            return x
+        done = self._quantized.setdefault((x.name, x.idx), [])
+        for qp2, v in done:  # the same value quantized the same way: one step
+            if _same_qparams(qp2, qp):
+                return v
+
+        def fn(p, v):
+            if isinstance(v, QArray):
+                v = dequantize(v.values, v.qparams)
+            return QArray(fake_quant_codes(v, p, compat), p)
+
+        layer = Layer("quantize", target, None, None, qp, {"compat": compat})
+        out = _Value(self.add(stem, fn, [x], qp, layer), qp=qp)
+        done.append((qp, out))
+        return out
+
+    # -- equations ---------------------------------------------------------------------
+
+    def run(self, jaxpr, consts, args) -> list:
+        env: dict = {}
+
+        def read(v):
+            if isinstance(v, jcore.Literal):
+                return _Known(v.val, literal=True)
+            return env[v]
+
+        for v, c in zip(jaxpr.constvars, consts, strict=True):
+            env[v] = _Known(c)
+        for v, a in zip(jaxpr.invars, args, strict=True):
+            env[v] = a
+        for eqn in jaxpr.eqns:
+            outs = self.equation(eqn, [read(v) for v in eqn.invars])
+            for v, o in zip(eqn.outvars, outs, strict=True):
+                env[v] = o
+        return [read(v) for v in jaxpr.outvars]
+
+    def equation(self, eqn, ins) -> list:
+        prim = eqn.primitive
+        if prim is _record.mark_p:
+            return [self.mark(eqn, ins)]
+        if prim.name in _CALLS and _CALLS[prim.name] in eqn.params:
+            body = eqn.params[_CALLS[prim.name]]
+            if isinstance(body, jcore.ClosedJaxpr):
+                return self.run(body.jaxpr, body.consts, ins)
+            return self.run(body, [], ins)
+        if all(isinstance(v, _Known) for v in ins):
+            return [_Known(o) for o in _bind(eqn, [v.val for v in ins])]
+        codes = [v for v in ins if isinstance(v, _Value) and v.qp is not None]
+        if codes and len(codes) == len([v for v in ins if isinstance(v, _Value)]):
+            out = self.on_codes(eqn, ins, codes)
+            if out is not None:
+                return out
+        return self.float_step(eqn, ins)
+
+    def on_codes(self, eqn, ins, codes) -> list | None:
+        """The integer form of ``eqn`` on codes, or ``None`` (it then runs in float)."""
+        name, qp = eqn.primitive.name, codes[0].qp
+        if qp.spec.granularity != "tensor" or any(not _same_qparams(c.qp, qp) for c in codes):
+            return None
+        if name == "max" and len(ins) == 2:
+            k = [v for v in ins if isinstance(v, _Known)]
+            if len(k) != 1 or np.asarray(k[0].val).size != 1 or float(np.asarray(k[0].val)) != 0:
+                return None
+            layer = Layer("relu", "max(x, 0)", None, None, qp)
+            step = self.add("relu", lambda _, q: kernels.relu(q), codes, None, layer)
+            return [_Value(step, qp=qp)]
+        if name not in _LAYOUT or any(isinstance(v, _Known) for v in ins):
+            return None
+
+        def fn(_, *qs):
+            vals = _bind(eqn, [q.values for q in qs])
+            return QArray(vals[0], qs[0].qparams)
+
+        op = "max_pool" if name == "reduce_window_max" else name
+        layer = Layer(op, name, None, None, qp, {k: str(v) for k, v in eqn.params.items()})
+        step = self.add(op, fn, list(ins), None, layer, traced=op == "max_pool")
+        return [_Value(step, qp=qp)]
+
+    def float_step(self, eqn, ins) -> list:
+        """``eqn`` as it is, on the float values of its inputs (known ones as params)."""
+        slots, params, dyn = [], [], []
+        for i, v in enumerate(ins):
+            if isinstance(v, _Known):
+                if v.literal:
+                    slots.append(("lit", v.val))
+                else:
+                    slots.append(("param", len(params)))
+                    params.append(v.val)
+            else:
+                if v.qp is not None:
+                    v = self.dequantized(v, eqn.invars[i].aval.dtype)
+                slots.append(("value", len(dyn)))
+                dyn.append(v)
+
+        def fn(p, *vals):
+            args = [
+                val if kind == "lit" else (p[val] if kind == "param" else vals[val])
+                for kind, val in slots
+            ]
+            out = _bind(eqn, args)
+            return out if eqn.primitive.multiple_results else out[0]
+
+        prim = eqn.primitive.name
+        layer = Layer("float", prim)
+        step = self.add(prim, fn, dyn, tuple(params), layer, traced=False)
+        self.float_ops[step] = prim
+        if eqn.primitive.multiple_results:
+            return [_Value(step, i, dtype=o.aval.dtype) for i, o in enumerate(eqn.outvars)]
+        return [_Value(step, dtype=eqn.outvars[0].aval.dtype)]
+
+    # -- marks -------------------------------------------------------------------------
+
+    def mark(self, eqn, ins):
+        info = eqn.params["info"]
+        y = ins[0]
+        ops = jax.tree_util.tree_unflatten(eqn.params["treedef"], ins[1:])
+        x = ops.pop("x")
+        if isinstance(y, _Known) or isinstance(x, _Known):
+            return y  # a weight's quantizer, or a layer whose input is a constant
+        leaves = jax.tree_util.tree_leaves(ops, is_leaf=lambda v: isinstance(v, (_Known, _Value)))
+        if any(not isinstance(v, _Known) for v in leaves):
+            raise ValueError(
+                f"convert: {info.name}: its qparams or weights depend on the input (a "
+                "learnable or dynamic quantizer); the int8 program needs them fixed"
+            )
+        ops = jax.tree_util.tree_map(lambda v: v.val, ops, is_leaf=lambda v: isinstance(v, _Known))
+        self.marked += 1
+        if isinstance(info, _record.QuantizeMark):
+            qp = ops["qp"]
+            _check_stats(qp, info.name)
+            stem = info.name.replace(" (input)", ":input").replace(" (output)", ":output")
+            return self.quantized(x, qp, info.compat, stem, "qjax.flax.ActQuant")
+        if info.unsupported:
+            self.float_ops[y.name] = f"{info.name}: {info.unsupported}"
+            return y
+        return self.layer(info, x, ops)
+
+    def layer(self, info: _record.LayerMark, x: _Value, ops) -> _Value:
+        cfg, name = info.config, info.name
+        stats = ops["stats"]
+        _check_stats(tuple(stats), name)
+        if cfg.scheme is not None and cfg.scheme != self.scheme:
+            raise ValueError(
+                f"convert: {name} trained with QuantConfig(scheme={cfg.scheme!r}); convert "
+                f"with scheme={cfg.scheme!r} to serve what it trained"
+            )
+        if cfg.weight is None or cfg.activation is None:
+            raise ValueError(f"convert: {name} has a float weight or activation (config {cfg})")
+        qx, pw, qy = prepare_layer(info, ops["kernel"], stats, native=self.native)
+        if qx is not None:
+            x = self.quantized(x, qx, cfg.fake_quant_compat, f"{name}:input", info.source)
+        elif x.qp is None:
+            raise ValueError(
+                f"convert: {name} receives a float tensor but has no input quantizer; put a "
+                "QuantStub before it or use a config with quantize_input=True"
+            )
+        bias = ops["bias"]
+        bias = None if bias is None else jnp.asarray(bias, jnp.float32)
+        scheme = self.scheme
+
+        def fn(p, xq):
+            return run_layer(info, xq, p[0], p[1], qy, scheme)
+
+        extra = {"activation": "relu" if info.relu else None, "kernel": pw.kernel}
+        op = "linear"
+        if info.op == "conv":
+            g = info.geometry
+            op = f"conv{pw.weight.ndim - 2}d"
+            extra |= {k: g[k] for k in ("stride", "padding", "dilation", "groups")}
+        layer = Layer(op, info.source, scheme, pw.weight.qparams, qy, extra)
+        step = self.add(name, fn, [x], (pw, bias), layer, traced=qy is not None)
+        return _Value(step, qp=qy)
+
+
+def _prune(steps: list[Step], outputs) -> list[Step]:
+    """The steps the outputs need, in order."""
+    need = set(jax.tree_util.tree_leaves(outputs))
+    keep = []
+    for s in reversed(steps):
+        if s.name in need:
+            keep.append(s)
+            need.update(s.inputs)
+    return keep[::-1]
+
+
+def lower(
+    closed, known, in_names, out_tree, *, scheme: str, native: str
+) -> tuple[Program, Lowering]:
+    """``(program, lowering)`` for the traced ``closed`` jaxpr, whose arguments are the
+    ``known`` arrays (weights, statistics) followed by the program inputs ``in_names``."""
+    low = Lowering(scheme, native)
+    args = [_Known(v) for v in known] + [_Value(n) for n in in_names]
+    outs = low.run(closed.jaxpr, closed.consts, args)
+    names = []
+    for i, (o, var) in enumerate(zip(outs, closed.jaxpr.outvars, strict=True)):
+        stem = "output" if len(outs) == 1 else f"output{i}"
+        if isinstance(o, _Known):
+            val = o.val
+            o = _Value(low.add(stem, lambda p, _v=val: _v, [], None, Layer("constant", "constant")))
+        elif o.qp is not None:
+            o = low.dequantized(o, var.aval.dtype)
+        elif o.idx is not None:
+            o = _Value(low.add(stem, lambda _, v: v, [o], None, Layer("identity", "output")))
+        names.append(o.name)
+    output = jax.tree_util.tree_unflatten(out_tree, names)
+    steps = _prune(low.steps, output)
+    kept = {s.name for s in steps}
+    low.float_ops = {k: v for k, v in low.float_ops.items() if k in kept}
+    return Program(steps, in_names, output), low
