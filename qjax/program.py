@@ -37,7 +37,6 @@ import numpy as np
 
 from ._qarray import QArray
 from ._spec import QParams
-from .kernels._choice import kernels_of
 
 __all__ = ["Layer", "Program", "Step"]
 
@@ -158,12 +157,6 @@ class Program:
         self.compile_count = 0
         self._run = jax.jit(self._make(trace=False))
         self._trace = jax.jit(self._make(trace=True))
-
-    @property
-    def kernels(self) -> dict[str, str]:
-        """``{step name: "amx" | "sat16" | "xla"}``: the int32 dot/conv kernel of every
-        step with a prepared weight (:mod:`qjax.kernels._choice`)."""
-        return kernels_of(self.params)
 
     @property
     def layers(self) -> dict[str, Layer]:

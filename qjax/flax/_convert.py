@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..kernels._choice import resolve_kernel
+from ..kernels._choice import kernels_of, resolve_kernel
 from ..program import Program
 from . import _record
 from ._lower import lower
@@ -174,5 +174,6 @@ def convert(
             "calibrate or train it"
         )
     program.float_ops = low.float_ops
+    program.kernels = kernels_of(program.params)  # as the torch importers record it
     program(*args)  # compiles once: shape errors surface now, with the step's layer
     return program
