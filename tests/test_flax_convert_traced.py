@@ -126,11 +126,11 @@ def _randomized(schemes, n_models, seed):
         x = jax.random.normal(jax.random.key(i), (64, 8, 8, 1)) * 2
         _frozen(model, x)
         xs = jax.random.normal(jax.random.key(100 + i), (2048, 8, 8, 1)) * 2
-        # traced at the serving shape: h[:, 0, 0, :] bakes the batch size into the program
-        program = qjax.convert(model, xs, scheme=scheme)
+        program = qjax.convert(model, x, scheme=scheme)  # another batch: lowered again
         y = np.asarray(program(xs))
         differ += int((y != np.asarray(model(xs))).sum())
         total += y.size
+        assert len(program.programs) == 2 and list(program.trace(xs))[0] == "stub"
     return differ, total
 
 
@@ -222,3 +222,31 @@ def test_convert_errors_name_the_problem():
     before = model.c1.mode, model.c1.name, model.drop.deterministic
     qjax.convert(model, x)  # traces an eval() copy with layers named by path
     assert (model.c1.mode, model.c1.name, model.drop.deterministic) == before
+
+
+def test_transformer_block_projections_serve_in_int8():
+    """nnx.MultiHeadAttention's four LinearGeneral projections and the MLP in int8
+    (hooked, scheme fbgemm), LayerNorm / softmax / q·kᵀ / GELU / residuals in float."""
+
+    class Block(nnx.Module):
+        def __init__(self, rngs, d=16):
+            self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+            self.attn = nnx.MultiHeadAttention(2, d, decode=False, rngs=rngs)
+            self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+            self.fc1 = nnx.Linear(d, 32, rngs=rngs)
+            self.fc2 = nnx.Linear(32, d, rngs=rngs)
+
+        def __call__(self, x):
+            x = x + self.attn(self.ln1(x))
+            return x + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x))))
+
+    model = Block(nnx.Rngs(0))
+    qnnx.quantize_model(model, [("attn|fc1|fc2", qjax_recommended().replace(scheme="fbgemm"))])
+    x = jax.random.normal(jax.random.key(1), (4, 5, 16))
+    program = qjax.convert(_frozen(model, x), x)
+    linear = [k for k, layer in program.layers.items() if layer.op == "linear"]
+    assert linear == ["attn/query", "attn/key", "attn/value", "attn/out", "fc1", "fc2"]
+    assert {"exp", "rsqrt", "tanh", "dot_general"} <= set(program.float_ops.values())
+    for v in (x, jax.random.normal(jax.random.key(2), (3, 5, 16))):
+        d_eager, d_jit, n = _same(program, model, v)
+        assert (d_eager, d_jit) == (0, 0), (d_eager, d_jit, n)

@@ -395,9 +395,16 @@ class Outer(nnx.Module):
         self.block = Block(8, 2, rngs)
 
 
-def test_convert_still_refuses_the_new_hooks():
+def test_convert_serves_a_hooked_linear_general_in_int8():
+    """A Sequential with a stock layer is traced (not the Sequential server): the
+    LinearGeneral kernel (4, (2, 2)) runs as an int8 (4, 4) linear, outputs unflattened."""
     emb = nnx.Sequential(nnx.LinearGeneral(4, (2, 2), rngs=nnx.Rngs(0)))
-    qn.quantize_model(emb, [("layers/0", CFG)])
-    emb(jnp.ones((2, 4)))
-    with pytest.raises(ValueError, match="LinearGeneral, which the int8 server cannot run"):
-        qjax.convert(emb, jnp.ones((2, 4)))
+    qn.quantize_model(emb, [("layers/0", CFG.replace(scheme="fbgemm"))])
+    x = jax.random.normal(jax.random.key(0), (3, 4))
+    qn.calibrate(emb, [x], progress=False)
+    qn.set_mode(emb, Mode.FROZEN)
+    program = qjax.convert(emb, x)
+    assert isinstance(program, qjax.Program)
+    assert [layer.op for layer in program.layers.values()] == ["quantize", "linear"]
+    y = np.asarray(program(x))
+    assert y.shape == (3, 2, 2) and int((y != np.asarray(emb(x))).sum()) == 0

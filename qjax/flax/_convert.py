@@ -25,21 +25,23 @@ statistics, a float tensor reaching a layer without an input quantizer, a
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ..kernels._choice import kernels_of, resolve_kernel
 from ..program import Program
 from . import _record
 from ._lower import lower
-from ._sequential import convert_sequential, is_sequential
+from ._sequential import NotServable, convert_sequential, is_sequential
 from ._serve import ServedModel
 from ._walk import nnx_quantized
 
-__all__ = ["convert"]
+__all__ = ["TracedProgram", "convert"]
 
 
 @contextlib.contextmanager
@@ -66,13 +68,12 @@ def _nnx_forward(model: nnx.Module):
 
 
 def _forward(model):
-    """``(fn, known)``: the forward ``fn(known, *inputs)`` and its fixed first argument."""
-    if isinstance(model, nnx.Module):
-        return _nnx_forward(model)
+    """``(fn, known)`` of a Linen pair or a function (NNX: :func:`_nnx_forward`): the
+    forward ``fn(known, *inputs)`` and its fixed first argument."""
     if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], nn.Module):
         module, variables = model
         return (lambda v, *a: module.apply(v, *a)), variables
-    if callable(model) and not isinstance(model, nn.Module):
+    if callable(model) and not isinstance(model, (nn.Module, nnx.Module)):
         return (lambda _, *a: model(*a)), ()
     raise TypeError(
         f"convert: expects an nnx.Module, a (linen Module, variables) pair or a function, "
@@ -85,8 +86,9 @@ def convert(
 ) -> Program | ServedModel:
     """Convert a calibrated / QAT-trained Flax model into an int8 :class:`~qjax.Program`.
 
-    An ``nnx.Sequential`` (or ``(linen nn.Sequential, variables)``) of qjax layers still
-    converts to the :class:`~qjax.flax._serve.ServedModel` of
+    An ``nnx.Sequential`` (or ``(linen nn.Sequential, variables)``) of qjax layers
+    (QuantStub, QuantLinear, QuantConv, QuantConvBn, ReLU, qjax pools, DeQuantStub)
+    still converts to the :class:`~qjax.flax._serve.ServedModel` of
     :mod:`qjax.flax._sequential` (same codes; it can be saved with
     :func:`qjax.save_served`); every other model is traced and lowered as follows.
 
@@ -100,10 +102,9 @@ def convert(
     one step at rounding ties. ``program.trace(*args)`` returns every quantized
     activation by layer path; ``program.float_ops`` lists what stays float.
 
-    The program is traced at the example's shapes: another batch size runs where no step
-    bakes the batch into its shape (max pools, means, convs and linear layers do not; a
-    ``reshape`` or ``h[:, 0]`` of activations does, and then fails with the step's name:
-    convert again with an example of the serving shape).
+    The program is traced at the example's shapes; inputs of other shapes (another batch
+    size) are traced and lowered again on first use, reusing the prepared weights
+    (:class:`TracedProgram`).
 
     ``kernel`` picks the int32 dot/conv kernel (:mod:`qjax.kernels._choice`): ``"xla"``
     (default; ``jax.export``-able), ``"amx"`` (the native AMX kernel of
@@ -138,16 +139,16 @@ def convert(
     """
     from ..kernels import SCHEMES
 
-    if is_sequential(model):
-        if len(example_args) != 1:
-            raise TypeError("convert: a Sequential takes one example input")
-        return convert_sequential(model, example_args[0], scheme=scheme, kernel=kernel)
+    if is_sequential(model) and len(example_args) == 1:
+        try:
+            return convert_sequential(model, example_args[0], scheme=scheme, kernel=kernel)
+        except NotServable:
+            pass  # a stock or hooked layer in it: traced like any other model
     if scheme not in SCHEMES:
         raise ValueError(f"convert: unknown scheme {scheme!r}; known: {sorted(SCHEMES)}")
     native = resolve_kernel(kernel, "qjax.convert")
     if not example_args:
         raise TypeError("convert: pass example inputs (float arrays) after the model")
-    fn, known = _forward(model)
     what = type(model[0] if isinstance(model, tuple) else model).__name__
     args = []
     for i, a in enumerate(example_args):
@@ -158,22 +159,68 @@ def convert(
                 f"{a.dtype} {a.shape}"
             )
         args.append(a)
-    named = _named_by_path(model) if isinstance(model, nnx.Module) else contextlib.nullcontext()
-    with named, _record.recording():
-        if isinstance(model, nnx.Module):
+    if isinstance(model, nnx.Module):
+        with _named_by_path(model):  # the clone keeps the path names
             fn, known = _nnx_forward(model)
-        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(known, *args)
-    out_tree = jax.tree_util.tree_structure(out_shape)
+    else:
+        fn, known = _forward(model)
     names = ("x",) if len(args) == 1 else tuple(f"x{i}" for i in range(len(args)))
-    known = jax.tree_util.tree_leaves(known)
-    program, low = lower(closed, known, names, out_tree, scheme=scheme, native=native)
+    prepared: dict = {}  # layer name -> prepared weights, shared by every input shape
+
+    def build(shapes) -> tuple[Program, Any]:
+        avals = [jax.ShapeDtypeStruct(sh, dt) for sh, dt in shapes]
+        with _record.recording():
+            closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(known, *avals)
+        out_tree = jax.tree_util.tree_structure(out_shape)
+        leaves = jax.tree_util.tree_leaves(known)
+        return lower(
+            closed, leaves, names, out_tree, scheme=scheme, native=native, prepared=prepared
+        )
+
+    shapes = _shapes(args)
+    program, low = build(shapes)
     if low.marked == 0:
         raise ValueError(
             f"convert: {what} has no quantized layer or quantizer in its forward; hook it "
             "(qjax.flax.nnx.quantize_model / linen.QuantRules) or use qjax layers, then "
             "calibrate or train it"
         )
-    program.float_ops = low.float_ops
-    program.kernels = kernels_of(program.params)  # as the torch importers record it
-    program(*args)  # compiles once: shape errors surface now, with the step's layer
-    return program
+    served = TracedProgram(program, low, shapes, lambda sh: build(sh)[0])
+    served(*args)  # compiles once: shape errors surface now, with the step's layer
+    return served
+
+
+def _shapes(args) -> tuple:
+    return tuple((tuple(np.shape(a)), np.dtype(jnp.result_type(a))) for a in args)
+
+
+class TracedProgram(Program):
+    """The :class:`~qjax.Program` of a traced Flax model (:func:`convert`).
+
+    It holds the steps lowered at the example's input shapes (what ``steps``, ``layers``,
+    ``float_ops``, ``kernels`` and exports describe); called with other shapes (another
+    batch size), it traces and lowers the model again for them on first use, with the
+    same prepared weights, and keeps that program (``programs``: one per shape)."""
+
+    def __init__(self, program: Program, lowering, shapes, build):
+        super().__init__(program.steps, program.inputs, program.output)
+        self.float_ops = lowering.float_ops
+        self.kernels = kernels_of(self.params)
+        self.programs = {shapes: self}
+        self._build = build
+
+    def _at(self, inputs) -> tuple[Program, tuple]:
+        args = self._args(inputs)
+        shapes = _shapes(args)
+        if shapes not in self.programs:
+            self.programs[shapes] = self._build(shapes)
+        return self.programs[shapes], args
+
+    def __call__(self, *inputs):
+        program, args = self._at(inputs)
+        return program._run(program.params, args)
+
+    def run_traced(self, *inputs):
+        program, args = self._at(inputs)
+        result, out = program._trace(program.params, args)
+        return result, {s.name: out[s.name] for s in program.steps if s.name in out}

@@ -360,7 +360,7 @@ def prepare_layer(info: _record.LayerMark, kernel, stats, *, native: str = "xla"
     cfg = info.config
     qx, qw, qy = layer_qparams(stats, cfg)
     g = info.geometry or {}
-    if info.op == "linear" and info.in_ndim != 1:
+    if info.op == "linear" and kernel.ndim != 2:  # (*in, *out) -> (prod(in), prod(out))
         k = int(np.prod(kernel.shape[: info.in_ndim], dtype=np.int64))
         kernel = jnp.reshape(kernel, (k, -1))
     pw = prepare_weight(

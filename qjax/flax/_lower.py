@@ -139,9 +139,10 @@ def _check_stats(stats, name: str) -> None:
 class Lowering:
     """The state of one lowering: the steps so far and the names they use."""
 
-    def __init__(self, scheme: str, native: str):
+    def __init__(self, scheme: str, native: str, prepared: dict | None = None):
         self.scheme = scheme
         self.native = native
+        self.prepared = {} if prepared is None else prepared  # name -> (qx, weight, qy)
         self.steps: list[Step] = []
         self._names: set[str] = set()
         self._deq: dict[tuple, _Value] = {}
@@ -337,7 +338,9 @@ class Lowering:
             )
         if cfg.weight is None or cfg.activation is None:
             raise ValueError(f"convert: {name} has a float weight or activation (config {cfg})")
-        qx, pw, qy = prepare_layer(info, ops["kernel"], stats, native=self.native)
+        if name not in self.prepared:
+            self.prepared[name] = prepare_layer(info, ops["kernel"], stats, native=self.native)
+        qx, pw, qy = self.prepared[name]
         if qx is not None:
             x = self.quantized(x, qx, cfg.fake_quant_compat, f"{name}:input", info.source)
         elif x.qp is None:
@@ -375,11 +378,12 @@ def _prune(steps: list[Step], outputs) -> list[Step]:
 
 
 def lower(
-    closed, known, in_names, out_tree, *, scheme: str, native: str
+    closed, known, in_names, out_tree, *, scheme: str, native: str, prepared=None
 ) -> tuple[Program, Lowering]:
     """``(program, lowering)`` for the traced ``closed`` jaxpr, whose arguments are the
-    ``known`` arrays (weights, statistics) followed by the program inputs ``in_names``."""
-    low = Lowering(scheme, native)
+    ``known`` arrays (weights, statistics) followed by the program inputs ``in_names``;
+    ``prepared`` caches each layer's prepared weights across lowerings."""
+    low = Lowering(scheme, native, prepared)
     args = [_Known(v) for v in known] + [_Value(n) for n in in_names]
     outs = low.run(closed.jaxpr, closed.consts, args)
     names = []

@@ -46,7 +46,7 @@ from ._intsim import conv_geometry, fold_bn, layer_qparams, prepare_weight
 from ._serve import ServedModel, _freeze
 from ._walk import linen_kind, nnx_classify
 
-__all__ = ["convert_sequential", "is_sequential"]
+__all__ = ["NotServable", "convert_sequential", "is_sequential"]
 
 _RELUS = (jax.nn.relu, nnx.relu, nn.relu)
 
@@ -95,8 +95,13 @@ def _pool_view(m, path) -> _View:
     return _View(kind, path, pool={"window": window, "strides": strides, "padding": pad})
 
 
+class NotServable(ValueError):
+    """A Sequential element the Sequential server does not know (``qjax.convert`` then
+    traces the model instead)."""
+
+
 def _unknown(m, path) -> ValueError:
-    return ValueError(
+    return NotServable(
         f"convert: {path} is a {type(m).__name__}, which the int8 server cannot run; use "
         "QuantStub/ActQuant, QuantLinear (QuantDense), QuantConv, QuantConvBn, "
         "DeQuantStub, relu, qjax.flax MaxPool/AvgPool/Flatten"

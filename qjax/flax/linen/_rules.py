@@ -52,8 +52,8 @@ class QuantRules:
     another type raises ``TypeError`` naming it and the supported layers; a matched
     layer that already has a hook raises ``TypeError``. :meth:`with_mode` gives the
     same rules in another mode (e.g. ``Mode.FROZEN`` for evaluation). The
-    ``DenseGeneral`` / ``Einsum`` / ``Embed`` hooks are fake-quant / QAT only (no int8
-    serving yet).
+    ``Dense`` / ``DenseGeneral`` / ``Conv`` hooks serve as int8 layers through
+    ``qjax.convert``; ``Einsum`` / ``Embed`` are fake-quant / QAT only (served in float).
 
     >>> import jax, jax.numpy as jnp
     >>> from qjax.flax import qjax_recommended

@@ -84,8 +84,9 @@ def quantize_model(
     per flattened output feature), :class:`QuantEinsum`, :class:`QuantEmbed` (weight
     only) and :class:`QuantConvGeneralDilated`; each computes
     ``op(fq_in(x), fq_w(kernel))`` (no output quantizer, so configs must have
-    ``quantize_output=False``). Fake-quant / QAT only: ``qjax.convert`` does not serve
-    the LinearGeneral / Einsum / Embed hooks in int8.
+    ``quantize_output=False``). ``qjax.convert`` serves the Linear, LinearGeneral
+    and Conv hooks as int8 layers (exactly, with ``QuantConfig(scheme=...)``); the
+    Einsum and Embed hooks are fake-quant / QAT only (served in float, listed).
 
     Raises ``TypeError`` when a rule fully matches the path of a leaf module of
     another type (naming it and the supported layers), and ``ValueError`` when a rule

@@ -10,7 +10,9 @@ module adds the two layers that have no ``dot_general``:
   ``Embed.__call__`` (``promote_dtype((embedding,), ...)``) and ``Embed.attend``
   (``promote_dtype((query, embedding), ...)``) pass the table through: weight-only.
 
-Int8 serving of these layers is not there yet (``qjax.convert`` refuses them).
+``qjax.convert`` serves ``LinearGeneral`` hooks (:class:`QuantDotGeneral`) in int8;
+the Einsum and Embed hooks here are fake-quant / QAT only: a converted model runs them
+in float (exactly as the frozen model), listed in ``program.float_ops``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,113 @@
+"""Flax models written as classes, served int8 by ``qjax.convert`` vs JAX float32 (issue 15).
+
+Run: ``.venv/bin/python benchmarks/served_flax.py``. Two models, each timed three ways,
+interleaved in one process (medians): the float32 model (``Mode.FLOAT``, jitted), the
+frozen fake-quant model (``Mode.FROZEN`` with ``QuantConfig(scheme="fbgemm")``, the
+integer formula in the forward, jitted) and the int8 program ``qjax.convert`` traced
+from it (int8 x int8 -> int32 dots/convs; the rest float, exactly as the frozen model):
+
+- CNN class: QuantStub, Conv-BN-ReLU 1->32 and 32->32 (3x3), a residual QuantConv block,
+  max pool 2, BatchNorm, GELU, global mean, QuantLinear 32->10; batch 256 of 16x16x1.
+- transformer block (ViT-like): LayerNorm, ``nnx.MultiHeadAttention`` (4 heads, d=128;
+  its four projections hooked), LayerNorm, MLP 128->512->128 with GELU (hooked); batch
+  32 of 16 tokens. The attention matmuls, softmax, LayerNorm and GELU stay float.
+
+Served outputs are checked equal to the frozen model's before timing. ``BENCH`` lines:
+float32 / int8 and frozen / int8 (> 1: the int8 program is faster); goal ``>= 1.0x``
+against float32. ``QJAX_BENCH_QUICK=1``: 5 repeats instead of 20.
+"""
+
+import jax
+import numpy as np
+from _timing import bench_line, interleaved, load_line, machine_line, quick, table
+from flax import nnx
+
+import qjax
+from qjax.flax import Mode, default_qat_qconfig, qjax_recommended
+from qjax.flax import nnx as qnnx
+
+CFG = default_qat_qconfig("x86").replace(quantize_input=True, scheme="fbgemm")
+
+
+class CNN(nnx.Module):
+    def __init__(self, rngs, c=32):
+        self.stub = qnnx.QuantStub(CFG)
+        self.c1 = qnnx.QuantConvBn(1, c, (3, 3), config=CFG, relu=True, rngs=rngs)
+        self.c2 = qnnx.QuantConvBn(c, c, (3, 3), config=CFG, relu=True, rngs=rngs)
+        self.c3 = qnnx.QuantConv(c, c, (3, 3), config=CFG, rngs=rngs)
+        self.bn = nnx.BatchNorm(c, rngs=rngs)
+        self.fc = qnnx.QuantLinear(c, 10, config=CFG, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.c2(self.c1(self.stub(x)))
+        h = h + nnx.relu(self.c3(h))
+        h = nnx.max_pool(h, (2, 2), (2, 2))
+        return self.fc(jax.nn.gelu(self.bn(h)).mean(axis=(1, 2)))
+
+
+class Block(nnx.Module):
+    def __init__(self, rngs, d=128):
+        self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(4, d, decode=False, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+        self.fc1 = nnx.Linear(d, 4 * d, rngs=rngs)
+        self.fc2 = nnx.Linear(4 * d, d, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x))))
+
+
+def _block():
+    model = Block(nnx.Rngs(0))
+    qnnx.quantize_model(model, [("attn|fc1|fc2", qjax_recommended().replace(scheme="fbgemm"))])
+    return model
+
+
+def run(name, make, x, reps):
+    model = make()
+    qnnx.calibrate(model, [x], progress=False)
+    qnnx.set_mode(model, Mode.FROZEN)
+    model.eval()
+    program = qjax.convert(model, x)
+    frozen = nnx.jit(lambda m, v: m(v))
+    float_model = nnx.clone(model)
+    qnnx.set_mode(float_model, Mode.FLOAT)
+    y, yf = np.asarray(program(x)), np.asarray(frozen(model, x))
+    differ = int((y != yf).sum())
+    print(f"{name}: served vs frozen: {differ} of {y.size} outputs differ")
+    assert differ == 0
+    t = interleaved(
+        {
+            "f32": lambda: frozen(float_model, x),
+            "frozen": lambda: frozen(model, x),
+            "int8": lambda: program(x),
+        },
+        repeats=reps,
+    )
+    bench_line("served_flax", f"{name} (vs f32)", t["f32"] / t["int8"], "jax f32", ">= 1.0x")
+    bench_line("served_flax", f"{name} (vs frozen)", t["frozen"] / t["int8"], "frozen fake-quant")
+    return [name, f"{t['f32'] * 1e3:.2f}", f"{t['frozen'] * 1e3:.2f}", f"{t['int8'] * 1e3:.2f}",
+            f"{t['f32'] / t['int8']:.2f}x"]  # fmt: skip
+
+
+def main():
+    print(machine_line())
+    print(load_line())
+    reps = 5 if quick() else 20
+    key = jax.random.key(0)
+    rows = [
+        run(
+            "cnn class b256",
+            lambda: CNN(nnx.Rngs(0)),
+            jax.random.normal(key, (256, 16, 16, 1)),
+            reps,
+        ),  # fmt: skip
+        run("transformer block b32x16", _block, jax.random.normal(key, (32, 16, 128)), reps),
+    ]
+    print(table(["model", "f32 ms", "frozen ms", "int8 ms", "f32/int8"], rows))
+    print(load_line())
+
+
+if __name__ == "__main__":
+    main()
