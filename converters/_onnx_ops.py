@@ -1,6 +1,8 @@
 """Op table of the ONNX exporter (:mod:`qjax.converters.onnx`): one handler per qjax step
 kind, writing QDQ nodes into a :class:`Builder` (nodes, initializers, and the
-``{value name: ONNX tensor}`` environment)."""
+``{value name: ONNX tensor}`` environment). Steps of a traced Flax program that run a jax
+primitive (``float`` steps, layout ops on codes) are written from their jaxprs by
+:func:`jaxpr_step` (:mod:`qjax.converters._onnx_jax`)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qjax import QArray, QParams
 from qjax.kernels import PreparedConv, PreparedLinear
+from qjax.kernels._conv import _pads
 from qjax.program import Step
 
-__all__ = ["ALIASES", "HANDLERS", "STATIC", "Builder", "value_info"]
+from ._onnx_jax import leaves_of, translate
+
+__all__ = ["ALIASES", "HANDLERS", "STATIC", "Builder", "jaxpr_step", "value_info"]
 
 ALIASES = ("identity",)
 STATIC = ("size", "getitem")
@@ -22,14 +27,21 @@ _I32 = np.iinfo(np.int32)
 class Builder:
     """Nodes, initializers and the ``{value name: ONNX tensor}`` environment."""
 
-    def __init__(self, trace: dict[str, QArray]):
+    def __init__(
+        self, trace: dict[str, QArray], layout: str = "NCHW", opset: int = 13, values=None
+    ):
         self.trace = trace
+        self.layout = layout  # "NCHW" (channels first) or "NHWC" (channels last)
+        self.opset = opset
+        self.values = values if values is not None else {}  # abstract value of each step
+        self.jaxprs: dict = {}  # step name -> its jaxpr (jaxpr_step)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
-        self.env: dict[str, str] = {}  # qjax value -> ONNX tensor name
-        self.kind: dict[str, str] = {}  # qjax value -> "float" | "codes" | "static"
+        self.env: dict[str, str | list[str]] = {}  # qjax value -> ONNX tensor name(s)
+        self.kind: dict[str, str] = {}  # qjax value -> "float" | "codes" | "static" | "multi"
         self.qp: dict[str, QParams] = {}  # codes values -> their qparams
         self.shape: dict[str, tuple[int, ...]] = {}
+        self.dtype: dict[str, np.dtype] = {}  # non-float32 "float" values (bool, int)
         self._n = 0
         self._consts: set[str] = set()
 
@@ -60,29 +72,89 @@ class Builder:
         z = self.const(f"{stem}/zero_point", _scalar(qp.zero_point, zdt))
         return s, z
 
-    def dq(self, value: str, consumer: str) -> str:
+    def narrow_range(self, qp: QParams) -> tuple[str | None, str | None]:
+        """Clip bounds (code initializers) for qparams whose ``[qmin, qmax]`` is narrower
+        than the 8-bit dtype's (``reduce_range``, ``quant_max=127``): ``QuantizeLinear``
+        saturates to the dtype only, the qjax step clamps to the spec's range."""
+        spec = qp.spec
+        dt = np.int8 if spec.signed else np.uint8
+        info = np.iinfo(dt)
+        if (spec.qmin, spec.qmax) == (info.min, info.max):
+            return None, None
+        tag = f"{np.dtype(dt).name}_{spec.qmin}_{spec.qmax}"
+        lo = self.const(f"clip/{tag}/min", np.asarray(spec.qmin, dt))
+        hi = self.const(f"clip/{tag}/max", np.asarray(spec.qmax, dt))
+        return lo, hi
+
+    def dq(self, value: str, consumer: str, perm=None) -> str:
         """A float tensor for ``value``: a fresh ``DQ`` of codes (one per consumer, as the
-        QDQ format wants), or the float tensor itself."""
+        QDQ format wants), or the float tensor itself; ``perm``: transposed first (the
+        codes, before the ``DQ``, so ``DQ -> op`` stays fusable)."""
         if self.kind.get(value) == "float":
-            return self.env[value]
+            x = self.env[value]
+            return x if perm is None else self.transpose(x, perm, f"{consumer}/in")
         if self.kind.get(value) != "codes":
             raise NotImplementedError(f"input {value!r} is not a tensor")
+        codes = self.env[value]
+        if perm is not None:
+            codes = self.transpose(codes, perm, f"{consumer}/in_codes")
         s, z = self.qparams_consts(f"{value}/q", self.qp[value])
         out = self.fresh(f"{consumer}/dq/{value}")
-        return self.node("DequantizeLinear", [self.env[value], s, z], [out], out)[0]
+        return self.node("DequantizeLinear", [codes, s, z], [out], out)[0]
 
-    def q(self, step: Step, x: str, qp: QParams | None = None) -> None:
-        """``Q`` of float ``x`` with the qparams the step produced (from the trace)."""
+    def transpose(self, x: str, perm, stem: str) -> str:
+        out = self.fresh(f"{stem}/transpose")
+        return self.node("Transpose", [x], [out], out, perm=[int(p) for p in perm])[0]
+
+    def q(self, step: Step, x: str, qp: QParams | None = None, perm=None) -> None:
+        """``Q`` of float ``x`` with the qparams the step produced (from the trace);
+        ``perm``: the codes transposed after the ``Q`` (a channels-last program's
+        channels-first conv or pool)."""
         if step.name not in self.trace:
             raise NotImplementedError("its result is not a traced quantized activation")
         qa = self.trace[step.name]
         qp = qa.qparams if qp is None else qp
         s, z = self.qparams_consts(f"{step.name}/q", qp)
-        self.node("QuantizeLinear", [x, s, z], [step.name], f"{step.name}/QuantizeLinear")
+        out = step.name if perm is None else f"{step.name}/q_channels_first"
+        lo, hi = self.narrow_range(qp)
+        q = f"{step.name}/q_wide" if lo is not None else out
+        self.node("QuantizeLinear", [x, s, z], [q], f"{step.name}/QuantizeLinear")
+        if lo is not None:  # a range narrower than the dtype's: clamp the codes
+            self.node("Clip", [q, lo, hi], [out], f"{step.name}/Clip")
+        if perm is not None:
+            self.node("Transpose", [out], [step.name], f"{step.name}/Transpose", perm=list(perm))
         self.env[step.name] = step.name
         self.kind[step.name] = "codes"
         self.qp[step.name] = qp
         self.shape[step.name] = tuple(qa.shape)
+
+    def float_out(self, step: Step, y: str, perm=None) -> None:
+        """Float ``y`` as the step's value (a layer without an output quantizer)."""
+        if step.export is not None:
+            raise NotImplementedError("a float result stored in another layout (step.export)")
+        if step.name not in self.values:
+            raise NotImplementedError("its float result has no known shape")
+        self.node(
+            "Transpose" if perm is not None else "Identity", [y], [step.name],
+            f"{step.name}/{'Transpose' if perm is not None else 'Identity'}",
+            **({"perm": list(perm)} if perm is not None else {}),
+        )  # fmt: skip
+        self.env[step.name], self.kind[step.name] = step.name, "float"
+        self.shape[step.name] = tuple(self.values[step.name].shape)
+
+    def leaves(self, value: str) -> list:
+        """ONNX tensor names (or, for qparams, numpy arrays) of ``value``'s pytree
+        leaves, in jax's order: a float tensor, codes with their scale and zero point, or
+        the results of a multi-output step."""
+        kind = self.kind.get(value)
+        if kind == "float":
+            return [self.env[value]]
+        if kind == "codes":
+            qp = self.qp[value]
+            return [self.env[value], np.asarray(qp.scale), np.asarray(qp.zero_point)]
+        if kind == "multi":
+            return list(self.env[value])
+        raise NotImplementedError(f"input {value!r} is not a tensor")
 
 
 def _act(b: Builder, step: Step, y: str, activation) -> str:
@@ -148,6 +220,12 @@ def _prepared(step: Step, cls):
     return p[0], (None if p[1] is None else np.asarray(p[1], np.float32))
 
 
+def _out_qparams(b: Builder, step: Step) -> bool:
+    """Whether the layer requantizes (codes out) or, without output qparams, returns the
+    float ``f32(acc)·f32(s_x·s_w) + b`` of a Flax layer without an output quantizer."""
+    return step.name in b.trace or step.layer.out is not None
+
+
 def _linear(b: Builder, step: Step) -> None:
     pw, bias = _prepared(step, PreparedLinear)
     src = step.inputs[0]
@@ -155,7 +233,11 @@ def _linear(b: Builder, step: Step) -> None:
     w = np.asarray(pw.weight.values)  # (in, out)
     qp = pw.weight.qparams
     per_channel = qp.spec.granularity == "axis"
-    bq = _bias(b, step, bias, b.qp[src].scale, qp.scale, per_channel)
+    codes_out = _out_qparams(b, step)
+    if codes_out:
+        bq = _bias(b, step, bias, b.qp[src].scale, qp.scale, per_channel)
+    else:  # float output: the bias is added in float, as the layer does
+        bq = None if bias is None else b.const(f"{step.name}/bias", bias)
     if len(b.shape[src]) == 2:
         wt = _weight(b, step, np.ascontiguousarray(w.T), qp, 0)  # (out, in), ONNX Gemm B
         y = b.node(
@@ -167,29 +249,63 @@ def _linear(b: Builder, step: Step) -> None:
         y = b.node("MatMul", [x, wt], [f"{step.name}/matmul"], f"{step.name}/MatMul")[0]
         if bq:
             y = b.node("Add", [y, bq], [f"{step.name}/add"], f"{step.name}/Add")[0]
-    b.q(step, _act(b, step, y, step.layer.extra.get("activation")))
+    y = _act(b, step, y, step.layer.extra.get("activation"))
+    b.q(step, y) if codes_out else b.float_out(step, y)
 
 
 def _conv(b: Builder, step: Step) -> None:
+    """``Conv`` in ONNX's channels-first layout; a channels-last program's codes are
+    transposed before the ``DQ`` and after the ``Q`` (``Builder.layout``)."""
     pw, bias = _prepared(step, PreparedConv)
     ex = step.layer.extra
     src = step.inputs[0]
-    x = b.dq(src, step.name)
     w = np.asarray(pw.weight.values)  # (*kernel, in/groups, out)
     nsp = w.ndim - 2
+    groups = int(ex.get("groups", 1))
+    in_shape = tuple(b.shape[src])
+    last = b.layout == "NHWC"
+    c_at = -1 if last else 1
+    if len(in_shape) != nsp + 2 or in_shape[c_at] != w.shape[-2] * groups:
+        other = in_shape[1 if last else -1] if len(in_shape) == nsp + 2 else None
+        hint = ""
+        if other == w.shape[-2] * groups:
+            want = "None (channels first)" if last else "'NHWC' (channels last)"
+            looks = "first" if last else "last"
+            hint = f"; the input looks channels-{looks}: set program.layout = {want}"
+        raise ValueError(
+            f"input {src!r} of shape {in_shape} does not have the conv's "
+            f"{w.shape[-2] * groups} input channels on axis {c_at} of a program of layout "
+            f"{b.layout}{hint}"
+        )
     w = np.ascontiguousarray(np.transpose(w, (nsp + 1, nsp, *range(nsp))))  # -> (O, I, *k)
+    to_first = [0, nsp + 1, *range(1, nsp + 1)] if last else None
+    to_last = [0, *range(2, nsp + 2), 1] if last else None
+    x = b.dq(src, step.name, perm=to_first)
     qp = pw.weight.qparams
     per_channel = qp.spec.granularity == "axis"
     wt = _weight(b, step, w, qp, 0)
-    bq = _bias(b, step, bias, b.qp[src].scale, qp.scale, per_channel)
-    pad = _ints(ex.get("padding", 0), nsp, "padding")
+    codes_out = _out_qparams(b, step)
+    if codes_out:
+        bq = _bias(b, step, bias, b.qp[src].scale, qp.scale, per_channel)
+    else:
+        bq = None if bias is None else b.const(f"{step.name}/bias", bias)
+    stride = _ints(ex.get("stride", 1), nsp, "stride")
+    dil = _ints(ex.get("dilation", 1), nsp, "dilation")
+    if last:  # Flax: VALID / SAME / ints / (lo, hi) pairs, as the int8 conv reads them
+        spatial = in_shape[1:-1]
+        pairs = _pads(ex.get("padding", 0), nsp, w.shape[2:], stride, dil, spatial, step.name)
+        if any(lo < 0 or hi < 0 for lo, hi in pairs):
+            raise NotImplementedError(f"negative padding {pairs}")
+        pad = [lo for lo, _ in pairs] + [hi for _, hi in pairs]
+    else:
+        pad = _ints(ex.get("padding", 0), nsp, "padding")
+        pad = pad + pad
     y = b.node(
         "Conv", [x, wt] + ([bq] if bq else []), [f"{step.name}/conv"], f"{step.name}/Conv",
-        kernel_shape=list(w.shape[2:]), strides=_ints(ex.get("stride", 1), nsp, "stride"),
-        pads=pad + pad, dilations=_ints(ex.get("dilation", 1), nsp, "dilation"),
-        group=int(ex.get("groups", 1)),
+        kernel_shape=list(w.shape[2:]), strides=stride, pads=pad, dilations=dil, group=groups,
     )[0]  # fmt: skip
-    b.q(step, _act(b, step, y, ex.get("activation")))
+    y = _act(b, step, y, ex.get("activation"))
+    b.q(step, y, perm=to_last) if codes_out else b.float_out(step, y, perm=to_last)
 
 
 def _ints(v, n: int, what: str) -> list[int]:
@@ -303,10 +419,12 @@ def _reshape(b: Builder, step: Step) -> None:
 
 
 def _quantize(b: Builder, step: Step) -> None:
+    """``Q`` of a float tensor; codes in other qparams (a traced Flax program's
+    re-quantization) are dequantized first: ``DQ -> Q``."""
     src = step.inputs[0]
-    if b.kind.get(src) != "float":
-        raise NotImplementedError(f"quantize of {src!r}, which is not a float tensor")
-    b.q(step, b.env[src])
+    if b.kind.get(src) not in ("float", "codes"):
+        raise NotImplementedError(f"quantize of {src!r}, which is not a tensor")
+    b.q(step, b.dq(src, step.name))
 
 
 def _dequantize(b: Builder, step: Step) -> None:
@@ -341,10 +459,69 @@ HANDLERS = {
 }
 
 
+def jaxpr_step(b: Builder, step: Step) -> None:
+    """A step that runs jax primitives (a traced Flax program's ``float`` step, or a
+    layout op / max pool on codes), written from its jaxpr (``b.jaxprs``) by
+    :func:`qjax.converters._onnx_jax.translate`: on float tensors or directly on the
+    codes (which keep their qparams), in the program's own layout."""
+    if step.name not in b.jaxprs:
+        raise NotImplementedError("no jaxpr of the step was recorded")
+    args = [leaf for v in step.inputs for leaf in b.leaves(v)]
+    start = len(b.nodes)
+    outs = translate(b, step.name, b.jaxprs[step.name], args)
+    made = {o for n in b.nodes[start:] for o in n.output}
+    value = b.values[step.name]
+    codes = isinstance(value, QArray)
+    leaves = leaves_of(value)
+    if len(outs) != len(leaves):
+        raise NotImplementedError(f"{len(outs)} jaxpr outputs for {len(leaves)} values")
+    names, renamed = [], {}
+    for i, (o, leaf) in enumerate(zip(outs, leaves, strict=True)):
+        if codes and i > 0:
+            break  # the qparams: unchanged by a layout op
+        want = step.name if len(leaves) == 1 or codes else f"{step.name}:{i}"
+        if isinstance(o, str) and o in made and o not in renamed:
+            _rename(b.nodes[start:], o, want)  # the node of this step that made it
+            renamed[o] = want
+        else:  # an input passed through, a repeated output, or a constant: name it
+            src = (
+                renamed.get(o, o)
+                if isinstance(o, str)
+                else b.const(b.fresh(f"{step.name}/value"), o)
+            )
+            b.node("Identity", [src], [want], f"{want}/Identity")
+        names.append(want)
+        if not codes and np.dtype(leaf.dtype) != np.float32:
+            b.dtype[want] = np.dtype(leaf.dtype)
+        b.shape[want] = tuple(leaf.shape)
+    if codes:
+        src_codes = [v for v in step.inputs if b.kind.get(v) == "codes"]
+        if not src_codes:
+            raise NotImplementedError("codes out of a step without codes in")
+        b.env[step.name], b.kind[step.name] = step.name, "codes"
+        b.qp[step.name] = step.layer.out if step.layer.out is not None else b.qp[src_codes[0]]
+    elif len(leaves) == 1:
+        b.env[step.name], b.kind[step.name] = step.name, "float"
+    else:
+        b.env[step.name], b.kind[step.name] = names, "multi"
+    b.shape[step.name] = tuple(leaves[0].shape)
+    if not codes and len(leaves) == 1 and np.dtype(leaves[0].dtype) != np.float32:
+        b.dtype[step.name] = np.dtype(leaves[0].dtype)
+
+
+def _rename(nodes, old: str, new: str) -> None:
+    for n in nodes:
+        for seq in (n.input, n.output):
+            for i, v in enumerate(seq):
+                if v == old:
+                    seq[i] = new
+
+
 def value_info(b: Builder, name: str) -> onnx.ValueInfoProto:
-    """Graph input/output declaration of a value: float32, or the codes' int8/uint8."""
+    """Graph input/output declaration of a value: float32 (or a float step's own dtype),
+    or the codes' int8/uint8."""
     if b.kind[name] == "float":
-        dt = TensorProto.FLOAT
+        dt = helper.np_dtype_to_tensor_dtype(b.dtype.get(name, np.dtype(np.float32)))
     else:
         dt = TensorProto.INT8 if b.qp[name].spec.signed else TensorProto.UINT8
     return helper.make_tensor_value_info(b.env[name], dt, list(b.shape[name]))

@@ -8,7 +8,8 @@ other runtimes turn back into integer kernels), opset 13 or later:
 qjax step (``Layer.op``)               ONNX nodes (``DQ`` = DequantizeLinear, ``Q`` =
                                        QuantizeLinear)
 =====================================  ==================================================
-``quantize`` / ``dequantize``          ``Q`` / ``DQ`` (per-tensor, 8-bit)
+``quantize`` / ``dequantize``          ``Q`` / ``DQ`` (per-tensor, 8-bit); a quantize
+                                       of codes (re-quantization): ``DQ`` -> ``Q``
 ``linear`` (2-d input)                 ``DQ(x)``, ``DQ(w int8, axis 0)``, ``DQ(b int32)``
                                        -> ``Gemm(transB=1)`` [-> ``Relu``] -> ``Q``
 ``linear`` (other ranks)               the same with ``MatMul`` (weight ``(in, out)``,
@@ -26,14 +27,36 @@ qjax step (``Layer.op``)               ONNX nodes (``DQ`` = DequantizeLinear, ``
 ``cat``                                ``DQ`` each -> ``Concat`` -> ``Q``
 ``flatten`` / ``reshape``              ``DQ`` -> ``Flatten`` / ``Reshape`` -> ``Q``
 ``identity``, ``size``, ``getitem``    no node (an alias; static shapes)
+``float`` (a traced Flax program)      the jax primitive on float tensors, written from
+                                       the step's jaxpr (:mod:`qjax.converters._onnx_jax`:
+                                       ``Add``, ``Tanh``, ``ReduceSum``, ``Einsum``, ...)
+layout ops and ``max_pool`` on codes   the same ops on the integer codes (``Reshape``,
+(a traced Flax program)                ``Transpose``, ``Slice``, ``Concat``, ``MaxPool``)
 =====================================  ==================================================
 
-Everything is in the logical (NCHW) layout, whatever order the program stores values in;
-shapes are the static shapes of ``example_inputs``. Every activation's scale and zero
-point comes from ``program.trace(*example_inputs)`` (so the Q after a step carries
-exactly the qparams the qjax step produced), the weights from the step's prepared
-``params``. A step with any other op raises ``NotImplementedError`` naming the step, its
-op and its source target.
+Everything is in the program's logical layout, whatever order it stores values in:
+channels-first (NCHW, torch's) by default, channels-last when ``program.layout`` is
+``"NHWC"`` (a Flax model traced by :func:`qjax.convert`, which is channels-last whether
+or not it says so). A channels-last program keeps its NHWC inputs, outputs and
+intermediates; only the ops ONNX defines channels-first get ``Transpose`` nodes around
+them: a conv's codes are transposed before its ``DQ`` and after its ``Q`` (onnxruntime
+still fuses ``DQ -> Conv -> Q`` and removes the transposes), a pool's around it. A conv
+whose input does not have its channels where the layout says raises, naming the layout
+to set. Shapes are the static shapes of ``example_inputs`` (a traced Flax program is
+exported as lowered for them). Every activation's scale and zero point comes from
+``program.trace(*example_inputs)`` (so the Q after a step carries exactly the qparams
+the qjax step produced), the weights from the step's prepared ``params``. Qparams whose
+range is narrower than the 8-bit dtype's (``reduce_range``: codes 0..127) get a
+``Clip`` of the codes after their ``Q`` (``QuantizeLinear`` saturates to the dtype
+only). A linear/conv layer without output qparams (a Flax layer without an output
+quantizer) ends in float: ``DQ(x)``, ``DQ(w)``, float bias, no ``Q``. A step with any
+other op, or a float step with a primitive outside :mod:`qjax.converters._onnx_jax`'s
+table, raises ``NotImplementedError`` naming the step, its op and its source target
+(the primitive).
+
+Float steps compute the same float32 operations as the program, up to summation order
+(reductions, dot products) and the last ulp of transcendental functions (``exp``,
+``tanh``): a quantizer after one can differ by one code at near-ties.
 
 **Bias.** The bias is stored as int32 ``b_q = clamp(rint(f32(b) / f32(s_x·s_w)))`` with a
 ``DQ`` of scale ``f32(s_x·s_w)`` (per channel with the weight) and zero point 0 — the
@@ -74,15 +97,17 @@ measured in ``tests/test_converters_onnx.py``):
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from qjax.program import Program, Step
 
-from ._onnx_ops import ALIASES, HANDLERS, STATIC, Builder, value_info
+from ._onnx_ops import ALIASES, HANDLERS, STATIC, Builder, jaxpr_step, value_info
 
 __all__ = ["export_onnx"]
 
@@ -105,13 +130,15 @@ def export_onnx(
 
     Args:
       program: a :class:`~qjax.program.Program` (e.g. from
-        ``qjax.converters.torch.import_model``).
+        ``qjax.converters.torch.import_model``, or ``qjax.convert`` of a Flax model:
+        channels-last, ``program.layout``).
       example_inputs: one array per program input (a single array is taken as one
         input); run once through ``program.trace`` for the activations' qparams and shapes.
       path: if given, the model is also saved there.
       opset: ONNX opset, 13 or later (per-axis ``DequantizeLinear`` needs 13).
-      intermediates: also make every quantized activation (codes, NCHW) a graph output
-        named after its step (aliases such as ``identity`` steps are not repeated).
+      intermediates: also make every quantized activation (codes, in the program's
+        layout) a graph output named after its step (aliases such as ``identity`` steps
+        are not repeated).
 
     Returns:
       the checked ``onnx.ModelProto``.
@@ -146,18 +173,30 @@ def export_onnx(
             f"export_onnx: the program takes {len(program.inputs)} input(s) {program.inputs}, "
             f"got {len(example_inputs)} example input(s)"
         )
-    b = Builder(program.trace(*example_inputs))
+    layout = _layout(program)
+    run = _at_shapes(program, example_inputs)
+    trace = program.trace(*example_inputs)
+    generic = [s for s in run.steps if _from_jaxpr(s, layout)]
+    values, jaxprs = {}, {}
+    if generic or layout == "NHWC":  # shapes of untraced values, jaxprs of generic steps
+        values, jaxprs = _abstract(run, example_inputs, {s.name for s in generic})
+    b = Builder(trace, layout=layout, opset=opset, values=values)
+    b.jaxprs = jaxprs
     graph_inputs = []
     for name, x in zip(program.inputs, example_inputs, strict=True):
         shp = tuple(int(d) for d in np.shape(x.detach() if hasattr(x, "detach") else x))
         b.env[name], b.kind[name], b.shape[name] = name, "float", shp
         graph_inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shp)))
     outputs: list[str] = []
-    for step in program.steps:
+    for step in run.steps:
         op, target = _describe(step)
         try:
             if op == "output":
                 outputs = list(step.inputs)
+            elif step.name in jaxprs:
+                jaxpr_step(b, step)
+            elif op in ALIASES and b.kind.get(step.inputs[0]) == "multi":
+                raise NotImplementedError("an alias of a multi-output step's results")
             elif op in ALIASES:
                 src = step.inputs[0]
                 for d in (b.env, b.kind, b.qp, b.shape):
@@ -185,7 +224,7 @@ def export_onnx(
     graph_outputs = [value_info(b, n) for n in outputs]
     if intermediates:
         seen = set(out_names)
-        for s in program.steps:
+        for s in run.steps:
             if b.kind.get(s.name) == "codes" and b.env[s.name] == s.name and s.name not in seen:
                 graph_outputs.append(value_info(b, s.name))
                 seen.add(s.name)
@@ -198,6 +237,61 @@ def export_onnx(
     if path is not None:
         onnx.save(model, path)
     return model
+
+
+# ops of a traced Flax program that are jax primitives on codes (qjax.flax._lower)
+_JAX_LAYOUT = {"reshape", "transpose", "squeeze", "expand_dims", "broadcast_in_dim", "slice",
+               "rev", "copy", "copy_p", "max_pool", "concatenate"}  # fmt: skip
+_FLAX_OUTPUTS = {"constant", "identity"}  # a constant output, one result of a multi-output step
+
+
+def _layout(program: Program) -> str:
+    """``"NHWC"`` for a channels-last program (``program.layout``; a traced Flax program
+    is one whether or not it says so), else ``"NCHW"`` (torch's logical order)."""
+    layout = getattr(program, "layout", None)
+    if layout is not None:
+        return layout
+    mod = sys.modules.get("qjax.flax._convert")  # loaded wherever such a program exists
+    traced = getattr(mod, "TracedProgram", None)
+    return "NHWC" if traced is not None and isinstance(program, traced) else "NCHW"
+
+
+def _at_shapes(program: Program, inputs) -> Program:
+    """The program that runs ``inputs``: a traced Flax program is lowered once per input
+    shape (``TracedProgram.programs``); its steps at these shapes are the ones exported."""
+    at = getattr(program, "_at", None)
+    if callable(at) and hasattr(program, "programs"):
+        return at(tuple(inputs))[0]
+    return program
+
+
+def _from_jaxpr(step: Step, layout: str) -> bool:
+    """Steps written from their jaxprs: float steps (any program) and a channels-last
+    program's layout ops on codes (jax primitives; torch's keep their own handlers)."""
+    op = step.layer.op if step.layer is not None else None
+    if op == "float":
+        return True
+    return layout == "NHWC" and step.export is None and op in _JAX_LAYOUT | _FLAX_OUTPUTS
+
+
+def _abstract(program: Program, inputs, want: set[str]) -> tuple[dict, dict]:
+    """``({step name: abstract value}, {step name in want: its jaxpr})`` from one
+    abstract run of the program at the inputs' shapes (no arithmetic is done)."""
+    jaxprs: dict = {}
+
+    def run(args):
+        env = dict(zip(program.inputs, args, strict=True))
+        for s in program.steps:
+            ins = [env[i] for i in s.inputs]
+            if s.name in want:
+                jaxprs[s.name] = jax.make_jaxpr(lambda *v, s=s: s.fn(s.params, *v))(*ins)
+            env[s.name] = s.fn(s.params, *ins)
+        return {s.name: env[s.name] for s in program.steps}
+
+    args = tuple(
+        np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x) for x in inputs
+    )
+    return jax.eval_shape(run, args), jaxprs
 
 
 def _describe(step: Step) -> tuple[str | None, str]:

@@ -24,6 +24,12 @@ tensors are detached and copied through numpy (torch is never imported here).
 ``Program.layers`` describes each step for reports: a :class:`Layer` with the op kind,
 the source target (e.g. ``"torch.ao.nn.quantized.Linear"``), the scheme the kernel ran
 with, and the weight and output qparams (``None`` where a step has none).
+
+``Program.layout`` says how the program's values (inputs, trace, outputs) order the
+channels of an image tensor: ``None`` or ``"NCHW"`` (default; the logical channels-first
+order of torch, NCHW / NCW, whatever order steps store values in internally) or ``"NHWC"``
+(channels last: NHWC / NWC, a Flax model's order; conv steps then run channels-last).
+Exporters read it (:func:`qjax.converters.onnx.export_onnx`).
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ import numpy as np
 from ._qarray import QArray
 from ._spec import QParams
 
-__all__ = ["Layer", "Program", "Step"]
+__all__ = ["LAYOUTS", "Layer", "Program", "Step"]
+
+LAYOUTS = (None, "NCHW", "NHWC")  # Program.layout: channels first (None, "NCHW") or last
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +110,8 @@ class Program:
         the parity rulebook reads it), or ``None``.
       level: the CPU level that engine was emulated at (``"avx2"``, ``"avx512"``,
         ``"vnni"``, ``"amx"``; :mod:`qjax.kernels._levels`), or ``None``.
+      layout: ``None`` / ``"NCHW"`` (channels first, torch's order) or ``"NHWC"`` (channels
+        last, e.g. a traced Flax model); module docstring. Also settable afterwards.
 
     >>> import jax.numpy as jnp
     >>> from qjax import QuantSpec
@@ -126,7 +136,10 @@ class Program:
         *,
         engine: str | None = None,
         level: str | None = None,
+        layout: str | None = None,
     ):
+        if layout not in LAYOUTS:
+            raise ValueError(f"Program: layout must be one of {LAYOUTS}, got {layout!r}")
         steps = tuple(steps)
         inputs = tuple(inputs)
         known = set(inputs)
@@ -152,6 +165,7 @@ class Program:
         self.output = output
         self.engine = engine
         self.level = level  # the CPU level of the engine (qjax.kernels._levels), if any
+        self.layout = layout  # None: channels first (torch's order); "NHWC": channels last
         self.params = {s.name: s.params for s in steps}
         self.float_ops: dict[str, str] = {}  # what a converted Flax model left in float
         self.compile_count = 0

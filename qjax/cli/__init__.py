@@ -7,7 +7,10 @@ exit status 0 when every integer matches, 1 when some differ, 2 on errors.
 ``qjax inspect MODEL`` prints qparams per layer, the activation codes the inputs use and
 the risks the same rulebook sees. MODEL formats: :mod:`qjax.cli._model` (a state_dict is
 read safely; ``.pt2``, TorchScript and pickled models only with ``--trusted``, since their
-loaders run code from the file).
+loaders run code from the file). ``qjax inspect FILE.py:FUNCTION`` (or
+``MODULE:FUNCTION``) inspects a qjax program built by the user's own code instead, e.g.
+a Flax model traced by ``qjax.convert``: the function takes no arguments and returns the
+:class:`~qjax.Program`, or ``(program, inputs)``; the file runs as Python code.
 ``qjax debug FILE.py:FUNCTION``: debugging views of a quantized Flax model
 (:mod:`qjax.debug._cli`).
 """
@@ -27,7 +30,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         metavar="MODEL",
         help="a state_dict (with --definition; read safely, weights_only), or, only with"
         " --trusted: a TorchScript file (with --definition), a torch.export .pt2 file or a"
-        " pickled model (loading these runs code from the file)",
+        " pickled model (loading these runs code from the file); for inspect also"
+        " FILE.py:FUNCTION or MODULE:FUNCTION returning a qjax.Program (e.g. qjax.convert"
+        " of a Flax model) or (program, inputs): that file or module runs as Python code",
     )
     p.add_argument(
         "--definition",
@@ -40,7 +45,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help="allow loading a .pt2, TorchScript or pickled model: torch's loaders run code"
         " from these files, so pass it only for files you trust",
     )
-    p.add_argument("--engine", default="x86", choices=ENGINES, help="qjax engine (default x86)")
+    p.add_argument(
+        "--engine",
+        default=None,
+        choices=ENGINES,
+        help="qjax engine (default x86; for a program from FILE.py:FUNCTION, its own)",
+    )
     p.add_argument(
         "--isa",
         default=None,
@@ -131,11 +141,56 @@ def _parity(args) -> int:
 def _inspect(args) -> int:
     from .. import parity
 
-    _, inputs, program = _load(args)
-    with _running(inputs):
+    if is_program_target(args.model):
+        program, inputs = _program_target(args)
         report = parity.inspect(program, inputs, engine=args.engine)
+    else:
+        _, inputs, program = _load(args)
+        with _running(inputs):
+            report = parity.inspect(program, inputs, engine=args.engine)
     _emit(report, args.format)
     return 0
+
+
+def is_program_target(spec: str) -> bool:
+    """``FILE.py:FUNCTION`` or ``MODULE:FUNCTION`` (not a model file): a function that
+    returns a qjax program.
+
+    >>> is_program_target("nets.py:served"), is_program_target("pkg.nets:served")
+    (True, True)
+    >>> is_program_target("model.pt"), is_program_target("runs/m:1.pt")
+    (False, False)
+    """
+    import pathlib
+
+    where, sep, fn = str(spec).rpartition(":")
+    if not sep or not where or not fn.isidentifier() or pathlib.Path(spec).exists():
+        return False
+    return where.endswith(".py") or all(p.isidentifier() for p in where.split("."))
+
+
+def _program_target(args):
+    """``(program, inputs)`` from the user's ``FILE.py:FUNCTION``: the function returns a
+    program, or ``(program, inputs)``; ``--inputs`` / ``--input-shape`` override."""
+    from ..debug._cli import load_target
+    from ..program import Program
+    from ._model import load_inputs
+
+    if args.definition or args.trusted or args.isa:
+        raise ValueError(
+            "--definition, --trusted and --isa are for saved torch models; "
+            f"{args.model} returns a qjax program"
+        )
+    result = load_target(args.model)()
+    program, inputs = (result, None) if not isinstance(result, tuple) else (result + (None,))[:2]
+    if not isinstance(program, Program):
+        raise TypeError(
+            f"{args.model} returned {type(result).__name__}; it must return a qjax.Program "
+            "(e.g. qjax.convert(model, x)) or (program, inputs)"
+        )
+    if args.input_shape or args.inputs or inputs is None:
+        inputs = load_inputs(args.input_shape, args.inputs, args.seed)
+    return program, tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
@@ -197,6 +252,14 @@ def main(argv: list[str] | None = None) -> int:
             quick=args.quick,
         )  # fmt: skip
     try:
+        if args.command == "parity" and is_program_target(args.model):
+            raise ValueError(
+                f"qjax parity compares a saved torch model with torch; {args.model} is a "
+                "function (a qjax program has no torch model): use qjax inspect, or "
+                "qjax.parity.compare(None, program, x, reference={name: codes})"
+            )
+        if not is_program_target(args.model):
+            args.engine = args.engine or "x86"
         return _parity(args) if args.command == "parity" else _inspect(args)
     except (ValueError, TypeError, NotImplementedError, OSError) as e:
         print(f"qjax {args.command}: error: {e}", file=sys.stderr)

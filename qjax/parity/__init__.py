@@ -1,4 +1,4 @@
-"""Layer-by-layer parity between an imported qjax program and a reference, with causes.
+"""Layer-by-layer parity between a qjax program and a reference, with causes.
 
 :func:`compare` runs the torch model (through ``qjax.converters.torch.torch_trace``) and
 the qjax :class:`~qjax.program.Program` on the same inputs and, for every
@@ -14,6 +14,14 @@ hand simulation, a QAT model's fake-quant codes), and :func:`inspect` lists qpar
 activation code ranges and risks of a program without a reference. Reports render as a
 rich table (plain text without ``rich``), markdown or JSON. torch is imported only when
 :func:`compare` needs it.
+
+Programs traced from Flax models (:func:`qjax.convert`) work the same way, against a
+``reference={name: codes}`` (their own trace at another scheme or batch, a QAT model's
+codes, a hand simulation): their trace names are module paths (``"c1"``,
+``"fc:input"``), they have no torch engine (``engine=None``; the torch-only rules skip
+them, :mod:`qjax.parity._rules`), and a layer fed through float steps (a mean, a
+LayerNorm) is traced back through them to the quantized activations it depends on
+when deciding whether it only carries an input's mismatches on.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import numpy as np
 
 from .._qarray import QArray
 from .._render import Rendered
-from ._evidence import codes_of, engine_of, evidence, float_inputs
+from ._evidence import check_program, codes_of, engine_of, evidence, float_inputs
 from ._inspect import InspectReport, LayerInfo, inspect
 from ._rules import Cause, LayerEvidence, ReferenceKind, diagnose
 
@@ -49,7 +57,8 @@ class LayerParity:
     ``first`` is ``None`` or ``{"index": [...], "reference": int, "qjax": int}``;
     ``ref_range`` / ``qjax_range`` are the ``(min, max)`` codes on each side;
     ``propagated_from`` names the input layer whose mismatches this layer only carries
-    on (set when no rule applies and that input already differs).
+    on (set when no rule applies and that input already differs; the nearest traced
+    activation upstream, through untraced steps such as float or layout steps).
     """
 
     name: str
@@ -213,8 +222,10 @@ def compare_traces(
     Args:
       reference: ``{layer name: codes}`` from torch, a QAT model or a hand simulation.
       trace: ``program.trace(*inputs)``.
-      program, inputs: optional, for causes.
-      engine: the torch engine the program was imported for (``program.engine`` if unset).
+      program, inputs: optional, for causes (an imported program, or one traced from a
+        Flax model by :func:`qjax.convert`).
+      engine: the torch engine the program was imported for (``program.engine`` if unset;
+        ``None`` for a Flax program, which then gets no engine rule).
       reference_kind: ``"torch"``, ``"fake_quant"`` or ``"hand"`` (which rules apply).
       reference_engine: the torch engine that produced ``reference`` (when known, an
         import for another engine is named as the cause).
@@ -245,8 +256,9 @@ def compare_traces(
         if codes.shape != ref.shape:
             notes.append(f"layer {name!r}: qjax shape {codes.shape} != reference {ref.shape}")
             continue
-        src = _source(program, name)
-        src_bad = src is not None and any(p.name == src and p.mismatches for p in layers)
+        bad = {p.name for p in layers if p.mismatches}
+        src = next((n for n in _sources(program, name, trace) if n in bad), None)
+        src_bad = src is not None
         ev = evidence(
             program,
             name,
@@ -271,9 +283,23 @@ def compare_traces(
     return ParityReport(tuple(layers), engine, reference_kind, tuple(notes))
 
 
-def _source(program, name: str) -> str | None:
-    step = next((s for s in getattr(program, "steps", ()) if s.name == name), None)
-    return step.inputs[0] if step is not None and step.inputs else None
+def _sources(program, name: str, trace: Mapping) -> list[str]:
+    """The traced activations step ``name`` reads, directly or through steps that are
+    not in the trace (float, dequantize and untraced layout steps), nearest first."""
+    steps = {s.name: s for s in getattr(program, "steps", ())}
+    if name not in steps:
+        return []
+    out, seen, todo = [], set(), list(steps[name].inputs)
+    while todo:
+        n = todo.pop(0)
+        if n in seen or n not in steps:
+            continue
+        seen.add(n)
+        if n in trace:
+            out.append(n)
+        else:
+            todo.extend(steps[n].inputs)
+    return out
 
 
 def _as_tuple(inputs) -> tuple:
@@ -304,7 +330,8 @@ def compare(
 
     Args:
       torch_model: the converted torch model (``None`` when ``reference`` is given).
-      program: the imported qjax program.
+      program: the imported qjax program, or one traced from a Flax model
+        (:func:`qjax.convert`; with ``reference``, since there is no torch model).
       inputs: one input or a tuple of inputs (numpy, jax or torch, float).
       reference: ``{layer name: codes}`` to compare with instead of running torch.
       reference_kind: ``"torch"``, ``"fake_quant"`` or ``"hand"`` (default: ``"torch"``
@@ -358,6 +385,7 @@ def compare(
     else:
         ref_engine, ref_level = None, reference_level
         kind = reference_kind or "hand"
+    check_program(program, "compare")
     trace = program.trace(*args)
     report = compare_traces(
         reference,

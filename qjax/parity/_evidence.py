@@ -1,12 +1,15 @@
-"""Evidence for the rulebook, gathered from an imported program and its trace.
+"""Evidence for the rulebook, gathered from a program and its trace.
 
 A :class:`~qjax.parity._rules.LayerEvidence` needs, per layer: its op kind, the int8 weight, whether
 it has a bias, its quantized (or float) input and its output qparams. All of them come
-from the program's steps (``Step.inputs``, ``Step.params``, ``Step.layer``) and the trace.
+from the program's steps (``Step.inputs``, ``Step.params``, ``Step.layer``) and the trace;
+the program's origin (imported, or traced from a Flax model by :func:`qjax.convert`)
+from its type (:func:`origin_of`).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import jax
@@ -89,7 +92,35 @@ def evidence(
         input_differs=input_differs,
         level=getattr(program, "level", None),
         reference_level=reference_level,
+        origin=origin_of(program),
     )
+
+
+def origin_of(program) -> str | None:
+    """``"flax"`` for a program :func:`qjax.convert` traced from a Flax model, else
+    ``None`` (imported from torch, or built by hand).
+
+    Read from the type without importing Flax: such a program exists only once
+    :mod:`qjax.flax._convert` is loaded.
+
+    >>> origin_of(None) is None
+    True
+    """
+    mod = sys.modules.get("qjax.flax._convert")
+    traced = getattr(mod, "TracedProgram", None)
+    return "flax" if traced is not None and isinstance(program, traced) else None
+
+
+def check_program(program, what: str) -> None:
+    """``TypeError`` unless ``program`` runs and traces like a :class:`~qjax.Program`."""
+    if not (hasattr(program, "trace") and hasattr(program, "steps")):
+        raise TypeError(
+            f"{what}: expected a qjax.Program (qjax.convert of a Flax model, "
+            "qjax.converters.torch.import_model, ...), got "
+            f"{type(program).__name__}: it has no per-layer trace (a Sequential's "
+            "ServedModel has none: convert a model class whose __call__ calls the "
+            "Sequential, which qjax.convert traces into a Program)"
+        )
 
 
 def engine_of(program, engine):

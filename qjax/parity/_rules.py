@@ -10,6 +10,12 @@ computes). A predicate answers in one of three strengths:
 * ``"risk"``: no reference to compare with (``qjax inspect``), but the layer has the
   property, so some platform or conversion path will see the difference.
 
+Programs traced from a Flax model (:func:`qjax.convert`, ``LayerEvidence.origin ==
+"flax"``) have no torch engine or CPU level, hold the model's own weights and qparams,
+and accumulate exactly in int32: the rules about what torch's ``convert()`` stores (9)
+and what torch's kernels do on a given CPU (13, 14) do not apply to them, and neither do
+the engine and level rules (no engine). The others read only the codes and qparams.
+
 =====================  =====  ========================================================
 predicate              rule   signature
 =====================  =====  ========================================================
@@ -97,7 +103,9 @@ class LayerEvidence:
     ``input_differs`` says the layer's input already differs from the reference's.
     ``level`` is the CPU level the program emulates (``program.level``) and
     ``reference_level`` the one torch ran at (:func:`qjax.kernels.host_level` when the
-    reference ran), when known.
+    reference ran), when known. ``origin`` is ``"flax"`` for a program traced from a
+    Flax model (:func:`qjax.convert`: its own weights and qparams, exact int32 kernels,
+    no torch engine; the torch-only rules skip it), ``None`` otherwise (imported).
     """
 
     name: str
@@ -117,6 +125,7 @@ class LayerEvidence:
     input_differs: bool = False
     level: str | None = None
     reference_level: str | None = None
+    origin: str | None = None
 
     @property
     def compared(self) -> bool:
@@ -138,6 +147,16 @@ def _is_weighted(kind: str) -> bool:
     return kind.startswith(("linear", "conv"))
 
 
+def _torch_kernels(ev: LayerEvidence) -> bool:
+    """The layer's weights came from torch's ``convert()`` and its reference kernels are
+    torch's (an imported program, or one of unknown origin): not a traced Flax program."""
+    return ev.origin != "flax"
+
+
+# schemes that round the bias to int32 before requantizing (the others add it in float)
+_INT32_BIAS_SCHEMES = ("qnnpack", "tflite", "tflite_single_rounding", "litert_ref", "litert")
+
+
 # ---- the rules ----------------------------------------------------------------------
 
 
@@ -154,6 +173,8 @@ def weight_at_clamp_bound(ev: LayerEvidence) -> Cause | None:
     trained it exact.
     A converted model compared with itself cannot show this (both sides store the same
     weight), so it is named only against a fake-quant or hand reference, or as a risk.
+    Not for a traced Flax program: its weights are its model's own fake-quant codes
+    (whatever the qparams formula), not a torch ``convert()``'s.
 
     >>> from qjax import QuantSpec, QParams
     >>> w = QArray(np.array([[127, 0], [0, 127]], np.int8),
@@ -162,7 +183,7 @@ def weight_at_clamp_bound(ev: LayerEvidence) -> Cause | None:
     '9'
     """
     w = ev.weight
-    if w is None or not w.spec.signed:
+    if w is None or not w.spec.signed or not _torch_kernels(ev):
         return None
     spec = w.spec
     if (spec.qmax - spec.qmin) % 2 == 0:  # narrow range: amax/127 puts amax on a code
@@ -244,7 +265,8 @@ def int16_saturation(ev: LayerEvidence) -> Cause | None:
     with its input codes at hand the saturating pairs are counted exactly (pairs along K,
     the first ``4096`` input rows); for conv, the weight pairs along K = (kh, kw, c_in)
     that some input with codes up to ``max(x)`` drives past int16 are counted.
-    ``reduce_range=True`` (codes <= 127) or signed activations avoid it.
+    ``reduce_range=True`` (codes <= 127) or signed activations avoid it. Not for a
+    traced Flax program (qjax's kernels accumulate exactly in int32; no torch CPU path).
 
     >>> from qjax import QuantSpec, QParams
     >>> w = QArray(np.full((2, 1), 127, np.int8), QParams(0.1, 0, QuantSpec(symmetric=True)))
@@ -255,6 +277,8 @@ def int16_saturation(ev: LayerEvidence) -> Cause | None:
     'activation codes up to 209 (> 127) into FBGEMM/oneDNN'
     """
     if not _is_weighted(ev.kind) or ev.weight is None or ev.input_codes is None:
+        return None
+    if not _torch_kernels(ev):
         return None
     if ev.input_qparams is not None and ev.input_qparams.spec.signed:
         return None
@@ -419,7 +443,7 @@ def onednn_epilogue(ev: LayerEvidence) -> Cause | None:
     >>> onednn_epilogue(LayerEvidence("conv1", "conv2d", "x86", codes, ref)).strength
     'likely'
     """
-    if not _is_weighted(ev.kind):
+    if not _is_weighted(ev.kind) or not _torch_kernels(ev):
         return None
     x86_conv = ev.engine == "x86" and ev.kind.startswith("conv")
     if not (ev.scheme == "onednn" or ev.engine == "onednn" or x86_conv):
@@ -453,7 +477,9 @@ def bias_rounding(ev: LayerEvidence) -> Cause | None:
     hand simulations add ``rint(b/(s_x·s_w))`` to the int32 accumulator (rule 12). The two
     differ by at most 1 LSB, only where the fraction of the bias moves a rounding.
     Named for a biased linear/conv layer against a hand reference, or across engines,
-    when every mismatch is 1 LSB.
+    when every mismatch is 1 LSB. The message says which side rounds: a layer whose
+    scheme (or engine) rounds the bias to int32 (``"qnnpack"``, the TFLite/LiteRT
+    schemes) is the rounding side, and the reference then kept it in float.
 
     >>> ev = LayerEvidence("fc1", "linear", "fbgemm", np.array([5, 7]), np.array([5, 6]),
     ...                    has_bias=True, reference_kind="hand")
@@ -467,14 +493,24 @@ def bias_rounding(ev: LayerEvidence) -> Cause | None:
     n, worst, _ = _mismatch_stats(ev)
     if n == 0 or worst != 1:
         return None
-    return Cause(
-        "11,12",
-        "bias_rounding",
-        "likely",
-        f"{n} outputs off by 1 LSB: the bias is kept in float before rounding here "
-        "(FBGEMM, rule 11) and rounded to int32 first in the reference (rule 12)",
-        "add the bias as f32(b·f32(1/(s_x·s_w))) to f32(acc) before requantizing",
+    rounds = ev.scheme in _INT32_BIAS_SCHEMES or (
+        ev.scheme is None
+        and ev.engine is not None
+        and engine_family(ev.engine) in _INT32_BIAS_SCHEMES
     )
+    if rounds:
+        what = (
+            f"the bias is rounded to int32 here (scheme {ev.scheme or ev.engine!r}, rules 12, "
+            "19) and kept in float before rounding in the reference (FBGEMM, rule 11)"
+        )
+        fix = "keep the bias in float like the reference: a float-bias scheme ('fbgemm')"
+    else:
+        what = (
+            "the bias is kept in float before rounding here (FBGEMM, rule 11) and rounded "
+            "to int32 first in the reference (rule 12)"
+        )
+        fix = "add the bias as f32(b·f32(1/(s_x·s_w))) to f32(acc) before requantizing"
+    return Cause("11,12", "bias_rounding", "likely", f"{n} outputs off by 1 LSB: {what}", fix)
 
 
 def _own_torch_mismatch(ev: LayerEvidence) -> bool:
