@@ -8,9 +8,14 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "vit_digits.py"
 
 
+# slow run only: the same comparison on a transformer block (MultiHeadAttention projections
+# and MLP in int8) runs by default in tests/test_flax_convert_traced.py
+@pytest.mark.slow
 def test_vit_example_serves_exactly_what_qat_trained():
     run = subprocess.run(
         [sys.executable, str(EXAMPLE), "--quick"], capture_output=True, text=True, timeout=300

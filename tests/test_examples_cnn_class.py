@@ -13,7 +13,11 @@ import pytest
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.mark.parametrize("name", ["cnn_class_digits", "cnn_class_digits_linen"])
+# the Linen example in the slow run only: its comparison (a Linen class served == frozen)
+# runs in the default run in tests/test_flax_convert_traced.py
+@pytest.mark.parametrize(
+    "name", ["cnn_class_digits", pytest.param("cnn_class_digits_linen", marks=pytest.mark.slow)]
+)
 def test_cnn_class_example_serves_exactly_what_qat_trained(name):
     run = subprocess.run(
         [sys.executable, str(EXAMPLES / f"{name}.py"), "--quick"],

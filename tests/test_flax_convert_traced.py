@@ -1,8 +1,8 @@
 """qjax.convert by tracing: Flax models written as classes -> one int8 Program.
 
-The contract: the program's outputs equal the frozen model's, bit for bit (eagerly and
-under jit), when the layers train with ``QuantConfig(scheme=...)`` equal to the convert
-scheme; quantized dots/convs run as int8 steps, what stays float is listed.
+The contract: the program's outputs equal the frozen model's under jit, bit for bit, when
+the layers train with ``QuantConfig(scheme=...)`` equal to the convert scheme (and the
+eager model's where no float op rounds differently eagerly); quantized dots/convs run as int8 steps, what stays float is listed.
 """
 
 import flax.linen as nn
@@ -51,10 +51,19 @@ def _frozen(model, x):
     return model
 
 
+@nnx.jit
+def _jit_forward(model, x):
+    return model(x)
+
+
 def _same(program, model, x):
+    """(differ from the eager frozen model, differ from the jitted one, outputs). The
+    contract is with the jitted model; eagerly, XLA may round float ops (LayerNorm,
+    softmax, GELU) differently in the last bit, which a later quantizer can turn into a
+    code (examples/vit_digits.py measures it); these models show no such case."""
     y = np.asarray(program(x))
     eager = np.asarray(model(x))
-    jitted = np.asarray(nnx.jit(lambda m, v: m(v))(model, x))
+    jitted = np.asarray(_jit_forward(model, x))
     return int((y != eager).sum()), int((y != jitted).sum()), y.size
 
 
@@ -125,24 +134,26 @@ def _randomized(schemes, n_models, seed):
         model = _random_model(rng, _cfg(scheme), nnx.Rngs(i))
         x = jax.random.normal(jax.random.key(i), (64, 8, 8, 1)) * 2
         _frozen(model, x)
-        xs = jax.random.normal(jax.random.key(100 + i), (2048, 8, 8, 1)) * 2
-        program = qjax.convert(model, x, scheme=scheme)  # another batch: lowered again
+        xs = jax.random.normal(jax.random.key(100 + i), (3072, 8, 8, 1)) * 2
+        # the first model converts at another batch size: lowered again for xs
+        program = qjax.convert(model, x if i == 0 else xs, scheme=scheme)
         y = np.asarray(program(xs))
-        differ += int((y != np.asarray(model(xs))).sum())
+        differ += int((y != np.asarray(_jit_forward(model, xs))).sum())
         total += y.size
-        assert len(program.programs) == 2 and list(program.trace(xs))[0] == "stub"
+        assert len(program.programs) == (2 if i == 0 else 1)
+        assert list(program.trace(xs))[0] == "stub"
     return differ, total
 
 
 def test_randomized_models_serve_exactly():
-    differ, total = _randomized(DEFAULT_SCHEMES, 7, seed=0)
+    differ, total = _randomized(DEFAULT_SCHEMES, 5, seed=0)
     assert total >= 100_000 and differ == 0, (differ, total)
 
 
 @pytest.mark.slow
 def test_randomized_models_serve_exactly_every_scheme():
     differ, total = _randomized(SLOW_SCHEMES + DEFAULT_SCHEMES, 28, seed=1)
-    assert total >= 390_000 and differ == 0, (differ, total)
+    assert total >= 500_000 and differ == 0, (differ, total)
 
 
 def test_hooked_stock_layers_serve_exactly():
@@ -218,6 +229,10 @@ def test_convert_errors_name_the_problem():
     _frozen(model, x)
     with pytest.raises(ValueError, match=r"c1 trained with QuantConfig\(scheme='fbgemm'\)"):
         qjax.convert(model, x, scheme="qnnpack")
+    with pytest.raises(TypeError, match="a function calling an NNX model cannot be traced"):
+        qjax.convert(lambda v: model(v), x)
+    with pytest.raises(TypeError, match="traced by qjax.convert .* cannot be saved yet"):
+        qjax.save_served("unused.safetensors", qjax.convert(model, x))
     model.c1.name = "my conv"
     before = model.c1.mode, model.c1.name, model.drop.deterministic
     qjax.convert(model, x)  # traces an eval() copy with layers named by path
@@ -250,3 +265,13 @@ def test_transformer_block_projections_serve_in_int8():
     for v in (x, jax.random.normal(jax.random.key(2), (3, 5, 16))):
         d_eager, d_jit, n = _same(program, model, v)
         assert (d_eager, d_jit) == (0, 0), (d_eager, d_jit, n)
+
+
+def test_traced_program_round_trips_through_jax_export():
+    """What the save error suggests: the program serializes with jax.export (weights
+    baked in) and the deserialized call gives the same outputs."""
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+    program = qjax.convert(_frozen(CNN(_cfg("qnnpack"), nnx.Rngs(0)), x), x, scheme="qnnpack")
+    blob = jax.export.export(jax.jit(program))(x).serialize()
+    back = jax.export.deserialize(blob)
+    assert int((np.asarray(back.call(x)) != np.asarray(program(x))).sum()) == 0

@@ -405,6 +405,7 @@ def test_convert_serves_a_hooked_linear_general_in_int8():
     qn.set_mode(emb, Mode.FROZEN)
     program = qjax.convert(emb, x)
     assert isinstance(program, qjax.Program)
-    assert [layer.op for layer in program.layers.values()] == ["quantize", "linear"]
+    assert [layer.op for layer in program.layers.values()] == ["quantize", "linear", "float"]
+    assert list(program.float_ops.values()) == ["add"]  # the stock layer's bias, in float
     y = np.asarray(program(x))
     assert y.shape == (3, 2, 2) and int((y != np.asarray(emb(x))).sum()) == 0

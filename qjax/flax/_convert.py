@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import errors as flax_errors
 from flax import nnx
 
 from ..kernels._choice import kernels_of, resolve_kernel
@@ -170,7 +171,14 @@ def convert(
     def build(shapes) -> tuple[Program, Any]:
         avals = [jax.ShapeDtypeStruct(sh, dt) for sh, dt in shapes]
         with _record.recording():
-            closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(known, *avals)
+            try:
+                closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(known, *avals)
+            except flax_errors.TraceContextError as e:
+                raise TypeError(
+                    f"convert: {what} writes NNX variables from inside the trace ({e}); a "
+                    "function calling an NNX model cannot be traced: pass the nnx.Module "
+                    "itself (or a module class wrapping it)"
+                ) from None
         out_tree = jax.tree_util.tree_structure(out_shape)
         leaves = jax.tree_util.tree_leaves(known)
         return lower(
@@ -206,6 +214,7 @@ class TracedProgram(Program):
         super().__init__(program.steps, program.inputs, program.output)
         self.float_ops = lowering.float_ops
         self.kernels = kernels_of(self.params)
+        self.layout = "NHWC"  # a Flax model's images are channels-last
         self.programs = {shapes: self}
         self._build = build
 

@@ -354,11 +354,16 @@ def layer_mark(
     return _record.LayerMark(kind, name, config, source, relu, geometry, in_ndim, out_dims, why)
 
 
+# one compile per config and shapes instead of one per small op when the states are concrete
+# (the qparams formulas guard their roundings against XLA's rewrites: the same values)
+_layer_qparams_jit = jax.jit(layer_qparams, static_argnums=1)
+
+
 def prepare_layer(info: _record.LayerMark, kernel, stats, *, native: str = "xla"):
     """``(input qparams, prepared weight, output qparams or None)`` of a marked layer,
     from its float kernel (BN folded) and observer states (:func:`layer_qparams`)."""
     cfg = info.config
-    qx, qw, qy = layer_qparams(stats, cfg)
+    qx, qw, qy = _layer_qparams_jit(stats, cfg)
     g = info.geometry or {}
     if info.op == "linear" and kernel.ndim != 2:  # (*in, *out) -> (prod(in), prod(out))
         k = int(np.prod(kernel.shape[: info.in_ndim], dtype=np.int64))

@@ -86,10 +86,35 @@ _LAYOUT = {
 }
 
 
-@dataclasses.dataclass
+class _Pending:
+    """A known equation, evaluated on first use: most known values (the float simulation's
+    weight fake-quant, statistics arithmetic a mark replaced) are never needed, and each
+    evaluation is a small XLA compile."""
+
+    def __init__(self, eqn, ins):
+        self.eqn, self.ins, self.outs = eqn, ins, None
+
+    def get(self, i: int):
+        if self.outs is None:
+            self.outs = _bind(self.eqn, [v.val for v in self.ins])
+            self.ins = None
+        return self.outs[i]
+
+
 class _Known:
-    val: Any
-    literal: bool = False
+    """A value that does not depend on the inputs (``val`` computed when first read)."""
+
+    __slots__ = ("_pending", "_val", "literal")
+
+    def __init__(self, val=None, literal: bool = False, pending=None):
+        self._val, self.literal, self._pending = val, literal, pending
+
+    @property
+    def val(self):
+        if self._pending is not None:
+            self._val = self._pending[0].get(self._pending[1])
+            self._pending = None
+        return self._val
 
 
 @dataclasses.dataclass
@@ -236,7 +261,8 @@ class Lowering:
                 return self.run(body.jaxpr, body.consts, ins)
             return self.run(body, [], ins)
         if all(isinstance(v, _Known) for v in ins):
-            return [_Known(o) for o in _bind(eqn, [v.val for v in ins])]
+            pending = _Pending(eqn, ins)
+            return [_Known(pending=(pending, i)) for i in range(len(eqn.outvars))]
         codes = [v for v in ins if isinstance(v, _Value) and v.qp is not None]
         if codes and len(codes) == len([v for v in ins if isinstance(v, _Value)]):
             out = self.on_codes(eqn, ins, codes)
@@ -277,7 +303,7 @@ class Lowering:
                     slots.append(("lit", v.val))
                 else:
                     slots.append(("param", len(params)))
-                    params.append(v.val)
+                    params.append(v)  # read (computed) only if the step is kept
             else:
                 if v.qp is not None:
                     v = self.dequantized(v, eqn.invars[i].aval.dtype)
@@ -398,7 +424,12 @@ def lower(
             o = _Value(low.add(stem, lambda _, v: v, [o], None, Layer("identity", "output")))
         names.append(o.name)
     output = jax.tree_util.tree_unflatten(out_tree, names)
-    steps = _prune(low.steps, output)
+    steps = [
+        dataclasses.replace(s, params=tuple(k.val for k in s.params))
+        if s.layer is not None and s.layer.op == "float"
+        else s
+        for s in _prune(low.steps, output)
+    ]
     kept = {s.name for s in steps}
     low.float_ops = {k: v for k, v in low.float_ops.items() if k in kept}
     return Program(steps, in_names, output), low

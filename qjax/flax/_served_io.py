@@ -402,7 +402,17 @@ def save_served(path: str | os.PathLike, served: ServedModel) -> None:
     from safetensors.numpy import save
 
     if not isinstance(served, ServedModel):
-        raise TypeError(f"save_served: expected a ServedModel, got {type(served).__name__}")
+        hint = ""
+        if type(served).__name__ == "TracedProgram":
+            hint = (
+                "; a Program traced by qjax.convert from a model class cannot be saved yet "
+                "(its float steps are arbitrary jax primitives): save the model's state and "
+                "convert again after loading, or jax.export the program"
+            )
+        raise TypeError(
+            f"save_served: expected a ServedModel (qjax.convert of a Sequential), got "
+            f"{type(served).__name__}{hint}"
+        )
     tensors: dict[str, np.ndarray] = {}
     params = []
     for i, p in enumerate(served.params):
