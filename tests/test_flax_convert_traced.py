@@ -2,7 +2,8 @@
 
 The contract: the program's outputs equal the frozen model's under jit, bit for bit, when
 the layers train with ``QuantConfig(scheme=...)`` equal to the convert scheme (and the
-eager model's where no float op rounds differently eagerly); quantized dots/convs run as int8 steps, what stays float is listed.
+eager model's where no float op rounds differently eagerly); quantized dots/convs run as
+int8 steps, what stays float is listed.
 """
 
 import flax.linen as nn
