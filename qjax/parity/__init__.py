@@ -34,9 +34,18 @@ import numpy as np
 
 from .._qarray import QArray
 from .._render import Rendered
-from ._evidence import check_program, codes_of, engine_of, evidence, float_inputs
+from ._evidence import (
+    Cause,
+    LayerEvidence,
+    ReferenceKind,
+    check_program,
+    codes_of,
+    engine_of,
+    evidence,
+    float_inputs,
+)
 from ._inspect import InspectReport, LayerInfo, inspect
-from ._rules import Cause, LayerEvidence, ReferenceKind, diagnose
+from ._rules import diagnose
 
 __all__ = [
     "Cause",

@@ -45,96 +45,19 @@ engine_mismatch        11-17  the program was imported for one torch engine, tor
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from typing import Literal
 
 import numpy as np
 
-from .._qarray import QArray
-from .._spec import QParams
+from .._qarray import QArray  # noqa: F401 (the doctests build weights with it)
 from ..kernels._levels import SATURATING_ENGINES, SATURATING_LEVELS, engine_family
+from ._evidence import Cause, LayerEvidence, Strength
 
 __all__ = ["RULES", "Cause", "LayerEvidence", "diagnose"]
-
-Strength = Literal["confirmed", "likely", "risk"]
-ReferenceKind = Literal["torch", "fake_quant", "hand", "none"]
 
 _ONEDNN_RATE = 1e-4  # rule 13 measures 1-2 per million; allow two orders of slack
 _I16_MAX = 2**15 - 1
 _MAX_ROWS = 4096  # rows of input used to count saturating pairs (bounded memory)
-
-
-@dataclasses.dataclass(frozen=True)
-class Cause:
-    """A likely reason for a layer's mismatches (or a risk of them).
-
-    Fields: ``rule`` (NUMERICS.md rule numbers, e.g. ``"9"``), ``name`` (the predicate),
-    ``strength`` (``"confirmed"``, ``"likely"`` or ``"risk"``), ``message`` (what was
-    seen, with numbers) and ``fix`` (what makes the two sides agree).
-    """
-
-    rule: str
-    name: str
-    strength: Strength
-    message: str
-    fix: str
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerEvidence:
-    """Everything the rulebook may look at for one layer (all fields but ``name`` optional).
-
-    ``codes`` are qjax's output codes, ``ref_codes`` the reference's (``None`` for
-    ``inspect``), both numpy integer arrays of one shape. ``weight`` is the int8 weight
-    (:class:`~qjax.QArray`, output channels on the last axis, as the kernels store it),
-    ``input_codes``/``input_qparams`` the layer's quantized input, ``float_input`` its
-    float input (quantize layers). ``kind`` is the op (``"quantize"``, ``"linear"``,
-    ``"conv2d"``, ...), ``engine`` the torch engine the program was imported for (if
-    known), ``scheme`` the requantization scheme the layer ran with (``"fbgemm"``,
-    ``"onednn"``, ...),
-    ``reference_kind`` what produced ``ref_codes``: ``"torch"`` (a converted model),
-    ``"fake_quant"`` (a QAT model), ``"hand"`` (a hand simulation) or ``"none"``.
-    ``reference_engine`` is the torch engine that produced ``ref_codes`` (torch's
-    ``torch.backends.quantized.engine`` when the reference ran, if known) and
-    ``input_differs`` says the layer's input already differs from the reference's.
-    ``level`` is the CPU level the program emulates (``program.level``) and
-    ``reference_level`` the one torch ran at (:func:`qjax.kernels.host_level` when the
-    reference ran), when known. ``origin`` is ``"flax"`` for a program traced from a
-    Flax model (:func:`qjax.convert`: its own weights and qparams, exact int32 kernels,
-    no torch engine; the torch-only rules skip it), ``None`` otherwise (imported).
-    """
-
-    name: str
-    kind: str = "other"
-    engine: str | None = None
-    codes: np.ndarray | None = None
-    ref_codes: np.ndarray | None = None
-    out_qparams: QParams | None = None
-    weight: QArray | None = None
-    has_bias: bool = False
-    input_codes: np.ndarray | None = None
-    input_qparams: QParams | None = None
-    float_input: np.ndarray | None = None
-    reference_kind: ReferenceKind = "torch"
-    scheme: str | None = None
-    reference_engine: str | None = None
-    input_differs: bool = False
-    level: str | None = None
-    reference_level: str | None = None
-    origin: str | None = None
-
-    @property
-    def compared(self) -> bool:
-        return self.ref_codes is not None and self.codes is not None
-
-    def mismatch(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(mask, diff)``: where the codes differ and ``codes - ref_codes`` (int64)."""
-        diff = np.asarray(self.codes, np.int64) - np.asarray(self.ref_codes, np.int64)
-        return diff != 0, diff
 
 
 def _mismatch_stats(ev: LayerEvidence) -> tuple[int, int, float]:
