@@ -54,9 +54,10 @@ from .._qarray import QArray
 from .._spec import QParams
 from ..program import Layer, Program, Step
 from . import _record
+from ._core import LayerStats
 from ._intsim import fake_quant_codes, prepare_layer, run_layer
 
-__all__ = ["Lowering", "lower"]
+__all__ = ["Lowering", "check_stats", "lower"]
 
 # primitives with a body to inline: the parameter holding it
 _CALLS = {
@@ -141,8 +142,11 @@ def _bind(eqn, vals):
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def _check_stats(stats, name: str) -> None:
-    for st in stats if isinstance(stats, tuple) else (stats,):
+def check_stats(stats, name: str) -> None:
+    """``ValueError`` naming ``name`` when its observer states (one state, a
+    :class:`~qjax.flax._core.LayerStats`, or qparams) never saw data (``count == 0``) or
+    hold non-finite numbers."""
+    for st in stats if isinstance(stats, LayerStats) else (stats,):
         if st is None:
             continue
         count = getattr(st, "count", None)
@@ -345,7 +349,7 @@ class Lowering:
         self.marked += 1
         if isinstance(info, _record.QuantizeMark):
             qp = ops["qp"]
-            _check_stats(qp, info.name)
+            check_stats(qp, info.name)
             stem = info.name.replace(" (input)", ":input").replace(" (output)", ":output")
             return self.quantized(x, qp, info.compat, stem, "qjax.flax.ActQuant")
         if info.unsupported:
@@ -356,7 +360,7 @@ class Lowering:
     def layer(self, info: _record.LayerMark, x: _Value, ops) -> _Value:
         cfg, name = info.config, info.name
         stats = ops["stats"]
-        _check_stats(tuple(stats), name)
+        check_stats(stats, name)
         if cfg.scheme is not None and cfg.scheme != self.scheme:
             raise ValueError(
                 f"convert: {name} trained with QuantConfig(scheme={cfg.scheme!r}); convert "

@@ -33,7 +33,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from ..kernels._choice import resolve_kernel
@@ -41,8 +40,8 @@ from . import _pooling
 from . import linen as qlinen
 from . import nnx as qnnx
 from ._config import QuantConfig
-from ._core import LayerStats
 from ._intsim import conv_geometry, fold_bn, layer_qparams, prepare_weight
+from ._lower import check_stats
 from ._serve import ServedModel, _freeze
 from ._walk import linen_kind, nnx_classify
 
@@ -199,24 +198,7 @@ def _linen_views(module, variables) -> list[_View]:
 
 
 def _check_stats(v: _View) -> None:
-    leaves = v.stats if isinstance(v.stats, LayerStats) else (v.stats,)
-    for st in leaves:
-        if st is None:
-            continue
-        count = getattr(st, "count", None)
-        if count is not None and int(np.asarray(count)) == 0:
-            raise ValueError(
-                f"convert: {v.path} has observers that never saw data (count 0); calibrate "
-                "the model (qjax.flax.nnx.calibrate / linen.calibrate) or train it in "
-                "Mode.QAT first"
-            )
-        for leaf in jax.tree_util.tree_leaves(st):
-            a = np.asarray(leaf)
-            if a.dtype.kind == "f" and not np.isfinite(a).all():
-                raise ValueError(
-                    f"convert: {v.path} has non-finite observer statistics ({a.ravel()[:4]}); "
-                    "the calibration data contained inf/NaN: recalibrate with finite data"
-                )
+    check_stats(v.stats, v.path)
 
 
 def _act_qp(v: _View):
