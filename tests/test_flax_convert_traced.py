@@ -57,15 +57,15 @@ def _jit_forward(model, x):
     return model(x)
 
 
-def _same(program, model, x):
+def _same(program, model, x, eager=True):
     """(differ from the eager frozen model, differ from the jitted one, outputs). The
     contract is with the jitted model; eagerly, XLA may round float ops (LayerNorm,
     softmax, GELU) differently in the last bit, which a later quantizer can turn into a
     code (examples/vit_digits.py measures it); these models show no such case."""
     y = np.asarray(program(x))
-    eager = np.asarray(model(x))
+    d_eager = int((y != np.asarray(model(x))).sum()) if eager else 0
     jitted = np.asarray(_jit_forward(model, x))
-    return int((y != eager).sum()), int((y != jitted).sum()), y.size
+    return d_eager, int((y != jitted).sum()), y.size
 
 
 @pytest.mark.parametrize("scheme", DEFAULT_SCHEMES)
@@ -80,8 +80,8 @@ def test_cnn_class_serves_exactly(scheme):
     # BN, GELU, the residual add and the mean stay float, and say so
     assert {"tanh", "add", "reduce_sum"} <= set(program.float_ops.values())
     x2 = jax.random.normal(jax.random.key(2), (5, 8, 8, 1)) * 2  # another batch size
-    for v in (x, x2):
-        d_eager, d_jit, n = _same(program, model, v)
+    for v in (x, x2):  # eagerly once: op by op, each new shape compiles every op again
+        d_eager, d_jit, n = _same(program, model, v, eager=v is x)
         assert (d_eager, d_jit) == (0, 0), (scheme, d_eager, d_jit, n)
     tr = program.trace(x)
     assert list(tr)[:3] == ["stub", "c1", "c2"] and tr["fc"].values.dtype == jnp.uint8
@@ -135,7 +135,7 @@ def _randomized(schemes, n_models, seed):
         model = _random_model(rng, _cfg(scheme), nnx.Rngs(i))
         x = jax.random.normal(jax.random.key(i), (64, 8, 8, 1)) * 2
         _frozen(model, x)
-        xs = jax.random.normal(jax.random.key(100 + i), (3072, 8, 8, 1)) * 2
+        xs = jax.random.normal(jax.random.key(100 + i), (4096, 8, 8, 1)) * 2
         # the first model converts at another batch size: lowered again for xs
         program = qjax.convert(model, x if i == 0 else xs, scheme=scheme)
         y = np.asarray(program(xs))
@@ -147,7 +147,7 @@ def _randomized(schemes, n_models, seed):
 
 
 def test_randomized_models_serve_exactly():
-    differ, total = _randomized(DEFAULT_SCHEMES, 5, seed=0)
+    differ, total = _randomized(DEFAULT_SCHEMES, 4, seed=0)
     assert total >= 100_000 and differ == 0, (differ, total)
 
 
@@ -264,7 +264,7 @@ def test_transformer_block_projections_serve_in_int8():
     assert linear == ["attn/query", "attn/key", "attn/value", "attn/out", "fc1", "fc2"]
     assert {"exp", "rsqrt", "tanh", "dot_general"} <= set(program.float_ops.values())
     for v in (x, jax.random.normal(jax.random.key(2), (3, 5, 16))):
-        d_eager, d_jit, n = _same(program, model, v)
+        d_eager, d_jit, n = _same(program, model, v, eager=v is x)
         assert (d_eager, d_jit) == (0, 0), (d_eager, d_jit, n)
 
 
