@@ -13,11 +13,10 @@ import pytest
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
-# the Linen example in the slow run only: its comparison (a Linen class served == frozen)
-# runs in the default run in tests/test_flax_convert_traced.py
-@pytest.mark.parametrize(
-    "name", ["cnn_class_digits", pytest.param("cnn_class_digits_linen", marks=pytest.mark.slow)]
-)
+# the slow run only: the same comparisons (a CNN class, NNX and Linen, served == frozen)
+# run by default in tests/test_flax_convert_traced.py; a script costs a fresh process
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cnn_class_digits", "cnn_class_digits_linen"])
 def test_cnn_class_example_serves_exactly_what_qat_trained(name):
     run = subprocess.run(
         [sys.executable, str(EXAMPLES / f"{name}.py"), "--quick"],

@@ -135,7 +135,7 @@ def _randomized(schemes, n_models, seed):
         model = _random_model(rng, _cfg(scheme), nnx.Rngs(i))
         x = jax.random.normal(jax.random.key(i), (64, 8, 8, 1)) * 2
         _frozen(model, x)
-        xs = jax.random.normal(jax.random.key(100 + i), (4096, 8, 8, 1)) * 2
+        xs = jax.random.normal(jax.random.key(100 + i), (5120, 8, 8, 1)) * 2
         # the first model converts at another batch size: lowered again for xs
         program = qjax.convert(model, x if i == 0 else xs, scheme=scheme)
         y = np.asarray(program(xs))
@@ -147,7 +147,7 @@ def _randomized(schemes, n_models, seed):
 
 
 def test_randomized_models_serve_exactly():
-    differ, total = _randomized(DEFAULT_SCHEMES, 4, seed=0)
+    differ, total = _randomized(DEFAULT_SCHEMES, 3, seed=0)
     assert total >= 100_000 and differ == 0, (differ, total)
 
 
