@@ -206,9 +206,15 @@ class Program:
             )
         return tuple(_to_array(v, f"input {n!r}") for n, v in zip(self.inputs, inputs, strict=True))
 
+    def _at(self, inputs) -> tuple[Program, tuple]:
+        """``(program, arrays)``: the program that runs these inputs (this one; a traced
+        Flax program picks or lowers one per input shape) and the inputs as arrays."""
+        return self, self._args(inputs)
+
     def __call__(self, *inputs):
         """Run the program: the value(s) named by ``output`` (float when it dequantizes)."""
-        return self._run(self.params, self._args(inputs))
+        program, args = self._at(inputs)
+        return program._run(program.params, args)
 
     def trace(self, *inputs) -> dict[str, QArray]:
         """``{layer name: QArray}`` for every quantized activation, in graph order."""
@@ -217,9 +223,10 @@ class Program:
     def run_traced(self, *inputs) -> tuple[Any, dict[str, QArray]]:
         """``(output, trace)`` from one compiled program: what ``__call__`` and ``trace``
         return, computed once."""
-        result, out = self._trace(self.params, self._args(inputs))
+        program, args = self._at(inputs)
+        result, out = program._trace(program.params, args)
         # jit returns dicts with sorted keys: restore the step order
-        return result, {s.name: out[s.name] for s in self.steps if s.name in out}
+        return result, {s.name: out[s.name] for s in program.steps if s.name in out}
 
     def __repr__(self) -> str:
         ops = ", ".join(f"{s.name}:{s.layer.op if s.layer else '?'}" for s in self.steps)

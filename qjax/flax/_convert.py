@@ -224,12 +224,3 @@ class TracedProgram(Program):
         if shapes not in self.programs:
             self.programs[shapes] = self._build(shapes)
         return self.programs[shapes], args
-
-    def __call__(self, *inputs):
-        program, args = self._at(inputs)
-        return program._run(program.params, args)
-
-    def run_traced(self, *inputs):
-        program, args = self._at(inputs)
-        result, out = program._trace(program.params, args)
-        return result, {s.name: out[s.name] for s in program.steps if s.name in out}

@@ -300,7 +300,7 @@ def quantize_tensor(
         qp = obs.qparams(state)
         y = fake_quant(x, qp, grad=config.grad, compat=config.fake_quant_compat).astype(x.dtype)
         if _record.active():
-            info = _record.QuantizeMark(name, qp.spec, config.fake_quant_compat)
+            info = _record.QuantizeMark(name, config.fake_quant_compat)
             y = _record.mark(y, {"x": x, "qp": qp}, info)
         return y, state
     return x, state

@@ -41,7 +41,6 @@ steps that remain, and a marked layer the int8 kernels cannot run (with the reas
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -125,7 +124,6 @@ class _Value:
     name: str
     idx: int | None = None
     qp: QParams | None = None
-    dtype: Any = None
 
 
 def _same_qparams(a: QParams, b: QParams) -> bool:
@@ -212,7 +210,7 @@ class Lowering:
 
             layer = Layer("dequantize", "dequantize")
             name = self.add(f"{v.name}:dequantize", fn, [v], None, layer, traced=False)
-            self._deq[key] = _Value(name, dtype=np.dtype(dtype))
+            self._deq[key] = _Value(name)
         return self._deq[key]
 
     def quantized(self, x: _Value, qp: QParams, compat: str, stem: str, target: str) -> _Value:
@@ -327,8 +325,8 @@ class Lowering:
         step = self.add(prim, fn, dyn, tuple(params), layer, traced=False)
         self.float_ops[step] = prim
         if eqn.primitive.multiple_results:
-            return [_Value(step, i, dtype=o.aval.dtype) for i, o in enumerate(eqn.outvars)]
-        return [_Value(step, dtype=eqn.outvars[0].aval.dtype)]
+            return [_Value(step, i) for i in range(len(eqn.outvars))]
+        return [_Value(step)]
 
     # -- marks -------------------------------------------------------------------------
 

@@ -28,7 +28,6 @@ import jax
 from jax.extend.core import Primitive
 from jax.interpreters import mlir
 
-from .._spec import QuantSpec
 from ._config import RECORDING, QuantConfig
 
 __all__ = ["LayerMark", "QuantizeMark", "active", "mark", "mark_p", "recording"]
@@ -59,7 +58,6 @@ class QuantizeMark:
     """An activation quantizer: ``y = fake_quant(x, qp, compat)``; operands ``(x, qp)``."""
 
     name: str
-    spec: QuantSpec
     compat: str
 
 
