@@ -214,9 +214,9 @@ def _scalar(v, dtype) -> np.ndarray:
 
 
 def _prepared(step: Step, cls):
-    p = step.params
-    if not (isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], cls)):
-        raise NotImplementedError(f"params are not ({cls.__name__}, bias)")
+    p = step.params  # (weights, bias), or (weights, bias, out qparams) in a Flax program
+    if not (isinstance(p, tuple) and len(p) in (2, 3) and isinstance(p[0], cls)):
+        raise NotImplementedError(f"params are not ({cls.__name__}, bias[, out qparams])")
     return p[0], (None if p[1] is None else np.asarray(p[1], np.float32))
 
 

@@ -74,7 +74,9 @@ class Step:
     ``fn`` must be traceable by ``jax.jit`` (static options closed over, arrays in
     ``params``). ``traced``: the result is a quantized activation reported by
     :meth:`Program.trace`. ``export``: maps the stored value to the one users see
-    (e.g. NHWC -> NCHW codes); ``None`` means unchanged.
+    (e.g. NHWC -> NCHW codes); ``None`` means unchanged. ``spec``: ``(kind,
+    attributes)``, what the step computes in a form :func:`qjax.save_served` can write
+    (:mod:`qjax.flax._steps`); ``None`` for a step that is only a function.
     """
 
     name: str
@@ -84,6 +86,7 @@ class Step:
     traced: bool = True
     export: Callable[[Any], Any] | None = None
     layer: Layer | None = None
+    spec: tuple[str, Mapping[str, Any]] | None = None
 
 
 def _to_array(v, what: str):

@@ -232,8 +232,6 @@ def test_convert_errors_name_the_problem():
         qjax.convert(model, x, scheme="qnnpack")
     with pytest.raises(TypeError, match="a function calling an NNX model cannot be traced"):
         qjax.convert(lambda v: model(v), x)
-    with pytest.raises(TypeError, match="traced by qjax.convert .* cannot be saved yet"):
-        qjax.save_served("unused.safetensors", qjax.convert(model, x))
     model.c1.name = "my conv"
     before = model.c1.mode, model.c1.name, model.drop.deterministic
     qjax.convert(model, x)  # traces an eval() copy with layers named by path
@@ -269,8 +267,8 @@ def test_transformer_block_projections_serve_in_int8():
 
 
 def test_traced_program_round_trips_through_jax_export():
-    """What the save error suggests: the program serializes with jax.export (weights
-    baked in) and the deserialized call gives the same outputs."""
+    """The program serializes with jax.export (weights baked in) and the deserialized
+    call gives the same outputs."""
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
     program = qjax.convert(_frozen(CNN(_cfg("qnnpack"), nnx.Rngs(0)), x), x, scheme="qnnpack")
     blob = jax.export.export(jax.jit(program))(x).serialize()

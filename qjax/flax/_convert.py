@@ -36,7 +36,7 @@ from flax import nnx
 
 from ..kernels._choice import kernels_of, resolve_kernel
 from ..program import Program
-from . import _record
+from . import _record, _steps
 from ._lower import lower
 from ._sequential import NotServable, convert_sequential, is_sequential
 from ._serve import ServedModel
@@ -193,7 +193,21 @@ def convert(
             "(qjax.flax.nnx.quantize_model / linen.QuantRules) or use qjax layers, then "
             "calibrate or train it"
         )
-    served = TracedProgram(program, low, shapes, lambda sh: build(sh)[0])
+
+    def describe():
+        """The program lowered with a symbolic batch size (what a file holds), or at the
+        example shapes when the model cannot be traced that way."""
+        (b,) = jax.export.symbolic_shape(_steps.BATCH)
+        n = shapes[0][0][0]
+        sym = tuple(((b, *sh[1:]) if sh[0] == n else sh, dt) for sh, dt in shapes)
+        try:
+            sym_program, sym_low = build(sym)
+        except Exception as e:  # any failure of the symbolic trace: fixed shapes instead
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            return program, shapes, n, why, low.float_ops
+        return sym_program, sym, n, None, sym_low.float_ops
+
+    served = TracedProgram(program, low.float_ops, shapes, lambda sh: build(sh)[0], describe)
     served(*args)  # compiles once: shape errors surface now, with the step's layer
     return served
 
@@ -203,20 +217,23 @@ def _shapes(args) -> tuple:
 
 
 class TracedProgram(Program):
-    """The :class:`~qjax.Program` of a traced Flax model (:func:`convert`).
+    """The :class:`~qjax.Program` of a traced Flax model (:func:`convert`), or of one read
+    back from a file (:func:`qjax.load_served`).
 
     It holds the steps lowered at the example's input shapes (what ``steps``, ``layers``,
     ``float_ops``, ``kernels`` and exports describe); called with other shapes (another
-    batch size), it traces and lowers the model again for them on first use, with the
-    same prepared weights, and keeps that program (``programs``: one per shape)."""
+    batch size), it lowers the model again for them on first use (a loaded program:
+    evaluates its batch-size expressions), with the same prepared weights, and keeps that
+    program (``programs``: one per shape). :func:`qjax.save_served` writes it."""
 
-    def __init__(self, program: Program, lowering, shapes, build):
+    def __init__(self, program: Program, float_ops, shapes, build, describe):
         super().__init__(program.steps, program.inputs, program.output)
-        self.float_ops = lowering.float_ops
+        self.float_ops = dict(float_ops)
         self.kernels = kernels_of(self.params)
         self.layout = "NHWC"  # a Flax model's images are channels-last
         self.programs = {shapes: self}
         self._build = build
+        self.describe = describe  # -> (program, shapes, example batch, fixed_because, float_ops)
 
     def _at(self, inputs) -> tuple[Program, tuple]:
         args = self._args(inputs)

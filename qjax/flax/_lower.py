@@ -47,14 +47,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from .. import kernels
-from .._primitives import dequantize
-from .._qarray import QArray
 from .._spec import QParams
 from ..program import Layer, Program, Step
 from . import _record
 from ._core import LayerStats
-from ._intsim import fake_quant_codes, prepare_layer, run_layer
+from ._intsim import prepare_layer
+from ._steps import make_step
 
 __all__ = ["Lowering", "check_stats", "lower"]
 
@@ -134,6 +132,15 @@ def _same_qparams(a: QParams, b: QParams) -> bool:
     )
 
 
+def _symbolic(eqn) -> bool:
+    """Whether an output shape of ``eqn`` has a symbolic dimension (a program lowered
+    with a symbolic batch size computes such values when it runs, not now)."""
+    return any(
+        any(jax.export.is_symbolic_dim(d) for d in getattr(v.aval, "shape", ()))
+        for v in eqn.outvars
+    )
+
+
 def _bind(eqn, vals):
     with eqn.ctx.manager:
         out = eqn.primitive.bind(*vals, **eqn.primitive.get_bind_params(eqn.params))
@@ -187,16 +194,20 @@ class Lowering:
         self._names.add(name)
         return name
 
-    def add(self, stem, fn, inputs, params=None, layer=None, traced=True) -> str:
-        """A step ``fn(params, *values)`` over program values; returns its name."""
+    def add(self, stem, kind, attrs, inputs, params=None, layer=None, traced=True) -> str:
+        """A step of ``kind`` (:mod:`qjax.flax._steps`) over program values; its name."""
         name = self._fresh(stem)
-        idxs = tuple(v.idx for v in inputs)
-
-        def run(p, *vals):
-            return fn(p, *(v if i is None else v[i] for v, i in zip(vals, idxs, strict=True)))
-
         self.steps.append(
-            Step(name, run, tuple(v.name for v in inputs), params, traced, None, layer)
+            make_step(
+                name,
+                kind,
+                attrs,
+                tuple(v.name for v in inputs),
+                tuple(v.idx for v in inputs),
+                params,
+                layer,
+                traced,
+            )  # fmt: skip
         )
         return name
 
@@ -204,12 +215,9 @@ class Lowering:
         """The float value of codes ``v`` (one ``dequantize`` step per value and dtype)."""
         key = (v.name, v.idx, np.dtype(dtype).name)
         if key not in self._deq:
-
-            def fn(_, q):
-                return dequantize(q.values, q.qparams).astype(dtype)
-
             layer = Layer("dequantize", "dequantize")
-            name = self.add(f"{v.name}:dequantize", fn, [v], None, layer, traced=False)
+            attrs = {"dtype": np.dtype(dtype)}
+            name = self.add(f"{v.name}:dequantize", "dequantize", attrs, [v], None, layer, False)
             self._deq[key] = _Value(name)
         return self._deq[key]
 
@@ -222,14 +230,8 @@ class Lowering:
         for qp2, v in done:  # the same value quantized the same way: one step
             if _same_qparams(qp2, qp):
                 return v
-
-        def fn(p, v):
-            if isinstance(v, QArray):
-                v = dequantize(v.values, v.qparams)
-            return QArray(fake_quant_codes(v, p, compat), p)
-
         layer = Layer("quantize", target, None, None, qp, {"compat": compat})
-        out = _Value(self.add(stem, fn, [x], qp, layer), qp=qp)
+        out = _Value(self.add(stem, "quantize", {"compat": compat}, [x], qp, layer), qp=qp)
         done.append((qp, out))
         return out
 
@@ -262,7 +264,7 @@ class Lowering:
             if isinstance(body, jcore.ClosedJaxpr):
                 return self.run(body.jaxpr, body.consts, ins)
             return self.run(body, [], ins)
-        if all(isinstance(v, _Known) for v in ins):
+        if all(isinstance(v, _Known) for v in ins) and not _symbolic(eqn):
             pending = _Pending(eqn, ins)
             return [_Known(pending=(pending, i)) for i in range(len(eqn.outvars))]
         codes = [v for v in ins if isinstance(v, _Value) and v.qp is not None]
@@ -282,18 +284,18 @@ class Lowering:
             if len(k) != 1 or np.asarray(k[0].val).size != 1 or float(np.asarray(k[0].val)) != 0:
                 return None
             layer = Layer("relu", "max(x, 0)", None, None, qp)
-            step = self.add("relu", lambda _, q: kernels.relu(q), codes, None, layer)
-            return [_Value(step, qp=qp)]
+            return [_Value(self.add("relu", "relu", {}, codes, None, layer), qp=qp)]
         if name not in _LAYOUT or any(isinstance(v, _Known) for v in ins):
             return None
-
-        def fn(_, *qs):
-            vals = _bind(eqn, [q.values for q in qs])
-            return QArray(vals[0], qs[0].qparams)
-
         op = "max_pool" if name == "reduce_window_max" else name
         layer = Layer(op, name, None, None, qp, {k: str(v) for k, v in eqn.params.items()})
-        step = self.add(op, fn, list(ins), None, layer, traced=op == "max_pool")
+        attrs = {
+            "primitive": eqn.primitive,
+            "params": dict(eqn.params),
+            "slots": tuple(("value", i) for i in range(len(ins))),
+            "on_codes": True,
+        }
+        step = self.add(op, "lax", attrs, list(ins), None, layer, traced=op == "max_pool")
         return [_Value(step, qp=qp)]
 
     def float_step(self, eqn, ins) -> list:
@@ -302,7 +304,7 @@ class Lowering:
         for i, v in enumerate(ins):
             if isinstance(v, _Known):
                 if v.literal:
-                    slots.append(("lit", v.val))
+                    slots.append(("lit", np.asarray(v.val, eqn.invars[i].aval.dtype)))
                 else:
                     slots.append(("param", len(params)))
                     params.append(v)  # read (computed) only if the step is kept
@@ -311,18 +313,15 @@ class Lowering:
                     v = self.dequantized(v, eqn.invars[i].aval.dtype)
                 slots.append(("value", len(dyn)))
                 dyn.append(v)
-
-        def fn(p, *vals):
-            args = [
-                val if kind == "lit" else (p[val] if kind == "param" else vals[val])
-                for kind, val in slots
-            ]
-            out = _bind(eqn, args)
-            return out if eqn.primitive.multiple_results else out[0]
-
+        attrs = {
+            "primitive": eqn.primitive,
+            "params": dict(eqn.params),
+            "slots": tuple(slots),
+            "on_codes": False,
+        }
         prim = eqn.primitive.name
         layer = Layer("float", prim)
-        step = self.add(prim, fn, dyn, tuple(params), layer, traced=False)
+        step = self.add(prim, "lax", attrs, dyn, tuple(params), layer, traced=False)
         self.float_ops[step] = prim
         if eqn.primitive.multiple_results:
             return [_Value(step, i) for i in range(len(eqn.outvars))]
@@ -378,19 +377,24 @@ class Lowering:
             )
         bias = ops["bias"]
         bias = None if bias is None else jnp.asarray(bias, jnp.float32)
-        scheme = self.scheme
-
-        def fn(p, xq):
-            return run_layer(info, xq, p[0], p[1], qy, scheme)
-
+        g = info.geometry
+        attrs = {
+            "op": info.op,
+            "name": name,
+            "source": info.source,
+            "relu": info.relu,
+            "geometry": g,
+            "in_ndim": info.in_ndim,
+            "out_dims": info.out_dims,
+            "scheme": self.scheme,
+        }
         extra = {"activation": "relu" if info.relu else None, "kernel": pw.kernel}
         op = "linear"
         if info.op == "conv":
-            g = info.geometry
             op = f"conv{pw.weight.ndim - 2}d"
             extra |= {k: g[k] for k in ("stride", "padding", "dilation", "groups")}
-        layer = Layer(op, info.source, scheme, pw.weight.qparams, qy, extra)
-        step = self.add(name, fn, [x], (pw, bias), layer, traced=qy is not None)
+        layer = Layer(op, info.source, self.scheme, pw.weight.qparams, qy, extra)
+        step = self.add(name, "layer", attrs, [x], (pw, bias, qy), layer, traced=qy is not None)
         return _Value(step, qp=qy)
 
 
@@ -418,17 +422,17 @@ def lower(
     for i, (o, var) in enumerate(zip(outs, closed.jaxpr.outvars, strict=True)):
         stem = "output" if len(outs) == 1 else f"output{i}"
         if isinstance(o, _Known):
-            val = o.val
-            o = _Value(low.add(stem, lambda p, _v=val: _v, [], None, Layer("constant", "constant")))
+            layer = Layer("constant", "constant")
+            o = _Value(low.add(stem, "constant", {}, [], np.asarray(o.val), layer))
         elif o.qp is not None:
             o = low.dequantized(o, var.aval.dtype)
         elif o.idx is not None:
-            o = _Value(low.add(stem, lambda _, v: v, [o], None, Layer("identity", "output")))
+            o = _Value(low.add(stem, "identity", {}, [o], None, Layer("identity", "output")))
         names.append(o.name)
     output = jax.tree_util.tree_unflatten(out_tree, names)
     steps = [
         dataclasses.replace(s, params=tuple(k.val for k in s.params))
-        if s.layer is not None and s.layer.op == "float"
+        if s.spec[0] == "lax" and not s.spec[1]["on_codes"]
         else s
         for s in _prune(low.steps, output)
     ]

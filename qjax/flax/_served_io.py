@@ -29,6 +29,7 @@ from .. import kernels
 from .._qarray import QArray, _deserialize_spec, _serialize_spec
 from .._spec import QParams, check_qparam_values
 from ..kernels._choice import resolve_kernel
+from ..program import Program
 from ._serve import ServedModel, _freeze, _prepare_stored
 
 __all__ = ["load_served", "save_served"]
@@ -401,17 +402,22 @@ def save_served(path: str | os.PathLike, served: ServedModel) -> None:
     """
     from safetensors.numpy import save
 
+    from ._convert import TracedProgram
+
+    if isinstance(served, TracedProgram):
+        from ._program_io import program_file
+
+        meta, tensors = program_file(served)
+        _write_atomic(os.fspath(path), save(tensors, metadata={"qjax": json.dumps(meta)}))
+        return
     if not isinstance(served, ServedModel):
-        hint = ""
-        if type(served).__name__ == "TracedProgram":
-            hint = (
-                "; a Program traced by qjax.convert from a model class cannot be saved yet "
-                "(its float steps are arbitrary jax primitives): save the model's state and "
-                "convert again after loading, or jax.export the program"
-            )
         raise TypeError(
-            f"save_served: expected a ServedModel (qjax.convert of a Sequential), got "
-            f"{type(served).__name__}{hint}"
+            f"save_served: expected a program from qjax.convert, got {type(served).__name__}"
+            + (
+                " (an imported torch / pt2e program cannot be saved: save the torch model)"
+                if isinstance(served, Program)
+                else ""
+            )
         )
     tensors: dict[str, np.ndarray] = {}
     params = []
@@ -498,9 +504,14 @@ def load_served(path: str | os.PathLike, *, kernel: str = "xla") -> ServedModel:
         raise ValueError(f"{where}: metadata is not JSON ({e})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{where}: metadata is a {type(meta).__name__}, not a JSON object")
+    from ._program_io import FORMAT, VERSION, load_program
+
+    if meta.get("format") == FORMAT and meta.get("version") == VERSION:
+        return load_program(meta, tensors, wish, where)
     if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
         raise ValueError(
             f"load_served: {path!r} holds format {meta.get('format')!r} version "
-            f"{meta.get('version')!r}; this qjax reads {_FORMAT!r} version {_VERSION}"
+            f"{meta.get('version')!r}; this qjax reads {_FORMAT!r} version {_VERSION} and "
+            f"{FORMAT!r} version {VERSION}"
         )
     return _load_program(meta, tensors, wish, where)

@@ -160,7 +160,7 @@ def _int8_dot(x: jax.Array, w: jax.Array) -> jax.Array:
     """``Σ_k x[..., k]·w[k, n]``: int8 x int8 -> int32 ``dot_general``, shaped for speed."""
     lead = x.shape[:-1]
     rows = math.prod(lead)
-    if 0 < rows < _MIN_DOT_ROWS:
+    if isinstance(rows, int) and 0 < rows < _MIN_DOT_ROWS:  # (symbolic: a saved program)
         x2 = jnp.pad(x.reshape(rows, x.shape[-1]), ((0, _MIN_DOT_ROWS - rows), (0, 0)))
         acc = lax.dot_general(x2, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
         return acc[:rows].reshape(lead + (w.shape[1],))
