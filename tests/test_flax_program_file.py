@@ -65,6 +65,11 @@ def test_cnn_class_round_trips_at_any_batch_size(cnn, tmp_path):
         back(jnp.ones((3, 9, 8, 1)))
     again, _ = _round_trip(back, tmp_path, "again.safetensors")  # a loaded program saves
     assert _differ(again(x), program(x)) == 0
+    # and exports for every batch size at once (its shapes are expressions of b)
+    (b,) = jax.export.symbolic_shape("b")
+    blob = jax.export.export(jax.jit(back))(jax.ShapeDtypeStruct((b, 8, 8, 1), x.dtype))
+    exported = jax.export.deserialize(blob.serialize())
+    assert [_differ(exported.call(v), program(v)) for v in (x, x[:3])] == [0, 0]
 
 
 def test_transformer_block_round_trips(tmp_path):
