@@ -6,7 +6,8 @@
 * :func:`prepare_linear` / :func:`quantized_linear`: int8 x int8 -> int32 linear layer
   (``kernel="amx"``: an opt-in native Intel AMX GEMM, see :func:`native_status`;
   ``kernel="sat16"``: the native AVX2 kernel for the int16-saturating accumulations,
-  see :func:`sat16_status`);
+  see :func:`sat16_status`; ``kernel="onednn"``: oneDNN's int8 matmul, an optional
+  library, see :func:`onednn_status` and :func:`onednn_exact`);
 * :func:`prepare_conv` / :func:`quantized_conv`: int8 x int8 -> int32 1-D/2-D convolution;
 * :func:`quantized_add` (engines fbgemm/x86/onednn/qnnpack), :func:`quantized_mul`,
   :func:`quantized_mul_scalar`, :func:`quantized_cat`, :func:`relu`/:func:`relu6`/
@@ -65,6 +66,8 @@ from ._linear import PreparedLinear as PreparedLinear
 from ._linear import prepare_linear as prepare_linear
 from ._linear import quantized_linear as quantized_linear
 from ._native import native_status as native_status
+from ._native import onednn_exact as onednn_exact
+from ._native import onednn_status as onednn_status
 from ._native import sat16_status as sat16_status
 from ._norm import quantized_batch_norm as quantized_batch_norm
 from ._pool import PoolScheme as PoolScheme
@@ -116,6 +119,8 @@ __all__ = [
     "multiply_by_quantized_multiplier_litert_ref",
     "multiply_by_quantized_multiplier_single_rounding",
     "native_status",
+    "onednn_exact",
+    "onednn_status",
     "prepare_conv",
     "prepare_linear",
     "quantize_input",

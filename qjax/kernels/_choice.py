@@ -16,8 +16,16 @@ Model-level calls (``qjax.convert``, ``qjax.load_served``,
             the layer, saturating layers as under ``None``, XLA elsewhere;
             ``RuntimeError`` with the reason when the AMX kernel cannot run on this
             machine
-``"auto"``  as ``"amx"`` when :func:`qjax.kernels.native_status` says available, else
-            as ``None`` (never raises for availability)
+``"onednn"`` oneDNN's int8 matmul (the optional library, ``pip install 'qjax[onednn]'``,
+            :func:`qjax.kernels.onednn_status`) for exactly accumulated linear layers
+            where it is exact on this CPU (VNNI or AMX, :func:`qjax.kernels.onednn_exact`;
+            without VNNI its pair sums saturate int16 and the layers stay on XLA);
+            convolutions on XLA; saturating layers as under ``None``; ``RuntimeError``
+            with the reason when the library is not installed or does not load
+``"auto"``  per layer the fastest exact kernel that runs here: linear layers on oneDNN
+            where :func:`qjax.kernels.onednn_exact` says so, else AMX where
+            :func:`qjax.kernels.native_status` says available; convolutions on AMX where
+            available; the rest as under ``None`` (never raises for availability)
 ==========  ==========================================================================
 
 The AMX kernel supports linear layers and 2-D convolutions with ``groups=1`` and
@@ -27,10 +35,11 @@ without VNNI, FBGEMM's depthwise 3x3 fast path) run on the ``"sat16"`` kernel, w
 computes the int16 pair saturation with the instruction FBGEMM/oneDNN use
 (``vpmaddubsw``), 100x and more faster than its XLA formulation. The codes are the same
 either way; the models record the choice per layer (``served.kernels``,
-``program.kernels``: ``"xla"``, ``"amx"`` or ``"sat16"``). A program with native layers
-cannot be ``jax.export``-ed (the custom call is refused; the sat16 call's location says
-to use ``kernel='xla'``). Only ``qjax.converters.torch.import_model`` defaults to
-``None`` (only torch engines saturate); the other model-level calls keep ``"xla"``.
+``program.kernels``: ``"xla"``, ``"amx"``, ``"onednn"`` or ``"sat16"``). A program with
+native layers cannot be ``jax.export``-ed (the custom call is refused; the sat16 and
+oneDNN calls' locations say to use ``kernel='xla'``). Only
+``qjax.converters.torch.import_model`` defaults to ``None`` (only torch engines
+saturate); the other model-level calls keep ``"xla"``.
 """
 
 from __future__ import annotations
@@ -43,44 +52,49 @@ _SATURATING = ("fbgemm_sat16", "onednn_sat16")
 
 __all__ = ["KERNEL_CHOICES", "conv_kernel", "kernels_of", "linear_kernel", "resolve_kernel"]
 
-KERNEL_CHOICES = (None, "xla", "amx", "auto")
+KERNEL_CHOICES = (None, "xla", "amx", "onednn", "auto")
 
 
 def resolve_kernel(kernel: str | None, where: str) -> str:
-    """The model-wide wish, ``"amx"``, ``"xla"`` or ``"default"``, for ``kernel`` asked of
-    ``where`` (``None`` gives ``"default"``: XLA for exact layers, native sat16 for
-    saturating ones).
+    """The model-wide wish, ``"xla"``, ``"default"``, ``"amx"``, ``"onednn"`` or
+    ``"auto"``, for ``kernel`` asked of ``where`` (``None`` gives ``"default"``: XLA for
+    exact layers, native sat16 for saturating ones); :func:`linear_kernel` and
+    :func:`conv_kernel` turn it into each layer's kernel.
 
     Raises ``ValueError`` for an unknown name and ``RuntimeError`` (naming ``where`` and
-    :func:`qjax.kernels.native_status`'s reason) for ``"amx"`` when the native kernel is
-    unavailable; ``"auto"`` gives ``"amx"`` exactly when it is available.
+    the reason) for ``"amx"`` when the native kernel is unavailable
+    (:func:`qjax.kernels.native_status`) and for ``"onednn"`` when the optional library
+    is not installed or does not load (:func:`qjax.kernels.onednn_status`).
 
     >>> resolve_kernel("xla", "qjax.convert"), resolve_kernel(None, "qjax.convert")
     ('xla', 'default')
-    >>> ok = _native.native_status()[0]
-    >>> resolve_kernel("auto", "qjax.convert") == ("amx" if ok else "default")
-    True
-    >>> resolve_kernel("tpu", "qjax.convert")
+    >>> resolve_kernel("auto", "qjax.convert")
+    'auto'
+    >>> resolve_kernel("tpu", "qjax.convert")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
       ...
-    ValueError: qjax.convert: kernel must be one of (None, 'xla', 'amx', 'auto'), got 'tpu'
+    ValueError: qjax.convert: kernel must be one of (None, 'xla', ..., 'auto'), got 'tpu'
     """
     if kernel not in KERNEL_CHOICES:
         raise ValueError(f"{where}: kernel must be one of {KERNEL_CHOICES}, got {kernel!r}")
     if kernel is None:
         return "default"
-    if kernel == "xla":
-        return "xla"
+    if kernel in ("xla", "auto"):
+        return kernel
     # looked up on the module at each call: the kernels' own check reads the same function
-    ok, reason = _native.native_status()
-    if kernel == "auto":
-        return "amx" if ok else "default"
+    if kernel == "onednn":
+        ok, reason = _native.onednn_status()
+        what = "the optional oneDNN library"
+    else:
+        ok, reason = _native.native_status()
+        what = "the native AMX kernel"
     if not ok:
         raise RuntimeError(
-            f"{where}(kernel='amx'): the native AMX kernel is unavailable on this machine: "
-            f"{reason}; use kernel='xla', or kernel='auto' to take AMX only where it runs"
+            f"{where}(kernel={kernel!r}): {what} is unavailable on this machine: "
+            f"{reason}; use kernel='xla', or kernel='auto' to take a native kernel only "
+            "where it runs"
         )
-    return "amx"
+    return kernel
 
 
 def _saturating_kernel(wish: str) -> str:
@@ -89,37 +103,50 @@ def _saturating_kernel(wish: str) -> str:
 
 
 def linear_kernel(wish: str, accumulate: str = "exact") -> str:
-    """The kernel a linear layer gets: for exact accumulation ``"amx"`` when wished, else
-    ``"xla"``; with int16 pair saturation (``fbgemm_sat16`` / ``onednn_sat16``) the native
-    ``"sat16"`` kernel unless ``wish`` is ``"xla"`` or it is unavailable.
+    """The kernel a linear layer gets. Exact accumulation: ``"onednn"`` when wished
+    (``"onednn"`` or ``"auto"``) and :func:`qjax.kernels.onednn_exact` says its integers
+    are exact here, ``"amx"`` when wished (``"amx"``, or ``"auto"`` without oneDNN) and
+    available, else ``"xla"``. With int16 pair saturation (``fbgemm_sat16`` /
+    ``onednn_sat16``) the native ``"sat16"`` kernel unless ``wish`` is ``"xla"`` or it is
+    unavailable.
 
     >>> linear_kernel("amx"), linear_kernel("xla", "fbgemm_sat16"), linear_kernel("default")
     ('amx', 'xla', 'xla')
     >>> sat = "sat16" if _native.sat16_status()[0] else "xla"
     >>> linear_kernel("default", "fbgemm_sat16") == linear_kernel("amx", "onednn_sat16") == sat
     True
+    >>> linear_kernel("onednn") == ("onednn" if _native.onednn_exact()[0] else "xla")
+    True
     """
     if accumulate in _SATURATING:
         return _saturating_kernel(wish)
-    return "amx" if wish == "amx" and accumulate == "exact" else "xla"
+    if accumulate != "exact":
+        return "xla"
+    if wish in ("onednn", "auto") and _native.onednn_exact()[0]:
+        return "onednn"
+    if wish == "amx" or (wish == "auto" and _native.native_status()[0]):
+        return "amx"
+    return "xla"
 
 
 def conv_kernel(wish: str, nsp: int, groups: int = 1, dilation=1, accumulate: str = "exact") -> str:
-    """The kernel a convolution gets: ``"amx"`` when wished for 2-D (``nsp=2``),
-    ``groups=1``, dilation 1, exact accumulation; saturating convolutions (any shape) as
-    in :func:`linear_kernel`; ``"xla"`` otherwise.
+    """The kernel a convolution gets: ``"amx"`` when wished (``"amx"``, or ``"auto"`` with
+    AMX available) for 2-D (``nsp=2``), ``groups=1``, dilation 1, exact accumulation;
+    saturating convolutions (any shape) as in :func:`linear_kernel`; ``"xla"`` otherwise
+    (``"onednn"`` has no convolution yet).
 
     >>> conv_kernel("amx", 2), conv_kernel("amx", 2, groups=8), conv_kernel("amx", 1)
     ('amx', 'xla', 'xla')
     >>> conv_kernel("amx", 2, dilation=(2, 2)), conv_kernel("amx", 2, dilation=(1, 1))
     ('xla', 'amx')
-    >>> conv_kernel("xla", 2, groups=8, accumulate="fbgemm_sat16")
-    'xla'
+    >>> conv_kernel("xla", 2, groups=8, accumulate="fbgemm_sat16"), conv_kernel("onednn", 2)
+    ('xla', 'xla')
     """
     if accumulate in _SATURATING:
         return _saturating_kernel(wish)
     ok = _native.conv_supported(nsp, groups, dilation) and accumulate == "exact"
-    return "amx" if wish == "amx" and ok else "xla"
+    amx = wish == "amx" or (wish == "auto" and _native.native_status()[0])
+    return "amx" if amx and ok else "xla"
 
 
 def _is_prepared(v) -> bool:
@@ -127,8 +154,8 @@ def _is_prepared(v) -> bool:
 
 
 def kernels_of(named_params) -> dict[str, str]:
-    """``{name: "amx" | "sat16" | "xla"}`` for each entry of ``{name: params pytree}`` holding a
-    prepared weight (:class:`~qjax.kernels.PreparedLinear` /
+    """``{name: "amx" | "onednn" | "sat16" | "xla"}`` for each entry of ``{name: params
+    pytree}`` holding a prepared weight (:class:`~qjax.kernels.PreparedLinear` /
     :class:`~qjax.kernels.PreparedConv`), in the mapping's order.
 
     >>> import jax.numpy as jnp

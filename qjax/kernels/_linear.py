@@ -55,7 +55,13 @@ the result runs only in a process where qjax has registered the target on an AMX
 ``Σ_j sat16(...)`` with ``vpmaddubsw`` itself, one FFI call ``qjax_sat16_gemm``: the
 same integers as :func:`~qjax.kernels._accumulate._sat16_pair_dot`, 100x and more
 faster; exact accumulation stays on XLA. Export refuses it likewise (its location names
-``kernel='xla'``).
+``kernel='xla'``). ``prepare_linear(w, kernel="onednn")`` (the optional oneDNN library,
+CPUs with VNNI or AMX) reorders the weight once into oneDNN's preferred layout and
+``accumulate="exact"`` then takes ``Σ x'w`` from oneDNN's matmul, one FFI call
+``qjax_onednn_u8s8_matmul`` (:mod:`qjax.kernels._native._onednn`) on uint8 codes:
+unsigned activations as they are, signed ones shifted up, ``x' = x + 128`` (a bit flip)
+and ``zp_x' = zp_x + 128``; the zero-point terms above and the requantization are the
+same XLA code, so the codes are the same. Export refuses it likewise.
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ from .._qarray import QArray
 from .._spec import QParams
 from . import _native
 from ._accumulate import (
+    _I32_MAX,
     Accumulate,
     _int8_dot,
     _sat16_pair_dot,
@@ -87,7 +94,7 @@ __all__ = ["Accumulate", "Kernel", "PreparedLinear", "prepare_linear", "quantize
 @register_prepared(
     leaves=("weight", "col_sum"),
     static=("name", "max_abs_x", "zero_point_is_zero"),
-    packed_when=lambda kernel: kernel != "xla",
+    packed_when=lambda kernel: kernel != "xla",  # amx, sat16 and onednn pack
     serialized_name="qjax.kernels.PreparedLinear",
 )
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +108,8 @@ class PreparedLinear:
     ``zp_w`` correction terms are left out of the program). With ``kernel="amx"`` a
     third leaf ``packed`` holds the weight codes in AMX tile order
     (:func:`qjax.kernels._native.pack_weight`), with ``kernel="sat16"`` in the order of
-    the AVX2 saturating kernel (:func:`qjax.kernels._native.pack_sat16_weight`);
+    the AVX2 saturating kernel (:func:`qjax.kernels._native.pack_sat16_weight`), with
+    ``kernel="onednn"`` as oneDNN's bytes (:func:`qjax.kernels._native.pack_onednn_weight`);
     ``kernel="xla"`` has none.
     """
 
@@ -144,7 +152,10 @@ def prepare_linear(
         reason when unavailable, see :func:`qjax.kernels.native_status`) or ``"sat16"``
         (the native AVX2 kernel for ``accumulate="fbgemm_sat16"``/``"onednn_sat16"``,
         same integers as the XLA formulation; exact accumulation stays on XLA; raises
-        ``RuntimeError`` when unavailable, see :func:`qjax.kernels.sat16_status`).
+        ``RuntimeError`` when unavailable, see :func:`qjax.kernels.sat16_status`) or
+        ``"onednn"`` (oneDNN's int8 matmul on the reordered weight, same integers;
+        ``RuntimeError`` unless :func:`qjax.kernels.onednn_exact` says it is exact
+        here; ``K <= 65793``, so that the uint8 sum ``K·255·128`` fits int32).
 
     Returns:
       a :class:`PreparedLinear` (a pytree).
@@ -173,6 +184,8 @@ def prepare_linear(
         _native.require_amx(name)
     elif kernel == "sat16":
         _native.require_sat16(name)
+    elif kernel == "onednn":
+        _native.require_onednn(name)
     spec = w.spec
     if spec.dtype != np.int8:
         raise TypeError(
@@ -195,12 +208,19 @@ def prepare_linear(
     zp_zero = check_accumulator(
         w, k, max_abs_x, name, hint="split K or narrow the ranges", what=f"K={k}"
     )
+    if kernel == "onednn" and k * 255 * 128 > _I32_MAX:
+        raise ValueError(
+            f"layer {name!r}: kernel='onednn' sums uint8 codes up to 255, K={k} · 255 · 128 > "
+            "2^31 - 1 could overflow the int32 accumulator; use kernel='xla'"
+        )
     col_sum = jnp.sum(vals.astype(jnp.int32), axis=0)
     packed = None
     if kernel == "amx":
         packed = _native.pack_weight(vals)
     elif kernel == "sat16":
         packed = _native.pack_sat16_weight(vals)
+    elif kernel == "onednn":
+        packed = _native.pack_onednn_weight(vals)
     return PreparedLinear(w, col_sum, name, int(max_abs_x), zp_zero, packed, kernel)
 
 
@@ -278,7 +298,15 @@ def quantized_linear(
     wq = pw.weight
     zx = jnp.asarray(x.zero_point).astype(jnp.int32).reshape(())
     zw = jnp.asarray(wq.zero_point).astype(jnp.int32)  # () or (N,)
-    if accumulate == "exact":
+    if accumulate == "exact" and pw.kernel == "onednn":
+        # oneDNN takes uint8 codes: signed ones shifted up, x + 128, by the same bit flip
+        if unsigned:
+            xv = x.values
+        else:
+            xv = lax.bitcast_convert_type(x.values ^ jnp.int8(-128), jnp.uint8)
+            zx = zx + jnp.int32(128)
+        acc = _native.onednn_dot(xv, pw.packed, wq.values)
+    elif accumulate == "exact":
         if unsigned:  # x - 128 as int8: flip the top bit, reinterpret
             xv = lax.bitcast_convert_type(x.values ^ jnp.uint8(0x80), jnp.int8)
             zx = zx - jnp.int32(128)

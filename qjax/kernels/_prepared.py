@@ -23,8 +23,8 @@ import jax
 
 __all__ = ["Kernel", "register_prepared"]
 
-Kernel = Literal["xla", "amx", "sat16"]
-_KERNELS = ("xla", "amx", "sat16")
+Kernel = Literal["xla", "amx", "sat16", "onednn"]
+_KERNELS = ("xla", "amx", "sat16", "onednn")
 
 
 def register_prepared(

@@ -1,6 +1,7 @@
 """Native kernels for XLA:CPU through ``jax.ffi``: Intel AMX int8 GEMM and conv (opt-in),
-and the AVX2 int16-saturating GEMM (:mod:`._sat16`, :func:`sat16_status`, its own
-library ``sat16_gemm.cc`` built by the same :mod:`._build`).
+the AVX2 int16-saturating GEMM (:mod:`._sat16`, :func:`sat16_status`, its own
+library ``sat16_gemm.cc`` built by the same :mod:`._build`), and oneDNN's int8 matmul
+when the optional library is installed (:mod:`._onednn`, :func:`onednn_status`).
 
 ``prepare_linear(w, kernel="amx")`` packs the weight once (:func:`pack_weight`) and
 ``quantized_linear`` then computes its int32 dot with :func:`amx_dot` instead of XLA's
@@ -51,6 +52,15 @@ from ._fused import (
     fused_conv_codes,
     fused_linear_codes,
 )
+from ._onednn import (
+    ONEDNN_TARGET,
+    onednn_dot,
+    onednn_exact,
+    onednn_impl,
+    onednn_status,
+    pack_onednn_weight,
+    require_onednn,
+)
 from ._sat16 import (
     SAT16_TARGET,
     pack_sat16_weight,
@@ -61,6 +71,7 @@ from ._sat16 import (
 
 __all__ = [
     "CONV_TARGET",
+    "ONEDNN_TARGET",
     "FUSED_SCHEMES",
     "QCONV_TARGET",
     "QTARGET",
@@ -75,11 +86,17 @@ __all__ = [
     "fused_conv_codes",
     "fused_linear_codes",
     "native_status",
+    "onednn_dot",
+    "onednn_exact",
+    "onednn_impl",
+    "onednn_status",
     "pack_conv_weight",
+    "pack_onednn_weight",
     "pack_weight",
     "conv_supported",
     "pack_sat16_weight",
     "require_amx",
+    "require_onednn",
     "require_sat16",
     "sat16_dot",
     "sat16_status",

@@ -2,7 +2,8 @@
 
 One implementation for every native library: a :class:`Library` names the source, the
 compiler flags and the library's file name (:data:`AMX`: ``amx_gemm.cc``; :data:`SAT16`:
-``sat16_gemm.cc``, AVX2 only), and :func:`build` compiles it. The cache key is the
+``sat16_gemm.cc``, AVX2 only; the oneDNN shim's, made at run time from where the optional
+library is installed, :mod:`._onednn`), and :func:`build` compiles it. The cache key is the
 SHA-256 of the source, the compiler (path and ``--version``), the
 flags and the jaxlib version (the FFI headers come from jaxlib), so an edit to any of
 them builds a new library. Location: ``$QJAX_CACHE_DIR/native/<key>/`` or
@@ -62,11 +63,13 @@ SAT16_FLAGS = (
 
 @dataclasses.dataclass(frozen=True)
 class Library:
-    """What to build: ``source`` (a ``.cc`` file), compiler ``flags`` and the ``.so`` name."""
+    """What to build: ``source`` (a ``.cc`` file), compiler ``flags``, the ``.so`` name and
+    the ``link`` arguments that follow the source (libraries it links against)."""
 
     source: Path
     flags: tuple[str, ...]
     lib_name: str
+    link: tuple[str, ...] = ()
 
 
 AMX = Library(SOURCE, FLAGS, LIB_NAME)
@@ -108,7 +111,8 @@ def _key(cxx: str, lib: Library = AMX) -> str:
     except (OSError, subprocess.SubprocessError) as e:
         raise BuildError(f"C++ compiler {cxx!r} does not run: {e}") from None
     h = hashlib.sha256()
-    parts = (lib.source.read_bytes(), cxx.encode(), version.encode(), " ".join(lib.flags).encode())
+    flags = " ".join(lib.flags + lib.link).encode()
+    parts = (lib.source.read_bytes(), cxx.encode(), version.encode(), flags)
     for part in parts:
         h.update(part)
         h.update(b"\0")
@@ -134,7 +138,7 @@ def build(lib: Library = AMX) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
     os.close(fd)
     src = lib.source
-    cmd = [cxx, *lib.flags, "-I", jax.ffi.include_dir(), str(src), "-o", tmp]
+    cmd = [cxx, *lib.flags, "-I", jax.ffi.include_dir(), str(src), *lib.link, "-o", tmp]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:

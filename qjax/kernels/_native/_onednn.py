@@ -1,0 +1,334 @@
+"""oneDNN's int8 matmul as a qjax kernel (``kernel="onednn"``), an optional library.
+
+``prepare_linear(w, kernel="onednn")`` reorders the int8 ``(K, N)`` weight once into the
+layout oneDNN's matmul prefers on this CPU (:func:`pack_onednn_weight`, oneDNN's
+``format_tag::any``), and the linear layer's int32 accumulator then comes from one FFI
+call ``qjax_onednn_u8s8_matmul`` (:func:`onednn_dot`): ``Σ_k x[..., k]·w[k, n]`` with
+``x`` uint8 codes as they are. The zero points, the requantization and the activation
+clamps stay qjax's own XLA epilogue (:mod:`qjax.kernels._linear`), so every scheme keeps
+its integers. The primitive is created per ``(M, K, N)`` and cached in the library.
+
+The library. PyPI's ``onednn`` + ``onednn-devel`` wheels (``pip install
+'qjax[onednn]'``) hold ``libdnnl.so.3`` and its headers; qjax finds them through the
+wheels' file lists (:func:`onednn_install`) and compiles its shim ``onednn_matmul.cc``
+against them with the C++ compiler, cached like the other native kernels
+(:mod:`._build`). The shim carries the library folder as ``DT_RPATH``, which the dynamic
+loader also uses for ``libdnnl``'s own dependencies (TBB, Intel's math and SYCL runtimes
+from the same wheels); the Intel compiler runtimes that the OpenCL loader needs (it is
+opened later, by libsycl, and has no search path of its own) are loaded by path first.
+Nothing has to be in ``LD_LIBRARY_PATH`` before the process starts. The wheel is a SYCL
+build: its CPU engine is a SYCL device on Intel's OpenCL CPU runtime
+(``libintelocl.so``, also a dependency of the wheel), whose ICD file points at a build
+machine's path. So while the engine is created (once per process) ``OCL_ICD_FILENAMES``
+names the wheel's ``libintelocl.so`` and ``ONEAPI_DEVICE_SELECTOR`` is ``opencl:cpu``;
+both are restored afterwards (the runtime reads them once, at device discovery).
+
+Exactness. On CPUs with VNNI (AVX-512-VNNI, AVX-VNNI) or AMX oneDNN multiplies with
+``vpdpbusd`` / ``tdpbusd``: every u8·s8 product added into int32 exactly. Below VNNI it
+uses ``vpmaddubsw``, whose pair sums saturate int16 (NUMERICS.md rule 14). qjax asks
+oneDNN which ISA it dispatches to (``dnnl_get_effective_cpu_isa``, lowered by
+``ONEDNN_MAX_CPU_ISA``): :func:`onednn_exact` is true only with VNNI or AMX, and only
+then does :mod:`qjax.kernels._choice` give a layer ``"onednn"``; elsewhere it stays on
+XLA and the layer's record says ``"xla"``. The shim refuses, with an error, any
+primitive whose implementation is not oneDNN's brgemm matmul at a VNNI/AMX ISA.
+
+``jax.export`` refuses the custom call; it sits in a named scope that says to build the
+model with ``kernel='xla'``. Off CPU the program runs ``lax.dot_general`` (the same
+integers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import importlib.metadata
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import _build
+
+__all__ = [
+    "ONEDNN_TARGET",
+    "onednn_dot",
+    "onednn_exact",
+    "onednn_impl",
+    "onednn_install",
+    "onednn_status",
+    "pack_onednn_weight",
+    "require_onednn",
+]
+
+ONEDNN_TARGET = "qjax_onednn_u8s8_matmul"
+EXPORT_HINT = "qjax_native_onednn_kernel: for jax.export build the model with kernel='xla'"
+INSTALL_HINT = "pip install 'qjax[onednn]' (PyPI onednn + onednn-devel)"
+
+# dnnl_cpu_isa_t bits: 0x8 is avx2_vnni's, 0x40 avx512_core_vnni's; every ISA above
+# them (bf16, avx10, amx) keeps the bit.
+_VNNI_BITS = 0x8 | 0x40
+_ISA_NAMES = {
+    0x7: "avx2",
+    0xF: "avx2_vnni",
+    0x1F: "avx2_vnni_2",
+    0x27: "avx512_core",
+    0x67: "avx512_core_vnni",
+    0xE7: "avx512_core_bf16",
+    0x1EF: "avx10_1_512",
+    0xFEF: "avx10_1_512_amx",
+    0x1FEF: "avx10_1_512_amx_fp16",
+    0x201FF: "avx10_2",
+    0x22FFF: "avx10_2_amx_2",
+}
+# Intel's compiler runtimes that the wheel's OpenCL loader (libOpenCL.so.1, which libsycl
+# dlopens) needs but has no RUNPATH for: loaded first, so the loader finds them loaded.
+_PRELOAD = ("libintlc.so.5", "libimf.so", "libsvml.so", "libirng.so")
+# Shim flags: the epilogue is not here (integers only), so plain -O2.
+_FLAGS = ("-O2", "-std=c++17", "-fPIC", "-shared", "-w")
+_ERR = 1024
+
+_LIB = None
+
+
+def onednn_install() -> tuple[Path, Path, str] | str:
+    """``(library folder, include folder, version)`` of the installed oneDNN wheels, or a
+    sentence saying what is missing.
+
+    >>> found = onednn_install()
+    >>> isinstance(found, str) or (found[0] / "libdnnl.so.3").is_file()
+    True
+    """
+    try:
+        lib_dist = importlib.metadata.distribution("onednn")
+        dev_dist = importlib.metadata.distribution("onednn-devel")
+    except importlib.metadata.PackageNotFoundError as e:
+        return f"the optional oneDNN library is not installed ({e.name} missing): {INSTALL_HINT}"
+    lib = _locate(lib_dist, "libdnnl.so.3")
+    hpp = _locate(dev_dist, "oneapi/dnnl/dnnl.hpp")
+    if lib is None or hpp is None:
+        missing = "libdnnl.so.3" if lib is None else "oneapi/dnnl/dnnl.hpp"
+        return f"the oneDNN wheels lack {missing} ({INSTALL_HINT})"
+    return lib.parent, hpp.parents[2], lib_dist.version
+
+
+def _locate(dist, suffix: str) -> Path | None:
+    for f in dist.files or ():
+        if str(f).endswith(suffix):
+            path = Path(dist.locate_file(f)).resolve()
+            if path.is_file():
+                return path
+    return None
+
+
+@contextlib.contextmanager
+def _sycl_cpu_env(lib_dir: Path):
+    """The SYCL CPU device of the wheel's runtime, for the duration of engine creation."""
+    ocl = lib_dir / "libintelocl.so"
+    want = {"OCL_ICD_FILENAMES": str(ocl), "ONEAPI_DEVICE_SELECTOR": "opencl:cpu"}
+    if not ocl.is_file():  # a build without SYCL needs neither
+        want = {}
+    old = {k: os.environ.get(k) for k in want}
+    os.environ.update(want)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _err() -> ctypes.Array:
+    return ctypes.create_string_buffer(_ERR)
+
+
+@functools.cache
+def _probe() -> tuple[bool, str]:
+    found = onednn_install()
+    if isinstance(found, str):
+        return False, found
+    lib_dir, inc_dir, version = found
+    library = _build.Library(
+        Path(__file__).with_name("onednn_matmul.cc"),
+        _FLAGS + ("-I", str(inc_dir), f'-DQJAX_ONEDNN_WHEEL="{version}"'),
+        "libqjax_onednn.so",
+        # DT_RPATH (not RUNPATH): the loader searches it for libdnnl's dependencies too
+        ("-L", str(lib_dir), "-ldnnl", f"-Wl,-rpath,{lib_dir}", "-Wl,--disable-new-dtags"),
+    )
+    lib, reason = _build.load(library, ())
+    if lib is None:
+        return False, reason
+    lib.qjax_onednn_isa.restype = ctypes.c_int64
+    lib.qjax_onednn_version.restype = ctypes.c_int64
+    lib.qjax_onednn_packed_size.restype = ctypes.c_int64
+    lib.qjax_onednn_packed_size.argtypes = [ctypes.c_int64] * 2 + [ctypes.c_char_p, ctypes.c_int64]
+    lib.qjax_onednn_pack.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.qjax_onednn_pack.argtypes += [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64]
+    lib.qjax_onednn_impl.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_char_p, ctypes.c_int64]
+    for name in _PRELOAD:
+        if (lib_dir / name).is_file():
+            ctypes.CDLL(os.fspath(lib_dir / name))
+    err = _err()
+    with _sycl_cpu_env(lib_dir):
+        failed = lib.qjax_onednn_init(err, _ERR)
+    if failed:
+        return False, err.value.decode()
+    jax.ffi.register_ffi_target(
+        ONEDNN_TARGET, jax.ffi.pycapsule(lib.QjaxOnednnMatmul), platform="cpu"
+    )
+    global _LIB
+    _LIB = lib
+    v = lib.qjax_onednn_version()
+    return True, f"oneDNN {v // 10000}.{v // 100 % 100}.{v % 100} (wheel {version}, {lib._name})"
+
+
+def onednn_status() -> tuple[bool, str]:
+    """Whether the optional oneDNN library is installed and its kernel loads, and why (not).
+
+    The first call finds the wheels (:func:`onednn_install`), builds (or finds cached)
+    the shim, creates oneDNN's CPU engine and registers the FFI target; later calls return
+    the cached answer. Whether its integers are exact on this CPU is
+    :func:`onednn_exact`.
+
+    Returns:
+      ``(available, reason)``.
+
+    >>> ok, reason = onednn_status()
+    >>> isinstance(ok, bool) and reason != ""
+    True
+    """
+    return _probe()
+
+
+def _isa() -> int:
+    return int(_LIB.qjax_onednn_isa())
+
+
+def onednn_exact() -> tuple[bool, str]:
+    """Whether oneDNN's int8 matmul adds every u8·s8 product into int32 exactly here.
+
+    True when the library is available (:func:`onednn_status`) and the ISA oneDNN
+    dispatches to has VNNI or AMX (``dnnl_get_effective_cpu_isa``, which
+    ``ONEDNN_MAX_CPU_ISA`` lowers); ``reason`` names the ISA, or why not.
+
+    >>> ok, reason = onednn_exact()
+    >>> ok <= onednn_status()[0] and reason != ""
+    True
+    """
+    ok, reason = onednn_status()
+    if not ok:
+        return False, reason
+    isa = _isa()
+    name = _ISA_NAMES.get(isa, hex(isa))
+    if isa & _VNNI_BITS:
+        return True, f"{reason}: ISA {name}, VNNI int32 accumulation (exact)"
+    return False, (
+        f"{reason}: ISA {name} has no VNNI, its u8·s8 pair sums saturate int16 (vpmaddubsw); "
+        "layers stay on XLA"
+    )
+
+
+def require_onednn(layer: str) -> None:
+    """Raise ``RuntimeError`` naming the layer and the reason unless oneDNN's kernel is
+    available and exact here (:func:`onednn_exact`)."""
+    _build.require(onednn_exact(), layer, "onednn", "oneDNN int8 matmul")
+
+
+def onednn_impl(m: int, k: int, n: int) -> str:
+    """The implementation oneDNN runs an ``(M, K) x (K, N)`` u8·s8 matmul with, e.g.
+    ``"brg_matmul:avx512_core_vnni"``; ``RuntimeError`` when it is not an exact one (its
+    name in the message) or the library is unavailable.
+
+    >>> if onednn_exact()[0]:
+    ...     print(onednn_impl(4, 64, 16).startswith("brg_matmul:"))
+    ... else:
+    ...     print(True)
+    True
+    """
+    require_onednn("onednn_impl")
+    buf = _err()
+    rc = _LIB.qjax_onednn_impl(int(m), int(k), int(n), buf, _ERR)
+    if rc != 0:
+        raise RuntimeError(buf.value.decode())
+    return buf.value.decode()
+
+
+def _pack_host(w: np.ndarray) -> np.ndarray:
+    k, n = w.shape
+    err = _err()
+    size = _LIB.qjax_onednn_packed_size(k, n, err, _ERR)
+    if size < 0:
+        raise RuntimeError(err.value.decode())
+    w = np.ascontiguousarray(w, np.int8)
+    out = np.zeros(size, np.uint8)
+    if _LIB.qjax_onednn_pack(k, n, w.ctypes.data, out.ctypes.data, err, _ERR):
+        raise RuntimeError(err.value.decode())
+    return out
+
+
+def pack_onednn_weight(w: jax.Array) -> jax.Array:
+    """Reorder an int8 ``(K, N)`` weight into oneDNN's preferred matmul layout: uint8
+    bytes ``(S,)``, ``S`` as oneDNN sizes that layout on this CPU (e.g. ``BA16a64b4a``
+    with ``K`` and ``N`` padded by zeros on AVX-512-VNNI). Concrete weights are reordered
+    here; traced ones (inside ``jit``) through a host callback. Call
+    :func:`require_onednn` first.
+
+    >>> if onednn_exact()[0]:
+    ...     p = pack_onednn_weight(jnp.ones((3, 5), jnp.int8))
+    ...     print(p.dtype, p.size >= 15)
+    ... else:
+    ...     print("uint8 True")
+    uint8 True
+    """
+    if w.ndim != 2 or w.dtype != jnp.int8:
+        raise TypeError(f"pack_onednn_weight needs an int8 (K, N) array, got {w.dtype} {w.shape}")
+    if not isinstance(w, jax.core.Tracer):
+        return jnp.asarray(_pack_host(np.asarray(w)))
+    k, n = w.shape
+    err = _err()
+    size = _LIB.qjax_onednn_packed_size(k, n, err, _ERR)
+    if size < 0:
+        raise RuntimeError(err.value.decode())
+    out = jax.ShapeDtypeStruct((size,), jnp.uint8)
+    return jax.pure_callback(lambda v: _pack_host(np.asarray(v)), out, w)
+
+
+def onednn_dot(x: jax.Array, packed: jax.Array, w: jax.Array) -> jax.Array:
+    """``acc[..., n] = Σ_k x[..., k]·w[k, n]``: uint8 x int8 -> int32, on oneDNN.
+
+    ``x`` uint8 ``(..., K)`` codes as they are (signed activations are shifted by the
+    caller, ``x + 128``); ``packed = pack_onednn_weight(w)``; ``w`` the int8 ``(K, N)``
+    weight itself, used only where the program runs off CPU (``lax.dot_general`` in
+    int32 computes the same integers). Exact where :func:`onednn_exact` is true, as long
+    as the true sums fit int32. One FFI call; under ``vmap`` extra leading dims fold into
+    the rows.
+
+    >>> if onednn_exact()[0]:
+    ...     x = jnp.array([[255, 0, 3]], jnp.uint8)
+    ...     w = jnp.array([[127, 0], [2, 1], [-1, -128]], jnp.int8)
+    ...     print(onednn_dot(x, pack_onednn_weight(w), w))
+    ... else:
+    ...     print("[[32382  -384]]")
+    [[32382  -384]]
+    """
+    n = w.shape[1]
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.int32)
+
+    def native(x, packed, w):
+        del w
+        call = jax.ffi.ffi_call(ONEDNN_TARGET, out, vmap_method="expand_dims")
+        with jax.named_scope(EXPORT_HINT):
+            return call(x, packed)
+
+    def portable(x, packed, w):
+        del packed
+        dims = (((x.ndim - 1,), (0,)), ((), ()))
+        xi, wi = x.astype(jnp.int32), w.astype(jnp.int32)
+        return lax.dot_general(xi, wi, dims, preferred_element_type=jnp.int32)
+
+    return lax.platform_dependent(x, packed, w, cpu=native, default=portable)
