@@ -1,5 +1,5 @@
-"""``kernel="xla" | "amx" | "auto"`` at the model level: served Flax models, save/load, the
-torch importer and pt2e.
+"""``kernel="xla" | "amx" | "onednn" | "auto"`` at the model level: served Flax models,
+save/load, the torch importer and pt2e.
 
 * ``qjax.convert(kernel="amx")`` == ``kernel="xla"`` exactly (output floats, hence codes)
   on a calibrated conv-BN-ReLU-pool-dense NNX model, an MLP and a Linen CNN, and
@@ -8,6 +8,10 @@ torch importer and pt2e.
   1x1 conv, add, max pool, linear): ``program.trace`` == torch's own codes at run time
   (0 mismatches) and == the XLA-kernel program, engines fbgemm and x86; the depthwise
   layer is reported "xla";
+* ``kernel="onednn"`` (the optional oneDNN library, where exact on this CPU): served
+  NNX CNN (slow run: MLP) == XLA, its dense layer on oneDNN and the convs on XLA;
+  ``import_model`` on the torch CNN == torch's codes and the XLA program, engines fbgemm
+  and x86, only ``fc`` on oneDNN; skipped with the reason where the library is missing;
 * ``kernel="auto"``; errors: unknown kernel name, unavailable native kernel (probe
   monkeypatched) names the model-level call and the reason; save -> load(kernel="amx").
 
@@ -34,10 +38,12 @@ import qjax
 from qjax.flax import default_qat_qconfig
 from qjax.flax import linen as qlinen
 from qjax.flax import nnx as qnnx
-from qjax.kernels import _native, native_status
+from qjax.kernels import _native, native_status, onednn_exact
 
 _OK, _REASON = native_status()
 amx = pytest.mark.skipif(not _OK, reason=f"native AMX kernel unavailable: {_REASON}")
+_DNN, _DNN_REASON = onednn_exact()
+onednn = pytest.mark.skipif(not _DNN, reason=f"oneDNN int8 matmul unavailable: {_DNN_REASON}")
 
 
 def _cfg():
@@ -151,11 +157,34 @@ def test_linen_served_amx_equals_xla():
     assert mism == 0
 
 
+@onednn
+@pytest.mark.parametrize("which", ["nnx_cnn", pytest.param("nnx_mlp", marks=pytest.mark.slow)])
+def test_served_onednn_equals_served_xla(which, request):
+    """Linear layers on oneDNN's matmul, convolutions on XLA (no oneDNN conv yet)."""
+    model, x, xla = request.getfixturevalue(which)
+    fast = qjax.convert(model, x, kernel="onednn")
+    dense = [k for k, v in fast.kernels.items() if v == "onednn"]
+    assert dense and set(fast.kernels.values()) <= {"onednn", "xla"}
+    assert all(v == "xla" for v in fast.kernels.values()) == (not dense)
+    n, mism = _exact(fast(x), xla(x))
+    print(f"{which}: served onednn ({len(dense)} layers) vs xla: {mism} of {n} outputs differ")
+    assert n > 300 and mism == 0
+    fwd = jax.jit(lambda served, x: served.forward(x))
+    assert "custom_call @qjax_onednn_" in fwd.lower(fast, x).as_text()
+    with pytest.raises(ValueError, match="qjax_onednn_"):
+        jax.export.export(jax.jit(fast.forward))(jax.ShapeDtypeStruct(x.shape, x.dtype))
+    # saved and loaded with the kernel: the same outputs
+    again = xla.with_kernel("onednn")
+    assert again.kernels == fast.kernels and _exact(again(x), fast(x))[1] == 0
+
+
 def test_auto_and_xla_default(nnx_cnn):
     model, x, xla = nnx_cnn
     auto = qjax.convert(model, x, kernel="auto")
-    want = "amx" if _OK else "xla"
-    assert set(auto.kernels.values()) == {want} and len(auto.kernels) == 3  # 2 convs, 1 dense
+    conv = "amx" if _OK else "xla"
+    dense = "onednn" if _DNN else conv  # oneDNN first for linear layers
+    assert len(auto.kernels) == 3  # 2 convs, 1 dense
+    assert list(auto.kernels.values()) == [conv, conv, dense]
     assert set(xla.kernels.values()) == {"xla"}
     n, mism = _exact(auto(x), xla(x))
     assert mism == 0
@@ -177,12 +206,17 @@ def test_unavailable_native_kernel_names_call_and_reason(nnx_cnn, tmp_path, monk
     path = tmp_path / "m.safetensors"
     qjax.save_served(path, served)
     monkeypatch.setattr(_native, "native_status", lambda: (False, "CPU lacks amx_int8 (test)"))
+    no_dnn = (False, "the optional oneDNN library is not installed (test)")
+    monkeypatch.setattr(_native, "onednn_status", lambda: no_dnn)
+    monkeypatch.setattr(_native, "onednn_exact", lambda: no_dnn)
     with pytest.raises(RuntimeError, match=r"qjax.convert\(kernel='amx'\).*amx_int8 \(test\)"):
         qjax.convert(model, x, kernel="amx")
     with pytest.raises(RuntimeError, match=r"qjax.load_served\(kernel='amx'\).*\(test\)"):
         qjax.load_served(path, kernel="amx")
     with pytest.raises(RuntimeError, match=r"import_model\(kernel='amx'\).*\(test\)"):
         qtorch.import_model(nn.Identity(), (torch.zeros(1),), kernel="amx")
+    with pytest.raises(RuntimeError, match=r"qjax.convert\(kernel='onednn'\).*not installed"):
+        qjax.convert(model, x, kernel="onednn")
     auto = qjax.convert(model, x, kernel="auto")  # auto never raises: XLA everywhere
     assert set(auto.kernels.values()) == {"xla"}
     assert set(qjax.load_served(path, kernel="auto").kernels.values()) == {"xla"}
@@ -279,6 +313,39 @@ def test_imported_amx_equals_torch_and_xla(engine):
           f"{out_mism} of {ref_out.size} floats")  # fmt: skip
     assert n > 3000 and vs_torch == 0 and vs_xla == 0 and out_mism == 0
     np.testing.assert_array_equal(np.asarray(fast(x)), ref_out)
+
+
+@onednn
+@pytest.mark.parametrize("engine", ["fbgemm", "x86"])
+def test_imported_onednn_equals_torch_and_xla(engine):
+    eng = torch.backends.quantized.engine
+    try:
+        qm = _torch_model(engine)
+        x = torch.randn(5, 3, 8, 8) * 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = qtorch.torch_trace(qm, x)
+            with torch.no_grad():
+                ref_out = qm(x).numpy()
+        fast = qtorch.import_model(qm, (x,), engine=engine, kernel="onednn")
+        xla = qtorch.import_model(qm, (x,), engine=engine)
+    finally:
+        torch.backends.quantized.engine = eng
+    # only the linear layer changes (fbgemm's depthwise 3x3 saturates: sat16 either way)
+    assert xla.kernels["fc"] == "xla" and fast.kernels == dict(xla.kernels, fc="onednn")
+    out, trace = fast.run_traced(x)
+    _, trace_xla = xla.run_traced(x)
+    assert list(trace) == list(ref)
+    n = vs_torch = vs_xla = 0
+    for k, r in ref.items():
+        got = np.asarray(trace[k].values)
+        n += got.size
+        vs_torch += int((got != np.asarray(r.values)).sum())
+        vs_xla += int((got != np.asarray(trace_xla[k].values)).sum())
+    out_mism = int((np.asarray(out) != ref_out).sum())
+    print(f"{engine}: import onednn: {vs_torch} of {n} codes differ from torch, {vs_xla} from "
+          f"xla; {out_mism} of {ref_out.size} floats")  # fmt: skip
+    assert n > 3000 and vs_torch == 0 and vs_xla == 0 and out_mism == 0
 
 
 @amx

@@ -106,7 +106,7 @@ def onednn_install() -> tuple[Path, Path, str] | str:
         lib_dist = importlib.metadata.distribution("onednn")
         dev_dist = importlib.metadata.distribution("onednn-devel")
     except importlib.metadata.PackageNotFoundError as e:
-        return f"the optional oneDNN library is not installed ({e.name} missing): {INSTALL_HINT}"
+        return f"{e.name} is not installed: {INSTALL_HINT}"
     lib = _locate(lib_dist, "libdnnl.so.3")
     hpp = _locate(dev_dist, "oneapi/dnnl/dnnl.hpp")
     if lib is None or hpp is None:
@@ -242,7 +242,7 @@ def require_onednn(layer: str) -> None:
 def onednn_impl(m: int, k: int, n: int) -> str:
     """The implementation oneDNN runs an ``(M, K) x (K, N)`` u8·s8 matmul with, e.g.
     ``"brg_matmul:avx512_core_vnni"``; ``RuntimeError`` when it is not an exact one (its
-    name in the message) or the library is unavailable.
+    name in the message: the shim refuses to run it) or the library is unavailable.
 
     >>> if onednn_exact()[0]:
     ...     print(onednn_impl(4, 64, 16).startswith("brg_matmul:"))
@@ -250,7 +250,7 @@ def onednn_impl(m: int, k: int, n: int) -> str:
     ...     print(True)
     True
     """
-    require_onednn("onednn_impl")
+    _build.require(onednn_status(), "onednn_impl", "onednn", "oneDNN int8 matmul")
     buf = _err()
     rc = _LIB.qjax_onednn_impl(int(m), int(k), int(n), buf, _ERR)
     if rc != 0:
