@@ -25,9 +25,19 @@ def machine_line() -> str:
     except OSError:
         pass
     return (
-        f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} "
+        f"{cpu}, {isa_line()}, {os.cpu_count()} cores, jax {jax.__version__} "
         f"({jax.devices()[0].platform}), python {platform.python_version()}"
     )
+
+
+def isa_line() -> str:
+    """The int8 instruction sets this CPU has (``/proc/cpuinfo``) and qjax's CPU level."""
+    from qjax.kernels import host_level
+    from qjax.kernels._levels import cpu_flags
+
+    names = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    have = [f for f in names if f in cpu_flags()]
+    return f"ISA {'+'.join(have) or 'none of ' + '/'.join(names)} (level {host_level()})"
 
 
 def load_line() -> str:

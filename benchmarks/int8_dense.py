@@ -15,7 +15,9 @@ shape (ratio JAX f32 / qjax).
 ``qjax amx``: the same layer prepared with ``kernel="amx"`` (the native AMX int8 GEMM,
 :func:`qjax.kernels.native_status`), timed beside the XLA lowering with its own parity
 count against torch fbgemm and its own ``BENCH`` lines (case suffixed `` (amx)``); left
-out, with the reason printed, where the kernel is unavailable.
+out, with the reason printed, where the kernel is unavailable. ``qjax onednn``: the same
+with ``kernel="onednn"`` (oneDNN's int8 matmul, the optional library, where
+:func:`qjax.kernels.onednn_exact` says it is exact here), case suffixed `` (onednn)``.
 """
 
 import functools
@@ -31,7 +33,7 @@ from _timing import bench_line, interleaved, load_line, machine_line, quick, tab
 from jax import lax
 
 import qjax
-from qjax.kernels import QArray, native_status, prepare_linear, quantized_linear
+from qjax.kernels import QArray, native_status, onednn_exact, prepare_linear, quantized_linear
 
 SHAPES = [(m, k) for k in (1024, 2048) for m in (32, 256)]
 if quick():
@@ -92,15 +94,17 @@ def f32_dot(x, w):
 
 
 def main():
-    amx, amx_reason = native_status()
+    status = {"amx": native_status(), "onednn": onednn_exact()}
+    natives = [k for k, (ok, _) in status.items() if ok]  # the native kernels timed
     print(machine_line())
     if torch is not None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(load_line())
-    print(f"qjax amx: {'timed' if amx else 'left out'} ({amx_reason})")
+    for k, (ok, reason) in status.items():
+        print(f"qjax {k}: {'timed' if ok else 'left out'} ({reason})")
     print()
     rng = np.random.default_rng(0)
-    rows, ratios, amx_ratios = [], [], []
+    rows, ratios, native_ratios = [], [], []
     for m, k in SHAPES:
         n = k
         wf = (rng.standard_normal((k, n)) / k**0.5).astype(np.float32)
@@ -128,22 +132,22 @@ def main():
             "s8 dot": functools.partial(s8_dot, xi, wi),
             "f32 dot": functools.partial(f32_dot, xj, wj),
         }
-        if amx:
-            pw_amx = prepare_linear(w, kernel="amx")
-            fns["qjax amx"] = functools.partial(q_dense, x, pw_amx, b, out_qp)
+        pws = {k: prepare_linear(w, kernel=k) for k in natives}
+        for kn, pwk in pws.items():
+            fns[f"qjax {kn}"] = functools.partial(q_dense, x, pwk, b, out_qp)
         mism = None
         if torch is not None:
             fns["torch fbgemm"] = torch_fbgemm_layer(x, wq, sw.astype(np.float32), bf, out_qp)
             ref = fns["torch fbgemm"]().int_repr().numpy()
             mism = int((np.asarray(q_dense(x, pw, b, out_qp)) != ref).sum())
-            if amx:
-                amx_mism = int((np.asarray(q_dense(x, pw_amx, b, out_qp)) != ref).sum())
-                mism = f"{mism} (amx {amx_mism})"
+            for kn, pwk in pws.items():
+                bad = int((np.asarray(q_dense(x, pwk, b, out_qp)) != ref).sum())
+                mism = f"{mism} ({kn} {bad})"
         reps = (40 if m == 32 else 15) // (4 if quick() else 1)
         t = interleaved(fns, repeats=reps, warmup=3)
         ratios.append((f"M={m} K=N={k}", t["f32"] / t["qjax"]))
-        if amx:
-            amx_ratios.append((f"M={m} K=N={k} (amx)", t["f32"] / t["qjax amx"]))
+        for kn in natives:
+            native_ratios.append((f"M={m} K=N={k} ({kn})", t["f32"] / t[f"qjax {kn}"]))
         rows.append(
             [m, k, n]
             + [f"{t[name] * 1e6:.0f}" for name in fns]
@@ -153,23 +157,26 @@ def main():
                 f"{t['s8 dot'] / t['qjax']:.2f}",
             ]
             + ([f"{t['torch fbgemm'] / t['qjax']:.2f}x", mism] if torch is not None else [])
-            + (
-                [f"{t['f32'] / t['qjax amx']:.2f}x", f"{t['qjax'] / t['qjax amx']:.2f}x"]
-                if amx
-                else []
-            )
-            + ([f"{t['torch fbgemm'] / t['qjax amx']:.2f}x"] if amx and torch is not None else [])
+            + [
+                cell
+                for kn in natives
+                for cell in (
+                    f"{t['f32'] / t[f'qjax {kn}']:.2f}x",
+                    f"{t['qjax'] / t[f'qjax {kn}']:.2f}x",
+                )
+                + ((f"{t['torch fbgemm'] / t[f'qjax {kn}']:.2f}x",) if torch is not None else ())
+            ]
         )
     header = ["M", "K", "N"] + [f"{name} us" for name in fns]
     header += ["f32/qjax", "f32dot/s8dot (ceiling)", "s8dot/qjax"]
     header += ["fbgemm/qjax", "codes != fbgemm"] if torch is not None else []
-    header += ["f32/amx", "qjax/amx"] if amx else []
-    header += ["fbgemm/amx"] if amx and torch is not None else []
+    for kn in natives:
+        header += [f"f32/{kn}", f"qjax/{kn}"] + ([f"fbgemm/{kn}"] if torch is not None else [])
     print("median latency (interleaved); ratios > 1: int8 faster")
     print(table(header, rows))
     print(load_line())
     print("goal: qjax >= 10x f32 at M >= 32, K, N >= 1024")
-    for case, r in ratios + amx_ratios:
+    for case, r in ratios + native_ratios:
         bench_line("int8_dense", case, r, "jax f32", ">= 10x")
 
 

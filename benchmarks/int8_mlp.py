@@ -23,6 +23,9 @@ same float weights, the same weight codes and the same qparams:
 * qjax amx: the same qjax program with every layer prepared with ``kernel="amx"`` (the
   native AMX int8 GEMM, :func:`qjax.kernels.native_status`); left out, with the reason
   printed, where that kernel is unavailable.
+* qjax onednn: the same with ``kernel="onednn"`` (oneDNN's int8 matmul, the optional
+  library, where :func:`qjax.kernels.onednn_exact` says it is exact here); left out,
+  with the reason printed, elsewhere.
 
 The qjax output codes (both kernels) are checked against torch fbgemm's, and ORT's
 dequantized outputs against qjax's in units of the output scale (LSB; mismatch counts
@@ -32,7 +35,7 @@ Goals (issue 3): >= 7.5x JAX f32 and >= 1.5x the best torch engine at batch 32 a
 >= 1.0x torch fbgemm at batch 1; (issue 16) >= 1.0x onnxruntime at batch 1, 32 and 256.
 ``QJAX_BENCH_QUICK=1``: a fifth of the repeats. Prints ``BENCH`` lines: JAX f32 / qjax,
 best torch / qjax and onnxruntime / qjax per batch, torch fbgemm / qjax at batch 1; the
-same for qjax amx with the case suffixed `` (amx)``.
+same for qjax amx / qjax onednn with the case suffixed `` (amx)`` / `` (onednn)``.
 """
 
 import functools
@@ -64,6 +67,7 @@ from qjax.kernels import (  # noqa: E402
     QArray,
     host_level,
     native_status,
+    onednn_exact,
     prepare_linear,
     quantized_linear,
 )
@@ -224,8 +228,12 @@ def main():
     ws, bs = build_float()
     act_qp, qws = calibrate(ws, bs)
     qp = qjax_params(qws, bs, act_qp)
-    amx, amx_reason = native_status()
-    qp_amx = qjax_params(qws, bs, act_qp, kernel="amx") if amx else None
+    natives = {}  # label -> (kernel, params) of each native kernel that runs here
+    reasons = {}
+    for kernel, status in (("amx", native_status), ("onednn", onednn_exact)):
+        ok, reasons[kernel] = status()
+        if ok:
+            natives[f"qjax {kernel}"] = (kernel, qjax_params(qws, bs, act_qp, kernel=kernel))
     fp = [
         (jnp.asarray(w.numpy().T.copy()), jnp.asarray(b.numpy()))
         for w, b in zip(ws, bs, strict=True)
@@ -242,11 +250,12 @@ def main():
         f"{host_level()} (ORT's u8s8 kernels may saturate int16 pair sums below vnni)"
     )
     print(load_line())
-    print(f"qjax amx: {'timed' if amx else 'left out'} ({amx_reason})")
+    for kernel, reason in reasons.items():
+        print(f"qjax {kernel}: {'timed' if f'qjax {kernel}' in natives else 'left out'} ({reason})")
     print()
 
     rng = np.random.default_rng(2)
-    rows, checks, ort_checks, ratios, amx_ratios = [], [], [], [], []
+    rows, checks, ort_checks, ratios, native_ratios = [], [], [], [], []
     for batch in BATCHES:
         xn = rng.random((batch, SIZES[0]), dtype=np.float32)
         xj, xt = jnp.asarray(xn), torch.from_numpy(xn)
@@ -255,9 +264,7 @@ def main():
         refs = tmodels["fbgemm"](xt, collect=True)
         total = sum(r.numel() for r in refs)
         ref = refs[-1].dequantize().numpy()
-        for label, params in (("qjax", qp), ("qjax amx", qp_amx)):
-            if params is None:
-                continue
+        for label, params in [("qjax", qp)] + [(k, p) for k, (_, p) in natives.items()]:
             gots = qjax_codes(params, xj)
             mism = sum(
                 int((np.asarray(g.values) != r.int_repr().numpy()).sum())
@@ -276,8 +283,8 @@ def main():
             "qjax int8": functools.partial(qjax_forward, qp, xj),
             "jax f32": functools.partial(f32_forward, fp, xj),
         }
-        if amx:
-            fns["qjax amx"] = functools.partial(qjax_forward, qp_amx, xj)
+        for label, (_, params) in natives.items():
+            fns[label] = functools.partial(qjax_forward, params, xj)
         with torch.inference_mode():
             for e in ENGINES:
                 fns[f"torch {e}"] = functools.partial(run_torch, tmodels[e], e, xt)
@@ -300,10 +307,10 @@ def main():
         if not big:
             ratios.append((f"batch {batch}", t["torch fbgemm"] / tq, "torch fbgemm", ">= 1.0x"))
         ratios.append((f"batch {batch}", t["onnxruntime"] / tq, "onnxruntime", ">= 1.0x"))
-        if amx:
-            ta, case = t["qjax amx"], f"batch {batch} (amx)"
-            amx_ratios.append((case, t["jax f32"] / ta, "jax f32", ">= 7.5x" if big else None))
-            amx_ratios.append(
+        for label, (kernel, _) in natives.items():
+            ta, case = t[label], f"batch {batch} ({kernel})"
+            native_ratios.append((case, t["jax f32"] / ta, "jax f32", ">= 7.5x" if big else None))
+            native_ratios.append(
                 (
                     case,
                     t[f"torch {best_e}"] / ta,
@@ -312,8 +319,8 @@ def main():
                 )
             )
             if not big:
-                amx_ratios.append((case, t["torch fbgemm"] / ta, "torch fbgemm", ">= 1.0x"))
-            amx_ratios.append((case, t["onnxruntime"] / ta, "onnxruntime", ">= 1.0x"))
+                native_ratios.append((case, t["torch fbgemm"] / ta, "torch fbgemm", ">= 1.0x"))
+            native_ratios.append((case, t["onnxruntime"] / ta, "onnxruntime", ">= 1.0x"))
         rows.append(
             [batch]
             + [f"{t[k] * 1e6:.0f}" for k in fns]
@@ -323,20 +330,23 @@ def main():
                 f"{t[f'torch {best_e}'] / tq:.2f}x ({best_e})",
                 f"{t['onnxruntime'] / tq:.2f}x",
             ]
-            + (
-                [
-                    f"{t['jax f32'] / t['qjax amx']:.2f}x",
-                    f"{t[f'torch {best_e}'] / t['qjax amx']:.2f}x ({best_e})",
-                    f"{t['onnxruntime'] / t['qjax amx']:.2f}x",
-                    f"{tq / t['qjax amx']:.2f}x",
-                ]
-                if amx
-                else []
-            )
+            + [
+                cell
+                for label in natives
+                for cell in (
+                    f"{t['jax f32'] / t[label]:.2f}x",
+                    f"{t['torch fbgemm'] / t[label]:.2f}x",
+                    f"{t[f'torch {best_e}'] / t[label]:.2f}x ({best_e})",
+                    f"{t['onnxruntime'] / t[label]:.2f}x",
+                    f"{tq / t[label]:.2f}x",
+                )
+            ]
         )
     header = ["batch"] + [f"{k} us" for k in fns]
     header += ["f32/qjax", "fbgemm/qjax", "best torch/qjax", "ort/qjax"]
-    header += ["f32/amx", "best torch/amx", "ort/amx", "qjax/amx"] if amx else []
+    for label in natives:
+        k = label.split()[-1]
+        header += [f"f32/{k}", f"fbgemm/{k}", f"best torch/{k}", f"ort/{k}", f"qjax/{k}"]
     print("median latency per forward (interleaved), ratios > 1: qjax faster")
     print(table(header, rows))
     print()
@@ -357,7 +367,7 @@ def main():
         "goals: >= 7.5x f32 and >= 1.5x best torch at batch 32, 256; "
         ">= 1.0x torch fbgemm at batch 1; >= 1.0x onnxruntime at batch 1, 32, 256"
     )
-    for case, r, base, goal in ratios + amx_ratios:
+    for case, r, base, goal in ratios + native_ratios:
         bench_line("int8_mlp", case, r, base, goal)
 
 
