@@ -31,6 +31,7 @@ from jax import lax
 
 from .._requant import _zero_point_scalar, activation_bounds
 from .._schemes import _apply_fbgemm, _coef_fbgemm, _coef_qnnpack, _coefficients
+from . import _onednn
 
 QTARGET = "qjax_amx_q8_gemm"
 QCONV_TARGET = "qjax_amx_q8_conv2d"
@@ -77,7 +78,9 @@ def epilogue_vectors(scheme, n, corr, bias, scale_x, scale_w, out, relu):
 def fusable(pw, x, bias, out, scheme) -> bool:
     """Whether ``quantized_linear`` can take the fused call (else the unfused path runs).
 
-    Needs an AMX-prepared weight with zero points known to be 0, scheme
+    Needs an AMX-prepared weight (or a ``kernel="onednn"`` one where its provider has
+    the fused epilogue, :func:`~qjax.kernels._native._onednn.onednn_fused`) with zero
+    points known to be 0, scheme
     ``"fbgemm"``/``"qnnpack"``, int8/uint8 inputs and per-tensor int8/uint8 outputs
     with an integer zero point, and a float32-castable ``(N,)`` or 0-d bias; anything
     else (including malformed input, whose error the unfused path raises) is ``False``.
@@ -85,8 +88,11 @@ def fusable(pw, x, bias, out, scheme) -> bool:
     >>> fusable(None, None, None, None, "tflite")
     False
     """
-    if out is None or scheme not in FUSED_SCHEMES or getattr(pw, "kernel", None) != "amx":
+    kernel = getattr(pw, "kernel", None)
+    if out is None or scheme not in FUSED_SCHEMES or kernel not in ("amx", "onednn"):
         return False
+    if kernel == "onednn" and not (_onednn.onednn_fused() and hasattr(pw, "out_features")):
+        return False  # the ukernel's epilogue covers linear layers only
     if not pw.zero_point_is_zero or x.values.dtype not in _CODES:
         return False
     ospec = out.spec
@@ -108,15 +114,24 @@ def fusable(pw, x, bias, out, scheme) -> bool:
 
 def fused_linear_codes(x, pw, bias, out, scheme, relu) -> jax.Array:
     """Output codes of ``quantized_linear`` (before a ``relu6``/``hardtanh`` clamp) in one
-    fused AMX call; only when :func:`fusable` said so.
+    fused AMX or oneDNN-ukernel call; only when :func:`fusable` said so.
 
-    ``x`` a :class:`~qjax.QArray` ``(..., K)``; ``pw`` an AMX ``PreparedLinear``; the
-    accumulator correction ``-zp_x·Σ_k w`` uses the raw codes' zero point (uint8 codes
-    are not shifted: ``tdpbusd`` takes them as they are). Returns ``out.spec.dtype``.
+    ``x`` a :class:`~qjax.QArray` ``(..., K)``; ``pw`` an AMX or oneDNN
+    ``PreparedLinear``; the accumulator correction ``-zp_x·Σ_k w`` uses the raw codes'
+    zero point (uint8 codes are not shifted: ``tdpbusd``/``vpdpbusd`` take them as they
+    are). oneDNN's kernel takes uint8 only: int8 codes are shifted up by 128 (the top
+    bit flipped) and their zero point with them. Returns ``out.spec.dtype``.
 
     >>> fusable(None, None, None, None, "exact")  # see quantized_linear's tests
     False
     """
+    if pw.kernel == "onednn":
+        xv, shift = x.values, 0
+        if xv.dtype == jnp.int8:  # x + 128 as uint8: flip the top bit, reinterpret
+            xv, shift = lax.bitcast_convert_type(xv ^ jnp.int8(-128), jnp.uint8), 128
+        vecs = _layer_vectors(x, pw.weight, pw.col_sum, bias, out, scheme, relu, shift)
+        q8 = _onednn.onednn_linear_q8
+        return q8(xv, pw.packed, pw.weight.values, *vecs, out.spec.dtype)
     vecs = _layer_vectors(x, pw.weight, pw.col_sum, bias, out, scheme, relu)
     return amx_linear_q8(x.values, pw.packed, pw.weight.values, *vecs, out.spec.dtype)
 
@@ -136,10 +151,11 @@ def fused_conv_codes(xv, x, pw, bias, out, scheme, relu, stride) -> jax.Array:
     return amx_conv2d_q8(xv, pw.packed, pw.weight.values, stride, *vecs, out.spec.dtype)
 
 
-def _layer_vectors(x, wq, w_sum, bias, out, scheme, relu):
-    """:func:`epilogue_vectors` of a layer: ``corr = -zp_x·Σw`` per output channel
-    (``w_sum``, int32 ``(N,)``), the input's scale and the weight's (0-d per tensor)."""
-    zx = jnp.asarray(x.zero_point).astype(jnp.int32).reshape(())
+def _layer_vectors(x, wq, w_sum, bias, out, scheme, relu, shift=0):
+    """:func:`epilogue_vectors` of a layer: ``corr = -(zp_x + shift)·Σw`` per output
+    channel (``w_sum``, int32 ``(N,)``; ``shift`` what the caller added to the codes), the
+    input's scale and the weight's (0-d per tensor)."""
+    zx = jnp.asarray(x.zero_point).astype(jnp.int32).reshape(()) + jnp.int32(shift)
     corr = jnp.int32(0) - zx * w_sum
     scale_w = wq.scale if wq.spec.granularity == "axis" else jnp.reshape(wq.scale, ())
     sx = jnp.reshape(x.scale, ())

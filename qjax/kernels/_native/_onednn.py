@@ -1,5 +1,28 @@
 """oneDNN's int8 matmul as a qjax kernel (``kernel="onednn"``), an optional library.
 
+Two builds of oneDNN can provide it; the first that loads and is exact here is used
+(one per process, :func:`onednn_provider`):
+
+* ``"ukernel"``: oneDNN's brgemm ukernel (``dnnl::ukernel::brgemm``) as built into
+  PyTorch's CPU wheel, called through ``at::native::cpublas::brgemm`` (the entry point
+  torch's generated C++ kernels use) from qjax's shim ``onednn_ukernel.cc``: the JIT
+  brgemm kernel runs on the calling thread with raw pointers, no engine, stream or
+  queue. The weight is packed once into 64-column VNNI blocks (:func:`pack_onednn_weight`)
+  and, for the ``"fbgemm"``/``"qnnpack"`` schemes with zero weight zero points, the
+  requantization runs in the same call on each block while it is in cache
+  (:func:`onednn_linear_q8`, the AMX kernel's epilogue, same codes). torch runs the u8·s8
+  kernel only at ``avx512_core_vnni`` or above (it refuses lower ISAs, which the probe
+  turns into a reason), so it is exact wherever it runs. The PyPI ``onednn`` wheel below
+  cannot provide this: it is built without ``DNNL_EXPERIMENTAL_UKERNEL`` (its headers
+  declare the API, its library exports no ``dnnl_brgemm_*`` symbol).
+* ``"matmul"``: the matmul primitive of the PyPI ``onednn`` wheel, described below;
+  ~40 µs of SYCL queue per call, so it is the fallback (e.g. AVX-VNNI CPUs without
+  AVX-512, where torch refuses the ukernel).
+
+``QJAX_ONEDNN_PROVIDER=ukernel|matmul`` (read once) forces one of them.
+
+The ``"matmul"`` provider.
+
 ``prepare_linear(w, kernel="onednn")`` reorders the int8 ``(K, N)`` weight once into the
 layout oneDNN's matmul prefers on this CPU (:func:`pack_onednn_weight`, oneDNN's
 ``format_tag::any``), and the linear layer's int32 accumulator then comes from one FFI
@@ -44,6 +67,7 @@ import ctypes
 import functools
 import importlib.metadata
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -55,16 +79,24 @@ from . import _build
 
 __all__ = [
     "ONEDNN_TARGET",
+    "UKERNEL_Q8_TARGET",
+    "UKERNEL_TARGET",
     "onednn_dot",
     "onednn_exact",
+    "onednn_fused",
     "onednn_impl",
     "onednn_install",
+    "onednn_linear_q8",
+    "onednn_provider",
     "onednn_status",
     "pack_onednn_weight",
     "require_onednn",
+    "ukernel_install",
 ]
 
 ONEDNN_TARGET = "qjax_onednn_u8s8_matmul"
+UKERNEL_TARGET = "qjax_onednn_uk_matmul"
+UKERNEL_Q8_TARGET = "qjax_onednn_uk_q8_linear"
 EXPORT_HINT = "qjax_native_onednn_kernel: for jax.export build the model with kernel='xla'"
 INSTALL_HINT = "pip install 'qjax[onednn]' (PyPI onednn + onednn-devel)"
 
@@ -89,9 +121,14 @@ _ISA_NAMES = {
 _PRELOAD = ("libintlc.so.5", "libimf.so", "libsvml.so", "libirng.so")
 # Shim flags: the epilogue is not here (integers only), so plain -O2.
 _FLAGS = ("-O2", "-std=c++17", "-fPIC", "-shared", "-w")
+# The ukernel shim holds the fused epilogue's float32 steps, which must round as XLA's:
+# no fast math, no multiply contracted into an add.
+_UK_FLAGS = ("-O2", "-std=c++17", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
+_UK_FLAGS += ("-w",)  # the FFI headers warn (unreachable returns); not ours to fix
 _ERR = 1024
 
-_LIB = None
+_LIB = None  # the loaded shim of the provider in use
+_PROVIDER = None  # "ukernel" or "matmul" once _probe succeeded
 
 
 def onednn_install() -> tuple[Path, Path, str] | str:
@@ -113,6 +150,39 @@ def onednn_install() -> tuple[Path, Path, str] | str:
         missing = "libdnnl.so.3" if lib is None else "oneapi/dnnl/dnnl.hpp"
         return f"the oneDNN wheels lack {missing} ({INSTALL_HINT})"
     return lib.parent, hpp.parents[2], lib_dist.version
+
+
+def ukernel_install() -> tuple[Path, str, str] | str:
+    """``(torch's library folder, torch version, oneDNN version)`` where PyTorch's CPU
+    wheel (whose bundled oneDNN has the brgemm ukernel) is installed, else a sentence
+    saying what is missing. Found through the wheel's file list; torch is not imported.
+
+    >>> found = ukernel_install()
+    >>> isinstance(found, str) or (found[0] / "libtorch_cpu.so").is_file()
+    True
+    """
+    try:
+        dist = importlib.metadata.distribution("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "torch is not installed (its CPU wheel carries oneDNN's brgemm ukernel)"
+    lib = hdr = None
+    for f in dist.files or ():
+        name = str(f)
+        if name.endswith("torch/lib/libtorch_cpu.so"):
+            lib = Path(dist.locate_file(f)).resolve()
+        elif name.endswith("oneapi/dnnl/dnnl_version.h"):
+            hdr = Path(dist.locate_file(f))
+    if lib is None or not lib.is_file():
+        return f"torch {dist.version} has no lib/libtorch_cpu.so"
+    version = "3.x"
+    if hdr is not None and hdr.is_file():
+        text = hdr.read_text()
+        parts = [
+            re.search(rf"#define DNNL_VERSION_{p} (\d+)", text) for p in ("MAJOR", "MINOR", "PATCH")
+        ]
+        if all(parts):
+            version = ".".join(m.group(1) for m in parts)
+    return lib.parent, dist.version, version
 
 
 def _locate(dist, suffix: str) -> Path | None:
@@ -147,8 +217,43 @@ def _err() -> ctypes.Array:
     return ctypes.create_string_buffer(_ERR)
 
 
-@functools.cache
-def _probe() -> tuple[bool, str]:
+def _probe_ukernel() -> tuple[bool, str]:
+    found = ukernel_install()
+    if isinstance(found, str):
+        return False, found
+    lib_dir, torch_version, version = found
+    library = _build.Library(
+        Path(__file__).with_name("onednn_ukernel.cc"),
+        _UK_FLAGS + (f'-DQJAX_TORCH="{torch_version}"',),
+        "libqjax_onednn_uk.so",
+        # DT_RPATH: the loader searches it for libtorch_cpu's own dependencies too
+        ("-L", str(lib_dir), "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib_dir}")
+        + ("-Wl,--disable-new-dtags",),
+    )
+    lib, reason = _build.load(library, ())
+    if lib is None:
+        return False, reason
+    lib.qjax_onednn_uk_packed_size.restype = ctypes.c_int64
+    lib.qjax_onednn_uk_packed_size.argtypes = [ctypes.c_int64] * 2
+    lib.qjax_onednn_uk_pack.argtypes = [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2
+    lib.qjax_onednn_uk_pack.restype = None
+    lib.qjax_onednn_uk_parallel_macs.restype = ctypes.c_int64
+    lib.qjax_onednn_uk_parallel_macs.argtypes = [ctypes.c_int64]
+    lib.qjax_onednn_uk_parallel_calls.restype = ctypes.c_int64
+    err = _err()
+    if lib.qjax_onednn_uk_init(err, _ERR):
+        return False, err.value.decode()
+    for target, handler in (
+        (UKERNEL_TARGET, lib.QjaxOnednnUkMatmul),
+        (UKERNEL_Q8_TARGET, lib.QjaxOnednnUkQ8Linear),
+    ):
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+    global _LIB, _PROVIDER
+    _LIB, _PROVIDER = lib, "ukernel"
+    return True, f"oneDNN {version} brgemm ukernel (torch {torch_version}, {lib._name})"
+
+
+def _probe_matmul() -> tuple[bool, str]:
     found = onednn_install()
     if isinstance(found, str):
         return False, found
@@ -181,10 +286,37 @@ def _probe() -> tuple[bool, str]:
     jax.ffi.register_ffi_target(
         ONEDNN_TARGET, jax.ffi.pycapsule(lib.QjaxOnednnMatmul), platform="cpu"
     )
-    global _LIB
-    _LIB = lib
+    global _LIB, _PROVIDER
+    _LIB, _PROVIDER = lib, "matmul"
     v = lib.qjax_onednn_version()
     return True, f"oneDNN {v // 10000}.{v // 100 % 100}.{v % 100} (wheel {version}, {lib._name})"
+
+
+@functools.cache
+def _probe() -> tuple[bool, str]:
+    want = os.environ.get("QJAX_ONEDNN_PROVIDER", "")
+    if want not in ("", "ukernel", "matmul"):
+        return False, f"QJAX_ONEDNN_PROVIDER={want!r}: use 'ukernel' or 'matmul'"
+    if want == "matmul":
+        return _probe_matmul()
+    ok, reason = _probe_ukernel()
+    if ok or want == "ukernel":
+        return ok, reason
+    ok, fallback = _probe_matmul()
+    if ok:
+        return ok, f"{fallback} (brgemm ukernel unavailable: {reason})"
+    return ok, f"{fallback}; brgemm ukernel: {reason}"
+
+
+def onednn_provider() -> str | None:
+    """Which oneDNN build runs ``kernel="onednn"`` here: ``"ukernel"`` (the brgemm ukernel
+    in PyTorch's wheel, preferred: no per-call queue), ``"matmul"`` (the PyPI ``onednn``
+    wheel's matmul primitive) or ``None`` when neither loads (:func:`onednn_status`).
+
+    >>> onednn_provider() in ("ukernel", "matmul", None)
+    True
+    """
+    return _PROVIDER if onednn_status()[0] else None
 
 
 def onednn_status() -> tuple[bool, str]:
@@ -223,6 +355,11 @@ def onednn_exact() -> tuple[bool, str]:
     ok, reason = onednn_status()
     if not ok:
         return False, reason
+    if _PROVIDER == "ukernel":  # the probe ran it: torch refuses it below VNNI
+        return True, (
+            f"{reason}: u8·s8 brgemm at avx512_core_vnni or above (torch runs it only "
+            "there), VNNI int32 accumulation (exact)"
+        )
     isa = _isa()
     name = _ISA_NAMES.get(isa, hex(isa))
     if isa & _VNNI_BITS:
@@ -240,17 +377,22 @@ def require_onednn(layer: str) -> None:
 
 
 def onednn_impl(m: int, k: int, n: int) -> str:
-    """The implementation oneDNN runs an ``(M, K) x (K, N)`` u8·s8 matmul with, e.g.
-    ``"brg_matmul:avx512_core_vnni"``; ``RuntimeError`` when it is not an exact one (its
-    name in the message: the shim refuses to run it) or the library is unavailable.
+    """The implementation oneDNN runs an ``(M, K) x (K, N)`` u8·s8 matmul with: with the
+    ``"matmul"`` provider the primitive's name, e.g. ``"brg_matmul:avx512_core_vnni"``
+    (``RuntimeError`` when it is not an exact one, its name in the message: the shim
+    refuses to run it); with ``"ukernel"`` qjax's fixed blocking of the brgemm ukernel
+    (exact wherever the probe ran it, :func:`onednn_exact`). ``RuntimeError`` too where
+    the library is unavailable.
 
     >>> if onednn_exact()[0]:
-    ...     print(onednn_impl(4, 64, 16).startswith("brg_matmul:"))
+    ...     print(onednn_impl(4, 64, 16).startswith(("brg_matmul:", "brgemm_ukernel:")))
     ... else:
     ...     print(True)
     True
     """
     _build.require(onednn_status(), "onednn_impl", "onednn", "oneDNN int8 matmul")
+    if _PROVIDER == "ukernel":
+        return "brgemm_ukernel:u8s8s32 (64-column VNNI blocks, 64-row calls)"
     buf = _err()
     rc = _LIB.qjax_onednn_impl(int(m), int(k), int(n), buf, _ERR)
     if rc != 0:
@@ -258,13 +400,26 @@ def onednn_impl(m: int, k: int, n: int) -> str:
     return buf.value.decode()
 
 
-def _pack_host(w: np.ndarray) -> np.ndarray:
-    k, n = w.shape
+def _packed_size(k: int, n: int) -> int:
+    _build.require(onednn_status(), "pack_onednn_weight", "onednn", "oneDNN int8 matmul")
+    if _PROVIDER == "ukernel":
+        return int(_LIB.qjax_onednn_uk_packed_size(k, n))
     err = _err()
     size = _LIB.qjax_onednn_packed_size(k, n, err, _ERR)
     if size < 0:
         raise RuntimeError(err.value.decode())
+    return int(size)
+
+
+def _pack_host(w: np.ndarray) -> np.ndarray:
+    k, n = w.shape
     w = np.ascontiguousarray(w, np.int8)
+    size = _packed_size(k, n)
+    if _PROVIDER == "ukernel":
+        out = np.empty(size, np.uint8)
+        _LIB.qjax_onednn_uk_pack(k, n, w.ctypes.data, out.ctypes.data)
+        return out
+    err = _err()
     out = np.zeros(size, np.uint8)
     if _LIB.qjax_onednn_pack(k, n, w.ctypes.data, out.ctypes.data, err, _ERR):
         raise RuntimeError(err.value.decode())
@@ -272,9 +427,12 @@ def _pack_host(w: np.ndarray) -> np.ndarray:
 
 
 def pack_onednn_weight(w: jax.Array) -> jax.Array:
-    """Reorder an int8 ``(K, N)`` weight into oneDNN's preferred matmul layout: uint8
-    bytes ``(S,)``, ``S`` as oneDNN sizes that layout on this CPU (e.g. ``BA16a64b4a``
-    with ``K`` and ``N`` padded by zeros on AVX-512-VNNI). Concrete weights are reordered
+    """Reorder an int8 ``(K, N)`` weight into the layout of the oneDNN provider in use
+    (:func:`onednn_provider`): uint8 bytes ``(S,)``. ``"ukernel"``: 64-column VNNI
+    blocks, ``packed[((b·Kp/4 + k//4)·64 + j)·4 + k%4] = w[k, 64·b + j]`` with ``K``
+    rounded up to ``Kp`` (a multiple of 4) and ``N`` to 64 by zeros, ``S = ⌈N/64⌉·64·Kp``;
+    ``"matmul"``: the layout oneDNN's matmul prefers on this CPU (``format_tag::any``,
+    e.g. ``BA16a64b4a``), ``S`` as oneDNN sizes it. Concrete weights are reordered
     here; traced ones (inside ``jit``) through a host callback. Call
     :func:`require_onednn` first.
 
@@ -290,11 +448,7 @@ def pack_onednn_weight(w: jax.Array) -> jax.Array:
     if not isinstance(w, jax.core.Tracer):
         return jnp.asarray(_pack_host(np.asarray(w)))
     k, n = w.shape
-    err = _err()
-    size = _LIB.qjax_onednn_packed_size(k, n, err, _ERR)
-    if size < 0:
-        raise RuntimeError(err.value.decode())
-    out = jax.ShapeDtypeStruct((size,), jnp.uint8)
+    out = jax.ShapeDtypeStruct((_packed_size(k, n),), jnp.uint8)
     return jax.pure_callback(lambda v: _pack_host(np.asarray(v)), out, w)
 
 
@@ -319,9 +473,12 @@ def onednn_dot(x: jax.Array, packed: jax.Array, w: jax.Array) -> jax.Array:
     n = w.shape[1]
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.int32)
 
+    onednn_status()  # which provider's target: the probe picks it once
+
     def native(x, packed, w):
         del w
-        call = jax.ffi.ffi_call(ONEDNN_TARGET, out, vmap_method="expand_dims")
+        target = UKERNEL_TARGET if _PROVIDER == "ukernel" else ONEDNN_TARGET
+        call = jax.ffi.ffi_call(target, out, vmap_method="expand_dims")
         with jax.named_scope(EXPORT_HINT):
             return call(x, packed)
 
@@ -332,3 +489,59 @@ def onednn_dot(x: jax.Array, packed: jax.Array, w: jax.Array) -> jax.Array:
         return lax.dot_general(xi, wi, dims, preferred_element_type=jnp.int32)
 
     return lax.platform_dependent(x, packed, w, cpu=native, default=portable)
+
+
+def onednn_fused() -> bool:
+    """Whether ``kernel="onednn"`` layers can requantize inside the oneDNN call
+    (:func:`onednn_linear_q8`): only the ``"ukernel"`` provider has that epilogue.
+
+    >>> onednn_fused() == (onednn_provider() == "ukernel")
+    True
+    """
+    return onednn_provider() == "ukernel"
+
+
+def onednn_linear_q8(x, packed, w, ivec, fvec, mult, clamp, zp, out_dtype) -> jax.Array:
+    """8-bit codes ``(..., N)`` of a linear layer in one oneDNN ukernel call:
+
+    ``acc = Σ_k x[..., k]·w[k, n]`` (uint8 x int8 -> int32, exact), then per column
+    ``a = acc + ivec[n]`` (int32, wrapping), ``y = f32(a) + fvec[n]``,
+    ``code = clamp(rint(f32(y·mult[n])), clamp[0], clamp[1]) + zp`` (NaN -> ``zp``), the
+    AMX kernel's epilogue (:mod:`._fused`, the vectors from its ``epilogue_vectors``).
+
+    ``x`` uint8 ``(..., K)``; ``packed = pack_onednn_weight(w)`` with the ``"ukernel"``
+    provider (:func:`onednn_fused`); ``w`` int8 ``(K, N)``, used only off CPU, where
+    ``lax.dot_general`` and the scheme's own ``_apply_fbgemm`` compute the same codes;
+    ``ivec`` int32 ``(N,)``, ``fvec``/``mult`` float32 ``(N,)``, ``clamp`` float32 ``(2,)``,
+    ``zp`` int32 ``(1,)``; ``out_dtype`` int8 or uint8.
+
+    >>> x = jnp.array([[200, 3]], jnp.uint8)
+    >>> w = jnp.array([[1, -1], [2, 1]], jnp.int8)
+    >>> one, z = jnp.ones(2, jnp.float32), jnp.zeros(2, jnp.float32)
+    >>> if onednn_fused():  # rint(206 / 2) = 103, rint(-197 / 2) = -98 (ties to even)
+    ...     print(onednn_linear_q8(x, pack_onednn_weight(w), w, jnp.zeros(2, jnp.int32), z,
+    ...           one / 2, jnp.array([-128.0, 127.0]), jnp.array([0], jnp.int32), jnp.int8))
+    ... else:
+    ...     print("[[103 -98]]")
+    [[103 -98]]
+    """
+    from .._schemes import _apply_fbgemm
+
+    n = w.shape[1]
+    shape = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), out_dtype)
+
+    def native(x, packed, w, *vecs):
+        del w
+        call = jax.ffi.ffi_call(UKERNEL_Q8_TARGET, shape, vmap_method="expand_dims")
+        with jax.named_scope(EXPORT_HINT):
+            return call(x, packed, *vecs)
+
+    def portable(x, packed, w, ivec, fvec, mult, clamp, zp):
+        del packed
+        dims = (((x.ndim - 1,), (0,)), ((), ()))
+        acc = lax.dot_general(x.astype(jnp.int32), w.astype(jnp.int32), dims)
+        codes = _apply_fbgemm(acc + ivec, fvec, mult, zp[0], clamp[0], clamp[1])
+        return codes.astype(out_dtype)
+
+    vecs = (ivec, fvec, mult, clamp, zp)
+    return lax.platform_dependent(x, packed, w, *vecs, cpu=native, default=portable)

@@ -1,0 +1,341 @@
+// qjax int8 linear layers on oneDNN's brgemm ukernel, XLA FFI calls: uint8 x int8 -> int32,
+// exact where oneDNN runs the kernel (AVX-512-VNNI or AMX).
+//
+//   acc[m, n]  = sum_k x[m, k] * w[k, n]                         (qjax_onednn_uk_matmul)
+//   code[m, n] = epilogue(acc[m, n]) in 8 bits                    (qjax_onednn_uk_q8_linear)
+//
+// Why the ukernel: oneDNN's matmul primitive of the PyPI onednn wheel runs every call
+// through a SYCL queue (~40 us per call); the ukernel (dnnl::ukernel::brgemm) is the same
+// JIT-generated brgemm kernel called directly on this thread with raw pointers. The PyPI
+// onednn 2026.1 wheel is built without DNNL_EXPERIMENTAL_UKERNEL (no dnnl_brgemm_*
+// symbols), so qjax uses the build inside PyTorch's CPU wheel (oneDNN with the ukernel
+// enabled), through the entry point torch's own generated C++ kernels (inductor) call:
+// at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add_C, const uint8*, const int8*,
+// int32*, is_vnni). torch caches one generated kernel per (M, N, K, ld*) per thread, and
+// runs it only where oneDNN's ISA is avx512_core_vnni or above (it throws otherwise):
+// vpdpbusd / tdpbusd add every u8*s8 product into int32 exactly.
+//
+// x:      uint8 (..., K) row-major; every leading dim folds into M ("expand_dims").
+// packed: uint8 (S,), S = ceil(N / 64) * Kp * 64, Kp = K rounded up to 4: the weight in
+//         the ukernel's VNNI layout, 64 columns per block, zero-padded in K and N:
+//           packed[((nb * Kp / 4 + k / 4) * 64 + j) * 4 + k % 4] = w[k, nb * 64 + j]
+//         so block nb is a (Kp / 4, 64, 4) array with ld_b = 64 (qjax_onednn_uk_pack).
+//
+// The zero points are not the kernel's business: qjax subtracts zp_x * sum_k w (and the
+// weight zero-point terms) in its epilogue, as on its XLA path, so the int32 accumulator
+// and every scheme's codes are the same integers.
+//
+// Work items: (64-column block, 64-row chunk); a second thread (a task on XLA's intra-op
+// pool) takes items only for calls of at least g_parallel_macs multiply-adds.
+#include <immintrin.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace at::native::cpublas {
+// torch/include/ATen/native/CPUBlas.h (TORCH_API), declared here so the shim needs no
+// ATen headers.
+void brgemm(int64_t M, int64_t N, int64_t K, int64_t ld_a, int64_t ld_b, int64_t ld_c,
+            bool add_C, const unsigned char* A, const signed char* B, int32_t* C,
+            bool is_vnni);
+void brgemm_release(bool is_vnni);
+}  // namespace at::native::cpublas
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kNB = 64;  // columns per packed block (one brgemm call's N)
+constexpr int64_t kMB = 64;  // rows per brgemm call
+
+int64_t RoundK(int64_t k) { return (k + 3) / 4 * 4; }
+int64_t Blocks(int64_t n) { return (n + kNB - 1) / kNB; }
+int64_t PackedSize(int64_t k, int64_t n) { return Blocks(n) * RoundK(k) * kNB; }
+
+// The fused requantize epilogue, per output column n: the same steps, in the same order
+// and with the same roundings, as the AMX kernel's (amx_gemm.cc, Epilogue), one
+// implementation of qjax.kernels._schemes._apply_fbgemm:
+//   a = acc + ivec[n]                       int32, wrapping (XLA's int32 add)
+//   y = f32(a) + fvec[n]                    (round to nearest even)
+//   r = rint(f32(y * mult[n]))              round half to even
+//   v = NaN ? 0 : min(max(r, flo), fhi)     jnp.clip then astype(int32): NaN -> 0
+//   code = (int8/uint8)(int32(v) + zp)      the low byte (XLA's integer convert)
+// Built with -ffp-contract=off: y * mult is never fused into the add.
+struct Epilogue {
+  const int32_t* ivec;
+  const float* fvec;
+  const float* mult;
+  float flo, fhi;
+  int32_t zp;
+};
+
+// AVX-512 only here (the ukernel itself needs avx512_core_vnni, so this runs only where
+// it is present); the rest of the library stays baseline x86-64 so it loads anywhere.
+__attribute__((target("avx512f,avx512bw"))) void Requant(const int32_t* acc, int64_t lda,
+                                                         int64_t rows, int64_t cols,
+                                                         uint8_t* dst, int64_t ld,
+                                                         const Epilogue& e, int64_t col) {
+  for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+    int64_t w = cols - c0 < 16 ? cols - c0 : 16;
+    __mmask16 m = static_cast<__mmask16>((1u << w) - 1);
+    __m512i iv = _mm512_maskz_loadu_epi32(m, e.ivec + col + c0);
+    __m512 fv = _mm512_maskz_loadu_ps(m, e.fvec + col + c0);
+    __m512 mu = _mm512_maskz_loadu_ps(m, e.mult + col + c0);
+    __m512 lo = _mm512_set1_ps(e.flo);
+    __m512 hi = _mm512_set1_ps(e.fhi);
+    __m512i zp = _mm512_set1_epi32(e.zp);
+    for (int64_t i = 0; i < rows; ++i) {
+      __m512i a = _mm512_add_epi32(_mm512_maskz_loadu_epi32(m, acc + i * lda + c0), iv);
+      __m512 y = _mm512_add_ps(_mm512_cvtepi32_ps(a), fv);
+      __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(y, mu), _MM_FROUND_TO_NEAREST_INT);
+      __mmask16 nan = _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
+      __m512 v = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+      __m512i q = _mm512_maskz_mov_epi32(static_cast<__mmask16>(~nan), _mm512_cvttps_epi32(v));
+      _mm512_mask_cvtepi32_storeu_epi8(dst + i * ld + c0, m, _mm512_add_epi32(q, zp));
+    }
+  }
+}
+
+// One call's work, shared by the caller thread and at most one pool task: items are
+// claimed from an atomic counter, so a task that starts late (or never) only leaves more
+// to the caller. Held by a shared_ptr: a task that starts after the caller returned
+// finds nothing to do.
+struct Job {
+  const uint8_t* x = nullptr;
+  const int8_t* wp = nullptr;
+  int64_t m = 0, k = 0, n = 0, kp = 0, nblocks = 0, mchunks = 0, items = 0;
+  int32_t* acc = nullptr;  // int32 output, or
+  uint8_t* q = nullptr;    // 8-bit codes through the epilogue
+  Epilogue epi{};
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::mutex mu;
+  std::string error;  // the first exception's message (torch throws c10::Error)
+
+  // Item i: rows [64 * (i % mchunks), ...) of column block i / mchunks, so consecutive
+  // items reuse one weight block from cache.
+  void RunItem(int64_t i) {
+    int64_t nb = i / mchunks, m0 = (i % mchunks) * kMB;
+    int64_t rows = m - m0 < kMB ? m - m0 : kMB;
+    int64_t n0 = nb * kNB, cols = n - n0 < kNB ? n - n0 : kNB;
+    const uint8_t* a = x + m0 * k;
+    const int8_t* b = wp + nb * kp * kNB;
+    if (q == nullptr) {
+      at::native::cpublas::brgemm(rows, cols, k, k, kNB, n, false, a, b, acc + m0 * n + n0,
+                                  true);
+      return;
+    }
+    alignas(64) int32_t tile[kMB * kNB];
+    at::native::cpublas::brgemm(rows, cols, k, k, kNB, kNB, false, a, b, tile, true);
+    Requant(tile, kNB, rows, cols, q + m0 * n + n0, n, epi, n0);
+  }
+};
+
+void Drain(Job& j) {
+  bool ran = false;
+  for (;;) {
+    int64_t i = j.next.fetch_add(1, std::memory_order_relaxed);
+    if (i >= j.items) break;
+    ran = true;
+    try {
+      j.RunItem(i);
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> lock(j.mu);
+      if (j.error.empty()) j.error = e.what();
+    }
+    j.done.fetch_add(1, std::memory_order_release);
+  }
+  // On AMX the ukernel leaves its tile configuration loaded and torch remembers it per
+  // thread; qjax's own AMX kernels configure tiles too, so hand the state back each call.
+  if (ran) at::native::cpublas::brgemm_release(true);
+}
+
+// A second thread (a task on XLA's intra-op pool) only for large calls. Measured on the
+// 2-core AMD EPYC (AVX-512-VNNI) while other work ran (load average ~7), qjax's MLP
+// 784-1024-1024-10, same process, interleaved medians, forward us at batch 1 / 32 / 256:
+// one thread 110 / 292 / 1583; pool from 2^23 MACs 113 / 316 / 1477; from 2^26 109 /
+// 285 / 1418. The other core is rarely idle, so the hand-off pays off only for the
+// largest layers.
+std::atomic<int64_t> g_parallel_macs{int64_t{1} << 26};
+std::atomic<int64_t> g_parallel_calls{0};  // calls that handed work to the pool (tests)
+
+ffi::Error Run(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, const char* who) {
+  if (job->m == 0 || job->n == 0) return ffi::Error::Success();
+  if (job->k == 0) {  // no products: a zero accumulator (the epilogue path never gets here)
+    if (job->acc != nullptr) std::memset(job->acc, 0, sizeof(int32_t) * job->m * job->n);
+    return ffi::Error::Success();
+  }
+  job->kp = RoundK(job->k);
+  job->nblocks = Blocks(job->n);
+  job->mchunks = (job->m + kMB - 1) / kMB;
+  job->items = job->nblocks * job->mchunks;
+  if (job->items > 1 && job->m * job->n * job->k >= g_parallel_macs.load()) {
+    g_parallel_calls.fetch_add(1, std::memory_order_relaxed);
+    pool.Schedule([job] { Drain(*job); });
+  }
+  Drain(*job);
+  // Items claimed by the pool task are running; wait for them (no new ones start).
+  // Yield rather than spin: on busy cores the task may need this very core.
+  for (int spins = 0; job->done.load(std::memory_order_acquire) < job->items; ++spins) {
+    if (spins < 64) _mm_pause();
+    else std::this_thread::yield();
+  }
+  if (!job->error.empty()) return ffi::Error::Internal(std::string(who) + ": " + job->error);
+  return ffi::Error::Success();
+}
+
+// Shapes of x (..., K), packed (S,) and out (..., N); M folds every leading dim.
+ffi::Error Shapes(const char* who, ffi::AnyBuffer::Dimensions xd, int64_t packed,
+                  ffi::AnyBuffer::Dimensions od, int64_t* m, int64_t* k, int64_t* n) {
+  if (xd.size() < 1 || od.size() != xd.size())
+    return ffi::Error::InvalidArgument(std::string(who) + ": bad operand ranks");
+  *k = xd.back();
+  *n = od.back();
+  *m = 1;
+  for (size_t i = 0; i + 1 < xd.size(); ++i) {
+    if (xd[i] != od[i])
+      return ffi::Error::InvalidArgument(std::string(who) + ": x / out leading dims differ");
+    *m *= xd[i];
+  }
+  if (packed != PackedSize(*k, *n))
+    return ffi::Error::InvalidArgument(
+        std::string(who) + ": packed weight has " + std::to_string(packed) + " bytes, want " +
+        std::to_string(PackedSize(*k, *n)) + " for K=" + std::to_string(*k) +
+        " N=" + std::to_string(*n));
+  return ffi::Error::Success();
+}
+
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi::U8> packed,
+                      ffi::ResultBuffer<ffi::S32> out) {
+  const char* who = "qjax_onednn_uk_matmul";
+  auto job = std::make_shared<Job>();
+  ffi::Error err = Shapes(who, x.dimensions(), packed.element_count(), out->dimensions(),
+                          &job->m, &job->k, &job->n);
+  if (err.failure()) return err;
+  job->x = x.typed_data();
+  job->wp = reinterpret_cast<const int8_t*>(packed.typed_data());
+  job->acc = out->typed_data();
+  return Run(pool, job, who);
+}
+
+// Fused: 8-bit codes = epilogue(x . w) (Epilogue above); out int8 or uint8; ivec int32
+// (N,), fvec/mult float32 (N,), clamp float32 (2,) = (lo - zp, hi - zp), zp int32 (1,).
+ffi::Error Q8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi::U8> packed,
+                  ffi::Buffer<ffi::S32> ivec, ffi::Buffer<ffi::F32> fvec,
+                  ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::F32> clamp,
+                  ffi::Buffer<ffi::S32> zp, ffi::Result<ffi::AnyBuffer> out) {
+  const char* who = "qjax_onednn_uk_q8_linear";
+  auto ot = out->element_type();
+  if (ot != ffi::DataType::S8 && ot != ffi::DataType::U8)
+    return ffi::Error::InvalidArgument(std::string(who) + ": out must be int8 or uint8 codes");
+  auto job = std::make_shared<Job>();
+  ffi::Error err = Shapes(who, x.dimensions(), packed.element_count(), out->dimensions(),
+                          &job->m, &job->k, &job->n);
+  if (err.failure()) return err;
+  const size_t n = static_cast<size_t>(job->n);
+  if (ivec.element_count() != n || fvec.element_count() != n || mult.element_count() != n ||
+      clamp.element_count() != 2 || zp.element_count() != 1)
+    return ffi::Error::InvalidArgument(std::string(who) +
+                                       ": epilogue vectors must be (N,), clamp (2,), zp (1,)");
+  if (job->k == 0)  // qjax refuses K = 0 layers before this; keep the kernel total anyway
+    return ffi::Error::InvalidArgument(std::string(who) + ": K = 0");
+  job->x = x.typed_data();
+  job->wp = reinterpret_cast<const int8_t*>(packed.typed_data());
+  job->q = static_cast<uint8_t*>(out->untyped_data());
+  job->epi = Epilogue{ivec.typed_data(), fvec.typed_data(), mult.typed_data(),
+                      clamp.typed_data()[0], clamp.typed_data()[1], zp.typed_data()[0]};
+  return Run(pool, job, who);
+}
+
+void SetError(char* buf, int64_t size, const std::string& msg) {
+  if (size <= 0) return;
+  std::strncpy(buf, msg.c_str(), size - 1);
+  buf[size - 1] = '\0';
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxOnednnUkMatmul, MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxOnednnUkQ8Linear, Q8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>());
+
+// Run one small u8*s8 brgemm and compare it with the exact sums: 0 when the ukernel
+// runs and is exact here, else 1 with the reason in err (torch's message when it refuses
+// the ISA, e.g. below avx512_core_vnni or with ONEDNN_MAX_CPU_ISA lowered).
+extern "C" int qjax_onednn_uk_init(char* err, int64_t size) {
+  constexpr int64_t m = 3, k = 8, n = 5;
+  uint8_t x[m * k];
+  int8_t w[k * n];
+  for (int64_t i = 0; i < m * k; ++i) x[i] = static_cast<uint8_t>(255 - 7 * i);
+  for (int64_t i = 0; i < k * n; ++i) w[i] = static_cast<int8_t>(i % 2 ? 127 : -128 + i);
+  std::vector<int8_t> packed(PackedSize(k, n), 0);
+  for (int64_t kk = 0; kk < k; ++kk)
+    for (int64_t j = 0; j < n; ++j) packed[((kk / 4) * kNB + j) * 4 + kk % 4] = w[kk * n + j];
+  int32_t got[m * n];
+  try {
+    at::native::cpublas::brgemm(m, n, k, k, kNB, n, false, x, packed.data(), got, true);
+    at::native::cpublas::brgemm_release(true);
+  } catch (const std::exception& e) {
+    std::string what = e.what();  // torch's message, then its backtrace: keep the message
+    SetError(err, size, "oneDNN brgemm ukernel refused u8*s8: " + what.substr(0, what.find('\n')));
+    return 1;
+  }
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      int64_t s = 0;
+      for (int64_t kk = 0; kk < k; ++kk) s += int64_t{x[i * k + kk]} * w[kk * n + j];
+      if (got[i * n + j] != s) {
+        SetError(err, size, "oneDNN brgemm ukernel: u8*s8 sums are not exact here");
+        return 1;
+      }
+    }
+  return 0;
+}
+
+// Bytes of a packed (K, N) weight.
+extern "C" int64_t qjax_onednn_uk_packed_size(int64_t k, int64_t n) { return PackedSize(k, n); }
+
+// Reorder a row-major int8 (K, N) weight into out (packed_size bytes; layout at the top).
+extern "C" void qjax_onednn_uk_pack(int64_t k, int64_t n, const int8_t* w, uint8_t* out) {
+  int64_t kp = RoundK(k);
+  std::memset(out, 0, PackedSize(k, n));
+  for (int64_t kk = 0; kk < k; ++kk)
+    for (int64_t j = 0; j < n; ++j) {
+      int64_t nb = j / kNB;
+      out[((nb * kp / 4 + kk / 4) * kNB + j % kNB) * 4 + kk % 4] =
+          static_cast<uint8_t>(w[kk * n + j]);
+    }
+}
+
+// Multiply-adds from which a call hands items to a second thread; returns the old value
+// (a negative argument only reads it).
+extern "C" int64_t qjax_onednn_uk_parallel_macs(int64_t macs) {
+  return macs < 0 ? g_parallel_macs.load() : g_parallel_macs.exchange(macs);
+}
+
+// How many calls so far scheduled a second thread (lets tests see that path run).
+extern "C" int64_t qjax_onednn_uk_parallel_calls() { return g_parallel_calls.load(); }
