@@ -7,7 +7,8 @@ primitive (``"matmul"``): exact, checked at run time.
   64x64 blocks, uint8 and int8 activations (shifted by 128), per-tensor and per-channel
   weights, schemes ``"fbgemm"``/``"qnnpack"``, with and without bias and ReLU; the
   program holds the fused custom call and no separate dot;
-* the two-thread path (a task on XLA's pool) gives the same integers as one thread;
+* the multi-thread paths (qjax's helper threads, a task on XLA's pool) give the same
+  integers as one thread;
 * the ``"matmul"`` provider (``QJAX_ONEDNN_PROVIDER=matmul``, a subprocess): exact dots
   and codes equal to the XLA path, and ``ONEDNN_MAX_CPU_ISA=AVX2`` makes the ukernel
   refuse (torch's own check), with the reason, and every layer stays on XLA.
@@ -124,13 +125,18 @@ def test_two_threads_give_the_same_integers():
     lib = _onednn._LIB
     before = lib.qjax_onednn_uk_parallel_calls()
     old = lib.qjax_onednn_uk_parallel_macs(1)  # every call with more than one item
+    dot = jax.jit(_native.onednn_dot)
     try:
-        # a fresh jit: the call runs now, under the lowered threshold
-        got = np.asarray(jax.jit(_native.onednn_dot)(x, p, w))
+        for helpers in (1, 0):  # qjax's helper threads, then a task on XLA's pool
+            was = lib.qjax_onednn_uk_use_helpers(helpers)
+            try:
+                for _ in range(3):
+                    np.testing.assert_array_equal(np.asarray(dot(x, p, w)), ref)
+            finally:
+                lib.qjax_onednn_uk_use_helpers(was)
     finally:
         lib.qjax_onednn_uk_parallel_macs(old)
-    assert lib.qjax_onednn_uk_parallel_calls() > before
-    np.testing.assert_array_equal(got, ref)
+    assert lib.qjax_onednn_uk_parallel_calls() >= before + 6
 
 
 _PROVIDER_SCRIPT = textwrap.dedent(

@@ -240,6 +240,7 @@ def _probe_ukernel() -> tuple[bool, str]:
     lib.qjax_onednn_uk_parallel_macs.restype = ctypes.c_int64
     lib.qjax_onednn_uk_parallel_macs.argtypes = [ctypes.c_int64]
     lib.qjax_onednn_uk_parallel_calls.restype = ctypes.c_int64
+    lib.qjax_onednn_uk_use_helpers.argtypes = [ctypes.c_int]
     err = _err()
     if lib.qjax_onednn_uk_init(err, _ERR):
         return False, err.value.decode()

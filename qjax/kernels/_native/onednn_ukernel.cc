@@ -25,11 +25,12 @@
 // weight zero-point terms) in its epilogue, as on its XLA path, so the int32 accumulator
 // and every scheme's codes are the same integers.
 //
-// Work items: (64-column block, 64-row chunk); a second thread (a task on XLA's intra-op
-// pool) takes items only for calls of at least g_parallel_macs multiply-adds.
+// Work items: (64-column block, 64-row chunk); helper threads (Helpers below) take items
+// only for calls of at least g_parallel_macs multiply-adds.
 #include <immintrin.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -105,9 +106,9 @@ __attribute__((target("avx512f,avx512bw"))) void Requant(const int32_t* acc, int
   }
 }
 
-// One call's work, shared by the caller thread and at most one pool task: items are
+// One call's work, shared by the caller thread and the helper threads: items are
 // claimed from an atomic counter, so a task that starts late (or never) only leaves more
-// to the caller. Held by a shared_ptr: a task that starts after the caller returned
+// to the caller. Held by a shared_ptr: a helper that starts after the caller returned
 // finds nothing to do.
 struct Job {
   const uint8_t* x = nullptr;
@@ -159,14 +160,63 @@ void Drain(Job& j) {
   if (ran) at::native::cpublas::brgemm_release(true);
 }
 
-// A second thread (a task on XLA's intra-op pool) only for large calls. Measured on the
-// 2-core AMD EPYC (AVX-512-VNNI) while other work ran (load average ~7), qjax's MLP
-// 784-1024-1024-10, same process, interleaved medians, forward us at batch 1 / 32 / 256:
-// one thread 110 / 292 / 1583; pool from 2^23 MACs 113 / 316 / 1477; from 2^26 109 /
-// 285 / 1418. The other core is rarely idle, so the hand-off pays off only for the
-// largest layers.
-std::atomic<int64_t> g_parallel_macs{int64_t{1} << 26};
+// More threads only for calls of at least 2^22 multiply-adds. Measured on the 2-core AMD
+// EPYC (AVX-512-VNNI), load average ~1.3 from other work, K = N = 1024, interleaved
+// medians in one process, us at M = 1 / 8 / 32 / 256: one thread 25 / 38 / 88 / 568;
+// with the helper thread 29 / 30 / 56 / 301; with a task on XLA's pool instead
+// 32 / 42 / 68 / 313 (torch fbgemm, 2 threads: 69 / 82 / 110 / 354).
+std::atomic<int64_t> g_parallel_macs{int64_t{1} << 22};
 std::atomic<int64_t> g_parallel_calls{0};  // calls that handed work to the pool (tests)
+
+// Helper threads of qjax's own, one per further core this process may run on (at most
+// 3), started on first use and asleep on a condition variable between calls (no spin).
+// XLA's intra-op pool was tried first: on the 2-core machine under load its task started
+// on average 826 us after being scheduled at M = 256, after the caller had done every
+// item alone; at lower load it works, but the helper measured faster (numbers above).
+class Helpers {
+ public:
+  static Helpers& Get() {
+    static Helpers* h = new Helpers();  // never destroyed: detached threads use it
+    return *h;
+  }
+  int count() const { return count_; }
+  void Post(const std::shared_ptr<Job>& job) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_ = job;
+      ++gen_;
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  Helpers() {
+    unsigned hw = std::thread::hardware_concurrency();
+    count_ = hw > 1 ? static_cast<int>(hw - 1) : 0;
+    if (count_ > 3) count_ = 3;
+    for (int i = 0; i < count_; ++i) std::thread([this] { Loop(); }).detach();
+  }
+  void Loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return gen_ != seen; });
+        seen = gen_;
+        job = job_;
+      }
+      if (job) Drain(*job);  // a job its caller already finished leaves nothing to claim
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::shared_ptr<Job> job_;
+  uint64_t gen_ = 0;
+  int count_ = 0;
+};
+
+std::atomic<int> g_use_helpers{1};  // 0: XLA's pool instead (kept to measure against)
 
 ffi::Error Run(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, const char* who) {
   if (job->m == 0 || job->n == 0) return ffi::Error::Success();
@@ -180,10 +230,11 @@ ffi::Error Run(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, const cha
   job->items = job->nblocks * job->mchunks;
   if (job->items > 1 && job->m * job->n * job->k >= g_parallel_macs.load()) {
     g_parallel_calls.fetch_add(1, std::memory_order_relaxed);
-    pool.Schedule([job] { Drain(*job); });
+    if (g_use_helpers.load() && Helpers::Get().count() > 0) Helpers::Get().Post(job);
+    else pool.Schedule([job] { Drain(*job); });
   }
   Drain(*job);
-  // Items claimed by the pool task are running; wait for them (no new ones start).
+  // Items claimed by other threads are running; wait for them (no new ones start).
   // Yield rather than spin: on busy cores the task may need this very core.
   for (int spins = 0; job->done.load(std::memory_order_acquire) < job->items; ++spins) {
     if (spins < 64) _mm_pause();
@@ -339,3 +390,9 @@ extern "C" int64_t qjax_onednn_uk_parallel_macs(int64_t macs) {
 
 // How many calls so far scheduled a second thread (lets tests see that path run).
 extern "C" int64_t qjax_onednn_uk_parallel_calls() { return g_parallel_calls.load(); }
+
+// 1: parallel calls use qjax's helper threads, 0: XLA's intra-op pool; returns the old
+// value (a negative argument only reads it).
+extern "C" int qjax_onednn_uk_use_helpers(int on) {
+  return on < 0 ? g_use_helpers.load() : g_use_helpers.exchange(on);
+}
