@@ -226,9 +226,10 @@ def _probe_ukernel() -> tuple[bool, str]:
         Path(__file__).with_name("onednn_ukernel.cc"),
         _UK_FLAGS + (f'-DQJAX_TORCH="{torch_version}"',),
         "libqjax_onednn_uk.so",
-        # DT_RPATH: the loader searches it for libtorch_cpu's own dependencies too
+        # DT_RPATH: the loader searches it for libtorch_cpu's own dependencies too; -z now:
+        # a torch without the brgemm symbol fails at load (a reason), not at first call
         ("-L", str(lib_dir), "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib_dir}")
-        + ("-Wl,--disable-new-dtags",),
+        + ("-Wl,--disable-new-dtags", "-Wl,-z,now"),
     )
     lib, reason = _build.load(library, ())
     if lib is None:
