@@ -22,10 +22,11 @@ Model-level calls (``qjax.convert``, ``qjax.load_served``,
             without VNNI its pair sums saturate int16 and the layers stay on XLA);
             convolutions on XLA; saturating layers as under ``None``; ``RuntimeError``
             with the reason when the library is not installed or does not load
-``"auto"``  per layer the fastest exact kernel that runs here: linear layers on oneDNN
-            where :func:`qjax.kernels.onednn_exact` says so, else AMX where
-            :func:`qjax.kernels.native_status` says available; convolutions on AMX where
-            available; the rest as under ``None`` (never raises for availability)
+``"auto"``  per layer the fastest exact kernel measured here: AMX where
+            :func:`qjax.kernels.native_status` says available (linear layers and the
+            convolutions it supports), else oneDNN for linear layers where
+            :func:`qjax.kernels.onednn_exact` says so; the rest as under ``None`` (never
+            raises for availability)
 ==========  ==========================================================================
 
 The AMX kernel supports linear layers and 2-D convolutions with ``groups=1`` and
@@ -103,10 +104,10 @@ def _saturating_kernel(wish: str) -> str:
 
 
 def linear_kernel(wish: str, accumulate: str = "exact") -> str:
-    """The kernel a linear layer gets. Exact accumulation: ``"onednn"`` when wished
-    (``"onednn"`` or ``"auto"``) and :func:`qjax.kernels.onednn_exact` says its integers
-    are exact here, ``"amx"`` when wished (``"amx"``, or ``"auto"`` without oneDNN) and
-    available, else ``"xla"``. With int16 pair saturation (``fbgemm_sat16`` /
+    """The kernel a linear layer gets. Exact accumulation: ``"amx"`` when wished
+    (``"amx"``, or ``"auto"`` where the AMX kernel is available), ``"onednn"`` when wished
+    (``"onednn"``, or ``"auto"`` without AMX) and :func:`qjax.kernels.onednn_exact` says
+    its integers are exact here, else ``"xla"``. With int16 pair saturation (``fbgemm_sat16`` /
     ``onednn_sat16``) the native ``"sat16"`` kernel unless ``wish`` is ``"xla"`` or it is
     unavailable.
 
@@ -122,11 +123,13 @@ def linear_kernel(wish: str, accumulate: str = "exact") -> str:
         return _saturating_kernel(wish)
     if accumulate != "exact":
         return "xla"
+    if wish == "auto" and _native.native_status()[0]:
+        # AMX machines keep qjax's AMX kernel under "auto": it is the one measured there
+        # (oneDNN's ukernel has not been run against it on an AMX machine yet)
+        return "amx"
     if wish in ("onednn", "auto") and _native.onednn_exact()[0]:
         return "onednn"
-    if wish == "amx" or (wish == "auto" and _native.native_status()[0]):
-        return "amx"
-    return "xla"
+    return "amx" if wish == "amx" else "xla"
 
 
 def conv_kernel(wish: str, nsp: int, groups: int = 1, dilation=1, accumulate: str = "exact") -> str:

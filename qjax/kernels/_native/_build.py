@@ -112,7 +112,9 @@ def _key(cxx: str, lib: Library = AMX) -> str:
         raise BuildError(f"C++ compiler {cxx!r} does not run: {e}") from None
     h = hashlib.sha256()
     flags = " ".join(lib.flags + lib.link).encode()
-    parts = (lib.source.read_bytes(), cxx.encode(), version.encode(), flags)
+    headers = sorted(lib.source.parent.glob("*.h"))  # what the sources include (epilogue.h)
+    parts = (lib.source.read_bytes(), *(p.read_bytes() for p in headers))
+    parts += (cxx.encode(), version.encode(), flags)
     for part in parts:
         h.update(part)
         h.update(b"\0")

@@ -26,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "epilogue.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -132,44 +133,6 @@ struct I32Out {
   }
 };
 
-// The fused requantize epilogue, per output column n (one implementation of
-// qjax.kernels._schemes._apply_fbgemm, step for step):
-//   a = acc + ivec[n]                       int32, wrapping (XLA's int32 add)
-//   y = f32(a) + fvec[n]                    (round to nearest even)
-//   r = rint(f32(y * mult[n]))              round half to even
-//   v = NaN ? 0 : min(max(r, flo), fhi)     jnp.clip then astype(int32): NaN -> 0
-//   code = (int8/uint8)(int32(v) + zp)      the low byte (XLA's integer convert)
-// "qnnpack" is the same with ivec = corr + b_q and fvec = 0 (f32(a) + 0 == f32(a)).
-// Plain AVX-512 operations under the thread's MXCSR (as XLA's own code), and the
-// library is built with -ffp-contract=off, so y * mult is never fused into the add.
-struct Epilogue {
-  const int32_t* ivec;
-  const float* fvec;
-  const float* mult;
-  float flo, fhi;
-  int32_t zp;
-};
-
-inline void Requant16(const int32_t* acc, int64_t rows, int64_t cols, uint8_t* dst,
-                      int64_t ld, const Epilogue& e, int64_t col) {
-  __mmask16 m = static_cast<__mmask16>((1u << cols) - 1);
-  __m512i iv = _mm512_maskz_loadu_epi32(m, e.ivec + col);
-  __m512 fv = _mm512_maskz_loadu_ps(m, e.fvec + col);
-  __m512 mu = _mm512_maskz_loadu_ps(m, e.mult + col);
-  __m512 lo = _mm512_set1_ps(e.flo);
-  __m512 hi = _mm512_set1_ps(e.fhi);
-  __m512i zp = _mm512_set1_epi32(e.zp);
-  for (int64_t i = 0; i < rows; ++i) {
-    __m512i a = _mm512_add_epi32(_mm512_load_si512(acc + i * kTileN), iv);
-    __m512 y = _mm512_add_ps(_mm512_cvtepi32_ps(a), fv);
-    __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(y, mu), _MM_FROUND_TO_NEAREST_INT);
-    __mmask16 nan = _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
-    __m512 v = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
-    __m512i q = _mm512_maskz_mov_epi32(static_cast<__mmask16>(~nan), _mm512_cvttps_epi32(v));
-    _mm512_mask_cvtepi32_storeu_epi8(dst + i * ld, m, _mm512_add_epi32(q, zp));
-  }
-}
-
 // 8-bit output through the epilogue: C tile T -> codes c[r.., col..] (row stride ld).
 struct Q8Out {
   uint8_t* c;
@@ -182,7 +145,7 @@ struct Q8Out {
     TileStore<T>(buf, kTileN * 4);
     if (rows > kTileRows) rows = kTileRows;
     if (cols > kTileN) cols = kTileN;
-    Requant16(buf, rows, cols, c + r * ld + col, ld, *e, col);
+    Requant(buf, kTileN, rows, cols, c + r * ld + col, ld, *e, col);
   }
 };
 

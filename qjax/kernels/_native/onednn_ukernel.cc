@@ -40,6 +40,7 @@
 #include <thread>
 #include <vector>
 
+#include "epilogue.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace at::native::cpublas {
@@ -61,50 +62,6 @@ constexpr int64_t kMB = 64;  // rows per brgemm call
 int64_t RoundK(int64_t k) { return (k + 3) / 4 * 4; }
 int64_t Blocks(int64_t n) { return (n + kNB - 1) / kNB; }
 int64_t PackedSize(int64_t k, int64_t n) { return Blocks(n) * RoundK(k) * kNB; }
-
-// The fused requantize epilogue, per output column n: the same steps, in the same order
-// and with the same roundings, as the AMX kernel's (amx_gemm.cc, Epilogue), one
-// implementation of qjax.kernels._schemes._apply_fbgemm:
-//   a = acc + ivec[n]                       int32, wrapping (XLA's int32 add)
-//   y = f32(a) + fvec[n]                    (round to nearest even)
-//   r = rint(f32(y * mult[n]))              round half to even
-//   v = NaN ? 0 : min(max(r, flo), fhi)     jnp.clip then astype(int32): NaN -> 0
-//   code = (int8/uint8)(int32(v) + zp)      the low byte (XLA's integer convert)
-// Built with -ffp-contract=off: y * mult is never fused into the add.
-struct Epilogue {
-  const int32_t* ivec;
-  const float* fvec;
-  const float* mult;
-  float flo, fhi;
-  int32_t zp;
-};
-
-// AVX-512 only here (the ukernel itself needs avx512_core_vnni, so this runs only where
-// it is present); the rest of the library stays baseline x86-64 so it loads anywhere.
-__attribute__((target("avx512f,avx512bw"))) void Requant(const int32_t* acc, int64_t lda,
-                                                         int64_t rows, int64_t cols,
-                                                         uint8_t* dst, int64_t ld,
-                                                         const Epilogue& e, int64_t col) {
-  for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-    int64_t w = cols - c0 < 16 ? cols - c0 : 16;
-    __mmask16 m = static_cast<__mmask16>((1u << w) - 1);
-    __m512i iv = _mm512_maskz_loadu_epi32(m, e.ivec + col + c0);
-    __m512 fv = _mm512_maskz_loadu_ps(m, e.fvec + col + c0);
-    __m512 mu = _mm512_maskz_loadu_ps(m, e.mult + col + c0);
-    __m512 lo = _mm512_set1_ps(e.flo);
-    __m512 hi = _mm512_set1_ps(e.fhi);
-    __m512i zp = _mm512_set1_epi32(e.zp);
-    for (int64_t i = 0; i < rows; ++i) {
-      __m512i a = _mm512_add_epi32(_mm512_maskz_loadu_epi32(m, acc + i * lda + c0), iv);
-      __m512 y = _mm512_add_ps(_mm512_cvtepi32_ps(a), fv);
-      __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(y, mu), _MM_FROUND_TO_NEAREST_INT);
-      __mmask16 nan = _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
-      __m512 v = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
-      __m512i q = _mm512_maskz_mov_epi32(static_cast<__mmask16>(~nan), _mm512_cvttps_epi32(v));
-      _mm512_mask_cvtepi32_storeu_epi8(dst + i * ld + c0, m, _mm512_add_epi32(q, zp));
-    }
-  }
-}
 
 // One call's work, shared by the caller thread and the helper threads: items are
 // claimed from an atomic counter, so a task that starts late (or never) only leaves more
