@@ -80,8 +80,9 @@ def test_cnn_class_serves_exactly(scheme):
     # BN, GELU, the residual add and the mean stay float, and say so
     assert {"tanh", "add", "reduce_sum"} <= set(program.float_ops.values())
     x2 = jax.random.normal(jax.random.key(2), (5, 8, 8, 1)) * 2  # another batch size
-    for v in (x, x2):  # eagerly once: op by op, each new shape compiles every op again
-        d_eager, d_jit, n = _same(program, model, v, eager=v is x)
+    # eagerly once (one scheme): op by op, each new shape and scheme compiles every op again
+    for v in (x, x2):
+        d_eager, d_jit, n = _same(program, model, v, eager=v is x and scheme == "fbgemm")
         assert (d_eager, d_jit) == (0, 0), (scheme, d_eager, d_jit, n)
     tr = program.trace(x)
     assert list(tr)[:3] == ["stub", "c1", "c2"] and tr["fc"].values.dtype == jnp.uint8
@@ -142,7 +143,7 @@ def _randomized(schemes, n_models, seed):
         differ += int((y != np.asarray(_jit_forward(model, xs))).sum())
         total += y.size
         assert len(program.programs) == (2 if i == 0 else 1)
-        assert list(program.trace(xs))[0] == "stub"
+        assert next(iter(program.layers)) == "stub"  # (traces: the CNN class test)
     return differ, total
 
 
