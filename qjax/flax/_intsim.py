@@ -63,7 +63,10 @@ __all__ = [
     "fold_bn",
     "hook_override",
     "integer_override",
+    "einsum_layout",
     "layer_mark",
+    "table_mark",
+    "table_codes",
     "prepare_layer",
     "run_layer",
     "layer_qparams",
@@ -318,10 +321,12 @@ def layer_mark(
     conv_kwargs: dict | None = None,
     dimension_numbers=None,
     shapes=None,
+    subscripts: str | None = None,
 ) -> _record.LayerMark:
     """The :class:`~qjax.flax._record.LayerMark` of a layer: ``kind`` ``"linear"``
     (``dimension_numbers`` and ``shapes=(x.shape, kernel.shape)`` of a ``dot_general``
-    hook, or none for ``x @ kernel``) or ``"conv"`` (``conv_kwargs`` of
+    hook, or none for ``x @ kernel``; an ``Einsum``'s ``subscripts`` and ``shapes``,
+    :func:`einsum_layout`) or ``"conv"`` (``conv_kwargs`` of
     ``lax.conv_general_dilated``). A layer the int8 kernels cannot run gets
     ``unsupported`` (the reason) instead of raising: it stays float when served.
 
@@ -330,11 +335,19 @@ def layer_mark(
     >>> layer_mark("linear", "fc", qjax_recommended(), "nnx.Linear", dimension_numbers=dn,
     ...            shapes=((2, 3, 4), (4, 5))).unsupported is None
     True
+    >>> layer_mark("linear", "mix", qjax_recommended(), "nnx.Einsum", subscripts="bnd,ndh->bnh",
+    ...            shapes=((2, 3, 4), (3, 4, 5))).unsupported  # doctest: +ELLIPSIS
+    "mix: einsum 'bnd,ndh->bnh': axis 'n' of the kernel is a batch axis ..."
     """
-    geometry, in_ndim, out_dims, why = None, 1, None, None
+    geometry, in_ndim, out_dims, why, perm = None, 1, None, None, None
     if kind == "conv":
         try:
             geometry = conv_geometry(conv_kwargs, name)
+        except ValueError as e:
+            why = str(e)
+    elif subscripts is not None:
+        try:
+            in_ndim, out_dims, perm = einsum_layout(subscripts, *shapes, name=name)
         except ValueError as e:
             why = str(e)
     elif dimension_numbers is not None:
@@ -351,7 +364,79 @@ def layer_mark(
                 "contracts the trailing input axes with the leading kernel axes, no batch axes"
             )
         in_ndim, out_dims = n, tuple(ks[n:])
-    return _record.LayerMark(kind, name, config, source, relu, geometry, in_ndim, out_dims, why)
+    return _record.LayerMark(
+        kind, name, config, source, relu, geometry, in_ndim, out_dims, why, perm
+    )
+
+
+def einsum_layout(subscripts: str, x_shape, kernel_shape, *, name: str = "Einsum"):
+    """``(in_ndim, out_dims, perm)``: an ``Einsum`` ``y = einsum(eq, x, kernel)`` as the
+    int8 linear layer of :func:`run_layer`::
+
+        y = transpose(reshape(linear(reshape(transpose(x, x_perm), (..., K)),
+                                     reshape(transpose(kernel, k_perm), (K, N))),
+                              (..., *out_dims)), y_perm)
+
+    ``perm = (x_perm, k_perm, y_perm)`` (``None`` when all three are the identity). The
+    kernel's axes are contracted (in ``x`` too, not in the result) or output axes (in the
+    result, not in ``x``); ``x``'s other axes go to the result. ``ValueError`` (the
+    reason) for what the int8 linear cannot run: a kernel axis also in ``x`` and the
+    result (a batch axis), an axis summed over one operand only, a repeated index, no
+    contracted axis. ``...`` in ``x`` and the result stands for ``x``'s leading axes.
+
+    >>> einsum_layout("btd,dnh->btnh", (2, 3, 8), (8, 2, 4))
+    (1, (2, 4), None)
+    >>> einsum_layout("bd,ndh->bnh", (5, 8), (2, 8, 3))
+    (1, (2, 3), ((0, 1), (1, 0, 2), (0, 1, 2)))
+    >>> einsum_layout("btnh,hnd->bdt", (2, 3, 2, 4), (4, 2, 8))
+    (2, (8,), ((0, 1, 3, 2), (0, 1, 2), (0, 2, 1)))
+    """
+    eq = subscripts.replace(" ", "")
+    where = f"{name}: einsum {subscripts!r}"
+    if eq.count(",") != 1 or eq.count("->") != 1:
+        raise ValueError(f"{where} must be explicit 'x,kernel->out'")
+    ops, out = eq.split("->")
+    lhs, rhs = ops.split(",")
+    if "." in rhs:
+        raise ValueError(f"{where}: the kernel operand must name each axis (no '...')")
+    if "..." in lhs:  # x's leading axes, under letters the equation does not use
+        n = len(x_shape) - (len(lhs) - 3)
+        free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq][:n]
+        if n < 0 or len(free) < n or out.count("...") != 1:
+            raise ValueError(f"{where}: '...' must stand for x's leading axes in x and out")
+        lhs, out = lhs.replace("...", "".join(free)), out.replace("...", "".join(free))
+    if "." in lhs + out or len(lhs) != len(x_shape) or len(rhs) != len(kernel_shape):
+        raise ValueError(
+            f"{where} does not fit x {tuple(x_shape)} and kernel {tuple(kernel_shape)}"
+        )
+    for term in (lhs, rhs, out):
+        if len(set(term)) != len(term):
+            raise ValueError(f"{where}: a repeated index (a diagonal) is not a linear layer")
+    for c in rhs:
+        if c in lhs and c in out:
+            raise ValueError(
+                f"{where}: axis {c!r} of the kernel is a batch axis (in x, the kernel and "
+                "the result); the int8 linear has one weight matrix"
+            )
+        if c not in lhs and c not in out:
+            raise ValueError(f"{where}: kernel axis {c!r} is summed over the kernel alone")
+    for c in lhs:
+        if c not in rhs and c not in out:
+            raise ValueError(f"{where}: input axis {c!r} is summed over the input alone")
+    contracted = [c for c in rhs if c in lhs]
+    k_out = [c for c in rhs if c in out]
+    if not contracted:
+        raise ValueError(f"{where}: no contracted axis (an outer product)")
+    free = [c for c in lhs if c not in rhs]
+    x_perm = tuple(lhs.index(c) for c in free + contracted)
+    k_perm = tuple(rhs.index(c) for c in contracted + k_out)
+    result = free + k_out
+    y_perm = tuple(result.index(c) for c in out)
+    perm = (x_perm, k_perm, y_perm)
+    if all(p == tuple(range(len(p))) for p in perm):
+        perm = None
+    out_dims = tuple(int(kernel_shape[rhs.index(c)]) for c in k_out)
+    return len(contracted), out_dims, perm
 
 
 # one compile per config and shapes instead of one per small op when the states are concrete
@@ -365,6 +450,8 @@ def prepare_layer(info: _record.LayerMark, kernel, stats, *, native: str = "xla"
     cfg = info.config
     qx, qw, qy = _layer_qparams_jit(stats, cfg)
     g = info.geometry or {}
+    if info.perm is not None:  # an Einsum kernel: contracted axes first, as its KernelView
+        kernel = jnp.transpose(kernel, info.perm[1])
     if info.op == "linear" and kernel.ndim != 2:  # (*in, *out) -> (prod(in), prod(out))
         k = int(np.prod(kernel.shape[: info.in_ndim], dtype=np.int64))
         kernel = jnp.reshape(kernel, (k, -1))
@@ -377,7 +464,10 @@ def prepare_layer(info: _record.LayerMark, kernel, stats, *, native: str = "xla"
 
 def run_layer(info: _record.LayerMark, xq: QArray, pw, bias, qy, scheme: str):
     """The int8 layer on input codes ``xq``: :func:`apply_layer`, with the input's
-    contracted axes flattened (and the output's unflattened) for a multi-axis kernel."""
+    contracted axes flattened (and the output's unflattened) for a multi-axis kernel, and
+    an ``Einsum``'s transposes (``info.perm``, :func:`einsum_layout`)."""
+    if info.perm is not None:
+        xq = QArray(jnp.transpose(xq.values, info.perm[0]), xq.qparams)
     lead = xq.shape[: xq.ndim - info.in_ndim]
     if info.op == "linear" and (info.in_ndim != 1 or len(info.out_dims or (0,)) != 1):
         xq = QArray(jnp.reshape(xq.values, lead + (-1,)), xq.qparams)
@@ -388,6 +478,9 @@ def run_layer(info: _record.LayerMark, xq: QArray, pw, bias, qy, scheme: str):
     if info.op == "linear" and info.out_dims is not None and len(info.out_dims) != 1:
         shape = lead + tuple(info.out_dims)
         y = QArray(jnp.reshape(y.values, shape), y.qparams) if qy else jnp.reshape(y, shape)
+    if info.perm is not None:
+        yp = info.perm[2]
+        y = QArray(jnp.transpose(y.values, yp), y.qparams) if qy else jnp.transpose(y, yp)
     return y
 
 
@@ -421,10 +514,15 @@ def hook_override(
     name: str,
     source: str,
 ) -> jax.Array:
-    """A ``dot_general`` / conv hook's value: ``y`` (the float op on fake-quantized
-    operands), or with ``config.scheme`` the int8 formula with a float output
-    (:func:`qjax.kernels.dequantize_accumulator` ``f32(acc)·f32(s_x·s_w)``; the stock
-    layer adds its bias after the hook), with ``y``'s gradient.
+    """A ``dot_general`` / conv / einsum hook's value: ``y`` (the float op on
+    fake-quantized operands), or with ``config.scheme`` the int8 formula with a float
+    output (:func:`qjax.kernels.dequantize_accumulator` ``f32(acc)·f32(s_x·s_w)``; the
+    stock layer adds its bias after the hook), with ``y``'s gradient.
+
+    ``kind``: ``"linear"`` (``op_kwargs``: ``dimension_numbers``), ``"conv"``
+    (``lax.conv_general_dilated``'s keywords) or ``"einsum"`` (``subscripts``; an
+    equation :func:`einsum_layout` refuses keeps ``y``, the float einsum, even with a
+    scheme: ``qjax.convert`` then serves it in float and lists the reason).
 
     >>> from qjax.flax import Mode, qjax_recommended
     >>> from qjax.flax._core import init_layer_stats
@@ -438,7 +536,15 @@ def hook_override(
     mode = as_mode(mode)
     if not (mode.fake_quantizes and fake_quant):
         return y
-    if kind == "linear":
+    if kind == "einsum":
+        info = layer_mark(
+            "linear", name, config, source, subscripts=op_kwargs["subscripts"],
+            shapes=(lhs.shape, rhs.shape),
+        )  # fmt: skip
+        if info.unsupported:  # served in float, as computed here (listed with the reason)
+            ops = {"x": lhs, "kernel": rhs, "bias": None, "stats": stats}
+            return _record.mark(y, ops, info) if _record.active() else y
+    elif kind == "linear":
         dn = op_kwargs["dimension_numbers"]
         info = layer_mark(
             kind, name, config, source, dimension_numbers=dn, shapes=(lhs.shape, rhs.shape)
@@ -446,3 +552,51 @@ def hook_override(
     else:
         info = layer_mark(kind, name, config, source, conv_kwargs=op_kwargs)
     return _marked_value(y, lhs, rhs, None, stats, info)
+
+
+def table_mark(
+    table_q: jax.Array, table: jax.Array, state: Any, config: QuantConfig, mode: Mode,
+    fake_quant: bool, name: str,
+) -> jax.Array:  # fmt: skip
+    """An ``Embed`` hook's fake-quantized table ``table_q``, marked
+    (:class:`~qjax.flax._record.TableMark`) while ``qjax.convert`` records, so a lookup
+    is served from the int8 codes (:func:`table_codes`); otherwise ``table_q`` itself.
+
+    >>> from qjax.flax import qjax_recommended
+    >>> t = jnp.ones((3, 2))
+    >>> table_mark(t, t, None, qjax_recommended(), Mode.FROZEN, True, "emb") is t
+    True
+    """
+    if not (_record.active() and as_mode(mode).fake_quantizes and fake_quant):
+        return table_q
+    info = _record.TableMark(name, config)
+    return _record.mark(table_q, {"x": table, "stats": state}, info)
+
+
+def table_codes(info: _record.TableMark, table, state) -> QArray:
+    """The int8 codes of an embedding table ``(num_embeddings, features)`` and their
+    qparams, one scale per row (spec ``axis=0``) or per tensor, from the weight
+    observer's ``state`` (seen as :func:`~qjax.flax._core.embed_view`):
+    ``dequantize(codes) == fake_quant(table)``, bit for bit.
+
+    >>> from qjax.flax import qjax_recommended
+    >>> from qjax.flax._core import init_layer_stats
+    >>> cfg = qjax_recommended()
+    >>> obs = cfg.weight_observer(cfg.weight, cfg.compat)
+    >>> t = jnp.array([[0.5, -1.0], [2.0, 1.0], [0.1, 0.2]])
+    >>> q = table_codes(_record.TableMark("emb", cfg), t, obs.update(obs.init(t.T), t.T))
+    >>> q.values, q.spec.axis
+    (Array([[  64, -127],
+           [ 127,   64],
+           [  64,  127]], dtype=int8), 0)
+    """
+    cfg = info.config
+    spec = cfg.weight
+    if spec.granularity == "group":
+        raise ValueError(f"{info.name}: a per-group embedding table is served in float")
+    qp = cfg.weight_observer(spec, cfg.compat).qparams(state)
+    codes = fake_quant_codes(jnp.transpose(jnp.asarray(table, jnp.float32)), qp,
+                             cfg.fake_quant_compat).T  # fmt: skip
+    if spec.granularity == "axis":  # the view's output axis is the table's rows
+        spec = spec.replace(axis=0)
+    return QArray(codes, QParams(qp.scale, qp.zero_point, spec))

@@ -23,6 +23,12 @@ quantized layer (mark)             the input's ``quantize`` (when the layer has 
                                    requantization (codes out) or, without an output
                                    quantizer, the float ``f32(acc)·f32(s_x·s_w) + b``;
                                    weights quantized and prepared once, here
+Einsum hook (mark with ``perm``)   the same ``linear`` step with the equation's transposes
+                                   around it (:func:`~qjax.flax._intsim.einsum_layout`)
+gather of an Embed table (mark)    ``embed``: the lookup on the table's int8 codes
+dynamic / weight-only linear       ``dynamic_linear`` / ``weight_only_linear``: the
+(mark)                             :mod:`qjax.flax._ptq` function, weights stored int8 /
+                                   packed int4
 ``max(codes, 0)``                  ``relu`` on the codes (clamp at the zero point)
 ``reduce_window_max`` and layout   the same op on the codes (max pool, reshape,
 ops on per-tensor codes            transpose, slices, concatenation in one qparams)
@@ -45,13 +51,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.extend import core as jcore
 
 from .._spec import QParams
 from ..program import Layer, Program, Step
 from . import _record
 from ._core import LayerStats
-from ._intsim import prepare_layer
+from ._intsim import prepare_layer, table_codes
 from ._steps import make_step
 
 __all__ = ["Lowering", "check_stats", "lower"]
@@ -113,6 +120,21 @@ class _Known:
             self._val = self._pending[0].get(self._pending[1])
             self._pending = None
         return self._val
+
+
+class _Table(_Known):
+    """A weight-only embedding table (a :class:`~qjax.flax._record.TableMark`): known,
+    and a gather of it is served from its int8 codes (:meth:`Lowering.embed`)."""
+
+    __slots__ = ("info", "src", "table", "stats")
+
+    def __init__(self, src: _Known, info, table: _Known, stats):
+        super().__init__()
+        self.src, self.info, self.table, self.stats = src, info, table, stats
+
+    @property
+    def val(self):
+        return self.src.val
 
 
 @dataclasses.dataclass
@@ -264,6 +286,10 @@ class Lowering:
             if isinstance(body, jcore.ClosedJaxpr):
                 return self.run(body.jaxpr, body.consts, ins)
             return self.run(body, [], ins)
+        if prim.name == "gather" and isinstance(ins[0], _Table) and isinstance(ins[1], _Value):
+            out = self.embed(eqn, ins[0], ins[1])
+            if out is not None:
+                return [out]
         if all(isinstance(v, _Known) for v in ins) and not _symbolic(eqn):
             pending = _Pending(eqn, ins)
             return [_Known(pending=(pending, i)) for i in range(len(eqn.outvars))]
@@ -334,6 +360,9 @@ class Lowering:
         y = ins[0]
         ops = jax.tree_util.tree_unflatten(eqn.params["treedef"], ins[1:])
         x = ops.pop("x")
+        if isinstance(info, _record.TableMark) and isinstance(y, _Known):
+            self.marked += 1
+            return _Table(y, info, x, ops["stats"])
         if isinstance(y, _Known) or isinstance(x, _Known):
             return y  # a weight's quantizer, or a layer whose input is a constant
         leaves = jax.tree_util.tree_leaves(ops, is_leaf=lambda v: isinstance(v, (_Known, _Value)))
@@ -349,10 +378,72 @@ class Lowering:
             check_stats(qp, info.name)
             stem = info.name.replace(" (input)", ":input").replace(" (output)", ":output")
             return self.quantized(x, qp, info.compat, stem, "qjax.flax.ActQuant")
+        if isinstance(info, (_record.DynamicMark, _record.WeightOnlyMark)):
+            dtype = jax.tree_util.tree_unflatten(eqn.params["treedef"], eqn.invars[1:])["x"]
+            return self.ptq_linear(info, x, ops, dtype.aval.dtype)
+        if isinstance(info, _record.TableMark):  # a table computed from the input
+            raise ValueError(f"convert: {info.name}: the embedding table depends on the input")
         if info.unsupported:
-            self.float_ops[y.name] = f"{info.name}: {info.unsupported}"
+            why = info.unsupported  # the reasons name the layer
+            self.float_ops[y.name] = why if why.startswith(info.name) else f"{info.name}: {why}"
             return y
         return self.layer(info, x, ops)
+
+    def ptq_linear(self, info, x: _Value, ops, dtype) -> _Value:
+        """A dynamic or weight-only linear layer (:mod:`qjax.flax._ptq`) as its step,
+        on the float value of its input."""
+        if x.qp is not None:
+            x = self.dequantized(x, dtype)
+        bias = ops["bias"]
+        bias = None if bias is None else jnp.asarray(bias, jnp.float32)
+        w = ops["weight"]
+        if isinstance(info, _record.DynamicMark):
+            kind = "dynamic_linear"
+            attrs = {"name": info.name, "act_spec": info.act_spec, "compat": info.compat}
+            extra = {"act_spec": str(info.act_spec), "compat": info.compat, "kernel": w.kernel}
+            layer = Layer(kind, "qjax.flax DynamicQuantLinear", None, w.weight.qparams, None, extra)
+        else:
+            kind = "weight_only_linear"
+            attrs = {"name": info.name, "spec": info.spec}
+            qp = QParams(w.scale, w.zero_point, info.spec)
+            layer = Layer(kind, "qjax.flax WeightOnlyLinear", None, qp, None, {})
+        return _Value(self.add(info.name, kind, attrs, [x], (w, bias), layer, traced=False))
+
+    def embed(self, eqn, table: _Table, idx: _Value) -> _Value | None:
+        """``jnp.take(table, ids, axis=0)`` (the gather ``nnx.Embed`` / ``nn.Embed``
+        run) as an ``embed`` step on the table's int8 codes; ``None`` (a float gather of
+        the fake-quantized table) for any other gather or a per-group table."""
+        p = eqn.params
+        dn, shape = p["dimension_numbers"], eqn.invars[0].aval.shape
+        ids_ndim = len(eqn.invars[1].aval.shape)
+        take = (
+            len(shape) == 2
+            and tuple(dn.offset_dims) == (ids_ndim - 1,)
+            and tuple(dn.collapsed_slice_dims) == (0,)
+            and tuple(dn.start_index_map) == (0,)
+            and not dn.operand_batching_dims
+            and tuple(p["slice_sizes"]) == (1, shape[1])
+            and eqn.invars[1].aval.shape[-1] == 1
+        )
+        mode = {
+            lax.GatherScatterMode.FILL_OR_DROP: "fill",
+            lax.GatherScatterMode.CLIP: "clip",
+            lax.GatherScatterMode.PROMISE_IN_BOUNDS: "clip",  # XLA clamps the start index
+        }.get(p["mode"])
+        info = table.info
+        if not take or mode is None or info.config.weight.granularity == "group":
+            return None
+        name = info.name
+        known = lambda v: isinstance(v, _Known)  # noqa: E731
+        if not all(known(v) for v in jax.tree_util.tree_leaves(table.stats, is_leaf=known)):
+            return None
+        stats = jax.tree_util.tree_map(lambda v: v.val, table.stats, is_leaf=known)
+        check_stats(stats, name)
+        codes = table_codes(info, table.table.val, stats)
+        fill = p.get("fill_value")
+        attrs = {"name": name, "mode": mode, "fill": None if fill is None else float(fill)}
+        layer = Layer("embed", "flax Embed (weight-only)", None, codes.qparams, None, {})
+        return _Value(self.add(name, "embed", attrs, [idx], codes, layer, traced=False))
 
     def layer(self, info: _record.LayerMark, x: _Value, ops) -> _Value:
         cfg, name = info.config, info.name
@@ -387,6 +478,7 @@ class Lowering:
             "in_ndim": info.in_ndim,
             "out_dims": info.out_dims,
             "scheme": self.scheme,
+            "perm": info.perm,
         }
         extra = {"activation": "relu" if info.relu else None, "kernel": pw.kernel}
         op = "linear"

@@ -33,14 +33,27 @@ size (nothing computed). A bad file gives a ``ValueError`` naming the step and t
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .. import kernels
+from .._qarray import QArray, _deserialize_spec, _serialize_spec
+from .._spec import QParams
 from ..program import Layer, Program
 from . import _steps
-from ._served_io import _COMPATS, _encode, _is_int, _load_param, _load_qparams, _tensor
+from ._served_io import (
+    _COMPATS,
+    _check_spec_types,
+    _encode,
+    _is_int,
+    _load_param,
+    _load_qparams,
+    _tensor,
+)
 
 __all__ = ["FORMAT", "VERSION", "load_program", "program_file"]
 
@@ -52,16 +65,27 @@ _PARAM_KINDS = {  # kind -> the parameter kinds of its params tuple (None: no pa
     "layer": ("weight", "array", "qparams"),
     "lax": "arrays",
     "constant": "any",
+    "embed": "table",
+    "dynamic_linear": ("linear", "array"),
+    "weight_only_linear": ("packed", "array"),
 }
 _ATTRS = {  # kind -> the attribute keys it has (besides "pick")
     "quantize": {"compat"},
     "dequantize": {"dtype"},
-    "layer": {"op", "name", "source", "relu", "geometry", "in_ndim", "out_dims", "scheme"},
+    "layer": {
+        "op", "name", "source", "relu", "geometry", "in_ndim", "out_dims", "scheme", "perm"
+    },
     "relu": set(),
     "lax": {"primitive", "params", "slots", "on_codes"},
     "constant": set(),
     "identity": set(),
-}
+    "embed": {"name", "mode", "fill"},
+    "dynamic_linear": {"name", "act_spec", "compat"},
+    "weight_only_linear": {"name", "spec"},
+}  # fmt: skip
+_OPTIONAL = {"layer": {"perm"}}  # written by every save; a file from before may lack them
+_SPEC_ATTRS = {"dynamic_linear": "act_spec", "weight_only_linear": "spec"}  # QuantSpec attrs
+_DYNAMIC_COMPATS = ("qjax", "torch", "torch_fused", "tflite")  # qparams_from_minmax's
 
 
 # --------------------------------------------------------------------------------------
@@ -92,6 +116,8 @@ def _encode_step(i: int, s, tensors: dict, where: str) -> dict:
         )
     kind, attrs = s.spec
     a = dict(attrs)
+    if kind in _SPEC_ATTRS:
+        a[_SPEC_ATTRS[kind]] = json.loads(_serialize_spec(a[_SPEC_ATTRS[kind]]))
     if kind == "lax":
         a["primitive"] = _steps.primitive(a["primitive"].name, at).name
         slots = []
@@ -113,6 +139,15 @@ def _encode_step(i: int, s, tensors: dict, where: str) -> dict:
     elif kind == "constant":
         tensors[f"{i}.value"] = np.array(p, order="C")
         params = {"kind": "array"}
+    elif kind == "embed":  # the table as int8 codes with their qparams
+        tensors[f"{i}.t.values"] = np.array(p.values, order="C")
+        params = {**_encode(f"{i}.t", p.qparams, tensors), "kind": "table"}
+    elif kind == "dynamic_linear":
+        params = [_encode(f"{i}.w", p[0], tensors), _encode(f"{i}.b", p[1], tensors)]
+    elif kind == "weight_only_linear":  # int4 codes stay packed two per byte
+        for key, v in zip(("codes", "scale", "zero_point"), p[0], strict=True):
+            tensors[f"{i}.w.{key}"] = np.array(v, order="C")
+        params = [{"kind": "packed"}, _encode(f"{i}.b", p[1], tensors)]
     else:
         params = None
     layer = None
@@ -189,7 +224,7 @@ def _decode_output(obj, names: set, where: str):
 def _check_attrs(kind: str, a: dict, at: str) -> None:
     """The attribute types of a step (decoded at batch 1)."""
     keys = set(a) - {"pick"}
-    if keys != _ATTRS[kind]:
+    if keys != _ATTRS[kind] and keys | _OPTIONAL.get(kind, set()) != _ATTRS[kind]:
         raise ValueError(
             f"{at}: attributes {sorted(keys)}; a {kind} step has {sorted(_ATTRS[kind])}"
         )
@@ -221,6 +256,27 @@ def _check_attrs(kind: str, a: dict, at: str) -> None:
         ):
             raise ValueError(f"{at}: out_dims {od!r} must be null or a list of positive integers")
         _check_geometry(a["op"], a["geometry"], at)
+        _check_perm(a, at)
+    if kind in ("embed", "dynamic_linear", "weight_only_linear") and not isinstance(a["name"], str):
+        raise ValueError(f"{at}: name {a['name']!r} must be a string")
+    if kind == "embed":
+        if a["mode"] not in ("fill", "clip"):
+            raise ValueError(f"{at}: mode {a['mode']!r} must be 'fill' or 'clip'")
+        if a["fill"] is not None and not isinstance(a["fill"], (int, float)):
+            raise ValueError(f"{at}: fill {a['fill']!r} must be a number or null")
+    if kind == "dynamic_linear":
+        sp = a["act_spec"]
+        if sp.bits != 8 or sp.granularity != "tensor":
+            raise ValueError(f"{at}: act_spec {sp} must be an 8-bit per-tensor spec")
+        if a["compat"] not in _DYNAMIC_COMPATS:
+            raise ValueError(f"{at}: unknown compat {a['compat']!r}; known: {_DYNAMIC_COMPATS}")
+    if kind == "weight_only_linear":
+        sp = a["spec"]
+        if sp.bits not in (4, 8) or not sp.signed or sp.granularity == "axis" and sp.axis != -1:
+            raise ValueError(
+                f"{at}: spec {sp}: weight-only layers store signed int8 or int4 codes, per "
+                "tensor, per output channel (axis -1) or per group"
+            )
     if kind == "lax":
         if not isinstance(a["on_codes"], bool):
             raise ValueError(f"{at}: on_codes {a['on_codes']!r} must be true or false")
@@ -232,6 +288,37 @@ def _check_attrs(kind: str, a: dict, at: str) -> None:
             for t in slots
         ):
             raise ValueError(f"{at}: slots {slots!r} must be [kind, value] pairs")
+
+
+def _check_perm(a: dict, at: str) -> None:
+    """An Einsum layer's ``(x_perm, kernel_perm, y_perm)``: permutations of the input,
+    kernel and output axes that :func:`~qjax.flax._intsim.run_layer` can apply."""
+    perm = a.get("perm")
+    if perm is None:
+        return
+    ok = isinstance(perm, tuple) and len(perm) == 3 and a["op"] == "linear"
+    ok = ok and all(
+        isinstance(p, tuple) and all(_is_int(v) for v in p) and sorted(p) == list(range(len(p)))
+        for p in perm
+    )
+    od = a["out_dims"] or ()
+    if not ok or len(perm[1]) != a["in_ndim"] + len(od) or len(perm[0]) < a["in_ndim"]:
+        raise ValueError(
+            f"{at}: perm {perm!r} must be three permutations (input, kernel with "
+            f"{a['in_ndim']} contracted and {len(od)} output axes, output) of a linear layer"
+        )
+
+
+def _spec_attr(d, at: str):
+    """A QuantSpec attribute from its JSON object (the spec fields, checked)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{at}: a spec must be a JSON object, got {d!r}")
+    d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    _check_spec_types(d, at)
+    try:
+        return _deserialize_spec(json.dumps(d).encode())
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{at}: bad spec ({e})") from None
 
 
 def _check_geometry(op: str, g, at: str) -> None:
@@ -292,6 +379,18 @@ def _load_params(i: int, kind: str, attrs: dict, pd, tensors: dict, wish: str, a
         if not (isinstance(pd, list) and all(d == {"kind": "array"} for d in pd)):
             raise ValueError(f"{at}: params must be a list of {{'kind': 'array'}}")
         return tuple(jnp.asarray(_load_array(tensors, f"{i}.c{j}", at)) for j in range(len(pd)))
+    if kind == "embed":
+        return _load_table(i, pd, tensors, at)
+    if kind == "dynamic_linear":
+        if not (isinstance(pd, list) and len(pd) == 2):
+            raise ValueError(f"{at}: a dynamic_linear step's params are [weights, bias]")
+        pw = _load_param(f"{i}.w", pd[0], "linear", tensors, wish, f"{at} w")
+        return pw, _load_bias(i, pd[1], pw.out_features, tensors, wish, at)
+    if kind == "weight_only_linear":
+        if not (isinstance(pd, list) and len(pd) == 2 and pd[0] == {"kind": "packed"}):
+            raise ValueError(f"{at}: a weight_only_linear step's params are [packed, bias]")
+        pw = _load_packed(i, attrs["spec"], tensors, at)
+        return pw, _load_bias(i, pd[1], pw.codes.shape[1], tensors, wish, at)
     if not (isinstance(pd, list) and len(pd) == 3):
         raise ValueError(f"{at}: a layer step's params are [weights, bias, out qparams]")
     w_kind = "linear" if attrs["op"] == "linear" else "conv"
@@ -311,6 +410,64 @@ def _load_params(i: int, kind: str, attrs: dict, pd, tensors: dict, wish: str, a
                 f"match the geometry {g}"
             )
     return (pw, b, qy)
+
+
+def _load_bias(i: int, d, n_out: int, tensors: dict, wish: str, at: str):
+    if d is None:
+        return None
+    b = _load_param(f"{i}.b", d, "array", tensors, wish, f"{at} b")
+    if tuple(b.shape) != (n_out,):
+        raise ValueError(f"{at} b: bias has shape {tuple(b.shape)}, the layer has {n_out} outputs")
+    return b
+
+
+def _load_table(i: int, pd, tensors: dict, at: str) -> QArray:
+    """An embedding table: 2-D codes of the spec's dtype inside its range, one scale per
+    row (axis 0) or per tensor."""
+    if not isinstance(pd, dict) or pd.get("kind") != "table":
+        raise ValueError(f"{at}: an embed step's params are {{'kind': 'table', 'spec': ...}}")
+    qp = _load_qparams(f"{i}.t", {"spec": pd.get("spec")}, tensors, f"{at} table")
+    values = _tensor(tensors, f"{i}.t.values", at)
+    spec = qp.spec
+    if (
+        values.ndim != 2
+        or spec.granularity == "group"
+        or (spec.granularity == "axis" and spec.axis not in (0, -2))
+    ):
+        raise ValueError(
+            f"{at}: the table must be (num_embeddings, features) codes quantized per row "
+            f"(axis 0) or per tensor, got shape {values.shape} under {spec}"
+        )
+    try:
+        return QArray(jnp.asarray(values), qp).validate(check_values=True)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{at} table: {e}") from None
+
+
+def _load_packed(i: int, spec, tensors: dict, at: str):
+    """Weight-only ``(in, out)`` codes: int8, or int4 packed two per uint8 byte along
+    ``in``; qparams of the spec's shape for the unpacked kernel; codes in range."""
+    from ._ptq import PackedWeight, unpack_int4
+
+    want = np.uint8 if spec.bits == 4 else np.int8
+    codes = _tensor(tensors, f"{i}.w.codes", at, want)
+    scale = _tensor(tensors, f"{i}.w.scale", at, np.float32)
+    zp = _tensor(tensors, f"{i}.w.zero_point", at, np.int32)
+    if codes.ndim != 2 or 0 in codes.shape:
+        raise ValueError(f"{at}: weight codes must be a non-empty (in, out) matrix: {codes.shape}")
+    values = jnp.asarray(codes)
+    if spec.bits == 4:  # the int4 codes, two per byte: in = 2 x the stored rows
+        values = unpack_int4(values, axis=0)
+    try:
+        QArray(values, QParams(jnp.asarray(scale), jnp.asarray(zp), spec)).validate(
+            check_values=True
+        )
+    except (ValueError, TypeError) as e:
+        raise ValueError(
+            f"{at} w: {e} (kernel ({values.shape[0]}, {values.shape[1]}) from "
+            f"{'packed ' if spec.bits == 4 else ''}codes of shape {codes.shape})"
+        ) from None
+    return PackedWeight(jnp.asarray(codes), jnp.asarray(scale), jnp.asarray(zp))
 
 
 def _load_layer(i: int, d, tensors: dict, at: str) -> Layer | None:
@@ -369,9 +526,13 @@ class _StoredStep:
                 raise ValueError(f"{at}: slots do not match the inputs and params")
         self.params = _load_params(i, kind, a, st.get("params"), tensors, wish, at)
         self.layer = _load_layer(i, st.get("layer"), tensors, at)
+        if self.layer is not None and kind == "dynamic_linear":
+            self.layer = dataclasses.replace(
+                self.layer,
+                weight=self.params[0].weight.qparams,
+                extra={**self.layer.extra, "kernel": self.params[0].kernel},
+            )
         if self.layer is not None and kind == "layer":
-            import dataclasses
-
             self.layer = dataclasses.replace(
                 self.layer,
                 weight=self.params[0].weight.qparams,
@@ -382,6 +543,10 @@ class _StoredStep:
         a = _steps.decode_value(self.json_attrs, batch, f"{self.at} attrs")
         if not isinstance(a, dict):
             raise ValueError(f"{self.at}: attrs must be a JSON object")
+        if self.kind in _SPEC_ATTRS:
+            a = dict(a)
+            key = _SPEC_ATTRS[self.kind]
+            a[key] = _spec_attr(a.get(key), f"{self.at} {key}")
         if self.kind == "lax":
             a = dict(a)
             a["primitive"] = _steps.primitive(a.get("primitive"), self.at)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .._float import fma_f32
+from .._float import fma_f32, mul_f32, opaque_one
 from .._primitives import dequantize, quantize
 from .._qarray import QArray
 from .._qparams import Compat, qparams_from_minmax
@@ -44,6 +44,7 @@ from .._spec import QParams, QuantSpec
 from ..kernels import PreparedLinear, prepare_linear
 from ..kernels._linear import _int8_dot
 from ..observers import finite_minmax
+from . import _record
 
 __all__ = [
     "DYNAMIC_ACTIVATION",
@@ -120,6 +121,7 @@ def dynamic_linear(
     *,
     act_spec: QuantSpec = DYNAMIC_ACTIVATION,
     compat: Compat = "torch_fused",
+    name: str | None = None,
 ) -> jax.Array:
     """Dynamically quantized linear layer (formula in the module docstring).
 
@@ -130,6 +132,7 @@ def dynamic_linear(
       bias: float32 ``(N,)`` or ``None``.
       act_spec: 8-bit per-tensor activation spec (default quint8 ``reduce_range``).
       compat: the activation qparams formula (default FBGEMM's).
+      name: the layer's name in errors and in a converted program (default ``w.name``).
 
     Returns:
       float32 ``(..., N)``.
@@ -140,16 +143,17 @@ def dynamic_linear(
     """
     if not isinstance(w, PreparedLinear):
         raise TypeError(f"dynamic_linear: w must be a PreparedLinear, got {type(w).__name__}")
+    name = w.name if name is None else name
     if act_spec.bits != 8 or act_spec.granularity != "tensor":
-        raise ValueError(f"{w.name}: dynamic activations must be 8-bit per-tensor, got {act_spec}")
+        raise ValueError(f"{name}: dynamic activations must be 8-bit per-tensor, got {act_spec}")
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{w.name}: expects a floating input, got dtype {x.dtype}")
+        raise TypeError(f"{name}: expects a floating input, got dtype {x.dtype}")
     x = x.astype(jnp.float32)
     k = w.in_features
     if x.ndim < 1 or x.shape[-1] != k:
         raise ValueError(
-            f"{w.name}: x of shape {x.shape} does not fit a ({k}, {w.out_features}) weight"
+            f"{name}: x of shape {x.shape} does not fit a ({k}, {w.out_features}) weight"
         )
     mn, mx, _ = finite_minmax(x, act_spec)
     # torch: FindMinMax of an empty tensor is (0, 0); an all-NaN one has no finite range
@@ -162,9 +166,14 @@ def dynamic_linear(
     scale_w = wq.scale if wq.spec.granularity == "axis" else jnp.reshape(wq.scale, ())
     mult = jnp.reshape(qp.scale, ()).astype(jnp.float32) * scale_w.astype(jnp.float32)
     accf = acc.astype(jnp.float32)
-    if bias is None:
-        return accf * mult
-    return fma_f32(accf, mult, jnp.asarray(bias, jnp.float32))
+    if bias is None:  # f32(acc·m) even when an add follows (no fma contraction under jit)
+        y = mul_f32(accf, mult, opaque_one(mult))
+    else:
+        y = fma_f32(accf, mult, jnp.asarray(bias, jnp.float32))
+    if _record.active():  # qjax.convert serves this function itself (a dynamic_linear step)
+        info = _record.DynamicMark(name, act_spec, compat)
+        y = _record.mark(y, {"x": x, "weight": w, "bias": bias}, info)
+    return y
 
 
 def _accumulate(xq: jax.Array, qp: QParams, w: PreparedLinear) -> jax.Array:
@@ -308,10 +317,16 @@ def unpack_weight(pw: PackedWeight, spec: QuantSpec) -> QArray:
 
 
 def weight_only_linear(
-    x: jax.Array, pw: PackedWeight, spec: QuantSpec, bias: jax.Array | None = None
+    x: jax.Array,
+    pw: PackedWeight,
+    spec: QuantSpec,
+    bias: jax.Array | None = None,
+    *,
+    name: str = "weight_only_linear",
 ) -> jax.Array:
     """``x @ dequantize(unpack(pw)) + b`` in ``x``'s float dtype (the weight is
-    dequantized to float32, ``f32(q - z)·s``, then cast).
+    dequantized to float32, ``f32(q - z)·s``, then cast). ``qjax.convert`` serves this
+    function itself, from the stored codes (a ``weight_only_linear`` step named ``name``).
 
     >>> pw = pack_weight(jnp.array([[1.0, -2.0], [0.5, 4.0]]))
     >>> weight_only_linear(jnp.array([[1.0, 1.0]]), pw, INT4_WEIGHT)
@@ -329,4 +344,7 @@ def weight_only_linear(
     y = lax.dot_general(x, wf, (((x.ndim - 1,), (0,)), ((), ())))
     if bias is not None:
         y = y + jnp.asarray(bias).astype(y.dtype)
+    if _record.active():
+        info = _record.WeightOnlyMark(name, spec)
+        y = _record.mark(y, {"x": x, "weight": pw, "bias": bias}, info)
     return y

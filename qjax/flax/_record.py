@@ -30,7 +30,17 @@ from jax.interpreters import mlir
 
 from ._config import RECORDING, QuantConfig
 
-__all__ = ["LayerMark", "QuantizeMark", "active", "mark", "mark_p", "recording"]
+__all__ = [
+    "DynamicMark",
+    "LayerMark",
+    "QuantizeMark",
+    "TableMark",
+    "WeightOnlyMark",
+    "active",
+    "mark",
+    "mark_p",
+    "recording",
+]
 
 
 @contextlib.contextmanager
@@ -69,9 +79,13 @@ class LayerMark:
     ``in_ndim`` trailing axes of ``x``) or ``"conv"`` (channels-last, ``geometry`` the
     :func:`qjax.flax._intsim.conv_geometry` keywords). ``relu``: fused into the
     requantization clamp. ``source``: the module type, for reports. ``out_dims``: the
-    kernel's output axes (a multi-axis ``LinearGeneral`` kernel). ``unsupported``: why
-    the int8 kernels cannot run this layer (it then stays float). A layer without an
-    output quantizer produces floats (``dequantize_accumulator``).
+    kernel's output axes (a multi-axis ``LinearGeneral`` kernel). ``perm``: an
+    ``Einsum`` as a linear layer, ``(x_perm, kernel_perm, y_perm)``: the input transposed
+    by ``x_perm`` (contracted axes last, in the kernel's order), the kernel by
+    ``kernel_perm`` (contracted axes first), the ``(..., *out_dims)`` result by
+    ``y_perm`` (the equation's output order). ``unsupported``: why the int8 kernels
+    cannot run this layer (it then stays float). A layer without an output quantizer
+    produces floats (``dequantize_accumulator``).
     """
 
     op: str
@@ -83,6 +97,36 @@ class LayerMark:
     in_ndim: int = 1
     out_dims: tuple | None = None
     unsupported: str | None = None
+    perm: tuple | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TableMark:
+    """A weight-only embedding table ``fake_quant(table)`` (one scale per row, or per
+    tensor); operands ``{"x": table, "stats": weight observer state}``. A gather of it
+    is served as a gather of its int8 codes (:func:`qjax.flax._steps.embed_lookup`)."""
+
+    name: str
+    config: QuantConfig
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DynamicMark:
+    """A dynamic int8 linear (:func:`qjax.flax._ptq.dynamic_linear`); operands
+    ``{"x", "weight": PreparedLinear, "bias"}``."""
+
+    name: str
+    act_spec: Any
+    compat: str
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class WeightOnlyMark:
+    """A weight-only linear (:func:`qjax.flax._ptq.weight_only_linear`); operands
+    ``{"x", "weight": PackedWeight, "bias"}``."""
+
+    name: str
+    spec: Any
 
 
 mark_p = Primitive("qjax_mark")

@@ -17,7 +17,16 @@ kind           computes (``p``: the step's params)         attributes
 ``layer``      int8 linear / conv, ``p = (weights, bias,   the layer's ``op``, ``name``,
                out qparams)`` (:func:`~qjax.flax.           ``relu``, ``geometry``,
                _intsim.run_layer`` with ``scheme``)         ``in_ndim``, ``out_dims``,
-                                                           ``scheme``, ``source``
+                                                           ``scheme``, ``source``,
+                                                           ``perm`` (an Einsum's
+                                                           transposes, or null)
+``embed``      an embedding lookup from int8 codes,         ``name``, ``mode``
+               ``p``: the table's codes and qparams         (``"fill"`` / ``"clip"``),
+               (:func:`embed_lookup`)                       ``fill`` (a float or null)
+``dynamic_     :func:`qjax.flax._ptq.dynamic_linear`,       ``name``, ``act_spec``,
+linear``       ``p = (int8 weight, bias)``                  ``compat``
+``weight_      :func:`qjax.flax._ptq.weight_only_linear`,   ``name``, ``spec``
+only_linear``  ``p = (codes, scale, zero point), bias``
 ``relu``       ``max(q, zp)`` on codes                      --
 ``lax``        one JAX primitive on float values, or on     ``primitive``, ``params``,
                the integer values of codes (``on_codes``;   ``slots``, ``on_codes``
@@ -44,6 +53,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend.core import primitives as _prims
@@ -52,7 +62,7 @@ from .. import kernels
 from .._primitives import dequantize
 from .._qarray import QArray
 from ..program import Layer, Step
-from . import _record
+from . import _ptq, _record
 from ._intsim import fake_quant_codes, run_layer
 
 __all__ = [
@@ -60,13 +70,25 @@ __all__ = [
     "PRIMITIVES",
     "bind",
     "decode_value",
+    "embed_lookup",
     "encode_value",
     "eval_dim",
     "make_step",
     "primitive",
 ]
 
-KINDS = ("quantize", "dequantize", "layer", "relu", "lax", "constant", "identity")
+KINDS = (
+    "quantize",
+    "dequantize",
+    "layer",
+    "relu",
+    "lax",
+    "constant",
+    "identity",
+    "embed",
+    "dynamic_linear",
+    "weight_only_linear",
+)
 
 # the primitives a lax step may run: elementwise math, comparisons, reductions, layout,
 # dots and convolutions, pooling windows (no calls, loops, callbacks, effects or RNG)
@@ -195,6 +217,9 @@ def encode_value(v: Any, where: str) -> Any:
     """
     if v is None or isinstance(v, (bool, str)):
         return v
+    for name, cls in _ENUMS.items():  # before int: RoundingMethod is an IntEnum
+        if isinstance(v, cls):
+            return {"enum": name, "name": v.name}
     if isinstance(v, (int, np.integer)) and not isinstance(v, np.bool_):
         return int(v)
     if isinstance(v, np.bool_):
@@ -205,9 +230,6 @@ def encode_value(v: Any, where: str) -> Any:
         text = str(v)
         eval_dim(text, 1)  # a form the reader accepts, or an error now
         return {"dim": text}
-    for name, cls in _ENUMS.items():
-        if isinstance(v, cls):
-            return {"enum": name, "name": v.name}
     for name, cls in _STRUCTS.items():
         if isinstance(v, cls):
             fields = {f: encode_value(getattr(v, f), f"{where}.{f}") for f in _fields(cls)}
@@ -316,7 +338,7 @@ def _quantize(compat):
 def _layer(a):
     info = _record.LayerMark(
         a["op"], a["name"], None, a["source"], a["relu"], a["geometry"], a["in_ndim"],
-        a["out_dims"],
+        a["out_dims"], None, a.get("perm"),
     )  # fmt: skip
     scheme = a["scheme"]
 
@@ -343,6 +365,54 @@ def _lax(a):
     return fn
 
 
+def embed_lookup(table: QArray, indices, *, mode: str = "fill", fill=None) -> jax.Array:
+    """An embedding lookup served from int8 codes: the gather ``jnp.take(t, ids,
+    axis=0)`` runs (rows ``indices[..., 0]`` of ``t``) on ``t = dequantize(table)``, which
+    is the model's fake-quantized table bit for bit (``f32(q - zp)·s`` per row, or per
+    tensor).
+
+    ``table``: ``(num_embeddings, features)`` codes, one scale per row (spec ``axis=0``)
+    or per tensor. ``indices``: integers ``(..., 1)``. ``mode="fill"``: a row outside
+    ``[0, n)`` gives ``fill`` (``None``: NaN), ``jnp.take``'s default; ``"clip"``: the
+    nearest row. Float32 ``(..., features)`` out. The table is dequantized whole, then
+    gathered, as the model gathers its fake-quantized table: the same program shape, so
+    XLA rounds the float ops around the lookup (an add it may contract into an fma) as in
+    the jitted model; the rows of codes alone, dequantized after the gather, were
+    measured to change that rounding.
+
+    >>> from qjax import QParams, QuantSpec
+    >>> t = QArray(jnp.array([[1, -2], [3, 4]], jnp.int8),
+    ...            QParams(jnp.array([0.5, 0.25]), jnp.array([0, 0]), QuantSpec(axis=0)))
+    >>> embed_lookup(t, jnp.array([[1], [0], [5]]))
+    Array([[ 0.75,  1.  ],
+           [ 0.5 , -1.  ],
+           [  nan,   nan]], dtype=float32)
+    """
+    idx = jnp.asarray(indices)
+    dn = lax.GatherDimensionNumbers(
+        offset_dims=(idx.ndim - 1,), collapsed_slice_dims=(0,), start_index_map=(0,)
+    )
+    modes = {"fill": lax.GatherScatterMode.FILL_OR_DROP, "clip": lax.GatherScatterMode.CLIP}
+    t = dequantize(table.values, table.qparams)
+    return lax.gather(t, idx, dn, (1, table.shape[1]), mode=modes[mode], fill_value=fill)
+
+
+def _embed(a):
+    mode, fill = a["mode"], a["fill"]
+    return lambda p, idx: embed_lookup(p, idx, mode=mode, fill=fill)
+
+
+def _dynamic(a):
+    spec, compat, name = a["act_spec"], a["compat"], a["name"]
+
+    return lambda p, x: _ptq.dynamic_linear(x, p[0], p[1], act_spec=spec, compat=compat, name=name)
+
+
+def _weight_only(a):
+    spec, name = a["spec"], a["name"]
+    return lambda p, x: _ptq.weight_only_linear(x, p[0], spec, p[1], name=name)
+
+
 def _fn(kind: str, a: Mapping):
     if kind == "quantize":
         return _quantize(a["compat"])
@@ -358,6 +428,12 @@ def _fn(kind: str, a: Mapping):
         return lambda p: p
     if kind == "identity":
         return lambda _, v: v
+    if kind == "embed":
+        return _embed(a)
+    if kind == "dynamic_linear":
+        return _dynamic(a)
+    if kind == "weight_only_linear":
+        return _weight_only(a)
     raise ValueError(f"unknown step kind {kind!r}; known: {KINDS}")
 
 
@@ -378,7 +454,7 @@ def make_step(
     >>> qp = QParams(0.5, 0, QuantSpec())
     >>> s = make_step("q", "quantize", {"compat": "qjax"}, ("x",), (None,), qp)
     >>> s.fn(s.params, jax.numpy.array([0.3, -9.0])).values
-    Array([   1, -18], dtype=int8)
+    Array([  1, -18], dtype=int8)
     """
     fn = _fn(kind, attrs)
     if any(i is not None for i in pick):

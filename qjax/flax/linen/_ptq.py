@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from .. import _ptq
+from .._paths import join_path
 
 QUANTIZED = "quantized"
 
@@ -87,7 +88,9 @@ class DynamicQuantDense(nn.Module):
             return dynamic_variables(k, b, weight_spec=self.weight_spec, compat=self.compat)
 
         w, b = _quantized_vars(self, init)
-        return _ptq.dynamic_linear(x, w, b, act_spec=self.act_spec, compat=self.act_compat)
+        return _ptq.dynamic_linear(
+            x, w, b, act_spec=self.act_spec, compat=self.act_compat, name=join_path(self.path)
+        )
 
 
 class WeightOnlyDense(nn.Module):
@@ -113,4 +116,4 @@ class WeightOnlyDense(nn.Module):
             return weight_only_variables(k, b, spec=self.spec, compat=self.compat)
 
         w, b = _quantized_vars(self, init)
-        return _ptq.weight_only_linear(x, w, self.spec, b)
+        return _ptq.weight_only_linear(x, w, self.spec, b, name=join_path(self.path))

@@ -5,8 +5,10 @@
 ``jnp.einsum`` itself and ``nn.Embed`` has no ``dot_general``: both pass their operands
 through the ``promote_dtype`` attribute first, which is where these hooks go (the same
 numbers as NNX's :class:`~qjax.flax.nnx.QuantEinsum` / :class:`~qjax.flax.nnx.QuantEmbed`).
-:class:`~qjax.flax.linen.QuantRules` installs them; int8 serving of these layers is
-not there yet.
+:class:`~qjax.flax.linen.QuantRules` installs them. ``qjax.convert`` serves an
+``nn.Embed`` lookup from the table's int8 codes (as NNX's); ``nn.Einsum`` computes
+``jnp.einsum`` itself after this hook, so its value is the float einsum of the
+fake-quantized operands and it is served in float (``attend`` likewise).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 from flax.linen.dtypes import promote_dtype
 
-from .. import _core
+from .. import _core, _intsim
 from .._config import Mode, QuantConfig, as_mode
 from .._paths import join_path
 from ._layers import (
@@ -104,8 +106,9 @@ class QuantEmbed(nn.Module):
             self,
             lambda: _core.LayerStats(weight=_core.init_layer_stats(self.config, view.shape).weight),
         )
+        table = out[-1]
         out[-1], w = _core.quantize_weight(
-            out[-1],
+            table,
             var.value.weight,
             self.config,
             mode,
@@ -115,4 +118,5 @@ class QuantEmbed(nn.Module):
             kernel_view=view,
         )
         _store(self, var, var.value._replace(weight=w), mode, self.observe)
+        out[-1] = _intsim.table_mark(out[-1], table, w, self.config, mode, self.fake_quant, name)
         return out

@@ -93,6 +93,7 @@ class WeightOnlyLinear(nnx.Module):
         self.weight = QuantWeight(_ptq.pack_weight(kernel, spec, compat, name=name))
         self.bias = nnx.data(None if bias is None else QuantWeight(jnp.asarray(bias, jnp.float32)))
         self.spec = spec
+        self.name = name
 
     @classmethod
     def from_linear(cls, linear, **kwargs) -> WeightOnlyLinear:
@@ -107,4 +108,4 @@ class WeightOnlyLinear(nnx.Module):
 
     def __call__(self, x):
         bias = None if self.bias is None else self.bias[...]
-        return _ptq.weight_only_linear(x, self.weight.get_value(), self.spec, bias)
+        return _ptq.weight_only_linear(x, self.weight.get_value(), self.spec, bias, name=self.name)

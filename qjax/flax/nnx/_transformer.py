@@ -10,9 +10,13 @@ module adds the two layers that have no ``dot_general``:
   ``Embed.__call__`` (``promote_dtype((embedding,), ...)``) and ``Embed.attend``
   (``promote_dtype((query, embedding), ...)``) pass the table through: weight-only.
 
-``qjax.convert`` serves ``LinearGeneral`` hooks (:class:`QuantDotGeneral`) in int8;
-the Einsum and Embed hooks here are fake-quant / QAT only: a converted model runs them
-in float (exactly as the frozen model), listed in ``program.float_ops``.
+``qjax.convert`` serves ``LinearGeneral`` hooks (:class:`QuantDotGeneral`) and Einsum
+hooks whose equation is a contraction with the kernel (:func:`qjax.flax._intsim.
+einsum_layout`) in int8 (with ``QuantConfig(scheme=...)`` the frozen forward computes
+the int8 value itself); other equations stay float, listed with the reason in
+``program.float_ops``. An ``Embed`` lookup is served as a gather of the table's int8
+codes, then a dequantize (the same floats as the gather of the fake-quantized table);
+``attend`` stays a float dot on the dequantized table.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from flax.nnx.nn import dtypes
 
-from .. import _core
+from .. import _core, _intsim
 from .._config import Mode, QuantConfig
 from ._layers import _QuantModule, _refuse_output_quant
 
@@ -33,6 +37,9 @@ class QuantEinsum(_QuantModule):
     ``y = jnp.einsum(eq, fq_in(x), fq_w(kernel))`` where ``fq_w`` quantizes the kernel
     per channel along its axes that appear in the result (flattened; one scale per
     tensor if the weight spec is per-tensor), as :func:`~qjax.flax._core.einsum_kernel_view`.
+    With ``config.scheme`` (QAT / FROZEN) the value is the int8 linear's
+    ``f32(acc)·f32(s_x·s_w)`` (:func:`~qjax.flax._intsim.einsum_layout`), the gradient
+    the float einsum's; an equation that is no such contraction keeps the float value.
 
     Args:
       config: a :class:`~qjax.flax.QuantConfig` with ``quantize_output=False``.
@@ -75,7 +82,9 @@ class QuantEinsum(_QuantModule):
                 f"{self.view_shape} (the layer's einsum_str)"
             )
         x, w = self._hook_operands(lhs, rhs, view)
-        return jnp.einsum(subscripts, x, w, precision=precision, **einsum_kwargs)
+        y = jnp.einsum(subscripts, x, w, precision=precision, **einsum_kwargs)
+        kw = {"subscripts": subscripts}
+        return self._hook_value(y, lhs, rhs, "einsum", kw, "flax.nnx.Einsum")
 
 
 class QuantEmbed(_QuantModule):
@@ -125,8 +134,9 @@ class QuantEmbed(_QuantModule):
                 f"{self.name}: promote_dtype got a last array of shape {out[-1].shape}, not "
                 f"the embedding table {self.table_shape}"
             )
+        table = out[-1]
         out[-1], w = _core.quantize_weight(
-            out[-1],
+            table,
             st.weight,
             self.config,
             self.mode,
@@ -135,4 +145,7 @@ class QuantEmbed(_QuantModule):
             kernel_view=_core.embed_view(self.table_shape),
         )
         self.quant_stats.set_value(st._replace(weight=w))
+        out[-1] = _intsim.table_mark(
+            out[-1], table, w, self.config, self.mode, self.fake_quant, self.name
+        )
         return tuple(out)
