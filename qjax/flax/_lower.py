@@ -58,8 +58,9 @@ from .._spec import QParams
 from ..program import Layer, Program, Step
 from . import _record
 from ._core import LayerStats
-from ._intsim import prepare_layer, table_codes
+from ._intsim import prepare_layer
 from ._steps import make_step
+from ._table import table_codes
 
 __all__ = ["Lowering", "check_stats", "lower"]
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 from flax.linen.dtypes import promote_dtype
 
-from .. import _core, _intsim
+from .. import _core, _table
 from .._config import Mode, QuantConfig, as_mode
 from .._paths import join_path
 from ._layers import (
@@ -118,5 +118,5 @@ class QuantEmbed(nn.Module):
             kernel_view=view,
         )
         _store(self, var, var.value._replace(weight=w), mode, self.observe)
-        out[-1] = _intsim.table_mark(out[-1], table, w, self.config, mode, self.fake_quant, name)
+        out[-1] = _table.table_mark(out[-1], table, w, self.config, mode, self.fake_quant, name)
         return out

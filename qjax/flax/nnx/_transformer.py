@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from flax.nnx.nn import dtypes
 
-from .. import _core, _intsim
+from .. import _core, _table
 from .._config import Mode, QuantConfig
 from ._layers import _QuantModule, _refuse_output_quant
 
@@ -145,7 +145,7 @@ class QuantEmbed(_QuantModule):
             kernel_view=_core.embed_view(self.table_shape),
         )
         self.quant_stats.set_value(st._replace(weight=w))
-        out[-1] = _intsim.table_mark(
+        out[-1] = _table.table_mark(
             out[-1], table, w, self.config, self.mode, self.fake_quant, self.name
         )
         return tuple(out)
