@@ -36,7 +36,7 @@ def _w(seed, shape):
 
 
 class TinyLM(nnx.Module):
-    """Token ids (given as floats: convert takes float inputs) -> embedding, an attention
+    """Token ids (int32) -> embedding, an attention
     block with hooked projections, an Einsum MLP ((d) -> (heads, h) -> back, with
     transposes), a dynamic int8 linear, weight-only int8 and int4 layers; a second
     output from the tied embedding (``attend``, float)."""
@@ -60,7 +60,7 @@ class TinyLM(nnx.Module):
 
 
 def _ids(seed, n, lo=0, hi=VOCAB):
-    return jax.random.randint(jax.random.key(seed), (n, T), lo, hi).astype(jnp.float32)
+    return jax.random.randint(jax.random.key(seed), (n, T), lo, hi)  # int32 token ids
 
 
 def _frozen(model, x):
@@ -146,10 +146,10 @@ def test_nnx_transformer_round_trips(tiny_lm, tmp_path):
     i = kinds["emb"][0]
     assert kinds["emb"][1] == "embed" and tensors[f"{i}.t.values"].dtype == np.int8
     assert tensors[f"{i}.t.values"].shape == (VOCAB, D)
-    i4 = kinds["WeightOnlyLinear_2"][0]
+    i4 = kinds["wo4"][0]
     assert tensors[f"{i4}.w.codes"].dtype == np.uint8 and tensors[f"{i4}.w.codes"].shape == (8, 6)
     assert tensors[f"{i4}.w.scale"].shape == (4, 6)  # 4 groups of 4 rows, 6 columns
-    assert tensors[f"{kinds['WeightOnlyLinear'][0]}.w.codes"].dtype == np.int8
+    assert tensors[f"{kinds['wo8'][0]}.w.codes"].dtype == np.int8
     total = 0
     for v in (x, _ids(4, 3)):
         n, differ = _compare(back(v), program(v))
@@ -308,31 +308,31 @@ BAD = [
     ),
     (
         "weight-only group size",
-        lambda m: _spec(m, "WeightOnlyLinear_2").update(group_size=5),
+        lambda m: _spec(m, "wo4").update(group_size=5),
         None,
         "group_size=5 does not divide",
     ),
     (
         "int4 packed size",
         None,
-        _tensor("WeightOnlyLinear_2", "w.codes", lambda c: c[:-1]),
+        _tensor("wo4", "w.codes", lambda c: c[:-1]),
         r"kernel \(14, 6\) from packed codes of shape \(7, 6\)",
     ),
     (
         "int4 codes out of range",
-        lambda m: _spec(m, "WeightOnlyLinear_2").update(narrow_range=True),
-        _tensor("WeightOnlyLinear_2", "w.codes", lambda c: np.full_like(c, 0x88)),
+        lambda m: _spec(m, "wo4").update(narrow_range=True),
+        _tensor("wo4", "w.codes", lambda c: np.full_like(c, 0x88)),
         r"codes span \[-8, -8\], outside the spec range \[-7, 7\]",
     ),
     (
         "int8 codes stored packed",
         None,
-        _tensor("WeightOnlyLinear", "w.codes", lambda c: c.view(np.uint8)),
+        _tensor("wo8", "w.codes", lambda c: c.view(np.uint8)),
         "must be int8, got uint8",
     ),
     (
         "weight-only 3-bit",
-        lambda m: _spec(m, "WeightOnlyLinear").update(bits=3),
+        lambda m: _spec(m, "wo8").update(bits=3),
         None,
         "signed int8 or int4",
     ),

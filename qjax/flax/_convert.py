@@ -38,9 +38,11 @@ from ..kernels._choice import kernels_of, resolve_kernel
 from ..program import Program
 from . import _record, _steps
 from ._lower import lower
+from ._paths import join_path
 from ._sequential import NotServable, convert_sequential, is_sequential
 from ._serve import ServedModel
 from ._walk import nnx_quantized
+from .nnx._ptq import WeightOnlyLinear
 
 __all__ = ["TracedProgram", "convert"]
 
@@ -49,15 +51,21 @@ __all__ = ["TracedProgram", "convert"]
 def _named_by_path(model: nnx.Module):
     """Every quantized layer's ``name`` set to its path while the forward is traced (errors
     and steps are named by path, whatever the user named them); restored afterwards."""
-    layers = nnx_quantized(model)
-    names = [q.holder.name for q in layers]
+    holders = [(q.holder, q.path) for q in nnx_quantized(model)]
+    # the weight-only layers hold no statistics: named by their own path too
+    holders += [
+        (m, join_path(path))
+        for path, m in nnx.iter_modules(model)
+        if isinstance(m, WeightOnlyLinear)
+    ]
+    names = [h.name for h, _ in holders]
     try:
-        for q in layers:
-            q.holder.name = q.path
+        for h, path in holders:
+            h.name = path
         yield
     finally:
-        for q, n in zip(layers, names, strict=True):
-            q.holder.name = n
+        for (h, _), n in zip(holders, names, strict=True):
+            h.name = n
 
 
 def _nnx_forward(model: nnx.Module):
@@ -93,7 +101,7 @@ def convert(
     :mod:`qjax.flax._sequential` (same codes; it can be saved with
     :func:`qjax.save_served`); every other model is traced and lowered as follows.
 
-    ``program(*args)`` takes the inputs the model takes (float arrays, any batch size)
+    ``program(*args)`` takes the inputs the model takes (float or integer arrays, any batch size)
     and returns what the model returns: quantized values come out dequantized
     (``f32(q - zp)·s``). Every quantized dot/conv inside is int8 x int8 -> int32 followed
     by :func:`qjax.kernels.requantize` with ``scheme`` (or the float
@@ -115,7 +123,7 @@ def convert(
 
     Args:
       model: an ``nnx.Module``, ``(linen Module, variables)`` or a function.
-      *example_args: float arrays with the inputs' shapes and dtypes.
+      *example_args: arrays (float, or integer token ids) with the inputs' shapes and dtypes.
       scheme: a key of :data:`qjax.kernels.SCHEMES`.
       kernel: ``"xla"``, ``"amx"`` or ``"auto"``.
 
@@ -149,15 +157,16 @@ def convert(
         raise ValueError(f"convert: unknown scheme {scheme!r}; known: {sorted(SCHEMES)}")
     native = resolve_kernel(kernel, "qjax.convert")
     if not example_args:
-        raise TypeError("convert: pass example inputs (float arrays) after the model")
+        raise TypeError("convert: pass example inputs (arrays) after the model")
     what = type(model[0] if isinstance(model, tuple) else model).__name__
     args = []
     for i, a in enumerate(example_args):
         a = jnp.asarray(a)
-        if not jnp.issubdtype(a.dtype, jnp.floating) or a.ndim < 1:
+        numeric = jnp.issubdtype(a.dtype, jnp.floating) or jnp.issubdtype(a.dtype, jnp.integer)
+        if not numeric or a.ndim < 1:
             raise TypeError(
-                f"convert: example input {i} must be a float array (batch, ...), got "
-                f"{a.dtype} {a.shape}"
+                f"convert: example input {i} must be a float or integer array (batch, ...) "
+                f"(integers: token ids), got {a.dtype} {a.shape}"
             )
         args.append(a)
     if isinstance(model, nnx.Module):

@@ -53,7 +53,8 @@ class QuantRules:
     layer that already has a hook raises ``TypeError``. :meth:`with_mode` gives the
     same rules in another mode (e.g. ``Mode.FROZEN`` for evaluation). The
     ``Dense`` / ``DenseGeneral`` / ``Conv`` hooks serve as int8 layers through
-    ``qjax.convert``; ``Einsum`` / ``Embed`` are fake-quant / QAT only (served in float).
+    ``qjax.convert``, ``Embed`` lookups from the int8 table; ``Einsum`` is served in
+    float (its hook sees only the operands' dtype promotion, not the einsum).
 
     >>> import jax, jax.numpy as jnp
     >>> from qjax.flax import qjax_recommended

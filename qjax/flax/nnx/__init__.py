@@ -15,7 +15,8 @@ Two ways in, same numbers:
   the hooks on an existing model from path rules, also into the layers transformers
   use: ``nnx.LinearGeneral`` (so ``nnx.MultiHeadAttention``'s projections),
   ``nnx.Einsum`` (:class:`QuantEinsum`) and ``nnx.Embed`` (:class:`QuantEmbed`,
-  weight-only); those are fake-quant / QAT only (no int8 serving yet). A hook sees
+  weight-only), all served in int8 by ``qjax.convert`` (an Einsum whose equation is
+  not a contraction with the kernel stays float, listed). A hook sees
   ``(inputs, kernel)`` only, before the bias: it quantizes the input activation and the
   weight, not the output (configs with ``quantize_output=True`` are refused; use the
   layers below). One hook instance per layer (a shared hook shares statistics).

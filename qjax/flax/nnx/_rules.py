@@ -85,8 +85,9 @@ def quantize_model(
     only) and :class:`QuantConvGeneralDilated`; each computes
     ``op(fq_in(x), fq_w(kernel))`` (no output quantizer, so configs must have
     ``quantize_output=False``). ``qjax.convert`` serves the Linear, LinearGeneral
-    and Conv hooks as int8 layers (exactly, with ``QuantConfig(scheme=...)``); the
-    Einsum and Embed hooks are fake-quant / QAT only (served in float, listed).
+    and Conv hooks as int8 layers (exactly, with ``QuantConfig(scheme=...)``), the
+    Einsum hooks too where the equation contracts the input with the kernel (others
+    stay float, listed with the reason), and Embed lookups from the int8 table.
 
     Raises ``TypeError`` when a rule fully matches the path of a leaf module of
     another type (naming it and the supported layers), and ``ValueError`` when a rule
