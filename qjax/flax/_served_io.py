@@ -244,7 +244,7 @@ def save_served(path: str | os.PathLike, served: ServedModel) -> None:
     JSON metadata; no pickle). :func:`load_served` reads it back bit for bit.
 
     >>> import tempfile, os
-    >>> from qjax import QuantSpec
+    >>> from qjax import QParams, QuantSpec
     >>> qp = QParams(jnp.float32(0.5), jnp.int32(0), QuantSpec())
     >>> st = [{"op": "quantize", "name": "stub", "compat": "qjax"}]
     >>> m = ServedModel(json.dumps(st), ({"qp": qp},), (3,))
