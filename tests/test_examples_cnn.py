@@ -18,6 +18,7 @@ def _load(name, monkeypatch):
     return mod
 
 
+@pytest.mark.slow  # served == frozen of Sequential CNNs runs by default in test_flax_convert.py
 @pytest.mark.parametrize("name", ["cnn_digits", "cnn_digits_linen"])
 def test_cnn_digits_serves_exactly_what_qat_trained(name, capsys, monkeypatch):
     with jax.numpy_dtype_promotion("standard"):  # optax adam (see test_examples.py)

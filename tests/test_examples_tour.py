@@ -152,6 +152,7 @@ _SHARDED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # sharded == single-device QAT runs by default in test_flax_sharding.py
 def test_sharded_qat_example():
     script = _SHARDED.format(examples=str(EXAMPLES), path=str(EXAMPLES / "sharded_qat.py"))
     out = run_script(script, marker="SHARDED-EXAMPLE-OK", host_devices=8)

@@ -363,10 +363,15 @@ BAD = [
 ]
 
 
+@pytest.fixture(scope="module")
+def lm_file(tiny_lm, tmp_path_factory):
+    """The model's file, written once (a save lowers the model again, symbolically)."""
+    path = tmp_path_factory.mktemp("lm") / "lm.safetensors"
+    qjax.save_served(path, tiny_lm[1])
+    return path
+
+
 @pytest.mark.parametrize("edit,tensor_edit,match", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-def test_bad_files_of_the_new_kinds_are_refused(tiny_lm, tmp_path, edit, tensor_edit, match):
-    _, program, _ = tiny_lm
-    path = tmp_path / "lm.safetensors"
-    qjax.save_served(path, program)
+def test_bad_files_of_the_new_kinds_are_refused(lm_file, tmp_path, edit, tensor_edit, match):
     with pytest.raises(ValueError, match=match):
-        qjax.load_served(_tampered(path, tmp_path, edit, tensor_edit))
+        qjax.load_served(_tampered(lm_file, tmp_path, edit, tensor_edit))

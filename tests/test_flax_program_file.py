@@ -190,19 +190,22 @@ BAD = [
 ]
 
 
+@pytest.fixture(scope="module")
+def cnn_file(cnn, tmp_path_factory):
+    """The CNN's file, written once (a save lowers the model again, symbolically)."""
+    path = tmp_path_factory.mktemp("cnn") / "m.safetensors"
+    qjax.save_served(path, cnn[1])
+    return path
+
+
 @pytest.mark.parametrize("edit,match", BAD, ids=[m for _, m in BAD])
-def test_bad_files_are_refused_naming_the_problem(cnn, tmp_path, edit, match):
-    _, program, _ = cnn
-    path = tmp_path / "m.safetensors"
-    qjax.save_served(path, program)
+def test_bad_files_are_refused_naming_the_problem(cnn_file, tmp_path, edit, match):
     with pytest.raises(ValueError, match=match):
-        qjax.load_served(_tampered(path, tmp_path, edit))
+        qjax.load_served(_tampered(cnn_file, tmp_path, edit))
 
 
-def test_bad_tensors_are_refused(cnn, tmp_path):
-    _, program, _ = cnn
-    path = tmp_path / "m.safetensors"
-    qjax.save_served(path, program)
+def test_bad_tensors_are_refused(cnn_file, tmp_path):
+    path = cnn_file
     with safe_open(path, "np") as f:
         meta = json.loads(f.metadata()["qjax"])
     i = _step(meta, "layer")[0]
