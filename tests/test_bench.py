@@ -185,6 +185,7 @@ def test_real_quick_run(tmp_path, capsys):
     assert "stochastic_rounding  1M float32" in text
 
 
+@pytest.mark.slow  # a real benchmark run; the table and JSON checks above use fakes
 def test_real_quick_run_times_onnxruntime(tmp_path, capsys):
     """int8_cnn, quick: ONNX Runtime (qjax's own export of the model qjax runs) is timed
     and reported as a baseline with issue 16's goal, and its outputs are compared."""

@@ -3,6 +3,8 @@
 import importlib.util
 import pathlib
 
+import pytest
+
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -36,6 +38,7 @@ def test_demo_runs_small(capsys):
         assert opt in out
 
 
+@pytest.mark.slow  # PTQ / QAT accuracy on the digits: the demo test and class examples
 def test_qat_digits_nnx(capsys):
     import jax
 
