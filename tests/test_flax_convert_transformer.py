@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save
+from test_flax_convert_traced import _frozen, _jit_forward
+from test_flax_program_file import _tampered
 
 import qjax
 from qjax import QuantSpec
@@ -61,18 +62,6 @@ class TinyLM(nnx.Module):
 
 def _ids(seed, n, lo=0, hi=VOCAB):
     return jax.random.randint(jax.random.key(seed), (n, T), lo, hi)  # int32 token ids
-
-
-def _frozen(model, x):
-    qnnx.calibrate(model, [x], progress=False)
-    qnnx.set_mode(model, Mode.FROZEN)
-    model.eval()
-    return model
-
-
-@nnx.jit
-def _jit_forward(model, x):
-    return model(x)
 
 
 def _compare(got, want) -> tuple[int, int]:
@@ -252,19 +241,6 @@ def test_linen_transformer_serves_exactly_and_round_trips(tmp_path):
 
 
 # -- files from anywhere: the new kinds are validated on load ------------------------------
-
-
-def _tampered(path, tmp_path, edit=None, tensor_edit=None):
-    with safe_open(path, "np") as f:
-        meta = json.loads(f.metadata()["qjax"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    if edit is not None:
-        edit(meta)
-    if tensor_edit is not None:
-        tensor_edit(meta, tensors)
-    out = tmp_path / "bad.safetensors"
-    out.write_bytes(save(tensors, metadata={"qjax": json.dumps(meta)}))
-    return out
 
 
 def _step(meta, name):

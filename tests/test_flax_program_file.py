@@ -143,13 +143,16 @@ def test_a_model_that_branches_on_the_batch_size_saves_at_fixed_shapes(tmp_path)
 # -- a file from anywhere: validated on load ----------------------------------------------
 
 
-def _tampered(path, tmp_path, edit, tensor_edit=None):
+def _tampered(path, tmp_path, edit=None, tensor_edit=None):
+    """A copy of the file at ``path`` with ``edit(meta)`` and ``tensor_edit(meta,
+    tensors)`` applied (also used by test_flax_convert_transformer.py)."""
     with safe_open(path, "np") as f:
         meta = json.loads(f.metadata()["qjax"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    edit(meta)
+    if edit is not None:
+        edit(meta)
     if tensor_edit is not None:
-        tensor_edit(tensors)
+        tensor_edit(meta, tensors)
     out = tmp_path / "bad.safetensors"
     out.write_bytes(save(tensors, metadata={"qjax": json.dumps(meta)}))
     return out
@@ -210,18 +213,18 @@ def test_bad_tensors_are_refused(cnn_file, tmp_path):
         meta = json.loads(f.metadata()["qjax"])
     i = _step(meta, "layer")[0]
 
-    def nan_bias(t):
+    def nan_bias(_, t):
         t[f"{i}.b"] = np.full_like(t[f"{i}.b"], np.nan)
 
-    def zero_scale(t):
+    def zero_scale(_, t):
         t[f"{i}.w.scale"] = np.zeros_like(t[f"{i}.w.scale"])
 
-    def drop(t):
+    def drop(_, t):
         del t[f"{i}.w.values"]
 
     for tensor_edit, match in ((nan_bias, "finite"), (zero_scale, "scale"), (drop, "missing")):
         with pytest.raises(ValueError, match=match):
-            qjax.load_served(_tampered(path, tmp_path, lambda m: None, tensor_edit))
+            qjax.load_served(_tampered(path, tmp_path, tensor_edit=tensor_edit))
 
 
 def test_only_converted_programs_save(tmp_path):
