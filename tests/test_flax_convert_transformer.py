@@ -316,7 +316,19 @@ BAD = [
         "dynamic 4-bit activations",
         lambda m: _spec(m, "DynamicQuantLinear", "act_spec").update(bits=4),
         None,
-        "8-bit per-tensor",
+        "8-bit per-tensor or per-token",
+    ),
+    (
+        "dynamic recipe",
+        lambda m: _step(m, "DynamicQuantLinear")[2].update(recipe="onnx"),
+        None,
+        "unknown recipe 'onnx'",
+    ),
+    (
+        "dynamic per-channel activations",
+        lambda m: _spec(m, "DynamicQuantLinear", "act_spec").update(axis=1),
+        None,
+        "8-bit per-tensor or per-token",
     ),
     (
         "dynamic weight scale",

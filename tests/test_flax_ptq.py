@@ -112,8 +112,8 @@ def test_dynamic_errors():
         _ptq.dynamic_linear(jnp.ones((1, 3)), pw)
     with pytest.raises(TypeError, match="floating input"):
         _ptq.dynamic_linear(jnp.ones((1, 4), jnp.int32), pw)
-    with pytest.raises(ValueError, match="8-bit per-tensor"):
-        _ptq.dynamic_linear(jnp.ones((1, 4)), pw, act_spec=QuantSpec(axis=0))
+    with pytest.raises(ValueError, match="must be 8-bit, per-tensor or per-token"):
+        _ptq.dynamic_linear(jnp.ones((1, 4)), pw, act_spec=QuantSpec(bits=4))
     with pytest.raises(ValueError, match="kernel must be \\(in, out\\)"):
         _ptq.prepare_dynamic_weight(jnp.ones(4))
 

@@ -400,8 +400,14 @@ class Lowering:
         w = ops["weight"]
         if isinstance(info, _record.DynamicMark):
             kind = "dynamic_linear"
-            attrs = {"name": info.name, "act_spec": info.act_spec, "compat": info.compat}
-            extra = {"act_spec": str(info.act_spec), "compat": info.compat, "kernel": w.kernel}
+            attrs = {
+                "name": info.name, "act_spec": info.act_spec, "compat": info.compat,
+                "recipe": info.recipe,
+            }  # fmt: skip
+            extra = {
+                "act_spec": str(info.act_spec), "compat": info.compat, "recipe": info.recipe,
+                "kernel": w.kernel,
+            }  # fmt: skip
             layer = Layer(kind, "qjax.flax DynamicQuantLinear", None, w.weight.qparams, None, extra)
         else:
             kind = "weight_only_linear"

@@ -23,6 +23,7 @@ from ._fields import (
     _load_qparams,
     _tensor,
 )
+from ._ptq import RECIPES
 
 _PARAM_KINDS = {  # kind -> the parameter kinds of its params tuple (None: no params)
     "quantize": "qparams",
@@ -44,10 +45,11 @@ _ATTRS = {  # kind -> the attribute keys it has (besides "pick")
     "constant": set(),
     "identity": set(),
     "embed": {"name", "mode", "fill"},
-    "dynamic_linear": {"name", "act_spec", "compat"},
+    "dynamic_linear": {"name", "act_spec", "compat", "recipe"},
     "weight_only_linear": {"name", "spec"},
 }  # fmt: skip
-_OPTIONAL = {"layer": {"perm"}}  # written by every save; a file from before may lack them
+# written by every save; a file from before may lack them
+_OPTIONAL = {"layer": {"perm"}, "dynamic_linear": {"recipe"}}
 _SPEC_ATTRS = {"dynamic_linear": "act_spec", "weight_only_linear": "spec"}  # QuantSpec attrs
 _DYNAMIC_COMPATS = ("qjax", "torch", "torch_fused", "tflite")  # qparams_from_minmax's
 
@@ -103,8 +105,10 @@ def _check_attrs(kind: str, a: dict, at: str) -> None:
             raise ValueError(f"{at}: fill {a['fill']!r} must be a number or null")
     if kind == "dynamic_linear":
         sp = a["act_spec"]
-        if sp.bits != 8 or sp.granularity != "tensor":
-            raise ValueError(f"{at}: act_spec {sp} must be an 8-bit per-tensor spec")
+        if sp.bits != 8 or not (sp.granularity == "tensor" or sp.axes == (0,)):
+            raise ValueError(f"{at}: act_spec {sp} must be an 8-bit per-tensor or per-token spec")
+        if a.get("recipe", "fbgemm") not in RECIPES:
+            raise ValueError(f"{at}: unknown recipe {a['recipe']!r}; known: {RECIPES}")
         if a["compat"] not in _DYNAMIC_COMPATS:
             raise ValueError(f"{at}: unknown compat {a['compat']!r}; known: {_DYNAMIC_COMPATS}")
     if kind == "weight_only_linear":

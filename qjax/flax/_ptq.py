@@ -4,9 +4,12 @@ The functional core of :class:`~qjax.flax.nnx.DynamicQuantLinear` /
 :class:`~qjax.flax.linen.DynamicQuantDense` and :class:`~qjax.flax.nnx.WeightOnlyLinear`
 / :class:`~qjax.flax.linen.WeightOnlyDense`; both shells call these functions only.
 
-**Dynamic quantization** (PyTorch's ``quantize_dynamic`` for ``Linear``): the weight is
-quantized once (int8, per output channel by default); each call quantizes the
-activation from *its own* range and runs the int8 engine::
+**Dynamic quantization**: the weight is quantized once (int8, per output channel by
+default); each call quantizes the activation from *its own* range, per tensor or per
+token (``act_spec`` with ``axis=0``: one qparams per row of ``x.reshape(-1, K)``), and
+runs the int8 engine. Two recipes, each bit-exact with the system it names.
+
+``recipe="fbgemm"`` (default; PyTorch's ``quantize_dynamic`` for ``Linear``)::
 
     qp_x = qparams_from_minmax(min(x), max(x), act_spec, "torch_fused")   # per call
     x_q  = clamp(rint(fma(x, f32(1/s_x), zp_x)))          # qjax.quantize, compat="torch"
@@ -21,6 +24,16 @@ FBGEMM's ``ChooseQuantizationParams``) this is what torch's
 one fma). ``min``/``max`` are over the finite values (torch's ``FindMinMax`` would take
 NaN along); an empty input gives the range ``[0, 0]``, as torch.
 
+``recipe="torchao"`` (torchao's ``Int8DynamicActivationInt8WeightConfig``, its
+``Int8Tensor`` linear; activations :data:`TORCHAO_ACTIVATION`, int8 per token, symmetric
+or asymmetric, qparams with ``compat="torch"``; weights symmetric, per channel or per
+tensor)::
+
+    x_q  = clamp(round(x · f32(1/s_x)) + zp_x, -128, 127)  # quantize_affine
+    acc  = Σ_k x_q · w_q                                   # raw codes, int32, exact
+    t    = f32(f32(acc) · s_x)                             # int_scaled_matmul
+    t    = f32(t - f32(f32(zp_x · s_x) · f32(Σ_k w_q)))   # asymmetric x only
+    y    = f32(f32(t · s_w) + b)                           # each op rounded, no fma
 **Weight-only quantization**: the kernel is stored as int8 codes, or as int4 codes
 packed two per byte (:func:`pack_int4`), with per-channel or per-group scales; the layer
 computes ``x @ dequantize(unpack(codes))`` in float (the weights shrink 4x or 8x; the
@@ -36,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .._float import fma_f32, mul_f32, opaque_one
+from .._float import fma_f32, materialize, mul_f32, opaque_one
 from .._primitives import dequantize, quantize
 from .._qarray import QArray
 from .._qparams import Compat, qparams_from_minmax
@@ -50,6 +63,8 @@ __all__ = [
     "DYNAMIC_ACTIVATION",
     "DYNAMIC_WEIGHT",
     "INT4_WEIGHT",
+    "RECIPES",
+    "TORCHAO_ACTIVATION",
     "PackedWeight",
     "dynamic_linear",
     "pack_int4",
@@ -63,6 +78,11 @@ __all__ = [
 
 #: torch's dynamic activation: quint8 with reduce_range (codes 0..127), affine.
 DYNAMIC_ACTIVATION = QuantSpec(bits=8, signed=False, reduce_range=True)
+#: torchao's dynamic activation: int8 symmetric per token (one qparams per row of
+#: ``x.reshape(-1, K)``); ``.replace(symmetric=False)`` for its asymmetric mapping.
+TORCHAO_ACTIVATION = QuantSpec(bits=8, signed=True, symmetric=True, axis=0)
+#: the output formulas of :func:`dynamic_linear` (module docstring).
+RECIPES = ("fbgemm", "torchao")
 #: int8 symmetric per output channel of a ``(in, out)`` kernel (torch's
 #: ``per_channel_dynamic_qconfig`` weight: qint8, -128..127, /127.5 with compat="torch").
 DYNAMIC_WEIGHT = QuantSpec(bits=8, signed=True, symmetric=True, axis=-1)
@@ -121,17 +141,22 @@ def dynamic_linear(
     *,
     act_spec: QuantSpec = DYNAMIC_ACTIVATION,
     compat: Compat = "torch_fused",
+    recipe: str = "fbgemm",
     name: str | None = None,
 ) -> jax.Array:
-    """Dynamically quantized linear layer (formula in the module docstring).
+    """Dynamically quantized linear layer (formulas in the module docstring).
 
     Args:
-      x: float ``(..., K)``; its range (over the whole tensor) sets this call's qparams.
+      x: float ``(..., K)``; its range (over the whole tensor, or per row of
+        ``x.reshape(-1, K)`` for a per-token ``act_spec``) sets this call's qparams.
       w: the int8 weight from :func:`prepare_dynamic_weight` (or
         :func:`qjax.kernels.prepare_linear`).
       bias: float32 ``(N,)`` or ``None``.
-      act_spec: 8-bit per-tensor activation spec (default quint8 ``reduce_range``).
-      compat: the activation qparams formula (default FBGEMM's).
+      act_spec: 8-bit activation spec, per tensor (``axis=None``, default quint8
+        ``reduce_range``) or per token (``axis=0``, e.g. :data:`TORCHAO_ACTIVATION`).
+      compat: the activation qparams formula (default FBGEMM's; torchao's is ``"torch"``).
+      recipe: ``"fbgemm"`` (torch ``quantize_dynamic``) or ``"torchao"`` (torchao's
+        ``Int8DynamicActivationInt8WeightConfig``): the quantize and output formulas.
       name: the layer's name in errors and in a converted program (default ``w.name``).
 
     Returns:
@@ -140,45 +165,75 @@ def dynamic_linear(
     >>> pw = prepare_dynamic_weight(jnp.array([[1.0, -1.0], [0.5, 0.0]]))
     >>> dynamic_linear(jnp.array([[2.0, 1.0]]), pw, jnp.array([0.0, 0.5]))
     Array([[ 2.4980702, -1.492157 ]], dtype=float32)
+    >>> x = jnp.array([[2.0, 1.0], [0.01, -0.02]])  # per token: each row its own scale
+    >>> dynamic_linear(x, pw, act_spec=TORCHAO_ACTIVATION, compat="torch", recipe="torchao")
+    Array([[ 2.4882739e+00, -1.9843447e+00],
+           [-7.8738951e-05, -9.9998470e-03]], dtype=float32)
     """
     if not isinstance(w, PreparedLinear):
         raise TypeError(f"dynamic_linear: w must be a PreparedLinear, got {type(w).__name__}")
     name = w.name if name is None else name
-    if act_spec.bits != 8 or act_spec.granularity != "tensor":
-        raise ValueError(f"{name}: dynamic activations must be 8-bit per-tensor, got {act_spec}")
+    per_token = act_spec.granularity == "axis" and act_spec.axes == (0,)
+    if act_spec.bits != 8 or not (act_spec.granularity == "tensor" or per_token):
+        raise ValueError(
+            f"{name}: dynamic activations must be 8-bit, per-tensor or per-token (axis=0: "
+            f"one qparams per row of x.reshape(-1, K)), got {act_spec}"
+        )
+    if recipe not in RECIPES:
+        raise ValueError(f"{name}: unknown recipe {recipe!r}; known: {RECIPES}")
+    if recipe == "torchao" and not (w.zero_point_is_zero and act_spec.signed):
+        raise ValueError(
+            f"{name}: the torchao recipe has int8 activations and symmetric weights (zero "
+            f"point 0); got act_spec {act_spec} and weight {w.weight.spec}"
+        )
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{name}: expects a floating input, got dtype {x.dtype}")
     x = x.astype(jnp.float32)
-    k = w.in_features
+    k, n = w.in_features, w.out_features
     if x.ndim < 1 or x.shape[-1] != k:
-        raise ValueError(
-            f"{name}: x of shape {x.shape} does not fit a ({k}, {w.out_features}) weight"
-        )
-    mn, mx, _ = finite_minmax(x, act_spec)
+        raise ValueError(f"{name}: x of shape {x.shape} does not fit a ({k}, {n}) weight")
+    lead = x.shape[:-1]
+    xr = x.reshape(-1, k) if per_token else x
+    mn, mx, _ = finite_minmax(xr, act_spec)
     # torch: FindMinMax of an empty tensor is (0, 0); an all-NaN one has no finite range
     mn = jnp.where(jnp.isfinite(mn), mn, jnp.float32(0.0))
     mx = jnp.where(jnp.isfinite(mx), mx, jnp.float32(0.0))
     qp = qparams_from_minmax(mn, mx, act_spec, compat=compat)
-    xq = quantize(x, qp, compat="torch")
-    acc = _accumulate(xq, qp, w)
+    # one scale and zero point per row of the (rows, N) result, or one for all
+    s_x = jnp.reshape(qp.scale, (-1, 1) if per_token else ()).astype(jnp.float32)
+    z_x = jnp.reshape(qp.zero_point, (-1, 1) if per_token else ()).astype(jnp.int32)
     wq = w.weight
-    scale_w = wq.scale if wq.spec.granularity == "axis" else jnp.reshape(wq.scale, ())
-    mult = jnp.reshape(qp.scale, ()).astype(jnp.float32) * scale_w.astype(jnp.float32)
-    accf = acc.astype(jnp.float32)
-    if bias is None:  # f32(acc·m) even when an add follows (no fma contraction under jit)
-        y = mul_f32(accf, mult, opaque_one(mult))
+    s_w = wq.scale if wq.spec.granularity == "axis" else jnp.reshape(wq.scale, ())
+    s_w = s_w.astype(jnp.float32)
+    b = None if bias is None else jnp.asarray(bias, jnp.float32)
+    if recipe == "torchao":
+        xq = quantize(xr, qp, compat="qjax")  # round(x·(1/s)) + z: quantize_affine
+        acc = _int8_dot(xq, wq.values).astype(jnp.float32)
+        # every product rounded on its own: materialize stops XLA's reassociation of the
+        # scalar products (per tensor) and the contraction of a product into the add
+        t = materialize(acc * s_x)
+        if not act_spec.symmetric:
+            t = t - materialize(z_x.astype(jnp.float32) * s_x * w.col_sum.astype(jnp.float32))
+        y = t * s_w if b is None else materialize(t * s_w) + b
     else:
-        y = fma_f32(accf, mult, jnp.asarray(bias, jnp.float32))
+        xq = quantize(xr, qp, compat="torch")
+        accf = _accumulate(xq, z_x, w).astype(jnp.float32)
+        mult = s_x * s_w
+        if b is None:  # f32(acc·m) even when an add follows (no fma contraction under jit)
+            y = mul_f32(accf, mult, opaque_one(mult))
+        else:
+            y = fma_f32(accf, mult, b)
+    y = y.reshape(lead + (n,))
     if _record.active():  # qjax.convert serves this function itself (a dynamic_linear step)
-        info = _record.DynamicMark(name, act_spec, compat)
+        info = _record.DynamicMark(name, act_spec, compat, recipe)
         y = _record.mark(y, {"x": x, "weight": w, "bias": bias}, info)
     return y
 
 
-def _accumulate(xq: jax.Array, qp: QParams, w: PreparedLinear) -> jax.Array:
-    """``Σ_k (x_q - zp_x)(w_q - zp_w)`` exactly in int32 through the int8 engine's dot."""
-    zx = jnp.asarray(qp.zero_point).astype(jnp.int32).reshape(())
+def _accumulate(xq: jax.Array, zx: jax.Array, w: PreparedLinear) -> jax.Array:
+    """``Σ_k (x_q - zp_x)(w_q - zp_w)`` exactly in int32 through the int8 engine's dot;
+    ``zx``: int32, ``()`` or one per row ``(M, 1)``."""
     if xq.dtype == jnp.uint8:  # x - 128 as int8 (a bit flip), as the engine does
         xq = lax.bitcast_convert_type(xq ^ jnp.uint8(0x80), jnp.int8)
         zx = zx - jnp.int32(128)

@@ -118,6 +118,7 @@ class DynamicMark:
     name: str
     act_spec: Any
     compat: str
+    recipe: str = "fbgemm"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

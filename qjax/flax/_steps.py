@@ -404,8 +404,10 @@ def _embed(a):
 
 def _dynamic(a):
     spec, compat, name = a["act_spec"], a["compat"], a["name"]
-
-    return lambda p, x: _ptq.dynamic_linear(x, p[0], p[1], act_spec=spec, compat=compat, name=name)
+    recipe = a.get("recipe", "fbgemm")  # files from before recipes: the only one then
+    return lambda p, x: _ptq.dynamic_linear(
+        x, p[0], p[1], act_spec=spec, compat=compat, recipe=recipe, name=name
+    )
 
 
 def _weight_only(a):

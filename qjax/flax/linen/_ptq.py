@@ -78,6 +78,7 @@ class DynamicQuantDense(nn.Module):
     compat: str = "torch"
     act_spec: Any = _ptq.DYNAMIC_ACTIVATION
     act_compat: str = "torch_fused"
+    recipe: str = "fbgemm"
     kernel_init: Any = nn.initializers.lecun_normal()
 
     @nn.compact
@@ -89,7 +90,13 @@ class DynamicQuantDense(nn.Module):
 
         w, b = _quantized_vars(self, init)
         return _ptq.dynamic_linear(
-            x, w, b, act_spec=self.act_spec, compat=self.act_compat, name=join_path(self.path)
+            x,
+            w,
+            b,
+            act_spec=self.act_spec,
+            compat=self.act_compat,
+            recipe=self.recipe,
+            name=join_path(self.path),
         )
 
 

@@ -28,8 +28,10 @@ class DynamicQuantLinear(nnx.Module):
 
     Built from a float ``(in, out)`` kernel (and bias): the kernel is quantized once with
     ``weight_spec``/``compat`` (default int8 symmetric per output channel, torch's
-    ``/127.5`` rule); each call quantizes ``x`` from its own min/max
-    (:func:`qjax.flax._ptq.dynamic_linear`) and runs an int8 x int8 -> int32 dot.
+    ``/127.5`` rule); each call quantizes ``x`` from its own min/max, per tensor or per
+    token (:func:`qjax.flax._ptq.dynamic_linear`), and runs an int8 x int8 -> int32 dot.
+    ``recipe="torchao"`` with ``act_spec=TORCHAO_ACTIVATION, act_compat="torch"`` computes
+    torchao's ``Int8DynamicActivationInt8WeightConfig`` bit for bit.
     :meth:`from_linear` converts an ``nnx.Linear`` or :class:`~qjax.flax.nnx.QuantLinear`.
 
     >>> layer = DynamicQuantLinear(jnp.array([[1.0, -1.0], [0.5, 0.0]]), jnp.zeros(2))
@@ -46,6 +48,7 @@ class DynamicQuantLinear(nnx.Module):
         compat="torch",
         act_spec=_ptq.DYNAMIC_ACTIVATION,
         act_compat="torch_fused",
+        recipe="fbgemm",
         name: str = "DynamicQuantLinear",
     ):
         pw = _ptq.prepare_dynamic_weight(kernel, weight_spec, compat, name=name)
@@ -53,6 +56,7 @@ class DynamicQuantLinear(nnx.Module):
         self.bias = nnx.data(None if bias is None else QuantWeight(jnp.asarray(bias, jnp.float32)))
         self.act_spec = act_spec
         self.act_compat = act_compat
+        self.recipe = recipe
 
     @classmethod
     def from_linear(cls, linear, **kwargs) -> DynamicQuantLinear:
@@ -63,7 +67,12 @@ class DynamicQuantLinear(nnx.Module):
     def __call__(self, x):
         bias = None if self.bias is None else self.bias[...]
         return _ptq.dynamic_linear(
-            x, self.weight.get_value(), bias, act_spec=self.act_spec, compat=self.act_compat
+            x,
+            self.weight.get_value(),
+            bias,
+            act_spec=self.act_spec,
+            compat=self.act_compat,
+            recipe=self.recipe,
         )
 
 
