@@ -325,6 +325,12 @@ BAD = [
         "unknown recipe 'onnx'",
     ),
     (
+        "dynamic accumulate",
+        lambda m: _step(m, "DynamicQuantLinear")[2].update(accumulate="fbgemm_sat16"),
+        None,
+        "accumulate 'fbgemm_sat16'",
+    ),
+    (
         "dynamic per-channel activations",
         lambda m: _spec(m, "DynamicQuantLinear", "act_spec").update(axis=1),
         None,

@@ -7,14 +7,21 @@ roundings. Compared here at run time against torchao itself, bit for bit on the 
 outputs, for symmetric and asymmetric activations, per-token and per-tensor; then the
 layer served by ``qjax.convert`` (and loaded back from its file) against its own
 simulation under jit.
+
+Below VNNI ``torch._int_mm`` saturates adjacent u8 x s8 pairs to int16 (oneDNN's
+``vpmaddubsw``), so the comparison takes ``accumulate="onednn_sat16"`` on such a CPU,
+and a subprocess forces torch to the AVX2 level with its own switches (``level_env``)
+where this CPU is above it.
 """
 
+import os
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import run_script
 from flax import nnx
 
 import qjax
@@ -22,6 +29,7 @@ from qjax import QuantSpec
 from qjax.flax import _ptq
 from qjax.flax import linen as ql
 from qjax.flax import nnx as qn
+from qjax.kernels import LEVELS, host_level, level_env
 
 torch = pytest.importorskip("torch")
 torchao_q = pytest.importorskip("torchao.quantization")
@@ -49,7 +57,12 @@ def _torchao_linear(k, n, seed, *, asymmetric=False, per_tensor=False, bias=True
     return lin, q
 
 
-def _qjax_layer(lin, *, asymmetric=False, per_tensor=False):
+def _accumulate(level):
+    """What torchao's int8 matmul (``torch._int_mm``) accumulates like at ``level``."""
+    return "exact" if level in (None, "vnni", "amx") else "onednn_sat16"
+
+
+def _qjax_layer(lin, *, asymmetric=False, per_tensor=False, accumulate=None):
     act = _ptq.TORCHAO_ACTIVATION.replace(symmetric=not asymmetric)
     weight = _ptq.DYNAMIC_WEIGHT
     if per_tensor:
@@ -61,6 +74,7 @@ def _qjax_layer(lin, *, asymmetric=False, per_tensor=False):
         act_spec=act,
         act_compat="torch",
         recipe="torchao",
+        accumulate=_accumulate(host_level()) if accumulate is None else accumulate,
     )
 
 
@@ -78,13 +92,12 @@ CASES = [  # (rows shape, k, n, asymmetric, per_tensor, bias)
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[0] + c[1:3])))
-def test_per_token_dynamic_matches_torchao(case, rng):
-    """Weight codes, weight scales and float32 outputs equal torchao's (0 differ); the
-    inputs include rows of one sign, a constant row and an all-zero row."""
+def _compare(case, rng, accumulate=None):
+    """``(differ, total)`` float32 outputs of torchao's layer and qjax's for ``case``;
+    the inputs include rows of one sign, a constant row and an all-zero row."""
     rows, k, n, asym, per_tensor, bias = case
     lin, q = _torchao_linear(k, n, len(rows) + k, asymmetric=asym, per_tensor=per_tensor, bias=bias)
-    layer = _qjax_layer(lin, asymmetric=asym, per_tensor=per_tensor)
+    layer = _qjax_layer(lin, asymmetric=asym, per_tensor=per_tensor, accumulate=accumulate)
     w = layer.weight.get_value().weight
     np.testing.assert_array_equal(w.values, q.weight.qdata.numpy().T)
     np.testing.assert_array_equal(w.scale, q.weight.scale.numpy().reshape(w.scale.shape))
@@ -104,8 +117,44 @@ def test_per_token_dynamic_matches_torchao(case, rng):
         assert got.shape == want.shape
         differ += int(np.sum(_bits(got) != _bits(want)))
         total += want.size
-    print(f"torchao dynamic {case}: {differ}/{total} differ")
+    return differ, total
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[0] + c[1:3])))
+def test_per_token_dynamic_matches_torchao(case, rng):
+    """Weight codes, weight scales and float32 outputs equal torchao's on this CPU (0
+    differ), with this CPU level's accumulation."""
+    differ, total = _compare(case, rng)
+    print(f"torchao dynamic {case} at {host_level()}: {differ}/{total} differ")
     assert differ == 0
+
+
+_LEVEL_SCRIPT = """
+import sys, numpy as np
+sys.path.insert(0, {root!r})
+from test_flax_ptq_torchao import CASES, _compare
+rng = np.random.default_rng(3)
+for acc in ("onednn_sat16", "exact"):
+    d = t = 0
+    for case in CASES[:3]:
+        dc, tc = _compare(case, rng, acc)
+        d, t = d + dc, t + tc
+    print(f"{{acc}} {{d}} {{t}}")
+print("LEVEL-DONE")
+"""
+
+
+def test_per_token_dynamic_matches_torchao_forced_to_avx2():
+    """torchao with torch forced to AVX2 (``level_env("avx2")``, a subprocess): the
+    saturating accumulation gives its outputs bit for bit, the exact one does not."""
+    here = host_level()
+    if here is None or LEVELS.index(here) < LEVELS.index("avx2"):
+        pytest.skip(f"this CPU ({here}) cannot run the AVX2 level")
+    root = os.path.dirname(os.path.abspath(__file__))
+    out = run_script(_LEVEL_SCRIPT.format(root=root), marker="LEVEL-DONE", env=level_env("avx2"))
+    counts = {ln.split()[0]: tuple(map(int, ln.split()[1:])) for ln in out.splitlines()[:-1]}
+    print(f"torchao dynamic forced to avx2 on {here}: {counts}")
+    assert counts["onednn_sat16"][0] == 0 < counts["exact"][0]
 
 
 def test_torchao_recipe_refuses_what_torchao_has_not():
@@ -139,7 +188,7 @@ class _Tokens(nnx.Module):
         k = jax.random.normal(rngs.params(), (16, 24))
         self.a = qn.DynamicQuantLinear(
             k, jnp.linspace(-1, 1, 24), act_spec=_ptq.TORCHAO_ACTIVATION,
-            act_compat="torch", recipe="torchao", name="a",
+            act_compat="torch", recipe="torchao", accumulate="onednn_sat16", name="a",
         )  # fmt: skip
         asym = _ptq.TORCHAO_ACTIVATION.replace(symmetric=False)
         k2 = jax.random.normal(rngs.params(), (24, 8))
@@ -154,8 +203,8 @@ class _Tokens(nnx.Module):
 
 
 def test_per_token_served_equals_simulation(tmp_path, rng):
-    """The served dynamic_linear steps (torchao symmetric and asymmetric per-token, fbgemm
-    per-token) equal the model's own function under jit, at two batch sizes, and after a
+    """The served dynamic_linear steps (torchao symmetric per-token with AVX2's saturating
+    accumulation and asymmetric exact, fbgemm per-token) equal the model's own function under jit, at two batch sizes, and after a
     save/load round trip."""
     model = _Tokens(nnx.Rngs(0))
     x = jnp.asarray(rng.standard_normal((2, 5, 16)) * 3, jnp.float32)

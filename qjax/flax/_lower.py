@@ -402,11 +402,11 @@ class Lowering:
             kind = "dynamic_linear"
             attrs = {
                 "name": info.name, "act_spec": info.act_spec, "compat": info.compat,
-                "recipe": info.recipe,
+                "recipe": info.recipe, "accumulate": info.accumulate,
             }  # fmt: skip
             extra = {
                 "act_spec": str(info.act_spec), "compat": info.compat, "recipe": info.recipe,
-                "kernel": w.kernel,
+                "accumulate": info.accumulate, "kernel": w.kernel,
             }  # fmt: skip
             layer = Layer(kind, "qjax.flax DynamicQuantLinear", None, w.weight.qparams, None, extra)
         else:

@@ -45,11 +45,11 @@ _ATTRS = {  # kind -> the attribute keys it has (besides "pick")
     "constant": set(),
     "identity": set(),
     "embed": {"name", "mode", "fill"},
-    "dynamic_linear": {"name", "act_spec", "compat", "recipe"},
+    "dynamic_linear": {"name", "act_spec", "compat", "recipe", "accumulate"},
     "weight_only_linear": {"name", "spec"},
 }  # fmt: skip
 # written by every save; a file from before may lack them
-_OPTIONAL = {"layer": {"perm"}, "dynamic_linear": {"recipe"}}
+_OPTIONAL = {"layer": {"perm"}, "dynamic_linear": {"recipe", "accumulate"}}
 _SPEC_ATTRS = {"dynamic_linear": "act_spec", "weight_only_linear": "spec"}  # QuantSpec attrs
 _DYNAMIC_COMPATS = ("qjax", "torch", "torch_fused", "tflite")  # qparams_from_minmax's
 
@@ -109,6 +109,8 @@ def _check_attrs(kind: str, a: dict, at: str) -> None:
             raise ValueError(f"{at}: act_spec {sp} must be an 8-bit per-tensor or per-token spec")
         if a.get("recipe", "fbgemm") not in RECIPES:
             raise ValueError(f"{at}: unknown recipe {a['recipe']!r}; known: {RECIPES}")
+        if a.get("accumulate", "exact") not in ("exact", "onednn_sat16"):
+            raise ValueError(f"{at}: accumulate {a['accumulate']!r}: 'exact' or 'onednn_sat16'")
         if a["compat"] not in _DYNAMIC_COMPATS:
             raise ValueError(f"{at}: unknown compat {a['compat']!r}; known: {_DYNAMIC_COMPATS}")
     if kind == "weight_only_linear":

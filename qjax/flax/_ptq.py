@@ -34,6 +34,10 @@ tensor)::
     t    = f32(f32(acc) · s_x)                             # int_scaled_matmul
     t    = f32(t - f32(f32(zp_x · s_x) · f32(Σ_k w_q)))   # asymmetric x only
     y    = f32(f32(t · s_w) + b)                           # each op rounded, no fma
+
+Below VNNI ``torch._int_mm`` saturates (oneDNN's ``vpmaddubsw``): ``accumulate=
+"onednn_sat16"`` reproduces it there (``tests/test_flax_ptq_torchao.py`` compares at
+the AVX2 level through torch's own switch in a subprocess).
 **Weight-only quantization**: the kernel is stored as int8 codes, or as int4 codes
 packed two per byte (:func:`pack_int4`), with per-channel or per-group scales; the layer
 computes ``x @ dequantize(unpack(codes))`` in float (the weights shrink 4x or 8x; the
@@ -55,6 +59,7 @@ from .._qarray import QArray
 from .._qparams import Compat, qparams_from_minmax
 from .._spec import QParams, QuantSpec
 from ..kernels import PreparedLinear, prepare_linear
+from ..kernels._accumulate import _sat16_pair_dot
 from ..kernels._linear import _int8_dot
 from ..observers import finite_minmax
 from . import _record
@@ -142,6 +147,7 @@ def dynamic_linear(
     act_spec: QuantSpec = DYNAMIC_ACTIVATION,
     compat: Compat = "torch_fused",
     recipe: str = "fbgemm",
+    accumulate: str = "exact",
     name: str | None = None,
 ) -> jax.Array:
     """Dynamically quantized linear layer (formulas in the module docstring).
@@ -157,6 +163,10 @@ def dynamic_linear(
       compat: the activation qparams formula (default FBGEMM's; torchao's is ``"torch"``).
       recipe: ``"fbgemm"`` (torch ``quantize_dynamic``) or ``"torchao"`` (torchao's
         ``Int8DynamicActivationInt8WeightConfig``): the quantize and output formulas.
+      accumulate: ``"exact"``, or for the torchao recipe ``"onednn_sat16"``: what
+        ``torch._int_mm`` computes on CPUs without VNNI (oneDNN's ``vpmaddubsw`` on
+        ``x_q + 128`` as uint8, adjacent pairs saturated to int16, the ``128·Σ_k w_q``
+        compensation exact; :mod:`qjax.kernels._levels`).
       name: the layer's name in errors and in a converted program (default ``w.name``).
 
     Returns:
@@ -181,6 +191,13 @@ def dynamic_linear(
         )
     if recipe not in RECIPES:
         raise ValueError(f"{name}: unknown recipe {recipe!r}; known: {RECIPES}")
+    if accumulate not in ("exact", "onednn_sat16") or (
+        accumulate != "exact" and recipe != "torchao"
+    ):
+        raise ValueError(
+            f"{name}: accumulate {accumulate!r}: 'exact' for every recipe, 'onednn_sat16' "
+            "for recipe='torchao' (torch._int_mm below VNNI)"
+        )
     if recipe == "torchao" and not (w.zero_point_is_zero and act_spec.signed):
         raise ValueError(
             f"{name}: the torchao recipe has int8 activations and symmetric weights (zero "
@@ -209,7 +226,11 @@ def dynamic_linear(
     b = None if bias is None else jnp.asarray(bias, jnp.float32)
     if recipe == "torchao":
         xq = quantize(xr, qp, compat="qjax")  # round(x·(1/s)) + z: quantize_affine
-        acc = _int8_dot(xq, wq.values).astype(jnp.float32)
+        if accumulate == "exact":
+            acc = _int8_dot(xq, wq.values).astype(jnp.float32)
+        else:
+            sat = _sat16_pair_dot(xq.astype(jnp.int32) + 128, wq.values)
+            acc = (sat - jnp.int32(128) * w.col_sum).astype(jnp.float32)
         # every product rounded on its own: materialize stops XLA's reassociation of the
         # scalar products (per tensor) and the contraction of a product into the add
         t = materialize(acc * s_x)
@@ -226,7 +247,7 @@ def dynamic_linear(
             y = fma_f32(accf, mult, b)
     y = y.reshape(lead + (n,))
     if _record.active():  # qjax.convert serves this function itself (a dynamic_linear step)
-        info = _record.DynamicMark(name, act_spec, compat, recipe)
+        info = _record.DynamicMark(name, act_spec, compat, recipe, accumulate)
         y = _record.mark(y, {"x": x, "weight": w, "bias": bias}, info)
     return y
 

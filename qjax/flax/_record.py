@@ -119,6 +119,7 @@ class DynamicMark:
     act_spec: Any
     compat: str
     recipe: str = "fbgemm"
+    accumulate: str = "exact"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -404,9 +404,10 @@ def _embed(a):
 
 def _dynamic(a):
     spec, compat, name = a["act_spec"], a["compat"], a["name"]
-    recipe = a.get("recipe", "fbgemm")  # files from before recipes: the only one then
+    # files from before recipes: the only recipe and accumulation then
+    recipe, acc = a.get("recipe", "fbgemm"), a.get("accumulate", "exact")
     return lambda p, x: _ptq.dynamic_linear(
-        x, p[0], p[1], act_spec=spec, compat=compat, recipe=recipe, name=name
+        x, p[0], p[1], act_spec=spec, compat=compat, recipe=recipe, accumulate=acc, name=name
     )
 
 

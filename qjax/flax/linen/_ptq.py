@@ -79,6 +79,7 @@ class DynamicQuantDense(nn.Module):
     act_spec: Any = _ptq.DYNAMIC_ACTIVATION
     act_compat: str = "torch_fused"
     recipe: str = "fbgemm"
+    accumulate: str = "exact"
     kernel_init: Any = nn.initializers.lecun_normal()
 
     @nn.compact
@@ -96,6 +97,7 @@ class DynamicQuantDense(nn.Module):
             act_spec=self.act_spec,
             compat=self.act_compat,
             recipe=self.recipe,
+            accumulate=self.accumulate,
             name=join_path(self.path),
         )
 

@@ -49,6 +49,7 @@ class DynamicQuantLinear(nnx.Module):
         act_spec=_ptq.DYNAMIC_ACTIVATION,
         act_compat="torch_fused",
         recipe="fbgemm",
+        accumulate="exact",
         name: str = "DynamicQuantLinear",
     ):
         pw = _ptq.prepare_dynamic_weight(kernel, weight_spec, compat, name=name)
@@ -57,6 +58,7 @@ class DynamicQuantLinear(nnx.Module):
         self.act_spec = act_spec
         self.act_compat = act_compat
         self.recipe = recipe
+        self.accumulate = accumulate
 
     @classmethod
     def from_linear(cls, linear, **kwargs) -> DynamicQuantLinear:
@@ -73,6 +75,7 @@ class DynamicQuantLinear(nnx.Module):
             act_spec=self.act_spec,
             compat=self.act_compat,
             recipe=self.recipe,
+            accumulate=self.accumulate,
         )
 
 
