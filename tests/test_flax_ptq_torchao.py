@@ -204,8 +204,8 @@ class _Tokens(nnx.Module):
 
 def test_per_token_served_equals_simulation(tmp_path, rng):
     """The served dynamic_linear steps (torchao symmetric per-token with AVX2's saturating
-    accumulation and asymmetric exact, fbgemm per-token) equal the model's own function under jit, at two batch sizes, and after a
-    save/load round trip."""
+    accumulation and asymmetric exact, fbgemm per-token) equal the model's own function
+    under jit, at two batch sizes, and after a save/load round trip."""
     model = _Tokens(nnx.Rngs(0))
     x = jnp.asarray(rng.standard_normal((2, 5, 16)) * 3, jnp.float32)
     program = qjax.convert(model, x)
