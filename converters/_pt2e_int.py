@@ -31,11 +31,11 @@ from torch.fx.node import Node
 
 from qjax import QArray, QParams
 from qjax import kernels as K
+from qjax.flax._aten import MOVEMENT_OPS
 from qjax.kernels._choice import conv_kernel, linear_kernel
 from qjax.program import Layer, Step
 
 from . import _pt2e_graph as G
-from ._pt2e_float import MOVEMENT_OPS
 
 __all__ = ["lower"]
 

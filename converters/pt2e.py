@@ -53,11 +53,11 @@ from torch.fx.node import Node, map_aggregate
 import qjax
 from qjax import QArray, QParams
 from qjax._float import materialize
+from qjax.flax._aten import FLOAT_OPS
 from qjax.kernels._choice import kernels_of, resolve_kernel
 from qjax.program import Layer, Program, Step
 
 from . import _pt2e_graph as G
-from ._pt2e_float import FLOAT_OPS
 from ._pt2e_int import lower
 
 __all__ = ["import_pt2e"]
