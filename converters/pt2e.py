@@ -342,4 +342,5 @@ def import_pt2e(
             )
         arrays = [np.asarray(a.detach().cpu().numpy()) if hasattr(a, "detach") else a for a in args]
         jax.eval_shape(program.__call__, *arrays)
+        program.example_shapes = tuple((np.shape(a), np.asarray(a).dtype.name) for a in arrays)
     return program

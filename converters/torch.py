@@ -318,6 +318,9 @@ def import_model(
         raise ValueError(f"the model takes {len(input_names)} inputs, got {len(inputs)} examples")
     program = Program(steps, input_names, output, engine=eng.name, level=eng.level)
     program.kernels = kernels_of(program.params)
+    program.example_shapes = tuple(
+        (tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in inputs
+    )  # what qjax.load_served traces a saved program at
     return program
 
 
