@@ -226,6 +226,12 @@ def test_parity_compare_and_inspect_on_a_loaded_program(cases, tmp_path, capsys)
     assert main(["inspect", f"{tmp_path / 'saved.py'}:served", "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["engine"] == "fbgemm" and {la["op"] for la in out["layers"]} >= {"linear"}
+    # the file itself (random inputs at the import's example shapes)
+    assert main(["inspect", str(path), "--format", "json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert [la["name"] for la in again["layers"]] == [la["name"] for la in out["layers"]]
+    assert main(["parity", str(path)]) == 2
+    assert "a saved qjax program" in capsys.readouterr().err
 
 
 # ---- files edited by hand -----------------------------------------------------------

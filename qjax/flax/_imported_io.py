@@ -26,7 +26,9 @@ make_pt2e_step` from its kind, and a float step names an ATen op of
 :data:`qjax.flax._aten.FLOAT_OPS`. **Validated on load**: every attribute
 (:mod:`qjax.flax._imported_checks`), qparams, weight codes, biases, tables and the step
 graph are checked before anything runs, then the program is traced once
-(``jax.eval_shape``, nothing computed) at the example shapes it was imported with; a bad
+(``jax.eval_shape``, nothing computed) at the example shapes it was imported with
+(``program.example_shapes``, set by the importers; ``import_pt2e`` without example
+inputs has none, and the file then skips this last check); a bad
 file gives a ``ValueError`` naming the step and the key. The program runs any input shape
 the imported one runs (it is traced per shape).
 
