@@ -362,3 +362,21 @@ def test_a_value_that_cannot_be_written_names_the_step(cases, tmp_path):
     p = Program(steps, imported.inputs, imported.output)
     with pytest.raises(ValueError, match=f"step {steps[0].name!r} .* object value"):
         qjax.save_served(tmp_path / "p.safetensors", p)
+
+
+def test_kernels_are_chosen_on_load_with_each_layers_accumulation(cases, tmp_path):
+    from qjax.kernels import sat16_status
+
+    model, x, *_ = cases("mlp_fbgemm_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        avx2 = qtorch.import_model(model, (x,), engine="fbgemm", isa="avx2")  # int16 pairs
+    qjax.save_served(tmp_path / "avx2.safetensors", avx2)
+    native = qjax.load_served(tmp_path / "avx2.safetensors", kernel=None)
+    xla = qjax.load_served(tmp_path / "avx2.safetensors")  # kernel="xla"
+    assert set(native.kernels.values()) == {"sat16" if sat16_status()[0] else "xla"}
+    assert native.kernels == avx2.kernels and set(xla.kernels.values()) == {"xla"}
+    assert native.layers[next(iter(native.kernels))].extra["accumulate"] == "fbgemm_sat16"
+    want = np.asarray(avx2(x))
+    for p in (native, xla):
+        np.testing.assert_array_equal(np.asarray(p(x)), want)
