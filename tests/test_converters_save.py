@@ -197,7 +197,7 @@ def test_other_batch_sizes_and_layout_exports(cases):
     assert any(s.export is not None for s in loaded.steps)
 
 
-@pytest.mark.parametrize("case", ["cnn_add_avg_x86_eager", "pt2e_cnn_x86"])
+@pytest.mark.parametrize("case", ["conv1d_x86_fx", "pt2e_cnn_x86"])
 def test_jax_export_of_a_loaded_program(cases, case):
     _, x, _, loaded, *_ = cases(case)
     x = np.asarray(x)
