@@ -31,11 +31,12 @@ from torch.fx.node import Node
 
 from qjax import QArray, QParams
 from qjax import kernels as K
+from qjax.flax._aten import MOVEMENT_OPS
+from qjax.flax._pt2e_steps import make_pt2e_step, qp_params
 from qjax.kernels._choice import conv_kernel, linear_kernel
 from qjax.program import Layer, Step
 
 from . import _pt2e_graph as G
-from ._pt2e_float import MOVEMENT_OPS
 
 __all__ = ["lower"]
 
@@ -56,12 +57,8 @@ def _arg(node, i, name, default):
     return node.kwargs.get(name, default)
 
 
-def _out(spec, p) -> QParams:
-    return QParams(p["scale"], p["zp"], spec)
-
-
 def _outp(qp: QParams):
-    return {"scale": jnp.asarray(qp.scale, jnp.float32), "zp": jnp.asarray(qp.zero_point)}
+    return qp_params(qp)
 
 
 def lower(qnode, qp: QParams, b) -> Step | None:
@@ -123,27 +120,13 @@ def _conv(qnode, qp, op, act, bounds, b, nodes):
         w, name=qnode.name, groups=groups, weight_layout="OI" + "HW"[-nsp:], kernel=kernel
     )
     pad = padding.upper() if isinstance(padding, str) else padding
-    spec, scheme = qp.spec, b.scheme
-
-    def fn(p, xq):
-        return K.quantized_conv(
-            xq,
-            p["w"],
-            p["b"],
-            _out(spec, p["out"]),
-            stride=stride,
-            padding=pad,
-            dilation=dilation,
-            layout=layout,
-            scheme=scheme,
-            activation=act,
-            bounds=bounds,
-            name=qnode.name,
-        )
-
+    attrs = dict(
+        spec=qp.spec, stride=stride, padding=pad, dilation=dilation, layout=layout,
+        scheme=b.scheme, activation=act, bounds=bounds, name=qnode.name,
+    )  # fmt: skip
     params = {"w": pw, "b": None if bias is None else jnp.asarray(bias), "out": _outp(qp)}
-    layer = _layer(qnode, op, f"conv{nsp}d", qp, nodes, scheme, w.qparams, activation=act)
-    return Step(qnode.name, fn, (x[0],), params, layer=layer)
+    layer = _layer(qnode, op, f"conv{nsp}d", qp, nodes, b.scheme, w.qparams, activation=act)
+    return make_pt2e_step(qnode.name, "pt2e_conv", attrs, (x[0],), params, layer)
 
 
 def _linear(qnode, qp, op, act, bounds, b, nodes):
@@ -164,23 +147,11 @@ def _linear(qnode, qp, op, act, bounds, b, nodes):
     # torch's (out, in) weight -> qjax's (in, out)
     wt = QArray(w.values.T, QParams(w.scale, w.zero_point, spec_w))
     pw = K.prepare_linear(wt, name=qnode.name, kernel=linear_kernel(b.kernel))
-    spec, scheme = qp.spec, b.scheme
-
-    def fn(p, xq):
-        return K.quantized_linear(
-            xq,
-            p["w"],
-            p["b"],
-            _out(spec, p["out"]),
-            scheme=scheme,
-            activation=act,
-            bounds=bounds,
-            name=qnode.name,
-        )
-
+    scheme = b.scheme
+    attrs = dict(spec=qp.spec, scheme=scheme, activation=act, bounds=bounds, name=qnode.name)
     params = {"w": pw, "b": None if bias is None else jnp.asarray(bias), "out": _outp(qp)}
     layer = _layer(qnode, op, "linear", qp, nodes, scheme, w.qparams, activation=act)
-    return Step(qnode.name, fn, (x[0],), params, layer=layer)
+    return make_pt2e_step(qnode.name, "pt2e_linear", attrs, (x[0],), params, layer)
 
 
 def _two_operands(op, b):
@@ -200,40 +171,31 @@ def _add(qnode, qp, op, act, bounds, b, nodes):
     ab = _two_operands(op, b)
     if ab is None or op.kwargs.get("alpha", 1) != 1:
         return None
-    spec, scheme = qp.spec, b.add_scheme
-
-    def fn(p, qa, qb):
-        return K.quantized_add(qa, qb, _out(spec, p), scheme=scheme, activation=act)
-
+    scheme = b.add_scheme
+    attrs = {"op": "add", "spec": qp.spec, "scheme": scheme, "activation": act}
     layer = _layer(qnode, op, "add", qp, nodes, scheme, activation=act)
-    return Step(qnode.name, fn, (ab[0][0], ab[1][0]), _outp(qp), layer=layer)
+    inputs = (ab[0][0], ab[1][0])
+    return make_pt2e_step(qnode.name, "pt2e_binary", attrs, inputs, _outp(qp), layer)
 
 
 def _mul(qnode, qp, op, act, bounds, b, nodes):
     ab = _two_operands(op, b)
     if ab is None:
         return None
-    spec = qp.spec
-
-    def fn(p, qa, qb):
-        return K.quantized_mul(qa, qb, _out(spec, p), activation=act)
-
+    attrs = {"op": "mul", "spec": qp.spec, "scheme": None, "activation": act}
     layer = _layer(qnode, op, "mul", qp, nodes, "aten", activation=act)
-    return Step(qnode.name, fn, (ab[0][0], ab[1][0]), _outp(qp), layer=layer)
+    inputs = (ab[0][0], ab[1][0])
+    return make_pt2e_step(qnode.name, "pt2e_binary", attrs, inputs, _outp(qp), layer)
 
 
 def _cat(qnode, qp, op, act, bounds, b, nodes):
     xs = [b.runtime_q(a) for a in op.args[0]]
     if not xs or any(x is None for x in xs):
         return None
-    dim = int(_arg(op, 1, "dim", 0))
-    spec = qp.spec
-
-    def fn(p, *qs):
-        return K.quantized_cat(qs, dim, _out(spec, p))
-
+    attrs = {"spec": qp.spec, "dim": int(_arg(op, 1, "dim", 0))}
     layer = _layer(qnode, op, "cat", qp, nodes, "aten")
-    return Step(qnode.name, fn, tuple(x[0] for x in xs), _outp(qp), layer=layer)
+    inputs = tuple(x[0] for x in xs)
+    return make_pt2e_step(qnode.name, "pt2e_cat", attrs, inputs, _outp(qp), layer)
 
 
 def _same_q_input(op, qp, b, ndim=None):
@@ -255,37 +217,21 @@ def _pool(kind):
         scheme = b.pool_scheme
         if kind == "max_pool2d":
             k, s, pad, dil, ceil = (a + [None, [], 0, 1, False][len(a) :])[:5]
-            s = None if not s else s
-
-            def kernel(xq):
-                return K.max_pool2d(xq, k, s, pad, dil, bool(ceil))
-
+            args = (k, None if not s else s, pad, dil, ceil)
             scheme = None
         elif kind == "avg_pool2d":
             k, s, pad, ceil, cip, div = (a + [None, [], 0, False, True, None][len(a) :])[:6]
-            s = None if not s else s
-
-            def kernel(xq):
-                return K.avg_pool2d(xq, k, s, pad, bool(ceil), bool(cip), div, scheme=scheme)
-
+            args = (k, None if not s else s, pad, ceil, cip, div)
         elif kind == "adaptive_avg_pool2d":
-            size = tuple(a[0])
-
-            def kernel(xq):
-                return K.adaptive_avg_pool2d(xq, size, scheme=scheme)
-
+            args = (tuple(a[0]),)
         else:  # mean over H and W
             dims = sorted(int(d) % 4 for d in np.atleast_1d(_arg(op, 1, "dim", [])))
-            keep = bool(_arg(op, 2, "keepdim", False))
             if dims != [2, 3] or _arg(op, 3, "dtype", None) is not None:
                 return None
-
-            def kernel(xq):
-                y = K.adaptive_avg_pool2d(xq, 1, scheme=scheme)
-                return y if keep else K.reshape(y, y.shape[:2])
-
+            args = (bool(_arg(op, 2, "keepdim", False)),)
         layer = _layer(qnode, op, kind, qp, nodes, scheme)
-        return Step(qnode.name, lambda p, xq: kernel(xq), (x[0],), None, layer=layer)
+        attrs = {"op": kind, "args": args, "scheme": scheme}
+        return make_pt2e_step(qnode.name, "pt2e_pool", attrs, (x[0],), None, layer)
 
     return handler
 
@@ -295,7 +241,7 @@ def _relu(qnode, qp, op, act, bounds, b, nodes):
     if x is None:
         return None
     layer = _layer(qnode, op, "relu", qp, nodes)
-    return Step(qnode.name, lambda p, xq: K.relu(xq), (x[0],), None, layer=layer)
+    return make_pt2e_step(qnode.name, "pt2e_relu", {}, (x[0],), None, layer)
 
 
 def _movement(qnode, qp, op, act, bounds, b, nodes):
@@ -303,14 +249,9 @@ def _movement(qnode, qp, op, act, bounds, b, nodes):
     rest = op.args[1:]
     if x is None or any(isinstance(a, Node) for a in list(rest) + list(op.kwargs.values())):
         return None
-    move = MOVEMENT_OPS[G.target_name(op)]
-    kwargs = dict(op.kwargs)
-
-    def fn(p, xq):
-        return QArray(move(xq.values, *rest, **kwargs), xq.qparams)
-
+    attrs = {"op": G.target_name(op), "args": tuple(rest), "kwargs": dict(op.kwargs)}
     layer = _layer(qnode, op, "move", qp, nodes)
-    return Step(qnode.name, fn, (x[0],), None, layer=layer)
+    return make_pt2e_step(qnode.name, "pt2e_move", attrs, (x[0],), None, layer)
 
 
 _HANDLERS = {

@@ -1,6 +1,8 @@
 """Op table of the torch importer: one handler per quantized torch op / module.
 
-A handler gets the import context and an ``fx.Node`` and returns a :class:`~._program.Step`.
+A handler gets the import context and an ``fx.Node`` and returns a :class:`~qjax.Step`
+built by :func:`qjax.flax._torch_steps.make_torch_step` from a kind and plain attributes
+(what :func:`qjax.save_served` writes).
 Values are stored in *torch's memory order*: a tensor that torch keeps channels-last
 (every quantized conv output is) is stored ``(N, *spatial, C)``, any other tensor in its
 logical shape. Step functions receive stored values and the static layout of each
@@ -14,7 +16,6 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.ao.nn.intrinsic.quantized as nniq
@@ -22,13 +23,13 @@ import torch.ao.nn.quantized as nnq
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qjax import QArray
-from qjax import kernels as K
+from qjax.flax._torch_steps import make_torch_step
+from qjax.kernels import prepare_conv, prepare_linear
 from qjax.kernels._choice import conv_kernel, linear_kernel
+from qjax.kernels._hardswish import hardswish_table
 from qjax.kernels._levels import fbgemm_depthwise_fast_path
-from qjax.program import Layer, Step
+from qjax.program import Layer
 
-from ._torch_act import hardswish_aten, hardswish_table, lookup
 from ._torch_values import (
     Ref,
     act_qparams,
@@ -45,24 +46,19 @@ from ._torch_values import (
 __all__ = ["HANDLERS", "bind", "device_array", "fill", "qparams_of", "relayout", "target_name"]
 
 
-def _step(ctx, node, fn, inputs, *, params=None, layer):
-    """Wrap ``fn(params, *stored) -> (value, channels_last)`` into a Step storing torch's order."""
-    want = ctx.cl.get(node.name, False)
-
-    def run(p, *vals):
-        v, cl = fn(p, *vals)
-        return relayout(v, cl, want)
-
-    export = (lambda v: relayout(v, True, False)) if want else None
-    return Step(node.name, run, tuple(inputs), params, True, export, layer)
+def _step(ctx, node, kind, attrs, inputs, *, params=None, layer):
+    """The step of ``kind`` (:mod:`qjax.flax._torch_steps`) storing torch's order."""
+    attrs = {**attrs, "want": ctx.cl.get(node.name, False)}
+    return make_torch_step(node.name, kind, attrs, tuple(inputs), params, layer)
 
 
-def _unary(ctx, node, op, target, f, *, scheme=None, out=None):
-    """An op on one quantized input that keeps its layout: ``f(q) -> QArray``."""
+def _unary(ctx, node, op, value=None):
+    """An op on one quantized input that keeps its layout (identity, relu, mul_scalar)."""
     src = node.args[0]
     cl = ctx.cl.get(src.name, False)
-    layer = Layer(op, target, scheme, None, out)
-    return _step(ctx, node, lambda _, x: (f(x), cl), [src.name], layer=layer)
+    layer = Layer(op, target_name(node), None, None, None)
+    attrs = {"op": op, "value": value, "cl": cl}
+    return _step(ctx, node, "torch_unary", attrs, [src.name], layer=layer)
 
 
 # ---------------------------------------------------------------------------------------
@@ -86,26 +82,16 @@ def h_quantize(ctx, node, mod=None):
         qp = act_qparams(float(sc), int(zp), dt, "input")
         src = node.args[0]
         target = "torch.quantize_per_tensor"
-    cl = ctx.cl.get(src.name, False)
-
-    def f(_, x):
-        x = jnp.asarray(x, jnp.float32)
-        return K.quantize_input(x if not cl else jnp.moveaxis(x, 1, -1), qp), cl
-
-    return _step(ctx, node, f, [src.name], layer=Layer("quantize", target, None, None, qp))
+    attrs = {"qp": qp, "cl": ctx.cl.get(src.name, False)}
+    layer = Layer("quantize", target, None, None, qp)
+    return _step(ctx, node, "torch_quantize", attrs, [src.name], layer=layer)
 
 
 def h_dequantize(ctx, node, mod=None):
     src = node.args[0]
-    cl = ctx.cl.get(src.name, False)
-
-    def run(_, x):
-        if not isinstance(x, QArray):
-            raise TypeError(f"dequantize of a non-quantized value {type(x).__name__}")
-        return K.dequantize_output(relayout(x, cl, False))
-
+    attrs = {"cl": ctx.cl.get(src.name, False)}
     layer = Layer("dequantize", "dequantize", None, None, None)
-    return Step(node.name, run, (src.name,), None, False, None, layer)
+    return make_torch_step(node.name, "torch_dequantize", attrs, (src.name,), None, layer)
 
 
 def _layer_name(node) -> str:
@@ -118,22 +104,18 @@ def h_linear(ctx, node, mod):
     w = weight_qarray(mod.weight(), where, transpose=True)
     scheme, acc = ctx.engine.linear, ctx.engine.linear_accumulate
     kernel = linear_kernel(ctx.kernel, acc)
-    pw = K.prepare_linear(w, name=_layer_name(node), kernel=kernel)
+    pw = prepare_linear(w, name=_layer_name(node), kernel=kernel)
     out = act_qparams(mod.scale, mod.zero_point, torch.quint8, f"{where} output")
     src = node.args[0]
     cl = ctx.cl.get(src.name, False)
     act = "relu" if relu else None
-
-    def f(p, x):
-        x = relayout(x, cl, False)
-        y = K.quantized_linear(x, p[0], p[1], out, scheme=scheme, activation=act, accumulate=acc)
-        return y, False
-
+    attrs = {"scheme": scheme, "activation": act, "accumulate": acc, "out": out, "cl": cl}
     layer = Layer(
         "linear", type(mod).__module__ + "." + type(mod).__name__, scheme, w.qparams, out,
         {"activation": act, "accumulate": acc, "kernel": kernel},
     )  # fmt: skip
-    return _step(ctx, node, f, [src.name], params=(pw, bias_array(mod.bias(), where)), layer=layer)
+    params = (pw, bias_array(mod.bias(), where))
+    return _step(ctx, node, "torch_linear", attrs, [src.name], params=params, layer=layer)
 
 
 def h_conv(ctx, node, mod):
@@ -152,7 +134,7 @@ def h_conv(ctx, node, mod):
         zp_zero, mod.groups, mod.in_channels, mod.out_channels, depthwise_fast_path=fast
     )
     kernel = conv_kernel(ctx.kernel, nsp, mod.groups, tuple(mod.dilation), acc)
-    pw = K.prepare_conv(
+    pw = prepare_conv(
         w, name=name, groups=mod.groups, weight_layout="OIHW" if nsp == 2 else "OIW",
         kernel=kernel,
     )  # fmt: skip
@@ -165,27 +147,24 @@ def h_conv(ctx, node, mod):
         groups=mod.groups, layout=layout, scheme=scheme, accumulate=acc,
         activation="relu" if relu else None,
     )  # fmt: skip
-
-    def f(p, x):
-        return K.quantized_conv(x, p[0], p[1], out, **opts), cl
-
     layer = Layer(
         f"conv{nsp}d", type(mod).__module__ + "." + type(mod).__name__, scheme, w.qparams, out,
         {k: v for k, v in opts.items() if k not in ("layout", "scheme")} | {"kernel": kernel},
     )  # fmt: skip
     params = (pw, bias_array(mod.bias(), f"layer {name!r}"))
-    return _step(ctx, node, f, [src.name], params=params, layer=layer)
+    attrs = {**opts, "out": out, "cl": cl}
+    return _step(ctx, node, "torch_conv", attrs, [src.name], params=params, layer=layer)
 
 
 def h_identity(ctx, node, mod=None):
-    return _unary(ctx, node, "identity", target_name(node), lambda x: x)
+    return _unary(ctx, node, "identity")
 
 
 def h_relu(ctx, node, mod=None):
-    return _unary(ctx, node, "relu", target_name(node), K.relu)
+    return _unary(ctx, node, "relu")
 
 
-def _clamp(ctx, node, op, f):
+def _clamp(ctx, node, op, lo=None, hi=None):
     """relu6 / hardtanh. torch 2.13's QNNPACK clamp (``qnnpack_clamp``, taken under the
     ``qnnpack`` engine for quint8) clamps a channels-last input's buffer but returns it as
     a *contiguous* tensor of the same sizes: the NHWC codes reinterpreted in NCHW order
@@ -198,20 +177,13 @@ def _clamp(ctx, node, op, f):
         and ctx.ndim(src) == 4
         and ctx.dtype_of(src) == torch.quint8
     )
-
-    def g(_, x):
-        y = f(x)
-        if bug:  # (N, H, W, C) memory read as (N, C, H, W)
-            n, h, w, c = y.shape
-            return QArray(jnp.reshape(y.values, (n, c, h, w)), y.qparams), False
-        return y, cl
-
     layer = Layer(op, target_name(node), None, None, None, {"qnnpack_layout_bug": bug})
-    return _step(ctx, node, g, [src.name], layer=layer)
+    attrs = {"op": op, "lo": lo, "hi": hi, "bug": bug, "cl": cl}
+    return _step(ctx, node, "torch_clamp", attrs, [src.name], layer=layer)
 
 
 def h_relu6(ctx, node, mod=None):
-    return _clamp(ctx, node, "relu6", K.relu6)
+    return _clamp(ctx, node, "relu6")
 
 
 def h_hardtanh(ctx, node, mod=None):
@@ -220,12 +192,12 @@ def h_hardtanh(ctx, node, mod=None):
     else:
         _, a, kw = bind(ctx, node.args, node.kwargs)
         lo, hi, _ = pick(a, kw, [("min_val", -1.0), ("max_val", 1.0), ("inplace", False)]).values()
-    return _clamp(ctx, node, "hardtanh", lambda x: K.hardtanh(x, float(lo), float(hi)))
+    return _clamp(ctx, node, "hardtanh", float(lo), float(hi))
 
 
 def h_hardswish(ctx, node, mod=None):
     """``quantized::hardswish`` (``nnq.Hardswish``): QNNPACK's table for quint8 under the
-    ``qnnpack`` engine, ATen's kernel otherwise (:mod:`._torch_act`)."""
+    ``qnnpack`` engine, ATen's kernel otherwise (:mod:`qjax.kernels._hardswish`)."""
     if mod is not None:
         sc, zp = float(mod.scale), int(mod.zero_point)
     else:
@@ -241,12 +213,9 @@ def h_hardswish(ctx, node, mod=None):
     if qnn:
         t = ctx.values[src.name]
         params = device_array(hardswish_table(t.q_scale(), t.q_zero_point(), sc, zp), np.uint8)
-
-    def f(p, x):
-        return (lookup(x, p, out) if qnn else hardswish_aten(x, out)), cl
-
+    attrs = {"out": out, "qnnpack": qnn, "cl": cl}
     layer = Layer("hardswish", target_name(node), "qnnpack" if qnn else "aten", None, out)
-    return _step(ctx, node, f, [src.name], params=params, layer=layer)
+    return _step(ctx, node, "torch_hardswish", attrs, [src.name], params=params, layer=layer)
 
 
 def _binary_qparams(ctx, node, a, kw, what):
@@ -266,15 +235,10 @@ def h_add(ctx, node, mod=None, relu=False, op="add"):
     cls = [ctx.cl.get(n, False) for n in names]
     act = "relu" if relu else None
     scheme = ctx.engine.add if op == "add" else None
-
-    def f(_, x, y):
-        x, y = relayout(x, cls[0], want), relayout(y, cls[1], want)
-        if op == "add":
-            return K.quantized_add(x, y, out, scheme=scheme, activation=act), want
-        return K.quantized_mul(x, y, out, activation=act), want
-
+    attrs = {"op": op, "activation": act, "scheme": scheme, "out": out, "cls": tuple(cls)}
+    attrs["want"] = want
     layer = Layer(op + ("_relu" if relu else ""), target_name(node), scheme, None, out)
-    return _step(ctx, node, f, names, layer=layer)
+    return _step(ctx, node, "torch_binary", attrs, names, layer=layer)
 
 
 def h_add_relu(ctx, node, mod=None):
@@ -293,10 +257,7 @@ def h_mul_scalar(ctx, node, mod=None):
     names, a, kw = bind(ctx, node.args, node.kwargs)
     if len(names) != 1 or isinstance(a[1], Ref):
         raise NotImplementedError("quantized.mul_scalar with a computed scalar")
-    c = float(a[1])
-    return _unary(
-        ctx, node, "mul_scalar", target_name(node), lambda x: K.quantized_mul_scalar(x, c)
-    )
+    return _unary(ctx, node, "mul_scalar", float(a[1]))
 
 
 def h_cat(ctx, node, mod=None):
@@ -314,80 +275,47 @@ def h_cat(ctx, node, mod=None):
     cls = [ctx.cl.get(n.name, False) for n in srcs]
     # torch's channels-last kernel: 4-d channels-last inputs joined along channels
     fast = dim == 1 and ctx.ndim(srcs[0]) == 4 and all(cls)
-
-    def f(_, *xs):
-        qo = out if out is not None else xs[0].qparams
-        if fast:
-            return K.quantized_cat(xs, 3, qo, nhwc_fast_path=True), True
-        xs = [relayout(x, c, False) for x, c in zip(xs, cls, strict=True)]
-        return K.quantized_cat(xs, dim, qo), False
-
+    attrs = {"out": out, "dim": dim, "fast": fast, "cls": tuple(cls)}
     layer = Layer("cat", target_name(node), None, None, out, {"dim": dim, "nhwc_fast_path": fast})
-    return _step(ctx, node, f, [n.name for n in srcs], layer=layer)
+    return _step(ctx, node, "torch_cat", attrs, [n.name for n in srcs], layer=layer)
 
 
 # shape ops: run on logical codes (torch copies channels-last tensors into logical order)
 
 
-def _logical(ctx, node, f, op):
-    names, a, kw = bind(ctx, node.args, node.kwargs)
+def _logical(ctx, node, op, a=None, kw=None):
+    names, args, kwargs = bind(ctx, node.args, node.kwargs)
     cl = ctx.cl.get(node.args[0].name, False)
-
-    def g(_, *vals):
-        args = fill(a, vals)
-        x = relayout(args[0], cl, False)
-        return f(x, args[1:], fill(kw, vals)), False
-
-    return _step(ctx, node, g, names, layer=Layer(op, target_name(node)))
+    attrs = {"op": op, "args": args if a is None else a, "kwargs": kwargs if kw is None else kw}
+    attrs["cl"] = cl
+    return _step(ctx, node, "torch_shape", attrs, names, layer=Layer(op, target_name(node)))
 
 
 def h_flatten(ctx, node, mod=None):
-    if mod is not None:
-        s, e = mod.start_dim, mod.end_dim
-        return _logical(ctx, node, lambda x, a, kw: K.flatten(x, s, e), "flatten")
-
-    def f(x, a, kw):
-        o = pick((None, *a), kw, [("start_dim", 0), ("end_dim", -1)])
-        return K.flatten(x, int(o["start_dim"]), int(o["end_dim"]))
-
-    return _logical(ctx, node, f, "flatten")
+    if mod is not None:  # nn.Flatten(start_dim, end_dim) on its one input
+        return _logical(ctx, node, "flatten", (Ref(0), mod.start_dim, mod.end_dim), {})
+    return _logical(ctx, node, "flatten")
 
 
 def h_reshape(ctx, node, mod=None):
-    def f(x, a, kw):
-        shape = a[0] if len(a) == 1 and isinstance(a[0], (list, tuple)) else a
-        shape = kw.get("shape", shape)
-        return K.reshape(x, tuple(int(s) for s in shape))
-
-    return _logical(ctx, node, f, "reshape")
+    return _logical(ctx, node, "reshape")
 
 
 def h_size(ctx, node, mod=None):
     """``x.size()`` / ``x.size(d)``: static Python ints from the stored value's shape."""
     names, a, kw = bind(ctx, node.args, node.kwargs)
-    cl = ctx.cl.get(node.args[0].name, False)
-
-    def run(_, x, *rest):
-        shp = relayout(x, cl, False).shape
-        dim = fill(a, (x, *rest))[1:] or [kw.get("dim")]
-        return shp if dim[0] is None else shp[int(dim[0])]
-
-    return Step(node.name, run, tuple(names), None, False, None, Layer("size", "size"))
+    attrs = {"args": a, "kwargs": kw, "cl": ctx.cl.get(node.args[0].name, False)}
+    layer = Layer("size", "size")
+    return make_torch_step(node.name, "torch_size", attrs, tuple(names), None, layer)
 
 
 def h_getitem(ctx, node, mod=None):
     names, a, _ = bind(ctx, node.args, node.kwargs)
-
-    def run(_, *vals):
-        seq, idx = fill(a, vals)
-        if isinstance(seq, QArray):
-            raise NotImplementedError("indexing a quantized tensor")
-        return seq[idx]
-
-    return Step(node.name, run, tuple(names), None, False, None, Layer("getitem", "getitem"))
+    layer = Layer("getitem", "getitem")
+    return make_torch_step(node.name, "torch_getitem", {"args": a}, tuple(names), None, layer)
 
 
-def _pool(ctx, node, mod, op, kernel_fn, fields):
+def _pool(ctx, node, mod, op, fields):
     if mod is not None:
         o = {n: getattr(mod, n, d) for n, d in fields}
     else:
@@ -407,27 +335,24 @@ def _pool(ctx, node, mod, op, kernel_fn, fields):
     if op == "avg_pool2d" and layout == "NHWC":
         kw2["nhwc_block"] = ctx.engine.avg_pool_block  # ATen's vector width (CPU level)
     layer = Layer(op, target_name(node), scheme, None, None, dict(o))
-    return _step(
-        ctx, node, lambda _, x: (kernel_fn(x, layout=layout, **kw2), cl), [src.name], layer=layer
-    )
+    attrs = {"op": op, "options": kw2, "layout": layout, "cl": cl}
+    return _step(ctx, node, "torch_pool", attrs, [src.name], layer=layer)
 
 
 def h_max_pool(ctx, node, mod=None):
     fields = [("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1),
               ("ceil_mode", False), ("return_indices", False)]  # fmt: skip
-    return _pool(ctx, node, mod, "max_pool2d", K.max_pool2d, fields)
+    return _pool(ctx, node, mod, "max_pool2d", fields)
 
 
 def h_avg_pool(ctx, node, mod=None):
     fields = [("kernel_size", None), ("stride", None), ("padding", 0), ("ceil_mode", False),
               ("count_include_pad", True), ("divisor_override", None)]  # fmt: skip
-    return _pool(ctx, node, mod, "avg_pool2d", K.avg_pool2d, fields)
+    return _pool(ctx, node, mod, "avg_pool2d", fields)
 
 
 def h_adaptive_avg_pool(ctx, node, mod=None):
-    return _pool(
-        ctx, node, mod, "adaptive_avg_pool2d", K.adaptive_avg_pool2d, [("output_size", None)]
-    )
+    return _pool(ctx, node, mod, "adaptive_avg_pool2d", [("output_size", None)])
 
 
 def _bn_array(v, c: int):
@@ -465,14 +390,10 @@ def h_batch_norm(ctx, node, mod=None):
     cl = ctx.cl.get(src.name, False)
     layout = "NHWC" if cl else "NCHW"
     params = tuple(_bn_array(t, c) for t in ts)
-
-    def f(p, x):
-        y = K.quantized_batch_norm(x, *p, eps, out, relu=relu, layout=layout)
-        return y, cl
-
+    attrs = {"eps": eps, "out": out, "relu": relu, "layout": layout, "cl": cl}
     op = "batch_norm2d" + ("_relu" if relu else "")
     layer = Layer(op, target_name(node), None, None, out, {"eps": eps})
-    return _step(ctx, node, f, [src.name], params=params, layer=layer)
+    return _step(ctx, node, "torch_batch_norm", attrs, [src.name], params=params, layer=layer)
 
 
 def target_name(node) -> str:

@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from torch import fx
 
 from qjax import QArray, QParams, QuantSpec
 from qjax._spec import check_qparam_values
+from qjax.flax._torch_steps import Ref, fill, pick, relayout
 
 __all__ = [
     "Ref",
@@ -40,14 +40,6 @@ __all__ = [
 def device_array(a, dtype) -> jax.Array:
     """numpy -> device array without a compile (``jnp.asarray`` compiles one per shape)."""
     return jax.device_put(np.array(a, dtype=dtype, order="C"))
-
-
-def relayout(v, src: bool, dst: bool):
-    """Move a stored value between logical (``False``) and channels-last (``True``) order."""
-    if src == dst or not isinstance(v, QArray) or v.ndim < 3:
-        return v
-    vals = jnp.moveaxis(v.values, -1, 1) if src else jnp.moveaxis(v.values, 1, -1)
-    return QArray(vals, v.qparams)
 
 
 def _checked(scale, zero_point, spec: QuantSpec, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -123,11 +115,6 @@ def bias_array(b, where: str = "layer") -> Any:
 # argument binding: fx args -> (value names, template), filled at run time
 
 
-class Ref:
-    def __init__(self, i: int):
-        self.i = i
-
-
 def bind(ctx, args, kwargs=None):
     """Split fx ``args``/``kwargs`` into value names (Nodes) and a template of constants."""
     names: list[str] = []
@@ -145,24 +132,3 @@ def bind(ctx, args, kwargs=None):
         return a
 
     return names, conv(tuple(args)), conv(dict(kwargs or {}))
-
-
-def fill(t, vals):
-    if isinstance(t, Ref):
-        return vals[t.i]
-    if isinstance(t, (list, tuple)):
-        return type(t)(fill(b, vals) for b in t)
-    if isinstance(t, dict):
-        return {k: fill(b, vals) for k, b in t.items()}
-    return t
-
-
-def pick(args, kwargs, names_defaults):
-    """Positional-or-keyword arguments after the first (the input) by name."""
-    out = {}
-    for i, (n, d) in enumerate(names_defaults):
-        if i + 1 < len(args):
-            out[n] = args[i + 1]
-        else:
-            out[n] = kwargs.get(n, d)
-    return out

@@ -42,7 +42,6 @@ Two modes:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Literal
 
 import jax
@@ -52,54 +51,19 @@ from torch.fx.node import Node, map_aggregate
 
 import qjax
 from qjax import QArray, QParams
-from qjax._float import materialize
+from qjax.flax._aten import FLOAT_OPS
+from qjax.flax._pt2e_steps import make_pt2e_step, qp_params
+from qjax.flax._torch_steps import Ref
 from qjax.kernels._choice import kernels_of, resolve_kernel
 from qjax.program import Layer, Program, Step
 
 from . import _pt2e_graph as G
-from ._pt2e_float import FLOAT_OPS
 from ._pt2e_int import lower
 
 __all__ = ["import_pt2e"]
 
 Mode = Literal["integer", "reference"]
 _MODES = ("integer", "reference")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Ref:
-    """Placeholder in an argument template: env input ``i`` or params key ``key``."""
-
-    i: int | None = None
-    key: str | None = None
-
-
-def _fill(t, params, vals):
-    if isinstance(t, _Ref):
-        v = vals[t.i] if t.i is not None else params[t.key]
-        return v.values if isinstance(v, QArray) else v
-    if isinstance(t, (list, tuple)):
-        return type(t)(_fill(a, params, vals) for a in t)
-    if isinstance(t, dict):
-        return {k: _fill(a, params, vals) for k, a in t.items()}
-    return t
-
-
-def _materialize(v):
-    """Stop XLA from fusing a float value into its consumer (an fma would skip a rounding)."""
-    if isinstance(v, jax.Array) and jnp.issubdtype(v.dtype, jnp.floating):
-        return materialize(v)
-    if isinstance(v, tuple):
-        return tuple(_materialize(a) for a in v)
-    return v
-
-
-def _qp_params(qp: QParams):
-    return {"scale": jnp.asarray(qp.scale, jnp.float32), "zp": jnp.asarray(qp.zero_point)}
-
-
-def _qp(spec, p) -> QParams:
-    return QParams(p["scale"], p["zp"], spec)
 
 
 class _Builder:
@@ -196,13 +160,11 @@ class _Builder:
             raise ValueError(
                 f"pt2e import: node {name!r} quantizes {src.name!r}, which is not a float tensor"
             )
-        spec = qp.spec
-
-        def fn(p, x):
-            return QArray(qjax.quantize(x, _qp(spec, p)), _qp(spec, p))
-
         layer = self._layer(node, "quantize", out=qp, extra={"source": src.name})
-        self.steps.append(Step(name, fn, (src.name,), _qp_params(qp), layer=layer))
+        attrs = {"spec": qp.spec}
+        self.steps.append(
+            make_pt2e_step(name, "pt2e_quantize", attrs, (src.name,), qp_params(qp), layer)
+        )
 
     def _quantize_channel(self, node) -> None:
         src = node.args[0]
@@ -240,16 +202,13 @@ class _Builder:
         qp = G.per_tensor_qparams(node, self.gm)
         self.dq_src[name] = (src.name, qp)
         self.kinds[name] = "f"
-        spec = qp.spec
-
-        def fn(p, q):
-            return materialize(qjax.dequantize(q.values, _qp(spec, p)))
-
         layer = self._layer(node, "dequantize", out=qp, extra={"source": src.name})
-        self.steps.append(Step(name, fn, (src.name,), _qp_params(qp), traced=False, layer=layer))
+        attrs = {"spec": qp.spec}
+        self.steps.append(
+            make_pt2e_step(name, "pt2e_dequantize", attrs, (src.name,), qp_params(qp), layer)
+        )
 
     def _float(self, node, t: str) -> None:
-        fop = FLOAT_OPS[t]
         inputs: list[str] = []
         params: dict[str, jax.Array] = {}
 
@@ -259,29 +218,27 @@ class _Builder:
             if a.name in self.consts:
                 key = f"c{len(params)}"
                 params[key] = jnp.asarray(self.consts[a.name])
-                return _Ref(key=key)
+                return Ref(key=key)
             if a.name not in self.kinds:
                 raise ValueError(f"pt2e import: node {node.name!r} reads unknown value {a.name!r}")
             inputs.append(a.name)
-            return _Ref(i=len(inputs) - 1)
+            return Ref(i=len(inputs) - 1)
 
         targs = map_aggregate(node.args, ref)
         tkw = map_aggregate(dict(node.kwargs), ref)
-
-        def fn(p, *vals):
-            return _materialize(fop(*_fill(targs, p, vals), **_fill(tkw, p, vals)))
-
+        attrs = {"op": t, "args": targs, "kwargs": tkw}
+        layer = self._layer(node, "float", extra={"op": t.split(".")[1] if "." in t else t})
+        step = make_pt2e_step(node.name, "pt2e_float", attrs, tuple(inputs), params, layer)
         if not inputs:  # every operand is constant: fold at import
             try:
-                out = fn(params)
+                out = step.fn(params)
             except (TypeError, ValueError) as e:
                 raise type(e)(f"pt2e import: node {node.name!r} ({t}): {e}") from e
             if isinstance(out, jax.Array):
                 self.consts[node.name] = np.asarray(out)
                 return
         self.kinds[node.name] = "f"
-        layer = self._layer(node, "float", extra={"op": t.split(".")[1] if "." in t else t})
-        self.steps.append(Step(node.name, fn, tuple(inputs), params, traced=False, layer=layer))
+        self.steps.append(step)
 
     # ---- finishing ---------------------------------------------------------------------
 
@@ -385,4 +342,5 @@ def import_pt2e(
             )
         arrays = [np.asarray(a.detach().cpu().numpy()) if hasattr(a, "detach") else a for a in args]
         jax.eval_shape(program.__call__, *arrays)
+        program.example_shapes = tuple((np.shape(a), np.asarray(a).dtype.name) for a in arrays)
     return program

@@ -64,6 +64,7 @@ import torch
 from torch import fx
 
 from qjax import QArray
+from qjax.flax._torch_steps import make_torch_step
 from qjax.kernels._choice import kernels_of, resolve_kernel
 from qjax.kernels._levels import ENGINE_CHOICES, Engine
 from qjax.kernels._levels import engine as engine_at
@@ -222,13 +223,9 @@ def _handler(ctx, node):
 
 def _output_step(ctx, node) -> tuple[Step, Any]:
     names, template, _ = ops.bind(ctx, node.args[:1])
-    cls = [ctx.cl.get(n, False) for n in names]
-
-    def run(_, *vals):
-        vals = [ops.relayout(v, c, False) for v, c in zip(vals, cls, strict=True)]
-        return ops.fill(template, vals)[0]
-
-    return Step("output", run, tuple(names), None, False, None, Layer("output", "output")), "output"
+    attrs = {"template": template, "cls": tuple(ctx.cl.get(n, False) for n in names)}
+    layer = Layer("output", "output")
+    return make_torch_step("output", "torch_output", attrs, tuple(names), None, layer), "output"
 
 
 def import_model(
@@ -321,6 +318,9 @@ def import_model(
         raise ValueError(f"the model takes {len(input_names)} inputs, got {len(inputs)} examples")
     program = Program(steps, input_names, output, engine=eng.name, level=eng.level)
     program.kernels = kernels_of(program.params)
+    program.example_shapes = tuple(
+        (tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in inputs
+    )  # what qjax.load_served traces a saved program at
     return program
 
 

@@ -76,7 +76,9 @@ class Step:
     :meth:`Program.trace`. ``export``: maps the stored value to the one users see
     (e.g. NHWC -> NCHW codes); ``None`` means unchanged. ``spec``: ``(kind,
     attributes)``, what the step computes in a form :func:`qjax.save_served` can write
-    (:mod:`qjax.flax._steps`); ``None`` for a step that is only a function.
+    (:mod:`qjax.flax._steps` for converted Flax models, :mod:`qjax.flax._torch_steps` and
+    :mod:`qjax.flax._pt2e_steps` for imported torch / pt2e ones); ``None`` for a step that
+    is only a function (it cannot be saved).
     """
 
     name: str

@@ -36,6 +36,7 @@ ONE_WORKER = {
     "test_debug",  # the calibrated MLP
     "test_cli",  # models saved by a subprocess
     "test_converters_qat",  # module-wide counts, asserted by its last test
+    "test_converters_save",  # imported models saved and loaded once each
 }
 
 

@@ -227,7 +227,11 @@ def test_bad_tensors_are_refused(cnn_file, tmp_path):
             qjax.load_served(_tampered(path, tmp_path, tensor_edit=tensor_edit))
 
 
-def test_only_converted_programs_save(tmp_path):
+def test_only_described_programs_save(tmp_path):
+    # converted and imported programs describe every step (Step.spec); a bare function
+    # does not (tests/test_converters_save.py saves the imported ones)
     step = Step("out", lambda _, x: x * 2, ("x",), traced=False)
-    with pytest.raises(TypeError, match="expected a program from qjax.convert, got Program"):
+    with pytest.raises(TypeError, match="step 'out' .* is a function without a description"):
         qjax.save_served(tmp_path / "m.safetensors", Program([step], ("x",), "out"))
+    with pytest.raises(TypeError, match="expected a program from qjax.convert, got dict"):
+        qjax.save_served(tmp_path / "m.safetensors", {})

@@ -11,6 +11,9 @@ loaders run code from the file). ``qjax inspect FILE.py:FUNCTION`` (or
 ``MODULE:FUNCTION``) inspects a qjax program built by the user's own code instead, e.g.
 a Flax model traced by ``qjax.convert``: the function takes no arguments and returns the
 :class:`~qjax.Program`, or ``(program, inputs)``; the file runs as Python code.
+``qjax inspect FILE.safetensors`` inspects a program saved by :func:`qjax.save_served`
+(converted or imported; read by :func:`qjax.load_served`, nothing in it runs as code),
+on ``--inputs`` / ``--input-shape`` or random inputs at its example shapes.
 ``qjax debug FILE.py:FUNCTION``: debugging views of a quantized Flax model
 (:mod:`qjax.debug._cli`).
 """
@@ -32,7 +35,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         " --trusted: a TorchScript file (with --definition), a torch.export .pt2 file or a"
         " pickled model (loading these runs code from the file); for inspect also"
         " FILE.py:FUNCTION or MODULE:FUNCTION returning a qjax.Program (e.g. qjax.convert"
-        " of a Flax model) or (program, inputs): that file or module runs as Python code",
+        " of a Flax model) or (program, inputs): that file or module runs as Python code;"
+        " or a FILE.safetensors program saved by qjax.save_served (checked on load)",
     )
     p.add_argument(
         "--definition",
@@ -144,6 +148,9 @@ def _inspect(args) -> int:
     if is_program_target(args.model):
         program, inputs = _program_target(args)
         report = parity.inspect(program, inputs, engine=args.engine)
+    elif is_saved_program(args.model):
+        program, inputs = _saved_program(args)
+        report = parity.inspect(program, inputs, engine=args.engine or program.engine)
     else:
         _, inputs, program = _load(args)
         with _running(inputs):
@@ -167,6 +174,34 @@ def is_program_target(spec: str) -> bool:
     if not sep or not where or not fn.isidentifier() or pathlib.Path(spec).exists():
         return False
     return where.endswith(".py") or all(p.isidentifier() for p in where.split("."))
+
+
+def is_saved_program(spec: str) -> bool:
+    """A ``.safetensors`` file: a program saved by :func:`qjax.save_served`.
+
+    >>> is_saved_program("model.safetensors"), is_saved_program("model.pt")
+    (True, False)
+    """
+    return str(spec).endswith(".safetensors")
+
+
+def _saved_program(args):
+    """``(program, inputs)`` from a :func:`qjax.save_served` file (read and checked by
+    :func:`qjax.load_served`; nothing in it runs as code): ``--inputs`` /
+    ``--input-shape``, else random inputs at the shapes it was imported with."""
+    from .. import load_served
+    from ._model import load_inputs
+
+    if args.definition or args.trusted or args.isa:
+        raise ValueError(
+            f"--definition, --trusted and --isa are for saved torch models; {args.model} is "
+            "a saved qjax program"
+        )
+    program = load_served(args.model)
+    shapes = getattr(program, "example_shapes", None)
+    if not (args.input_shape or args.inputs) and shapes:
+        args.input_shape = [",".join(str(d) for d in sh) for sh, _ in shapes]
+    return program, load_inputs(args.input_shape, args.inputs, args.seed)
 
 
 def _program_target(args):
@@ -252,13 +287,15 @@ def main(argv: list[str] | None = None) -> int:
             quick=args.quick,
         )  # fmt: skip
     try:
-        if args.command == "parity" and is_program_target(args.model):
+        own = is_program_target(args.model) or is_saved_program(args.model)
+        if args.command == "parity" and own:
+            what = "a function" if is_program_target(args.model) else "a saved qjax program"
             raise ValueError(
-                f"qjax parity compares a saved torch model with torch; {args.model} is a "
-                "function (a qjax program has no torch model): use qjax inspect, or "
+                f"qjax parity compares a saved torch model with torch; {args.model} is "
+                f"{what} (a qjax program has no torch model): use qjax inspect, or "
                 "qjax.parity.compare(None, program, x, reference={name: codes})"
             )
-        if not is_program_target(args.model):
+        if not own:
             args.engine = args.engine or "x86"
         return _parity(args) if args.command == "parity" else _inspect(args)
     except (ValueError, TypeError, NotImplementedError, OSError) as e:

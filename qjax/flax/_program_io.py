@@ -44,6 +44,7 @@ from .._qarray import _serialize_spec
 from ..program import Program
 from . import _steps
 from ._fields import _encode, _is_int
+from ._imported_io import imported_file, load_imported
 from ._program_checks import (
     _SPEC_ATTRS,
     _check_attrs,
@@ -143,7 +144,12 @@ def _encode_step(i: int, s, tensors: dict, where: str) -> dict:
 
 
 def program_file(program, where: str = "save_served") -> tuple[dict, dict]:
-    """``(metadata, tensors)`` of a converted program (:meth:`TracedProgram.describe`)."""
+    """``(metadata, tensors)`` of a converted program (:meth:`TracedProgram.describe`),
+    or of an imported torch / pt2e program (:func:`~qjax.flax._imported_io.imported_file`)."""
+    from ._convert import TracedProgram
+
+    if not isinstance(program, TracedProgram):
+        return imported_file(program, where)
     prog, patterns, example_batch, fixed_because, float_ops = program.describe()
     tensors: dict[str, np.ndarray] = {}
     steps = [_encode_step(i, s, tensors, where) for i, s in enumerate(prog.steps)]
@@ -276,6 +282,8 @@ def load_program(meta: dict, tensors: dict, wish: str, where: str):
     :class:`~qjax.flax._convert.TracedProgram`), every field checked (module docstring)."""
     from ._convert import TracedProgram
 
+    if meta.get("program") == "imported":
+        return load_imported(meta, tensors, wish, where)
     for key in ("inputs", "batch", "example_batch", "output", "layout", "float_ops", "steps"):
         _need(meta, key, where)
     batch_name = meta["batch"]

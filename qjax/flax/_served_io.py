@@ -264,7 +264,7 @@ def save_served(path: str | os.PathLike, served: ServedModel) -> None:
 
     from ._convert import TracedProgram
 
-    if isinstance(served, TracedProgram):
+    if isinstance(served, (TracedProgram, Program)):  # converted, or imported from torch
         from ._program_io import program_file
 
         meta, tensors = program_file(served)

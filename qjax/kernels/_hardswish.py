@@ -25,11 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax import QArray, QParams
-from qjax._float import div_f32, fma_f32
-from qjax._float import materialize as _m
+from .._float import div_f32, fma_f32
+from .._float import materialize as _m
+from .._qarray import QArray
+from .._spec import QParams
 
-__all__ = ["hardswish_aten", "hardswish_table"]
+__all__ = ["hardswish_aten", "hardswish_table", "lookup"]
 
 
 def _h(v):
