@@ -159,3 +159,34 @@ def _load_param(prefix: str, d, kind: str, tensors: dict, wish: str, what: str):
         return _prepare_stored(kind, w, name, max_abs_x, groups, wish)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{what}: {e}") from None
+
+
+def _encode_output(tree, where: str):
+    """A program's ``output`` (names in tuples, lists and str-keyed dicts) as JSON."""
+    if isinstance(tree, str):
+        return {"name": tree}
+    if isinstance(tree, (tuple, list)):
+        kind = "tuple" if isinstance(tree, tuple) else "list"
+        return {kind: [_encode_output(t, where) for t in tree]}
+    if isinstance(tree, dict) and all(isinstance(k, str) for k in tree):
+        return {"dict": {k: _encode_output(v, where) for k, v in tree.items()}}
+    raise ValueError(
+        f"{where}: the model returns a {type(tree).__name__}; a saved program returns "
+        "arrays in tuples, lists or dicts with string keys"
+    )
+
+
+def _decode_output(obj, names: set, where: str):
+    """Inverse of :func:`_encode_output`; every name must be in ``names``."""
+    if isinstance(obj, dict) and len(obj) == 1:
+        ((kind, v),) = obj.items()
+        if kind == "name" and isinstance(v, str):
+            if v not in names:
+                raise ValueError(f"{where}: output {v!r} is not a step or input name")
+            return v
+        if kind in ("tuple", "list") and isinstance(v, list):
+            out = [_decode_output(t, names, where) for t in v]
+            return tuple(out) if kind == "tuple" else out
+        if kind == "dict" and isinstance(v, dict):
+            return {k: _decode_output(t, names, where) for k, t in v.items()}
+    raise ValueError(f"{where}: bad output description {obj!r}")

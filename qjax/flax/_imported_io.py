@@ -50,7 +50,14 @@ from ..kernels._choice import conv_kernel, kernels_of, linear_kernel
 from ..kernels._levels import ENGINE_CHOICES, LEVELS
 from ..program import LAYOUTS, Layer, Program
 from . import _steps
-from ._fields import _encode, _is_int, _load_param, _load_qparams
+from ._fields import (
+    _decode_output,
+    _encode,
+    _encode_output,
+    _is_int,
+    _load_param,
+    _load_qparams,
+)
 from ._imported_checks import check_step
 from ._program_checks import _load_array, _need, _spec_attr
 from ._pt2e_steps import PT2E_KINDS, make_pt2e_step
@@ -127,17 +134,6 @@ def _layer_json(lay: Layer | None, i: int, w: _Writer, at: str):
         "out": None if lay.out is None else _encode(f"{i}.lo", lay.out, w.tensors),
         "extra": w.value(extra, f"{i}.lx", f"{at} layer extra"),
     }
-
-
-def _encode_output(tree, where: str):
-    if isinstance(tree, str):
-        return {"name": tree}
-    if isinstance(tree, (tuple, list)):
-        kind = "tuple" if isinstance(tree, tuple) else "list"
-        return {kind: [_encode_output(t, where) for t in tree]}
-    if isinstance(tree, dict) and all(isinstance(k, str) for k in tree):
-        return {"dict": {k: _encode_output(v, where) for k, v in tree.items()}}
-    raise ValueError(f"{where}: output {tree!r} must be names in tuples, lists or dicts")
 
 
 def imported_file(program: Program, where: str = "save_served") -> tuple[dict, dict]:
@@ -323,21 +319,6 @@ def _read_step(i: int, st, r: _Reader, known: set, at0: str):
     layer = _read_layer(_need(st, "layer", at), i, r, params, at)
     make = make_torch_step if kind in TORCH_KINDS else make_pt2e_step
     return make(name, kind, a, tuple(inputs), params, layer)
-
-
-def _decode_output(obj, names: set, where: str):
-    if isinstance(obj, dict) and len(obj) == 1:
-        ((kind, v),) = obj.items()
-        if kind == "name" and isinstance(v, str):
-            if v not in names:
-                raise ValueError(f"{where}: output {v!r} is not a step or input name")
-            return v
-        if kind in ("tuple", "list") and isinstance(v, list):
-            out = [_decode_output(t, names, where) for t in v]
-            return tuple(out) if kind == "tuple" else out
-        if kind == "dict" and isinstance(v, dict):
-            return {k: _decode_output(t, names, where) for k, t in v.items()}
-    raise ValueError(f"{where}: bad output description {obj!r}")
 
 
 def _example_shapes(v, n: int, where: str):

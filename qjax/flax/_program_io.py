@@ -43,7 +43,7 @@ import numpy as np
 from .._qarray import _serialize_spec
 from ..program import Program
 from . import _steps
-from ._fields import _encode, _is_int
+from ._fields import _decode_output, _encode, _encode_output, _is_int
 from ._imported_io import imported_file, load_imported
 from ._program_checks import (
     _SPEC_ATTRS,
@@ -61,20 +61,6 @@ VERSION = 1
 
 # --------------------------------------------------------------------------------------
 # writing
-
-
-def _encode_output(tree, where: str):
-    if isinstance(tree, str):
-        return {"name": tree}
-    if isinstance(tree, (tuple, list)):
-        kind = "tuple" if isinstance(tree, tuple) else "list"
-        return {kind: [_encode_output(t, where) for t in tree]}
-    if isinstance(tree, dict) and all(isinstance(k, str) for k in tree):
-        return {"dict": {k: _encode_output(v, where) for k, v in tree.items()}}
-    raise ValueError(
-        f"{where}: the model returns a {type(tree).__name__}; a saved program returns "
-        "arrays in tuples, lists or dicts with string keys"
-    )
 
 
 def _encode_step(i: int, s, tensors: dict, where: str) -> dict:
@@ -174,21 +160,6 @@ def program_file(program, where: str = "save_served") -> tuple[dict, dict]:
 
 # --------------------------------------------------------------------------------------
 # reading (a file may come from anywhere: every field is checked)
-
-
-def _decode_output(obj, names: set, where: str):
-    if isinstance(obj, dict) and len(obj) == 1:
-        ((kind, v),) = obj.items()
-        if kind == "name" and isinstance(v, str):
-            if v not in names:
-                raise ValueError(f"{where}: output {v!r} is not a step or input name")
-            return v
-        if kind in ("tuple", "list") and isinstance(v, list):
-            out = [_decode_output(t, names, where) for t in v]
-            return tuple(out) if kind == "tuple" else out
-        if kind == "dict" and isinstance(v, dict):
-            return {k: _decode_output(t, names, where) for k, t in v.items()}
-    raise ValueError(f"{where}: bad output description {obj!r}")
 
 
 class _StoredStep:
