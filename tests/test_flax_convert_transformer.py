@@ -202,13 +202,15 @@ class LTinyLM(nn.Module):
         emb = nn.Embed(VOCAB, D, name="emb")
         h = emb(x.astype(jnp.int32))
         h = h + nn.MultiHeadDotProductAttention(2, name="attn")(nn.LayerNorm(name="ln")(h))
+        h = nn.Einsum((D, 2, D // 2), "btd,dnh->bnth", name="mix")(h)  # heads first
+        h = jnp.transpose(h, (0, 2, 1, 3)).reshape(h.shape[0], -1, D)
         h = qlinen.DynamicQuantDense(D, name="dyn")(h)
         h = qlinen.WeightOnlyDense(D, spec=INT8_CHANNEL, name="wo8")(jax.nn.relu(h))
         return qlinen.WeightOnlyDense(6, use_bias=False, spec=INT4_GROUP, name="wo4")(h)
 
 
 def test_linen_transformer_serves_exactly_and_round_trips(tmp_path):
-    rules = qlinen.QuantRules([("emb|attn", CFG)])
+    rules = qlinen.QuantRules([("emb|attn|mix", CFG)])
     x = _ids(1, 16)
     with rules:
         variables = LTinyLM().init(jax.random.key(0), x)
@@ -223,7 +225,8 @@ def test_linen_transformer_serves_exactly_and_round_trips(tmp_path):
 
     program = qjax.convert(forward, x)
     ops = [layer.op for layer in program.layers.values()]
-    assert ops.count("embed") == 1 and ops.count("linear") == 4
+    assert ops.count("embed") == 1 and ops.count("linear") == 5  # attention's 4, the Einsum
+    assert program.layers["mix"].op == "linear" and "mix" not in str(program.float_ops)
     assert ops.count("dynamic_linear") == 1 and ops.count("weight_only_linear") == 2
     assert {k: v for k, v in program.layers.items() if v.op == "dynamic_linear"}.keys() == {"dyn"}
     path = tmp_path / "l.safetensors"

@@ -18,7 +18,7 @@ from flax.linen.dtypes import promote_dtype
 from .._config import Mode, QuantConfig, as_mode
 from .._paths import join_path
 from ._layers import QuantConvGeneralDilated, QuantDotGeneral
-from ._transformer import QuantEinsum, QuantEmbed
+from ._transformer import QuantEinsum, QuantEmbed, einsum_call
 
 # the stock layers QuantRules hooks (exact types, as flax defines them)
 SUPPORTED = (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Einsum, nn.Embed)
@@ -40,7 +40,9 @@ class QuantRules:
       :class:`~qjax.flax.linen.QuantDotGeneral` (``DenseGeneral``: ``out_ndim =
       len(features)``, the kernel quantized per flattened output feature);
     - ``nn.Conv``: ``conv_general_dilated_cls`` = :class:`~qjax.flax.linen.QuantConvGeneralDilated`;
-    - ``nn.Einsum``: ``promote_dtype`` = :class:`~qjax.flax.linen.QuantEinsum`;
+    - ``nn.Einsum``: the call runs as flax's with its einsum in
+      :class:`~qjax.flax.linen.QuantEinsum` (:func:`~qjax.flax.linen._transformer.einsum_call`;
+      ``nn.Einsum`` has no hook attribute around its einsum);
     - ``nn.Embed``: ``promote_dtype`` = :class:`~qjax.flax.linen.QuantEmbed` (weight only).
 
     Each computes ``op(fq_in(x), fq_w(kernel))`` with the numbers of the NNX hooks. The
@@ -52,9 +54,9 @@ class QuantRules:
     another type raises ``TypeError`` naming it and the supported layers; a matched
     layer that already has a hook raises ``TypeError``. :meth:`with_mode` gives the
     same rules in another mode (e.g. ``Mode.FROZEN`` for evaluation). The
-    ``Dense`` / ``DenseGeneral`` / ``Conv`` hooks serve as int8 layers through
-    ``qjax.convert``, ``Embed`` lookups from the int8 table; ``Einsum`` is served in
-    float (its hook sees only the operands' dtype promotion, not the einsum).
+    ``Dense`` / ``DenseGeneral`` / ``Conv`` / ``Einsum`` hooks serve as int8 layers
+    through ``qjax.convert`` (an einsum that contracts the input with the kernel),
+    ``Embed`` lookups from the int8 table.
 
     >>> import jax, jax.numpy as jnp
     >>> from qjax.flax import qjax_recommended
@@ -124,6 +126,8 @@ class QuantRules:
         pat, cfg = hit
         attr, hook = self._hook_for(m, pat, path, cfg, args, kwargs)
         self.matched[path] = pat
+        if attr is None:
+            return einsum_call(m, hook, *args, **kwargs)
         # The module is frozen; give it the hook for this call only (the attribute is
         # what the layer reads inside __call__), then restore it.
         old = getattr(m, attr)
@@ -135,19 +139,13 @@ class QuantRules:
 
     def _hook_for(self, m, pat, path, cfg, args, kwargs):
         t = type(m)
-        if t is nn.Einsum:
-            if m.promote_dtype is not promote_dtype:
-                raise TypeError(
-                    f"QuantRules: rule {pat!r} matches {path!r}, an nn.Einsum with its own "
-                    "promote_dtype (where the hook goes); narrow the pattern"
-                )
-            eq = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) or m.einsum_str
+        if t is nn.Einsum:  # no hook attribute around its einsum: the call is run here
             mode = self.mode
 
-            def einsum_hook(*a, **k):  # built inside nn.Einsum's compact __call__
-                return QuantEinsum(config=cfg, einsum_str=eq, mode=mode)(*a, **k)
+            def einsum_hook(eq):  # built inside nn.Einsum's compact scope
+                return QuantEinsum(config=cfg, einsum_str=eq, mode=mode)
 
-            return "promote_dtype", einsum_hook
+            return None, einsum_hook
         attr = "conv_general_dilated_cls" if t is nn.Conv else "dot_general_cls"
         plain = attr[: -len("_cls")]
         if getattr(m, attr) is not None or getattr(m, plain, None) is not None:
