@@ -64,6 +64,12 @@ from ._onednn import (
     pack_onednn_weight,
     require_onednn,
 )
+from ._onednn_conv import (
+    onednn_conv2d,
+    onednn_conv2d_q8,
+    onednn_conv_im2col,
+    pack_onednn_conv_weight,
+)
 from ._sat16 import (
     SAT16_TARGET,
     pack_sat16_weight,
@@ -89,6 +95,9 @@ __all__ = [
     "fused_conv_codes",
     "fused_linear_codes",
     "native_status",
+    "onednn_conv2d",
+    "onednn_conv2d_q8",
+    "onednn_conv_im2col",
     "onednn_dot",
     "onednn_exact",
     "onednn_fused",
@@ -97,6 +106,7 @@ __all__ = [
     "onednn_provider",
     "onednn_status",
     "pack_conv_weight",
+    "pack_onednn_conv_weight",
     "pack_onednn_weight",
     "pack_weight",
     "conv_supported",

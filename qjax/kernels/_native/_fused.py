@@ -31,7 +31,7 @@ from jax import lax
 
 from .._requant import _zero_point_scalar, activation_bounds
 from .._schemes import _apply_fbgemm, _coef_fbgemm, _coef_qnnpack, _coefficients
-from . import _onednn
+from . import _onednn, _onednn_conv
 
 QTARGET = "qjax_amx_q8_gemm"
 QCONV_TARGET = "qjax_amx_q8_conv2d"
@@ -91,8 +91,8 @@ def fusable(pw, x, bias, out, scheme) -> bool:
     kernel = getattr(pw, "kernel", None)
     if out is None or scheme not in FUSED_SCHEMES or kernel not in ("amx", "onednn"):
         return False
-    if kernel == "onednn" and not (_onednn.onednn_fused() and hasattr(pw, "out_features")):
-        return False  # the ukernel's epilogue covers linear layers only
+    if kernel == "onednn" and not _onednn.onednn_fused():
+        return False  # only the ukernel provider has the epilogue
     if not pw.zero_point_is_zero or x.values.dtype not in _CODES:
         return False
     ospec = out.spec
@@ -136,17 +136,30 @@ def fused_linear_codes(x, pw, bias, out, scheme, relu) -> jax.Array:
     return amx_linear_q8(x.values, pw.packed, pw.weight.values, *vecs, out.spec.dtype)
 
 
-def fused_conv_codes(xv, x, pw, bias, out, scheme, relu, stride) -> jax.Array:
-    """Output codes (NHWC) of a 2-D ``quantized_conv`` in one fused AMX call.
+def fused_conv_codes(xv, x, pw, bias, out, scheme, relu, stride, dilation=(1, 1)) -> jax.Array:
+    """Output codes (NHWC) of a 2-D ``quantized_conv`` in one fused AMX or oneDNN-ukernel
+    call.
 
     ``xv`` the zero-point-padded NHWC codes (int8 or uint8, not shifted); ``x`` the
     input :class:`~qjax.QArray` (its scale and zero point); ``pw`` an AMX
-    ``PreparedConv`` with ``groups == 1``; ``stride`` ``(sh, sw)``. Only when
+    ``PreparedConv`` with ``groups == 1`` and dilation 1, or a oneDNN one (any groups
+    and dilation, :mod:`._onednn_conv`; int8 codes shifted up by 128 as in
+    :func:`fused_linear_codes`); ``stride``/``dilation`` ``(h, w)``. Only when
     :func:`fusable` said so; as :func:`fused_linear_codes` with ``Σ_{kh,kw,c} w``.
 
     >>> fusable(None, None, None, None, "onednn")
     False
     """
+    if pw.kernel == "onednn":
+        shift = 0
+        if xv.dtype == jnp.int8:  # x + 128 as uint8: flip the top bit, reinterpret
+            xv, shift = lax.bitcast_convert_type(xv ^ jnp.int8(-128), jnp.uint8), 128
+        vecs = _layer_vectors(x, pw.weight, pw.w_sum, bias, out, scheme, relu, shift)
+        w = pw.weight.values
+        w = w if w.ndim == 4 else w[None]  # a 1-D conv runs as H = 1
+        return _onednn_conv.onednn_conv2d_q8(
+            xv, pw.packed, w, stride, dilation, pw.groups, *vecs, out.spec.dtype
+        )
     vecs = _layer_vectors(x, pw.weight, pw.w_sum, bias, out, scheme, relu)
     return amx_conv2d_q8(xv, pw.packed, pw.weight.values, stride, *vecs, out.spec.dtype)
 

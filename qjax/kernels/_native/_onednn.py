@@ -79,6 +79,8 @@ from . import _build
 
 __all__ = [
     "ONEDNN_TARGET",
+    "UKERNEL_CONV_TARGET",
+    "UKERNEL_Q8_CONV_TARGET",
     "UKERNEL_Q8_TARGET",
     "UKERNEL_TARGET",
     "onednn_dot",
@@ -97,6 +99,8 @@ __all__ = [
 ONEDNN_TARGET = "qjax_onednn_u8s8_matmul"
 UKERNEL_TARGET = "qjax_onednn_uk_matmul"
 UKERNEL_Q8_TARGET = "qjax_onednn_uk_q8_linear"
+UKERNEL_CONV_TARGET = "qjax_onednn_uk_conv2d"  # the conv of :mod:`._onednn_conv`
+UKERNEL_Q8_CONV_TARGET = "qjax_onednn_uk_q8_conv2d"
 EXPORT_HINT = "qjax_native_onednn_kernel: for jax.export build the model with kernel='xla'"
 INSTALL_HINT = "pip install 'qjax[onednn]' (PyPI onednn + onednn-devel)"
 
@@ -248,6 +252,8 @@ def _probe_ukernel() -> tuple[bool, str]:
     for target, handler in (
         (UKERNEL_TARGET, lib.QjaxOnednnUkMatmul),
         (UKERNEL_Q8_TARGET, lib.QjaxOnednnUkQ8Linear),
+        (UKERNEL_CONV_TARGET, lib.QjaxOnednnUkConv2d),
+        (UKERNEL_Q8_CONV_TARGET, lib.QjaxOnednnUkQ8Conv2d),
     ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     global _LIB, _PROVIDER
