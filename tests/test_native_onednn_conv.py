@@ -2,10 +2,10 @@
 (:mod:`qjax.kernels._native._onednn_conv`).
 
 * the raw int32 conv (:func:`qjax.kernels._native.onednn_conv2d`, uint8 x int8) == the
-  exact ``lax.conv_general_dilated`` over a sweep of shapes: both feeds (per-tap calls,
-  im2col), tiles across output rows and per row, groups, depthwise, strides, dilation,
-  odd sizes and channel counts, 64-position / 64-channel tails (the slow run adds a
-  random sweep);
+  exact ``lax.conv_general_dilated`` over a sweep of shapes: every feed (kernel rows,
+  the rows called per tap when dilated, taps, im2col), tiles across output rows and per
+  row, groups, depthwise, strides, dilation, odd sizes and channel counts, 64-position /
+  64-channel tails (the slow run adds a random sweep);
 * ``quantized_conv`` with a oneDNN-prepared weight == the XLA path's codes for every
   scheme, uint8 and int8 activations, per-tensor and per-channel weights, zero and
   non-zero weight zero points, bias, relu / relu6, NCHW / NHWC, 1-D and 2-D; the
@@ -46,8 +46,9 @@ pytestmark = pytest.mark.skipif(
 # (N, H, W, C, O, kh, kw, stride, dilation, groups): each feed and tiling, tails
 RAW = [
     (2, 7, 9, 1, 5, 3, 3, (1, 1), (1, 1), 1),  # im2col, C = 1
-    (1, 30, 30, 32, 64, 3, 3, (1, 1), (1, 1), 1),  # the CNN benchmark's conv: wide tiles
-    (2, 11, 13, 8, 12, 3, 2, (2, 1), (1, 2), 2),  # taps, grouped, strided, dilated
+    (1, 30, 30, 32, 64, 3, 3, (1, 1), (1, 1), 1),  # the CNN benchmark's conv: rows, wide tiles
+    (2, 12, 15, 16, 24, 3, 3, (1, 2), (2, 2), 1),  # packed rows called per tap (dilated)
+    (2, 11, 13, 16, 12, 3, 2, (2, 1), (1, 2), 2),  # taps, grouped, strided, dilated
     (1, 9, 10, 6, 70, 1, 1, (1, 1), (1, 1), 1),  # 1x1, im2col, 2 column blocks
     (3, 12, 12, 24, 36, 3, 3, (2, 2), (1, 1), 3),  # stride 2: one output row per tile
     (1, 20, 70, 130, 65, 2, 3, (1, 3), (2, 1), 1),  # Cg % 4 = 2, per-row, 70-wide rows
@@ -85,7 +86,8 @@ def _raw(rng, cases):
         assert got.shape == want.shape
         values += want.size
         bad += int((got != want).sum())
-        modes.add(_native.onednn_conv_im2col(c // g, kh, kw))
+        feed = _native.onednn_conv_feed(c // g, kh, kw, g)
+        modes.add(3 if feed == 2 and dil[1] > 1 else feed)
     return values, bad, modes
 
 
@@ -93,7 +95,7 @@ def test_raw_conv_equals_exact_sums():
     assert _onednn._LIB.qjax_onednn_uk_im2col_max_k() == _onednn_conv.IM2COL_MAX_K
     values, bad, modes = _raw(np.random.default_rng(0), RAW)
     print(f"\noneDNN ukernel conv vs exact: {len(RAW)} shapes, {values:,} int32, {bad} differ")
-    assert bad == 0 and values > 90_000 and modes == {True, False}
+    assert bad == 0 and values > 90_000 and modes == {0, 1, 2, 3}
 
 
 @pytest.mark.slow
@@ -113,7 +115,7 @@ def test_raw_conv_random_sweep():
     print(
         f"\noneDNN ukernel conv random sweep: {len(cases)} shapes, {values:,} int32, {bad} differ"
     )
-    assert bad == 0 and modes == {True, False}
+    assert bad == 0 and modes == {0, 1, 2, 3}
 
 
 # (nsp, C_in, C_out, kernel, stride, padding, dilation, groups, layout)

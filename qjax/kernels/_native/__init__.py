@@ -67,7 +67,7 @@ from ._onednn import (
 from ._onednn_conv import (
     onednn_conv2d,
     onednn_conv2d_q8,
-    onednn_conv_im2col,
+    onednn_conv_feed,
     pack_onednn_conv_weight,
 )
 from ._sat16 import (
@@ -97,7 +97,7 @@ __all__ = [
     "native_status",
     "onednn_conv2d",
     "onednn_conv2d_q8",
-    "onednn_conv_im2col",
+    "onednn_conv_feed",
     "onednn_dot",
     "onednn_exact",
     "onednn_fused",

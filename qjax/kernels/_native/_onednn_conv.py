@@ -9,13 +9,17 @@ conv) and an int8 ``HWIO`` weight with ``groups``:
 exactly in int32 (``vpdpbusd``/``tdpbusd``), in tiles of at most 64 output positions x
 64 output channels of one group, each either copied out (:func:`onednn_conv2d`) or
 requantized by the shared epilogue (:func:`onednn_conv2d_q8`, ``epilogue.h``, the same
-steps as the linear layer's). Two ways to feed the ukernel, fixed per layer by the
-weight's shape (:func:`onednn_conv_im2col`):
+steps as the linear layer's). Three ways to feed the ukernel, fixed per layer by the
+weight's shape (:func:`onednn_conv_feed`):
 
-* taps: one brgemm call per kernel tap with ``K = Cg``, accumulating into the tile, the
+* kernel rows (``groups=1``, ``C`` a multiple of 4): one brgemm call per kernel row
+  with ``K = kw·C`` (those bytes are contiguous in NHWC), accumulating into the tile, the
   A rows read in place from the padded input (``lda = sw·C``); the tiles span output
   rows where the row pitch allows it (the positions past a row's end are computed and
-  dropped);
+  dropped); with dilation along W, one call per tap on that tap's rows of the packed
+  kernel row (whole VNNI groups of 4);
+* taps (grouped, depthwise, other ``C``): the same with one call per kernel tap and
+  ``K = Cg``;
 * im2col: the tile's rows gathered into a small buffer in ``(a, b, c)`` order and one
   call with ``K = kh·kw·Cg``, for few input channels (a first layer with ``C = 1`` would
   otherwise multiply with ``K = 1``).
@@ -37,7 +41,7 @@ __all__ = [
     "IM2COL_MAX_K",
     "onednn_conv2d",
     "onednn_conv2d_q8",
-    "onednn_conv_im2col",
+    "onednn_conv_feed",
     "pack_onednn_conv_weight",
 ]
 
@@ -48,29 +52,39 @@ IM2COL_BELOW_CG = 8
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
-def onednn_conv_im2col(cg: int, kh: int, kw: int) -> bool:
-    """Whether the conv kernel gathers im2col rows (one call, ``K = kh·kw·Cg``) rather than
-    calling the ukernel per tap (``K = Cg``): for fewer than 8 channels per group when
-    ``kh·kw·Cg`` rounded up to 4 fits the kernel's 256-byte buffer.
+FEED_TAPS, FEED_IM2COL, FEED_ROWS = 0, 1, 2
 
-    >>> onednn_conv_im2col(1, 3, 3), onednn_conv_im2col(32, 3, 3), onednn_conv_im2col(7, 7, 7)
-    (True, False, False)
+
+def onednn_conv_feed(cg: int, kh: int, kw: int, groups: int = 1) -> int:
+    """How the conv kernel feeds the ukernel and how its weight is packed (module
+    docstring): ``1`` im2col (one call, ``K = kh·kw·Cg``) for fewer than 8 channels per
+    group when ``kh·kw·Cg`` rounded up to 4 fits the kernel's 256-byte buffer; else ``2``
+    kernel rows (``K = kw·C``) for ``groups=1`` and ``C`` a multiple of 4; else ``0``
+    taps (``K = Cg``). Independent of stride and dilation (a call's business).
+
+    >>> onednn_conv_feed(1, 3, 3), onednn_conv_feed(32, 3, 3), onednn_conv_feed(7, 7, 7)
+    (1, 2, 0)
+    >>> onednn_conv_feed(16, 3, 3, groups=4), onednn_conv_feed(8, 7, 7)
+    (0, 2)
     """
-    return cg < IM2COL_BELOW_CG and -(-kh * kw * cg // 4) * 4 <= IM2COL_MAX_K
+    if cg < IM2COL_BELOW_CG and -(-kh * kw * cg // 4) * 4 <= IM2COL_MAX_K:
+        return FEED_IM2COL
+    return FEED_ROWS if groups == 1 and cg % 4 == 0 else FEED_TAPS
 
 
 def pack_onednn_conv_weight(w: jax.Array, groups: int = 1) -> jax.Array:
-    """Pack an int8 ``HWIO`` conv weight ``(kh, kw, Cg, O)`` for the ukernel conv: uint8
-    ``(S,)``.
+    """Pack an int8 ``HWIO`` conv weight ``(kh, kw, Cg, O)`` for the ukernel conv with
+    ``groups``: uint8 ``(S,)``.
 
-    For each group ``g`` and each segment (each tap ``(a, b)`` with ``K = Cg``, or, when
-    :func:`onednn_conv_im2col`, the whole ``(kh·kw·Cg, Og)`` matrix in ``(a, b, c)`` row
-    order) the ``(K, Og)`` matrix ``w[..., g·Og:(g+1)·Og]`` in the layout of
+    For each group ``g`` and each segment of the feed (:func:`onednn_conv_feed`: each
+    kernel row ``a``, the ``(kw·Cg, Og)`` matrix in ``(b, c)`` row order; each tap
+    ``(a, b)``, ``K = Cg``; or for im2col the whole ``(kh·kw·Cg, Og)`` matrix in
+    ``(a, b, c)`` row order) the ``(K, Og)`` matrix ``w[..., g·Og:(g+1)·Og]`` in the layout of
     :func:`~qjax.kernels._native._onednn.pack_onednn_weight` (``"ukernel"``): 64-column
     VNNI blocks, ``K`` padded with zeros to a multiple of 4, ``Og`` to 64; groups, then
     segments, in order. Pure ``jnp``.
 
-    >>> p = pack_onednn_conv_weight(jnp.ones((3, 3, 32, 64), jnp.int8))  # 9 taps x 32 x 64
+    >>> p = pack_onednn_conv_weight(jnp.ones((3, 3, 32, 64), jnp.int8))  # 3 rows x 96 x 64
     >>> p.shape, p.dtype
     ((18432,), dtype('uint8'))
     >>> pack_onednn_conv_weight(jnp.ones((3, 3, 1, 32), jnp.int8)).shape  # im2col, K 9 -> 12
@@ -83,8 +97,11 @@ def pack_onednn_conv_weight(w: jax.Array, groups: int = 1) -> jax.Array:
     kh, kw, cg, o = w.shape
     og = o // groups
     wg = w.reshape(kh, kw, cg, groups, og).transpose(3, 0, 1, 2, 4)  # (G, kh, kw, Cg, Og)
-    if onednn_conv_im2col(cg, kh, kw):
+    feed = onednn_conv_feed(cg, kh, kw, groups)
+    if feed == FEED_IM2COL:
         mats = wg.reshape(groups, kh * kw * cg, og)
+    elif feed == FEED_ROWS:
+        mats = wg.reshape(groups * kh, kw * cg, og)
     else:
         mats = wg.reshape(groups * kh * kw, cg, og)
     s, k, n = mats.shape
@@ -106,8 +123,10 @@ def _geometry(x, w, stride, dilation):
 def _attrs(x, w, stride, dilation, groups):
     _onednn.onednn_status()  # the probe registers the FFI targets
     shape, attrs = _geometry(x, w, stride, dilation)
-    im2col = onednn_conv_im2col(w.shape[2], w.shape[0], w.shape[1])
-    return shape, dict(attrs, groups=int(groups), im2col=int(im2col))
+    feed = onednn_conv_feed(w.shape[2], w.shape[0], w.shape[1], groups)
+    if feed == FEED_ROWS and dilation[1] != 1:
+        feed = 3  # the packed kernel rows, one call per tap (dilated along W)
+    return shape, dict(attrs, groups=int(groups), feed=int(feed))
 
 
 def _xla_conv(x, w, stride, dilation, groups):

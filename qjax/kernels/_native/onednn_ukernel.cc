@@ -287,27 +287,32 @@ ffi::Error Q8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi:
 //
 // in int32 tiles of at most 64 output positions x 64 output channels of one group, then
 // copied out (acc) or requantized (Requant, epilogue.h). Two ways to feed the ukernel,
-// chosen per layer by qjax (attribute "im2col"):
+// chosen per layer by qjax (attribute "feed"):
 //
-// * taps (im2col = 0): one brgemm call per kernel tap (a, b) with K = Cg, accumulating
+// * kernel rows (feed = 2, groups 1, C % 4 = 0, dilation 1 along W): one brgemm call per
+//   kernel row a with K = kw·C, the row's kw·C input bytes being contiguous in NHWC, read
+//   in place like the taps below (lda = sw·C; the A rows overlap); with dilation along W
+//   (feed = 3) the same packed rows, one call per tap on its C rows of them (whole VNNI
+//   groups of 4, as C % 4 = 0);
+// * taps (feed = 0): one brgemm call per kernel tap (a, b) with K = Cg, accumulating
 //   into the tile (add_C after the first), A read in place from the padded input: the
 //   rows of a tile are output positions p, p + 1, ... at the input address
 //   p·sw·C + tap offset, so lda = sw·C. Positions run over a "virtual" row width
 //   Wv = sh·Wp / sw when that is an integer and wastes little (wide = 1: tiles span
 //   output rows; the Wv - OW positions past each row's end are computed from bytes inside
 //   the image and dropped), else one output row per tile (wide = 0).
-// * im2col (im2col = 1, small Cg, e.g. a first layer with C = 1): the tile's rows are
+// * im2col (feed = 1, small Cg, e.g. a first layer with C = 1): the tile's rows are
 //   gathered into a (64, Kp) buffer in (a, b, c) order, then one call with K = kh·kw·Cg.
 //
-// packed: for each group g, for each segment s (a tap with K = Cg, or the whole im2col
-// K = kh·kw·Cg), the (K, Og) matrix in the linear layout (qjax_onednn_uk_pack), blocks of
+// packed: for each group g, for each segment s (a kernel row with K = kw·C, a tap with
+// K = Cg, or the whole im2col K = kh·kw·Cg), the (K, Og) matrix in the linear layout (qjax_onednn_uk_pack), blocks of
 // PackedSize(K, Og) bytes at ((g · segments) + s) · PackedSize(K, Og).
 struct ConvJob : Work {
   const uint8_t* x = nullptr;
   const int8_t* wp = nullptr;
   int64_t hp = 0, wpad = 0, c = 0, kh = 0, kw = 0, sh = 1, sw = 1, dh = 1, dw = 1;
   int64_t groups = 1, cg = 0, og = 0, o = 0, oh = 0, ow = 0;
-  bool im2col = false, wide = false;
+  bool im2col = false, rows_feed = false, rows_taps = false, wide = false;
   int64_t kseg = 0, kpad = 0, seg_bytes = 0, segments = 0, nblocks = 0;
   int64_t wv = 0, positions = 0, chunks = 0;  // per image: tile rows come from positions
   int32_t* acc = nullptr;
@@ -368,12 +373,24 @@ struct ConvJob : Work {
       int64_t i0, j0;
       Pos(p0, &i0, &j0);
       const uint8_t* base = xi + (i0 * sh * wpad + j0 * sw) * c;
-      for (int64_t a = 0; a < kh; ++a)
-        for (int64_t b = 0; b < kw; ++b) {
-          const uint8_t* at = base + (a * dh * wpad + b * dw) * c;
-          at::native::cpublas::brgemm(rows, cols, cg, sw * c, kNB, kNB, a + b > 0, at,
-                                      wg + (a * kw + b) * seg_bytes, tile, true);
-        }
+      if (rows_feed) {
+        for (int64_t a = 0; a < kh; ++a)
+          at::native::cpublas::brgemm(rows, cols, kseg, sw * c, kNB, kNB, a > 0,
+                                      base + a * dh * wpad * c, wg + a * seg_bytes, tile, true);
+      } else if (rows_taps) {
+        for (int64_t a = 0; a < kh; ++a)
+          for (int64_t b = 0; b < kw; ++b)
+            at::native::cpublas::brgemm(rows, cols, cg, sw * c, kNB, kNB, a + b > 0,
+                                        base + (a * dh * wpad + b * dw) * c,
+                                        wg + a * seg_bytes + b * cg * kNB, tile, true);
+      } else {
+        for (int64_t a = 0; a < kh; ++a)
+          for (int64_t b = 0; b < kw; ++b) {
+            const uint8_t* at = base + (a * dh * wpad + b * dw) * c;
+            at::native::cpublas::brgemm(rows, cols, cg, sw * c, kNB, kNB, a + b > 0, at,
+                                        wg + (a * kw + b) * seg_bytes, tile, true);
+          }
+      }
     }
     // Write the valid rows, in runs that are contiguous in the output.
     int64_t col = g * og + nb * kNB;
@@ -402,7 +419,7 @@ bool Im2colFits(int64_t k) { return RoundK(k) <= kIm2colMaxK; }
 // Shapes and geometry of a conv call; fills the job.
 ffi::Error ConvSetup(const char* who, ConvJob& j, ffi::AnyBuffer::Dimensions xd, int64_t packed,
                      ffi::AnyBuffer::Dimensions od, int64_t kh, int64_t kw, int64_t sh,
-                     int64_t sw, int64_t dh, int64_t dw, int64_t groups, int64_t im2col) {
+                     int64_t sw, int64_t dh, int64_t dw, int64_t groups, int64_t feed) {
   auto bad = [&](const std::string& m) { return ffi::Error::InvalidArgument(who + (": " + m)); };
   if (xd.size() != 4 || od.size() != 4) return bad("x and out must be NHWC (rank 4)");
   if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || groups < 1)
@@ -418,11 +435,17 @@ ffi::Error ConvSetup(const char* who, ConvJob& j, ffi::AnyBuffer::Dimensions xd,
   if (od[0] != xd[0] || od[1] != j.oh || od[2] != j.ow)
     return bad("out must be (N, OH, OW, O) of the VALID conv");
   if (j.cg == 0) return bad("C / groups = 0");
-  j.im2col = im2col != 0;
-  j.kseg = j.im2col ? kh * kw * j.cg : j.cg;
+  if (feed < 0 || feed > 3) return bad("feed must be 0 (taps), 1 (im2col), 2 or 3 (rows)");
+  j.im2col = feed == 1;
+  j.rows_feed = feed == 2;
+  j.rows_taps = feed == 3;
+  bool rows = j.rows_feed || j.rows_taps;
+  if (rows && (groups != 1 || j.cg % 4 != 0)) return bad("feeds 2, 3 need groups 1, C % 4 = 0");
+  if (j.rows_feed && dw != 1) return bad("feed 2 needs dilation 1 along W");
+  j.kseg = j.im2col ? kh * kw * j.cg : rows ? kw * j.cg : j.cg;
   if (j.im2col && !Im2colFits(j.kseg)) return bad("im2col K too large");
   j.kpad = RoundK(j.kseg);
-  j.segments = j.im2col ? 1 : kh * kw;
+  j.segments = j.im2col ? 1 : rows ? kh : kh * kw;
   j.seg_bytes = PackedSize(j.kseg, j.og);
   int64_t want = groups * j.segments * j.seg_bytes;
   if (packed != want)
@@ -446,11 +469,11 @@ ffi::Error ConvSetup(const char* who, ConvJob& j, ffi::AnyBuffer::Dimensions xd,
 
 ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi::U8> packed,
                     ffi::ResultBuffer<ffi::S32> out, int64_t kh, int64_t kw, int64_t sh,
-                    int64_t sw, int64_t dh, int64_t dw, int64_t groups, int64_t im2col) {
+                    int64_t sw, int64_t dh, int64_t dw, int64_t groups, int64_t feed) {
   const char* who = "qjax_onednn_uk_conv2d";
   auto job = std::make_shared<ConvJob>();
   ffi::Error err = ConvSetup(who, *job, x.dimensions(), packed.element_count(),
-                             out->dimensions(), kh, kw, sh, sw, dh, dw, groups, im2col);
+                             out->dimensions(), kh, kw, sh, sw, dh, dw, groups, feed);
   if (err.failure()) return err;
   job->x = x.typed_data();
   job->wp = reinterpret_cast<const int8_t*>(packed.typed_data());
@@ -464,14 +487,14 @@ ffi::Error Q8ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<
                       ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::F32> clamp,
                       ffi::Buffer<ffi::S32> zp, ffi::Result<ffi::AnyBuffer> out, int64_t kh,
                       int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw,
-                      int64_t groups, int64_t im2col) {
+                      int64_t groups, int64_t feed) {
   const char* who = "qjax_onednn_uk_q8_conv2d";
   auto ot = out->element_type();
   if (ot != ffi::DataType::S8 && ot != ffi::DataType::U8)
     return ffi::Error::InvalidArgument(std::string(who) + ": out must be int8 or uint8 codes");
   auto job = std::make_shared<ConvJob>();
   ffi::Error err = ConvSetup(who, *job, x.dimensions(), packed.element_count(),
-                             out->dimensions(), kh, kw, sh, sw, dh, dw, groups, im2col);
+                             out->dimensions(), kh, kw, sh, sw, dh, dw, groups, feed);
   if (err.failure()) return err;
   const size_t o = static_cast<size_t>(job->o);
   if (ivec.element_count() != o || fvec.element_count() != o || mult.element_count() != o ||
@@ -527,7 +550,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxOnednnUkConv2d, ConvImpl,
                                   .Attr<int64_t>("dh")
                                   .Attr<int64_t>("dw")
                                   .Attr<int64_t>("groups")
-                                  .Attr<int64_t>("im2col"));
+                                  .Attr<int64_t>("feed"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxOnednnUkQ8Conv2d, Q8ConvImpl,
                               ffi::Ffi::Bind()
@@ -547,7 +570,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxOnednnUkQ8Conv2d, Q8ConvImpl,
                                   .Attr<int64_t>("dh")
                                   .Attr<int64_t>("dw")
                                   .Attr<int64_t>("groups")
-                                  .Attr<int64_t>("im2col"));
+                                  .Attr<int64_t>("feed"));
 
 // Run one small u8*s8 brgemm and compare it with the exact sums: 0 when the ukernel
 // runs and is exact here, else 1 with the reason in err (torch's message when it refuses
