@@ -11,6 +11,9 @@
   non-zero weight zero points, bias, relu / relu6, NCHW / NHWC, 1-D and 2-D; the
   ``"fbgemm"``/``"qnnpack"`` layers with zero weight zero points run as one fused call
   (no XLA conv in the program);
+* :func:`qjax.kernels.fold_requant`: the folded layer's codes == the XLA path's with the
+  weight and qparams as ``jit`` arguments, nothing but the native call left; a call
+  with other qparams or scheme raises;
 * at ``ONEDNN_MAX_CPU_ISA=AVX2`` (a subprocess) torch refuses the ukernel, every conv
   stays on XLA under ``"onednn"``/``"auto"`` with the same codes.
 
@@ -34,7 +37,15 @@ import pytest
 from jax import lax
 
 from qjax import QParams, QuantSpec
-from qjax.kernels import SCHEMES, QArray, _native, onednn_exact, prepare_conv, quantized_conv
+from qjax.kernels import (
+    SCHEMES,
+    QArray,
+    _native,
+    fold_requant,
+    onednn_exact,
+    prepare_conv,
+    quantized_conv,
+)
 from qjax.kernels._choice import conv_kernel
 from qjax.kernels._native import _onednn, _onednn_conv
 
@@ -241,3 +252,39 @@ def test_ukernel_conv_refuses_below_vnni_and_convs_stay_on_xla():
     assert set(res["kernels"]) <= {"xla", "amx"} and "onednn" not in res["kernels"]
     assert res["codes"] == 4 * 10 * 10 * 24 and res["differ"] == 0
     assert "refused" in res["refused"]  # kernel='onednn' asked outright: the reason
+
+
+def test_folded_requantization_gives_the_same_codes():
+    """fold_requant: the epilogue vectors computed once at prepare time; the layer is then
+    one native call (no other op on the weight's side), the same codes; a call with other
+    qparams or scheme is an error."""
+    rng = np.random.default_rng(4)
+    compared = bad = 0
+    for i in (0, 1, 2, 5):  # the layers above that the fused call runs
+        x, (pw_xla, pw), b, out, opts = _layer(rng, i, LAYERS[i])
+        for scheme in ("fbgemm", "qnnpack"):
+            act = "relu" if i % 2 else None
+            folded = fold_requant(pw, x.qparams, b, out, scheme=scheme, activation=act)
+            assert folded.folded is not None and len(folded.epilogue) == 5
+
+            def f(x, p, b, out, scheme=scheme, act=act, opts=opts):
+                return quantized_conv(x, p, b, out, scheme=scheme, activation=act, **opts).values
+
+            want = np.asarray(jax.jit(f)(x, pw_xla, b, out))
+            got = np.asarray(jax.jit(f)(x, folded, b, out))  # weight, qparams: jit arguments
+            compared += want.size
+            bad += int((got != want).sum())
+    print(f"\nfolded oneDNN conv vs xla: {compared:,} codes, {bad} differ")
+    assert bad == 0 and compared > 20_000
+    hlo = jax.jit(f).lower(x, folded, b, out).compile().as_text()
+    assert hlo.count("fusion(") <= 2  # the padding and NCHW transposes: no coefficient left
+    with pytest.raises(ValueError, match="folded for"):
+        quantized_conv(x, folded, b, out, scheme="fbgemm" if scheme != "fbgemm" else "qnnpack",
+                       activation=act, **opts)  # fmt: skip
+    other = QParams(out.scale * 2, out.zero_point, out.spec)
+    with pytest.raises(ValueError, match="folded for"):
+        quantized_conv(x, folded, b, other, scheme=scheme, activation=act, **opts)
+    with pytest.raises(ValueError, match="nothing to fold"):
+        fold_requant(pw, x.qparams, b, out, scheme="onednn")
+    with pytest.raises(TypeError, match="concrete"):
+        jax.jit(lambda s: fold_requant(pw, QParams(s, 3, x.spec), b, out).packed)(x.scale)

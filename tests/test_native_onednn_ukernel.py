@@ -205,3 +205,32 @@ def test_ukernel_refuses_below_vnni_and_layers_stay_on_xla():
     assert res["status"][0] is False and "refused" in res["status"][1]
     assert res["provider"] is None and res["kernel"] in ("xla", "amx")
     assert res["codes"] == 64 * 96 and res["differ"] == 0
+
+
+def test_folded_layer_equals_xla_with_one_call():
+    """fold_requant: coefficients computed at prepare time; with the folded weight and the
+    qparams passed as jit arguments the program is the native call and nothing else on the
+    layer's side (the unfolded one computes the coefficients in ~5 XLA passes per call)."""
+    from qjax.kernels import fold_requant
+
+    rng = np.random.default_rng(3)
+    compared = bad = 0
+    for i, (m, k, n) in enumerate(SHAPES[1:]):
+        signed = i % 2 == 1
+        x, pw_xla, pw = _layers(rng, m, k, n, signed, per_channel=i % 3 != 0)
+        b = jnp.asarray(rng.normal(0, 0.5, n), jnp.float32) if i % 2 else None
+        out = QParams(jnp.float32(0.05 * k**0.5), jnp.int32(7), QuantSpec(signed=not signed))
+        scheme, act = ("fbgemm", "qnnpack")[i % 2], ("relu", None)[i % 2]
+        folded = fold_requant(pw, x.qparams, b, out, scheme=scheme, activation=act)
+
+        def f(x, p, b, out, scheme=scheme, act=act):
+            return quantized_linear(x, p, b, out, scheme=scheme, activation=act).values
+
+        want = np.asarray(jax.jit(f)(x, pw_xla, b, out))
+        got = np.asarray(jax.jit(f)(x, folded, b, out))
+        compared += want.size
+        bad += int((got != want).sum())
+        ops = jax.jit(f).lower(x, folded, b, out).compile().as_text().count("fusion(")
+        assert ops == (1 if signed else 0)  # int8 codes: the shift to uint8
+    print(f"\nfolded oneDNN ukernel layer vs xla: {compared:,} codes, {bad} differ")
+    assert bad == 0 and compared > 20_000

@@ -122,6 +122,8 @@ class PreparedConv:
     zero_point_is_zero: bool = False
     packed: jax.Array | None = None
     kernel: str = "xla"
+    epilogue: tuple | None = None  # folded requantization (fold_requant), with its key
+    folded: tuple | None = None
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
@@ -458,6 +460,7 @@ def quantized_conv(
     g = pw.groups
     o = pw.out_channels
     cg = c_in // g
+    _native.check_folded(pw, x, bias, out_qparams, scheme, activation, accumulate, layer)
     native_ok = pw.kernel == "onednn" or (
         pw.kernel == "amx" and _native.conv_supported(2, 1, dil_t)
     )

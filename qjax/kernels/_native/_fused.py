@@ -129,10 +129,10 @@ def fused_linear_codes(x, pw, bias, out, scheme, relu) -> jax.Array:
         xv, shift = x.values, 0
         if xv.dtype == jnp.int8:  # x + 128 as uint8: flip the top bit, reinterpret
             xv, shift = lax.bitcast_convert_type(xv ^ jnp.int8(-128), jnp.uint8), 128
-        vecs = _layer_vectors(x, pw.weight, pw.col_sum, bias, out, scheme, relu, shift)
+        vecs = _vectors(x, pw, pw.col_sum, bias, out, scheme, relu, shift)
         q8 = _onednn.onednn_linear_q8
         return q8(xv, pw.packed, pw.weight.values, *vecs, out.spec.dtype)
-    vecs = _layer_vectors(x, pw.weight, pw.col_sum, bias, out, scheme, relu)
+    vecs = _vectors(x, pw, pw.col_sum, bias, out, scheme, relu)
     return amx_linear_q8(x.values, pw.packed, pw.weight.values, *vecs, out.spec.dtype)
 
 
@@ -154,14 +154,84 @@ def fused_conv_codes(xv, x, pw, bias, out, scheme, relu, stride, dilation=(1, 1)
         shift = 0
         if xv.dtype == jnp.int8:  # x + 128 as uint8: flip the top bit, reinterpret
             xv, shift = lax.bitcast_convert_type(xv ^ jnp.int8(-128), jnp.uint8), 128
-        vecs = _layer_vectors(x, pw.weight, pw.w_sum, bias, out, scheme, relu, shift)
+        vecs = _vectors(x, pw, pw.w_sum, bias, out, scheme, relu, shift)
         w = pw.weight.values
         w = w if w.ndim == 4 else w[None]  # a 1-D conv runs as H = 1
         return _onednn_conv.onednn_conv2d_q8(
             xv, pw.packed, w, stride, dilation, pw.groups, *vecs, out.spec.dtype
         )
-    vecs = _layer_vectors(x, pw.weight, pw.w_sum, bias, out, scheme, relu)
+    vecs = _vectors(x, pw, pw.w_sum, bias, out, scheme, relu)
     return amx_conv2d_q8(xv, pw.packed, pw.weight.values, stride, *vecs, out.spec.dtype)
+
+
+def _vectors(x, pw, w_sum, bias, out, scheme, relu, shift=0):
+    """The layer's epilogue vectors: folded at prepare time (:func:`fold_key`), else
+    computed here, in the program, from the call's qparams and bias."""
+    if pw.folded is not None:
+        return pw.epilogue
+    return _layer_vectors(x, pw.weight, w_sum, bias, out, scheme, relu, shift)
+
+
+def fold_key(x, out, scheme, relu) -> tuple:
+    """What a folded epilogue was made for, checked at each call (static, hashable):
+    ``(scheme, relu, x dtype, x scale, x zero point, out dtype, out scale, out zero
+    point)``; the scales and zero points as Python numbers (concrete qparams only).
+
+    >>> from qjax import QParams, QuantSpec
+    >>> u8 = QuantSpec(signed=False)
+    >>> x = QParams(0.5, 3, u8)
+    >>> fold_key(x, QParams(0.25, 128, u8), "fbgemm", True)
+    ('fbgemm', True, 'uint8', 0.5, 3, 'uint8', 0.25, 128)
+    """
+
+    def num(v, kind):
+        v = np.asarray(v).reshape(())
+        return float(v) if kind == "f" else int(v)
+
+    return (
+        scheme,
+        bool(relu),
+        str(np.dtype(x.spec.dtype)),
+        num(x.scale, "f"),
+        num(x.zero_point, "i"),
+        str(np.dtype(out.spec.dtype)),
+        num(out.scale, "f"),
+        num(out.zero_point, "i"),
+    )
+
+
+def check_folded(pw, x, bias, out, scheme, activation, accumulate, layer) -> None:
+    """Raise ``ValueError`` naming the layer unless a call fits the requantization folded
+    into ``pw`` (nothing to check when none is): exact accumulation, the fused call
+    possible (:func:`fusable`), the same scheme, ReLU, input and output dtypes, and, where
+    the call's qparams are concrete, the same scales and zero points (traced ones, e.g.
+    ``jit`` arguments, cannot be compared: the folded values are used).
+
+    >>> check_folded(None, None, None, None, "fbgemm", None, "exact", "fc")  # not folded
+    """
+    key = getattr(pw, "folded", None)
+    if key is None:
+        return
+    bad = None
+    if accumulate != "exact" or out is None or not fusable(pw, x, bias, out, scheme):
+        bad = "a call the fused kernel cannot run (accumulate, output qparams or bias)"
+    elif key[:3] != (scheme, activation == "relu", str(np.dtype(x.values.dtype))):
+        bad = f"scheme {scheme!r}, activation {activation!r}, input {x.values.dtype}"
+    elif key[5] != str(np.dtype(out.spec.dtype)):
+        bad = f"output dtype {np.dtype(out.spec.dtype)}"
+    else:
+        concrete = (x.scale, x.zero_point, out.scale, out.zero_point)
+        if not any(isinstance(v, jax.core.Tracer) for v in concrete):
+            now = fold_key(x.qparams, out, scheme, activation == "relu")
+            if now != key:
+                bad = f"qparams {now[3:5]} -> {now[6:]}"
+    if bad is not None:
+        raise ValueError(
+            f"layer {layer!r}: the weight's requantization was folded for {key} "
+            f"(scheme, relu, x dtype, scale, zero point, out dtype, scale, zero point), "
+            f"this call has {bad}; fold it again (qjax.kernels.fold_requant) or use the "
+            "weight as prepared"
+        )
 
 
 def _layer_vectors(x, wq, w_sum, bias, out, scheme, relu, shift=0):
