@@ -2,10 +2,11 @@
 computed once, at prepare time, instead of in every call of the served program.
 
 A native layer with the fused epilogue (``kernel="onednn"`` on the brgemm ukernel or
-``kernel="amx"``, schemes ``"fbgemm"``/``"qnnpack"``, weight zero points 0) needs, per
-output channel, ``ivec`` (int32: the zero-point correction ``-zp_x·Σw``, plus ``b_q``
-for ``"qnnpack"``), ``fvec`` (float32 bias term), ``mult`` (float32 multiplier) and the
-clamp bounds, all from the scheme's own coefficient function
+``kernel="amx"``, schemes ``"fbgemm"``/``"qnnpack"``, and ``"onednn"`` on the ukernel,
+weight zero points 0) needs, per output channel, ``ivec`` (int32: the zero-point
+correction ``-zp_x·Σw``, plus ``b_q`` for ``"qnnpack"``), ``fvec`` (float32 bias term),
+``mult`` (float32 multiplier) and the clamp bounds (and for ``"onednn"`` its scalars),
+all from the scheme's own coefficient function
 (:func:`~qjax.kernels._native.epilogue_vectors`). When the qparams and the bias are
 jit arguments these are a dozen small XLA passes per layer and call (measured on the
 int8 MLP at batch 1, AMD EPYC VNNI, 2 cores under load: about half of the call).
@@ -61,7 +62,7 @@ def fold_requant(
       x_qparams: the input activations' qparams.
       bias: float32 ``(N,)`` or ``None``.
       out_qparams: the output qparams.
-      scheme: ``"fbgemm"`` or ``"qnnpack"``.
+      scheme: ``"fbgemm"``, ``"qnnpack"`` or (``kernel="onednn"``) ``"onednn"``.
       activation: ``None``, ``"relu"`` (folded into the clamp), ``"relu6"`` or
         ``"hardtanh"`` (their clamp still runs after the call).
 

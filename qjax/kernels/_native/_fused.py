@@ -1,4 +1,4 @@
-"""The fused AMX linear layer: 8-bit codes in, 8-bit codes out, one native call.
+"""The fused native layers (AMX, oneDNN ukernel): 8-bit codes in, 8-bit codes out, one call.
 
 ``qjax_amx_q8_gemm`` computes the int32 dot on AMX (uint8 codes as they are through
 ``tdpbusd``, int8 through ``tdpbssd``) and runs the requantize epilogue on each 16x16
@@ -16,6 +16,18 @@ or ``f32(b·inv(ats))``, 0 without bias), ``mult = M``; for ``"qnnpack"``: ``ive
 -zp_x·Σ_k w + b_q`` (int32, wrapping, as ``(acc - zp_x·Σw) + b_q``), ``fvec = 0``
 (``f32(a) + 0 = f32(a)`` exactly), ``mult = rs``. So the codes equal the unfused path's.
 
+The same epilogue (``epilogue.h``) runs in oneDNN's ukernel calls (linear and conv,
+:mod:`._onednn`, :mod:`._onednn_conv`), which also take the ``"onednn"`` scheme (rule
+13, ``_coef_onednn`` / ``_apply_onednn``): ``clamp`` ``(5,)`` = ``(lo, hi, s_x',
+f32(1/s_out), zp)``, ``mult = s_w'``, ``fvec = b`` (or 0), ``zp = 0``:
+``y = f32(f32(f32(a)·s_x')·s_w') + b``, ``code = clamp(rint(f32(f32(y·inv_so) + zp)),
+lo, hi)`` (NaN -> 0), the XLA path's steps (its exactness guards only keep XLA from
+fusing them differently; the C++ is compiled without contraction). The AMX kernels
+take ``"fbgemm"``/``"qnnpack"`` only.
+
+:func:`qjax.kernels.fold_requant` computes these vectors once at prepare time for static
+qparams (:func:`fold_key`, :func:`check_folded`).
+
 Covered: weights whose zero points are known to be 0 (``zero_point_is_zero``; otherwise
 a per-row ``Σ_k x`` term is needed and the unfused path runs), per-tensor or
 per-channel weight scales, ``activation`` ``None``/``"relu"`` (folded into ``lo``) and
@@ -30,7 +42,7 @@ import numpy as np
 from jax import lax
 
 from .._requant import _zero_point_scalar, activation_bounds
-from .._schemes import _apply_fbgemm, _coef_fbgemm, _coef_qnnpack, _coefficients
+from .._schemes import _apply_fbgemm, _coef_fbgemm, _coef_onednn, _coef_qnnpack, _coefficients
 from . import _onednn, _onednn_conv
 
 QTARGET = "qjax_amx_q8_gemm"
@@ -67,8 +79,16 @@ def epilogue_vectors(scheme, n, corr, bias, scale_x, scale_w, out, relu):
         b_q, mult, zp, flo, fhi = _coefficients(_coef_qnnpack, b, sx, sw, so, zo, lo, hi)
         ivec = corr if b_q is None else corr + b_q
         fvec = jnp.zeros((n,), jnp.float32)
+    elif scheme == "onednn":  # oneDNN's ukernel only: clamp (5,) selects its steps
+        c = _coefficients(_coef_onednn, b, sx, sw, so, zo, lo, hi)
+        sxp, swp, _, bo, inv_so, zpf, flo, fhi = c
+        ivec = corr
+        fvec = jnp.zeros((n,), jnp.float32) if bo is None else jnp.broadcast_to(bo, (n,))
+        mult = jnp.broadcast_to(swp, (n,))
+        clamp = jnp.stack([jnp.reshape(v, ()) for v in (flo, fhi, sxp, inv_so, zpf)])
+        return ivec.astype(jnp.int32), fvec, mult, clamp, jnp.zeros((1,), jnp.int32)
     else:
-        raise ValueError(f"the fused AMX epilogue covers {FUSED_SCHEMES}, got {scheme!r}")
+        raise ValueError(f"the fused epilogue covers {FUSED_SCHEMES + ('onednn',)}, got {scheme!r}")
     ivec = jnp.broadcast_to(ivec, (n,)).astype(jnp.int32)
     mult = jnp.broadcast_to(mult, (n,))
     clamp = jnp.stack([jnp.reshape(flo, ()), jnp.reshape(fhi, ())])
@@ -89,8 +109,10 @@ def fusable(pw, x, bias, out, scheme) -> bool:
     False
     """
     kernel = getattr(pw, "kernel", None)
-    if out is None or scheme not in FUSED_SCHEMES or kernel not in ("amx", "onednn"):
+    if out is None or kernel not in ("amx", "onednn"):
         return False
+    if scheme not in FUSED_SCHEMES + (("onednn",) if kernel == "onednn" else ()):
+        return False  # the "onednn" scheme's epilogue: in oneDNN's ukernel calls only
     if kernel == "onednn" and not _onednn.onednn_fused():
         return False  # only the ukernel provider has the epilogue
     if not pw.zero_point_is_zero or x.values.dtype not in _CODES:

@@ -515,7 +515,9 @@ def onednn_linear_q8(x, packed, w, ivec, fvec, mult, clamp, zp, out_dtype) -> ja
     ``acc = Σ_k x[..., k]·w[k, n]`` (uint8 x int8 -> int32, exact), then per column
     ``a = acc + ivec[n]`` (int32, wrapping), ``y = f32(a) + fvec[n]``,
     ``code = clamp(rint(f32(y·mult[n])), clamp[0], clamp[1]) + zp`` (NaN -> ``zp``), the
-    AMX kernel's epilogue (:mod:`._fused`, the vectors from its ``epilogue_vectors``).
+    AMX kernel's epilogue (:mod:`._fused`, the vectors from its ``epilogue_vectors``;
+    ``clamp`` ``(5,)``: the ``"onednn"`` scheme's steps instead,
+    :func:`~qjax.kernels._native._onednn_conv.portable_codes`).
 
     ``x`` uint8 ``(..., K)``; ``packed = pack_onednn_weight(w)`` with the ``"ukernel"``
     provider (:func:`onednn_fused`); ``w`` int8 ``(K, N)``, used only off CPU, where
@@ -533,7 +535,7 @@ def onednn_linear_q8(x, packed, w, ivec, fvec, mult, clamp, zp, out_dtype) -> ja
     ...     print("[[103 -98]]")
     [[103 -98]]
     """
-    from .._schemes import _apply_fbgemm
+    from ._onednn_conv import portable_codes
 
     n = w.shape[1]
     shape = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), out_dtype)
@@ -548,8 +550,7 @@ def onednn_linear_q8(x, packed, w, ivec, fvec, mult, clamp, zp, out_dtype) -> ja
         del packed
         dims = (((x.ndim - 1,), (0,)), ((), ()))
         acc = lax.dot_general(x.astype(jnp.int32), w.astype(jnp.int32), dims)
-        codes = _apply_fbgemm(acc + ivec, fvec, mult, zp[0], clamp[0], clamp[1])
-        return codes.astype(out_dtype)
+        return portable_codes(acc, ivec, fvec, mult, clamp, zp).astype(out_dtype)
 
     vecs = (ivec, fvec, mult, clamp, zp)
     return lax.platform_dependent(x, packed, w, *vecs, cpu=native, default=portable)
