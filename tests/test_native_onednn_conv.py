@@ -14,8 +14,9 @@
 * :func:`qjax.kernels.fold_requant`: the folded layer's codes == the XLA path's with the
   weight and qparams as ``jit`` arguments, nothing but the native call left; a call
   with other qparams or scheme raises;
-* at ``ONEDNN_MAX_CPU_ISA=AVX2`` (a subprocess) torch refuses the ukernel, every conv
-  stays on XLA under ``"onednn"``/``"auto"`` with the same codes.
+* at ``ONEDNN_MAX_CPU_ISA=AVX2`` torch refuses the ukernel and every conv stays on XLA
+  with the same codes: checked in the linear tests' subprocess
+  (:mod:`tests.test_native_onednn_ukernel`, one process for both).
 
 The torch parity of the oneDNN conv runs in :mod:`tests.test_int8_conv` (the engine
 sweep, with this kernel beside XLA). Skipped, with the reason, where the ukernel is not
@@ -23,12 +24,6 @@ the provider. Counts are printed (``pytest -s``).
 """
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -176,22 +171,45 @@ def _layer(rng, i, cfg):
     return x, pws, b, out, opts
 
 
-def test_quantized_conv_equals_xla_for_every_scheme():
-    rng = np.random.default_rng(2)
+def _every_scheme(rng, which):
     compared = bad = fused = 0
     for i, cfg in enumerate(LAYERS):
         x, (pw_xla, pw_dnn), b, out, opts = _layer(rng, i, cfg)
+        if i not in which:
+            continue
         assert pw_dnn.kernel == "onednn" and pw_dnn.packed is not None
-        for scheme in SCHEMES:
-            act = (None, "relu", "relu6")[(i + len(scheme)) % 3]
+        acts = [(None, "relu", "relu6")[(i + len(s)) % 3] for s in SCHEMES]
 
-            def f(x, p, b=b, out=out, scheme=scheme, act=act, opts=opts):
-                return quantized_conv(x, p, b, out, scheme=scheme, activation=act, **opts).values
+        @jax.jit  # one compile per layer: every scheme, both kernels
+        def f(x, pws, b=b, out=out, acts=acts, opts=opts):
+            return [
+                [
+                    quantized_conv(x, p, b, out, scheme=s, activation=a, **opts).values
+                    for s, a in zip(SCHEMES, acts, strict=True)
+                ]
+                for p in pws
+            ]
 
-            want, got = (np.asarray(jax.jit(f)(x, p)) for p in (pw_xla, pw_dnn))
-            compared += want.size
-            bad += int((got != want).sum())
-            fused += _native.fusable(pw_dnn, x, b, out, scheme)
+        want, got = f(x, (pw_xla, pw_dnn))
+        for w_, g_ in zip(want, got, strict=True):
+            compared += w_.size
+            bad += int((np.asarray(g_) != np.asarray(w_)).sum())
+        fused += sum(_native.fusable(pw_dnn, x, b, out, s) for s in SCHEMES)
+    return compared, bad, fused
+
+
+def test_quantized_conv_equals_xla_for_every_scheme():
+    """A representative three layers by default (kernel rows, NCHW; grouped and dilated
+    with weight zero points, NCHW; a grouped dilated 1-D conv, NWC); all in the slow run."""
+    compared, bad, fused = _every_scheme(np.random.default_rng(2), (1, 3, 8))
+    print(f"\nquantized_conv onednn vs xla: 3 layers x {len(SCHEMES)} schemes, "
+          f"{compared:,} codes ({fused} fused calls), {bad} differ")  # fmt: skip
+    assert bad == 0 and compared > 100_000 and fused >= 6
+
+
+@pytest.mark.slow
+def test_quantized_conv_equals_xla_for_every_scheme_all_layers():
+    compared, bad, fused = _every_scheme(np.random.default_rng(2), range(len(LAYERS)))
     print(f"\nquantized_conv onednn vs xla: {len(LAYERS)} layers x {len(SCHEMES)} schemes, "
           f"{compared:,} codes ({fused} fused calls), {bad} differ")  # fmt: skip
     assert bad == 0 and compared > 200_000 and fused >= 8
@@ -204,54 +222,6 @@ def test_fused_conv_program_has_no_xla_conv():
     hlo = f.lower(x).as_text()
     assert _onednn.UKERNEL_Q8_CONV_TARGET in hlo and "convolution" not in hlo
     assert conv_kernel("onednn", 2, groups=16, dilation=2) == conv_kernel("auto", 1) == "onednn"
-
-
-_AVX2_SCRIPT = textwrap.dedent(
-    """
-    import json
-    import jax.numpy as jnp, numpy as np
-    from qjax import QParams, QuantSpec
-    from qjax.kernels import QArray, _native, prepare_conv, quantized_conv
-    from qjax.kernels._choice import conv_kernel, resolve_kernel
-
-    res = {"status": _native.onednn_status()}
-    res["kernels"] = [conv_kernel(resolve_kernel("auto", "t"), nsp, g, d)
-                      for nsp, g, d in ((2, 1, 1), (2, 4, 2), (1, 1, 1))]
-    rng = np.random.default_rng(0)
-    x = QArray(jnp.asarray(rng.integers(0, 256, (4, 10, 10, 16)), jnp.uint8),
-               QParams(0.02, 7, QuantSpec(signed=False)))
-    w = QArray(jnp.asarray(rng.integers(-128, 128, (3, 3, 16, 24)), jnp.int8),
-               QParams(0.003, 0, QuantSpec(signed=True, symmetric=True)))
-    out = QParams(0.4, 128, QuantSpec(signed=False))
-    kw = dict(padding=1, layout="NHWC")
-    a = quantized_conv(x, prepare_conv(w, weight_layout="HWIO", kernel=res["kernels"][0]),
-                       None, out, **kw).values
-    b = quantized_conv(x, prepare_conv(w, weight_layout="HWIO"), None, out, **kw).values
-    res["codes"], res["differ"] = int(a.size), int((np.asarray(a) != np.asarray(b)).sum())
-    try:
-        prepare_conv(w, weight_layout="HWIO", kernel="onednn")
-        res["refused"] = ""
-    except RuntimeError as e:
-        res["refused"] = str(e)
-    print("RESULT " + json.dumps(res))
-    """
-)
-
-
-def test_ukernel_conv_refuses_below_vnni_and_convs_stay_on_xla():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", QJAX_ONEDNN_PROVIDER="ukernel")
-    env["ONEDNN_MAX_CPU_ISA"] = "AVX2"
-    proc = subprocess.run(
-        [sys.executable, "-c", _AVX2_SCRIPT], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    res = json.loads(line[len("RESULT ") :])
-    print(f"\nukernel conv at ONEDNN_MAX_CPU_ISA=AVX2: {res}")
-    assert res["status"][0] is False and "refused" in res["status"][1]
-    assert set(res["kernels"]) <= {"xla", "amx"} and "onednn" not in res["kernels"]
-    assert res["codes"] == 4 * 10 * 10 * 24 and res["differ"] == 0
-    assert "refused" in res["refused"]  # kernel='onednn' asked outright: the reason
 
 
 def test_folded_requantization_gives_the_same_codes():

@@ -11,7 +11,9 @@ primitive (``"matmul"``): exact, checked at run time.
   integers as one thread;
 * the ``"matmul"`` provider (``QJAX_ONEDNN_PROVIDER=matmul``, a subprocess): exact dots
   and codes equal to the XLA path, and ``ONEDNN_MAX_CPU_ISA=AVX2`` makes the ukernel
-  refuse (torch's own check), with the reason, and every layer stays on XLA.
+  refuse (torch's own check), with the reason, and every layer (linear and conv) stays
+  on XLA with the same codes;
+* :func:`qjax.kernels.fold_requant`: the folded layer == the XLA path, one call.
 
 The tests of :mod:`tests.test_native_onednn` run on whichever provider this process got
 (:func:`qjax.kernels._native.onednn_provider`). Skipped, with the reason, where the
@@ -167,6 +169,24 @@ _PROVIDER_SCRIPT = textwrap.dedent(
     a = quantized_linear(x, prepare_linear(w, kernel=res["kernel"]), None, out).values
     b = quantized_linear(x, prepare_linear(w), None, out).values
     res["codes"], res["differ"] = int(a.size), int((np.asarray(a) != np.asarray(b)).sum())
+    # convolutions (tests/test_native_onednn_conv.py): the kernel 'auto' gives them, and codes
+    from qjax.kernels import prepare_conv, quantized_conv
+    from qjax.kernels._choice import conv_kernel
+
+    wish = resolve_kernel("auto", "t")
+    res["conv_kernels"] = [conv_kernel(wish, *c) for c in ((2, 1, 1), (2, 4, 2), (1, 1, 1))]
+    x = QArray(jnp.asarray(rng.integers(0, 256, (4, 10, 10, 16)), jnp.uint8), QParams(0.02, 7, xs))
+    w = QArray(jnp.asarray(rng.integers(-128, 128, (3, 3, 16, 24)), jnp.int8),
+               QParams(0.003, 0, QuantSpec(signed=True, symmetric=True)))
+    pc = [prepare_conv(w, weight_layout="HWIO", kernel=k) for k in (res["conv_kernels"][0], "xla")]
+    a, b = (quantized_conv(x, p, None, out, padding=1, layout="NHWC").values for p in pc)
+    res["conv_codes"] = int(a.size)
+    res["conv_differ"] = int((np.asarray(a) != np.asarray(b)).sum())
+    try:
+        prepare_conv(w, weight_layout="HWIO", kernel="onednn")
+        res["conv_refused"] = ""
+    except RuntimeError as e:
+        res["conv_refused"] = str(e)
     print("RESULT " + json.dumps(res))
     """
 )
@@ -205,6 +225,9 @@ def test_ukernel_refuses_below_vnni_and_layers_stay_on_xla():
     assert res["status"][0] is False and "refused" in res["status"][1]
     assert res["provider"] is None and res["kernel"] in ("xla", "amx")
     assert res["codes"] == 64 * 96 and res["differ"] == 0
+    # convolutions stay on XLA too (kernel='onednn' asked outright: the reason), same codes
+    assert set(res["conv_kernels"]) <= {"xla", "amx"} and "refused" in res["conv_refused"]
+    assert res["conv_codes"] == 4 * 10 * 10 * 24 and res["conv_differ"] == 0
 
 
 def test_folded_layer_equals_xla_with_one_call():

@@ -509,6 +509,27 @@ def onednn_fused() -> bool:
     return onednn_provider() == "ukernel"
 
 
+def portable_codes(acc, ivec, fvec, mult, clamp, zp) -> jax.Array:
+    """The fused epilogue in XLA (the ukernel calls' off-CPU path): ``clamp`` ``(2,)``:
+    the ``"fbgemm"``/``"qnnpack"`` steps (``_apply_fbgemm``); ``(5,)`` = ``(lo, hi, s_x',
+    f32(1/s_out), zp)``: the ``"onednn"`` steps (``_apply_onednn``, ``mult = s_w'``,
+    ``fvec`` the bias or 0). int32 codes.
+
+    >>> z, one = jnp.zeros(1, jnp.int32), jnp.ones(1)
+    >>> portable_codes(jnp.array([[7]]), z, one * 0, one / 2, jnp.array([0.0, 255.0]), z)
+    Array([[4]], dtype=int32)
+    """
+    from .._schemes import _apply_fbgemm, _apply_onednn, _m, _pow2
+
+    a = acc + ivec
+    if clamp.shape[0] == 2:
+        return _apply_fbgemm(a, fvec, mult, zp[0], clamp[0], clamp[1])
+    sx, inv_so, zpf = clamp[2], clamp[3], clamp[4]
+    _, e = jnp.frexp(_m(sx * mult))
+    k = jnp.clip(24 - e.astype(jnp.int32), -126, 126)
+    return _apply_onednn(a, sx, mult, (_pow2(k), _pow2(-k)), fvec, inv_so, zpf, *clamp[:2])
+
+
 def onednn_linear_q8(x, packed, w, ivec, fvec, mult, clamp, zp, out_dtype) -> jax.Array:
     """8-bit codes ``(..., N)`` of a linear layer in one oneDNN ukernel call:
 
@@ -517,7 +538,7 @@ def onednn_linear_q8(x, packed, w, ivec, fvec, mult, clamp, zp, out_dtype) -> ja
     ``code = clamp(rint(f32(y·mult[n])), clamp[0], clamp[1]) + zp`` (NaN -> ``zp``), the
     AMX kernel's epilogue (:mod:`._fused`, the vectors from its ``epilogue_vectors``;
     ``clamp`` ``(5,)``: the ``"onednn"`` scheme's steps instead,
-    :func:`~qjax.kernels._native._onednn_conv.portable_codes`).
+    :func:`portable_codes`).
 
     ``x`` uint8 ``(..., K)``; ``packed = pack_onednn_weight(w)`` with the ``"ukernel"``
     provider (:func:`onednn_fused`); ``w`` int8 ``(K, N)``, used only off CPU, where
@@ -535,8 +556,6 @@ def onednn_linear_q8(x, packed, w, ivec, fvec, mult, clamp, zp, out_dtype) -> ja
     ...     print("[[103 -98]]")
     [[103 -98]]
     """
-    from ._onednn_conv import portable_codes
-
     n = w.shape[1]
     shape = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), out_dtype)
 

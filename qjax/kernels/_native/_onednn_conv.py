@@ -129,27 +129,6 @@ def _attrs(x, w, stride, dilation, groups):
     return shape, dict(attrs, groups=int(groups), feed=int(feed))
 
 
-def portable_codes(acc, ivec, fvec, mult, clamp, zp) -> jax.Array:
-    """The fused epilogue in XLA (the ukernel calls' off-CPU path): ``clamp`` ``(2,)``:
-    the ``"fbgemm"``/``"qnnpack"`` steps (``_apply_fbgemm``); ``(5,)`` = ``(lo, hi, s_x',
-    f32(1/s_out), zp)``: the ``"onednn"`` steps (``_apply_onednn``, ``mult = s_w'``,
-    ``fvec`` the bias or 0). int32 codes.
-
-    >>> z, one = jnp.zeros(1, jnp.int32), jnp.ones(1)
-    >>> portable_codes(jnp.array([[7]]), z, one * 0, one / 2, jnp.array([0.0, 255.0]), z)
-    Array([[4]], dtype=int32)
-    """
-    from .._schemes import _apply_fbgemm, _apply_onednn, _m, _pow2
-
-    a = acc + ivec
-    if clamp.shape[0] == 2:
-        return _apply_fbgemm(a, fvec, mult, zp[0], clamp[0], clamp[1])
-    sx, inv_so, zpf = clamp[2], clamp[3], clamp[4]
-    _, e = jnp.frexp(_m(sx * mult))
-    k = jnp.clip(24 - e.astype(jnp.int32), -126, 126)
-    return _apply_onednn(a, sx, mult, (_pow2(k), _pow2(-k)), fvec, inv_so, zpf, *clamp[:2])
-
-
 def _xla_conv(x, w, stride, dilation, groups):
     return lax.conv_general_dilated(
         x.astype(jnp.int32),
@@ -204,7 +183,8 @@ def onednn_conv2d_q8(
     then per output channel ``o`` the shared epilogue ``a = acc + ivec[o]`` (int32,
     wrapping), ``y = f32(a) + fvec[o]``, ``code = clamp(rint(f32(y·mult[o])), clamp[0],
     clamp[1]) + zp`` (NaN -> ``zp``), or with ``clamp`` ``(5,)`` the ``"onednn"`` steps
-    (:func:`portable_codes`), as :func:`~qjax.kernels._native._onednn.onednn_linear_q8`;
+    (:func:`~qjax.kernels._native._onednn.portable_codes`), as
+    :func:`~qjax.kernels._native._onednn.onednn_linear_q8`;
     vectors from :func:`~qjax.kernels._native.epilogue_vectors` (int32/float32 ``(O,)``, float32
     ``(2,)``, int32 ``(1,)``); ``out_dtype`` int8 or uint8.
 
@@ -230,7 +210,7 @@ def onednn_conv2d_q8(
     def portable(x, packed, w, ivec, fvec, mult, clamp, zp):
         del packed
         acc = _xla_conv(x, w, stride, dilation, groups)
-        return portable_codes(acc, ivec, fvec, mult, clamp, zp).astype(out_dtype)
+        return _onednn.portable_codes(acc, ivec, fvec, mult, clamp, zp).astype(out_dtype)
 
     vecs = (ivec, fvec, mult, clamp, zp)
     return lax.platform_dependent(x, packed, w, *vecs, cpu=native, default=portable)
