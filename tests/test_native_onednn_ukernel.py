@@ -243,7 +243,7 @@ def test_folded_layer_equals_xla_with_one_call():
         x, pw_xla, pw = _layers(rng, m, k, n, signed, per_channel=i % 3 != 0)
         b = jnp.asarray(rng.normal(0, 0.5, n), jnp.float32) if i % 2 else None
         out = QParams(jnp.float32(0.05 * k**0.5), jnp.int32(7), QuantSpec(signed=not signed))
-        scheme, act = ("fbgemm", "qnnpack")[i % 2], ("relu", None)[i % 2]
+        scheme, act = ("fbgemm", "qnnpack", "onednn")[i % 3], ("relu", None)[i % 2]
         folded = fold_requant(pw, x.qparams, b, out, scheme=scheme, activation=act)
 
         def f(x, p, b, out, scheme=scheme, act=act):
@@ -251,8 +251,12 @@ def test_folded_layer_equals_xla_with_one_call():
 
         want = np.asarray(jax.jit(f)(x, pw_xla, b, out))
         got = np.asarray(jax.jit(f)(x, folded, b, out))
-        compared += want.size
-        bad += int((got != want).sum())
+        # the off-CPU path of the fused call: the same epilogue in XLA on the exact sums
+        xu = np.asarray(x.values, np.int64) + (128 if signed else 0)
+        acc = jnp.asarray(xu @ np.asarray(pw.weight.values, np.int64), jnp.int32)
+        port = _onednn.portable_codes(acc, *folded.epilogue).astype(out.spec.dtype)
+        compared += 2 * want.size
+        bad += int((got != want).sum()) + int((np.asarray(port) != want).sum())
         ops = jax.jit(f).lower(x, folded, b, out).compile().as_text().count("fusion(")
         assert ops == (1 if signed else 0)  # int8 codes: the shift to uint8
     print(f"\nfolded oneDNN ukernel layer vs xla: {compared:,} codes, {bad} differ")

@@ -71,6 +71,7 @@ from ._linear import prepare_linear as prepare_linear
 from ._linear import quantized_linear as quantized_linear
 from ._native import native_status as native_status
 from ._native import onednn_exact as onednn_exact
+from ._native import onednn_provider as onednn_provider
 from ._native import onednn_status as onednn_status
 from ._native import sat16_status as sat16_status
 from ._norm import quantized_batch_norm as quantized_batch_norm
@@ -124,6 +125,7 @@ __all__ = [
     "multiply_by_quantized_multiplier_single_rounding",
     "native_status",
     "onednn_exact",
+    "onednn_provider",
     "onednn_status",
     "prepare_conv",
     "prepare_linear",
