@@ -31,6 +31,13 @@ ones suffixed `` (amx)`` — the goal compares speed with torch's fastest engine
 (onednn), whose own requantization the ``"onednn"`` scheme emulates within rule 13's
 bound but which the native kernel does not fuse (``qjax amx (onednn scheme)``: AMX dot +
 XLA epilogue, printed for information).
+
+``qjax onednn``: the same programs with every conv and the FC prepared with
+``kernel="onednn"`` (oneDNN's brgemm ukernel from torch's CPU wheel, where it is the
+provider and exact: :func:`qjax.kernels.onednn_exact`): ``(onednn scheme)`` the ukernel's
+int32 accumulators with qjax's XLA epilogue of rule 13, ``fused (fbgemm)`` one call per
+layer (conv/linear + requantize); their ``BENCH`` lines are suffixed `` (onednn)`` and
+`` (onednn, fbgemm scheme)``.
 """
 
 import os
@@ -63,12 +70,14 @@ from qjax.kernels import (  # noqa: E402
     host_level,
     max_pool2d,
     native_status,
+    onednn_exact,
     prepare_conv,
     prepare_linear,
     quantize_input,
     quantized_conv,
     quantized_linear,
 )
+from qjax.kernels._native import onednn_fused  # noqa: E402
 
 torch.set_num_threads(2)
 warnings.filterwarnings("ignore")
@@ -200,6 +209,11 @@ def main():
         progs["onednn amx"] = qjax_program(models["onednn"], "onednn", kernel="amx")
         # the fused AMX path (conv/linear + requantize in one call) covers fbgemm/qnnpack
         progs["fbgemm amx"] = qjax_program(models["fbgemm"], "fbgemm", kernel="amx")
+    dnn, dnn_reason = onednn_exact()
+    dnn = dnn and onednn_fused()  # convs need the brgemm ukernel provider
+    if dnn:
+        progs["onednn onednn"] = qjax_program(models["onednn"], "onednn", kernel="onednn")
+        progs["fbgemm onednn"] = qjax_program(models["fbgemm"], "fbgemm", kernel="onednn")
     # ORT: qjax's export of the onednn-converted model (what the timed qjax program runs)
     torch.backends.quantized.engine = "onednn"  # import_model runs the model once
     program = qtorch.import_model(models["onednn"], (x,), engine="onednn")
@@ -212,13 +226,15 @@ def main():
     )
     print(load_line())
     print(f"qjax amx: {'timed' if amx else 'left out'} ({amx_reason})")
+    print(f"qjax onednn: {'timed' if dnn else 'left out'} ({dnn_reason})")
     for key, prog in progs.items():
         eng = key.split()[0]
         torch.backends.quantized.engine = eng
         want = models[eng](x).numpy()
         got = np.asarray(prog(xj))
+        suffix = f" ({key.split()[1]})" if " " in key else ""
         print(
-            f"qjax scheme {eng!r}{' (amx)' if key.endswith('amx') else ''} vs torch {eng}: "
+            f"qjax scheme {eng!r}{suffix} vs torch {eng}: "
             f"{int((got != want).sum())} of {got.size} outputs differ"
         )
     qout = np.asarray(progs["onednn"](xj))
@@ -250,6 +266,9 @@ def main():
     if amx:
         fns["qjax amx (onednn scheme)"] = lambda: progs["onednn amx"](xj)
         fns["qjax amx fused (fbgemm)"] = lambda: progs["fbgemm amx"](xj)
+    if dnn:
+        fns["qjax onednn (onednn scheme)"] = lambda: progs["onednn onednn"](xj)
+        fns["qjax onednn fused (fbgemm)"] = lambda: progs["fbgemm onednn"](xj)
     t = interleaved(fns, repeats=5 if quick() else 15)
     for k, v in t.items():
         print(f"{k:28s} {v * 1e3:8.2f} ms")
@@ -277,6 +296,20 @@ def main():
         bench_line("int8_cnn", case + " (amx)", t["torch onednn"] / qf, "torch onednn", ">= 1.0x")
         bench_line("int8_cnn", case + " (amx)", t["torch fbgemm"] / qf, "torch fbgemm")
         bench_line("int8_cnn", case + " (amx)", t["onnxruntime"] / qf, "onnxruntime", ">= 1.0x")
+    if dnn:
+        qo, qd = t["qjax onednn (onednn scheme)"], t["qjax onednn fused (fbgemm)"]
+        print(f"qjax int8 (xla) / qjax onednn, onednn scheme: {q / qo:.2f}x")
+        print(
+            f"qjax onednn fused (fbgemm scheme): best JAX f32 / it {best_f32 / qd:.2f}x, "
+            f"torch onednn / it {t['torch onednn'] / qd:.2f}x, torch fbgemm / it "
+            f"{t['torch fbgemm'] / qd:.2f}x (its codes are torch fbgemm's), onnxruntime / it "
+            f"{t['onnxruntime'] / qd:.2f}x; qjax fbgemm (xla) / it "
+            f"{t['qjax int8 (fbgemm scheme)'] / qd:.2f}x"
+        )
+        for name, tq in (("(onednn)", qo), ("(onednn, fbgemm scheme)", qd)):
+            bench_line("int8_cnn", f"{case} {name}", best_f32 / tq, "jax f32 (best layout)")
+            bench_line("int8_cnn", f"{case} {name}", t["torch onednn"] / tq, "torch onednn")
+            bench_line("int8_cnn", f"{case} {name}", t["onnxruntime"] / tq, "onnxruntime")
 
 
 if __name__ == "__main__":

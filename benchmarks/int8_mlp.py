@@ -25,7 +25,9 @@ same float weights, the same weight codes and the same qparams:
   printed, where that kernel is unavailable.
 * qjax onednn: the same with ``kernel="onednn"`` (oneDNN's int8 matmul, the optional
   library, where :func:`qjax.kernels.onednn_exact` says it is exact here); left out,
-  with the reason printed, elsewhere.
+  with the reason printed, elsewhere. ``qjax onednn folded``: the same weights with each
+  layer's requantization folded in at prepare time (:func:`qjax.kernels.fold_requant`,
+  the brgemm ukernel provider): each layer is one native call, no coefficient pass.
 
 The qjax output codes (both kernels) are checked against torch fbgemm's, and ORT's
 dequantized outputs against qjax's in units of the output scale (LSB; mismatch counts
@@ -65,12 +67,14 @@ from qjax.converters.onnx import export_onnx  # noqa: E402
 import qjax  # noqa: E402
 from qjax.kernels import (  # noqa: E402
     QArray,
+    fold_requant,
     host_level,
     native_status,
     onednn_exact,
     prepare_linear,
     quantized_linear,
 )
+from qjax.kernels._native import onednn_fused  # noqa: E402
 
 THREADS = 2
 torch.set_num_threads(THREADS)
@@ -189,6 +193,18 @@ def qjax_params(qws, bs, act_qp, kernel="xla"):
     return {"in": qjax.QParams(jnp.float32(s0), jnp.int32(z0), A_SPEC), "layers": layers}
 
 
+def folded(params):
+    """``params`` with each layer's requantization folded in (``fold_requant``: the
+    epilogue vectors of the static qparams computed once, one native call per layer)."""
+    in_qp, layers = params["in"], []
+    for i, lp in enumerate(params["layers"]):
+        act = "relu" if i < len(params["layers"]) - 1 else None
+        w = fold_requant(lp["w"], in_qp, lp["b"], lp["out"], scheme="fbgemm", activation=act)
+        layers.append(dict(lp, w=w))
+        in_qp = lp["out"]
+    return dict(params, layers=layers)
+
+
 def qjax_layers(params, x):
     """Every layer's output (QArray codes), float input quantized at the boundary."""
     h = QArray(qjax.quantize(x, params["in"], compat="torch"), params["in"])
@@ -234,6 +250,8 @@ def main():
         ok, reasons[kernel] = status()
         if ok:
             natives[f"qjax {kernel}"] = (kernel, qjax_params(qws, bs, act_qp, kernel=kernel))
+    if "qjax onednn" in natives and onednn_fused():  # requantization folded at prepare time
+        natives["qjax onednn folded"] = ("onednn folded", folded(natives["qjax onednn"][1]))
     fp = [
         (jnp.asarray(w.numpy().T.copy()), jnp.asarray(b.numpy()))
         for w, b in zip(ws, bs, strict=True)

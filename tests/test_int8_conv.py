@@ -10,7 +10,9 @@
   2 outputs per million (rule 13);
 * each lower level (FBGEMM's and oneDNN's int16 pair saturation, rule 14) against torch
   forced to it by its own switches in a subprocess (``level_env``);
-* the program: only int8 x int8 -> int32 ``conv_general_dilated``, no float conv.
+* the program: only int8 x int8 -> int32 ``conv_general_dilated``, no float conv;
+* ``kernel="onednn"`` (oneDNN's brgemm ukernel, where it is the provider): the same
+  codes as the XLA path over the configs every engine runs, hence torch's.
 
 Mismatch counts are printed (``pytest -s``).
 """
@@ -32,7 +34,16 @@ import numpy as np
 import pytest
 
 from qjax import QParams, QuantSpec
-from qjax.kernels import LEVELS, QArray, host_level, level_env, prepare_conv, quantized_conv
+from qjax.kernels import (
+    LEVELS,
+    QArray,
+    _native,
+    host_level,
+    level_env,
+    onednn_exact,
+    prepare_conv,
+    quantized_conv,
+)
 from qjax.kernels import engine as qengine
 from qjax.kernels._levels import fbgemm_depthwise_fast_path
 
@@ -41,6 +52,7 @@ try:
 except ImportError:
     torch = None
 needs_torch = pytest.mark.skipif(torch is None, reason="needs torch (the [torch] extra)")
+_DNN_CONV = onednn_exact()[0] and _native.onednn_fused()  # kernel="onednn" convs here
 
 XSPEC = QuantSpec(signed=False)
 OSPEC = QuantSpec(signed=False)
@@ -250,8 +262,8 @@ def _static(c):
     return tuple((k, c[k]) for k in keys)
 
 
-@functools.partial(jax.jit, static_argnames=("static", "schemes", "accumulate"))
-def _jax_batched(xv, sx, zx, wv, sw, zw, bias, so, zo, *, static, schemes, accumulate):
+@functools.partial(jax.jit, static_argnames=("static", "schemes", "accumulate", "kernel"))
+def _jax_batched(xv, sx, zx, wv, sw, zw, bias, so, zo, *, static, schemes, accumulate, kernel):
     c = dict(static)
     channels_last = c["layout"] in ("NHWC", "NWC")
     if c["per_channel"]:
@@ -270,6 +282,7 @@ def _jax_batched(xv, sx, zx, wv, sw, zw, bias, so, zo, *, static, schemes, accum
             name="case",
             groups=c["groups"],
             weight_layout="OIHW" if c["nsp"] == 2 else "OIW",
+            kernel=kernel,
         )
         out = QParams(so, zo, OSPEC)
         res = []
@@ -294,7 +307,7 @@ def _jax_batched(xv, sx, zx, wv, sw, zw, bias, so, zo, *, static, schemes, accum
     return jax.vmap(one)(xv, sx, zx, wv, sw, zw, bias, so, zo)
 
 
-def _jax_cases(c, d, schemes=SCHEMES, accumulate="exact"):
+def _jax_cases(c, d, schemes=SCHEMES, accumulate="exact", kernel="xla"):
     out = _jax_batched(
         jnp.asarray(d["x"]),
         jnp.asarray(d["sx"]),
@@ -308,6 +321,7 @@ def _jax_cases(c, d, schemes=SCHEMES, accumulate="exact"):
         static=_static(c),
         schemes=tuple(schemes),
         accumulate=accumulate,
+        kernel=kernel,
     )
     return {s: np.asarray(out[:, i]) for i, s in enumerate(schemes)}
 
@@ -340,11 +354,14 @@ def engine_results(torch_one_thread):
         wzp_cfgs.append((cf, _cases(rng, cf, 60_000)))
     supported = set(torch.backends.quantized.supported_engines)
     jax_out = {}
+    dnn_out = {}  # the same configs with kernel="onednn" (oneDNN's brgemm ukernel)
+    shared = {id(d) for _, d in cfgs[::2]}  # the configs every engine runs
     results = {}
     for engine in ENGINES:
         if engine not in supported:
             continue
         r = dict(n=0, mismatches=0, max_diff=0, by_kind={}, spread=[], choices=set())
+        r.update(dnn_n=0, dnn_vs_torch=0, dnn_vs_xla=0)
         # oneDNN is 3x slower per call in torch: half of the configs (about 1M outputs).
         sel = cfgs + wzp_cfgs if engine in ("fbgemm", "qnnpack") else cfgs[::2]
         for c, d in sel:
@@ -362,6 +379,13 @@ def engine_results(torch_one_thread):
             kn, km = r["by_kind"].get(c["kind"], (0, 0))
             r["by_kind"][c["kind"]] = (kn + diff.size, km + mism)
             r["spread"].append(np.mean((ref > 0) & (ref < 255)))
+            if _DNN_CONV and acc == "exact" and id(d) in shared:  # kernel="onednn" too
+                if id(d) not in dnn_out:
+                    dnn_out[id(d)] = _jax_cases(c, d, kernel="onednn")
+                dnn = dnn_out[id(d)][scheme]
+                r["dnn_n"] += dnn.size
+                r["dnn_vs_torch"] += int((dnn != ref).sum())
+                r["dnn_vs_xla"] += int((dnn != got).sum())
         r["unclamped"] = float(np.mean(r.pop("spread")))
         results[engine] = r
     print(f"\nint8 conv vs torch at level {host_level()} (outputs, mismatches, max |diff|):")
@@ -393,6 +417,24 @@ def test_onednn_within_its_bound(engine, engine_results):
     assert r["n"] >= 1_000_000
     assert r["max_diff"] <= 1, r
     assert r["mismatches"] <= math.ceil(2e-6 * r["n"]), r
+
+
+@needs_torch
+@pytest.mark.skipif(not _DNN_CONV, reason="oneDNN's brgemm ukernel is not the provider here")
+@pytest.mark.parametrize("engine", ENGINES)
+def test_onednn_kernel_equals_xla_and_torch(engine, engine_results):
+    """kernel="onednn" over the configs every engine runs (exact accumulation): the XLA
+    path's codes, so torch's wherever the XLA path's are (onednn/x86 within rule 13)."""
+    if engine not in engine_results:
+        pytest.skip(f"torch engine {engine} not available")
+    r = engine_results[engine]
+    print(f"\n{engine}: kernel='onednn' {r['dnn_n']:,} codes: {r['dnn_vs_xla']} differ from "
+          f"the XLA path, {r['dnn_vs_torch']} from torch")  # fmt: skip
+    assert r["dnn_n"] >= 500_000 and r["dnn_vs_xla"] == 0
+    if engine in ("fbgemm", "qnnpack"):
+        assert r["dnn_vs_torch"] == 0
+    else:
+        assert r["dnn_vs_torch"] <= math.ceil(2e-6 * r["n"]), r
 
 
 # ----------------------------------------------------------------------------------------

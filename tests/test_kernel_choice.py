@@ -8,10 +8,11 @@ save/load, the torch importer and pt2e.
   1x1 conv, add, max pool, linear): ``program.trace`` == torch's own codes at run time
   (0 mismatches) and == the XLA-kernel program, engines fbgemm and x86; the depthwise
   layer is reported "xla";
-* ``kernel="onednn"`` (the optional oneDNN library, where exact on this CPU): served
-  NNX CNN (slow run: MLP) == XLA, its dense layer on oneDNN and the convs on XLA;
-  ``import_model`` on the torch CNN == torch's codes and the XLA program, engines fbgemm
-  and x86, only ``fc`` on oneDNN; skipped with the reason where the library is missing;
+* ``kernel="onednn"`` (where exact on this CPU): served NNX CNN (slow run: MLP) == XLA,
+  its dense layer and (on the brgemm ukernel) its convs on oneDNN; ``import_model`` on the
+  torch CNN == torch's codes and the XLA program, engines fbgemm and x86, every exactly
+  accumulated layer on oneDNN (the saturating depthwise 3x3 of fbgemm on sat16); skipped
+  with the reason where the library is missing;
 * ``kernel="auto"``; errors: unknown kernel name, unavailable native kernel (probe
   monkeypatched) names the model-level call and the reason; save -> load(kernel="amx").
 
@@ -43,6 +44,7 @@ from qjax.kernels import _native, native_status, onednn_exact
 _OK, _REASON = native_status()
 amx = pytest.mark.skipif(not _OK, reason=f"native AMX kernel unavailable: {_REASON}")
 _DNN, _DNN_REASON = onednn_exact()
+_DNN_CONV = _DNN and _native.onednn_fused()  # convolutions need the brgemm ukernel
 onednn = pytest.mark.skipif(not _DNN, reason=f"oneDNN int8 matmul unavailable: {_DNN_REASON}")
 
 
@@ -160,12 +162,13 @@ def test_linen_served_amx_equals_xla():
 @onednn
 @pytest.mark.parametrize("which", ["nnx_cnn", pytest.param("nnx_mlp", marks=pytest.mark.slow)])
 def test_served_onednn_equals_served_xla(which, request):
-    """Linear layers on oneDNN's matmul, convolutions on XLA (no oneDNN conv yet)."""
+    """Linear layers on oneDNN, convolutions too where the provider is the ukernel."""
     model, x, xla = request.getfixturevalue(which)
     fast = qjax.convert(model, x, kernel="onednn")
     dense = [k for k, v in fast.kernels.items() if v == "onednn"]
     assert dense and set(fast.kernels.values()) <= {"onednn", "xla"}
-    assert all(v == "xla" for v in fast.kernels.values()) == (not dense)
+    if _DNN_CONV:  # every layer of these models accumulates exactly
+        assert set(fast.kernels.values()) == {"onednn"}
     n, mism = _exact(fast(x), xla(x))
     print(f"{which}: served onednn ({len(dense)} layers) vs xla: {mism} of {n} outputs differ")
     assert n > 300 and mism == 0
@@ -181,8 +184,8 @@ def test_served_onednn_equals_served_xla(which, request):
 def test_auto_and_xla_default(nnx_cnn):
     model, x, xla = nnx_cnn
     auto = qjax.convert(model, x, kernel="auto")
-    conv = "amx" if _OK else "xla"
-    dense = "onednn" if _DNN else conv  # oneDNN first for linear layers
+    conv = "amx" if _OK else ("onednn" if _DNN_CONV else "xla")
+    dense = "onednn" if _DNN and not _OK else conv  # AMX machines keep AMX
     assert len(auto.kernels) == 3  # 2 convs, 1 dense
     assert list(auto.kernels.values()) == [conv, conv, dense]
     assert set(xla.kernels.values()) == {"xla"}
@@ -331,8 +334,11 @@ def test_imported_onednn_equals_torch_and_xla(engine):
         xla = qtorch.import_model(qm, (x,), engine=engine)
     finally:
         torch.backends.quantized.engine = eng
-    # only the linear layer changes (fbgemm's depthwise 3x3 saturates: sat16 either way)
-    assert xla.kernels["fc"] == "xla" and fast.kernels == dict(xla.kernels, fc="onednn")
+    # every exact layer changes (fbgemm's depthwise 3x3 saturates: sat16 either way)
+    assert xla.kernels["fc"] == "xla" and fast.kernels["fc"] == "onednn"
+    if _DNN_CONV:
+        assert fast.kernels == {k: "onednn" if v == "xla" else v for k, v in xla.kernels.items()}
+        assert fast.kernels["stem"] == fast.kernels["pw"] == "onednn"
     out, trace = fast.run_traced(x)
     _, trace_xla = xla.run_traced(x)
     assert list(trace) == list(ref)

@@ -9,7 +9,8 @@ time.
   and activation, int8/uint8 activations, zero and non-zero weight zero points;
 * == torch's ``quantized::linear[_relu]`` (fbgemm engine) codes;
 * model level: ``qjax.convert(kernel="onednn" | "auto")`` == ``kernel="xla"`` on an NNX
-  MLP and CNN (the dense layers on oneDNN, the convs on XLA), ``import_model`` on a torch
+  MLP and CNN (the dense layers on oneDNN, the convs too on the brgemm ukernel,
+  :mod:`tests.test_native_onednn_conv`), ``import_model`` on a torch
   CNN == torch's own codes, every layer; ``jax.export`` refuses the custom call;
 * CPU levels: in a subprocess with ``ONEDNN_MAX_CPU_ISA=AVX2`` oneDNN dispatches to
   AVX2 (no VNNI): :func:`~qjax.kernels.onednn_exact` says no, the shim refuses the

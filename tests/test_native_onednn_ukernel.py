@@ -11,7 +11,9 @@ primitive (``"matmul"``): exact, checked at run time.
   integers as one thread;
 * the ``"matmul"`` provider (``QJAX_ONEDNN_PROVIDER=matmul``, a subprocess): exact dots
   and codes equal to the XLA path, and ``ONEDNN_MAX_CPU_ISA=AVX2`` makes the ukernel
-  refuse (torch's own check), with the reason, and every layer stays on XLA.
+  refuse (torch's own check), with the reason, and every layer (linear and conv) stays
+  on XLA with the same codes;
+* :func:`qjax.kernels.fold_requant`: the folded layer == the XLA path, one call.
 
 The tests of :mod:`tests.test_native_onednn` run on whichever provider this process got
 (:func:`qjax.kernels._native.onednn_provider`). Skipped, with the reason, where the
@@ -167,6 +169,24 @@ _PROVIDER_SCRIPT = textwrap.dedent(
     a = quantized_linear(x, prepare_linear(w, kernel=res["kernel"]), None, out).values
     b = quantized_linear(x, prepare_linear(w), None, out).values
     res["codes"], res["differ"] = int(a.size), int((np.asarray(a) != np.asarray(b)).sum())
+    # convolutions (tests/test_native_onednn_conv.py): the kernel 'auto' gives them, and codes
+    from qjax.kernels import prepare_conv, quantized_conv
+    from qjax.kernels._choice import conv_kernel
+
+    wish = resolve_kernel("auto", "t")
+    res["conv_kernels"] = [conv_kernel(wish, *c) for c in ((2, 1, 1), (2, 4, 2), (1, 1, 1))]
+    x = QArray(jnp.asarray(rng.integers(0, 256, (4, 10, 10, 16)), jnp.uint8), QParams(0.02, 7, xs))
+    w = QArray(jnp.asarray(rng.integers(-128, 128, (3, 3, 16, 24)), jnp.int8),
+               QParams(0.003, 0, QuantSpec(signed=True, symmetric=True)))
+    pc = [prepare_conv(w, weight_layout="HWIO", kernel=k) for k in (res["conv_kernels"][0], "xla")]
+    a, b = (quantized_conv(x, p, None, out, padding=1, layout="NHWC").values for p in pc)
+    res["conv_codes"] = int(a.size)
+    res["conv_differ"] = int((np.asarray(a) != np.asarray(b)).sum())
+    try:
+        prepare_conv(w, weight_layout="HWIO", kernel="onednn")
+        res["conv_refused"] = ""
+    except RuntimeError as e:
+        res["conv_refused"] = str(e)
     print("RESULT " + json.dumps(res))
     """
 )
@@ -205,3 +225,39 @@ def test_ukernel_refuses_below_vnni_and_layers_stay_on_xla():
     assert res["status"][0] is False and "refused" in res["status"][1]
     assert res["provider"] is None and res["kernel"] in ("xla", "amx")
     assert res["codes"] == 64 * 96 and res["differ"] == 0
+    # convolutions stay on XLA too (kernel='onednn' asked outright: the reason), same codes
+    assert set(res["conv_kernels"]) <= {"xla", "amx"} and "refused" in res["conv_refused"]
+    assert res["conv_codes"] == 4 * 10 * 10 * 24 and res["conv_differ"] == 0
+
+
+def test_folded_layer_equals_xla_with_one_call():
+    """fold_requant: coefficients computed at prepare time; with the folded weight and the
+    qparams passed as jit arguments the program is the native call and nothing else on the
+    layer's side (the unfolded one computes the coefficients in ~5 XLA passes per call)."""
+    from qjax.kernels import fold_requant
+
+    rng = np.random.default_rng(3)
+    compared = bad = 0
+    for i, (m, k, n) in enumerate(SHAPES[1:]):
+        signed = i % 2 == 1
+        x, pw_xla, pw = _layers(rng, m, k, n, signed, per_channel=i % 3 != 0)
+        b = jnp.asarray(rng.normal(0, 0.5, n), jnp.float32) if i % 2 else None
+        out = QParams(jnp.float32(0.05 * k**0.5), jnp.int32(7), QuantSpec(signed=not signed))
+        scheme, act = ("fbgemm", "qnnpack", "onednn")[i % 3], ("relu", None)[i % 2]
+        folded = fold_requant(pw, x.qparams, b, out, scheme=scheme, activation=act)
+
+        def f(x, p, b, out, scheme=scheme, act=act):
+            return quantized_linear(x, p, b, out, scheme=scheme, activation=act).values
+
+        want = np.asarray(jax.jit(f)(x, pw_xla, b, out))
+        got = np.asarray(jax.jit(f)(x, folded, b, out))
+        # the off-CPU path of the fused call: the same epilogue in XLA on the exact sums
+        xu = np.asarray(x.values, np.int64) + (128 if signed else 0)
+        acc = jnp.asarray(xu @ np.asarray(pw.weight.values, np.int64), jnp.int32)
+        port = _onednn.portable_codes(acc, *folded.epilogue).astype(out.spec.dtype)
+        compared += 2 * want.size
+        bad += int((got != want).sum()) + int((np.asarray(port) != want).sum())
+        ops = jax.jit(f).lower(x, folded, b, out).compile().as_text().count("fusion(")
+        assert ops == (1 if signed else 0)  # int8 codes: the shift to uint8
+    print(f"\nfolded oneDNN ukernel layer vs xla: {compared:,} codes, {bad} differ")
+    assert bad == 0 and compared > 20_000

@@ -8,7 +8,10 @@
   ``kernel="sat16"``: the native AVX2 kernel for the int16-saturating accumulations,
   see :func:`sat16_status`; ``kernel="onednn"``: oneDNN's int8 matmul, an optional
   library, see :func:`onednn_status` and :func:`onednn_exact`);
-* :func:`prepare_conv` / :func:`quantized_conv`: int8 x int8 -> int32 1-D/2-D convolution;
+* :func:`prepare_conv` / :func:`quantized_conv`: int8 x int8 -> int32 1-D/2-D convolution
+  (``kernel="onednn"`` on oneDNN's brgemm ukernel too);
+* :func:`fold_requant`: a native layer's requantization coefficients of static qparams
+  computed once, at prepare time (one native call per layer and call);
 * :func:`quantized_add` (engines fbgemm/x86/onednn/qnnpack), :func:`quantized_mul`,
   :func:`quantized_mul_scalar`, :func:`quantized_cat`, :func:`relu`/:func:`relu6`/
   :func:`hardtanh` on codes, :func:`max_pool2d`/:func:`avg_pool2d`/
@@ -57,6 +60,7 @@ from ._fixed_point import rounding_divide_by_pot as rounding_divide_by_pot
 from ._fixed_point import (
     saturating_rounding_doubling_high_mul as saturating_rounding_doubling_high_mul,
 )
+from ._fold import fold_requant as fold_requant
 from ._levels import LEVELS as LEVELS
 from ._levels import Engine as Engine
 from ._levels import engine as engine
@@ -67,6 +71,7 @@ from ._linear import prepare_linear as prepare_linear
 from ._linear import quantized_linear as quantized_linear
 from ._native import native_status as native_status
 from ._native import onednn_exact as onednn_exact
+from ._native import onednn_provider as onednn_provider
 from ._native import onednn_status as onednn_status
 from ._native import sat16_status as sat16_status
 from ._norm import quantized_batch_norm as quantized_batch_norm
@@ -120,9 +125,11 @@ __all__ = [
     "multiply_by_quantized_multiplier_single_rounding",
     "native_status",
     "onednn_exact",
+    "onednn_provider",
     "onednn_status",
     "prepare_conv",
     "prepare_linear",
+    "fold_requant",
     "quantize_input",
     "quantize_multiplier",
     "quantized_add",

@@ -16,25 +16,30 @@ Model-level calls (``qjax.convert``, ``qjax.load_served``,
             the layer, saturating layers as under ``None``, XLA elsewhere;
             ``RuntimeError`` with the reason when the AMX kernel cannot run on this
             machine
-``"onednn"`` oneDNN's int8 matmul (the optional library, ``pip install 'qjax[onednn]'``,
-            :func:`qjax.kernels.onednn_status`) for exactly accumulated linear layers
+``"onednn"`` oneDNN's int8 kernels (the brgemm ukernel in torch's CPU wheel, or the
+            optional PyPI library, :func:`qjax.kernels.onednn_status`) for exactly
+            accumulated linear layers, and on the ukernel for exactly accumulated 1-D/2-D
+            convolutions (any groups, depthwise included, stride, padding, dilation),
             where it is exact on this CPU (VNNI or AMX, :func:`qjax.kernels.onednn_exact`;
-            without VNNI its pair sums saturate int16 and the layers stay on XLA);
-            convolutions on XLA; saturating layers as under ``None``; ``RuntimeError``
-            with the reason when the library is not installed or does not load
+            without VNNI torch refuses the ukernel and the layers stay on XLA);
+            saturating layers as under ``None``; ``RuntimeError`` with the reason when
+            the library is not installed or does not load
 ``"auto"``  per layer the fastest exact kernel measured here: AMX where
             :func:`qjax.kernels.native_status` says available (linear layers and the
-            convolutions it supports), else oneDNN for linear layers where
-            :func:`qjax.kernels.onednn_exact` says so; the rest as under ``None`` (never
-            raises for availability)
+            convolutions it supports), else oneDNN where
+            :func:`qjax.kernels.onednn_exact` says so (linear layers, and convolutions
+            on the ukernel: measured faster than XLA for every conv shape tried, the
+            depthwise one included); the rest as under ``None`` (never raises for
+            availability)
 ==========  ==========================================================================
 
 The AMX kernel supports linear layers and 2-D convolutions with ``groups=1`` and
-dilation 1, accumulated exactly; grouped / depthwise / dilated / 1-D convolutions keep
-XLA. The saturating layers (``fbgemm_sat16`` / ``onednn_sat16``: engines at CPU levels
-without VNNI, FBGEMM's depthwise 3x3 fast path) run on the ``"sat16"`` kernel, which
-computes the int16 pair saturation with the instruction FBGEMM/oneDNN use
-(``vpmaddubsw``), 100x and more faster than its XLA formulation. The codes are the same
+dilation 1, accumulated exactly; on AMX machines grouped / depthwise / dilated / 1-D
+convolutions keep XLA under ``"auto"``. The saturating layers (``fbgemm_sat16`` /
+``onednn_sat16``: engines at CPU levels without VNNI, FBGEMM's depthwise 3x3 fast
+path) run on the ``"sat16"`` kernel, which computes the int16 pair saturation with the
+instruction FBGEMM/oneDNN use (``vpmaddubsw``), 100x and more faster than its XLA
+formulation. The codes are the same
 either way; the models record the choice per layer (``served.kernels``,
 ``program.kernels``: ``"xla"``, ``"amx"``, ``"onednn"`` or ``"sat16"``). A program with
 native layers cannot be ``jax.export``-ed (the custom call is refused; the sat16 and
@@ -133,23 +138,41 @@ def linear_kernel(wish: str, accumulate: str = "exact") -> str:
 
 
 def conv_kernel(wish: str, nsp: int, groups: int = 1, dilation=1, accumulate: str = "exact") -> str:
-    """The kernel a convolution gets: ``"amx"`` when wished (``"amx"``, or ``"auto"`` with
-    AMX available) for 2-D (``nsp=2``), ``groups=1``, dilation 1, exact accumulation;
-    saturating convolutions (any shape) as in :func:`linear_kernel`; ``"xla"`` otherwise
-    (``"onednn"`` has no convolution yet).
+    """The kernel a convolution gets, exact accumulation: ``"amx"`` when wished (``"amx"``,
+    or ``"auto"`` with AMX available) for 2-D (``nsp=2``), ``groups=1``, dilation 1;
+    else ``"onednn"`` when wished (``"onednn"``, or ``"auto"``) for 1-D and 2-D
+    convolutions of any groups (depthwise included), stride, padding and dilation, where
+    oneDNN's brgemm ukernel is the provider and exact here
+    (:func:`qjax.kernels.onednn_exact`, :func:`qjax.kernels._native.onednn_fused`; the
+    PyPI matmul provider has no convolution); saturating convolutions (any shape) as in
+    :func:`linear_kernel`; ``"xla"`` otherwise.
 
     >>> conv_kernel("amx", 2), conv_kernel("amx", 2, groups=8), conv_kernel("amx", 1)
     ('amx', 'xla', 'xla')
     >>> conv_kernel("amx", 2, dilation=(2, 2)), conv_kernel("amx", 2, dilation=(1, 1))
     ('xla', 'amx')
-    >>> conv_kernel("xla", 2, groups=8, accumulate="fbgemm_sat16"), conv_kernel("onednn", 2)
-    ('xla', 'xla')
+    >>> conv_kernel("xla", 2, groups=8, accumulate="fbgemm_sat16")
+    'xla'
+    >>> uk = _native.onednn_exact()[0] and _native.onednn_fused()
+    >>> conv_kernel("onednn", 2, groups=8, dilation=2) == ("onednn" if uk else "xla")
+    True
     """
     if accumulate in _SATURATING:
         return _saturating_kernel(wish)
-    ok = _native.conv_supported(nsp, groups, dilation) and accumulate == "exact"
+    if accumulate != "exact":
+        return "xla"
     amx = wish == "amx" or (wish == "auto" and _native.native_status()[0])
-    return "amx" if amx and ok else "xla"
+    if amx and _native.conv_supported(nsp, groups, dilation):
+        return "amx"
+    if wish == "auto" and _native.native_status()[0]:
+        return "xla"  # AMX machines: the convs the AMX kernel leaves stay as measured there
+    if wish in ("onednn", "auto") and nsp in (1, 2) and _onednn_conv_ok():
+        return "onednn"
+    return "xla"
+
+
+def _onednn_conv_ok() -> bool:
+    return _native.onednn_exact()[0] and _native.onednn_fused()
 
 
 def _is_prepared(v) -> bool:

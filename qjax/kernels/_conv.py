@@ -76,6 +76,7 @@ from .._qarray import QArray
 from .._spec import QParams
 from . import _native
 from ._accumulate import (
+    _I32_MAX,
     Accumulate,
     _int8_conv,
     _onednn_sat16_conv,
@@ -96,7 +97,7 @@ _X_LAYOUTS = {"NCHW": (2, True), "NHWC": (2, False), "NCW": (1, True), "NWC": (1
 @register_prepared(
     leaves=("weight", "w_sum"),
     static=("name", "groups", "max_abs_x", "zero_point_is_zero"),
-    packed_when=lambda kernel: kernel == "amx",
+    packed_when=lambda kernel: kernel in ("amx", "onednn"),
     serialized_name="qjax.kernels.PreparedConv",
 )
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +122,8 @@ class PreparedConv:
     zero_point_is_zero: bool = False
     packed: jax.Array | None = None
     kernel: str = "xla"
+    epilogue: tuple | None = None  # folded requantization (fold_requant), with its key
+    folded: tuple | None = None
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
@@ -184,9 +187,10 @@ def prepare_conv(
       ...
     ValueError: layer 'stem': the int32 accumulator could overflow: K=81000 ...
     """
-    if kernel not in ("xla", "amx", "sat16"):
+    if kernel not in ("xla", "amx", "sat16", "onednn"):
         raise ValueError(
-            f"layer {name!r}: kernel must be one of ('xla', 'amx', 'sat16'), got {kernel!r}"
+            f"layer {name!r}: kernel must be one of ('xla', 'amx', 'sat16', 'onednn'), "
+            f"got {kernel!r}"
         )
     if isinstance(w, PreparedConv):
         if kernel != "xla" and w.kernel != kernel:  # stored HWIO, O last
@@ -206,6 +210,14 @@ def prepare_conv(
         _native.require_amx(name)
     elif kernel == "sat16":
         _native.require_sat16(name)
+    elif kernel == "onednn":
+        _native.require_onednn(name)
+        if not _native.onednn_fused():
+            raise RuntimeError(
+                f"layer {name!r}: kernel='onednn' convolutions run on oneDNN's brgemm ukernel "
+                f"(torch's CPU wheel), but the provider here is {_native.onednn_provider()!r}; "
+                "use kernel='xla'"
+            )
     if weight_layout not in _WEIGHT_LAYOUTS:
         raise ValueError(
             f"layer {name!r}: weight_layout must be one of {sorted(_WEIGHT_LAYOUTS)}, "
@@ -262,7 +274,28 @@ def prepare_conv(
                 f"a {nsp}-D kernel with groups={groups}; use kernel='xla'"
             )
         packed = _native.pack_conv_weight(vals)
+    elif kernel == "onednn":
+        if k * 255 * 128 > _I32_MAX:
+            raise ValueError(
+                f"layer {name!r}: kernel='onednn' sums uint8 codes up to 255, K={k} · 255 · 128 "
+                "> 2^31 - 1 could overflow the int32 accumulator; use kernel='xla'"
+            )
+        packed = _native.pack_onednn_conv_weight(
+            vals.reshape((1,) * (2 - nsp) + vals.shape), groups
+        )
     return PreparedConv(wq, w_sum, name, groups, int(max_abs_x), zp_zero, packed, kernel)
+
+
+def _w2d(w):
+    """A 1-D ``WIO`` weight as the 2-D ``HWIO`` one with ``kh = 1``."""
+    return w if w.ndim == 4 else w[None]
+
+
+def _onednn_2d(f, xv, stride, dilation):
+    """``f(xv, stride, dilation)`` of a 2-D NHWC conv, a 1-D ``NWC`` one as ``H = 1``."""
+    if xv.ndim == 4:
+        return f(xv, stride, dilation)
+    return f(xv[:, None], (1,) + stride, (1,) + dilation)[:, 0]
 
 
 def _tuple(v, n: int, what: str, layer: str) -> tuple[int, ...]:
@@ -427,22 +460,37 @@ def quantized_conv(
     g = pw.groups
     o = pw.out_channels
     cg = c_in // g
-    if (
-        accumulate == "exact"
-        and pw.kernel == "amx"
-        and _native.conv_supported(2, 1, dil_t)
-        and _native.fusable(pw, x, bias, out_qparams, scheme)
-    ):
+    _native.check_folded(pw, x, bias, out_qparams, scheme, activation, accumulate, layer)
+    native_ok = pw.kernel == "onednn" or (
+        pw.kernel == "amx" and _native.conv_supported(2, 1, dil_t)
+    )
+    if accumulate == "exact" and native_ok and _native.fusable(pw, x, bias, out_qparams, scheme):
         # one native call on the padded raw codes: conv + zero-point term + requantize
-        codes = _native.fused_conv_codes(
-            xv, x, pw, bias, out_qparams, scheme, activation == "relu", stride_t
+        codes = _onednn_2d(
+            lambda xv, st, dl: _native.fused_conv_codes(
+                xv, x, pw, bias, out_qparams, scheme, activation == "relu", st, dl
+            ),
+            xv,
+            stride_t,
+            dil_t,
         )
         try:
             codes = clamp_activation(codes, out_qparams, activation, bounds)
         except (TypeError, ValueError) as e:
             raise type(e)(f"layer {layer!r}: {e}") from None
         return QArray(jnp.moveaxis(codes, -1, 1) if channels_first else codes, out_qparams)
-    if accumulate == "exact":
+    if accumulate == "exact" and pw.kernel == "onednn":
+        # the ukernel takes uint8 codes: signed ones shifted up, x + 128 (a bit flip)
+        if not unsigned:
+            xv = lax.bitcast_convert_type(xv ^ jnp.int8(-128), jnp.uint8)
+            zx = zx + jnp.int32(128)
+        acc = _onednn_2d(
+            lambda xv, st, dl: _native.onednn_conv2d(xv, pw.packed, _w2d(wq.values), st, dl, g),
+            xv,
+            stride_t,
+            dil_t,
+        )
+    elif accumulate == "exact":
         if unsigned:  # x - 128 as int8: flip the top bit, reinterpret
             xv = lax.bitcast_convert_type(xv ^ jnp.uint8(0x80), jnp.int8)
             zx = zx - jnp.int32(128)

@@ -120,6 +120,8 @@ class PreparedLinear:
     zero_point_is_zero: bool = False
     packed: jax.Array | None = None
     kernel: str = "xla"
+    epilogue: tuple | None = None  # folded requantization (fold_requant), with its key
+    folded: tuple | None = None
 
     @property
     def in_features(self) -> int:
@@ -288,6 +290,7 @@ def quantized_linear(
             f"layer {layer!r}: x of shape {x.shape} does not fit a ({k}, {n}) weight "
             f"(last dimension must be {k})"
         )
+    _native.check_folded(pw, x, bias, out_qparams, scheme, activation, accumulate, layer)
     if accumulate == "exact" and _native.fusable(pw, x, bias, out_qparams, scheme):
         # one native call: dot + zero-point correction + requantize (same codes)
         codes = _native.fused_linear_codes(x, pw, bias, out_qparams, scheme, activation == "relu")

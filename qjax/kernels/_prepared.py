@@ -8,9 +8,12 @@ for the kernels that pack the weight. :func:`register_prepared` writes the pytre
 methods and the ``jax.export`` serialization once, from the field names.
 
 Pytree layout, which saved ``jax.export`` programs depend on (keep it): children are the
-leaves in order, then ``packed`` when the kernel has one; aux data is the static fields
-in order, then ``kernel`` unless it is ``"xla"`` (so the XLA kernel keeps the aux of the
-versions before native kernels existed), serialized as a JSON list.
+leaves in order, then ``packed`` when the kernel has one, then the five ``epilogue``
+vectors when the requantization is folded in (:func:`qjax.kernels.fold_requant`); aux
+data is the static fields in order, then ``kernel`` unless it is ``"xla"`` (so the XLA
+kernel keeps the aux of the versions before native kernels existed), then the fold key
+``folded`` when folded (a native kernel, so ``kernel`` is there), serialized as a JSON
+list.
 """
 
 from __future__ import annotations
@@ -22,6 +25,12 @@ from typing import Literal
 import jax
 
 __all__ = ["Kernel", "register_prepared"]
+
+
+def _key(v):
+    """A fold key back from JSON (lists) as the hashable tuple it was."""
+    return tuple(_key(a) for a in v) if isinstance(v, (list, tuple)) else v
+
 
 Kernel = Literal["xla", "amx", "sat16", "onednn"]
 _KERNELS = ("xla", "amx", "sat16", "onednn")
@@ -50,18 +59,22 @@ def register_prepared(
     def wrap(cls):
         def _aux(self):
             aux = tuple(getattr(self, f) for f in static)
-            return aux + (self.kernel,) if self.kernel != "xla" else aux
+            aux = aux + (self.kernel,) if self.kernel != "xla" else aux
+            return aux + (self.folded,) if self.folded is not None else aux
 
         def tree_flatten_with_keys(self):
             ga = jax.tree_util.GetAttrKey
             kids = tuple((ga(f), getattr(self, f)) for f in leaves)
             if packed_when(self.kernel):
                 kids += ((ga("packed"), self.packed),)
+            if self.folded is not None:
+                kids += ((ga("epilogue"), self.epilogue),)
             return kids, self._aux()
 
         def tree_flatten(self):
             kids = tuple(getattr(self, f) for f in leaves)
-            return (kids + (self.packed,) if packed_when(self.kernel) else kids), self._aux()
+            kids = kids + (self.packed,) if packed_when(self.kernel) else kids
+            return (kids + (self.epilogue,) if self.folded is not None else kids), self._aux()
 
         def tree_unflatten(cls, aux, children):
             obj = object.__new__(cls)
@@ -70,8 +83,12 @@ def register_prepared(
             for f, v in zip(static, aux[:n_static], strict=True):
                 object.__setattr__(obj, f, v)
             kernel = aux[n_static] if len(aux) > n_static else "xla"
-            object.__setattr__(obj, "packed", children[n_leaves] if packed_when(kernel) else None)
+            folded = _key(aux[n_static + 1]) if len(aux) > n_static + 1 else None
+            rest = list(children[n_leaves:])
+            object.__setattr__(obj, "packed", rest.pop(0) if packed_when(kernel) else None)
             object.__setattr__(obj, "kernel", kernel)
+            object.__setattr__(obj, "epilogue", rest.pop(0) if folded else None)
+            object.__setattr__(obj, "folded", folded)
             return obj
 
         cls._aux = _aux

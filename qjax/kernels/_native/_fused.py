@@ -1,4 +1,4 @@
-"""The fused AMX linear layer: 8-bit codes in, 8-bit codes out, one native call.
+"""The fused native layers (AMX, oneDNN ukernel): 8-bit codes in, 8-bit codes out, one call.
 
 ``qjax_amx_q8_gemm`` computes the int32 dot on AMX (uint8 codes as they are through
 ``tdpbusd``, int8 through ``tdpbssd``) and runs the requantize epilogue on each 16x16
@@ -16,6 +16,18 @@ or ``f32(b·inv(ats))``, 0 without bias), ``mult = M``; for ``"qnnpack"``: ``ive
 -zp_x·Σ_k w + b_q`` (int32, wrapping, as ``(acc - zp_x·Σw) + b_q``), ``fvec = 0``
 (``f32(a) + 0 = f32(a)`` exactly), ``mult = rs``. So the codes equal the unfused path's.
 
+The same epilogue (``epilogue.h``) runs in oneDNN's ukernel calls (linear and conv,
+:mod:`._onednn`, :mod:`._onednn_conv`), which also take the ``"onednn"`` scheme (rule
+13, ``_coef_onednn`` / ``_apply_onednn``): ``clamp`` ``(5,)`` = ``(lo, hi, s_x',
+f32(1/s_out), zp)``, ``mult = s_w'``, ``fvec = b`` (or 0), ``zp = 0``:
+``y = f32(f32(f32(a)·s_x')·s_w') + b``, ``code = clamp(rint(f32(f32(y·inv_so) + zp)),
+lo, hi)`` (NaN -> 0), the XLA path's steps (its exactness guards only keep XLA from
+fusing them differently; the C++ is compiled without contraction). The AMX kernels
+take ``"fbgemm"``/``"qnnpack"`` only.
+
+:func:`qjax.kernels.fold_requant` computes these vectors once at prepare time for static
+qparams (:func:`fold_key`, :func:`check_folded`).
+
 Covered: weights whose zero points are known to be 0 (``zero_point_is_zero``; otherwise
 a per-row ``Σ_k x`` term is needed and the unfused path runs), per-tensor or
 per-channel weight scales, ``activation`` ``None``/``"relu"`` (folded into ``lo``) and
@@ -30,8 +42,8 @@ import numpy as np
 from jax import lax
 
 from .._requant import _zero_point_scalar, activation_bounds
-from .._schemes import _apply_fbgemm, _coef_fbgemm, _coef_qnnpack, _coefficients
-from . import _onednn
+from .._schemes import _apply_fbgemm, _coef_fbgemm, _coef_onednn, _coef_qnnpack, _coefficients
+from . import _onednn, _onednn_conv
 
 QTARGET = "qjax_amx_q8_gemm"
 QCONV_TARGET = "qjax_amx_q8_conv2d"
@@ -67,8 +79,16 @@ def epilogue_vectors(scheme, n, corr, bias, scale_x, scale_w, out, relu):
         b_q, mult, zp, flo, fhi = _coefficients(_coef_qnnpack, b, sx, sw, so, zo, lo, hi)
         ivec = corr if b_q is None else corr + b_q
         fvec = jnp.zeros((n,), jnp.float32)
+    elif scheme == "onednn":  # oneDNN's ukernel only: clamp (5,) selects its steps
+        c = _coefficients(_coef_onednn, b, sx, sw, so, zo, lo, hi)
+        sxp, swp, _, bo, inv_so, zpf, flo, fhi = c
+        ivec = corr
+        fvec = jnp.zeros((n,), jnp.float32) if bo is None else jnp.broadcast_to(bo, (n,))
+        mult = jnp.broadcast_to(swp, (n,))
+        clamp = jnp.stack([jnp.reshape(v, ()) for v in (flo, fhi, sxp, inv_so, zpf)])
+        return ivec.astype(jnp.int32), fvec, mult, clamp, jnp.zeros((1,), jnp.int32)
     else:
-        raise ValueError(f"the fused AMX epilogue covers {FUSED_SCHEMES}, got {scheme!r}")
+        raise ValueError(f"the fused epilogue covers {FUSED_SCHEMES + ('onednn',)}, got {scheme!r}")
     ivec = jnp.broadcast_to(ivec, (n,)).astype(jnp.int32)
     mult = jnp.broadcast_to(mult, (n,))
     clamp = jnp.stack([jnp.reshape(flo, ()), jnp.reshape(fhi, ())])
@@ -89,10 +109,12 @@ def fusable(pw, x, bias, out, scheme) -> bool:
     False
     """
     kernel = getattr(pw, "kernel", None)
-    if out is None or scheme not in FUSED_SCHEMES or kernel not in ("amx", "onednn"):
+    if out is None or kernel not in ("amx", "onednn"):
         return False
-    if kernel == "onednn" and not (_onednn.onednn_fused() and hasattr(pw, "out_features")):
-        return False  # the ukernel's epilogue covers linear layers only
+    if scheme not in FUSED_SCHEMES + (("onednn",) if kernel == "onednn" else ()):
+        return False  # the "onednn" scheme's epilogue: in oneDNN's ukernel calls only
+    if kernel == "onednn" and not _onednn.onednn_fused():
+        return False  # only the ukernel provider has the epilogue
     if not pw.zero_point_is_zero or x.values.dtype not in _CODES:
         return False
     ospec = out.spec
@@ -129,26 +151,109 @@ def fused_linear_codes(x, pw, bias, out, scheme, relu) -> jax.Array:
         xv, shift = x.values, 0
         if xv.dtype == jnp.int8:  # x + 128 as uint8: flip the top bit, reinterpret
             xv, shift = lax.bitcast_convert_type(xv ^ jnp.int8(-128), jnp.uint8), 128
-        vecs = _layer_vectors(x, pw.weight, pw.col_sum, bias, out, scheme, relu, shift)
+        vecs = _vectors(x, pw, pw.col_sum, bias, out, scheme, relu, shift)
         q8 = _onednn.onednn_linear_q8
         return q8(xv, pw.packed, pw.weight.values, *vecs, out.spec.dtype)
-    vecs = _layer_vectors(x, pw.weight, pw.col_sum, bias, out, scheme, relu)
+    vecs = _vectors(x, pw, pw.col_sum, bias, out, scheme, relu)
     return amx_linear_q8(x.values, pw.packed, pw.weight.values, *vecs, out.spec.dtype)
 
 
-def fused_conv_codes(xv, x, pw, bias, out, scheme, relu, stride) -> jax.Array:
-    """Output codes (NHWC) of a 2-D ``quantized_conv`` in one fused AMX call.
+def fused_conv_codes(xv, x, pw, bias, out, scheme, relu, stride, dilation=(1, 1)) -> jax.Array:
+    """Output codes (NHWC) of a 2-D ``quantized_conv`` in one fused AMX or oneDNN-ukernel
+    call.
 
     ``xv`` the zero-point-padded NHWC codes (int8 or uint8, not shifted); ``x`` the
     input :class:`~qjax.QArray` (its scale and zero point); ``pw`` an AMX
-    ``PreparedConv`` with ``groups == 1``; ``stride`` ``(sh, sw)``. Only when
+    ``PreparedConv`` with ``groups == 1`` and dilation 1, or a oneDNN one (any groups
+    and dilation, :mod:`._onednn_conv`; int8 codes shifted up by 128 as in
+    :func:`fused_linear_codes`); ``stride``/``dilation`` ``(h, w)``. Only when
     :func:`fusable` said so; as :func:`fused_linear_codes` with ``Σ_{kh,kw,c} w``.
 
     >>> fusable(None, None, None, None, "onednn")
     False
     """
-    vecs = _layer_vectors(x, pw.weight, pw.w_sum, bias, out, scheme, relu)
+    if pw.kernel == "onednn":
+        shift = 0
+        if xv.dtype == jnp.int8:  # x + 128 as uint8: flip the top bit, reinterpret
+            xv, shift = lax.bitcast_convert_type(xv ^ jnp.int8(-128), jnp.uint8), 128
+        vecs = _vectors(x, pw, pw.w_sum, bias, out, scheme, relu, shift)
+        w = pw.weight.values
+        w = w if w.ndim == 4 else w[None]  # a 1-D conv runs as H = 1
+        return _onednn_conv.onednn_conv2d_q8(
+            xv, pw.packed, w, stride, dilation, pw.groups, *vecs, out.spec.dtype
+        )
+    vecs = _vectors(x, pw, pw.w_sum, bias, out, scheme, relu)
     return amx_conv2d_q8(xv, pw.packed, pw.weight.values, stride, *vecs, out.spec.dtype)
+
+
+def _vectors(x, pw, w_sum, bias, out, scheme, relu, shift=0):
+    """The layer's epilogue vectors: folded at prepare time (:func:`fold_key`), else
+    computed here, in the program, from the call's qparams and bias."""
+    if pw.folded is not None:
+        return pw.epilogue
+    return _layer_vectors(x, pw.weight, w_sum, bias, out, scheme, relu, shift)
+
+
+def fold_key(x, out, scheme, relu) -> tuple:
+    """What a folded epilogue was made for, checked at each call (static, hashable):
+    ``(scheme, relu, x dtype, x scale, x zero point, out dtype, out scale, out zero
+    point)``; the scales and zero points as Python numbers (concrete qparams only).
+
+    >>> from qjax import QParams, QuantSpec
+    >>> u8 = QuantSpec(signed=False)
+    >>> x = QParams(0.5, 3, u8)
+    >>> fold_key(x, QParams(0.25, 128, u8), "fbgemm", True)
+    ('fbgemm', True, 'uint8', 0.5, 3, 'uint8', 0.25, 128)
+    """
+
+    def num(v, kind):
+        v = np.asarray(v).reshape(())
+        return float(v) if kind == "f" else int(v)
+
+    return (
+        scheme,
+        bool(relu),
+        str(np.dtype(x.spec.dtype)),
+        num(x.scale, "f"),
+        num(x.zero_point, "i"),
+        str(np.dtype(out.spec.dtype)),
+        num(out.scale, "f"),
+        num(out.zero_point, "i"),
+    )
+
+
+def check_folded(pw, x, bias, out, scheme, activation, accumulate, layer) -> None:
+    """Raise ``ValueError`` naming the layer unless a call fits the requantization folded
+    into ``pw`` (nothing to check when none is): exact accumulation, the fused call
+    possible (:func:`fusable`), the same scheme, ReLU, input and output dtypes, and, where
+    the call's qparams are concrete, the same scales and zero points (traced ones, e.g.
+    ``jit`` arguments, cannot be compared: the folded values are used).
+
+    >>> check_folded(None, None, None, None, "fbgemm", None, "exact", "fc")  # not folded
+    """
+    key = getattr(pw, "folded", None)
+    if key is None:
+        return
+    bad = None
+    if accumulate != "exact" or out is None or not fusable(pw, x, bias, out, scheme):
+        bad = "a call the fused kernel cannot run (accumulate, output qparams or bias)"
+    elif key[:3] != (scheme, activation == "relu", str(np.dtype(x.values.dtype))):
+        bad = f"scheme {scheme!r}, activation {activation!r}, input {x.values.dtype}"
+    elif key[5] != str(np.dtype(out.spec.dtype)):
+        bad = f"output dtype {np.dtype(out.spec.dtype)}"
+    else:
+        concrete = (x.scale, x.zero_point, out.scale, out.zero_point)
+        if not any(isinstance(v, jax.core.Tracer) for v in concrete):
+            now = fold_key(x.qparams, out, scheme, activation == "relu")
+            if now != key:
+                bad = f"qparams {now[3:5]} -> {now[6:]}"
+    if bad is not None:
+        raise ValueError(
+            f"layer {layer!r}: the weight's requantization was folded for {key} "
+            f"(scheme, relu, x dtype, scale, zero point, out dtype, scale, zero point), "
+            f"this call has {bad}; fold it again (qjax.kernels.fold_requant) or use the "
+            "weight as prepared"
+        )
 
 
 def _layer_vectors(x, wq, w_sum, bias, out, scheme, relu, shift=0):

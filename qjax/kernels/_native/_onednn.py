@@ -79,6 +79,8 @@ from . import _build
 
 __all__ = [
     "ONEDNN_TARGET",
+    "UKERNEL_CONV_TARGET",
+    "UKERNEL_Q8_CONV_TARGET",
     "UKERNEL_Q8_TARGET",
     "UKERNEL_TARGET",
     "onednn_dot",
@@ -97,6 +99,8 @@ __all__ = [
 ONEDNN_TARGET = "qjax_onednn_u8s8_matmul"
 UKERNEL_TARGET = "qjax_onednn_uk_matmul"
 UKERNEL_Q8_TARGET = "qjax_onednn_uk_q8_linear"
+UKERNEL_CONV_TARGET = "qjax_onednn_uk_conv2d"  # the conv of :mod:`._onednn_conv`
+UKERNEL_Q8_CONV_TARGET = "qjax_onednn_uk_q8_conv2d"
 EXPORT_HINT = "qjax_native_onednn_kernel: for jax.export build the model with kernel='xla'"
 INSTALL_HINT = "pip install 'qjax[onednn]' (PyPI onednn + onednn-devel)"
 
@@ -248,6 +252,8 @@ def _probe_ukernel() -> tuple[bool, str]:
     for target, handler in (
         (UKERNEL_TARGET, lib.QjaxOnednnUkMatmul),
         (UKERNEL_Q8_TARGET, lib.QjaxOnednnUkQ8Linear),
+        (UKERNEL_CONV_TARGET, lib.QjaxOnednnUkConv2d),
+        (UKERNEL_Q8_CONV_TARGET, lib.QjaxOnednnUkQ8Conv2d),
     ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     global _LIB, _PROVIDER
@@ -503,13 +509,36 @@ def onednn_fused() -> bool:
     return onednn_provider() == "ukernel"
 
 
+def portable_codes(acc, ivec, fvec, mult, clamp, zp) -> jax.Array:
+    """The fused epilogue in XLA (the ukernel calls' off-CPU path): ``clamp`` ``(2,)``:
+    the ``"fbgemm"``/``"qnnpack"`` steps (``_apply_fbgemm``); ``(5,)`` = ``(lo, hi, s_x',
+    f32(1/s_out), zp)``: the ``"onednn"`` steps (``_apply_onednn``, ``mult = s_w'``,
+    ``fvec`` the bias or 0). int32 codes.
+
+    >>> z, one = jnp.zeros(1, jnp.int32), jnp.ones(1)
+    >>> portable_codes(jnp.array([[7]]), z, one * 0, one / 2, jnp.array([0.0, 255.0]), z)
+    Array([[4]], dtype=int32)
+    """
+    from .._schemes import _apply_fbgemm, _apply_onednn, _m, _pow2
+
+    a = acc + ivec
+    if clamp.shape[0] == 2:
+        return _apply_fbgemm(a, fvec, mult, zp[0], clamp[0], clamp[1])
+    sx, inv_so, zpf = clamp[2], clamp[3], clamp[4]
+    _, e = jnp.frexp(_m(sx * mult))
+    k = jnp.clip(24 - e.astype(jnp.int32), -126, 126)
+    return _apply_onednn(a, sx, mult, (_pow2(k), _pow2(-k)), fvec, inv_so, zpf, *clamp[:2])
+
+
 def onednn_linear_q8(x, packed, w, ivec, fvec, mult, clamp, zp, out_dtype) -> jax.Array:
     """8-bit codes ``(..., N)`` of a linear layer in one oneDNN ukernel call:
 
     ``acc = Σ_k x[..., k]·w[k, n]`` (uint8 x int8 -> int32, exact), then per column
     ``a = acc + ivec[n]`` (int32, wrapping), ``y = f32(a) + fvec[n]``,
     ``code = clamp(rint(f32(y·mult[n])), clamp[0], clamp[1]) + zp`` (NaN -> ``zp``), the
-    AMX kernel's epilogue (:mod:`._fused`, the vectors from its ``epilogue_vectors``).
+    AMX kernel's epilogue (:mod:`._fused`, the vectors from its ``epilogue_vectors``;
+    ``clamp`` ``(5,)``: the ``"onednn"`` scheme's steps instead,
+    :func:`portable_codes`).
 
     ``x`` uint8 ``(..., K)``; ``packed = pack_onednn_weight(w)`` with the ``"ukernel"``
     provider (:func:`onednn_fused`); ``w`` int8 ``(K, N)``, used only off CPU, where
@@ -527,8 +556,6 @@ def onednn_linear_q8(x, packed, w, ivec, fvec, mult, clamp, zp, out_dtype) -> ja
     ...     print("[[103 -98]]")
     [[103 -98]]
     """
-    from .._schemes import _apply_fbgemm
-
     n = w.shape[1]
     shape = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), out_dtype)
 
@@ -542,8 +569,7 @@ def onednn_linear_q8(x, packed, w, ivec, fvec, mult, clamp, zp, out_dtype) -> ja
         del packed
         dims = (((x.ndim - 1,), (0,)), ((), ()))
         acc = lax.dot_general(x.astype(jnp.int32), w.astype(jnp.int32), dims)
-        codes = _apply_fbgemm(acc + ivec, fvec, mult, zp[0], clamp[0], clamp[1])
-        return codes.astype(out_dtype)
+        return portable_codes(acc, ivec, fvec, mult, clamp, zp).astype(out_dtype)
 
     vecs = (ivec, fvec, mult, clamp, zp)
     return lax.platform_dependent(x, packed, w, *vecs, cpu=native, default=portable)

@@ -7,6 +7,10 @@
 //   v = NaN ? 0 : min(max(r, flo), fhi)     jnp.clip then astype(int32): NaN -> 0
 //   code = (int8/uint8)(int32(v) + zp)      the low byte (XLA's integer convert)
 // "qnnpack" is the same with ivec = corr + b_q and fvec = 0 (f32(a) + 0 == f32(a)).
+// kind 1, "onednn" (rule 13; qjax.kernels._schemes._apply_onednn; oneDNN ukernel only):
+//   y = f32(f32(f32(a) * sx) * mult[n]) + fvec[n]     (mult = s_w', fvec = b or 0)
+//   r = rint(f32(f32(y * inv_so) + zpf))              the zero point before rounding
+//   code = (int8/uint8)(int32(NaN ? 0 : min(max(r, flo), fhi)))   zp = 0
 // Plain AVX-512 operations under the thread's MXCSR (as XLA's own code); every library
 // including this is built with -ffp-contract=off, so y * mult is never fused into the add.
 #pragma once
@@ -21,6 +25,8 @@ struct Epilogue {
   const float* mult;
   float flo, fhi;
   int32_t zp;
+  int kind = 0;  // 0: fbgemm / qnnpack, 1: onednn (the fields below)
+  float sx = 0.0f, inv_so = 0.0f, zpf = 0.0f;
 };
 
 // acc: rows x cols int32 (row stride lda) of the layer's columns col.. col + cols;
@@ -40,10 +46,20 @@ __attribute__((target("avx512f,avx512bw"))) inline void Requant(const int32_t* a
     __m512 lo = _mm512_set1_ps(e.flo);
     __m512 hi = _mm512_set1_ps(e.fhi);
     __m512i zp = _mm512_set1_epi32(e.zp);
+    __m512 sx = _mm512_set1_ps(e.sx), inv_so = _mm512_set1_ps(e.inv_so);
+    __m512 zpf = _mm512_set1_ps(e.zpf);
     for (int64_t i = 0; i < rows; ++i) {
       __m512i a = _mm512_add_epi32(_mm512_maskz_loadu_epi32(m, acc + i * lda + c0), iv);
-      __m512 y = _mm512_add_ps(_mm512_cvtepi32_ps(a), fv);
-      __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(y, mu), _MM_FROUND_TO_NEAREST_INT);
+      __m512 r;
+      if (e.kind == 1) {
+        __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), sx), mu);
+        y = _mm512_add_ps(y, fv);
+        __m512 p = _mm512_add_ps(_mm512_mul_ps(y, inv_so), zpf);
+        r = _mm512_roundscale_ps(p, _MM_FROUND_TO_NEAREST_INT);
+      } else {
+        __m512 y = _mm512_add_ps(_mm512_cvtepi32_ps(a), fv);
+        r = _mm512_roundscale_ps(_mm512_mul_ps(y, mu), _MM_FROUND_TO_NEAREST_INT);
+      }
       __mmask16 nan = _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
       __m512 v = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
       __m512i q = _mm512_maskz_mov_epi32(static_cast<__mmask16>(~nan), _mm512_cvttps_epi32(v));

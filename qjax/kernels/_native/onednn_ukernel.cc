@@ -58,6 +58,7 @@ namespace {
 
 constexpr int64_t kNB = 64;  // columns per packed block (one brgemm call's N)
 constexpr int64_t kMB = 64;  // rows per brgemm call
+constexpr int64_t kIm2colMaxK = 256;  // the conv im2col buffer's K (kh·kw·Cg, rounded to 4)
 
 int64_t RoundK(int64_t k) { return (k + 3) / 4 * 4; }
 int64_t Blocks(int64_t n) { return (n + kNB - 1) / kNB; }
@@ -66,22 +67,29 @@ int64_t PackedSize(int64_t k, int64_t n) { return Blocks(n) * RoundK(k) * kNB; }
 // One call's work, shared by the caller thread and the helper threads: items are
 // claimed from an atomic counter, so a task that starts late (or never) only leaves more
 // to the caller. Held by a shared_ptr: a helper that starts after the caller returned
-// finds nothing to do.
-struct Job {
-  const uint8_t* x = nullptr;
-  const int8_t* wp = nullptr;
-  int64_t m = 0, k = 0, n = 0, kp = 0, nblocks = 0, mchunks = 0, items = 0;
-  int32_t* acc = nullptr;  // int32 output, or
-  uint8_t* q = nullptr;    // 8-bit codes through the epilogue
-  Epilogue epi{};
+// finds nothing to do. Job (linear) and ConvJob (2-D conv, onednn_conv.h) fill in RunItem.
+struct Work {
+  virtual ~Work() = default;
+  virtual void RunItem(int64_t i) = 0;
+  int64_t items = 0;
+  int64_t macs = 0;  // multiply-adds of the whole call (decides the helper threads)
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
   std::mutex mu;
   std::string error;  // the first exception's message (torch throws c10::Error)
+};
+
+struct Job : Work {
+  const uint8_t* x = nullptr;
+  const int8_t* wp = nullptr;
+  int64_t m = 0, k = 0, n = 0, kp = 0, nblocks = 0, mchunks = 0;
+  int32_t* acc = nullptr;  // int32 output, or
+  uint8_t* q = nullptr;    // 8-bit codes through the epilogue
+  Epilogue epi{};
 
   // Item i: rows [64 * (i % mchunks), ...) of column block i / mchunks, so consecutive
   // items reuse one weight block from cache.
-  void RunItem(int64_t i) {
+  void RunItem(int64_t i) override {
     int64_t nb = i / mchunks, m0 = (i % mchunks) * kMB;
     int64_t rows = m - m0 < kMB ? m - m0 : kMB;
     int64_t n0 = nb * kNB, cols = n - n0 < kNB ? n - n0 : kNB;
@@ -98,7 +106,7 @@ struct Job {
   }
 };
 
-void Drain(Job& j) {
+void Drain(Work& j) {
   bool ran = false;
   for (;;) {
     int64_t i = j.next.fetch_add(1, std::memory_order_relaxed);
@@ -137,7 +145,7 @@ class Helpers {
     return *h;
   }
   int count() const { return count_; }
-  void Post(const std::shared_ptr<Job>& job) {
+  void Post(const std::shared_ptr<Work>& job) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       job_ = job;
@@ -156,7 +164,7 @@ class Helpers {
   void Loop() {
     uint64_t seen = 0;
     for (;;) {
-      std::shared_ptr<Job> job;
+      std::shared_ptr<Work> job;
       {
         std::unique_lock<std::mutex> lock(mu_);
         cv_.wait(lock, [&] { return gen_ != seen; });
@@ -168,24 +176,16 @@ class Helpers {
   }
   std::mutex mu_;
   std::condition_variable cv_;
-  std::shared_ptr<Job> job_;
+  std::shared_ptr<Work> job_;
   uint64_t gen_ = 0;
   int count_ = 0;
 };
 
 std::atomic<int> g_use_helpers{1};  // 0: XLA's pool instead (kept to measure against)
 
-ffi::Error Run(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, const char* who) {
-  if (job->m == 0 || job->n == 0) return ffi::Error::Success();
-  if (job->k == 0) {  // no products: a zero accumulator (the epilogue path never gets here)
-    if (job->acc != nullptr) std::memset(job->acc, 0, sizeof(int32_t) * job->m * job->n);
-    return ffi::Error::Success();
-  }
-  job->kp = RoundK(job->k);
-  job->nblocks = Blocks(job->n);
-  job->mchunks = (job->m + kMB - 1) / kMB;
-  job->items = job->nblocks * job->mchunks;
-  if (job->items > 1 && job->m * job->n * job->k >= g_parallel_macs.load()) {
+// Runs every item of a call: more threads for calls of at least g_parallel_macs.
+ffi::Error RunItems(ffi::ThreadPool& pool, const std::shared_ptr<Work>& job, const char* who) {
+  if (job->items > 1 && job->macs >= g_parallel_macs.load()) {
     g_parallel_calls.fetch_add(1, std::memory_order_relaxed);
     if (g_use_helpers.load() && Helpers::Get().count() > 0) Helpers::Get().Post(job);
     else pool.Schedule([job] { Drain(*job); });
@@ -199,6 +199,32 @@ ffi::Error Run(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, const cha
   }
   if (!job->error.empty()) return ffi::Error::Internal(std::string(who) + ": " + job->error);
   return ffi::Error::Success();
+}
+
+ffi::Error Run(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, const char* who) {
+  if (job->m == 0 || job->n == 0) return ffi::Error::Success();
+  if (job->k == 0) {  // no products: a zero accumulator (the epilogue path never gets here)
+    if (job->acc != nullptr) std::memset(job->acc, 0, sizeof(int32_t) * job->m * job->n);
+    return ffi::Error::Success();
+  }
+  job->kp = RoundK(job->k);
+  job->nblocks = Blocks(job->n);
+  job->mchunks = (job->m + kMB - 1) / kMB;
+  job->items = job->nblocks * job->mchunks;
+  job->macs = job->m * job->n * job->k;
+  return RunItems(pool, job, who);
+}
+
+// The epilogue of a call: clamp (2,) = (lo - zp, hi - zp) for fbgemm / qnnpack (kind 0),
+// clamp (5,) = (lo, hi, s_x', f32(1 / s_out), zp as float) for onednn (kind 1, zp = 0).
+Epilogue MakeEpilogue(ffi::Buffer<ffi::S32>& ivec, ffi::Buffer<ffi::F32>& fvec,
+                      ffi::Buffer<ffi::F32>& mult, ffi::Buffer<ffi::F32>& clamp,
+                      ffi::Buffer<ffi::S32>& zp) {
+  const float* c = clamp.typed_data();
+  Epilogue e{ivec.typed_data(), fvec.typed_data(), mult.typed_data(), c[0], c[1],
+             zp.typed_data()[0]};
+  if (clamp.element_count() == 5) e.kind = 1, e.sx = c[2], e.inv_so = c[3], e.zpf = c[4], e.zp = 0;
+  return e;
 }
 
 // Shapes of x (..., K), packed (S,) and out (..., N); M folds every leading dim.
@@ -251,17 +277,249 @@ ffi::Error Q8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi:
   if (err.failure()) return err;
   const size_t n = static_cast<size_t>(job->n);
   if (ivec.element_count() != n || fvec.element_count() != n || mult.element_count() != n ||
-      clamp.element_count() != 2 || zp.element_count() != 1)
+      (clamp.element_count() != 2 && clamp.element_count() != 5) || zp.element_count() != 1)
     return ffi::Error::InvalidArgument(std::string(who) +
-                                       ": epilogue vectors must be (N,), clamp (2,), zp (1,)");
+                                       ": epilogue vectors must be (N,), clamp (2,) or (5,), "
+                                       "zp (1,)");
   if (job->k == 0)  // qjax refuses K = 0 layers before this; keep the kernel total anyway
     return ffi::Error::InvalidArgument(std::string(who) + ": K = 0");
   job->x = x.typed_data();
   job->wp = reinterpret_cast<const int8_t*>(packed.typed_data());
   job->q = static_cast<uint8_t*>(out->untyped_data());
-  job->epi = Epilogue{ivec.typed_data(), fvec.typed_data(), mult.typed_data(),
-                      clamp.typed_data()[0], clamp.typed_data()[1], zp.typed_data()[0]};
+  job->epi = MakeEpilogue(ivec, fvec, mult, clamp, zp);
   return Run(pool, job, who);
+}
+
+// ---------------------------------------------------------------------------------------
+// 2-D convolution (qjax_onednn_uk_conv2d, qjax_onednn_uk_q8_conv2d): NHWC uint8 codes,
+// already padded with the input zero point (a VALID conv), HWIO int8 weight, groups:
+//
+//   acc[n, i, j, g·Og + o] = Σ_{a, b, c} x[n, i·sh + a·dh, j·sw + b·dw, g·Cg + c]
+//                                        · w[a, b, c, g·Og + o]
+//
+// in int32 tiles of at most 64 output positions x 64 output channels of one group, then
+// copied out (acc) or requantized (Requant, epilogue.h). Two ways to feed the ukernel,
+// chosen per layer by qjax (attribute "feed"):
+//
+// * kernel rows (feed = 2, groups 1, C % 4 = 0, dilation 1 along W): one brgemm call per
+//   kernel row a with K = kw·C, the row's kw·C input bytes being contiguous in NHWC, read
+//   in place like the taps below (lda = sw·C; the A rows overlap); with dilation along W
+//   (feed = 3) the same packed rows, one call per tap on its C rows of them (whole VNNI
+//   groups of 4, as C % 4 = 0);
+// * taps (feed = 0): one brgemm call per kernel tap (a, b) with K = Cg, accumulating
+//   into the tile (add_C after the first), A read in place from the padded input: the
+//   rows of a tile are output positions p, p + 1, ... at the input address
+//   p·sw·C + tap offset, so lda = sw·C. Positions run over a "virtual" row width
+//   Wv = sh·Wp / sw when that is an integer and wastes little (wide = 1: tiles span
+//   output rows; the Wv - OW positions past each row's end are computed from bytes inside
+//   the image and dropped), else one output row per tile (wide = 0).
+// * im2col (feed = 1, small Cg, e.g. a first layer with C = 1): the tile's rows are
+//   gathered into a (64, Kp) buffer in (a, b, c) order, then one call with K = kh·kw·Cg.
+//
+// packed: for each group g, for each segment s (a kernel row with K = kw·C, a tap with
+// K = Cg, or the whole im2col K = kh·kw·Cg), the (K, Og) matrix in the linear layout (qjax_onednn_uk_pack), blocks of
+// PackedSize(K, Og) bytes at ((g · segments) + s) · PackedSize(K, Og).
+struct ConvJob : Work {
+  const uint8_t* x = nullptr;
+  const int8_t* wp = nullptr;
+  int64_t hp = 0, wpad = 0, c = 0, kh = 0, kw = 0, sh = 1, sw = 1, dh = 1, dw = 1;
+  int64_t groups = 1, cg = 0, og = 0, o = 0, oh = 0, ow = 0;
+  bool im2col = false, rows_feed = false, rows_taps = false, wide = false;
+  int64_t kseg = 0, kpad = 0, seg_bytes = 0, segments = 0, nblocks = 0;
+  int64_t wv = 0, positions = 0, chunks = 0;  // per image: tile rows come from positions
+  int32_t* acc = nullptr;
+  uint8_t* q = nullptr;
+  Epilogue epi{};
+
+  // Output position index p of a tile row -> (i, j); valid when j < OW.
+  void Pos(int64_t p, int64_t* i, int64_t* j) const {
+    if (wide) {
+      *i = p / wv;
+      *j = p % wv;
+    } else {
+      *i = p / ow;
+      *j = p % ow;
+    }
+  }
+
+  // Item: ((image · groups + g) · nblocks + nb) · chunks + chunk.
+  void RunItem(int64_t it) override {
+    int64_t chunk = it % chunks, rest = it / chunks;
+    int64_t nb = rest % nblocks;
+    rest /= nblocks;
+    int64_t g = rest % groups, img = rest / groups;
+    int64_t cols = og - nb * kNB < kNB ? og - nb * kNB : kNB;
+    int64_t p0, rows;
+    if (wide || im2col) {
+      p0 = chunk * kMB;
+      rows = positions - p0 < kMB ? positions - p0 : kMB;
+    } else {  // one output row per chunk group: chunk = row · ceil(OW / 64) + part
+      int64_t parts = (ow + kMB - 1) / kMB;
+      int64_t row = chunk / parts, j0 = (chunk % parts) * kMB;
+      p0 = row * ow + j0;
+      rows = ow - j0 < kMB ? ow - j0 : kMB;
+    }
+    const uint8_t* xi = x + img * hp * wpad * c + g * cg;
+    const int8_t* wg = wp + (g * segments) * seg_bytes + nb * kpad * kNB;
+    alignas(64) int32_t tile[kMB * kNB];
+    if (im2col) {
+      alignas(64) uint8_t buf[kMB * kIm2colMaxK];
+      for (int64_t r = 0; r < rows; ++r) {
+        int64_t i, j;
+        Pos(p0 + r, &i, &j);
+        uint8_t* dst = buf + r * kpad;
+        for (int64_t a = 0; a < kh; ++a) {
+          const uint8_t* src = xi + ((i * sh + a * dh) * wpad + j * sw) * c;
+          uint8_t* d = dst + a * kw * cg;
+          if (dw == 1 && cg == c) {  // the kernel row's kw·C bytes are contiguous
+            for (int64_t t = 0; t < kw * cg; ++t) d[t] = src[t];
+          } else {
+            for (int64_t b = 0; b < kw; ++b)
+              for (int64_t t = 0; t < cg; ++t) d[b * cg + t] = src[b * dw * c + t];
+          }
+        }
+        for (int64_t t = kseg; t < kpad; ++t) dst[t] = 0;
+      }
+      at::native::cpublas::brgemm(rows, cols, kseg, kpad, kNB, kNB, false, buf, wg, tile, true);
+    } else {
+      int64_t i0, j0;
+      Pos(p0, &i0, &j0);
+      const uint8_t* base = xi + (i0 * sh * wpad + j0 * sw) * c;
+      if (rows_feed) {
+        for (int64_t a = 0; a < kh; ++a)
+          at::native::cpublas::brgemm(rows, cols, kseg, sw * c, kNB, kNB, a > 0,
+                                      base + a * dh * wpad * c, wg + a * seg_bytes, tile, true);
+      } else if (rows_taps) {
+        for (int64_t a = 0; a < kh; ++a)
+          for (int64_t b = 0; b < kw; ++b)
+            at::native::cpublas::brgemm(rows, cols, cg, sw * c, kNB, kNB, a + b > 0,
+                                        base + (a * dh * wpad + b * dw) * c,
+                                        wg + a * seg_bytes + b * cg * kNB, tile, true);
+      } else {
+        for (int64_t a = 0; a < kh; ++a)
+          for (int64_t b = 0; b < kw; ++b) {
+            const uint8_t* at = base + (a * dh * wpad + b * dw) * c;
+            at::native::cpublas::brgemm(rows, cols, cg, sw * c, kNB, kNB, a + b > 0, at,
+                                        wg + (a * kw + b) * seg_bytes, tile, true);
+          }
+      }
+    }
+    // Write the valid rows, in runs that are contiguous in the output.
+    int64_t col = g * og + nb * kNB;
+    for (int64_t r = 0; r < rows;) {
+      int64_t i, j;
+      Pos(p0 + r, &i, &j);
+      if (j >= ow) {  // a wide tile's row past the end of an output row
+        ++r;
+        continue;
+      }
+      int64_t run = ow - j < rows - r ? ow - j : rows - r;
+      int64_t off = ((img * oh + i) * ow + j) * o + col;
+      if (q != nullptr) {
+        Requant(tile + r * kNB, kNB, run, cols, q + off, o, epi, col);
+      } else {
+        for (int64_t rr = 0; rr < run; ++rr)
+          std::memcpy(acc + off + rr * o, tile + (r + rr) * kNB, sizeof(int32_t) * cols);
+      }
+      r += run;
+    }
+  }
+};
+
+bool Im2colFits(int64_t k) { return RoundK(k) <= kIm2colMaxK; }
+
+// Shapes and geometry of a conv call; fills the job.
+ffi::Error ConvSetup(const char* who, ConvJob& j, ffi::AnyBuffer::Dimensions xd, int64_t packed,
+                     ffi::AnyBuffer::Dimensions od, int64_t kh, int64_t kw, int64_t sh,
+                     int64_t sw, int64_t dh, int64_t dw, int64_t groups, int64_t feed) {
+  auto bad = [&](const std::string& m) { return ffi::Error::InvalidArgument(who + (": " + m)); };
+  if (xd.size() != 4 || od.size() != 4) return bad("x and out must be NHWC (rank 4)");
+  if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || groups < 1)
+    return bad("kernel, stride, dilation and groups must be positive");
+  j.hp = xd[1], j.wpad = xd[2], j.c = xd[3];
+  j.kh = kh, j.kw = kw, j.sh = sh, j.sw = sw, j.dh = dh, j.dw = dw, j.groups = groups;
+  j.o = od[3];
+  if (j.c % groups || j.o % groups) return bad("C and O must be divisible by groups");
+  j.cg = j.c / groups, j.og = j.o / groups;
+  int64_t eh = (kh - 1) * dh + 1, ew = (kw - 1) * dw + 1;
+  if (j.hp < eh || j.wpad < ew) return bad("the dilated kernel is larger than the input");
+  j.oh = (j.hp - eh) / sh + 1, j.ow = (j.wpad - ew) / sw + 1;
+  if (od[0] != xd[0] || od[1] != j.oh || od[2] != j.ow)
+    return bad("out must be (N, OH, OW, O) of the VALID conv");
+  if (j.cg == 0) return bad("C / groups = 0");
+  if (feed < 0 || feed > 3) return bad("feed must be 0 (taps), 1 (im2col), 2 or 3 (rows)");
+  j.im2col = feed == 1;
+  j.rows_feed = feed == 2;
+  j.rows_taps = feed == 3;
+  bool rows = j.rows_feed || j.rows_taps;
+  if (rows && (groups != 1 || j.cg % 4 != 0)) return bad("feeds 2, 3 need groups 1, C % 4 = 0");
+  if (j.rows_feed && dw != 1) return bad("feed 2 needs dilation 1 along W");
+  j.kseg = j.im2col ? kh * kw * j.cg : rows ? kw * j.cg : j.cg;
+  if (j.im2col && !Im2colFits(j.kseg)) return bad("im2col K too large");
+  j.kpad = RoundK(j.kseg);
+  j.segments = j.im2col ? 1 : rows ? kh : kh * kw;
+  j.seg_bytes = PackedSize(j.kseg, j.og);
+  int64_t want = groups * j.segments * j.seg_bytes;
+  if (packed != want)
+    return bad("packed weight has " + std::to_string(packed) + " bytes, want " +
+               std::to_string(want));
+  j.nblocks = Blocks(j.og);
+  // Tiles over a virtual row width Wv = sh·Wp / sw when integral and at most 1/4 wasted.
+  j.wide = false;
+  if (!j.im2col && (sh * j.wpad) % sw == 0) {
+    int64_t wv = sh * j.wpad / sw;
+    int64_t span = (j.oh - 1) * wv + j.ow;
+    if (4 * span <= 5 * j.oh * j.ow) j.wide = true, j.wv = wv, j.positions = span;
+  }
+  if (!j.wide) j.positions = j.oh * j.ow;
+  if (j.wide || j.im2col) j.chunks = (j.positions + kMB - 1) / kMB;
+  else j.chunks = j.oh * ((j.ow + kMB - 1) / kMB);
+  j.items = xd[0] * groups * j.nblocks * j.chunks;
+  j.macs = xd[0] * j.oh * j.ow * j.o * kh * kw * j.cg;
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi::U8> packed,
+                    ffi::ResultBuffer<ffi::S32> out, int64_t kh, int64_t kw, int64_t sh,
+                    int64_t sw, int64_t dh, int64_t dw, int64_t groups, int64_t feed) {
+  const char* who = "qjax_onednn_uk_conv2d";
+  auto job = std::make_shared<ConvJob>();
+  ffi::Error err = ConvSetup(who, *job, x.dimensions(), packed.element_count(),
+                             out->dimensions(), kh, kw, sh, sw, dh, dw, groups, feed);
+  if (err.failure()) return err;
+  job->x = x.typed_data();
+  job->wp = reinterpret_cast<const int8_t*>(packed.typed_data());
+  job->acc = out->typed_data();
+  if (job->items == 0) return ffi::Error::Success();
+  return RunItems(pool, job, who);
+}
+
+ffi::Error Q8ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi::U8> packed,
+                      ffi::Buffer<ffi::S32> ivec, ffi::Buffer<ffi::F32> fvec,
+                      ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::F32> clamp,
+                      ffi::Buffer<ffi::S32> zp, ffi::Result<ffi::AnyBuffer> out, int64_t kh,
+                      int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw,
+                      int64_t groups, int64_t feed) {
+  const char* who = "qjax_onednn_uk_q8_conv2d";
+  auto ot = out->element_type();
+  if (ot != ffi::DataType::S8 && ot != ffi::DataType::U8)
+    return ffi::Error::InvalidArgument(std::string(who) + ": out must be int8 or uint8 codes");
+  auto job = std::make_shared<ConvJob>();
+  ffi::Error err = ConvSetup(who, *job, x.dimensions(), packed.element_count(),
+                             out->dimensions(), kh, kw, sh, sw, dh, dw, groups, feed);
+  if (err.failure()) return err;
+  const size_t o = static_cast<size_t>(job->o);
+  if (ivec.element_count() != o || fvec.element_count() != o || mult.element_count() != o ||
+      (clamp.element_count() != 2 && clamp.element_count() != 5) || zp.element_count() != 1)
+    return ffi::Error::InvalidArgument(std::string(who) +
+                                       ": epilogue vectors must be (O,), clamp (2,) or (5,), "
+                                       "zp (1,)");
+  job->x = x.typed_data();
+  job->wp = reinterpret_cast<const int8_t*>(packed.typed_data());
+  job->q = static_cast<uint8_t*>(out->untyped_data());
+  job->epi = MakeEpilogue(ivec, fvec, mult, clamp, zp);
+  if (job->items == 0) return ffi::Error::Success();
+  return RunItems(pool, job, who);
 }
 
 void SetError(char* buf, int64_t size, const std::string& msg) {
@@ -290,6 +548,41 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxOnednnUkQ8Linear, Q8Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxOnednnUkConv2d, ConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("feed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxOnednnUkQ8Conv2d, Q8ConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("feed"));
 
 // Run one small u8*s8 brgemm and compare it with the exact sums: 0 when the ukernel
 // runs and is exact here, else 1 with the reason in err (torch's message when it refuses
@@ -338,6 +631,9 @@ extern "C" void qjax_onednn_uk_pack(int64_t k, int64_t n, const int8_t* w, uint8
           static_cast<uint8_t>(w[kk * n + j]);
     }
 }
+
+// The largest im2col K (kh·kw·Cg) the conv kernel takes.
+extern "C" int64_t qjax_onednn_uk_im2col_max_k() { return kIm2colMaxK; }
 
 // Multiply-adds from which a call hands items to a second thread; returns the old value
 // (a negative argument only reads it).
