@@ -76,8 +76,8 @@ def test_an_interrupted_save_leaves_no_temporary_file(tmp_path, monkeypatch):
 _AS_NOBODY = """
 import sys
 from qjax import load_served, save_served
-from tests.test_hardening_save import _model
-for call in (lambda: load_served(sys.argv[1]), lambda: save_served(sys.argv[2], _model())):
+public = load_served(sys.argv[3])  # a readable copy: no convert in the subprocess
+for call in (lambda: load_served(sys.argv[1]), lambda: save_served(sys.argv[2], public)):
     try:
         call()
         print("no error")
@@ -95,11 +95,14 @@ def test_permission_errors_say_so_and_name_the_path():
         os.chmod(d, 0o755)
         secret = os.path.join(d, "secret.safetensors")
         save_served(secret, _model())
+        public = os.path.join(d, "public.safetensors")
+        save_served(public, _model())
+        os.chmod(public, 0o644)
         os.chmod(secret, 0o600)
         ro = os.path.join(d, "ro")
         os.mkdir(ro, 0o555)
         out_path = os.path.join(ro, "out.safetensors")
-        cmd = [sys.executable, "-c", _AS_NOBODY, secret, out_path]
+        cmd = [sys.executable, "-c", _AS_NOBODY, secret, out_path, public]
         if os.geteuid() == 0:
             cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

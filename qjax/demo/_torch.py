@@ -130,7 +130,9 @@ def torch_ptq(float_model: DigitsNet, engine_name: str, batches) -> nn.Module:
     return tq.convert(prepared)
 
 
-def served_codes(program: Program, x, names, flatten: tuple[str, str] | None = None):
+def served_codes(
+    program: Program, x, names, flatten: tuple[str, str] | None = None
+) -> dict[str, QArray]:
     """``{name: QArray}``: the codes of every quantized activation of ``program`` on ``x``
     (:meth:`~qjax.Program.trace`, in graph order: one name each), in torch's layout
     (NHWC -> NCHW). ``flatten=(after, name)`` adds ``name``: the codes of activation
