@@ -30,7 +30,6 @@ from ._rounding import round_stochastic as round_stochastic
 from ._spec import QParams as QParams
 from ._spec import QuantSpec as QuantSpec
 from .flax._convert import convert as convert
-from .flax._serve import ServedModel as ServedModel
 from .flax._served_io import load_served as load_served
 from .flax._served_io import save_served as save_served
 from .program import Program as Program
@@ -56,7 +55,6 @@ __all__ = [
     "QArray",
     "QParams",
     "QuantSpec",
-    "ServedModel",
     "convert",
     "debug",
     "dequantize",

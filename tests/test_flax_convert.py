@@ -1,4 +1,5 @@
-"""qjax.convert: Flax Sequential -> int8 program; train == serve; export; save/load."""
+"""qjax.convert of a Flax Sequential (NNX and Linen): traced and lowered to the one int8
+Program like any class; train == serve; export; save/load."""
 
 import json
 
@@ -170,10 +171,13 @@ def test_qjax_recommended_input_quantizer_convention():
     x = _data((32, 6))[0]
     qnnx.calibrate(model, [x], progress=False)
     served = qjax.convert(model, x)
-    assert [s["op"] for s in served.steps] == ["linear", "linear"]  # ActQuant consumed
-    assert served.steps[0]["relu"] is True
-    y, f = np.asarray(served(x)), np.asarray(model(x))
-    assert np.max(np.abs(y - f)) <= 2.5 * float(np.ptp(f)) / 255
+    # each layer quantizes its own input; without an output quantizer it returns the float
+    # f32(acc)·f32(s_x·s_w) + b, the ReLU runs in float, the ActQuant quantizes the output
+    ops = [la.op for la in served.layers.values()]
+    assert ops == ["quantize", "linear", "float", "quantize", "linear", "quantize", "dequantize"]
+    assert list(served.float_ops.values()) == ["max"]
+    y, f = np.asarray(served(x)), np.asarray(nnx.jit(lambda m, x: m(x))(model, x))
+    assert np.array_equal(y, f)  # served == frozen (the config has no scheme: no ties here)
 
 
 def _walk_eqns(jaxpr):
@@ -191,7 +195,7 @@ def test_served_program_has_only_int8_dots_and_convs():
     model, x = _model("cnn", "x86")
     model = _with_scheme(model, "fbgemm")
     served = qjax.convert(model, x)
-    jaxpr = jax.make_jaxpr(served.forward)(x)
+    jaxpr = jax.make_jaxpr(served)(x)
     seen = 0
     for eqn in _walk_eqns(jaxpr.jaxpr):
         if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
@@ -207,20 +211,21 @@ def test_export_round_trip_and_save_load(tmp_path):
     model = _with_scheme(model, "fbgemm")
     served = qjax.convert(model, x)
     y = served(x)
-    exp = jax.export.export(jax.jit(served.forward))(jax.ShapeDtypeStruct(x.shape, x.dtype))
+    exp = jax.export.export(jax.jit(served))(jax.ShapeDtypeStruct(x.shape, x.dtype))
     back = jax.export.deserialize(exp.serialize())
     assert bool((back.call(x) == y).all())
     path = tmp_path / "cnn.safetensors"
     qjax.save_served(path, served)
     loaded = qjax.load_served(path)
-    assert loaded.structure == served.structure
+    assert [s.name for s in loaded.steps] == [s.name for s in served.steps]
+    assert [s.spec[0] for s in loaded.steps] == [s.spec[0] for s in served.steps]
     assert bool((loaded(x) == y).all())
-    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(served), strict=True):
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(served.params), strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
     with open(path, "rb") as f:  # safetensors: 8-byte header length, then JSON
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
-    assert json.loads(header["__metadata__"]["qjax"])["format"] == "qjax.served"
+    assert json.loads(header["__metadata__"]["qjax"])["format"] == "qjax.program"
 
 
 def test_linen_sequential_converts_and_serves_exactly():
@@ -280,10 +285,10 @@ def test_errors_name_the_module():
     with pytest.raises(ValueError, match=r"layers/1 trained with QuantConfig\(scheme='fbgemm'\)"):
         qjax.convert(model, x, scheme="qnnpack")
     served = qjax.convert(model, x)
-    with pytest.raises(ValueError, match=r"layers/0.*expects input \(batch, 12\).*convert"):
+    with pytest.raises(ValueError, match=r"layers/1: the input has 11 features.*in_features=12"):
         served(jnp.ones((4, 11)))
-    # a stock layer the Sequential server does not know: the model is traced instead, and
-    # the unquantized nnx.Linear runs in float on the dequantized codes, listed as such
+    # a stock layer: the unquantized nnx.Linear runs in float on the dequantized codes,
+    # listed as such
     mixed = nnx.Sequential(qnnx.QuantStub(cfg), nnx.Linear(12, 3, rngs=nnx.Rngs(0)))
     qnnx.calibrate(mixed, [x], progress=False)
     traced = qjax.convert(mixed, x)
@@ -310,9 +315,11 @@ def test_config_scheme_validation():
         _cfg("x86", "nope")
 
 
-def test_avg_pool_serves_within_half_a_step():
-    """AvgPool: the float mean of fake-quantized values vs the integer kernel's rounded
-    mean of the codes (documented: not exact; at most half a quantization step)."""
+def test_avg_pool_serves_the_frozen_float_pool_exactly():
+    """AvgPool after a quantizer: the frozen model averages the fake-quantized values in
+    float, and so does the served program (a float step on the dequantized codes, listed
+    in float_ops), bit for bit. (The removed Sequential interpreter averaged the codes in
+    integers instead: up to half a quantization step off the frozen model.)"""
     cfg = _cfg("x86", "fbgemm")
     model = nnx.Sequential(
         qnnx.QuantStub(cfg), qnnx.AvgPool((2, 2)), qnnx.Flatten(), qnnx.DeQuantStub()
@@ -320,11 +327,11 @@ def test_avg_pool_serves_within_half_a_step():
     x = _data((8, 6, 6, 3))[0]
     qnnx.calibrate(model, [x], progress=False)
     served = qjax.convert(model, x)
-    assert [s["op"] for s in served.steps] == ["quantize", "avg_pool", "flatten", "dequantize"]
-    st = model.layers[0].quant_stats.get_value()
-    scale = float(cfg.activation_observer(cfg.activation, cfg.compat).qparams(st).scale)
-    err = np.abs(np.asarray(served(x)) - np.asarray(model(x)))
-    assert err.max() <= 0.5 * scale * (1 + 1e-5) and err.max() > 0
+    assert [la.op for la in served.layers.values()] == ["quantize", "dequantize"] + ["float"] * 3
+    assert sorted(served.float_ops.values()) == ["div", "reduce_window_sum", "reshape"]
+    frozen = np.asarray(nnx.jit(lambda m, x: m(x))(model, x))
+    assert np.array_equal(np.asarray(served(x)), frozen)
+    assert np.array_equal(np.asarray(served(x)), np.asarray(model(x)))
 
 
 def test_nnx_and_linen_layers_give_identical_integer_values():

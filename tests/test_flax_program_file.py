@@ -233,5 +233,5 @@ def test_only_described_programs_save(tmp_path):
     step = Step("out", lambda _, x: x * 2, ("x",), traced=False)
     with pytest.raises(TypeError, match="step 'out' .* is a function without a description"):
         qjax.save_served(tmp_path / "m.safetensors", Program([step], ("x",), "out"))
-    with pytest.raises(TypeError, match="expected a program from qjax.convert, got dict"):
+    with pytest.raises(TypeError, match="expected a qjax.Program .*, got dict"):
         qjax.save_served(tmp_path / "m.safetensors", {})

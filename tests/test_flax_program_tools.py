@@ -176,14 +176,14 @@ def test_compare_against_another_schemes_trace(cnn):
             assert "rounded to int32 here (scheme 'qnnpack'" in c.message
 
 
-def test_tools_refuse_a_served_sequential_with_the_fix():
+def test_a_served_sequential_is_a_program_the_tools_take():
+    """A Sequential converts to the same Program as a class calling it (one path): the
+    tools inspect both alike; something that is not a program is refused by name."""
     seq = nnx.Sequential(qnnx.QuantLinear(6, 5, config=CFG, rngs=nnx.Rngs(0)))
     x = jnp.linspace(-1, 1, 96).reshape(16, 6)  # the fixture's fc shapes: compiled already
     qnnx.calibrate(seq, [x], progress=False)
     served = qjax.convert(seq, x)
-    assert not isinstance(served, Program)
-    with pytest.raises(TypeError, match="ServedModel has none: convert a model class"):
-        qjax.parity.inspect(served, x)
+    assert isinstance(served, Program)
 
     class Model(nnx.Module):
         def __init__(self, seq):
@@ -192,9 +192,13 @@ def test_tools_refuse_a_served_sequential_with_the_fix():
         def __call__(self, v):
             return self.seq(v)
 
-    program = qjax.convert(Model(seq), x)  # traced: a Program
+    program = qjax.convert(Model(seq), x)
     ops = [la.op for la in qjax.parity.inspect(program, x).layers]
     assert ops[:2] == ["quantize", "linear"]
+    assert [la.op for la in qjax.parity.inspect(served, x).layers] == ops
+    assert bool((served(x) == program(x)).all())
+    with pytest.raises(TypeError, match="expected a qjax.Program.*no per-layer trace"):
+        qjax.parity.inspect(lambda v: v, x)
 
 
 # ---- ONNX export ------------------------------------------------------------------------

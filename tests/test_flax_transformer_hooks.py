@@ -396,7 +396,7 @@ class Outer(nnx.Module):
 
 
 def test_convert_serves_a_hooked_linear_general_in_int8():
-    """A Sequential with a stock layer is traced (not the Sequential server): the
+    """A Sequential with a hooked stock layer is traced like any model: the
     LinearGeneral kernel (4, (2, 2)) runs as an int8 (4, 4) linear, outputs unflattened."""
     emb = nnx.Sequential(nnx.LinearGeneral(4, (2, 2), rngs=nnx.Rngs(0)))
     qn.quantize_model(emb, [("layers/0", CFG.replace(scheme="fbgemm"))])

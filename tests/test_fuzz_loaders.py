@@ -509,24 +509,41 @@ def test_fuzz_served_refuses_torch_files(state_dict_case, served_file):
 # what the fuzzing found, pinned (each failed before its fix)
 
 
+def _spec_of(meta, kind, param):
+    """The spec (a JSON object) of the first ``kind`` step's parameter ``param`` (None: a
+    quantize step's qparams; an index: a layer's weight 0, bias 1, output qparams 2)."""
+    st = next(st for st in meta["steps"] if st["kind"] == kind)
+    return (st["params"] if param is None else st["params"][param])["spec"]
+
+
 @pytest.mark.parametrize(
-    "step, param, field, value, pattern",
+    "kind, param, field, value, pattern",
     [
         # an activation spec made per-axis: UnboundLocalError before
-        (1, "in_qp", "axis", -1, r"activation qparams must be per-tensor"),
+        ("quantize", None, "axis", -1, r"activation qparams must be per-tensor"),
         # QuantSpec took any JSON value as a bool: these loaded
-        (5, "out_qp", "narrow_range", "bogus", r"out_qp: spec narrow_range 'bogus' must be"),
-        (0, "qp", "reduce_range", 0, r"qp: spec reduce_range 0 must be true or false"),
-        (1, "w", "symmetric", "", r"w: spec symmetric '' must be true or false"),
-        (0, "qp", "quant_min", True, r"qp: spec quant_min True must be an integer or null"),
+        ("layer", 2, "narrow_range", "bogus", r"spec narrow_range 'bogus' must be"),
+        ("quantize", None, "reduce_range", 0, r"spec reduce_range 0 must be true or false"),
+        ("layer", 0, "symmetric", "", r"spec symmetric '' must be true or false"),
+        ("quantize", None, "quant_min", True, r"spec quant_min True must be an integer or null"),
     ],
 )
-def test_served_spec_fields_found_by_fuzzing(served_file, step, param, field, value, pattern):
+def test_served_spec_fields_found_by_fuzzing(served_file, kind, param, field, value, pattern):
     d, meta0, tensors0, _, _ = served_file
     meta = json.loads(json.dumps(meta0))
-    meta["params"][step][param]["spec"][field] = value
+    _spec_of(meta, kind, param)[field] = value
     _write(d / "found.safetensors", meta, dict(tensors0))
     with pytest.raises(ValueError, match=pattern):
+        qjax.load_served(d / "found.safetensors")
+
+
+def test_layer_out_of_another_type_found_by_fuzzing(served_file):
+    """A layer's ``out`` qparams replaced by a string: AttributeError before."""
+    d, meta0, tensors0, _, _ = served_file
+    meta = json.loads(json.dumps(meta0))
+    next(st for st in meta["steps"] if st["kind"] == "layer")["layer"]["out"] = ""
+    _write(d / "found.safetensors", meta, dict(tensors0))
+    with pytest.raises(ValueError, match=r"layer out '' must be qparams"):
         qjax.load_served(d / "found.safetensors")
 
 

@@ -3,7 +3,7 @@ a symlink is written through (the link stays), an interrupted write leaves no te
 file, and unreadable / unwritable paths are named errors ("permission denied" on load,
 not safetensors' "No such file or directory"; the path on save)."""
 
-import json
+import functools
 import os
 import shutil
 import subprocess
@@ -11,17 +11,24 @@ import sys
 import tempfile
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-import qjax
-from qjax import load_served, save_served
-from qjax.flax._serve import ServedModel
+from qjax import convert, load_served, save_served
 
 
+@functools.lru_cache(maxsize=1)
 def _model():
-    qp = qjax.QParams(jnp.float32(0.5), jnp.int32(0), qjax.QuantSpec())
-    st = [{"op": "quantize", "name": "stub", "compat": "qjax"}]
-    return ServedModel(json.dumps(st), ({"qp": qp},), (3,))
+    """A converted program (quantize, dequantize): the smallest thing save_served takes."""
+    from flax import nnx
+
+    from qjax.flax import default_qat_qconfig
+    from qjax.flax import nnx as qnnx
+
+    cfg = default_qat_qconfig("x86")
+    model = nnx.Sequential(qnnx.QuantStub(cfg), qnnx.DeQuantStub())
+    qnnx.calibrate(model, [X], progress=False)
+    return convert(model, X)
 
 
 X = jnp.array([[0.3, 1.0, -9.0]])
@@ -46,7 +53,7 @@ def test_saving_through_a_symlink_writes_its_target(tmp_path):
     link.symlink_to(target)
     save_served(link, _model())
     assert link.is_symlink() and os.readlink(link) == str(target)
-    assert load_served(target)(X).tolist() == [[0.5, 1.0, -9.0]]
+    assert np.array_equal(load_served(target)(X), _model()(X))
     assert sorted(os.listdir(tmp_path / "real")) == ["m.safetensors"]
 
 
@@ -69,8 +76,8 @@ def test_an_interrupted_save_leaves_no_temporary_file(tmp_path, monkeypatch):
 _AS_NOBODY = """
 import sys
 from qjax import load_served, save_served
-from tests.test_hardening_save import _model
-for call in (lambda: load_served(sys.argv[1]), lambda: save_served(sys.argv[2], _model())):
+public = load_served(sys.argv[3])  # a readable copy: no convert in the subprocess
+for call in (lambda: load_served(sys.argv[1]), lambda: save_served(sys.argv[2], public)):
     try:
         call()
         print("no error")
@@ -88,11 +95,14 @@ def test_permission_errors_say_so_and_name_the_path():
         os.chmod(d, 0o755)
         secret = os.path.join(d, "secret.safetensors")
         save_served(secret, _model())
+        public = os.path.join(d, "public.safetensors")
+        save_served(public, _model())
+        os.chmod(public, 0o644)
         os.chmod(secret, 0o600)
         ro = os.path.join(d, "ro")
         os.mkdir(ro, 0o555)
         out_path = os.path.join(ro, "out.safetensors")
-        cmd = [sys.executable, "-c", _AS_NOBODY, secret, out_path]
+        cmd = [sys.executable, "-c", _AS_NOBODY, secret, out_path, public]
         if os.geteuid() == 0:
             cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

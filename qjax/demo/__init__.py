@@ -8,9 +8,9 @@ Stages (each with a progress bar and a printed time):
 3. QAT: the float model with torch's QAT qconfig (``scheme="fbgemm"``), calibrated,
    fine-tuned in ``Mode.QAT``, frozen and served: served == frozen fake-quant, exactly;
 4. speed: the int8 served forward vs the float jitted forward (interleaved medians); where
-   :func:`qjax.kernels.native_status` says the native AMX kernel runs, the same served
-   model on it too (``served.with_kernel("amx")``), whose outputs must equal the XLA
-   kernel's exactly (otherwise the row says why it is missing);
+   :func:`qjax.kernels.native_status` says the native AMX kernel runs, the same model
+   converted for it too (``qjax.convert(..., kernel="amx")``), whose outputs must equal
+   the XLA kernel's exactly (otherwise the row says why it is missing);
 5. torch: the same CNN as a torch eager model with the same weights (float logits
    checked), torch eager PTQ per engine (fbgemm, qnnpack, x86, onednn where supported) on
    the same calibration batches; the converted model imported into qjax and compared
@@ -59,6 +59,9 @@ ENGINES = ("fbgemm", "qnnpack", "x86", "onednn")  # kernels.TORCH_ENGINES, displ
 _PRESET = {"fbgemm": "x86", "x86": "x86", "qnnpack": "qnnpack", "onednn": "onednn"}
 _DIRECT_SCHEME = {"fbgemm": "fbgemm", "qnnpack": "qnnpack", "onednn": "onednn"}
 _TORCH_NAMES = ["quant", "conv1", "conv2", "pool", "flatten", "fc"]  # integer steps
+# the served program's quantized activations (its trace, in order); its flatten moves
+# the pool's codes without a step of its own
+_TRACED_NAMES = ["quant", "conv1", "conv2", "pool", "fc"]
 
 
 class _Stages:
@@ -127,27 +130,28 @@ def _qat_stage(model, batches, xtr, ytr, xte, qat_epochs, seed, bar):
     return qat, frozen, served, np.asarray(served(jnp.asarray(xte)))
 
 
-def _speed_stage(model, served, served_out, xte, batch, repeats, checks):
+def _speed_stage(model, qat, served, served_out, xte, batch, repeats, checks):
     """Float vs int8 (XLA kernel) and, where it runs, int8 on the native AMX kernel: the
-    same weights re-prepared, its outputs on the test images checked == XLA's."""
+    QAT model converted again for it, its outputs on the test images checked == XLA's."""
+    import qjax
+
     from ..kernels import native_status
 
     x = jnp.asarray(np.resize(xte, (batch,) + xte.shape[1:]))  # test images, cycled
     graphdef, state = nnx.split(model)
     float_fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    int8_fwd = jax.jit(lambda sv, x: sv.forward(x))
-    fns = {"float": lambda: float_fwd(state, x), "int8": lambda: int8_fwd(served, x)}
+    fns = {"float": lambda: float_fwd(state, x), "int8": lambda: served(x)}
     ok, reason = native_status()
     amx = {"available": ok, "reason": reason}
     if ok:
-        fast = served.with_kernel("amx")
+        fast = qjax.convert(qat, xte[:1], scheme="fbgemm", kernel="amx")
         amx["kernels"] = fast.kernels
         got = np.asarray(fast(jnp.asarray(xte)))
         amx["compared"], amx["mismatches"] = int(got.size), int((got != served_out).sum())
         _check(checks, "int8 served on AMX == on XLA (test-image outputs)",
                f"{amx['mismatches']} of {amx['compared']} outputs differ",
                amx["mismatches"] == 0)  # fmt: skip
-        fns["amx"] = lambda: int8_fwd(fast, x)
+        fns["amx"] = lambda: fast(x)
     t = interleaved(fns, repeats=repeats)
     f_ms, i_ms = 1e3 * t["float"], 1e3 * t["int8"]
     out = {"batch": batch, "repeats": repeats, "float_ms": f_ms, "int8_ms": i_ms,
@@ -228,7 +232,7 @@ def _direct(served, ref, xte, eng) -> dict:
     from .. import parity
     from ._torch import served_codes
 
-    mine = served_codes(served, xte, _TORCH_NAMES)
+    mine = served_codes(served, xte, _TRACED_NAMES, flatten=("pool", "flatten"))
     rep = parity.compare_traces({n: ref[n] for n in _TORCH_NAMES}, mine, engine=eng)
     same, outside = [], []
     for n in _TORCH_NAMES:
@@ -311,14 +315,14 @@ def run_demo(
     ptqs = st.run("PTQ calibrate + convert", lambda: _ptq_stage(model, presets, batches, xte,
                                                                  progress))  # fmt: skip
     ptq_served = ptqs["x86"][1]["fbgemm"]
-    _, frozen, served, served_out = st.run(
+    qat, frozen, served, served_out = st.run(
         "QAT + convert", lambda: _qat_stage(model, batches, xtr, ytr, xte, qat_epochs, seed,
                                             progress)
     )  # fmt: skip
     mism = int((served_out != frozen).sum())
     _check(checks, "QAT int8 served == frozen fake-quant", f"{mism} of {frozen.size} outputs "
            "differ", mism == 0)  # fmt: skip
-    speed = st.run("speed", lambda: _speed_stage(model, served, served_out, xte, 256,
+    speed = st.run("speed", lambda: _speed_stage(model, qat, served, served_out, xte, 256,
                                                   5 if quick else 30, checks))  # fmt: skip
     engines_out, diff = st.run(
         "torch PTQ + parity",

@@ -6,8 +6,10 @@ float weights, torch's own PTQ per engine, and the codes torch computes.
   qjax's H, W, C flatten order to torch's C, H, W);
 * :func:`torch_ptq`: ``fuse_modules`` (Conv-BN-ReLU -> ``ConvReLU2d``), ``prepare`` with
   ``get_default_qconfig(engine)``, calibration on the given batches, ``convert``;
-* :func:`served_codes`: the codes a :class:`~qjax.flax.ServedModel` computes at every
-  step, in torch's names and NCHW layout, to compare with ``torch_trace`` directly.
+* :func:`served_codes`: the codes a converted program (:func:`qjax.convert`) computes at
+  every quantized activation (:meth:`qjax.Program.trace`), in torch's names and NCHW
+  layout, to compare with ``torch_trace`` directly;
+* :func:`weight_differences`: the program's int8 weights and scales against torch's.
 """
 
 from __future__ import annotations
@@ -16,15 +18,12 @@ import contextlib
 import copy
 import warnings
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from torch import nn
 
-from .._primitives import quantize
 from .._qarray import QArray
-from ..flax._serve import ServedModel, _freeze
+from ..program import Program
 
 __all__ = [
     "engine",
@@ -131,45 +130,32 @@ def torch_ptq(float_model: DigitsNet, engine_name: str, batches) -> nn.Module:
     return tq.convert(prepared)
 
 
-def _prefix(served: ServedModel, k: int) -> ServedModel:
-    steps = served.steps[: k + 1]
-    return ServedModel(_freeze(steps), tuple(served.params[: k + 1]), served.input_shape)
+def served_codes(
+    program: Program, x, names, flatten: tuple[str, str] | None = None
+) -> dict[str, QArray]:
+    """``{name: QArray}``: the codes of every quantized activation of ``program`` on ``x``
+    (:meth:`~qjax.Program.trace`, in graph order: one name each), in torch's layout
+    (NHWC -> NCHW). ``flatten=(after, name)`` adds ``name``: the codes of activation
+    ``after`` flattened in torch's C, H, W order (the program flattens codes without a
+    step of its own; torch's ``Flatten`` is one).
 
-
-def _out_qparams(served: ServedModel, k: int):
-    for st, p in zip(served.steps[k::-1], served.params[k::-1], strict=True):
-        if st["op"] == "quantize":
-            return p["qp"]
-        if st["op"] in ("linear", "conv"):
-            return p["out_qp"]
-    raise ValueError(f"served step {k} has no quantized input before it")
-
-
-def served_codes(served: ServedModel, x, names) -> dict[str, QArray]:
-    """The codes of every integer step of ``served`` on ``x`` (quantize, conv, max_pool,
-    flatten, linear; not the final dequantize), under ``names`` (one per step, in order),
-    in torch's layout: NHWC -> NCHW, and a flatten's rows in C, H, W order.
-
-    Each step's output is the dequantized codes of the program cut after that step
-    (all cuts in one jitted function); ``quantize`` with the step's own qparams gives the
-    codes back exactly (``|q - zp| <= 255``, far from any rounding boundary).
+    The codes are the program's own integers (no re-quantization of a float output).
     """
-    ks = [k for k, s in enumerate(served.steps) if s["op"] != "dequantize"]
-    if len(ks) != len(names):
-        raise ValueError(f"served_codes: {len(ks)} integer steps but {len(names)} names")
-    prefixes = [_prefix(served, k) for k in ks]
-    ys = jax.jit(lambda x: [p.forward(x) for p in prefixes])(jnp.asarray(x))
+    trace = program.trace(np.asarray(x, np.float32))
+    if len(trace) != len(names):
+        raise ValueError(
+            f"served_codes: {len(trace)} quantized activations {list(trace)} but "
+            f"{len(names)} names {list(names)}"
+        )
     out: dict[str, QArray] = {}
-    prev4 = None
-    for k, y, name in zip(ks, ys, names, strict=True):
-        qp = _out_qparams(served, k)
-        codes = np.asarray(quantize(y, qp, compat="torch"))
+    for name, q in zip(names, trace.values(), strict=True):
+        codes = np.asarray(q.values)
         if codes.ndim == 4:
-            prev4 = codes
             codes = codes.transpose(0, 3, 1, 2)
-        elif served.steps[k]["op"] == "flatten" and prev4 is not None:
-            codes = prev4.transpose(0, 3, 1, 2).reshape(codes.shape)
-        out[name] = QArray(np.ascontiguousarray(codes), qp)
+        out[name] = QArray(np.ascontiguousarray(codes), q.qparams)
+        if flatten is not None and name == flatten[0]:
+            flat = codes.reshape(codes.shape[0], -1)  # NCHW rows: torch's C, H, W order
+            out[flatten[1]] = QArray(np.ascontiguousarray(flat), q.qparams)
     return out
 
 
@@ -179,12 +165,13 @@ def _torch_weight_hwio(name: str, w: np.ndarray) -> np.ndarray:
     return w.transpose(2, 3, 1, 0)  # OIHW -> HWIO
 
 
-def weight_differences(served: ServedModel, qm) -> list[dict]:
+def weight_differences(program: Program, qm) -> list[dict]:
     """Per weighted layer (conv1, conv2, fc): how many per-channel weight scales and int8
-    weight codes of ``served`` differ from torch's converted model ``qm``'s (the same
-    float weights, each side's own BN folding and weight observer)."""
-    layers = [p["w"] for st, p in zip(served.steps, served.params, strict=True)
-              if st["op"] in ("conv", "linear")]  # fmt: skip
+    weight codes of ``program`` (its linear / conv layers in graph order) differ from
+    torch's converted model ``qm``'s (the same float weights, each side's own BN folding
+    and weight observer)."""
+    layers = [program.params[n][0] for n, la in program.layers.items()
+              if la.op in ("linear", "conv2d", "conv1d", "conv")]  # fmt: skip
     out = []
     for name, pw in zip(("conv1", "conv2", "fc"), layers, strict=True):
         tw = getattr(qm, name).weight()

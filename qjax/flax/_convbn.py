@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _core, _intsim
+from . import _core, _intsim, _record
 from ._config import Mode, QuantConfig
 
 
@@ -118,8 +118,9 @@ def conv_bn(
     y, stats = _core.quantize_output(
         y, stats, config, mode, switches, name=name, require_stats=require_stats
     )
-    if config.scheme is not None and not train_bn:
-        # the served layer: BN folded with the running statistics (torch's convert)
+    if not train_bn and (config.scheme is not None or _record.active()):
+        # the served layer: BN folded with the running statistics (torch's convert); with
+        # a scheme its integer value, without one the float simulation marked for convert
         w_fold, b_fold = _intsim.fold_bn(kernel, conv_bias, gamma, beta, mean, var, eps)
         y = _intsim.integer_override(
             y, x, w_fold, b_fold, stats, config, mode, switches.fake_quant, kind="conv",

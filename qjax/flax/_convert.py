@@ -9,13 +9,13 @@ else (LayerNorm, softmax, GELU, an unfolded BatchNorm, residual adds, average po
 stays float between a ``dequantize`` and the next quantizer, computed exactly as the model
 computes it. What stays float is listed in ``program.float_ops``.
 
-Models: an ``nnx.Sequential`` / Linen ``nn.Sequential`` of qjax layers goes to
-:mod:`qjax.flax._sequential` (the saveable :class:`~qjax.flax._serve.ServedModel`); any
-other ``nnx.Module`` (a copy is traced in ``eval()`` mode: Dropout is the
-identity, BatchNorm uses its running statistics; the model itself is not changed), a
-Linen ``(module, variables)`` (``module.apply(variables, *args)``; pass a function for
-other ``apply`` arguments such as ``train=False``), or a function of the inputs that
-calls such models. Layers are named by their module paths (``"block/conv1"``).
+Models: any ``nnx.Module``, a ``nnx.Sequential`` included (a copy is traced in
+``eval()`` mode: Dropout is the identity, BatchNorm uses its running statistics; the model
+itself is not changed), a Linen ``(module, variables)``, an ``nn.Sequential`` included
+(``module.apply(variables, *args)``; pass a function for other ``apply`` arguments such as
+``train=False``), or a function of the inputs that calls such models. Layers are named by
+their module paths (``"block/conv1"``; ``"layers/1"`` in an ``nnx.Sequential``,
+``"layers_1"`` in a Linen one).
 
 Errors name the module path and the fix: observers that never saw data, non-finite
 statistics, a float tensor reaching a layer without an input quantizer, a
@@ -39,8 +39,6 @@ from ..program import Program
 from . import _record, _steps
 from ._lower import lower
 from ._paths import join_path
-from ._sequential import NotServable, convert_sequential, is_sequential
-from ._serve import ServedModel
 from ._walk import nnx_quantized
 from .nnx._ptq import WeightOnlyLinear
 
@@ -90,16 +88,12 @@ def _forward(model):
     )
 
 
-def convert(
-    model, *example_args, scheme: str = "fbgemm", kernel: str = "xla"
-) -> Program | ServedModel:
+def convert(model, *example_args, scheme: str = "fbgemm", kernel: str = "xla") -> Program:
     """Convert a calibrated / QAT-trained Flax model into an int8 :class:`~qjax.Program`.
 
-    An ``nnx.Sequential`` (or ``(linen nn.Sequential, variables)``) of qjax layers
-    (QuantStub, QuantLinear, QuantConv, QuantConvBn, ReLU, qjax pools, DeQuantStub)
-    still converts to the :class:`~qjax.flax._serve.ServedModel` of
-    :mod:`qjax.flax._sequential` (same codes; it can be saved with
-    :func:`qjax.save_served`); every other model is traced and lowered as follows.
+    Every model (a class, an ``nnx.Sequential`` or ``(linen nn.Sequential, variables)``,
+    a function) is traced and lowered as follows; :func:`qjax.save_served` saves the
+    program.
 
     ``program(*args)`` takes the inputs the model takes (float or integer arrays, any batch size)
     and returns what the model returns: quantized values come out dequantized
@@ -148,11 +142,6 @@ def convert(
     """
     from ..kernels import SCHEMES
 
-    if is_sequential(model) and len(example_args) == 1:
-        try:
-            return convert_sequential(model, example_args[0], scheme=scheme, kernel=kernel)
-        except NotServable:
-            pass  # a stock or hooked layer in it: traced like any other model
     if scheme not in SCHEMES:
         raise ValueError(f"convert: unknown scheme {scheme!r}; known: {sorted(SCHEMES)}")
     native = resolve_kernel(kernel, "qjax.convert")

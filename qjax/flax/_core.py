@@ -301,7 +301,7 @@ def quantize_tensor(
         y = fake_quant(x, qp, grad=config.grad, compat=config.fake_quant_compat).astype(x.dtype)
         if _record.active():
             info = _record.QuantizeMark(name, config.fake_quant_compat)
-            y = _record.mark(y, {"x": x, "qp": qp}, info)
+            y = _record.mark(y, {"x": x, "qp": qp, "stats": state}, info)
         return y, state
     return x, state
 

@@ -1,7 +1,7 @@
-"""The fields both served-model files share (:mod:`qjax.flax._served_io`, format
-``qjax.served``; :mod:`qjax.flax._program_io`, format ``qjax.program``): parameters to
-safetensors tensors + JSON (:func:`_encode`), and back with every value checked
-(:func:`_load_param`: qparams, weights, biases).
+"""The fields of a served-program file (:mod:`qjax.flax._program_io`, format
+``qjax.program``): parameters to safetensors tensors + JSON (:func:`_encode`), and back
+with every value checked (:func:`_load_param`: qparams, weights, biases; weights prepared
+for the chosen kernel, :func:`_prepare_stored`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 from .. import kernels
 from .._qarray import QArray, _deserialize_spec, _serialize_spec
 from .._spec import QParams, check_qparam_values
-from ._serve import _prepare_stored
+from ..kernels._choice import conv_kernel, linear_kernel
 
 _COMPATS = ("qjax", "torch", "tflite")  # what fake_quant_codes serves
 
@@ -54,25 +54,6 @@ _MAX_MAX_ABS_X = 1 << 16
 
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _field(st: dict, key: str, at: str):
-    if key not in st:
-        raise ValueError(f"{at}: missing {key!r}")
-    return st[key]
-
-
-def _ints(v, n: int, what: str, at: str, *, lo: int = 1, scalar_ok: bool = False) -> list[int]:
-    """``n`` ints ``>= lo`` from a JSON list (or one int, with ``scalar_ok``)."""
-    if scalar_ok and _is_int(v):
-        v = [v] * n
-    if not (isinstance(v, list) and len(v) == n and all(_is_int(t) for t in v)):
-        form = "an int or " if scalar_ok else ""
-        raise ValueError(f"{at}: {what} {v!r} must be {form}a list of {n} integers")
-    for t in v:
-        if t < lo:
-            raise ValueError(f"{at}: {what} {t} (in {v!r}) must be >= {lo}")
-    return list(v)
 
 
 def _tensor(tensors: dict, key: str, what: str, dtype=None) -> np.ndarray:
@@ -120,6 +101,18 @@ def _load_qparams(prefix: str, d: dict, tensors: dict, what: str) -> QParams:
     except (ValueError, TypeError) as e:
         raise ValueError(f"{what}: {e}") from None
     return check_qparam_values(qp, what)
+
+
+def _prepare_stored(kind: str, w: QArray, name: str, max_abs_x: int, groups: int, wish: str):
+    """Prepare a stored weight (``(in, out)`` or ``HWIO``/``WIO`` codes) for ``wish``."""
+    if kind == "linear":
+        k = linear_kernel(wish)
+        return kernels.prepare_linear(w, name=name, max_abs_x=max_abs_x, kernel=k)
+    k = conv_kernel(wish, w.ndim - 2, groups)
+    layout = "HWIO" if w.ndim == 4 else "WIO"
+    return kernels.prepare_conv(
+        w, name=name, groups=groups, weight_layout=layout, max_abs_x=max_abs_x, kernel=k
+    )
 
 
 def _load_param(prefix: str, d, kind: str, tensors: dict, wish: str, what: str):

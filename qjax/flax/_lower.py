@@ -376,6 +376,7 @@ class Lowering:
         self.marked += 1
         if isinstance(info, _record.QuantizeMark):
             qp = ops["qp"]
+            check_stats(ops["stats"], info.name)  # the statistics, not only the qparams
             check_stats(qp, info.name)
             stem = info.name.replace(" (input)", ":input").replace(" (output)", ":output")
             return self.quantized(x, qp, info.compat, stem, "qjax.flax.ActQuant")

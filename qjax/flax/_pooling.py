@@ -1,16 +1,15 @@
-"""Pooling and flatten layers a quantized ``Sequential`` can hold, for NNX and Linen.
+"""Pooling and flatten layers for NNX and Linen (in a ``Sequential`` or any model).
 
-They compute in float during training (``flax.linen.max_pool``; the window sum over
-the window size; a reshape), and :func:`qjax.convert` serves them on integer codes
-(:func:`qjax.kernels.max_pool2d`, :func:`~qjax.kernels.avg_pool2d`,
-:func:`~qjax.kernels.flatten`). Channels-last 2-D input ``(N, H, W, C)``; padding
-``"VALID"`` or ``((p, p), (p, p))``.
+They compute in float (``flax.linen.max_pool``; the window sum over the window size; a
+reshape). :func:`qjax.convert` traces them like any op: max pooling and flatten commute
+with dequantization (``dequantize`` is monotone), so on per-tensor codes they run on the
+integer values (the same op) and serve exactly the trained values; average pooling runs
+as the model computes it, the float mean of the dequantized codes (a float step, listed
+in ``program.float_ops``), up to the next quantizer. Channels-last 2-D input
+``(N, H, W, C)``; padding ``"VALID"`` or ``((p, p), (p, p))``.
 
-Max pooling and flatten commute with dequantization (``dequantize`` is monotone), so the
-served codes are exactly the trained values. Average pooling does not: the float mean of
-fake-quantized values is not on the quantization grid, while the int8 server rounds the
-mean of the codes (as torch's quantized ``avg_pool2d`` does), so a model with an
-``AvgPool`` serves within a rounding step of what it trained, not exactly.
+(torch's quantized ``avg_pool2d`` rounds the mean of the codes instead:
+:func:`qjax.kernels.avg_pool2d`, which imported torch programs use.)
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -38,8 +38,10 @@ def _float_pool(kind, x, window, strides, padding):
     if kind == "max":
         return nn.max_pool(x, window, strides=strides, padding=padding)
     # flax's avg_pool divides by an int32 count (not strict-promotion clean): same sum,
-    # padding counted, divided by the float32 window size
-    total = nn.pool(x, jnp.asarray(0, x.dtype), lax.add, window, strides, padding)
+    # padding counted, divided by the float32 window size. A numpy zero (concrete) makes
+    # it the reduce_window_sum primitive, which a saved program may run (a traced jnp zero
+    # gives the generic reduce_window, whose reducer is a function)
+    total = nn.pool(x, np.asarray(0, x.dtype), lax.add, window, strides, padding)
     return total / jnp.asarray(math.prod(window), x.dtype)
 
 

@@ -325,6 +325,8 @@ def _load_layer(i: int, d, tensors: dict, at: str) -> Layer | None:
     if not isinstance(extra, dict):
         raise ValueError(f"{at}: layer extra must be a JSON object")
     out = d.get("out")
+    if out is not None and not isinstance(out, dict):
+        raise ValueError(f"{at}: layer out {out!r} must be qparams (a JSON object) or null")
     if out is not None:
         out = _load_qparams(f"{i}.layer_out", out, tensors, f"{at} layer out")
     return Layer(op, target, scheme, None, out, extra)

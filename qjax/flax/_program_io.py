@@ -90,7 +90,7 @@ def _encode_step(i: int, s, tensors: dict, where: str) -> dict:
         params = [_encode(f"{i}.{k}", v, tensors) for k, v in zip("wby", p, strict=True)]
     elif kind == "lax":
         params = []
-        for j, c in enumerate(p):
+        for j, c in enumerate(p or ()):  # a step on codes (max pool, reshape) has none
             tensors[f"{i}.c{j}"] = np.array(c, order="C")
             params.append({"kind": "array"})
     elif kind == "constant":

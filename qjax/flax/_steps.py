@@ -48,6 +48,7 @@ run with.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -303,9 +304,24 @@ def decode_value(obj: Any, batch: Any, where: str) -> Any:
 
 
 def bind(prim, params: Mapping, args) -> list:
-    """``prim.bind(*args, **params)`` as a list of outputs."""
+    """``prim.bind(*args, **params)`` as a list of outputs. (``reshape`` first checks the
+    element count, which its shape rule leaves to the lowering: a file's sizes are known
+    wrong when it loads, not on the first call.)"""
+    if prim.name == "reshape" and args:
+        n, m = np.shape(args[0]), params.get("new_sizes", ())
+        if not _same_size(n, m):
+            raise ValueError(f"reshape of shape {tuple(n)} to {tuple(m)}: sizes differ")
     out = prim.bind(*args, **prim.get_bind_params(dict(params)))
     return list(out) if prim.multiple_results else [out]
+
+
+def _same_size(a, b) -> bool:
+    """Whether shapes ``a`` and ``b`` hold as many elements (dimensions may be symbolic:
+    ``True`` where that cannot be decided; the lowering checks again)."""
+    try:
+        return bool(math.prod(a) == math.prod(b))
+    except Exception:  # an inconclusive comparison of symbolic dimensions
+        return True
 
 
 def primitive(name: str, where: str):

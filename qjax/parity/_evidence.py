@@ -194,9 +194,7 @@ def check_program(program, what: str) -> None:
         raise TypeError(
             f"{what}: expected a qjax.Program (qjax.convert of a Flax model, "
             "qjax.converters.torch.import_model, ...), got "
-            f"{type(program).__name__}: it has no per-layer trace (a Sequential's "
-            "ServedModel has none: convert a model class whose __call__ calls the "
-            "Sequential, which qjax.convert traces into a Program)"
+            f"{type(program).__name__}: it has no per-layer trace"
         )
 
 
