@@ -145,7 +145,12 @@ def _pt2e_codes(gm, x) -> dict:
 COUNTS: dict[str, int] = {}
 
 
-@pytest.mark.parametrize("case", CASES)
+_SLOW = ("mlp_fbgemm_eager", "hardswish_fbgemm_eager")  # the qnnpack FX ones run by default
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c in _SLOW else c for c in CASES]
+)
 def test_loaded_equals_imported_and_torch(cases, case):
     model, x, imported, loaded, path, ref, ref_out = cases(case)
     assert [s.spec[0] for s in loaded.steps] == [s.spec[0] for s in imported.steps]
