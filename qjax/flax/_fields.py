@@ -183,3 +183,20 @@ def _decode_output(obj, names: set, where: str):
         if kind == "dict" and isinstance(v, dict):
             return {k: _decode_output(t, names, where) for k, t in v.items()}
     raise ValueError(f"{where}: bad output description {obj!r}")
+
+
+def _check_runs(program, shapes, where: str, *, trace: bool) -> None:
+    """A loaded program traces at ``shapes`` (``((shape, dtype), ...)``; nothing is
+    computed), else ``ValueError`` naming the shapes and the first line of the error."""
+    import jax
+
+    try:
+        avals = tuple(jax.ShapeDtypeStruct(sh, dt) for sh, dt in shapes)
+        jax.eval_shape(program._make(trace=trace), program.params, avals)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(
+            f"{where}: the program does not run on its example inputs "
+            f"{[sh for sh, _ in shapes]} ({type(e).__name__}: {first})"
+        ) from None
+    program.compile_count = 0

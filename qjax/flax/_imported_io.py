@@ -51,6 +51,7 @@ from ..kernels._levels import ENGINE_CHOICES, LEVELS
 from ..program import LAYOUTS, Layer, Program
 from . import _steps
 from ._fields import (
+    _check_runs,
     _decode_output,
     _encode,
     _encode_output,
@@ -374,14 +375,5 @@ def load_imported(meta: dict, tensors: dict, wish: str, where: str) -> Program:
     program.kernels = kernels_of(program.params)
     program.example_shapes = shapes
     if shapes is not None:  # the last word: it traces at the example shapes (nothing computed)
-        try:
-            avals = tuple(jax.ShapeDtypeStruct(sh, dt) for sh, dt in shapes)
-            jax.eval_shape(program._make(trace=True), program.params, avals)
-        except Exception as e:
-            first = str(e).splitlines()[0] if str(e) else ""
-            raise ValueError(
-                f"{where}: the program does not run on its example inputs "
-                f"{[sh for sh, _ in shapes]} ({type(e).__name__}: {first})"
-            ) from None
-        program.compile_count = 0
+        _check_runs(program, shapes, where, trace=True)
     return program

@@ -43,7 +43,7 @@ import numpy as np
 from .._qarray import _serialize_spec
 from ..program import Program
 from . import _steps
-from ._fields import _decode_output, _encode, _encode_output, _is_int
+from ._fields import _check_runs, _decode_output, _encode, _encode_output, _is_int
 from ._imported_io import imported_file, load_imported
 from ._program_checks import (
     _SPEC_ATTRS,
@@ -317,16 +317,7 @@ def load_program(meta: dict, tensors: dict, wish: str, where: str):
 
     first_shapes = shapes_at(example)
     program = at_batch(example)
-    try:  # the last word: the program traces at its example batch size (nothing computed)
-        avals = tuple(jax.ShapeDtypeStruct(sh, dt) for sh, dt in first_shapes)
-        jax.eval_shape(program._make(trace=False), program.params, avals)
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(
-            f"{where}: the program does not run on inputs {[sh for sh, _ in first_shapes]} "
-            f"({type(e).__name__}: {first})"
-        ) from None
-    program.compile_count = 0
+    _check_runs(program, first_shapes, where, trace=False)  # the last word: at the example batch
 
     def describe():
         if batch_name is None:
