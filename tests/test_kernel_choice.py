@@ -421,6 +421,20 @@ def test_demo_speed_stage_times_amx_and_checks_it(nnx_cnn):
     assert not bad[0]["ok"] and bad[0]["result"] == f"{want.size} of {want.size} outputs differ"
 
 
+@pytest.mark.skipif(_OK or not _DNN_CONV, reason="needs oneDNN's exact ukernel and no AMX")
+def test_demo_speed_stage_times_onednn_and_checks_it(nnx_cnn):
+    from qjax.demo import _speed_stage
+
+    model, x, served = nnx_cnn
+    want = np.asarray(served(x))
+    checks = []
+    sp = _speed_stage(model, model, served, want, np.asarray(x), 8, 2, checks)
+    assert sp["onednn"]["available"] and sp["onednn"]["mismatches"] == 0
+    assert set(sp["onednn"]["kernels"].values()) == {"onednn"}
+    assert sp["onednn_ms"] > 0 and sp["onednn_vs_int8"] == sp["onednn_ms"] / sp["int8_ms"]
+    assert [c["ok"] for c in checks] == [True]
+
+
 def test_demo_speed_row_with_and_without_amx():
     from qjax.demo._report import tables
 
@@ -435,3 +449,7 @@ def test_demo_speed_row_with_and_without_amx():
     none = dict(base, amx={"available": False, "reason": "CPU lacks amx_int8"})
     (_, header, rows), *_ = [t for t in tables(dict(s, speed=none)) if "speed" in t[0]]
     assert rows[0][3] == "unavailable: CPU lacks amx_int8" and rows[0][4:] == ["-", "-"]
+    dnn = dict(none, onednn_ms=0.25, onednn_ratio=0.125, onednn_vs_int8=0.25)
+    (_, header, rows), *_ = [t for t in tables(dict(s, speed=dnn)) if "speed" in t[0]]
+    assert header[6:] == ["int8 oneDNN (ms)", "oneDNN / float time", "oneDNN / XLA time"]
+    assert rows[0][6:] == ["0.250", "0.12x", "0.25x"]

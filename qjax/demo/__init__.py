@@ -10,7 +10,9 @@ Stages (each with a progress bar and a printed time):
 4. speed: the int8 served forward vs the float jitted forward (interleaved medians); where
    :func:`qjax.kernels.native_status` says the native AMX kernel runs, the same model
    converted for it too (``qjax.convert(..., kernel="amx")``), whose outputs must equal
-   the XLA kernel's exactly (otherwise the row says why it is missing);
+   the XLA kernel's exactly (otherwise the row says why it is missing); where oneDNN's
+   ukernel runs exactly instead (:func:`qjax.kernels.onednn_exact`, no AMX), the same for
+   ``kernel="onednn"``;
 5. torch: the same CNN as a torch eager model with the same weights (float logits
    checked), torch eager PTQ per engine (fbgemm, qnnpack, x86, onednn where supported) on
    the same calibration batches; the converted model imported into qjax and compared
@@ -131,11 +133,12 @@ def _qat_stage(model, batches, xtr, ytr, xte, qat_epochs, seed, bar):
 
 
 def _speed_stage(model, qat, served, served_out, xte, batch, repeats, checks):
-    """Float vs int8 (XLA kernel) and, where it runs, int8 on the native AMX kernel: the
-    QAT model converted again for it, its outputs on the test images checked == XLA's."""
+    """Float vs int8 (XLA kernel) and, where it runs, int8 on the native AMX kernel, or
+    else on oneDNN's ukernel where it is exact: the QAT model converted again for it, its
+    outputs on the test images checked == XLA's."""
     import qjax
 
-    from ..kernels import native_status
+    from ..kernels import native_status, onednn_exact
 
     x = jnp.asarray(np.resize(xte, (batch,) + xte.shape[1:]))  # test images, cycled
     graphdef, state = nnx.split(model)
@@ -152,13 +155,27 @@ def _speed_stage(model, qat, served, served_out, xte, batch, repeats, checks):
                f"{amx['mismatches']} of {amx['compared']} outputs differ",
                amx["mismatches"] == 0)  # fmt: skip
         fns["amx"] = lambda: fast(x)
+    dnn_ok, dnn_reason = (False, "AMX runs here") if ok else onednn_exact()
+    dnn = {"available": dnn_ok, "reason": dnn_reason}
+    if dnn_ok:
+        fast_dnn = qjax.convert(qat, xte[:1], scheme="fbgemm", kernel="onednn")
+        dnn["kernels"] = fast_dnn.kernels
+        got = np.asarray(fast_dnn(jnp.asarray(xte)))
+        dnn["compared"], dnn["mismatches"] = int(got.size), int((got != served_out).sum())
+        _check(checks, "int8 served on oneDNN == on XLA (test-image outputs)",
+               f"{dnn['mismatches']} of {dnn['compared']} outputs differ",
+               dnn["mismatches"] == 0)  # fmt: skip
+        fns["onednn"] = lambda: fast_dnn(x)
     t = interleaved(fns, repeats=repeats)
     f_ms, i_ms = 1e3 * t["float"], 1e3 * t["int8"]
     out = {"batch": batch, "repeats": repeats, "float_ms": f_ms, "int8_ms": i_ms,
-           "ratio": i_ms / f_ms, "amx": amx}  # fmt: skip
+           "ratio": i_ms / f_ms, "amx": amx, "onednn": dnn}  # fmt: skip
     if ok:
         a_ms = 1e3 * t["amx"]
         out.update(amx_ms=a_ms, amx_ratio=a_ms / f_ms, amx_vs_int8=a_ms / i_ms)
+    if dnn_ok:
+        d_ms = 1e3 * t["onednn"]
+        out.update(onednn_ms=d_ms, onednn_ratio=d_ms / f_ms, onednn_vs_int8=d_ms / i_ms)
     return out
 
 
