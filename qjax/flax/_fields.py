@@ -200,3 +200,22 @@ def _check_runs(program, shapes, where: str, *, trace: bool) -> None:
             f"{[sh for sh, _ in shapes]} ({type(e).__name__}: {first})"
         ) from None
     program.compile_count = 0
+
+
+def _step_header(i: int, st, kinds, where: str) -> tuple[str, str, tuple[str, ...], str]:
+    """``(name, kind, inputs, at)`` of a saved step's JSON object, each checked (``at``:
+    the step's place for error messages); ``ValueError`` naming the step otherwise."""
+    if not isinstance(st, dict):
+        raise ValueError(f"{where}: step {i} is a {type(st).__name__}, not a JSON object")
+    name, kind = st.get("name"), st.get("kind")
+    if not isinstance(name, str):
+        raise ValueError(f"{where}: step {i} has no 'name' (a str), got {name!r}")
+    at = f"{where}: step {i} ({name!r}, {kind})"
+    if kind not in kinds:
+        raise ValueError(f"{at}: unknown kind {kind!r}; known: {kinds}")
+    if "inputs" not in st:
+        raise ValueError(f"{at}: missing 'inputs'")
+    inputs = st["inputs"]
+    if not (isinstance(inputs, list) and all(isinstance(n, str) for n in inputs)):
+        raise ValueError(f"{at}: inputs must be a list of names")
+    return name, kind, tuple(inputs), at

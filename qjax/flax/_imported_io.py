@@ -58,6 +58,7 @@ from ._fields import (
     _is_int,
     _load_param,
     _load_qparams,
+    _step_header,
 )
 from ._imported_checks import check_step
 from ._program_checks import _load_array, _need, _spec_attr
@@ -296,17 +297,7 @@ def _read_layer(d, i: int, r: _Reader, params, at: str) -> Layer | None:
 
 
 def _read_step(i: int, st, r: _Reader, known: set, at0: str):
-    if not isinstance(st, dict):
-        raise ValueError(f"{at0}: step {i} is a {type(st).__name__}, not a JSON object")
-    name, kind = st.get("name"), st.get("kind")
-    if not isinstance(name, str):
-        raise ValueError(f"{at0}: step {i} has no 'name' (a str), got {name!r}")
-    at = f"{at0}: step {i} ({name!r}, {kind})"
-    if kind not in KINDS:
-        raise ValueError(f"{at}: unknown kind {kind!r}; known: {KINDS}")
-    inputs = _need(st, "inputs", at)
-    if not (isinstance(inputs, list) and all(isinstance(n, str) for n in inputs)):
-        raise ValueError(f"{at}: inputs must be a list of names")
+    name, kind, inputs, at = _step_header(i, st, KINDS, at0)
     missing = [n for n in inputs if n not in known]
     if missing:
         raise ValueError(f"{at}: inputs {missing} are not defined by an earlier step or input")

@@ -23,7 +23,7 @@ from ._fields import (
     _load_qparams,
     _tensor,
 )
-from ._ptq import RECIPES
+from ._ptq import ACCUMULATES, RECIPES
 
 _PARAM_KINDS = {  # kind -> the parameter kinds of its params tuple (None: no params)
     "quantize": "qparams",
@@ -109,8 +109,8 @@ def _check_attrs(kind: str, a: dict, at: str) -> None:
             raise ValueError(f"{at}: act_spec {sp} must be an 8-bit per-tensor or per-token spec")
         if a.get("recipe", "fbgemm") not in RECIPES:
             raise ValueError(f"{at}: unknown recipe {a['recipe']!r}; known: {RECIPES}")
-        if a.get("accumulate", "exact") not in ("exact", "onednn_sat16"):
-            raise ValueError(f"{at}: accumulate {a['accumulate']!r}: 'exact' or 'onednn_sat16'")
+        if a.get("accumulate", "exact") not in ACCUMULATES:
+            raise ValueError(f"{at}: accumulate {a['accumulate']!r}; known: {ACCUMULATES}")
         if a["compat"] not in _DYNAMIC_COMPATS:
             raise ValueError(f"{at}: unknown compat {a['compat']!r}; known: {_DYNAMIC_COMPATS}")
     if kind == "weight_only_linear":

@@ -43,7 +43,14 @@ import numpy as np
 from .._qarray import _serialize_spec
 from ..program import Program
 from . import _steps
-from ._fields import _check_runs, _decode_output, _encode, _encode_output, _is_int
+from ._fields import (
+    _check_runs,
+    _decode_output,
+    _encode,
+    _encode_output,
+    _is_int,
+    _step_header,
+)
 from ._imported_io import imported_file, load_imported
 from ._program_checks import (
     _SPEC_ATTRS,
@@ -167,17 +174,7 @@ class _StoredStep:
     batch size is known only when the program runs)."""
 
     def __init__(self, i: int, st, tensors: dict, wish: str, where: str):
-        if not isinstance(st, dict):
-            raise ValueError(f"{where}: step {i} is a {type(st).__name__}, not a JSON object")
-        name, kind = st.get("name"), st.get("kind")
-        if not isinstance(name, str):
-            raise ValueError(f"{where}: step {i} has no 'name' (a str), got {name!r}")
-        at = f"{where}: step {i} ({name!r}, {kind})"
-        if kind not in _steps.KINDS:
-            raise ValueError(f"{at}: unknown kind {kind!r}; known: {_steps.KINDS}")
-        inputs = _need(st, "inputs", at)
-        if not (isinstance(inputs, list) and all(isinstance(n, str) for n in inputs)):
-            raise ValueError(f"{at}: inputs must be a list of names")
+        name, kind, inputs, at = _step_header(i, st, _steps.KINDS, where)
         traced = _need(st, "traced", at)
         if not isinstance(traced, bool):
             raise ValueError(f"{at}: traced {traced!r} must be true or false")
@@ -185,7 +182,7 @@ class _StoredStep:
             at,
             name,
             kind,
-            tuple(inputs),
+            inputs,
             traced,
         )
         self.json_attrs = _need(st, "attrs", at)

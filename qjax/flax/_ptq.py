@@ -65,6 +65,7 @@ from ..observers import finite_minmax
 from . import _record
 
 __all__ = [
+    "ACCUMULATES",
     "DYNAMIC_ACTIVATION",
     "DYNAMIC_WEIGHT",
     "INT4_WEIGHT",
@@ -88,6 +89,8 @@ DYNAMIC_ACTIVATION = QuantSpec(bits=8, signed=False, reduce_range=True)
 TORCHAO_ACTIVATION = QuantSpec(bits=8, signed=True, symmetric=True, axis=0)
 #: the output formulas of :func:`dynamic_linear` (module docstring).
 RECIPES = ("fbgemm", "torchao")
+#: the accumulations of :func:`dynamic_linear` (``"onednn_sat16"``: torchao's below VNNI).
+ACCUMULATES = ("exact", "onednn_sat16")
 #: int8 symmetric per output channel of a ``(in, out)`` kernel (torch's
 #: ``per_channel_dynamic_qconfig`` weight: qint8, -128..127, /127.5 with compat="torch").
 DYNAMIC_WEIGHT = QuantSpec(bits=8, signed=True, symmetric=True, axis=-1)
@@ -191,9 +194,7 @@ def dynamic_linear(
         )
     if recipe not in RECIPES:
         raise ValueError(f"{name}: unknown recipe {recipe!r}; known: {RECIPES}")
-    if accumulate not in ("exact", "onednn_sat16") or (
-        accumulate != "exact" and recipe != "torchao"
-    ):
+    if accumulate not in ACCUMULATES or (accumulate != "exact" and recipe != "torchao"):
         raise ValueError(
             f"{name}: accumulate {accumulate!r}: 'exact' for every recipe, 'onednn_sat16' "
             "for recipe='torchao' (torch._int_mm below VNNI)"
