@@ -130,6 +130,55 @@ def test_linear_leading_dims_vmap_and_threads(rng):
     print(f"\nthreads 1 / 2 vs XLA: 0 of {want.size} differ")
 
 
+def _pair_sums(x, w):
+    """int64 ``(M, K/2, N)`` pair sums before saturation (K even)."""
+    x, w = x.astype(np.int64), w.astype(np.int64)
+    return x[:, 0::2, None] * w[None, 0::2] + x[:, 1::2, None] * w[None, 1::2]
+
+
+def test_every_isa_path_matches_xla(rng):
+    # each code path this CPU has (AVX2; AVX-512BW with vpmaddwd + vpaddd; AVX-512 VNNI
+    # with vpdpwssd), forced per call: M over the 4-row blocks and tails, N over odd and
+    # even counts of 16-column blocks (the AVX-512 path takes two at a time) and partial
+    # blocks, K tails; full-range random codes, so many pair sums saturate
+    isas = _sat16.sat16_isas()
+    assert isas[0] == "avx2"
+    print(f"\ncode paths here: {isas}")
+    n = sat = 0
+    for m, k, nn in [(1, 64, 16), (3, 66, 33), (5, 130, 48), (8, 36, 50), (9, 7, 31), (4, 1, 17)]:
+        x = rng.integers(0, 256, (m, k)).astype(np.uint8)
+        w = rng.integers(-128, 128, (k, nn)).astype(np.int8)
+        want = np.asarray(_xla_pair_dot(x, w))
+        if k % 2 == 0:
+            sat += int((np.abs(_pair_sums(x, w)) > 32767).sum())
+        packed = _sat16.pack_sat16_weight(jnp.asarray(w))
+        for isa in isas:
+            got = _sat16.sat16_dot(jnp.asarray(x), packed, jnp.asarray(w), _sat16_pair_dot, isa=isa)
+            assert (np.asarray(got) == want).all(), (isa, m, k, nn)
+        n += want.size
+    # the operands did saturate: the exact sums differ from the saturated ones
+    assert sat > 1000
+    print(f"every path == XLA on {n} values ({sat} pair sums saturated)")
+
+
+def test_isa_switch_and_refusal(monkeypatch):
+    isas = _sat16.sat16_isas()
+    monkeypatch.setenv(_sat16.ISA_ENV, "avx2")
+    assert _sat16.sat16_isa() == "avx2"
+    monkeypatch.setenv(_sat16.ISA_ENV, "avx512_vnni")  # never above what the CPU has
+    assert _sat16.sat16_isa() == isas[-1]
+    monkeypatch.setenv(_sat16.ISA_ENV, "sse2")
+    with pytest.raises(ValueError, match="QJAX_SAT16_ISA='sse2'"):
+        _sat16.sat16_isa()
+    missing = [i for i in _sat16.SAT16_ISAS if i not in isas]
+    if missing:  # the library refuses a path the CPU lacks
+        w = jnp.ones((4, 16), jnp.int8)
+        with pytest.raises(Exception, match="not supported by this CPU"):
+            x = jnp.ones((1, 4), jnp.uint8)
+            packed = _sat16.pack_sat16_weight(w)
+            _sat16.sat16_dot(x, packed, w, _sat16_pair_dot, isa=missing[0]).block_until_ready()
+
+
 def test_quantized_linear_layer_matches_xla(rng):
     k, nn = 45, 33
     x = QArray(jnp.asarray(rng.integers(96, 256, (3, 7, k)), jnp.uint8), QParams(0.02, 131, XSPEC))

@@ -108,7 +108,7 @@ class PreparedLinear:
     ``zp_w`` correction terms are left out of the program). With ``kernel="amx"`` a
     third leaf ``packed`` holds the weight codes in AMX tile order
     (:func:`qjax.kernels._native.pack_weight`), with ``kernel="sat16"`` in the order of
-    the AVX2 saturating kernel (:func:`qjax.kernels._native.pack_sat16_weight`), with
+    the saturating kernel (:func:`qjax.kernels._native.pack_sat16_weight`), with
     ``kernel="onednn"`` as oneDNN's bytes (:func:`qjax.kernels._native.pack_onednn_weight`);
     ``kernel="xla"`` has none.
     """

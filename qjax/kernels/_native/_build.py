@@ -2,8 +2,9 @@
 
 One implementation for every native library: a :class:`Library` names the source, the
 compiler flags and the library's file name (:data:`AMX`: ``amx_gemm.cc``; :data:`SAT16`:
-``sat16_gemm.cc``, AVX2 only; the oneDNN shim's, made at run time from where the optional
-library is installed, :mod:`._onednn`), and :func:`build` compiles it. The cache key is the
+``sat16_gemm.cc``, AVX2 with AVX-512 functions dispatched at run time; the oneDNN
+shim's, made at run time from where the optional library is installed, :mod:`._onednn`),
+and :func:`build` compiles it. The cache key is the
 SHA-256 of the source, the compiler (path and ``--version``), the
 flags and the jaxlib version (the FFI headers come from jaxlib), so an edit to any of
 them builds a new library. Location: ``$QJAX_CACHE_DIR/native/<key>/`` or
@@ -48,8 +49,9 @@ FLAGS = (
 )
 
 
-# The AVX2 saturating GEMM runs on every x86-64 class with AVX2 (no AVX-512 code, so an
-# AVX2-only CPU runs it too); integer arithmetic only.
+# The saturating GEMM runs on every x86-64 class with AVX2: compiled for AVX2, its AVX-512
+# functions carry target attributes and run only where the CPU has AVX-512BW; integer
+# arithmetic only.
 SAT16_FLAGS = (
     "-O3",
     "-std=c++17",

@@ -1,4 +1,4 @@
-"""Native AVX2 kernel for the int16 pair-saturating accumulation (``*_sat16``).
+"""Native kernel for the int16 pair-saturating accumulation (``*_sat16``): AVX2 and AVX-512.
 
 FBGEMM and oneDNN on CPUs without VNNI multiply uint8 activations by int8 weights with
 ``vpmaddubsw``: adjacent products summed in pairs, each pair sum saturated to int16, the
@@ -6,20 +6,33 @@ pairs then added exactly in int32. qjax's XLA formulation of this
 (``_accumulate._sat16_pair_dot``, ``_accumulate._sat16_conv``) materialises every pair
 product and runs 100-300x slower than the exact int8 dot; :func:`sat16_dot` computes the same
 integers with the instruction itself, one FFI call ``qjax_sat16_gemm`` (source
-``sat16_gemm.cc``, compiled with ``-mavx2`` only, so it runs on every x86-64 CPU with
-AVX2, AVX-512 and AMX ones included).
+``sat16_gemm.cc``).
+
+Code paths (:data:`SAT16_ISAS`, chosen per call, :func:`sat16_isa`): ``"avx2"``
+(``vpmaddubsw`` + ``vpmaddwd`` with ones + ``vpaddd`` on 256-bit registers),
+``"avx512"`` (the same on 512-bit registers, AVX-512BW) and ``"avx512_vnni"``
+(``vpmaddubsw`` + ``vpdpwssd`` with ones: the non-saturating VNNI word dot adds the two
+int16 pair sums into int32, the same wrapping sum as ``vpmaddwd`` + ``vpaddd``).
+``vpmaddubsw`` saturates the same pairs at every width, so every path gives the same
+integers (the tests force each one). The library is compiled with ``-mavx2``; the
+AVX-512 functions carry a target attribute (``vpdpwssd`` as inline assembly), so it loads
+on AVX2-only CPUs, and a call asking for a path the CPU lacks is refused.
+``QJAX_SAT16_ISA=avx2`` (or ``avx512``) forces a lower path. One packed weight layout
+serves all three (one 64-byte row is two ymm or one zmm operand).
 
 Availability (:func:`sat16_status`), checked once per process: x86-64 Linux, ``avx2`` in
 ``/proc/cpuinfo``, a C++ compiler that builds the library (cached, :mod:`._build`).
 Off CPU (``lax.platform_dependent``) the program runs the XLA formulation it is given.
 
-Speed. Each 32 multiply-adds take ``vpmaddubsw`` + ``vpmaddwd`` + ``vpaddd``; the two
-multiplies share two ports on current x86 cores, so one thread peaks near 32 MAC per
-cycle (measured ~128 GMAC/s on the AMD EPYC test host), about what FBGEMM gets on the
-same CPUs. On a VNNI host XLA's exact int8 dot does more per cycle, so there the sat16
-path stays 1.0-1.35x the exact path's time at batch 32-256 (faster at batch 1;
-``benchmarks/int8_sat16.py``); it is 55-70x faster than the XLA formulation. A second
-thread (XLA's intra-op pool) takes half the column blocks from 2^24 multiply-adds.
+Speed. AVX2: each 32 multiply-adds take ``vpmaddubsw`` + ``vpmaddwd`` + ``vpaddd``, one
+thread ~125 GMAC/s on the AMD EPYC test host (about what FBGEMM gets on AVX2 CPUs);
+AVX-512: ~250 GMAC/s there (raw 1024x1024 GEMM, batch 32-256, one thread). The bound is
+the multiplier ports: the emulation needs two multiplies (``vpmaddubsw`` +
+``vpdpwssd``/``vpmaddwd``) per 64 multiply-adds where VNNI's ``vpdpbusd`` needs one, so
+on a VNNI host it cannot reach the exact path on oneDNN's ukernel at large batches
+(figures: ``benchmarks/int8_sat16.py``, README "Measured"); it is 55-100x faster than the
+XLA formulation. A second thread (XLA's intra-op pool) takes half the column blocks from
+2^24 multiply-adds.
 
 ``jax.export`` refuses the custom call (no compatibility guarantee); the call sits in a
 named scope that says to build the model with ``kernel='xla'`` for an exportable
@@ -30,18 +43,23 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .._levels import cpu_flags
 from . import _build
 
 __all__ = [
+    "SAT16_ISAS",
     "SAT16_TARGET",
     "pack_sat16_weight",
     "require_sat16",
     "sat16_dot",
+    "sat16_isa",
+    "sat16_isas",
     "sat16_status",
 ]
 
@@ -54,6 +72,16 @@ THREADS = 2
 
 _LIB = None
 
+SAT16_ISAS = ("avx2", "avx512", "avx512_vnni")
+"""The kernel's code paths, lowest first (the FFI attribute ``isa`` is the index)."""
+# /proc/cpuinfo flags each path needs
+_ISA_FLAGS = {
+    "avx2": ("avx2",),
+    "avx512": ("avx2", "avx512f", "avx512bw"),
+    "avx512_vnni": ("avx2", "avx512f", "avx512bw", "avx512_vnni"),
+}
+ISA_ENV = "QJAX_SAT16_ISA"
+
 
 @functools.cache
 def _probe() -> tuple[bool, str]:
@@ -64,11 +92,12 @@ def _probe() -> tuple[bool, str]:
     lib.qjax_sat16_parallel_calls.restype = ctypes.c_int64
     global _LIB
     _LIB = lib
-    return True, f"AVX2 saturating int8 GEMM ready ({lib._name})"
+    return True, f"AVX2/AVX-512 saturating int8 GEMM ready ({lib._name})"
 
 
 def sat16_status() -> tuple[bool, str]:
-    """Whether the native AVX2 saturating GEMM can run here, and why (not).
+    """Whether the native saturating GEMM can run here (its AVX2 path at least), and why
+    (not).
 
     ``reason`` names the first failed condition: not x86-64 Linux, no ``avx2``, no C++
     compiler, the compile failed (tail of the compiler's output) or loading failed.
@@ -78,6 +107,38 @@ def sat16_status() -> tuple[bool, str]:
     True
     """
     return _probe()
+
+
+def sat16_isas() -> tuple[str, ...]:
+    """The code paths of :data:`SAT16_ISAS` this CPU can run (``/proc/cpuinfo``), lowest
+    first; empty where the kernel is unavailable (:func:`sat16_status`).
+
+    >>> set(sat16_isas()) <= set(SAT16_ISAS)
+    True
+    """
+    if not sat16_status()[0]:
+        return ()
+    return tuple(i for i in SAT16_ISAS if all(f in cpu_flags() for f in _ISA_FLAGS[i]))
+
+
+def sat16_isa() -> str:
+    """The code path a native sat16 call traced now runs: the highest of
+    :func:`sat16_isas`, lowered by the environment variable ``QJAX_SAT16_ISA``
+    (``"avx2"``, ``"avx512"`` or ``"avx512_vnni"``; read each time a call is traced, so
+    set it before building a model) — e.g. ``QJAX_SAT16_ISA=avx2`` runs the AVX2 code
+    on an AVX-512 machine. All paths compute the same integers. ``"avx2"`` where the
+    kernel is unavailable (no call is made then).
+
+    >>> sat16_isa() in SAT16_ISAS
+    True
+    """
+    have = sat16_isas() or ("avx2",)
+    want = os.environ.get(ISA_ENV, "").strip().lower()
+    if want and want not in SAT16_ISAS:
+        raise ValueError(f"{ISA_ENV}={want!r}: must be one of {SAT16_ISAS}")
+    if want and SAT16_ISAS.index(want) < SAT16_ISAS.index(have[-1]):
+        return want
+    return have[-1]
 
 
 def parallel_calls() -> int:
@@ -122,7 +183,12 @@ def pack_sat16_weight(w: jax.Array) -> jax.Array:
 
 
 def sat16_dot(
-    x: jax.Array, packed: jax.Array, w: jax.Array, portable, threads: int | None = None
+    x: jax.Array,
+    packed: jax.Array,
+    w: jax.Array,
+    portable,
+    threads: int | None = None,
+    isa: str | None = None,
 ) -> jax.Array:
     """``Σ_j sat16(x[..., 2j]·w[2j, n] + x[..., 2j+1]·w[2j+1, n])``, int32, native.
 
@@ -130,9 +196,15 @@ def sat16_dot(
     weight, or ``x`` ``(..., B, M, K)`` with ``B`` weights ``(B, K, N)`` (convolution
     groups); ``portable(x, w)`` is the XLA formulation the program runs off CPU (the same
     integers). ``threads``: 1 or 2 per call (default :data:`THREADS`; the second thread
-    is used only for large calls). Call :func:`require_sat16` first (prepare time).
+    is used only for large calls). ``isa``: the code path, one of :func:`sat16_isas`
+    (default :func:`sat16_isa`); every path gives the same integers. Call
+    :func:`require_sat16` first (prepare time).
     """
     threads = THREADS if threads is None else int(threads)
+    isa = sat16_isa() if isa is None else isa
+    if isa not in SAT16_ISAS:
+        raise ValueError(f"sat16_dot: isa must be one of {SAT16_ISAS}, got {isa!r}")
+    code = SAT16_ISAS.index(isa)
     n = w.shape[-1]
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.int32)
 
@@ -140,7 +212,7 @@ def sat16_dot(
         del w
         call = jax.ffi.ffi_call(SAT16_TARGET, out, vmap_method="expand_dims")
         with jax.named_scope(EXPORT_HINT):
-            return call(x, packed, threads=threads)
+            return call(x, packed, threads=threads, isa=code)
 
     def default(x, packed, w):
         del packed

@@ -1,24 +1,37 @@
-// qjax native uint8 x int8 GEMM with int16 pair saturation (AVX2), an XLA FFI call.
+// qjax native uint8 x int8 GEMM with int16 pair saturation (AVX2 / AVX-512BW), an XLA
+// FFI call.
 //
 //   out[m, n] = sum_j sat16(x[m, 2j] * w[2j, n] + x[m, 2j+1] * w[2j+1, n])
 //
 // exactly what FBGEMM and oneDNN compute on CPUs without VNNI: vpmaddubsw multiplies
-// unsigned by signed bytes and adds adjacent products with int16 saturation, vpmaddwd
-// with ones then adds two such pair sums exactly into int32. K runs past its end with
-// zeros (a zero pair adds 0), so any K works, odd included.
+// unsigned by signed bytes and adds adjacent products with int16 saturation; two such
+// pair sums are then added exactly into int32. K runs past its end with zeros (a zero
+// pair adds 0), so any K works, odd included.
+//
+// Three code paths, one packed layout, the same integers (attribute "isa"):
+//   0  AVX2:          vpmaddubsw ymm, vpmaddwd ymm (with ones), vpaddd ymm;
+//   1  AVX-512BW:     vpmaddubsw zmm, vpmaddwd zmm (with ones), vpaddd zmm;
+//   2  AVX-512-VNNI:  vpmaddubsw zmm, vpdpwssd zmm (with ones): acc + t[2i]*1 + t[2i+1]*1,
+//                     non-saturating (vpdpwssds would saturate), i.e. the same wrapping
+//                     int32 sum as vpmaddwd + vpaddd.
+// vpmaddubsw is the same instruction per 128-bit lane at every width, so every path
+// saturates the same pairs. The AVX-512 functions carry target attributes (the library
+// is compiled with -mavx2 only and loads on AVX2 CPUs); a call asking for a path the CPU
+// lacks (__builtin_cpu_supports) is refused with an error.
 //
 // x:   uint8 (..., M, K) row-major; with an unbatched weight every leading dim folds into
 //      M (vmap's "expand_dims"); with a batch of B weights (convolution groups) x is
 //      (..., B, M, K) and out (..., B, M, N).
 // wp:  int8 (..., B, Nb, K4, 64) prepacked once by qjax, leading dims all 1:
 //        wp[b, nb, k4, 4 * c + q] = w[b][4 * k4 + q, 16 * nb + c]
-//      zero where the index runs past K or N. One (nb, k4) row is two ymm registers: the
-//      four K values of eight columns each, the order vpmaddubsw + vpmaddwd sum.
+//      zero where the index runs past K or N. One (nb, k4) row is two ymm registers (the
+//      four K values of eight columns each, the order vpmaddubsw + vpmaddwd sum), or one
+//      zmm register holding all 16 columns.
 // out: int32 (..., M, N).
 //
 // Exactness: every pair sum is saturated exactly as the hardware does (it IS the
 // hardware instruction); the int32 additions wrap, exact whenever the true sum fits,
-// which qjax's overflow check guarantees at prepare time. Compiled with -mavx2 only.
+// which qjax's overflow check guarantees at prepare time.
 #include <immintrin.h>
 
 #include <atomic>
@@ -95,6 +108,118 @@ void Gemm(const uint8_t* x, int64_t lda, int64_t m, const int8_t* wp, int64_t k4
   }
 }
 
+// ---- AVX-512BW: one zmm is one packed (nb, k4) row, 16 columns. NC (1 or 2) column
+// blocks at a time, R rows; VNNI adds the pair sums with vpdpwssd instead of vpmaddwd +
+// vpaddd. Only called after __builtin_cpu_supports said yes. Every function is compiled
+// for AVX-512F/BW only; vpdpwssd is written as inline assembly, so the compiler cannot
+// put a VNNI instruction into the path for CPUs without it.
+#define QJAX_AVX512 __attribute__((target("avx512f,avx512bw")))
+
+constexpr int kMR512 = 4;  // rows per register block (R x NC <= 8 accumulators)
+
+template <bool VNNI>
+struct Madd512;
+
+template <>
+struct Madd512<false> {
+  static QJAX_AVX512 inline __m512i Step(__m512i acc, __m512i xb, __m512i w, __m512i ones) {
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(xb, w), ones));
+  }
+};
+
+template <>
+struct Madd512<true> {
+  static QJAX_AVX512 inline __m512i Step(__m512i acc, __m512i xb, __m512i w, __m512i ones) {
+    const __m512i t = _mm512_maddubs_epi16(xb, w);
+    // acc[i] += t[2i] * 1 + t[2i+1] * 1, wrapping (AT&T operand order: src2, src1, dst)
+    asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(t), "v"(ones));
+    return acc;
+  }
+};
+
+template <int R, int NC, bool VNNI>
+QJAX_AVX512 void Kernel512(const uint8_t* x, int64_t lda, const int8_t* w, int64_t wstride,
+                                int64_t k4, int32_t* out, int64_t ldo, int ncols_last) {
+  const __m512i ones = _mm512_set1_epi16(1);
+  __m512i acc[R][NC];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < k4; ++k) {
+    __m512i wv[NC];
+    for (int c = 0; c < NC; ++c) wv[c] = _mm512_loadu_si512(w + c * wstride + 64 * k);
+    for (int r = 0; r < R; ++r) {
+      int32_t v;
+      std::memcpy(&v, x + r * lda + 4 * k, 4);
+      const __m512i xb = _mm512_set1_epi32(v);
+      for (int c = 0; c < NC; ++c) acc[r][c] = Madd512<VNNI>::Step(acc[r][c], xb, wv[c], ones);
+    }
+  }
+  const __mmask16 last = static_cast<__mmask16>((1u << ncols_last) - 1u);
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < NC; ++c) {
+      int32_t* o = out + r * ldo + c * kNB;
+      if (c == NC - 1 && ncols_last < kNB)
+        _mm512_mask_storeu_epi32(o, last, acc[r][c]);
+      else
+        _mm512_storeu_si512(o, acc[r][c]);
+    }
+  }
+}
+
+template <int NC, bool VNNI>
+QJAX_AVX512 void Rows512(const uint8_t* x, int64_t lda, int64_t m, const int8_t* w,
+                              int64_t wstride, int64_t k4, int32_t* o, int64_t n, int ncols) {
+  int64_t i = 0;
+  for (; i + kMR512 <= m; i += kMR512)
+    Kernel512<kMR512, NC, VNNI>(x + i * lda, lda, w, wstride, k4, o + i * n, n, ncols);
+  switch (m - i) {
+    case 3: Kernel512<3, NC, VNNI>(x + i * lda, lda, w, wstride, k4, o + i * n, n, ncols); break;
+    case 2: Kernel512<2, NC, VNNI>(x + i * lda, lda, w, wstride, k4, o + i * n, n, ncols); break;
+    case 1: Kernel512<1, NC, VNNI>(x + i * lda, lda, w, wstride, k4, o + i * n, n, ncols); break;
+    default: break;
+  }
+}
+
+template <bool VNNI>
+QJAX_AVX512 void Gemm512(const uint8_t* x, int64_t lda, int64_t m, const int8_t* wp,
+                              int64_t k4, int64_t n, int32_t* out, int64_t nb0, int64_t nb1) {
+  const int64_t wstride = k4 * 64;  // bytes between two column blocks
+  for (int64_t nb = nb0; nb < nb1;) {
+    const int8_t* w = wp + nb * wstride;
+    int32_t* o = out + nb * kNB;
+    if (nb + 2 <= nb1) {
+      int last = static_cast<int>(n - (nb + 1) * kNB < kNB ? n - (nb + 1) * kNB : kNB);
+      Rows512<2, VNNI>(x, lda, m, w, wstride, k4, o, n, last);
+      nb += 2;
+    } else {
+      int last = static_cast<int>(n - nb * kNB < kNB ? n - nb * kNB : kNB);
+      Rows512<1, VNNI>(x, lda, m, w, wstride, k4, o, n, last);
+      nb += 1;
+    }
+  }
+}
+
+enum Isa : int64_t { kAvx2 = 0, kAvx512 = 1, kAvx512Vnni = 2 };
+
+bool IsaSupported(int64_t isa) {
+  __builtin_cpu_init();
+  switch (isa) {
+    case kAvx2: return __builtin_cpu_supports("avx2");
+    case kAvx512: return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    case kAvx512Vnni:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vnni");
+    default: return false;
+  }
+}
+
+void GemmIsa(int64_t isa, const uint8_t* x, int64_t lda, int64_t m, const int8_t* wp, int64_t k4,
+             int64_t n, int32_t* out, int64_t nb0, int64_t nb1) {
+  if (isa == kAvx512Vnni) Gemm512<true>(x, lda, m, wp, k4, n, out, nb0, nb1);
+  else if (isa == kAvx512) Gemm512<false>(x, lda, m, wp, k4, n, out, nb0, nb1);
+  else Gemm(x, lda, m, wp, k4, n, out, nb0, nb1);
+}
+
 // A second thread (a task on XLA's intra-op pool) for calls of >= 2^24 MACs: measured
 // on the 2-core AMD EPYC (AVX-512 VNNI host, other work running), 784x1024 weight,
 // median ms one / two threads: M=128 0.81 / 0.41, M=256 1.58 / 0.82; below ~2^24 MACs
@@ -103,8 +228,12 @@ constexpr int64_t kParallelMacs = int64_t{1} << 24;
 std::atomic<int64_t> g_parallel_calls{0};
 
 ffi::Error Sat16GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi::S8> wp,
-                         ffi::ResultBuffer<ffi::S32> out, int64_t threads) {
+                         ffi::ResultBuffer<ffi::S32> out, int64_t threads, int64_t isa) {
   const std::string who = "qjax_sat16_gemm";
+  if (!IsaSupported(isa))
+    return ffi::Error::InvalidArgument(who + ": isa " + std::to_string(isa) +
+                                       " (0 avx2, 1 avx512bw, 2 avx512-vnni) is not supported "
+                                       "by this CPU");
   auto xd = x.dimensions();
   auto wd = wp.dimensions();
   auto od = out->dimensions();
@@ -156,8 +285,8 @@ ffi::Error Sat16GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buff
       int64_t bi = it / nbk, nb0 = it % nbk;
       int64_t nb1 = nbk;
       if (item1 - it < nb1 - nb0) nb1 = nb0 + (item1 - it);
-      Gemm(xs + bi * m * lda, lda, m, w + (bi % b) * nbk * k4 * 64, k4, n, o + bi * m * n,
-           nb0, nb1);
+      GemmIsa(isa, xs + bi * m * lda, lda, m, w + (bi % b) * nbk * k4 * 64, k4, n,
+              o + bi * m * n, nb0, nb1);
       it += nb1 - nb0;
     }
   };
@@ -207,7 +336,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxSat16Gemm, Sat16GemmImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("isa"));
 
 // How many calls so far split their work over two threads (tests).
 extern "C" int64_t qjax_sat16_parallel_calls() { return g_parallel_calls.load(); }
