@@ -219,9 +219,88 @@ def test_unavailable_native_kernel_names_call_and_reason(nnx_cnn, tmp_path, monk
         qtorch.import_model(nn.Identity(), (torch.zeros(1),), kernel="amx")
     with pytest.raises(RuntimeError, match=r"qjax.convert\(kernel='onednn'\).*not installed"):
         qjax.convert(model, x, kernel="onednn")
-    auto = qjax.convert(model, x, kernel="auto")  # auto never raises: XLA everywhere
-    assert set(auto.kernels.values()) == {"xla"}
+    # auto never raises (qjax.convert: test_below_vnni_...); a program file does not
+    # record each layer's activation spec, so even its 7-bit dense layer stays on XLA
     assert set(qjax.load_served(path, kernel="auto").kernels.values()) == {"xla"}
+
+
+def _below_vnni(monkeypatch):
+    """This process decides kernels as on a CPU without VNNI or AMX (oneDNN refuses)."""
+    monkeypatch.setattr(_native, "native_status", lambda: (False, "CPU lacks amx_int8 (test)"))
+    no_dnn = (False, "CPU lacks avx512_vnni: oneDNN's ukernel refuses (test)")
+    monkeypatch.setattr(_native, "onednn_exact", lambda: no_dnn)
+
+
+_SAT16 = pytest.mark.skipif(not _native.sat16_status()[0], reason=_native.sat16_status()[1])
+
+
+def _seven_eight():
+    seven = _cfg()  # torch's x86 qconfig: reduce_range activations, codes 0..127
+    assert seven.activation.qmax == 127
+    return seven, seven.replace(activation=seven.activation.replace(reduce_range=False))
+
+
+def _small_mlp(cfg):
+    r = nnx.Rngs(3)
+    model = nnx.Sequential(
+        qnnx.QuantStub(cfg),
+        qnnx.QuantLinear(40, 64, config=cfg, rngs=r),
+        nnx.relu,
+        qnnx.QuantLinear(64, 5, config=cfg, rngs=r),
+        qnnx.DeQuantStub(),
+    )
+    qnnx.calibrate(model, _data((64, 40), n=1), progress=False)
+    return model, _data((50, 40), n=1, seed=7)[0]
+
+
+def test_below_vnni_dense_layer_with_7bit_inputs_takes_sat16(nnx_cnn, monkeypatch):
+    # the CNN's dense layer: 7-bit activations (torch's x86 qconfig, reduce_range), no
+    # int16 pair sum can saturate, so kernel="auto" (and None) put it on sat16 with
+    # XLA's codes; the convs stay on XLA. 8-bit activations with the same weight codes
+    # could saturate: XLA (whole 8-bit model: the slow test below)
+    from qjax.kernels._accumulate import sat16_exact_max_x
+    from qjax.kernels._choice import linear_kernel
+
+    model, x, xla = nnx_cnn
+    _below_vnni(monkeypatch)
+    seven, eight = _seven_eight()
+    auto = qjax.convert(model, x, kernel="auto")  # never raises
+    dense = "sat16" if _native.sat16_status()[0] else "xla"
+    assert list(auto.kernels.values()) == ["xla", "xla", dense]
+    n, mism = _exact(auto(x), xla(x))
+    print(f"\nCNN below VNNI, dense on {dense}: {mism} of {n} outputs differ from XLA's")
+    assert n == 48 * 7 and mism == 0
+    if dense == "xla":
+        return
+    assert "custom_call @qjax_sat16_gemm" in jax.jit(auto).lower(x).as_text()
+    (p,) = _prepared(auto)
+    w = p.weight.values
+    assert linear_kernel("default", x_spec=seven.activation, w=w) == "sat16"
+    assert linear_kernel("auto", x_spec=eight.activation, w=w) == "xla"
+    assert sat16_exact_max_x(w) < 255  # why: a pair of this weight can saturate
+    monkeypatch.undo()  # with an exact VNNI kernel here, oneDNN keeps the layer
+    assert linear_kernel("auto", x_spec=seven.activation, w=w) == ("onednn" if _DNN else "sat16")
+
+
+@_SAT16
+@pytest.mark.slow  # two calibrates + three converts (~9 s on the loaded 2-core machine)
+def test_below_vnni_mlp_7bit_on_sat16_8bit_on_xla(monkeypatch):
+    _below_vnni(monkeypatch)
+    seven, eight = _seven_eight()
+    for cfg, want in ((seven, "sat16"), (eight, "xla")):
+        model, x = _small_mlp(cfg)
+        auto = qjax.convert(model, x, kernel="auto")
+        assert set(auto.kernels.values()) == {want}, (cfg.activation, auto.kernels)
+        n, mism = _exact(auto(x), qjax.convert(model, x)(x))
+        print(f"\n{cfg.activation.qmax + 1}-code MLP below VNNI on {want}: {mism} of {n} differ")
+        assert n == 250 and mism == 0
+
+
+def _prepared(served) -> list:
+    leaves = jax.tree_util.tree_leaves(
+        served.params, is_leaf=lambda v: isinstance(v, qjax.kernels.PreparedLinear)
+    )
+    return [v for v in leaves if isinstance(v, qjax.kernels.PreparedLinear)]
 
 
 @amx

@@ -191,14 +191,17 @@ def prepare_weight(
     native: str = "xla",
     groups: int = 1,
     dilation=1,
+    x_spec=None,
 ):
     """Quantize a Flax kernel (``(in, out)`` or ``HWIO``) to int8 codes and prepare it:
     a :class:`~qjax.kernels.PreparedLinear` (``kind="linear"``) or
     :class:`~qjax.kernels.PreparedConv` (``"conv"``).
 
-    ``native``: ``"xla"`` or ``"amx"`` (already resolved, :mod:`qjax.kernels._choice`);
+    ``native``: the resolved wish (:func:`qjax.kernels._choice.resolve_kernel`);
     ``"amx"`` prepares linear layers and 2-D convs for the native AMX kernel, 1-D convs
-    keep XLA (the prepared weight's ``kernel`` says which).
+    keep XLA (the prepared weight's ``kernel`` says which). ``x_spec``: the input's
+    activation spec, with which a linear layer may take the ``"sat16"`` kernel below
+    VNNI (:func:`qjax.kernels._choice.exact_on_sat16`).
 
     >>> from qjax import QuantSpec, QParams
     >>> qp = QParams(jnp.array([0.1, 0.2]), jnp.array([0, 0]), QuantSpec(symmetric=True, axis=-1))
@@ -213,7 +216,8 @@ def prepare_weight(
         spec = spec.replace(axis=kernel.ndim - 1)
     wq = QArray(codes, QParams(w_qp.scale, w_qp.zero_point, spec))
     if kind == "linear":
-        return kernels.prepare_linear(wq, name=name, kernel=linear_kernel(native))
+        k = linear_kernel(native, x_spec=x_spec, w=codes)
+        return kernels.prepare_linear(wq, name=name, kernel=k)
     if kind == "conv":
         layout = "HWIO" if kernel.ndim == 4 else "WIO"
         k = conv_kernel(native, kernel.ndim - 2, groups, dilation)
@@ -456,6 +460,7 @@ def prepare_layer(info: _record.LayerMark, kernel, stats, *, native: str = "xla"
     pw = prepare_weight(
         info.op, kernel, qw, cfg.fake_quant_compat, info.name, native=native,
         groups=g.get("groups", 1), dilation=g.get("dilation", 1),
+        x_spec=None if qx is None else qx.spec,
     )  # fmt: skip
     return qx, pw, qy
 

@@ -36,7 +36,7 @@ from .._qarray import QArray
 from .._spec import QParams
 from . import _native
 
-__all__ = ["Accumulate", "check_accumulator", "check_operands"]
+__all__ = ["Accumulate", "check_accumulator", "check_operands", "sat16_exact_max_x"]
 
 Accumulate = Literal["exact", "fbgemm_sat16", "onednn_sat16"]
 _ACCUMULATES = ("exact", "fbgemm_sat16", "onednn_sat16")
@@ -181,6 +181,64 @@ def _sat16_pair_dot(x: jax.Array, w: jax.Array) -> jax.Array:
     we, wo = wi[0::2], wi[1::2]  # (K/2, N)
     pair = jnp.clip(xe * we + xo * wo, -(2**15), 2**15 - 1)
     return jnp.sum(pair, axis=-2)
+
+
+_I16_MAX = 2**15 - 1
+# int8 weights: |w_a| + |w_b| <= 256 and w_a + w_b <= 254, so codes up to 128 never saturate
+SAT16_SAFE_X = 128
+
+
+def sat16_exact_max_x(w) -> int:
+    """The largest uint8 activation code ``h`` for which ``vpmaddubsw``'s int16 pair sums
+    of the weight ``w`` cannot saturate: with every ``x`` in ``[0, h]`` and the pairs
+    ``(w[2j, n], w[2j+1, n])`` along K (axis 0; an odd K's last row pairs with 0),
+
+    ``h·(w⁺[2j, n] + w⁺[2j+1, n]) <= 2^15 - 1`` and ``h·(w⁻[2j, n] + w⁻[2j+1, n]) <= 2^15``
+
+    (``w⁺ = max(w, 0)``, ``w⁻ = max(-w, 0)``): each pair sum lies in
+    ``[-h·(w⁻_a + w⁻_b), h·(w⁺_a + w⁺_b)]``. Then the saturating kernel
+    (:func:`qjax.kernels._native.sat16_dot`) gives the exact ``Σ x·w``. ``w``: int8
+    ``(K, ...)`` codes, concrete (NumPy or a JAX array); a traced weight gets
+    :data:`SAT16_SAFE_X` = 128, which holds for any int8 weight (``128·254 <= 32767``,
+    ``128·256 = 32768``). Returns an ``int`` in ``[128, 255]``.
+
+    >>> sat16_exact_max_x(np.array([[127], [127]], np.int8))  # 129·254 = 32766
+    129
+    >>> sat16_exact_max_x(np.array([[-128], [-128]], np.int8))
+    128
+    >>> sat16_exact_max_x(np.array([[64], [-64], [60], [0]], np.int8))  # 255·64 fits
+    255
+    """
+    if not _concrete(w):
+        return SAT16_SAFE_X
+    wn = np.asarray(w, np.int64)
+    if wn.shape[0] % 2:
+        wn = np.concatenate([wn, np.zeros((1,) + wn.shape[1:], np.int64)], axis=0)
+    pos, neg = np.maximum(wn, 0), np.maximum(-wn, 0)
+    up = int((pos[0::2] + pos[1::2]).max(initial=0))
+    down = int((neg[0::2] + neg[1::2]).max(initial=0))
+    h = 255
+    if up:
+        h = min(h, _I16_MAX // up)
+    if down:
+        h = min(h, (_I16_MAX + 1) // down)
+    return h
+
+
+def sat16_exact_codes(x_spec) -> int | None:
+    """The largest uint8 code the exact path feeds the sat16 kernel for activations of
+    ``x_spec``: ``qmax`` for unsigned codes, ``qmax + 128`` for signed ones (shifted up by
+    128, as for oneDNN); ``None`` when they are not 8-bit.
+
+    >>> from qjax import QuantSpec
+    >>> sat16_exact_codes(QuantSpec(signed=False, quant_min=0, quant_max=127))
+    127
+    """
+    if np.dtype(x_spec.dtype) == np.uint8:
+        return int(x_spec.qmax)
+    if np.dtype(x_spec.dtype) == np.int8:
+        return int(x_spec.qmax) + 128
+    return None
 
 
 # --------------------------------------------------------------------------------------

@@ -7,9 +7,11 @@ Model-level calls (``qjax.convert``, ``qjax.load_served``,
 ==========  ==========================================================================
 ``kernel``  each linear / conv layer runs on
 ==========  ==========================================================================
-``None``    the default, per layer: exactly accumulated layers on XLA, saturating
-            layers on the native AVX2 ``"sat16"`` kernel when
-            :func:`qjax.kernels.sat16_status` says available (else XLA)
+``None``    the default, per layer: exactly accumulated layers on XLA (on CPUs below
+            VNNI, linear layers whose pair sums cannot saturate on ``"sat16"``, as
+            under ``"auto"``), saturating layers on the native ``"sat16"`` kernel
+            (AVX2 / AVX-512) when :func:`qjax.kernels.sat16_status` says available
+            (else XLA)
 ``"xla"``   XLA's ``dot_general`` / convolution for every layer: a pure-XLA,
             ``jax.export``-able program
 ``"amx"``   the native AMX kernel (:func:`qjax.kernels.native_status`) where it supports
@@ -29,8 +31,13 @@ Model-level calls (``qjax.convert``, ``qjax.load_served``,
             convolutions it supports), else oneDNN where
             :func:`qjax.kernels.onednn_exact` says so (linear layers, and convolutions
             on the ukernel: measured faster than XLA for every conv shape tried, the
-            depthwise one included); the rest as under ``None`` (never raises for
-            availability)
+            depthwise one included); without either (CPUs below VNNI: oneDNN
+            refuses, XLA's int8 dot is slow) exactly accumulated linear layers whose
+            int16 pair sums provably cannot saturate on ``"sat16"``
+            (:func:`exact_on_sat16`: 7-bit activations, torch's ``reduce_range``,
+            with any int8 weight; 8-bit ones where the weight's pairs are small
+            enough), the same integers; the rest as under ``None`` (never raises
+            for availability)
 ==========  ==========================================================================
 
 The AMX kernel supports linear layers and 2-D convolutions with ``groups=1`` and
@@ -39,7 +46,11 @@ convolutions keep XLA under ``"auto"``. The saturating layers (``fbgemm_sat16`` 
 ``onednn_sat16``: engines at CPU levels without VNNI, FBGEMM's depthwise 3x3 fast
 path) run on the ``"sat16"`` kernel, which computes the int16 pair saturation with the
 instruction FBGEMM/oneDNN use (``vpmaddubsw``), 100x and more faster than its XLA
-formulation. The codes are the same
+formulation. Exact layers on ``"sat16"`` (below VNNI) are linear layers only, and only
+where the caller passes the activation spec and the weight codes to
+:func:`linear_kernel`: ``qjax.convert`` does; program files loaded back
+(``qjax.load_served``) and the torch / pt2e importers do not yet, so their exact layers
+stay on XLA; exact convolutions stay on XLA. The codes are the same
 either way; the models record the choice per layer (``served.kernels``,
 ``program.kernels``: ``"xla"``, ``"amx"``, ``"onednn"`` or ``"sat16"``). A program with
 native layers cannot be ``jax.export``-ed (the custom call is refused; the sat16 and
@@ -53,10 +64,18 @@ from __future__ import annotations
 import jax
 
 from . import PreparedConv, PreparedLinear, _native
+from ._accumulate import sat16_exact_codes, sat16_exact_max_x
 
 _SATURATING = ("fbgemm_sat16", "onednn_sat16")
 
-__all__ = ["KERNEL_CHOICES", "conv_kernel", "kernels_of", "linear_kernel", "resolve_kernel"]
+__all__ = [
+    "KERNEL_CHOICES",
+    "conv_kernel",
+    "exact_on_sat16",
+    "kernels_of",
+    "linear_kernel",
+    "resolve_kernel",
+]
 
 KERNEL_CHOICES = (None, "xla", "amx", "onednn", "auto")
 
@@ -108,13 +127,16 @@ def _saturating_kernel(wish: str) -> str:
     return "sat16" if wish != "xla" and _native.sat16_status()[0] else "xla"
 
 
-def linear_kernel(wish: str, accumulate: str = "exact") -> str:
+def linear_kernel(wish: str, accumulate: str = "exact", x_spec=None, w=None) -> str:
     """The kernel a linear layer gets. Exact accumulation: ``"amx"`` when wished
     (``"amx"``, or ``"auto"`` where the AMX kernel is available), ``"onednn"`` when wished
     (``"onednn"``, or ``"auto"`` without AMX) and :func:`qjax.kernels.onednn_exact` says
-    its integers are exact here, else ``"xla"``. With int16 pair saturation (``fbgemm_sat16`` /
-    ``onednn_sat16``) the native ``"sat16"`` kernel unless ``wish`` is ``"xla"`` or it is
-    unavailable.
+    its integers are exact here; else, for ``"auto"`` and ``"default"`` (no exact native
+    kernel here: a CPU below VNNI), ``"sat16"`` where no int16 pair sum can saturate
+    (:func:`exact_on_sat16`: needs the activation spec ``x_spec`` and the int8 weight
+    codes ``w``, ``(K, N)``); else ``"xla"``. With int16 pair saturation
+    (``fbgemm_sat16`` / ``onednn_sat16``) the native ``"sat16"`` kernel unless ``wish``
+    is ``"xla"`` or it is unavailable.
 
     >>> linear_kernel("amx"), linear_kernel("xla", "fbgemm_sat16"), linear_kernel("default")
     ('amx', 'xla', 'xla')
@@ -134,7 +156,35 @@ def linear_kernel(wish: str, accumulate: str = "exact") -> str:
         return "amx"
     if wish in ("onednn", "auto") and _native.onednn_exact()[0]:
         return "onednn"
-    return "amx" if wish == "amx" else "xla"
+    if wish == "amx":
+        return "amx"
+    return "sat16" if exact_on_sat16(wish, x_spec, w) else "xla"
+
+
+def exact_on_sat16(wish: str, x_spec, w) -> bool:
+    """Whether an exactly accumulated linear layer runs on the native ``"sat16"`` kernel:
+    ``wish`` is ``"auto"`` or ``"default"``, neither the AMX kernel
+    (:func:`qjax.kernels.native_status`) nor an exact oneDNN kernel
+    (:func:`qjax.kernels.onednn_exact`) runs here (CPUs below VNNI), the sat16 kernel
+    does (:func:`qjax.kernels.sat16_status`), and its int16 pair sums provably cannot
+    saturate: the largest uint8 code the activations of ``x_spec`` feed it
+    (:func:`~qjax.kernels._accumulate.sat16_exact_codes`) is at most
+    :func:`~qjax.kernels._accumulate.sat16_exact_max_x` of the weight codes ``w`` (any
+    int8 weight with 7-bit activations, codes ``[0, 127]``). Unknown ``x_spec`` or ``w``:
+    ``False``.
+
+    >>> from qjax import QuantSpec
+    >>> exact_on_sat16("xla", QuantSpec(signed=False, reduce_range=True), None)
+    False
+    """
+    if wish not in ("auto", "default") or x_spec is None or w is None:
+        return False
+    if _native.native_status()[0] or _native.onednn_exact()[0]:
+        return False
+    if not _native.sat16_status()[0]:
+        return False
+    hi = sat16_exact_codes(x_spec)
+    return hi is not None and hi <= sat16_exact_max_x(w)
 
 
 def conv_kernel(wish: str, nsp: int, groups: int = 1, dilation=1, accumulate: str = "exact") -> str:

@@ -50,11 +50,16 @@ the custom call ``qjax_amx_s8_gemm`` (``qjax_amx_q8_gemm`` when fused): export r
 it unless the caller disables that check
 (``jax.export.DisabledSafetyCheck.custom_call(name)``), and
 the result runs only in a process where qjax has registered the target on an AMX CPU.
-``prepare_linear(w, kernel="sat16")`` packs the weight for the native AVX2 kernel
-(:mod:`qjax.kernels._native._sat16`) and the saturating accumulations then compute
-``Σ_j sat16(...)`` with ``vpmaddubsw`` itself, one FFI call ``qjax_sat16_gemm``: the
-same integers as :func:`~qjax.kernels._accumulate._sat16_pair_dot`, 100x and more
-faster; exact accumulation stays on XLA. Export refuses it likewise (its location names
+``prepare_linear(w, kernel="sat16")`` packs the weight for the native AVX2/AVX-512
+kernel (:mod:`qjax.kernels._native._sat16`) and the saturating accumulations then
+compute ``Σ_j sat16(...)`` with ``vpmaddubsw`` itself, one FFI call ``qjax_sat16_gemm``:
+the same integers as :func:`~qjax.kernels._accumulate._sat16_pair_dot`, 100x and more
+faster. It also records the largest uint8 code for which no pair sum of the weight
+saturates (``sat16_max_x``, :func:`~qjax.kernels._accumulate.sat16_exact_max_x`, at
+least 128 for any int8 weight): exact accumulation runs on the same kernel, uint8 codes
+(signed ones shifted up by 128, as for oneDNN) giving the exact ``Σ x'w``, whenever the
+activation spec's codes stay within it (7-bit activations, torch's ``reduce_range``,
+always do), and on XLA otherwise. Export refuses it likewise (its location names
 ``kernel='xla'``). ``prepare_linear(w, kernel="onednn")`` (the optional oneDNN library,
 CPUs with VNNI or AMX) reorders the weight once into oneDNN's preferred layout and
 ``accumulate="exact"`` then takes ``Σ x'w`` from oneDNN's matmul, one FFI call
@@ -79,11 +84,14 @@ from .._spec import QParams
 from . import _native
 from ._accumulate import (
     _I32_MAX,
+    SAT16_SAFE_X,
     Accumulate,
     _int8_dot,
     _sat16_pair_dot,
     check_accumulator,
     check_operands,
+    sat16_exact_codes,
+    sat16_exact_max_x,
 )
 from ._prepared import _KERNELS, Kernel, register_prepared
 from ._requant import Scheme, clamp_activation, dequantize_accumulator, requantize
@@ -110,7 +118,10 @@ class PreparedLinear:
     (:func:`qjax.kernels._native.pack_weight`), with ``kernel="sat16"`` in the order of
     the saturating kernel (:func:`qjax.kernels._native.pack_sat16_weight`), with
     ``kernel="onednn"`` as oneDNN's bytes (:func:`qjax.kernels._native.pack_onednn_weight`);
-    ``kernel="xla"`` has none.
+    ``kernel="xla"`` has none. ``sat16_max_x`` (static, with ``kernel="sat16"``): the
+    largest uint8 activation code for which no int16 pair sum of this weight saturates
+    (:func:`~qjax.kernels._accumulate.sat16_exact_max_x`), so the exact accumulation may
+    run on the saturating kernel for activations up to it.
     """
 
     weight: QArray
@@ -122,6 +133,7 @@ class PreparedLinear:
     kernel: str = "xla"
     epilogue: tuple | None = None  # folded requantization (fold_requant), with its key
     folded: tuple | None = None
+    sat16_max_x: int = 128  # kernel "sat16": its pair sums are exact for codes up to this
 
     @property
     def in_features(self) -> int:
@@ -152,8 +164,9 @@ def prepare_linear(
       kernel: ``"xla"`` (default, ``lax.dot_general``), ``"amx"`` (native AMX int8
         GEMM on the packed weight, same integers; raises ``RuntimeError`` with the
         reason when unavailable, see :func:`qjax.kernels.native_status`) or ``"sat16"``
-        (the native AVX2 kernel for ``accumulate="fbgemm_sat16"``/``"onednn_sat16"``,
-        same integers as the XLA formulation; exact accumulation stays on XLA; raises
+        (the native saturating kernel for ``accumulate="fbgemm_sat16"``/``"onednn_sat16"``,
+        same integers as the XLA formulation; exact accumulation runs on it where no
+        pair sum can saturate, see ``sat16_max_x``, else on XLA; raises
         ``RuntimeError`` when unavailable, see :func:`qjax.kernels.sat16_status`) or
         ``"onednn"`` (oneDNN's int8 matmul on the reordered weight, same integers;
         ``RuntimeError`` unless :func:`qjax.kernels.onednn_exact` says it is exact
@@ -223,7 +236,18 @@ def prepare_linear(
         packed = _native.pack_sat16_weight(vals)
     elif kernel == "onednn":
         packed = _native.pack_onednn_weight(vals)
-    return PreparedLinear(w, col_sum, name, int(max_abs_x), zp_zero, packed, kernel)
+    sat_x = sat16_exact_max_x(vals) if kernel == "sat16" else SAT16_SAFE_X
+    return PreparedLinear(
+        w, col_sum, name, int(max_abs_x), zp_zero, packed, kernel, sat16_max_x=sat_x
+    )
+
+
+def _sat16_exact(x_spec, pw: PreparedLinear) -> bool:
+    """Whether the exact ``Σ x·w`` may run on the saturating kernel: the uint8 codes it
+    would be fed (:func:`~qjax.kernels._accumulate.sat16_exact_codes`) stay within the
+    weight's ``sat16_max_x``, so no pair sum saturates."""
+    hi = sat16_exact_codes(x_spec)
+    return hi is not None and hi <= pw.sat16_max_x
 
 
 def quantized_linear(
@@ -301,14 +325,18 @@ def quantized_linear(
     wq = pw.weight
     zx = jnp.asarray(x.zero_point).astype(jnp.int32).reshape(())
     zw = jnp.asarray(wq.zero_point).astype(jnp.int32)  # () or (N,)
-    if accumulate == "exact" and pw.kernel == "onednn":
-        # oneDNN takes uint8 codes: signed ones shifted up, x + 128, by the same bit flip
+    sat_exact = pw.kernel == "sat16" and _sat16_exact(x.spec, pw)
+    if accumulate == "exact" and (pw.kernel == "onednn" or sat_exact):
+        # oneDNN and sat16 take uint8 codes: signed ones shifted up, x + 128, by a bit flip
         if unsigned:
             xv = x.values
         else:
             xv = lax.bitcast_convert_type(x.values ^ jnp.int8(-128), jnp.uint8)
             zx = zx + jnp.int32(128)
-        acc = _native.onednn_dot(xv, pw.packed, wq.values)
+        if sat_exact:  # no pair sum can saturate (prepare time proof): the exact Σ x·w
+            acc = _native.sat16_dot(xv, pw.packed, wq.values, _sat16_pair_dot)
+        else:
+            acc = _native.onednn_dot(xv, pw.packed, wq.values)
     elif accumulate == "exact":
         if unsigned:  # x - 128 as int8: flip the top bit, reinterpret
             xv = lax.bitcast_convert_type(x.values ^ jnp.uint8(0x80), jnp.int8)

@@ -13,7 +13,10 @@ vectors when the requantization is folded in (:func:`qjax.kernels.fold_requant`)
 data is the static fields in order, then ``kernel`` unless it is ``"xla"`` (so the XLA
 kernel keeps the aux of the versions before native kernels existed), then the fold key
 ``folded`` when folded (a native kernel, so ``kernel`` is there), serialized as a JSON
-list.
+list. A ``"sat16"`` weight is never folded; in that place a class with a
+``sat16_max_x`` field (:class:`~qjax.kernels.PreparedLinear`) has it: the largest
+uint8 activation code for which its pair sums cannot saturate (absent: 128, which holds
+for every int8 weight).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def _key(v):
     """A fold key back from JSON (lists) as the hashable tuple it was."""
     return tuple(_key(a) for a in v) if isinstance(v, (list, tuple)) else v
 
+
+SAT16_SAFE_X = 128  # (= _accumulate.SAT16_SAFE_X: uint8 codes no int8 pair saturates at)
 
 Kernel = Literal["xla", "amx", "sat16", "onednn"]
 _KERNELS = ("xla", "amx", "sat16", "onednn")
@@ -60,6 +65,8 @@ def register_prepared(
         def _aux(self):
             aux = tuple(getattr(self, f) for f in static)
             aux = aux + (self.kernel,) if self.kernel != "xla" else aux
+            if self.kernel == "sat16" and hasattr(self, "sat16_max_x"):
+                return aux + (self.sat16_max_x,)
             return aux + (self.folded,) if self.folded is not None else aux
 
         def tree_flatten_with_keys(self):
@@ -83,12 +90,17 @@ def register_prepared(
             for f, v in zip(static, aux[:n_static], strict=True):
                 object.__setattr__(obj, f, v)
             kernel = aux[n_static] if len(aux) > n_static else "xla"
-            folded = _key(aux[n_static + 1]) if len(aux) > n_static + 1 else None
+            tail = aux[n_static + 1] if len(aux) > n_static + 1 else None
+            folded = _key(tail) if tail is not None and kernel != "sat16" else None
+            if kernel == "sat16" and "sat16_max_x" in cls.__dataclass_fields__:
+                object.__setattr__(obj, "sat16_max_x", SAT16_SAFE_X if tail is None else tail)
             rest = list(children[n_leaves:])
             object.__setattr__(obj, "packed", rest.pop(0) if packed_when(kernel) else None)
             object.__setattr__(obj, "kernel", kernel)
             object.__setattr__(obj, "epilogue", rest.pop(0) if folded else None)
             object.__setattr__(obj, "folded", folded)
+            if "sat16_max_x" in cls.__dataclass_fields__ and kernel != "sat16":
+                object.__setattr__(obj, "sat16_max_x", SAT16_SAFE_X)
             return obj
 
         cls._aux = _aux
