@@ -21,8 +21,13 @@ CPU-level emulation within 1.2x of the fastest exact path's time. ``BENCH`` line
 exact (``kernel="auto"``) / sat16-native time per level and batch (goal ``>= 0.83``,
 i.e. sat16 <= 1.2x exact), and the same against the XLA exact path. What bounds it on a
 VNNI CPU: ``vpdpbusd`` does 64 multiply-adds in one instruction, the emulation needs
-``vpmaddubsw`` + ``vpdpwssd`` (two multiplies) for the same 64. ``QJAX_BENCH_QUICK=1``:
-fewer repeats.
+``vpmaddubsw`` + ``vpdpwssd`` (two multiplies) for the same 64.
+
+Second table (issue 16 item 2): a Flax MLP of the same sizes with 7-bit activations
+(torch's x86 qconfig, ``reduce_range``) served by ``qjax.convert``; its exactly
+accumulated layers on the sat16 kernel (its AVX2 and AVX-512BW code, what a CPU below
+VNNI runs; ``kernel="auto"`` with the AMX and oneDNN probes answering no) against XLA's
+int8 dot, outputs checked equal. ``QJAX_BENCH_QUICK=1``: fewer repeats.
 """
 
 import contextlib
@@ -169,6 +174,71 @@ def main():
     )
 
 
+def seven_bit_below_vnni():
+    """Issue 16 item 2: exactly accumulated layers with 7-bit activations on the sat16
+    kernel, as ``kernel="auto"`` decides on a CPU below VNNI (decided here with the AMX
+    and oneDNN probes answering "no"), vs the XLA int8 dot the layers ran on before."""
+    from flax import nnx
+
+    import qjax
+    from qjax.flax import default_qat_qconfig
+    from qjax.flax import nnx as qnnx
+    from qjax.kernels import _native
+
+    cfg = default_qat_qconfig("x86").replace(quantize_input=True, scheme="fbgemm")
+    r = nnx.Rngs(0)
+    layers = [qnnx.QuantStub(cfg)]
+    for i in range(len(SIZES) - 1):
+        layers.append(qnnx.QuantLinear(SIZES[i], SIZES[i + 1], config=cfg, rngs=r))
+        if i < len(SIZES) - 2:
+            layers.append(nnx.relu)
+    model = nnx.Sequential(*layers, qnnx.DeQuantStub())
+    rng = np.random.default_rng(0)
+    qnnx.calibrate(model, [jnp.asarray(rng.random((256, SIZES[0])), jnp.float32)], progress=False)
+    saved = _native.native_status, _native.onednn_exact
+    _native.native_status = _native.onednn_exact = lambda: (False, "below VNNI (benchmark)")
+    rows = []
+    reps = 4 if quick() else 20
+    try:
+        for batch in BATCHES:
+            x = jnp.asarray(rng.random((batch, SIZES[0])) * 1.2, jnp.float32)
+            xla = qjax.convert(model, x)
+            progs = {"exact XLA": xla}
+            for isa in ("avx2", "avx512"):
+                if isa not in _sat16.sat16_isas():
+                    continue
+                with _isa(isa):  # traced (compiled) inside convert
+                    progs[f"sat16 {isa}"] = qjax.convert(model, x, kernel="auto")
+            for name, p in progs.items():
+                want = "xla" if name == "exact XLA" else "sat16"
+                assert set(p.kernels.values()) == {want}, (name, p.kernels)
+                mism = int((np.asarray(p(x)) != np.asarray(xla(x))).sum())
+                assert mism == 0, (name, mism)
+            t = interleaved({k: (lambda p=p, x=x: p(x)) for k, p in progs.items()}, reps, 2)
+            for name in progs:
+                if name == "exact XLA":
+                    continue
+                rows.append(
+                    [
+                        batch,
+                        name,
+                        f"{t['exact XLA'] * 1e3:.3f}",
+                        f"{t[name] * 1e3:.3f}",
+                        f"{t['exact XLA'] / t[name]:.2f}x",
+                    ]
+                )
+                bench_line(
+                    "int8_sat16",
+                    f"7-bit MLP below VNNI batch {batch}: exact XLA / exact on {name}",
+                    t["exact XLA"] / t[name],
+                    "qjax exact (XLA int8 dot)",
+                )
+    finally:
+        _native.native_status, _native.onednn_exact = saved
+    print("7-bit activations, exact, as decided below VNNI (outputs == XLA's: 0 differ)")
+    print(table(["batch", "kernel", "XLA ms", "sat16 ms", "XLA/sat16"], rows))
+
+
 @contextlib.contextmanager
 def _isa(name):
     old = os.environ.get(_sat16.ISA_ENV)
@@ -184,3 +254,4 @@ def _isa(name):
 
 if __name__ == "__main__":
     main()
+    seven_bit_below_vnni()
