@@ -5,7 +5,7 @@
   int32 accumulator -> codes;
 * :func:`prepare_linear` / :func:`quantized_linear`: int8 x int8 -> int32 linear layer
   (``kernel="amx"``: an opt-in native Intel AMX GEMM, see :func:`native_status`;
-  ``kernel="sat16"``: the native AVX2 kernel for the int16-saturating accumulations,
+  ``kernel="sat16"``: the native AVX2/AVX-512 kernel for the int16-saturating accumulations,
   see :func:`sat16_status`; ``kernel="onednn"``: oneDNN's int8 matmul, an optional
   library, see :func:`onednn_status` and :func:`onednn_exact`);
 * :func:`prepare_conv` / :func:`quantized_conv`: int8 x int8 -> int32 1-D/2-D convolution

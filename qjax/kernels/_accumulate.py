@@ -17,7 +17,7 @@ One topic shared by :mod:`qjax.kernels._linear` and :mod:`qjax.kernels._conv`:
     skipped (:func:`_onednn_sat16_conv`, with :func:`_valid_taps`).
 
 Which engine takes which variant at which CPU level is :mod:`qjax.kernels._levels`; the
-native AVX2 kernel computing the saturating sums is :mod:`qjax.kernels._native._sat16`
+native AVX2/AVX-512 kernel computing the saturating sums is :mod:`qjax.kernels._native._sat16`
 (the same integers). The layers' module docstrings give the full accumulator rule,
 zero-point terms included.
 """
@@ -266,7 +266,7 @@ def _sat16_conv(xv, w, stride, dilation, groups, per_tap=False, native=False):
     ``xv`` raw (padded) uint8 ``(N, *sp, C)``, ``w`` HWIO int8; the reduction index runs
     over (kernel taps row-major, channel in group). ``per_tap`` (oneDNN): each tap's
     channels padded with zeros to an even count first, so no pair spans two taps.
-    ``native``: the same im2col patches (uint8) go to the AVX2 kernel
+    ``native``: the same im2col patches (uint8) go to the native kernel
     (:func:`qjax.kernels._native.sat16_dot`), one call for all groups; the same integers.
     Returns int32 ``(N, *out, C_out)``.
     """

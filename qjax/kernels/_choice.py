@@ -123,7 +123,7 @@ def resolve_kernel(kernel: str | None, where: str) -> str:
 
 
 def _saturating_kernel(wish: str) -> str:
-    """``"sat16"`` unless ``wish`` is ``"xla"`` or the native AVX2 kernel cannot run."""
+    """``"sat16"`` unless ``wish`` is ``"xla"`` or the native sat16 kernel cannot run."""
     return "sat16" if wish != "xla" and _native.sat16_status()[0] else "xla"
 
 

@@ -165,7 +165,7 @@ def prepare_conv(
       max_abs_x: the largest ``|x - zp_x|`` inputs may have (255: any 8-bit activation).
       kernel: ``"xla"`` (default), ``"amx"`` (native AMX implicit GEMM, 2-D kernels
         with ``groups=1``; raises ``RuntimeError`` with the reason when unavailable, see
-        :func:`qjax.kernels.native_status`) or ``"sat16"`` (the native AVX2 GEMM on XLA's
+        :func:`qjax.kernels.native_status`) or ``"sat16"`` (the native sat16 GEMM on XLA's
         im2col patches for ``accumulate="fbgemm_sat16"``/``"onednn_sat16"``, any groups,
         dilation and 1-D/2-D; exact accumulation stays on XLA; see
         :func:`qjax.kernels.sat16_status`).

@@ -152,7 +152,7 @@ def parallel_calls() -> int:
 
 def require_sat16(layer: str) -> None:
     """Raise ``RuntimeError`` naming the layer and the reason if the kernel cannot run."""
-    _build.require(sat16_status(), layer, "sat16", "AVX2 saturating kernel")
+    _build.require(sat16_status(), layer, "sat16", "saturating (sat16) kernel")
 
 
 def pack_sat16_weight(w: jax.Array) -> jax.Array:
