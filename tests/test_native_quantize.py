@@ -104,3 +104,36 @@ def test_export_refuses_with_a_hint():
     f = jax.jit(lambda v: quantize_input(v, qp, "auto").values)
     with pytest.raises(Exception, match="kernel='xla'"):
         jax.export.export(f)(jax.ShapeDtypeStruct((4,), jnp.float32))
+
+
+def _hlo(program, x):
+    return program._run.lower(program.params, (np.asarray(x),)).as_text()
+
+
+@needs_native
+def test_imported_program_quantizes_natively_and_files_do_not_say(tmp_path):
+    """``import_model(kernel="auto")`` quantizes its input with the native call (codes ==
+    torch's); the choice is the program's, not the file's: a saved program loads pure
+    XLA under the default ``kernel`` and native again under ``kernel="auto"``."""
+    import qjax.converters.torch as qtorch
+
+    torch.backends.quantized.engine = "fbgemm"
+    nnq = torch.ao.nn.quantized
+    lin = nnq.Linear(16, 4)
+    g = torch.Generator().manual_seed(0)
+    w = torch.quantize_per_tensor(torch.randn(4, 16, generator=g) / 4, 0.02, 0, torch.qint8)
+    lin.set_weight_bias(w, torch.zeros(4))
+    lin.scale, lin.zero_point = 0.05, 60
+    model = torch.nn.Sequential(nnq.Quantize(0.03, 7, torch.quint8), lin, nnq.DeQuantize())
+    x = torch.randn(5, 16, generator=g)
+    program = qtorch.import_model(model.eval(), (x,), engine="fbgemm", kernel="auto")
+    assert "qjax_quantize_fma" in _hlo(program, x)
+    np.testing.assert_array_equal(np.asarray(program(x)), model(x).numpy())
+    path = tmp_path / "m.safetensors"
+    qjax.save_served(path, program)
+    plain = qjax.load_served(path)
+    assert "qjax_quantize_fma" not in _hlo(plain, x)
+    native = qjax.load_served(path, kernel="auto")
+    assert "qjax_quantize_fma" in _hlo(native, x)
+    for p in (plain, native):
+        np.testing.assert_array_equal(np.asarray(p(x)), model(x).numpy())
