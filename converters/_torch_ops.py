@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from qjax.flax._torch_steps import make_torch_step
 from qjax.kernels import prepare_conv, prepare_linear
-from qjax.kernels._choice import conv_kernel, linear_kernel
+from qjax.kernels._choice import conv_kernel, linear_kernel, quantize_kernel
 from qjax.kernels._hardswish import hardswish_table
 from qjax.kernels._levels import fbgemm_depthwise_fast_path
 from qjax.program import Layer
@@ -82,7 +82,7 @@ def h_quantize(ctx, node, mod=None):
         qp = act_qparams(float(sc), int(zp), dt, "input")
         src = node.args[0]
         target = "torch.quantize_per_tensor"
-    attrs = {"qp": qp, "cl": ctx.cl.get(src.name, False)}
+    attrs = {"qp": qp, "cl": ctx.cl.get(src.name, False), "kernel": quantize_kernel(ctx.kernel)}
     layer = Layer("quantize", target, None, None, qp)
     return _step(ctx, node, "torch_quantize", attrs, [src.name], layer=layer)
 

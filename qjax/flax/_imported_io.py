@@ -46,7 +46,7 @@ import numpy as np
 from .. import kernels
 from .._qarray import _serialize_spec
 from .._spec import QParams, QuantSpec
-from ..kernels._choice import conv_kernel, kernels_of, linear_kernel
+from ..kernels._choice import conv_kernel, kernels_of, linear_kernel, quantize_kernel
 from ..kernels._levels import ENGINE_CHOICES, LEVELS
 from ..program import LAYOUTS, Layer, Program
 from . import _steps
@@ -164,7 +164,7 @@ def imported_file(program: Program, where: str = "save_served") -> tuple[dict, d
                 "name": s.name,
                 "kind": kind,
                 "inputs": list(s.inputs),
-                "attrs": w.value(dict(attrs), f"{i}.a", f"{at} attrs"),
+                "attrs": w.value(_stored_attrs(attrs), f"{i}.a", f"{at} attrs"),
                 "params": w.params(s.params, f"{i}.p", f"{at} params"),
                 "layer": _layer_json(s.layer, i, w, at),
             }
@@ -296,6 +296,15 @@ def _read_layer(d, i: int, r: _Reader, params, at: str) -> Layer | None:
     return Layer(op, target, scheme, qps[0], qps[1], extra)
 
 
+# Attributes a step takes from the kernel its program runs on, never from a file: the
+# loader's ``kernel=`` decides them (the boundary quantize's native call).
+_KERNEL_ATTRS = ("kernel",)
+
+
+def _stored_attrs(attrs) -> dict:
+    return {k: v for k, v in attrs.items() if k not in _KERNEL_ATTRS}
+
+
 def _read_step(i: int, st, r: _Reader, known: set, at0: str):
     name, kind, inputs, at = _step_header(i, st, KINDS, at0)
     missing = [n for n in inputs if n not in known]
@@ -308,6 +317,8 @@ def _read_step(i: int, st, r: _Reader, known: set, at0: str):
     check_step(kind, a, len(inputs), params, at)
     if kind in ("torch_linear", "torch_conv", "pt2e_linear", "pt2e_conv"):
         params = _reprepare(kind, a, params, r.wish)
+    if kind == "torch_quantize":
+        a = {**a, "kernel": quantize_kernel(r.wish)}
     layer = _read_layer(_need(st, "layer", at), i, r, params, at)
     make = make_torch_step if kind in TORCH_KINDS else make_pt2e_step
     return make(name, kind, a, tuple(inputs), params, layer)

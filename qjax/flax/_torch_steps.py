@@ -15,7 +15,9 @@ whether its input(s) are; :func:`relayout` moves codes between the two orders an
 =====================  ==============================================  ====================
 kind                   computes (``p``: the step's params)             attributes
 =====================  ==============================================  ====================
-``torch_quantize``     :func:`~qjax.kernels.quantize_input`            ``qp``
+``torch_quantize``     :func:`~qjax.kernels.quantize_input`            ``qp`` (``kernel``:
+                                                                       the program's,
+                                                                       not stored)
 ``torch_dequantize``   :func:`~qjax.kernels.dequantize_output` (NCHW)  --
 ``torch_linear``       :func:`~qjax.kernels.quantized_linear`,         ``scheme``,
                        ``p = (prepared weight, bias)``                 ``activation``,
@@ -144,11 +146,11 @@ def relayout(v, src: bool, dst: bool):
 
 
 def _quantize(a):
-    qp, cl = a["qp"], a["cl"]
+    qp, cl, kernel = a["qp"], a["cl"], a.get("kernel", "xla")
 
     def f(_, x):
         x = jnp.asarray(x, jnp.float32)
-        return K.quantize_input(x if not cl else jnp.moveaxis(x, 1, -1), qp), cl
+        return K.quantize_input(x if not cl else jnp.moveaxis(x, 1, -1), qp, kernel), cl
 
     return f
 

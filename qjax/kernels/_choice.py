@@ -52,7 +52,11 @@ where the caller passes the activation spec and the weight codes to
 (``qjax.load_served``) and the torch / pt2e importers do not yet, so their exact layers
 stay on XLA; exact convolutions stay on XLA. The codes are the same
 either way; the models record the choice per layer (``served.kernels``,
-``program.kernels``: ``"xla"``, ``"amx"``, ``"onednn"`` or ``"sat16"``). A program with
+``program.kernels``: ``"xla"``, ``"amx"``, ``"onednn"`` or ``"sat16"``). A program whose layers
+are wished native (``"amx"``, ``"onednn"``, ``"auto"``) also quantizes its float input
+with the native FMA call where it runs (:func:`quantize_kernel`; torch's per-tensor
+rule 1, the same codes as XLA's float64 emulation of the fma, a sixth of its time; the
+choice is the program's, saved files do not record it). A program with
 native layers cannot be ``jax.export``-ed (the custom call is refused; the sat16 and
 oneDNN calls' locations say to use ``kernel='xla'``). Only
 ``qjax.converters.torch.import_model`` defaults to ``None`` (only torch engines
@@ -74,6 +78,7 @@ __all__ = [
     "exact_on_sat16",
     "kernels_of",
     "linear_kernel",
+    "quantize_kernel",
     "resolve_kernel",
 ]
 
@@ -125,6 +130,18 @@ def resolve_kernel(kernel: str | None, where: str) -> str:
 def _saturating_kernel(wish: str) -> str:
     """``"sat16"`` unless ``wish`` is ``"xla"`` or the native sat16 kernel cannot run."""
     return "sat16" if wish != "xla" and _native.sat16_status()[0] else "xla"
+
+
+def quantize_kernel(wish: str) -> str:
+    """The kernel of a program's boundary quantize (:func:`qjax.kernels.quantize_input`):
+    ``"auto"`` (the native FMA call where it runs) when the program's layers are wished
+    native (``"amx"``, ``"onednn"``, ``"auto"``), else ``"xla"`` (``"xla"`` and the
+    default keep exactly accumulated programs pure XLA, ``jax.export``-able).
+
+    >>> quantize_kernel("onednn"), quantize_kernel("auto"), quantize_kernel("xla")
+    ('auto', 'auto', 'xla')
+    """
+    return "auto" if wish in ("amx", "onednn", "auto") else "xla"
 
 
 def linear_kernel(wish: str, accumulate: str = "exact", x_spec=None, w=None) -> str:

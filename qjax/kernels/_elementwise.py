@@ -72,10 +72,13 @@ from .._float import div_f32 as _div
 from .._float import div_ieee as _div_ieee
 from .._float import fma_f32 as _fma_f32
 from .._float import materialize as _m
+from .._primitives import _rounded_zp
 from .._primitives import dequantize as _dequantize
 from .._primitives import quantize as _quantize
 from .._qarray import QArray
 from .._spec import QParams
+from ._native._quantize import quantize_fma as _quantize_fma
+from ._native._quantize import quantize_status as _quantize_status
 
 __all__ = [
     "AddScheme",
@@ -470,14 +473,44 @@ def flatten(x: QArray, start_dim: int = 1, end_dim: int = -1) -> QArray:
     return QArray(jnp.reshape(x.values, new), x.qparams)
 
 
-def quantize_input(x: jax.Array, qparams: QParams) -> QArray:
-    """Float input -> QArray, as ``torch.quantize_per_tensor`` does (rule 1, ``compat="torch"``).
+def quantize_input(x: jax.Array, qparams: QParams, kernel: str = "xla") -> QArray:
+    """Float input -> QArray, as ``torch.quantize_per_tensor`` does (rule 1, ``compat="torch"``):
+    ``q = NaN(r) ? qmax : clamp(r, qmin, qmax)``, ``r = rint(fma(x, f32(1/s), z))`` per
+    tensor (per axis ``rint(f32(f32(x·inv(s)) + z))``, NaN -> 0).
+
+    ``x`` float (computed in float32), codes in ``qparams.spec.dtype``. ``kernel``:
+    ``"xla"`` (default) computes it in XLA, emulating the fma's single rounding in
+    float64; ``"auto"`` uses the native AVX2+FMA call for per-tensor int8/uint8 specs
+    where :func:`qjax.kernels._native._quantize.quantize_status` says it runs (the same
+    codes, a single pass; not ``jax.export``-able), XLA otherwise.
 
     >>> from qjax import QuantSpec, QParams
     >>> u8 = QuantSpec(signed=False)
     >>> quantize_input(jnp.array([-1.0, 0.26, 1.0]), QParams(0.5, 128, u8)).values
     Array([126, 129, 130], dtype=uint8)
+    >>> quantize_input(jnp.array([-1.0, 0.26, 1.0]), QParams(0.5, 128, u8), "auto").values
+    Array([126, 129, 130], dtype=uint8)
     """
+    if kernel not in ("xla", "auto"):
+        raise ValueError(f"quantize_input: kernel must be 'xla' or 'auto', got {kernel!r}")
+    spec = qparams.spec if isinstance(qparams, QParams) else None
+    if (
+        kernel == "auto"
+        and spec is not None
+        and spec.granularity == "tensor"
+        and jnp.dtype(spec.dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8))
+        and jnp.issubdtype(jnp.result_type(x), jnp.floating)
+        and _quantize_status()[0]
+    ):
+        x = jnp.asarray(x)
+        qparams.check(x.shape)
+        inv = jnp.float32(1.0) / jnp.asarray(qparams.scale, jnp.float32)
+        zf = _rounded_zp(jnp.asarray(qparams.zero_point), spec)
+        codes = _quantize_fma(
+            x, inv, zf, spec.qmin, spec.qmax, spec.qmax, spec.dtype,
+            portable=lambda v: _quantize(v, qparams, compat="torch"),
+        )  # fmt: skip
+        return QArray(codes, qparams)
     return QArray(_quantize(x, qparams, compat="torch"), qparams)
 
 

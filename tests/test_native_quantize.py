@@ -1,0 +1,139 @@
+"""The native boundary quantize (``quantize_input(..., kernel="auto")``, ``quantize.cc``)
+against torch's ``quantize_per_tensor`` at run time and against qjax's XLA formula:
+exact equality over halfway cases, their float neighbours, NaN, infinities, denormals
+and clamped values, uint8 and int8."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import qjax
+from qjax.kernels import _elementwise, quantize_input
+from qjax.kernels._native._quantize import quantize_status
+
+NATIVE, REASON = quantize_status()
+needs_native = pytest.mark.skipif(not NATIVE, reason=f"native quantize unavailable: {REASON}")
+
+SPECIAL = [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, -1e-45, 1e-38, 3e38, -3e38]
+
+
+def _inputs(scale, zp, n=20_001, seed=0):
+    """Random values, the exact halfway points of the code grid and both float neighbours
+    of every value (where fma's single rounding decides the code), and specials."""
+    rng = np.random.default_rng(seed)
+    inv = np.float32(1) / np.float32(scale)
+    half = ((np.arange(-300, 300) + 0.5 - zp) / inv).astype(np.float32)
+    x = np.concatenate([rng.normal(0, 200 * scale, n).astype(np.float32), half])
+    x = np.concatenate(
+        [x, np.nextafter(x, np.float32(np.inf)), np.nextafter(x, -np.float32(np.inf))]
+    )
+    return np.concatenate([x, np.array(SPECIAL, np.float32)])
+
+
+CASES = [
+    (0.5, 128, False),
+    (0.0078, 3, False),
+    (3.7, 250, False),
+    (0.02, 0, True),
+    (1e-3, -7, True),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("scale, zp, signed", CASES)
+def test_native_equals_torch_and_xla(scale, zp, signed):
+    qp = qjax.QParams(scale, zp, qjax.QuantSpec(signed=signed))
+    x = _inputs(scale, zp)
+    native = np.asarray(jax.jit(lambda v: quantize_input(v, qp, "auto").values)(x))
+    xla = np.asarray(quantize_input(jnp.asarray(x), qp).values)
+    dt = torch.qint8 if signed else torch.quint8
+    ref = torch.quantize_per_tensor(torch.from_numpy(x), scale, zp, dt).int_repr().numpy()
+    assert native.dtype == ref.dtype == xla.dtype
+    # halfway cases are where a double-rounded fma would differ: some must be present
+    v = x[np.isfinite(x)].astype(np.float64) * np.float64(np.float32(1) / np.float32(scale)) + zp
+    assert (np.abs(v - np.floor(v) - 0.5) < 1e-6).sum() > 100
+    assert int((native != ref).sum()) == 0
+    assert int((native != xla).sum()) == 0
+
+
+@needs_native
+def test_native_call_in_program_and_vmap():
+    qp = qjax.QParams(0.05, 10, qjax.QuantSpec(signed=False))
+    f = jax.jit(lambda v: quantize_input(v, qp, "auto").values)
+    x = jnp.linspace(-3.0, 14.0, 7 * 33).reshape(7, 33)
+    assert "qjax_quantize_fma" in f.lower(x).as_text()
+    np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(quantize_input(x, qp).values))
+    np.testing.assert_array_equal(np.asarray(jax.vmap(f)(x)), np.asarray(f(x)))
+    # traced qparams (jit arguments) work too, and vmapped ones (one pair per row)
+    g = jax.jit(lambda v, p: quantize_input(v, p, "auto").values)
+    np.testing.assert_array_equal(np.asarray(g(x, qp)), np.asarray(f(x)))
+    scales, zps = jnp.linspace(0.01, 0.2, 7), jnp.arange(7, dtype=jnp.int32) * 20
+    u8 = qp.spec
+    rows = jax.vmap(lambda v, s, z: g(v, qjax.QParams(s, z, u8)))(x, scales, zps)
+    want = [quantize_input(x[i], qjax.QParams(scales[i], zps[i], u8)).values for i in range(7)]
+    np.testing.assert_array_equal(np.asarray(rows), np.stack([np.asarray(w) for w in want]))
+
+
+def test_xla_default_and_fallbacks(monkeypatch):
+    u8 = qjax.QuantSpec(signed=False)
+    x = jnp.linspace(-1.0, 1.0, 50)
+    plain = jax.jit(lambda v: quantize_input(v, qjax.QParams(0.01, 100, u8)).values)
+    assert "custom_call" not in plain.lower(x).as_text()
+    # per-channel and 16-bit specs keep the XLA formula under "auto"
+    pc = qjax.QParams(jnp.full((50,), 0.01), jnp.zeros((50,), jnp.int32), u8.replace(axis=0))
+    u16 = qjax.QParams(0.01, 100, qjax.QuantSpec(bits=16, signed=False))
+    for qp in (pc, u16):
+        f = jax.jit(lambda v, qp=qp: quantize_input(v, qp, "auto").values)
+        assert "qjax_quantize_fma" not in f.lower(x).as_text()
+    # where the native call does not run, "auto" is the XLA program
+    monkeypatch.setattr(_elementwise, "_quantize_status", lambda: (False, "test"))
+    f = jax.jit(lambda v: quantize_input(v, qjax.QParams(0.01, 100, u8), "auto").values)
+    assert "qjax_quantize_fma" not in f.lower(x).as_text()
+
+
+def test_bad_kernel_name_is_named():
+    with pytest.raises(ValueError, match="kernel must be 'xla' or 'auto', got 'amx'"):
+        quantize_input(jnp.zeros(3), qjax.QParams(0.1, 0, qjax.QuantSpec(signed=False)), "amx")
+
+
+@needs_native
+def test_export_refuses_with_a_hint():
+    qp = qjax.QParams(0.1, 0, qjax.QuantSpec(signed=False))
+    f = jax.jit(lambda v: quantize_input(v, qp, "auto").values)
+    with pytest.raises(Exception, match="kernel='xla'"):
+        jax.export.export(f)(jax.ShapeDtypeStruct((4,), jnp.float32))
+
+
+def _hlo(program, x):
+    return program._run.lower(program.params, (np.asarray(x),)).as_text()
+
+
+@needs_native
+def test_imported_program_quantizes_natively_and_files_do_not_say(tmp_path):
+    """``import_model(kernel="auto")`` quantizes its input with the native call (codes ==
+    torch's); the choice is the program's, not the file's: a saved program loads pure
+    XLA under the default ``kernel`` and native again under ``kernel="auto"``."""
+    import qjax.converters.torch as qtorch
+
+    torch.backends.quantized.engine = "fbgemm"
+    nnq = torch.ao.nn.quantized
+    lin = nnq.Linear(16, 4)
+    g = torch.Generator().manual_seed(0)
+    w = torch.quantize_per_tensor(torch.randn(4, 16, generator=g) / 4, 0.02, 0, torch.qint8)
+    lin.set_weight_bias(w, torch.zeros(4))
+    lin.scale, lin.zero_point = 0.05, 60
+    model = torch.nn.Sequential(nnq.Quantize(0.03, 7, torch.quint8), lin, nnq.DeQuantize())
+    x = torch.randn(5, 16, generator=g)
+    program = qtorch.import_model(model.eval(), (x,), engine="fbgemm", kernel="auto")
+    assert "qjax_quantize_fma" in _hlo(program, x)
+    np.testing.assert_array_equal(np.asarray(program(x)), model(x).numpy())
+    path = tmp_path / "m.safetensors"
+    qjax.save_served(path, program)
+    plain = qjax.load_served(path)
+    assert "qjax_quantize_fma" not in _hlo(plain, x)
+    native = qjax.load_served(path, kernel="auto")
+    assert "qjax_quantize_fma" in _hlo(native, x)
+    for p in (plain, native):
+        np.testing.assert_array_equal(np.asarray(p(x)), model(x).numpy())
