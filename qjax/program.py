@@ -18,6 +18,11 @@ and the activations together) are ``jax.jit`` functions of ``(params, inputs)``:
 weights are arguments, not constants folded into the program, and XLA compiles each once
 per input shape and dtype (``Program.compile_count`` counts the traces, for tests).
 
+``Program.refresh`` (``None``, or a function of the program) runs before a call whenever
+``params`` or one of its entries was replaced since it last ran (identity): a converted
+Flax program folds its native layers' requantization coefficients from the params there
+(:mod:`qjax.flax._fold`), so an edit never runs on coefficients of the old params.
+
 Inputs may be numpy arrays, jax arrays, Python scalars or torch tensors (float): torch
 tensors are detached and copied through numpy (torch is never imported here).
 
@@ -35,6 +40,7 @@ Exporters read it (:func:`qjax.converters.onnx.export_onnx`).
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -173,6 +179,9 @@ class Program:
         self.layout = layout  # None: channels first (torch's order); "NHWC": channels last
         self.params = {s.name: s.params for s in steps}
         self.float_ops: dict[str, str] = {}  # what a converted Flax model left in float
+        # refresh(program): run before a call when params (or an entry) was replaced
+        self.refresh: Callable[[Program], Any] | None = None
+        self._seen: tuple | None = None  # (params, its items) when refresh last ran
         self.compile_count = 0
         self._run = jax.jit(self._make(trace=False))
         self._trace = jax.jit(self._make(trace=True))
@@ -216,9 +225,28 @@ class Program:
         Flax program picks or lowers one per input shape) and the inputs as arrays."""
         return self, self._args(inputs)
 
+    def _ready(self) -> None:
+        """Call ``refresh`` if ``params`` or any entry of it was replaced since it last ran
+        (identity; e.g. a fold of requantization coefficients computed from the params)."""
+        if self.refresh is None:
+            return
+        seen, p = self._seen, self.params
+        if (
+            seen is not None
+            and seen[0] is p
+            and len(p) == len(seen[1])
+            and all(map(operator.is_, p.values(), seen[2]))
+            and all(map(operator.eq, p, seen[1]))
+        ):
+            return
+        self.refresh(self)
+        p = self.params
+        self._seen = (p, tuple(p), tuple(p.values()))
+
     def __call__(self, *inputs):
         """Run the program: the value(s) named by ``output`` (float when it dequantizes)."""
         program, args = self._at(inputs)
+        program._ready()
         return program._run(program.params, args)
 
     def trace(self, *inputs) -> dict[str, QArray]:
@@ -229,6 +257,7 @@ class Program:
         """``(output, trace)`` from one compiled program: what ``__call__`` and ``trace``
         return, computed once."""
         program, args = self._at(inputs)
+        program._ready()
         result, out = program._trace(program.params, args)
         # jit returns dicts with sorted keys: restore the step order
         return result, {s.name: out[s.name] for s in program.steps if s.name in out}

@@ -20,6 +20,7 @@ concrete) scales and zero points are checked at trace time, a mismatch is an err
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 
 import jax
@@ -105,11 +106,14 @@ def fold_requant(
     relu = activation == "relu"
     w_sum = w.col_sum if isinstance(w, PreparedLinear) else w.w_sum
 
-    @jax.jit
-    def vectors(sx, zx, wq, w_sum, b, out):
-        x = types.SimpleNamespace(scale=sx, zero_point=zx)
-        return _layer_vectors(x, wq, w_sum, b, out, scheme, relu, shift)
-
-    vecs = vectors(xs.scale, xs.zero_point, w.weight, w_sum, b, out_qparams)
+    vecs = _vectors(xs.scale, xs.zero_point, w.weight, w_sum, b, out_qparams, scheme, relu, shift)
     key = fold_key(x_qparams, out_qparams, scheme, relu)
     return dataclasses.replace(w, epilogue=tuple(vecs), folded=key)
+
+
+@functools.partial(jax.jit, static_argnames=("scheme", "relu", "shift"))
+def _vectors(sx, zx, wq, w_sum, b, out, scheme, relu, shift):
+    """The layer's epilogue vectors, one compiled program per scheme, ReLU, shift and
+    shapes (a program folding again after an edit reuses it)."""
+    x = types.SimpleNamespace(scale=sx, zero_point=zx)
+    return _layer_vectors(x, wq, w_sum, b, out, scheme, relu, shift)
