@@ -37,6 +37,7 @@ from flax import nnx
 from ..kernels._choice import kernels_of, resolve_kernel
 from ..program import Program
 from . import _record, _steps
+from ._fold import fold_program
 from ._lower import lower
 from ._paths import join_path
 from ._walk import nnx_quantized
@@ -112,14 +113,18 @@ def convert(model, *example_args, scheme: str = "fbgemm", kernel: str = "xla") -
     ``kernel`` picks the int32 dot/conv kernel (:mod:`qjax.kernels._choice`): ``"xla"``
     (default; ``jax.export``-able), ``"amx"`` (the native AMX kernel of
     :func:`qjax.kernels.native_status`; ``RuntimeError`` with the reason when it cannot
-    run here) or ``"auto"`` (AMX where available, else XLA); ``program.kernels`` records
-    ``{layer: "amx" | "xla"}``; the codes are the same.
+    run here), ``"onednn"`` (oneDNN's brgemm ukernel where it is exact) or ``"auto"``
+    (AMX where available, else oneDNN where exact, else XLA); ``program.kernels`` records
+    ``{layer: "amx" | "onednn" | "xla"}``; the codes are the same. On a native kernel a
+    layer with an output quantizer gets its requantization coefficients folded in once
+    (:mod:`qjax.flax._fold`), folded again before the next call whenever an entry of
+    ``program.params`` is replaced.
 
     Args:
       model: an ``nnx.Module``, ``(linen Module, variables)`` or a function.
       *example_args: arrays (float, or integer token ids) with the inputs' shapes and dtypes.
       scheme: a key of :data:`qjax.kernels.SCHEMES`.
-      kernel: ``"xla"``, ``"amx"`` or ``"auto"``.
+      kernel: ``"xla"``, ``"amx"``, ``"onednn"`` or ``"auto"``.
 
     >>> from flax import nnx
     >>> from qjax.flax import default_qat_qconfig, nnx as qnnx
@@ -232,10 +237,14 @@ class TracedProgram(Program):
         self.programs = {shapes: self}
         self._build = build
         self.describe = describe  # -> (program, shapes, example batch, fixed_because, float_ops)
+        self.refresh = fold_program  # native layers' requantization folded from the params
+        self._ready()
 
     def _at(self, inputs) -> tuple[Program, tuple]:
         args = self._args(inputs)
         shapes = _shapes(args)
-        if shapes not in self.programs:
-            self.programs[shapes] = self._build(shapes)
-        return self.programs[shapes], args
+        program = self.programs.get(shapes)
+        if program is None:
+            program = self.programs[shapes] = self._build(shapes)
+            program.refresh = fold_program
+        return program, args

@@ -1,0 +1,104 @@
+"""Requantization folded into the native layers of a served Flax program, kept in step
+with ``program.params``.
+
+A layer step (``kind="layer"``) on the fused native kernel (``kernel="onednn"`` on the
+brgemm ukernel, or ``"amx"``; :func:`qjax.kernels.fold_requant`) needs per output
+channel the coefficients of its input qparams, bias and output qparams. With the params
+as ``jit`` arguments they are computed in every call (a dozen small XLA passes per
+layer); :func:`fold_program` computes them once, from the program's current params, and
+stores them in the layer's prepared weight (``program.params[name][0]``).
+
+The coefficients depend on params of *other* steps too (the input qparams come from the
+quantize step or the layer before, through ReLU, pooling and layout steps on codes), so
+the fold is tied to the params it was computed from: :class:`~qjax.Program` calls
+:func:`fold_program` again before the next run whenever ``program.params`` or any of its
+entries was replaced (``Program.refresh``; entries are compared by identity, the
+arrays in them are immutable ``jax`` arrays), so an edited program computes the edited
+qparams' codes, never the stale fold's. A saved program holds no fold: loading folds
+again (``load_served``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .. import kernels
+from ..kernels import _native
+
+__all__ = ["fold_program"]
+
+
+def _unfolded(pw):
+    if getattr(pw, "folded", None) is None:
+        return pw
+    return dataclasses.replace(pw, epilogue=None, folded=None)
+
+
+def _codes_qparams(step, params, qp: dict):
+    """The qparams of the codes ``step`` stores, or ``None`` (a float value, or unknown)."""
+    kind, attrs = step.spec if step.spec is not None else (None, {})
+    first = step.inputs[0] if step.inputs else None
+    if attrs.get("pick") and any(i is not None for i in attrs["pick"]):
+        return None  # an output of a several-output step: float
+    if kind == "quantize":
+        return params
+    if kind == "layer":
+        return params[2]
+    if kind in ("relu", "identity") or (kind == "lax" and attrs.get("on_codes")):
+        return qp.get(first)  # the codes keep their input's qparams
+    return None
+
+
+def fold_program(program) -> int:
+    """Fold the requantization of every fusable native layer of ``program`` (a
+    :class:`~qjax.Program` of :mod:`qjax.flax._steps` steps) from its current params,
+    replacing ``program.params[name]`` by ``(folded weight, bias, out qparams)``; a layer
+    that cannot be folded (XLA kernel, per-channel or unknown qparams, a float output)
+    runs unfolded (an earlier fold removed). Returns the number of folded layers.
+
+    Per output channel ``n`` (:func:`qjax.kernels.fold_requant`): ``ivec[n] = -(zp_x +
+    shift)·Σw[n]`` (int32; ``+ b_q[n]`` for ``"qnnpack"``), ``fvec[n]`` / ``mult[n]``
+    (float32) the scheme's bias term and multiplier of ``s_x``, ``s_w[n]``, ``b[n]``,
+    ``s_out``, and the clamp ``(lo - zp_out, hi - zp_out)``; the codes are the unfolded
+    layer's, bit for bit.
+
+    >>> from qjax import Program
+    >>> fold_program(Program([], ("x",), "x"))
+    0
+    """
+    params = program.params
+    qp: dict = {}
+    folded = 0
+    for s in program.steps:
+        if s.spec is None:
+            continue
+        p = params[s.name]
+        if s.spec[0] == "layer":
+            pw, bias, qy = p
+            qx = qp.get(s.inputs[0])
+            scheme, act = s.spec[1]["scheme"], "relu" if s.spec[1]["relu"] else None
+            new = _unfolded(pw)
+            if qx is not None and qy is not None and _fusable(new, qx, bias, qy, scheme):
+                new = kernels.fold_requant(new, qx, bias, qy, scheme=scheme, activation=act)
+                folded += 1
+            if new is not pw:
+                params[s.name] = p = (new, bias, qy)
+        qp[s.name] = _codes_qparams(s, p, qp)
+    return folded
+
+
+def _fusable(pw, qx, bias, qy, scheme) -> bool:
+    if getattr(pw, "kernel", "xla") not in ("onednn", "amx"):
+        return False
+    x = _CodesLike(qx)
+    return _native.fusable(pw, x, bias, qy, scheme)
+
+
+class _CodesLike:
+    """What :func:`~qjax.kernels._native.fusable` reads of an input: dtype and qparams."""
+
+    def __init__(self, qx):
+        self.values = np.zeros(0, qx.spec.dtype)
+        self.scale, self.zero_point = qx.scale, qx.zero_point
