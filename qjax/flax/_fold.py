@@ -39,15 +39,14 @@ def _unfolded(pw):
 def _codes_qparams(step, params, qp: dict):
     """The qparams of the codes ``step`` stores, or ``None`` (a float value, or unknown)."""
     kind, attrs = step.spec if step.spec is not None else (None, {})
-    first = step.inputs[0] if step.inputs else None
-    if attrs.get("pick") and any(i is not None for i in attrs["pick"]):
-        return None  # an output of a several-output step: float
     if kind == "quantize":
         return params
     if kind == "layer":
         return params[2]
+    if any(i is not None for i in attrs.get("pick", ())):
+        return None  # reads an output of a several-output step: a float value
     if kind in ("relu", "identity") or (kind == "lax" and attrs.get("on_codes")):
-        return qp.get(first)  # the codes keep their input's qparams
+        return qp.get(step.inputs[0])  # the codes keep their input's qparams
     return None
 
 
