@@ -111,6 +111,26 @@ def test_edited_params_fold_again_never_stale(cnn):
     assert _differ(served(x), before) == 0
 
 
+def test_program_refresh_runs_when_params_are_replaced():
+    """``Program.refresh`` runs before the first call and again only after ``params`` or
+    an entry of it was replaced (identity)."""
+    import jax.numpy as jnp
+
+    from qjax.program import Program, Step
+
+    p = Program([Step("y", lambda w, x: x * w, ("x",), jnp.float32(2))], ("x",), "y")
+    runs = []
+    p.refresh = lambda prog: runs.append(float(prog.params["y"]))
+    x = jnp.ones(2)
+    p(x), p(x), p.run_traced(x)
+    assert runs == [2.0]
+    p.params["y"] = jnp.float32(3)  # an entry replaced
+    assert float(p(x)[0]) == 3.0 and runs == [2.0, 3.0]
+    p(x)
+    p.params = {"y": jnp.float32(4)}  # the dict replaced
+    assert float(p(x)[0]) == 4.0 and runs == [2.0, 3.0, 4.0]
+
+
 @fused
 def test_save_load_folds_again(cnn, tmp_path):
     _, x, served, _ = cnn
