@@ -76,6 +76,13 @@ class Library:
 
 AMX = Library(SOURCE, FLAGS, LIB_NAME)
 SAT16 = Library(Path(__file__).with_name("sat16_gemm.cc"), SAT16_FLAGS, "libqjax_sat16.so")
+# The boundary quantize (quantize.cc): AVX2 + FMA like the saturating GEMM, and float
+# arithmetic that must round as written (its one fma is the explicit intrinsic).
+QUANTIZE = Library(
+    Path(__file__).with_name("quantize.cc"),
+    SAT16_FLAGS + ("-ffp-contract=off", "-fno-fast-math"),
+    "libqjax_quantize.so",
+)
 
 
 class BuildError(RuntimeError):

@@ -15,7 +15,6 @@ XLA formula; ``jax.export`` refuses the custom call (build with ``kernel='xla'``
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,21 +26,6 @@ __all__ = ["QUANTIZE_TARGET", "quantize_fma", "quantize_status"]
 
 QUANTIZE_TARGET = "qjax_quantize_fma"
 EXPORT_HINT = "qjax_native_quantize: for jax.export build the model with kernel='xla'"
-LIBRARY = _build.Library(
-    Path(__file__).with_name("quantize.cc"),
-    (
-        "-O3",
-        "-std=c++17",
-        "-fPIC",
-        "-shared",
-        "-mavx2",
-        "-mfma",
-        "-ffp-contract=off",
-        "-fno-fast-math",
-        "-w",
-    ),  # fmt: skip
-    "libqjax_quantize.so",
-)
 
 
 @functools.cache
@@ -53,7 +37,7 @@ def quantize_status() -> tuple[bool, str]:
     >>> isinstance(ok, bool) and isinstance(reason, str)
     True
     """
-    lib, reason = _build.load(LIBRARY, ("avx2", "fma"))
+    lib, reason = _build.load(_build.QUANTIZE, ("avx2", "fma"))
     if lib is None:
         return False, reason
     jax.ffi.register_ffi_target(
