@@ -13,6 +13,12 @@
   ``xdist_group`` marks, but xdist 3.8 tags grouped test ids through ``item._nodeid``,
   which pytest 9 no longer reads, so the grouping is done here by module path instead.
   An explicit ``--dist`` is kept as given.
+* ``QJAX_TEST_KERNEL=auto`` (or ``onednn`` / ``amx``): every model-level call that asks
+  for XLA (``kernel="xla"``, the default of ``qjax.convert`` / ``load_served``) or the
+  default (``None``, ``import_model``'s) gets that kernel instead, so the parity sweeps
+  compare torch's integers with the native kernels' (issue 16). A sweep, not a default
+  run: tests that check the default choice or ``jax.export`` (which refuses native
+  calls) are expected to fail under it.
 """
 
 import os
@@ -23,6 +29,25 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+
+def _sweep_kernel(kernel: str) -> None:
+    """Route every model-level kernel wish of "xla" / None to ``kernel`` (docstring)."""
+    import qjax.converters.pt2e as pt2e
+    import qjax.converters.torch as torch_conv
+
+    from qjax.flax import _convert, _served_io
+    from qjax.kernels import _choice
+
+    def resolve(wish, where, _orig=_choice.resolve_kernel):
+        return _orig(kernel if wish in (None, "xla") else wish, where)
+
+    for mod in (pt2e, torch_conv, _convert, _served_io):
+        mod.resolve_kernel = resolve
+
+
+if os.environ.get("QJAX_TEST_KERNEL"):
+    _sweep_kernel(os.environ["QJAX_TEST_KERNEL"])
 
 
 # modules whose module-scoped fixtures are expensive (see the module docstring)
