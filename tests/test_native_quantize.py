@@ -93,6 +93,14 @@ def test_xla_default_and_fallbacks(monkeypatch):
     assert "qjax_quantize_fma" not in f.lower(x).as_text()
 
 
+def test_auto_refuses_what_torch_compat_refuses():
+    """A spec torch's formula cannot take is refused under "auto" as under "xla"."""
+    qp = qjax.QParams(0.1, 0, qjax.QuantSpec(signed=False, rounding="half_away"))
+    for kernel in ("xla", "auto"):
+        with pytest.raises(ValueError, match="rounds half to even"):
+            quantize_input(jnp.zeros(3), qp, kernel)
+
+
 def test_bad_kernel_name_is_named():
     with pytest.raises(ValueError, match="kernel must be 'xla' or 'auto', got 'amx'"):
         quantize_input(jnp.zeros(3), qjax.QParams(0.1, 0, qjax.QuantSpec(signed=False)), "amx")
