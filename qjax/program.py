@@ -40,7 +40,6 @@ Exporters read it (:func:`qjax.converters.onnx.export_onnx`).
 from __future__ import annotations
 
 import dataclasses
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -231,17 +230,12 @@ class Program:
         if self.refresh is None:
             return
         seen, p = self._seen, self.params
-        if (
-            seen is not None
-            and seen[0] is p
-            and len(p) == len(seen[1])
-            and all(map(operator.is_, p.values(), seen[2]))
-            and all(map(operator.eq, p, seen[1]))
-        ):
-            return
+        if seen is not None and seen[0] is p and len(p) == len(seen[1]):
+            pairs = zip(p.items(), seen[1], strict=True)
+            if all(k == k0 and v is v0 for (k, v), (k0, v0) in pairs):
+                return
         self.refresh(self)
-        p = self.params
-        self._seen = (p, tuple(p), tuple(p.values()))
+        self._seen = (self.params, tuple(self.params.items()))
 
     def __call__(self, *inputs):
         """Run the program: the value(s) named by ``output`` (float when it dequantizes)."""

@@ -482,36 +482,35 @@ def test_pt2e_kernel_amx_equals_xla():
 # qjax demo: the speed row
 
 
-@amx
-def test_demo_speed_stage_times_amx_and_checks_it(nnx_cnn):
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        pytest.param("amx", marks=amx),
+        pytest.param(
+            "onednn",
+            marks=pytest.mark.skipif(
+                _OK or not _DNN_CONV, reason="needs oneDNN's exact ukernel and no AMX"
+            ),
+        ),
+    ],
+)
+def test_demo_speed_stage_times_the_native_kernel_and_checks_it(kernel, nnx_cnn):
     from qjax.demo import _speed_stage
 
     model, x, served = nnx_cnn
     want = np.asarray(served(x))
     checks = []
     sp = _speed_stage(model, model, served, want, np.asarray(x), 8, 2, checks)
-    assert sp["amx"]["available"] and sp["amx"]["mismatches"] == 0
-    assert sp["amx"]["compared"] == want.size and set(sp["amx"]["kernels"].values()) == {"amx"}
-    assert sp["amx_ms"] > 0 and sp["amx_vs_int8"] == sp["amx_ms"] / sp["int8_ms"]
+    assert sp[kernel]["available"] and sp[kernel]["mismatches"] == 0
+    assert sp[kernel]["compared"] == want.size
+    assert set(sp[kernel]["kernels"].values()) == {kernel}
+    ms, ratio = sp[f"{kernel}_ms"], sp[f"{kernel}_vs_int8"]
+    assert ms > 0 and ratio == ms / sp["int8_ms"]
     assert [c["ok"] for c in checks] == [True]
     # a wrong reference fails the demo's check (exit status 1), naming the count
     bad = []
     _speed_stage(model, model, served, want + 1.0, np.asarray(x), 8, 1, bad)
     assert not bad[0]["ok"] and bad[0]["result"] == f"{want.size} of {want.size} outputs differ"
-
-
-@pytest.mark.skipif(_OK or not _DNN_CONV, reason="needs oneDNN's exact ukernel and no AMX")
-def test_demo_speed_stage_times_onednn_and_checks_it(nnx_cnn):
-    from qjax.demo import _speed_stage
-
-    model, x, served = nnx_cnn
-    want = np.asarray(served(x))
-    checks = []
-    sp = _speed_stage(model, model, served, want, np.asarray(x), 8, 2, checks)
-    assert sp["onednn"]["available"] and sp["onednn"]["mismatches"] == 0
-    assert set(sp["onednn"]["kernels"].values()) == {"onednn"}
-    assert sp["onednn_ms"] > 0 and sp["onednn_vs_int8"] == sp["onednn_ms"] / sp["int8_ms"]
-    assert [c["ok"] for c in checks] == [True]
 
 
 def test_demo_speed_row_with_and_without_amx():

@@ -35,6 +35,7 @@ from jax import lax
 from .._qarray import QArray
 from .._spec import QParams
 from . import _native
+from ._prepared import SAT16_SAFE_X
 
 __all__ = ["Accumulate", "check_accumulator", "check_operands", "sat16_exact_max_x"]
 
@@ -184,8 +185,6 @@ def _sat16_pair_dot(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 _I16_MAX = 2**15 - 1
-# int8 weights: |w_a| + |w_b| <= 256 and w_a + w_b <= 254, so codes up to 128 never saturate
-SAT16_SAFE_X = 128
 
 
 def sat16_exact_max_x(w) -> int:

@@ -84,7 +84,6 @@ from .._spec import QParams
 from . import _native
 from ._accumulate import (
     _I32_MAX,
-    SAT16_SAFE_X,
     Accumulate,
     _int8_dot,
     _sat16_pair_dot,
@@ -93,7 +92,7 @@ from ._accumulate import (
     sat16_exact_codes,
     sat16_exact_max_x,
 )
-from ._prepared import _KERNELS, Kernel, register_prepared
+from ._prepared import _KERNELS, SAT16_SAFE_X, Kernel, register_prepared
 from ._requant import Scheme, clamp_activation, dequantize_accumulator, requantize
 
 __all__ = ["Accumulate", "Kernel", "PreparedLinear", "prepare_linear", "quantized_linear"]

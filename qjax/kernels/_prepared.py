@@ -35,7 +35,9 @@ def _key(v):
     return tuple(_key(a) for a in v) if isinstance(v, (list, tuple)) else v
 
 
-SAT16_SAFE_X = 128  # (= _accumulate.SAT16_SAFE_X: uint8 codes no int8 pair saturates at)
+# The uint8 activation codes up to which no int16 pair sum of any int8 weight saturates
+# (|w_a| + |w_b| <= 256 and w_a + w_b <= 254): a "sat16" weight's ``sat16_max_x`` at least.
+SAT16_SAFE_X = 128
 
 Kernel = Literal["xla", "amx", "sat16", "onednn"]
 _KERNELS = ("xla", "amx", "sat16", "onednn")
@@ -90,17 +92,18 @@ def register_prepared(
             for f, v in zip(static, aux[:n_static], strict=True):
                 object.__setattr__(obj, f, v)
             kernel = aux[n_static] if len(aux) > n_static else "xla"
+            # the slot after kernel: a sat16 weight's sat16_max_x, else the fold key
             tail = aux[n_static + 1] if len(aux) > n_static + 1 else None
-            folded = _key(tail) if tail is not None and kernel != "sat16" else None
-            if kernel == "sat16" and "sat16_max_x" in cls.__dataclass_fields__:
-                object.__setattr__(obj, "sat16_max_x", SAT16_SAFE_X if tail is None else tail)
+            sat16 = kernel == "sat16"
+            folded = _key(tail) if tail is not None and not sat16 else None
+            if "sat16_max_x" in cls.__dataclass_fields__:
+                max_x = tail if sat16 and tail is not None else SAT16_SAFE_X
+                object.__setattr__(obj, "sat16_max_x", max_x)
             rest = list(children[n_leaves:])
             object.__setattr__(obj, "packed", rest.pop(0) if packed_when(kernel) else None)
             object.__setattr__(obj, "kernel", kernel)
             object.__setattr__(obj, "epilogue", rest.pop(0) if folded else None)
             object.__setattr__(obj, "folded", folded)
-            if "sat16_max_x" in cls.__dataclass_fields__ and kernel != "sat16":
-                object.__setattr__(obj, "sat16_max_x", SAT16_SAFE_X)
             return obj
 
         cls._aux = _aux
