@@ -1,16 +1,19 @@
 """The native boundary quantize (``quantize_input(..., kernel="auto")``, ``quantize.cc``)
 against torch's ``quantize_per_tensor`` at run time and against qjax's XLA formula:
 exact equality over halfway cases, their float neighbours, NaN, infinities, denormals
-and clamped values, uint8 and int8."""
+and clamped values, uint8 and int8; torch at this CPU's level and forced to AVX2 and
+AVX-512 by its own switches (``level_env``, subprocesses)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from _helpers import run_script
 
 import qjax
-from qjax.kernels import _elementwise, quantize_input
+from qjax.kernels import _elementwise, host_level, quantize_input
+from qjax.kernels._levels import LEVELS, level_env
 from qjax.kernels._native._quantize import quantize_status
 
 NATIVE, REASON = quantize_status()
@@ -145,3 +148,33 @@ def test_imported_program_quantizes_natively_and_files_do_not_say(tmp_path):
     assert "qjax_quantize_fma" in _hlo(native, x)
     for p in (plain, native):
         np.testing.assert_array_equal(np.asarray(p(x)), model(x).numpy())
+
+
+_TORCH_CODES = """
+import numpy as np, torch
+x = np.load({x!r})
+for i, (s, z, signed) in enumerate({cases!r}):
+    dt = torch.qint8 if signed else torch.quint8
+    q = torch.quantize_per_tensor(torch.from_numpy(x), s, z, dt).int_repr().numpy()
+    np.save({out!r} + f"{{i}}.npy", q)
+print("TORCH-CODES-DONE")
+"""
+
+
+@needs_native
+@pytest.mark.parametrize("level", ["avx2", "avx512"])
+def test_native_equals_torch_forced_to_lower_levels(level, tmp_path):
+    """torch's quantize_per_tensor with torch forced to a lower CPU level by its own
+    switches (``level_env``, a subprocess): the same codes as the native call here."""
+    here = host_level()
+    if here is None or LEVELS.index(here) < LEVELS.index(level):
+        pytest.skip(f"this CPU ({here}) cannot run the {level} level")
+    x = _inputs(0.0078, 3, n=5_001)
+    np.save(tmp_path / "x.npy", x)
+    script = _TORCH_CODES.format(x=str(tmp_path / "x.npy"), cases=CASES, out=str(tmp_path / "q"))
+    run_script(script, marker="TORCH-CODES-DONE", env=level_env(level))
+    for i, (scale, zp, signed) in enumerate(CASES):
+        qp = qjax.QParams(scale, zp, qjax.QuantSpec(signed=signed))
+        native = np.asarray(jax.jit(lambda v, qp=qp: quantize_input(v, qp, "auto").values)(x))
+        ref = np.load(tmp_path / f"q{i}.npy")
+        assert int((native != ref).sum()) == 0, (level, scale, zp, signed)
