@@ -219,9 +219,11 @@ def test_unavailable_native_kernel_names_call_and_reason(nnx_cnn, tmp_path, monk
         qtorch.import_model(nn.Identity(), (torch.zeros(1),), kernel="amx")
     with pytest.raises(RuntimeError, match=r"qjax.convert\(kernel='onednn'\).*not installed"):
         qjax.convert(model, x, kernel="onednn")
-    # auto never raises (qjax.convert: test_below_vnni_...); a program file does not
-    # record each layer's activation spec, so even its 7-bit dense layer stays on XLA
-    assert set(qjax.load_served(path, kernel="auto").kernels.values()) == {"xla"}
+    # auto never raises (qjax.convert: test_below_vnni_...); the dense layer reads 7-bit
+    # codes (the file's steps say so): sat16 where it runs, as qjax.convert puts it
+    dense = "sat16" if _native.sat16_status()[0] else "xla"
+    loaded = qjax.load_served(path, kernel="auto").kernels
+    assert list(loaded.values()) == ["xla", "xla", dense]
 
 
 def _below_vnni(monkeypatch):
@@ -294,6 +296,43 @@ def test_below_vnni_mlp_7bit_on_sat16_8bit_on_xla(monkeypatch):
         n, mism = _exact(auto(x), qjax.convert(model, x)(x))
         print(f"\n{cfg.activation.qmax + 1}-code MLP below VNNI on {want}: {mism} of {n} differ")
         assert n == 250 and mism == 0
+
+
+@pytest.mark.parametrize("bits", [7, 8])
+def test_below_vnni_load_served_takes_convert_kernels(bits, monkeypatch, tmp_path):
+    # a program file records no kernel, but its steps give the spec of the codes each
+    # layer reads: loaded back below VNNI, each layer takes qjax.convert's kernel. 7-bit
+    # model: the first layer quantizes its input to 7 bits, the second has no input
+    # quantizer and reads the first one's 7-bit output codes (sat16 both), the third
+    # quantizes to 8 bits (XLA); 8-bit model: XLA throughout. The same integers either way
+    _below_vnni(monkeypatch)
+    seven, eight = _seven_eight()
+    cfg = seven if bits == 7 else eight
+    # no input quantizer on the second layer: it reads the codes the first one wrote
+    plain = cfg.replace(quantize_input=False, scheme=None)
+    r = nnx.Rngs(4)
+    model = nnx.Sequential(
+        qnnx.QuantStub(cfg),
+        qnnx.QuantLinear(24, 32, config=cfg, rngs=r),
+        nnx.relu,
+        qnnx.QuantLinear(32, 16, config=plain, rngs=r),
+        qnnx.QuantLinear(16, 5, config=eight, rngs=r),
+        qnnx.DeQuantStub(),
+    )
+    qnnx.calibrate(model, _data((32, 24), n=1), progress=False)
+    x = _data((20, 24), n=1, seed=7)[0]
+    sat = "sat16" if _native.sat16_status()[0] else "xla"
+    want = [sat, sat, "xla"] if bits == 7 else ["xla"] * 3
+    path = tmp_path / "mlp.safetensors"
+    served = {k: qjax.convert(model, x, kernel=k) for k in ("auto", None, "xla")}
+    qjax.save_served(path, served["xla"])
+    y = np.asarray(served["xla"](x))
+    for k, conv in served.items():
+        again = qjax.load_served(path, kernel=k)
+        assert list(conv.kernels.values()) == (["xla"] * 3 if k == "xla" else want)
+        assert again.kernels == conv.kernels, (k, again.kernels, conv.kernels)
+        assert _exact(again(x), y) == (100, 0) and _exact(conv(x), y) == (100, 0)
+    assert set(qjax.load_served(path).kernels.values()) == {"xla"}  # the default: "xla"
 
 
 def _prepared(served) -> list:

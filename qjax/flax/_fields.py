@@ -103,10 +103,14 @@ def _load_qparams(prefix: str, d: dict, tensors: dict, what: str) -> QParams:
     return check_qparam_values(qp, what)
 
 
-def _prepare_stored(kind: str, w: QArray, name: str, max_abs_x: int, groups: int, wish: str):
-    """Prepare a stored weight (``(in, out)`` or ``HWIO``/``WIO`` codes) for ``wish``."""
+def _prepare_stored(
+    kind: str, w: QArray, name: str, max_abs_x: int, groups: int, wish: str, x_spec=None
+):
+    """Prepare a stored weight (``(in, out)`` or ``HWIO``/``WIO`` codes) for ``wish``;
+    ``x_spec``: the spec of the codes a linear layer reads, where the file says it (its
+    kernel as under ``qjax.convert``: :func:`~qjax.kernels._choice.linear_kernel`)."""
     if kind == "linear":
-        k = linear_kernel(wish)
+        k = linear_kernel(wish, x_spec=x_spec, w=w.values)
         return kernels.prepare_linear(w, name=name, max_abs_x=max_abs_x, kernel=k)
     k = conv_kernel(wish, w.ndim - 2, groups)
     layout = "HWIO" if w.ndim == 4 else "WIO"
@@ -115,8 +119,9 @@ def _prepare_stored(kind: str, w: QArray, name: str, max_abs_x: int, groups: int
     )
 
 
-def _load_param(prefix: str, d, kind: str, tensors: dict, wish: str, what: str):
-    """A parameter from a file, validated (``kind``: the one the step needs)."""
+def _load_param(prefix: str, d, kind: str, tensors: dict, wish: str, what: str, x_spec=None):
+    """A parameter from a file, validated (``kind``: the one the step needs; ``x_spec``:
+    :func:`_prepare_stored`'s)."""
     if not isinstance(d, dict) or d.get("kind") != kind:
         got = d.get("kind") if isinstance(d, dict) else d
         raise ValueError(f"{what}: parameter kind {got!r}, expected {kind!r}")
@@ -149,7 +154,7 @@ def _load_param(prefix: str, d, kind: str, tensors: dict, wish: str, what: str):
             f"{_MAX_MAX_ABS_X}] (the int32 overflow check assumes any 8-bit input)"
         )
     try:
-        return _prepare_stored(kind, w, name, max_abs_x, groups, wish)
+        return _prepare_stored(kind, w, name, max_abs_x, groups, wish, x_spec)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{what}: {e}") from None
 

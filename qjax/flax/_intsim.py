@@ -446,9 +446,12 @@ def einsum_layout(subscripts: str, x_shape, kernel_shape, *, name: str = "Einsum
 _layer_qparams_jit = jax.jit(layer_qparams, static_argnums=1)
 
 
-def prepare_layer(info: _record.LayerMark, kernel, stats, *, native: str = "xla"):
+def prepare_layer(info: _record.LayerMark, kernel, stats, *, native: str = "xla", codes_spec=None):
     """``(input qparams, prepared weight, output qparams or None)`` of a marked layer,
-    from its float kernel (BN folded) and observer states (:func:`layer_qparams`)."""
+    from its float kernel (BN folded) and observer states (:func:`layer_qparams`).
+    ``codes_spec``: the spec of the codes the layer reads when it has no input quantizer
+    (its kernel choice, :func:`prepare_weight`'s ``x_spec``; a program file loaded back
+    derives the same from its steps)."""
     cfg = info.config
     qx, qw, qy = _layer_qparams_jit(stats, cfg)
     g = info.geometry or {}
@@ -460,7 +463,7 @@ def prepare_layer(info: _record.LayerMark, kernel, stats, *, native: str = "xla"
     pw = prepare_weight(
         info.op, kernel, qw, cfg.fake_quant_compat, info.name, native=native,
         groups=g.get("groups", 1), dilation=g.get("dilation", 1),
-        x_spec=None if qx is None else qx.spec,
+        x_spec=codes_spec if qx is None else qx.spec,
     )  # fmt: skip
     return qx, pw, qy
 

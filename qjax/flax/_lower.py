@@ -465,7 +465,10 @@ class Lowering:
         if cfg.weight is None or cfg.activation is None:
             raise ValueError(f"convert: {name} has a float weight or activation (config {cfg})")
         if name not in self.prepared:
-            self.prepared[name] = prepare_layer(info, ops["kernel"], stats, native=self.native)
+            codes_spec = None if x.qp is None else x.qp.spec
+            self.prepared[name] = prepare_layer(
+                info, ops["kernel"], stats, native=self.native, codes_spec=codes_spec
+            )
         qx, pw, qy = self.prepared[name]
         if qx is not None:
             x = self.quantized(x, qx, cfg.fake_quant_compat, f"{name}:input", info.source)

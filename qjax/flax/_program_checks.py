@@ -208,7 +208,11 @@ def _load_array(tensors: dict, key: str, at: str) -> np.ndarray:
     return t
 
 
-def _load_params(i: int, kind: str, attrs: dict, pd, tensors: dict, wish: str, at: str):
+def _load_params(
+    i: int, kind: str, attrs: dict, pd, tensors: dict, wish: str, at: str, x_spec=None
+):
+    """A step's params from its JSON ``pd`` and the tensors, each value checked;
+    ``x_spec``: the spec of the codes a layer step reads (``None``: not known)."""
     want = _PARAM_KINDS.get(kind)
     if want is None:
         if pd is not None:
@@ -237,7 +241,7 @@ def _load_params(i: int, kind: str, attrs: dict, pd, tensors: dict, wish: str, a
     if not (isinstance(pd, list) and len(pd) == 3):
         raise ValueError(f"{at}: a layer step's params are [weights, bias, out qparams]")
     w_kind = "linear" if attrs["op"] == "linear" else "conv"
-    pw = _load_param(f"{i}.w", pd[0], w_kind, tensors, wish, f"{at} w")
+    pw = _load_param(f"{i}.w", pd[0], w_kind, tensors, wish, f"{at} w", x_spec)
     b = None if pd[1] is None else _load_param(f"{i}.b", pd[1], "array", tensors, wish, f"{at} b")
     qy = (
         None if pd[2] is None else _load_param(f"{i}.y", pd[2], "qparams", tensors, wish, f"{at} y")

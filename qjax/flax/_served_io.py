@@ -109,6 +109,9 @@ def load_served(path: str | os.PathLike, *, kernel: str = "xla") -> Program:
     The file holds codes and qparams, no kernel: ``kernel`` (``"xla"``, ``"amx"`` or
     ``"auto"``, :mod:`qjax.kernels._choice`) prepares the weights on load, the same codes
     either way (``RuntimeError`` naming the reason for ``"amx"`` on a machine without it).
+    A Flax program's linear layers take the kernels ``qjax.convert`` gave them with the
+    same ``kernel`` (below VNNI, ``"sat16"`` where the spec of the codes a layer reads,
+    known from the file's steps, proves its pair sums exact).
 
     >>> load_served(__file__)  # doctest: +ELLIPSIS
     Traceback (most recent call last):

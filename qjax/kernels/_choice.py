@@ -48,9 +48,12 @@ path) run on the ``"sat16"`` kernel, which computes the int16 pair saturation wi
 instruction FBGEMM/oneDNN use (``vpmaddubsw``), 100x and more faster than its XLA
 formulation. Exact layers on ``"sat16"`` (below VNNI) are linear layers only, and only
 where the caller passes the activation spec and the weight codes to
-:func:`linear_kernel`: ``qjax.convert`` does; program files loaded back
-(``qjax.load_served``) and the torch / pt2e importers do not yet, so their exact layers
-stay on XLA; exact convolutions stay on XLA. The codes are the same
+:func:`linear_kernel`: ``qjax.convert`` does (the layer's input quantizer's spec, else
+that of the codes it reads), and so does ``qjax.load_served`` for a Flax program file
+(the spec of the codes each layer reads, from the file's steps: the same kernels);
+the torch / pt2e importers do not, as torch's activation codes are not bounded by
+``reduce_range``'s 127 (its quantize clamps quint8 to ``[0, 255]``), so their exact
+layers stay on XLA; exact convolutions stay on XLA. The codes are the same
 either way; the models record the choice per layer (``served.kernels``,
 ``program.kernels``: ``"xla"``, ``"amx"``, ``"onednn"`` or ``"sat16"``). A program whose layers
 are wished native (``"amx"``, ``"onednn"``, ``"auto"``) also quantizes its float input
