@@ -297,8 +297,9 @@ ffi::Error Q8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi:
 //   acc[n, i, j, g·Og + o] = Σ_{a, b, c} x[n, i·sh + a·dh, j·sw + b·dw, g·Cg + c]
 //                                        · w[a, b, c, g·Og + o]
 //
-// in int32 tiles of at most 64 output positions x 64 output channels of one group, then
-// copied out (acc) or requantized (Requant, epilogue.h). Two ways to feed the ukernel,
+// in int32 tiles of at most 64 output channels of one group x 64 output positions (up to
+// 256 for fewer channels: TileShape), then copied out (acc) or requantized (Requant,
+// epilogue.h). Two ways to feed the ukernel,
 // chosen per layer by qjax (attribute "feed"):
 //
 // * kernel rows (feed = 2, groups 1, C % 4 = 0, dilation 1 along W): one brgemm call per
@@ -313,12 +314,13 @@ ffi::Error Q8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi:
 //   Wv = sh·Wp / sw when that is an integer and wastes little (wide = 1: tiles span
 //   output rows; the Wv - OW positions past each row's end are computed from bytes inside
 //   the image and dropped), else one output row per tile (wide = 0).
-// * im2col (feed = 1, small Cg, e.g. a first layer with C = 1): the tile's rows are
-//   gathered into a (64, Kp) buffer in (a, b, c) order, then one call with K = kh·kw·Cg.
+// * im2col (feed = 1, small Cg, e.g. a first layer with C = 1): the tile's rows, output
+//   positions over the whole batch, are gathered into a (rows, Kp) buffer in (a, b, c)
+//   order, then one call with K = kh·kw·Cg.
 //
 // packed: for each group g, for each segment s (a kernel row with K = kw·C, a tap with
-// K = Cg, or the whole im2col K = kh·kw·Cg), the (K, Og) matrix in the linear layout (qjax_onednn_uk_pack), blocks of
-// PackedSize(K, Og) bytes at ((g · segments) + s) · PackedSize(K, Og).
+// K = Cg, or the whole im2col K = kh·kw·Cg), the (K, Og) matrix in the linear layout
+// (qjax_onednn_uk_pack), blocks of PackedSize(K, Og) bytes at ((g · segments) + s) · PackedSize(K, Og).
 struct ConvJob : Work {
   const uint8_t* x = nullptr;
   const int8_t* wp = nullptr;
@@ -326,12 +328,13 @@ struct ConvJob : Work {
   int64_t groups = 1, cg = 0, og = 0, o = 0, oh = 0, ow = 0;
   bool im2col = false, rows_feed = false, rows_taps = false, wide = false;
   int64_t kseg = 0, kpad = 0, seg_bytes = 0, segments = 0, nblocks = 0;
-  int64_t wv = 0, positions = 0, chunks = 0;  // per image: tile rows come from positions
+  int64_t wv = 0, positions = 0, chunks = 0;  // tile rows come from positions
+  int64_t mb = kMB, ldt = kNB;  // rows per tile, the int32 tile's row stride (TileShape)
   int32_t* acc = nullptr;
   uint8_t* q = nullptr;
   Epilogue epi{};
 
-  // Output position index p of a tile row -> (i, j); valid when j < OW.
+  // Output position index p of a tile row -> (i, j) in its image; valid when j < OW.
   void Pos(int64_t p, int64_t* i, int64_t* j) const {
     if (wide) {
       *i = p / wv;
@@ -342,7 +345,60 @@ struct ConvJob : Work {
     }
   }
 
-  // Item: ((image · groups + g) · nblocks + nb) · chunks + chunk.
+  // im2col: the rows of a tile are gathered, so its positions run over the whole batch
+  // (p = (img · OH + i) · OW + j, every one valid; small images fill whole tiles) and the
+  // tile is one contiguous run of the output. A row is S segments of L input bytes: the
+  // kh kernel rows of kw·C contiguous bytes (dw = 1, Cg = C), else the kh·kw taps' Cg
+  // bytes. Each segment is one masked load (no byte past it is read) and one full store
+  // of v = 16, 32 or 64 bytes (v >= L + the K padding; longer segments in 60-byte
+  // pieces): the zeros past a segment are overwritten by the next one, the last one
+  // writes the row's K padding, and buf has 64 bytes of slack. Byte loops took ~40% of a
+  // C = 1 conv (stores of one byte, and a memset call per row).
+  __attribute__((target("avx512f,avx512bw,avx512vl"))) void Gather(int64_t g, int64_t p0,
+                                                                     int64_t rows,
+                                                                     uint8_t* buf) const {
+    bool contiguous = dw == 1 && cg == c;
+    int64_t seg = contiguous ? kw * cg : cg, nseg = contiguous ? kh : kh * kw;
+    int64_t pad = kpad - kseg;  // < 4
+    int64_t v = seg + pad <= 16 ? 16 : seg + pad <= 32 ? 32 : 64;
+    int64_t piece = seg + pad <= 64 ? seg : 60;  // longer segments go in 60-byte pieces
+    int64_t off[kIm2colMaxK];                     // each segment's input offset, nseg <= K
+    for (int64_t t = 0; t < nseg; ++t) {
+      int64_t a = contiguous ? t : t / kw, b = contiguous ? 0 : t % kw;
+      off[t] = (a * dh * wpad + b * dw) * c;
+    }
+    const uint64_t m = piece >= 64 ? ~uint64_t{0} : (uint64_t{1} << piece) - 1;
+    const __mmask16 m16 = static_cast<__mmask16>(m);
+    const __mmask32 m32 = static_cast<__mmask32>(m);
+    int64_t img = p0 / (oh * ow), i = p0 % (oh * ow) / ow, j = p0 % ow;
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* xi = x + img * hp * wpad * c + g * cg + (i * sh * wpad + j * sw) * c;
+      uint8_t* dst = buf + r * kpad;
+      if (v == 16) {
+        for (int64_t t = 0; t < nseg; ++t)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + t * seg),
+                           _mm_maskz_loadu_epi8(m16, xi + off[t]));
+      } else if (v == 32) {
+        for (int64_t t = 0; t < nseg; ++t)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + t * seg),
+                              _mm256_maskz_loadu_epi8(m32, xi + off[t]));
+      } else {
+        for (int64_t t = 0; t < nseg; ++t)
+          for (int64_t o0 = 0; o0 < seg; o0 += piece) {
+            int64_t len = seg - o0 < piece ? seg - o0 : piece;
+            uint64_t mk = len == piece ? m : (uint64_t{1} << len) - 1;
+            _mm512_storeu_si512(dst + t * seg + o0, _mm512_maskz_loadu_epi8(mk, xi + off[t] + o0));
+          }
+      }
+      if (++j == ow) {
+        j = 0;
+        if (++i == oh) i = 0, ++img;
+      }
+    }
+  }
+
+  // Item: ((image · groups + g) · nblocks + nb) · chunks + chunk; im2col: one "image",
+  // the whole batch (Gather).
   void RunItem(int64_t it) override {
     int64_t chunk = it % chunks, rest = it / chunks;
     int64_t nb = rest % nblocks;
@@ -351,61 +407,47 @@ struct ConvJob : Work {
     int64_t cols = og - nb * kNB < kNB ? og - nb * kNB : kNB;
     int64_t p0, rows;
     if (wide || im2col) {
-      p0 = chunk * kMB;
-      rows = positions - p0 < kMB ? positions - p0 : kMB;
-    } else {  // one output row per chunk group: chunk = row · ceil(OW / 64) + part
-      int64_t parts = (ow + kMB - 1) / kMB;
-      int64_t row = chunk / parts, j0 = (chunk % parts) * kMB;
+      p0 = chunk * mb;
+      rows = positions - p0 < mb ? positions - p0 : mb;
+    } else {  // one output row per chunk group: chunk = row · ceil(OW / mb) + part
+      int64_t parts = (ow + mb - 1) / mb;
+      int64_t row = chunk / parts, j0 = (chunk % parts) * mb;
       p0 = row * ow + j0;
-      rows = ow - j0 < kMB ? ow - j0 : kMB;
+      rows = ow - j0 < mb ? ow - j0 : mb;
     }
-    const uint8_t* xi = x + img * hp * wpad * c + g * cg;
     const int8_t* wg = wp + (g * segments) * seg_bytes + nb * kpad * kNB;
     alignas(64) int32_t tile[kMB * kNB];
+    int64_t col = g * og + nb * kNB;
     if (im2col) {
-      alignas(64) uint8_t buf[kMB * kIm2colMaxK];
-      for (int64_t r = 0; r < rows; ++r) {
-        int64_t i, j;
-        Pos(p0 + r, &i, &j);
-        uint8_t* dst = buf + r * kpad;
-        for (int64_t a = 0; a < kh; ++a) {
-          const uint8_t* src = xi + ((i * sh + a * dh) * wpad + j * sw) * c;
-          uint8_t* d = dst + a * kw * cg;
-          if (dw == 1 && cg == c) {  // the kernel row's kw·C bytes are contiguous
-            for (int64_t t = 0; t < kw * cg; ++t) d[t] = src[t];
-          } else {
-            for (int64_t b = 0; b < kw; ++b)
-              for (int64_t t = 0; t < cg; ++t) d[b * cg + t] = src[b * dw * c + t];
-          }
-        }
-        for (int64_t t = kseg; t < kpad; ++t) dst[t] = 0;
-      }
-      at::native::cpublas::brgemm(rows, cols, kseg, kpad, kNB, kNB, false, buf, wg, tile, true);
+      alignas(64) uint8_t buf[kMB * kIm2colMaxK + 64];  // + the slack of Gather's stores
+      Gather(g, p0, rows, buf);
+      at::native::cpublas::brgemm(rows, cols, kseg, kpad, kNB, ldt, false, buf, wg, tile, true);
+      Store(tile, 0, rows, cols, p0 * o + col, col);
+      return;
+    }
+    const uint8_t* xi = x + img * hp * wpad * c + g * cg;
+    int64_t i0, j0;
+    Pos(p0, &i0, &j0);
+    const uint8_t* base = xi + (i0 * sh * wpad + j0 * sw) * c;
+    if (rows_feed) {
+      for (int64_t a = 0; a < kh; ++a)
+        at::native::cpublas::brgemm(rows, cols, kseg, sw * c, kNB, ldt, a > 0,
+                                    base + a * dh * wpad * c, wg + a * seg_bytes, tile, true);
+    } else if (rows_taps) {
+      for (int64_t a = 0; a < kh; ++a)
+        for (int64_t b = 0; b < kw; ++b)
+          at::native::cpublas::brgemm(rows, cols, cg, sw * c, kNB, ldt, a + b > 0,
+                                      base + (a * dh * wpad + b * dw) * c,
+                                      wg + a * seg_bytes + b * cg * kNB, tile, true);
     } else {
-      int64_t i0, j0;
-      Pos(p0, &i0, &j0);
-      const uint8_t* base = xi + (i0 * sh * wpad + j0 * sw) * c;
-      if (rows_feed) {
-        for (int64_t a = 0; a < kh; ++a)
-          at::native::cpublas::brgemm(rows, cols, kseg, sw * c, kNB, kNB, a > 0,
-                                      base + a * dh * wpad * c, wg + a * seg_bytes, tile, true);
-      } else if (rows_taps) {
-        for (int64_t a = 0; a < kh; ++a)
-          for (int64_t b = 0; b < kw; ++b)
-            at::native::cpublas::brgemm(rows, cols, cg, sw * c, kNB, kNB, a + b > 0,
-                                        base + (a * dh * wpad + b * dw) * c,
-                                        wg + a * seg_bytes + b * cg * kNB, tile, true);
-      } else {
-        for (int64_t a = 0; a < kh; ++a)
-          for (int64_t b = 0; b < kw; ++b) {
-            const uint8_t* at = base + (a * dh * wpad + b * dw) * c;
-            at::native::cpublas::brgemm(rows, cols, cg, sw * c, kNB, kNB, a + b > 0, at,
-                                        wg + (a * kw + b) * seg_bytes, tile, true);
-          }
-      }
+      for (int64_t a = 0; a < kh; ++a)
+        for (int64_t b = 0; b < kw; ++b) {
+          const uint8_t* at = base + (a * dh * wpad + b * dw) * c;
+          at::native::cpublas::brgemm(rows, cols, cg, sw * c, kNB, ldt, a + b > 0, at,
+                                      wg + (a * kw + b) * seg_bytes, tile, true);
+        }
     }
     // Write the valid rows, in runs that are contiguous in the output.
-    int64_t col = g * og + nb * kNB;
     for (int64_t r = 0; r < rows;) {
       int64_t i, j;
       Pos(p0 + r, &i, &j);
@@ -414,17 +456,34 @@ struct ConvJob : Work {
         continue;
       }
       int64_t run = ow - j < rows - r ? ow - j : rows - r;
-      int64_t off = ((img * oh + i) * ow + j) * o + col;
-      if (q != nullptr) {
-        Requant(tile + r * kNB, kNB, run, cols, q + off, o, epi, col);
-      } else {
-        for (int64_t rr = 0; rr < run; ++rr)
-          std::memcpy(acc + off + rr * o, tile + (r + rr) * kNB, sizeof(int32_t) * cols);
-      }
+      Store(tile, r, run, cols, ((img * oh + i) * ow + j) * o + col, col);
       r += run;
     }
   }
+
+  // Tile rows r.. r + run of cols columns -> the output at element off (row stride O).
+  void Store(const int32_t* tile, int64_t r, int64_t run, int64_t cols, int64_t off,
+             int64_t col) const {
+    if (q != nullptr) {
+      Requant(tile + r * ldt, ldt, run, cols, q + off, o, epi, col);
+    } else {
+      for (int64_t rr = 0; rr < run; ++rr)
+        std::memcpy(acc + off + rr * o, tile + (r + rr) * ldt, sizeof(int32_t) * cols);
+    }
+  }
 };
+
+// Tiles of a layer with few output channels per group are taller: the int32 tile keeps
+// kMB · kNB elements, its row stride the columns rounded up to 16 (one zmm), so a layer
+// of 16 channels makes a quarter of the ukernel calls (their fixed cost dominated small
+// convs, e.g. the demo's). The im2col buffer bounds im2col tiles too.
+void TileShape(ConvJob& j) {
+  int64_t cols = j.og < kNB ? j.og : kNB;
+  j.ldt = (cols + 15) / 16 * 16;
+  j.mb = kMB * kNB / j.ldt;
+  if (j.mb > 4 * kMB) j.mb = 4 * kMB;
+  if (j.im2col && j.mb * j.kpad > kMB * kIm2colMaxK) j.mb = kMB * kIm2colMaxK / j.kpad;
+}
 
 bool Im2colFits(int64_t k) { return RoundK(k) <= kIm2colMaxK; }
 
@@ -472,9 +531,12 @@ ffi::Error ConvSetup(const char* who, ConvJob& j, ffi::AnyBuffer::Dimensions xd,
     if (4 * span <= 5 * j.oh * j.ow) j.wide = true, j.wv = wv, j.positions = span;
   }
   if (!j.wide) j.positions = j.oh * j.ow;
-  if (j.wide || j.im2col) j.chunks = (j.positions + kMB - 1) / kMB;
-  else j.chunks = j.oh * ((j.ow + kMB - 1) / kMB);
-  j.items = xd[0] * groups * j.nblocks * j.chunks;
+  TileShape(j);
+  int64_t images = xd[0];
+  if (j.im2col) j.positions *= images, images = 1;  // tiles span images (Gather)
+  if (j.wide || j.im2col) j.chunks = (j.positions + j.mb - 1) / j.mb;
+  else j.chunks = j.oh * ((j.ow + j.mb - 1) / j.mb);
+  j.items = images * groups * j.nblocks * j.chunks;
   j.macs = xd[0] * j.oh * j.ow * j.o * kh * kw * j.cg;
   return ffi::Error::Success();
 }
