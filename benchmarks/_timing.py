@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 
 import jax
 import numpy as np
@@ -37,7 +38,35 @@ def isa_line() -> str:
 
     names = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
     have = [f for f in names if f in cpu_flags()]
-    return f"ISA {'+'.join(have) or 'none of ' + '/'.join(names)} (level {host_level()})"
+    line = f"ISA {'+'.join(have) or 'none of ' + '/'.join(names)} (level {host_level()})"
+    caps = cap_switches()
+    if caps:
+        # a run capped by the libraries' own switches is a CPU level on this core, not a
+        # CPU of that class: say so on every line that names the machine
+        line += f", capped by {' '.join(caps)} (onnxruntime has no switch: not capped)"
+    return line
+
+
+_CAP_VARS = (
+    "FBGEMM_ENABLE_INSTRUCTIONS",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "ATEN_CPU_CAPABILITY",
+    "QJAX_SAT16_ISA",
+)
+
+
+def cap_switches(environ=None) -> list[str]:
+    """The instruction-set caps set in the environment: torch's and qjax's switches and
+    XLA's ``--xla_cpu_max_isa`` (as ``NAME=value``).
+
+    >>> cap_switches({"ONEDNN_MAX_CPU_ISA": "AVX2", "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"})
+    ['ONEDNN_MAX_CPU_ISA=AVX2', 'xla_cpu_max_isa=AVX2']
+    """
+    env = os.environ if environ is None else environ
+    caps = [f"{k}={env[k]}" for k in _CAP_VARS if env.get(k)]
+    caps += re.findall(r"(xla_cpu_max_isa=\S+)", env.get("XLA_FLAGS", ""))
+    return caps
 
 
 def load_line() -> str:
