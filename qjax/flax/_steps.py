@@ -311,9 +311,6 @@ def bind(prim, params: Mapping, args) -> list:
         n, m = np.shape(args[0]), params.get("new_sizes", ())
         if not _same_size(n, m):
             raise ValueError(f"reshape of shape {tuple(n)} to {tuple(m)}: sizes differ")
-    if prim.name == "reduce_window_max" and len(args) == 1:
-        # XLA's reduce_window of codes is slow on CPU; the same max from strided slices
-        return [kernels.window_max(args[0], **dict(params))]
     out = prim.bind(*args, **prim.get_bind_params(dict(params)))
     return list(out) if prim.multiple_results else [out]
 

@@ -79,7 +79,6 @@ from ._pool import PoolScheme as PoolScheme
 from ._pool import adaptive_avg_pool2d as adaptive_avg_pool2d
 from ._pool import avg_pool2d as avg_pool2d
 from ._pool import max_pool2d as max_pool2d
-from ._pool import window_max as window_max
 from ._prepared import Kernel as Kernel
 from ._requant import Activation as Activation
 from ._requant import activation_bounds as activation_bounds
@@ -120,7 +119,6 @@ __all__ = [
     "host_level",
     "level_env",
     "max_pool2d",
-    "window_max",
     "multiply_by_quantized_multiplier",
     "multiply_by_quantized_multiplier_litert",
     "multiply_by_quantized_multiplier_litert_ref",

@@ -42,7 +42,6 @@ the output size divides the input size and differs from it; so does ``scheme="qn
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import jax
@@ -135,82 +134,17 @@ def max_pool2d(
         o = _out_size(n, k[i], s[i], p[i], d[i], ceil_mode)
         dims[a], strides[a], dil[a] = k[i], s[i], d[i]
         pads[a] = _pad_for(n, k[i], s[i], p[i], d[i], o)
-    y = window_max(x.values, tuple(dims), tuple(strides), tuple(pads), window_dilation=tuple(dil))
+    init = jnp.asarray(np.iinfo(x.dtype).min, x.dtype)
+    y = lax.reduce_window(
+        x.values,
+        init,
+        lax.max,
+        tuple(dims),
+        tuple(strides),
+        tuple(pads),
+        window_dilation=tuple(dil),
+    )
     return QArray(y, x.qparams)
-
-
-# Up to this many window taps, window_max takes the max of strided slices.
-_SLICE_TAPS = 25
-
-
-def window_max(
-    x, window_dimensions, window_strides, padding, base_dilation=None, window_dilation=None
-):
-    """``lax.reduce_window_max`` of an integer array (the same arguments and integers),
-    computed for windows of at most 25 taps as the elementwise max of one strided slice
-    per tap, on the input padded with the dtype's minimum:
-
-    ``y[o] = max_t x_pad[o·s + t·d]`` over the taps ``t`` of the window (per axis: stride
-    ``s``, window dilation ``d``; ``padding`` as ``(low, high)`` pairs).
-
-    Why: XLA's CPU ``reduce_window`` of 8-bit codes (YNNPACK's reduce) took ~110 µs for a
-    2x2 max pool of 256x8x8x32 uint8 where the slices take ~30 µs (AMD EPYC, 2 cores).
-    Float arrays (whose max of signed zeros may depend on the order), input dilation,
-    negative padding and larger windows keep ``lax.reduce_window``.
-
-    ``x``: any integer dtype; out: the same dtype.
-
-    >>> x = jnp.arange(16, dtype=jnp.uint8).reshape(1, 4, 4, 1)
-    >>> window_max(x, (1, 2, 2, 1), (1, 2, 2, 1), ((0, 0),) * 4)[0, :, :, 0]
-    Array([[ 5,  7],
-           [13, 15]], dtype=uint8)
-    """
-    x = jnp.asarray(x)
-    r = x.ndim
-    k, s = tuple(window_dimensions), tuple(window_strides)
-    dil = tuple(window_dilation or (1,) * r)
-    base = tuple(base_dilation or (1,) * r)
-    if isinstance(padding, str):  # "VALID" / "SAME", as lax.reduce_window takes them
-        span = tuple((kk - 1) * d + 1 for kk, d in zip(k, dil, strict=False))
-        padding = lax.padtype_to_pads(x.shape, span, s, padding)
-    given = (window_dimensions, window_strides, padding, base_dilation, window_dilation)
-    if any(v is not None and len(v) != r for v in given):
-        raise ValueError(
-            f"window_max: window, strides, padding and dilations need one entry per "
-            f"dimension of the rank-{r} input, got {given}"
-        )
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    taps = math.prod(k)
-    if (
-        not jnp.issubdtype(x.dtype, jnp.integer)
-        or any(b != 1 for b in base)
-        or any(lo < 0 or hi < 0 for lo, hi in pads)
-        or not 0 < taps <= _SLICE_TAPS
-    ):
-        return lax.reduce_window_max_p.bind(
-            x,
-            window_dimensions=k,
-            window_strides=s,
-            padding=pads,
-            base_dilation=base,
-            window_dilation=dil,
-        )
-    if any(p != (0, 0) for p in pads):
-        lowest = jnp.asarray(np.iinfo(x.dtype).min, x.dtype)
-        x = lax.pad(x, lowest, [(lo, hi, 0) for lo, hi in pads])
-    out = [
-        max((n - (kk - 1) * d - 1) // ss + 1, 0)
-        for n, kk, ss, d in zip(x.shape, k, s, dil, strict=True)
-    ]
-    if 0 in out:
-        return jnp.zeros(out, x.dtype)
-    y = None
-    for t in np.ndindex(*k):
-        start = [ti * d for ti, d in zip(t, dil, strict=True)]
-        limit = [st + (o - 1) * ss + 1 for st, o, ss in zip(start, out, s, strict=True)]
-        tap = lax.slice(x, start, limit, s)
-        y = tap if y is None else jnp.maximum(y, tap)
-    return y
 
 
 def _window_counts(n, k, s, p, o):
