@@ -63,6 +63,8 @@ RAW = [
     (1, 6, 200, 3, 8, 3, 3, (1, 1), (1, 1), 1),  # im2col, rows longer than a tile
     (1, 5, 5, 17, 3, 5, 5, (1, 1), (1, 1), 1),  # kernel = input: one output
     (2, 13, 11, 5, 130, 7, 7, (3, 2), (1, 1), 1),  # im2col K = 245, 3 column blocks
+    (2, 3, 30, 6, 20, 2, 11, (1, 2), (1, 1), 1),  # im2col rows of 66 bytes: 60-byte pieces
+    (3, 4, 9, 2, 8, 2, 2, (1, 1), (1, 1), 1),  # im2col, few positions per image: tiles span images
 ]
 
 
