@@ -32,11 +32,9 @@ struct Epilogue {
 // acc: rows x cols int32 (row stride lda) of the layer's columns col.. col + cols;
 // dst: their codes (row stride ld). AVX-512 by attribute: the libraries that include this
 // stay loadable on CPUs without it and call it only where it runs.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void Requant(const int32_t* acc,
-                                                                int64_t lda, int64_t rows,
-                                                                int64_t cols, uint8_t* dst,
-                                                                int64_t ld, const Epilogue& e,
-                                                                int64_t col) {
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void Requant(
+    const int32_t* acc, int64_t lda, int64_t rows, int64_t cols, uint8_t* dst, int64_t ld,
+    const Epilogue& e, int64_t col) {
   for (int64_t c0 = 0; c0 < cols; c0 += 16) {
     int64_t w = cols - c0 < 16 ? cols - c0 : 16;
     __mmask16 m = static_cast<__mmask16>((1u << w) - 1);

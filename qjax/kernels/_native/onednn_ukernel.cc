@@ -299,8 +299,8 @@ ffi::Error Q8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi:
 //
 // in int32 tiles of at most 64 output channels of one group x 64 output positions (up to
 // 256 for fewer channels: TileShape), then copied out (acc) or requantized (Requant,
-// epilogue.h). Two ways to feed the ukernel,
-// chosen per layer by qjax (attribute "feed"):
+// epilogue.h). Three ways to feed the ukernel, chosen per layer by qjax (attribute
+// "feed"):
 //
 // * kernel rows (feed = 2, groups 1, C % 4 = 0, dilation 1 along W): one brgemm call per
 //   kernel row a with K = kw·C, the row's kw·C input bytes being contiguous in NHWC, read
@@ -320,7 +320,8 @@ ffi::Error Q8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi:
 //
 // packed: for each group g, for each segment s (a kernel row with K = kw·C, a tap with
 // K = Cg, or the whole im2col K = kh·kw·Cg), the (K, Og) matrix in the linear layout
-// (qjax_onednn_uk_pack), blocks of PackedSize(K, Og) bytes at ((g · segments) + s) · PackedSize(K, Og).
+// (qjax_onednn_uk_pack), blocks of PackedSize(K, Og) bytes at
+// ((g · segments) + s) · PackedSize(K, Og).
 struct ConvJob : Work {
   const uint8_t* x = nullptr;
   const int8_t* wp = nullptr;
@@ -387,7 +388,8 @@ struct ConvJob : Work {
           for (int64_t o0 = 0; o0 < seg; o0 += piece) {
             int64_t len = seg - o0 < piece ? seg - o0 : piece;
             uint64_t mk = len == piece ? m : (uint64_t{1} << len) - 1;
-            _mm512_storeu_si512(dst + t * seg + o0, _mm512_maskz_loadu_epi8(mk, xi + off[t] + o0));
+            __m512i bytes = _mm512_maskz_loadu_epi8(mk, xi + off[t] + o0);
+            _mm512_storeu_si512(dst + t * seg + o0, bytes);
           }
       }
       if (++j == ow) {
