@@ -64,6 +64,7 @@ import torch
 from torch import fx
 
 from qjax import QArray
+from qjax.flax._fold import fold_program
 from qjax.flax._torch_steps import make_torch_step
 from qjax.kernels._choice import kernels_of, resolve_kernel
 from qjax.kernels._levels import ENGINE_CHOICES, Engine
@@ -318,6 +319,9 @@ def import_model(
         raise ValueError(f"the model takes {len(input_names)} inputs, got {len(inputs)} examples")
     program = Program(steps, input_names, output, engine=eng.name, level=eng.level)
     program.kernels = kernels_of(program.params)
+    # layers on a fused native kernel get their requantization folded before the first
+    # call, and again after an edit of program.params (Program.refresh)
+    program.refresh = fold_program
     program.example_shapes = tuple(
         (tuple(x.shape), str(x.dtype).removeprefix("torch.")) for x in inputs
     )  # what qjax.load_served traces a saved program at

@@ -1,12 +1,15 @@
-"""Requantization folded into the native layers of a served Flax program, kept in step
-with ``program.params``.
+"""Requantization folded into the native layers of a served program, kept in step with
+``program.params``.
 
-A layer step (``kind="layer"``) on the fused native kernel (``kernel="onednn"`` on the
-brgemm ukernel, or ``"amx"``; :func:`qjax.kernels.fold_requant`) needs per output
-channel the coefficients of its input qparams, bias and output qparams. With the params
-as ``jit`` arguments they are computed in every call (a dozen small XLA passes per
-layer); :func:`fold_program` computes them once, from the program's current params, and
-stores them in the layer's prepared weight (``program.params[name][0]``).
+A layer on the fused native kernel (``kernel="onednn"`` on the brgemm ukernel, or
+``"amx"``; :func:`qjax.kernels.fold_requant`) needs per output channel the coefficients
+of its input qparams, bias and output qparams. With the params as ``jit`` arguments they
+are computed in every call (a dozen small XLA passes per layer); :func:`fold_program`
+computes them once, from the program's current params, and stores them in the layer's
+prepared weight (``program.params[name][0]``). The layers are the steps of a converted
+Flax program (``kind="layer"``, :mod:`qjax.flax._steps`) and of a torch model imported
+with ``qjax.converters.torch.import_model`` (``"torch_linear"`` / ``"torch_conv"``,
+:mod:`qjax.flax._torch_steps`, exactly accumulated).
 
 The coefficients depend on params of *other* steps too (the input qparams come from the
 quantize step or the layer before, through ReLU, pooling and layout steps on codes), so
@@ -36,6 +39,13 @@ def _unfolded(pw):
     return dataclasses.replace(pw, epilogue=None, folded=None)
 
 
+# torch steps whose codes keep their (first) input's qparams, as torch's ops do
+_TORCH_SAME_QPARAMS = ("torch_clamp", "torch_shape", "torch_pool")
+# torch steps whose output qparams are the attribute "out"
+_TORCH_OUT = ("torch_linear", "torch_conv", "torch_hardswish", "torch_binary", "torch_cat",
+              "torch_batch_norm")  # fmt: skip
+
+
 def _codes_qparams(step, params, qp: dict):
     """The qparams of the codes ``step`` stores, or ``None`` (a float value, or unknown)."""
     kind, attrs = step.spec if step.spec is not None else (None, {})
@@ -43,17 +53,41 @@ def _codes_qparams(step, params, qp: dict):
         return params
     if kind == "layer":
         return params[2]
+    if kind == "torch_quantize":
+        return attrs["qp"]
+    if kind in _TORCH_OUT:
+        return attrs.get("out")  # a cat without it: unknown
     if any(i is not None for i in attrs.get("pick", ())):
         return None  # reads an output of a several-output step: a float value
-    if kind in ("relu", "identity") or (kind == "lax" and attrs.get("on_codes")):
+    if (
+        kind in ("relu", "identity")
+        or (kind == "lax" and attrs.get("on_codes"))
+        or kind in _TORCH_SAME_QPARAMS
+        or (kind == "torch_unary" and attrs.get("op") in ("relu", "identity"))
+    ):
         return qp.get(step.inputs[0])  # the codes keep their input's qparams
+    return None
+
+
+def _layer(step, p):
+    """``(weight, bias, out qparams, scheme, activation, rebuild)`` of a layer step whose
+    requantization can be folded, or ``None``; ``rebuild(w)``: its params with weight
+    ``w``."""
+    kind, a = step.spec
+    if kind == "layer":
+        pw, bias, qy = p
+        return pw, bias, qy, a["scheme"], "relu" if a["relu"] else None, lambda w: (w, bias, qy)
+    if kind in ("torch_linear", "torch_conv") and a["accumulate"] == "exact":
+        pw, bias = p
+        return pw, bias, a["out"], a["scheme"], a["activation"], lambda w: (w, bias)
     return None
 
 
 def fold_program(program) -> int:
     """Fold the requantization of every fusable native layer of ``program`` (a
-    :class:`~qjax.Program` of :mod:`qjax.flax._steps` steps) from its current params,
-    replacing ``program.params[name]`` by ``(folded weight, bias, out qparams)``; a layer
+    :class:`~qjax.Program` of :mod:`qjax.flax._steps` or torch-import steps, module
+    docstring) from its current params, replacing the weight in ``program.params[name]``
+    (``(weight, bias, out qparams)``, a torch layer's ``(weight, bias)``); a layer
     that cannot be folded (XLA kernel, per-channel or unknown qparams, a float output)
     runs unfolded (an earlier fold removed). Returns the number of folded layers.
 
@@ -74,16 +108,16 @@ def fold_program(program) -> int:
         if s.spec is None:
             continue
         p = params[s.name]
-        if s.spec[0] == "layer":
-            pw, bias, qy = p
+        layer = _layer(s, p) if s.inputs else None
+        if layer is not None:
+            pw, bias, qy, scheme, act, rebuild = layer
             qx = qp.get(s.inputs[0])
-            scheme, act = s.spec[1]["scheme"], "relu" if s.spec[1]["relu"] else None
             new = _unfolded(pw)
             if qx is not None and qy is not None and _fusable(new, qx, bias, qy, scheme):
                 new = kernels.fold_requant(new, qx, bias, qy, scheme=scheme, activation=act)
                 folded += 1
             if new is not pw:
-                params[s.name] = p = (new, bias, qy)
+                params[s.name] = p = rebuild(new)
         qp[s.name] = _codes_qparams(s, p, qp)
     return folded
 

@@ -60,6 +60,7 @@ from ._fields import (
     _load_qparams,
     _step_header,
 )
+from ._fold import fold_program
 from ._imported_checks import check_step
 from ._program_checks import _load_array, _need, _spec_attr
 from ._pt2e_steps import PT2E_KINDS, make_pt2e_step
@@ -376,6 +377,7 @@ def load_imported(meta: dict, tensors: dict, wish: str, where: str) -> Program:
     )
     program.kernels = kernels_of(program.params)
     program.example_shapes = shapes
+    program.refresh = fold_program  # a torch import's native layers: requantization folded
     if shapes is not None:  # the last word: it traces at the example shapes (nothing computed)
         _check_runs(program, shapes, where, trace=True)
     return program
