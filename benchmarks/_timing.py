@@ -87,6 +87,27 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+def spinning() -> bool:
+    """``QJAX_BENCH_SPIN=1``: torch and ONNX Runtime run with their threads' default
+    spinning (torch's OpenMP without ``OMP_WAIT_POLICY=PASSIVE``, ORT's intra-op spin
+    on), as a user runs them, and contenders are timed in blocks of consecutive calls
+    (:func:`blocks`); unset, nobody spins and each call is interleaved."""
+    return os.environ.get("QJAX_BENCH_SPIN", "") not in ("", "0")
+
+
+def blocks() -> int:
+    """``interleaved``'s ``block``: under :func:`spinning` each contender's turn is 20
+    timed calls (only the first pay for the previous contender's spinning threads), else
+    one call."""
+    return 20 if spinning() else 1
+
+
+def torch_threads_line(torch) -> str:
+    """torch's version, intra-op threads and OpenMP wait policy, as this process runs it."""
+    policy = os.environ.get("OMP_WAIT_POLICY") or "unset (OpenMP threads spin after a call)"
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={policy}"
+
+
 def quick() -> bool:
     """True when ``QJAX_BENCH_QUICK=1`` (``qjax bench --quick``): fewer repeats and shapes."""
     return os.environ.get("QJAX_BENCH_QUICK", "") not in ("", "0")
@@ -98,11 +119,12 @@ def bench_line(
     """Print (and return) one ``BENCH {json}`` line, the record ``qjax bench`` collects.
 
     ``ratio`` is baseline time / qjax time (> 1: qjax faster), except step-time overhead
-    benchmarks, where it is qjax / float time and ``goal`` reads ``<= 1.15x``.
+    benchmarks, where it is qjax / float time and ``goal`` reads ``<= 1.15x``. Under
+    :func:`spinning` the case says so (`` [spinning]``).
     """
     rec = {
         "benchmark": benchmark,
-        "case": case,
+        "case": case + (" [spinning]" if spinning() else ""),
         "ratio": round(float(ratio), 4),
         "baseline": baseline,
         "goal": goal,
@@ -128,8 +150,9 @@ def ort_session(model, threads: int = 2):
     # same cores, that spin is charged to the next contenders (measured on 2 cores: torch
     # qnnpack ~2x slower, qjax slower too), so it is off, as torch runs with
     # OMP_WAIT_POLICY=PASSIVE. It costs ORT itself: timed alone, spinning ran the int8 MLP
-    # 1.6-1.75x faster at batch 1, 32 and 256.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # 1.6-1.75x faster at batch 1, 32 and 256; QJAX_BENCH_SPIN=1 keeps it (spinning()).
+    if not spinning():
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 

@@ -14,11 +14,13 @@ torch model imported with ``qjax.converters.torch.import_model`` (engine ``onedn
 output is checked equal to the qjax ``"onednn"``-scheme program's),
 ``qjax.converters.onnx.export_onnx`` (QDQ, fused by ORT into ``QLinearConv`` / ``QGemm``),
 CPU execution provider, 2 intra-op threads, graph optimizations ON, sequential execution,
-no spinning (``_timing.ort_session``). Its dequantized outputs are compared with qjax's in
-units of the output scale (LSB); ORT's u8s8 kernels may saturate int16 pair sums on CPUs
-without VNNI (its documented behaviour), so the host level
-(:func:`qjax.kernels.host_level`) is printed. ``QJAX_BENCH_QUICK=1``: 5 repeats instead
-of 15.
+no spinning (``_timing.ort_session``); torch with ``OMP_WAIT_POLICY=PASSIVE``.
+``QJAX_BENCH_SPIN=1``: torch's and ORT's threads spin as by default, as a user runs
+them, and every contender is timed in blocks of 20 calls (``_timing.spinning``). Its
+dequantized outputs are compared with qjax's in units of the output scale (LSB); ORT's
+u8s8 kernels may saturate int16 pair sums on CPUs without VNNI (its documented
+behaviour), so the host level (:func:`qjax.kernels.host_level`) is printed.
+``QJAX_BENCH_QUICK=1``: 5 repeats instead of 15.
 
 The headline (the one the goals are for, issue 16: >= 3x JAX f32, >= 1.2x torch onednn,
 >= 1.0x onnxruntime): ``qjax auto``, the ``"onednn"``-scheme program with every conv and
@@ -50,7 +52,8 @@ layer (conv/linear + requantize); their ``BENCH`` lines are suffixed `` (onednn)
 import os
 import warnings
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if os.environ.get("QJAX_BENCH_SPIN", "") in ("", "0"):  # _timing.spinning(), before torch
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -59,6 +62,7 @@ import qjax.converters.torch as qtorch  # noqa: E402
 import torch  # noqa: E402
 from _timing import (  # noqa: E402
     bench_line,
+    blocks,
     interleaved,
     load_line,
     lsb_diff,
@@ -66,6 +70,8 @@ from _timing import (  # noqa: E402
     ort_session,
     ort_version,
     quick,
+    spinning,
+    torch_threads_line,
 )
 from qjax.converters.onnx import export_onnx  # noqa: E402
 
@@ -246,8 +252,10 @@ def main():
     sess = ort_session(export_onnx(program, (x.numpy(),)))
     ort_feed = {sess.get_inputs()[0].name: x.numpy()}
     print(machine_line())
+    print(torch_threads_line(torch))
     print(
-        f"{ort_version()}, 2 intra-op threads, ORT_ENABLE_ALL, sequential; host level "
+        f"{ort_version()}, 2 intra-op threads, ORT_ENABLE_ALL, sequential, "
+        f"spinning {'on' if spinning() else 'off'}; host level "
         f"{host_level()} (ORT's u8s8 kernels may saturate int16 pair sums below vnni)"
     )
     print(load_line())
@@ -301,7 +309,8 @@ def main():
         fns["qjax onednn fused (fbgemm)"] = lambda: progs["fbgemm onednn"](xj)
     if headline:
         fns[headline] = lambda: progs["onednn auto"](xj)
-    t = interleaved(fns, repeats=5 if quick() else 15)
+    b = blocks()
+    t = interleaved(fns, repeats=max((5 if quick() else 15) // b, 3), block=b)
     for k, v in t.items():
         print(f"{k:28s} {v * 1e3:8.2f} ms")
     q = t["qjax int8 (onednn scheme)"]

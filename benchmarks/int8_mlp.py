@@ -12,7 +12,9 @@ same float weights, the same weight codes and the same qparams:
 * JAX float32: ``relu(x @ w + b)`` x3 with the float weights, jitted;
 * PyTorch int8: ``torch.ops.quantized.linear[_relu]`` with weights prepacked per engine
   (``x86``, ``fbgemm``, ``onednn``, ``qnnpack``), ``OMP_WAIT_POLICY=PASSIVE`` and
-  2 threads (XLA's CPU client uses the 2 cores too);
+  2 threads (XLA's CPU client uses the 2 cores too); with ``QJAX_BENCH_SPIN=1`` torch's
+  OpenMP and ORT's threads spin as by default, as a user runs them, and every contender
+  is timed in blocks of 20 consecutive calls (``_timing.spinning``);
 * onnxruntime: qjax's own ONNX export of the same model. The qjax contender's weight
   codes and qparams go into an eager converted torch module (``Quantize``,
   ``LinearReLU`` x2, ``Linear``, ``DeQuantize``), ``qjax.converters.torch.import_model``
@@ -48,7 +50,8 @@ import functools
 import os
 import warnings
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if os.environ.get("QJAX_BENCH_SPIN", "") in ("", "0"):  # _timing.spinning(), before torch
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -57,6 +60,7 @@ import qjax.converters.torch as qtorch  # noqa: E402
 import torch  # noqa: E402
 from _timing import (  # noqa: E402
     bench_line,
+    blocks,
     interleaved,
     load_line,
     lsb_diff,
@@ -64,7 +68,9 @@ from _timing import (  # noqa: E402
     ort_session,
     ort_version,
     quick,
+    spinning,
     table,
+    torch_threads_line,
 )
 from qjax.converters.onnx import export_onnx  # noqa: E402
 
@@ -277,9 +283,10 @@ def main():
     out_scale = act_qp[-1][0]
 
     print(machine_line())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY=PASSIVE")
+    print(torch_threads_line(torch))
     print(
-        f"{ort_version()}, {THREADS} intra-op threads, ORT_ENABLE_ALL, sequential; host level "
+        f"{ort_version()}, {THREADS} intra-op threads, ORT_ENABLE_ALL, sequential, "
+        f"spinning {'on' if spinning() else 'off'}; host level "
         f"{host_level()} (ORT's u8s8 kernels may saturate int16 pair sums below vnni)"
     )
     print(load_line())
@@ -323,7 +330,8 @@ def main():
             fns["onnxruntime"] = ort_run
             reps = 200 if batch == 1 else (60 if batch == 32 else 25)
             reps = max(reps // 5, 5) if quick() else reps
-            t = interleaved(fns, repeats=reps, warmup=5)
+            b = blocks()
+            t = interleaved(fns, repeats=max(reps // b, 3), warmup=5, block=b)
         best_e = min(ENGINES, key=lambda e: t[f"torch {e}"])
         big = batch >= 32
         for label in contenders:

@@ -156,11 +156,16 @@ def _block(out):
                         out)  # fmt: skip
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3):
+def interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3, block: int = 1
+):
     """Median seconds of each zero-argument callable, timed alternately ``repeats`` times
-    (interleaving spreads machine noise evenly, so ratios are stable).
+    (interleaving spreads machine noise evenly, so ratios are stable), ``block``
+    consecutive calls per turn, each timed (contenders whose threads spin after a call,
+    torch's OpenMP or ORT's by default, hold the cores for a while: in a block only the
+    first calls pay for the previous contender's spin).
 
-    >>> sorted(interleaved({"a": lambda: 1, "b": lambda: 2}, repeats=2, warmup=1))
+    >>> sorted(interleaved({"a": lambda: 1, "b": lambda: 2}, repeats=2, warmup=1, block=2))
     ['a', 'b']
     """
     for _ in range(warmup):
@@ -169,7 +174,8 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup:
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            _block(fn())
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                _block(fn())
+                times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
