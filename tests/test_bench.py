@@ -195,7 +195,9 @@ def test_real_quick_run_times_onnxruntime(tmp_path, capsys):
     assert rc == 0, text
     results = json.loads(jpath.read_text())["results"]
     ort = [r for r in results if r["baseline"] == "onnxruntime"]
-    assert [(r["case"], r["goal"]) for r in ort][:1] == [("batch 64 28x28", ">= 1.0x")]
+    # the headline's row carries the goal (its case names the kernel where it is native)
+    goals = [r["case"] for r in ort if r["goal"] == ">= 1.0x"]
+    assert len(goals) == 1 and goals[0].startswith("batch 64 28x28"), ort
     assert all(r["benchmark"] == "int8_cnn" and r["ratio"] > 0 for r in ort)
     # the exported program is the timed qjax model; ORT's codes are counted against it
     line = next(ln for ln in text.splitlines() if "ORT vs qjax:" in ln)
