@@ -77,7 +77,7 @@ def _layer(step, p):
     if kind == "layer":
         pw, bias, qy = p
         return pw, bias, qy, a["scheme"], "relu" if a["relu"] else None, lambda w: (w, bias, qy)
-    if kind in ("torch_linear", "torch_conv") and a["accumulate"] == "exact":
+    if kind in ("torch_linear", "torch_conv") and a.get("accumulate", "exact") == "exact":
         pw, bias = p
         return pw, bias, a["out"], a["scheme"], a["activation"], lambda w: (w, bias)
     return None
