@@ -95,6 +95,13 @@ def spinning() -> bool:
     return os.environ.get("QJAX_BENCH_SPIN", "") not in ("", "0")
 
 
+def torch_wait_policy() -> None:
+    """``OMP_WAIT_POLICY=PASSIVE`` (unless set, or :func:`spinning`) for torch's OpenMP,
+    which reads it once when torch is imported: call this before."""
+    if not spinning():
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def blocks() -> int:
     """``interleaved``'s ``block``: under :func:`spinning` each contender's turn is 20
     timed calls (only the first pay for the previous contender's spinning threads), else

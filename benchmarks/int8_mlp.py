@@ -47,11 +47,12 @@ contender, e.g. `` (auto (onednn, folded))``).
 """
 
 import functools
-import os
 import warnings
 
-if os.environ.get("QJAX_BENCH_SPIN", "") in ("", "0"):  # _timing.spinning(), before torch
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# before torch: its OpenMP reads the wait policy once
+import _timing
+
+_timing.torch_wait_policy()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

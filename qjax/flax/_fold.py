@@ -30,7 +30,7 @@ import numpy as np
 from .. import kernels
 from ..kernels import _native
 
-__all__ = ["fold_program"]
+__all__ = ["codes_qparams", "fold_program"]
 
 
 def _unfolded(pw):
@@ -46,9 +46,21 @@ _TORCH_OUT = ("torch_linear", "torch_conv", "torch_hardswish", "torch_binary", "
               "torch_batch_norm")  # fmt: skip
 
 
-def _codes_qparams(step, params, qp: dict):
-    """The qparams of the codes ``step`` stores, or ``None`` (a float value, or unknown)."""
-    kind, attrs = step.spec if step.spec is not None else (None, {})
+def codes_qparams(kind: str, attrs, params, x_qp):
+    """The qparams of the codes a step of ``kind`` (a Flax program's or a torch import's,
+    module docstring) stores, or ``None`` (a float value, or unknown): a quantize step's,
+    a layer's output qparams, the attribute ``out`` / ``qp`` of a torch step, or ``x_qp``
+    (those of the codes its first input holds) for the steps whose codes keep their
+    input's qparams (ReLU, identity, a lax step on codes, torch's clamp, shape and pool
+    steps). Also what ``load_served`` reads each Flax layer's input spec from.
+
+    >>> from qjax import QParams, QuantSpec
+    >>> qp = QParams(0.5, 3, QuantSpec(signed=False))
+    >>> codes_qparams("relu", {"pick": [None]}, None, qp) is qp
+    True
+    >>> codes_qparams("lax", {"pick": [None], "on_codes": False}, None, qp) is None
+    True
+    """
     if kind == "quantize":
         return params
     if kind == "layer":
@@ -65,7 +77,7 @@ def _codes_qparams(step, params, qp: dict):
         or kind in _TORCH_SAME_QPARAMS
         or (kind == "torch_unary" and attrs.get("op") in ("relu", "identity"))
     ):
-        return qp.get(step.inputs[0])  # the codes keep their input's qparams
+        return x_qp  # the codes keep their input's qparams
     return None
 
 
@@ -108,17 +120,17 @@ def fold_program(program) -> int:
         if s.spec is None:
             continue
         p = params[s.name]
+        qx = qp.get(s.inputs[0]) if s.inputs else None
         layer = _layer(s, p) if s.inputs else None
         if layer is not None:
             pw, bias, qy, scheme, act, rebuild = layer
-            qx = qp.get(s.inputs[0])
             new = _unfolded(pw)
             if qx is not None and qy is not None and _fusable(new, qx, bias, qy, scheme):
                 new = kernels.fold_requant(new, qx, bias, qy, scheme=scheme, activation=act)
                 folded += 1
             if new is not pw:
                 params[s.name] = p = rebuild(new)
-        qp[s.name] = _codes_qparams(s, p, qp)
+        qp[s.name] = codes_qparams(s.spec[0], s.spec[1], p, qx)
     return folded
 
 

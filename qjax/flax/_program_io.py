@@ -51,6 +51,7 @@ from ._fields import (
     _is_int,
     _step_header,
 )
+from ._fold import codes_qparams
 from ._imported_io import imported_file, load_imported
 from ._program_checks import (
     _SPEC_ATTRS,
@@ -173,7 +174,7 @@ class _StoredStep:
     """One step read from a file: checked, its arrays loaded; ``attrs`` still JSON (the
     batch size is known only when the program runs)."""
 
-    def __init__(self, i: int, st, tensors: dict, wish: str, where: str, specs: dict):
+    def __init__(self, i: int, st, tensors: dict, wish: str, where: str, qps: dict):
         name, kind, inputs, at = _step_header(i, st, _steps.KINDS, where)
         traced = _need(st, "traced", at)
         if not isinstance(traced, bool):
@@ -196,9 +197,12 @@ class _StoredStep:
             pd = st.get("params")
             if n_values != len(inputs) or n_params != len(pd if isinstance(pd, list) else ()):
                 raise ValueError(f"{at}: slots do not match the inputs and params")
-        self.pick, self.on_codes = a["pick"], kind == "lax" and a["on_codes"]
-        x_spec = self.read_spec(specs) if kind == "layer" else None
+        # the qparams of the codes the first input holds (qps: each earlier value's), from
+        # which a layer takes its kernel as qjax.convert did (linear_kernel)
+        x_qp = qps.get(inputs[0]) if inputs and a["pick"][0] is None else None
+        x_spec = x_qp.spec if kind == "layer" and x_qp is not None else None
         self.params = _load_params(i, kind, a, st.get("params"), tensors, wish, at, x_spec)
+        self.codes_qparams = codes_qparams(kind, a, self.params, x_qp)
         self.layer = _load_layer(i, st.get("layer"), tensors, at)
         if self.layer is not None and kind == "dynamic_linear":
             self.layer = dataclasses.replace(
@@ -212,25 +216,6 @@ class _StoredStep:
                 weight=self.params[0].weight.qparams,
                 extra={**self.layer.extra, "kernel": self.params[0].kernel},
             )
-
-    def read_spec(self, specs: dict):
-        """The spec of the codes this step's first input holds (``specs``: each earlier
-        value's, :meth:`codes_spec`), or ``None`` when not known."""
-        if not self.inputs or self.pick[0] is not None:
-            return None
-        return specs.get(self.inputs[0])
-
-    def codes_spec(self, specs: dict):
-        """The spec of the codes this step writes, as its kind computes them: a quantize
-        step's qparams, a layer's output qparams, its input's for the steps that keep the
-        qparams (relu, identity, a lax step on codes); ``None`` for a float value."""
-        if self.kind == "quantize":
-            return self.params.spec
-        if self.kind == "layer":
-            return None if self.params[2] is None else self.params[2].spec
-        if self.kind in ("relu", "identity") or self.on_codes:
-            return self.read_spec(specs)
-        return None
 
     def attrs(self, batch) -> dict:
         a = _steps.decode_value(self.json_attrs, batch, f"{self.at} attrs")
@@ -305,13 +290,11 @@ def load_program(meta: dict, tensors: dict, wish: str, where: str):
     steps_json = meta["steps"]
     if not isinstance(steps_json, list) or not steps_json:
         raise ValueError(f"{where}: steps must be a non-empty list")
-    # the spec of the codes each value holds so far, read off the steps as they run (a
-    # layer reading known codes takes its kernel as qjax.convert did: linear_kernel)
-    specs: dict = {}
+    qps: dict = {}  # the qparams of the codes each value holds, read off the steps
     stored = []
     for i, st in enumerate(steps_json):
-        s = _StoredStep(i, st, tensors, wish, where, specs)
-        specs[s.name] = s.codes_spec(specs)
+        s = _StoredStep(i, st, tensors, wish, where, qps)
+        qps[s.name] = s.codes_qparams
         stored.append(s)
     known = set(names) | {s.name for s in stored}
     output = _decode_output(meta["output"], known, where)

@@ -37,7 +37,13 @@ from .._spec import QParams
 from . import _native
 from ._prepared import SAT16_SAFE_X
 
-__all__ = ["Accumulate", "check_accumulator", "check_operands", "sat16_exact_max_x"]
+__all__ = [
+    "Accumulate",
+    "check_accumulator",
+    "check_operands",
+    "sat16_exact",
+    "sat16_exact_max_x",
+]
 
 Accumulate = Literal["exact", "fbgemm_sat16", "onednn_sat16"]
 _ACCUMULATES = ("exact", "fbgemm_sat16", "onednn_sat16")
@@ -238,6 +244,22 @@ def sat16_exact_codes(x_spec) -> int | None:
     if np.dtype(x_spec.dtype) == np.int8:
         return int(x_spec.qmax) + 128
     return None
+
+
+def sat16_exact(x_spec, max_x: int) -> bool:
+    """Whether the sat16 kernel computes the exact ``Σ x·w`` for activations of ``x_spec``
+    and a weight whose pair sums are exact up to code ``max_x``
+    (:func:`sat16_exact_max_x`): the largest code they feed it
+    (:func:`sat16_exact_codes`) is at most ``max_x``.
+
+    >>> from qjax import QuantSpec
+    >>> sat16_exact(QuantSpec(signed=False, reduce_range=True), 128)
+    True
+    >>> sat16_exact(QuantSpec(signed=False), 128)
+    False
+    """
+    hi = sat16_exact_codes(x_spec)
+    return hi is not None and hi <= max_x
 
 
 # --------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ from __future__ import annotations
 import jax
 
 from . import PreparedConv, PreparedLinear, _native
-from ._accumulate import sat16_exact_codes, sat16_exact_max_x
+from ._accumulate import sat16_exact, sat16_exact_max_x
 
 _SATURATING = ("fbgemm_sat16", "onednn_sat16")
 
@@ -203,8 +203,7 @@ def exact_on_sat16(wish: str, x_spec, w) -> bool:
         return False
     if not _native.sat16_status()[0]:
         return False
-    hi = sat16_exact_codes(x_spec)
-    return hi is not None and hi <= sat16_exact_max_x(w)
+    return sat16_exact(x_spec, sat16_exact_max_x(w))
 
 
 def conv_kernel(wish: str, nsp: int, groups: int = 1, dilation=1, accumulate: str = "exact") -> str:

@@ -89,7 +89,7 @@ from ._accumulate import (
     _sat16_pair_dot,
     check_accumulator,
     check_operands,
-    sat16_exact_codes,
+    sat16_exact,
     sat16_exact_max_x,
 )
 from ._prepared import _KERNELS, SAT16_SAFE_X, Kernel, register_prepared
@@ -241,14 +241,6 @@ def prepare_linear(
     )
 
 
-def _sat16_exact(x_spec, pw: PreparedLinear) -> bool:
-    """Whether the exact ``Σ x·w`` may run on the saturating kernel: the uint8 codes it
-    would be fed (:func:`~qjax.kernels._accumulate.sat16_exact_codes`) stay within the
-    weight's ``sat16_max_x``, so no pair sum saturates."""
-    hi = sat16_exact_codes(x_spec)
-    return hi is not None and hi <= pw.sat16_max_x
-
-
 def quantized_linear(
     x: QArray,
     w: PreparedLinear | QArray,
@@ -324,7 +316,7 @@ def quantized_linear(
     wq = pw.weight
     zx = jnp.asarray(x.zero_point).astype(jnp.int32).reshape(())
     zw = jnp.asarray(wq.zero_point).astype(jnp.int32)  # () or (N,)
-    sat_exact = pw.kernel == "sat16" and _sat16_exact(x.spec, pw)
+    sat_exact = pw.kernel == "sat16" and sat16_exact(x.spec, pw.sat16_max_x)
     if accumulate == "exact" and (pw.kernel == "onednn" or sat_exact):
         # oneDNN and sat16 take uint8 codes: signed ones shifted up, x + 128, by a bit flip
         if unsigned:
