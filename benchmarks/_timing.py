@@ -88,18 +88,21 @@ def table(header: list[str], rows: list[list[object]]) -> str:
 
 
 def spinning() -> bool:
-    """``QJAX_BENCH_SPIN=1``: torch and ONNX Runtime run with their threads' default
-    spinning (torch's OpenMP without ``OMP_WAIT_POLICY=PASSIVE``, ORT's intra-op spin
-    on), as a user runs them, and contenders are timed in blocks of consecutive calls
-    (:func:`blocks`); unset, nobody spins and each call is interleaved."""
+    """``QJAX_BENCH_SPIN=1``: torch, ONNX Runtime and qjax run with their threads'
+    default spinning (torch's OpenMP without ``OMP_WAIT_POLICY=PASSIVE``, ORT's intra-op
+    spin on, qjax's helper threads spinning ``QJAX_SPIN_US``), as a user runs them, and
+    contenders are timed in blocks of consecutive calls (:func:`blocks`); unset, nobody
+    spins and each call is interleaved."""
     return os.environ.get("QJAX_BENCH_SPIN", "") not in ("", "0")
 
 
-def torch_wait_policy() -> None:
-    """``OMP_WAIT_POLICY=PASSIVE`` (unless set, or :func:`spinning`) for torch's OpenMP,
-    which reads it once when torch is imported: call this before."""
+def wait_policy() -> None:
+    """Unless :func:`spinning`, nobody's threads spin after a call: ``OMP_WAIT_POLICY=
+    PASSIVE`` for torch's OpenMP (read once when torch is imported: call this before)
+    and ``QJAX_SPIN_US=0`` for qjax's helper threads (unless set)."""
     if not spinning():
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        os.environ.setdefault("QJAX_SPIN_US", "0")
 
 
 def blocks() -> int:
@@ -110,9 +113,14 @@ def blocks() -> int:
 
 
 def torch_threads_line(torch) -> str:
-    """torch's version, intra-op threads and OpenMP wait policy, as this process runs it."""
+    """torch's version, intra-op threads and OpenMP wait policy, and qjax's helper spin,
+    as this process runs them."""
     policy = os.environ.get("OMP_WAIT_POLICY") or "unset (OpenMP threads spin after a call)"
-    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_WAIT_POLICY={policy}"
+    spin = os.environ.get("QJAX_SPIN_US") or "unset (default 100)"
+    return (
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"OMP_WAIT_POLICY={policy}; qjax QJAX_SPIN_US={spin}"
+    )
 
 
 def quick() -> bool:

@@ -54,7 +54,7 @@ import warnings
 # before torch: its OpenMP reads the wait policy once
 import _timing
 
-_timing.torch_wait_policy()
+_timing.wait_policy()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -149,7 +149,8 @@ def _qarray_weight(wq):
 def qjax_program(qm, scheme, kernel="xla", fold=False):
     """The torch-converted model ``qm`` as a jitted qjax function: every conv and the FC
     prepared for ``kernel``; ``fold``: each layer's requantization folded in at prepare
-    time (``fold_requant``) and the boundary quantize native (``kernel="auto"``)."""
+    time (``fold_requant``) and the boundary quantize and dequantize native
+    (``kernel="auto"``)."""
     u8 = qjax.QuantSpec(signed=False)
 
     def act_qp(mod):
@@ -185,7 +186,8 @@ def qjax_program(qm, scheme, kernel="xla", fold=False):
                 h, w, b, oq, padding=1, layout="NHWC", scheme=scheme, activation="relu"
             )
         h = flatten(max_pool2d(h, 2, layout="NHWC"))
-        return dequantize_output(quantized_linear(h, fc, fc_b, fc_out, scheme=scheme))
+        h = quantized_linear(h, fc, fc_b, fc_out, scheme=scheme)
+        return dequantize_output(h, kernel=quant)
 
     return run
 

@@ -31,8 +31,9 @@ same float weights, the same weight codes and the same qparams:
 * qjax auto (the headline, the one the goals are for): the layers on the kernel
   ``kernel="auto"`` picks here, each layer's requantization folded in at prepare time
   (:func:`qjax.kernels.fold_requant`: one native call per layer, no coefficient pass),
-  the boundary quantize native; on a CPU where ``"auto"`` picks XLA the headline is the
-  XLA program.
+  the boundary quantize and dequantize native (so XLA's CPU client runs the program on
+  the calling thread: it hands programs of 1000 XLA flops or more to its thread pool);
+  on a CPU where ``"auto"`` picks XLA the headline is the XLA program.
 
 Every qjax contender's output codes (all layers) are checked against torch fbgemm's,
 and ORT's dequantized outputs against qjax's in units of the output scale (LSB;
@@ -52,7 +53,7 @@ import warnings
 # before torch: its OpenMP reads the wait policy once
 import _timing
 
-_timing.torch_wait_policy()
+_timing.wait_policy()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -78,6 +79,7 @@ from qjax.converters.onnx import export_onnx  # noqa: E402
 import qjax  # noqa: E402
 from qjax.kernels import (  # noqa: E402
     QArray,
+    dequantize_output,
     fold_requant,
     host_level,
     native_status,
@@ -220,7 +222,8 @@ def folded(params):
 
 def qjax_layers(params, x, quant="xla"):
     """Every layer's output (QArray codes), float input quantized at the boundary
-    (``quant``: ``quantize_input``'s kernel, ``"auto"`` native where it runs)."""
+    (``quant``: ``quantize_input``'s kernel, ``"auto"`` native where it runs; the same
+    for the output's ``dequantize_output`` in :func:`qjax_forward`)."""
     h = quantize_input(x, params["in"], kernel=quant)
     n = len(params["layers"])
     outs = []
@@ -236,7 +239,7 @@ qjax_codes = jax.jit(qjax_layers, static_argnames="quant")
 
 @functools.partial(jax.jit, static_argnames="quant")
 def qjax_forward(params, x, quant="xla"):
-    return qjax_layers(params, x, quant)[-1].dequantize()
+    return dequantize_output(qjax_layers(params, x, quant)[-1], kernel=quant)
 
 
 @jax.jit

@@ -89,7 +89,7 @@ def h_quantize(ctx, node, mod=None):
 
 def h_dequantize(ctx, node, mod=None):
     src = node.args[0]
-    attrs = {"cl": ctx.cl.get(src.name, False)}
+    attrs = {"cl": ctx.cl.get(src.name, False), "kernel": quantize_kernel(ctx.kernel)}
     layer = Layer("dequantize", "dequantize", None, None, None)
     return make_torch_step(node.name, "torch_dequantize", attrs, (src.name,), None, layer)
 

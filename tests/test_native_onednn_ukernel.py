@@ -35,7 +35,7 @@ import pytest
 
 from qjax import QParams, QuantSpec
 from qjax.kernels import QArray, _native, onednn_status, prepare_linear, quantized_linear
-from qjax.kernels._native import _onednn
+from qjax.kernels._native import _onednn, _threads
 
 _OK = onednn_status()[0] and _native.onednn_provider() == "ukernel"
 pytestmark = pytest.mark.skipif(
@@ -128,9 +128,14 @@ def test_two_threads_give_the_same_integers():
     before = lib.qjax_onednn_uk_parallel_calls()
     old = lib.qjax_onednn_uk_parallel_macs(1)  # every call with more than one item
     dot = jax.jit(_native.onednn_dot)
+    spin = lib.qjax_onednn_uk_spin_us(-1)
+    assert spin == _threads.spin_us()  # QJAX_SPIN_US (default 100) reached the library
     try:
-        for helpers in (1, 0):  # qjax's helper threads, then a task on XLA's pool
+        # qjax's helper threads sleeping at once, spinning for the next call, then a task
+        # on XLA's pool
+        for helpers, spin_us in ((1, 0), (1, 1000), (0, 0)):
             was = lib.qjax_onednn_uk_use_helpers(helpers)
+            lib.qjax_onednn_uk_spin_us(spin_us)
             try:
                 for _ in range(3):
                     np.testing.assert_array_equal(np.asarray(dot(x, p, w)), ref)
@@ -138,7 +143,8 @@ def test_two_threads_give_the_same_integers():
                 lib.qjax_onednn_uk_use_helpers(was)
     finally:
         lib.qjax_onednn_uk_parallel_macs(old)
-    assert lib.qjax_onednn_uk_parallel_calls() >= before + 6
+        lib.qjax_onednn_uk_spin_us(spin)
+    assert lib.qjax_onednn_uk_parallel_calls() >= before + 9
 
 
 _PROVIDER_SCRIPT = textwrap.dedent(

@@ -2,7 +2,9 @@
 against torch's ``quantize_per_tensor`` at run time and against qjax's XLA formula:
 exact equality over halfway cases, their float neighbours, NaN, infinities, denormals
 and clamped values, uint8 and int8; torch at this CPU's level and forced to AVX2 and
-AVX-512 by its own switches (``level_env``, subprocesses)."""
+AVX-512 by its own switches (``level_env``, subprocesses). The native boundary
+dequantize (``dequantize_output(..., kernel="auto")``): every code, against torch's
+``dequantize`` and the XLA formula, bit for bit."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ import torch
 from _helpers import run_script
 
 import qjax
-from qjax.kernels import _elementwise, host_level, quantize_input
+from qjax.kernels import QArray, _elementwise, dequantize_output, host_level, quantize_input
 from qjax.kernels._levels import LEVELS, level_env
 from qjax.kernels._native._quantize import quantize_status
 
@@ -117,15 +119,89 @@ def test_export_refuses_with_a_hint():
         jax.export.export(f)(jax.ShapeDtypeStruct((4,), jnp.float32))
 
 
+# scales up to 3e38 (products overflow to inf), products down to the smallest normal
+# floats, zero points at both ends of the code range (the widest int32 differences)
+DEQ_CASES = [
+    (0.5, 128, False),
+    (0.0078, 0, False),
+    (3e38, 255, False),
+    (2.0**-126, 1, False),
+    (0.02, 0, True),
+    (1e-3, -128, True),
+    (2.0**-126, 127, True),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("scale, zp, signed", DEQ_CASES)
+def test_native_dequantize_equals_torch_and_xla(scale, zp, signed):
+    spec = qjax.QuantSpec(signed=signed)
+    qp = qjax.QParams(scale, zp, spec)
+    codes = np.arange(spec.qmin, spec.qmax + 1).astype(jnp.dtype(spec.dtype))
+    codes = np.concatenate([codes, codes[::-1][:101]])  # an odd length: the scalar tail
+    q = QArray(jnp.asarray(codes), qp)
+    f = jax.jit(lambda q: dequantize_output(q, kernel="auto"))
+    assert "qjax_dequantize" in f.lower(q).as_text()
+    native = np.asarray(f(q))
+    xla = np.asarray(dequantize_output(q))
+    dt = torch.qint8 if signed else torch.quint8
+    t = torch.quantize_per_tensor(torch.zeros(codes.size), scale, zp, dt)
+    t = torch._make_per_tensor_quantized_tensor(torch.from_numpy(codes), t.q_scale(), zp)
+    ref = t.dequantize().numpy()
+    assert native.dtype == xla.dtype == ref.dtype == np.float32
+    # bit patterns: -0.0 and inf count
+    assert int((native.view(np.int32) != ref.view(np.int32)).sum()) == 0
+    assert int((native.view(np.int32) != xla.view(np.int32)).sum()) == 0
+
+
+@needs_native
+def test_native_dequantize_flushes_denormals_like_xla():
+    """XLA's CPU runtime flushes denormals (docs/numerics.md section 9); the native call
+    runs inside it: a denormal scale gives XLA's zeros, not torch's denormals."""
+    qp = qjax.QParams(3.9e-39, 1, qjax.QuantSpec(signed=False))
+    q = QArray(jnp.arange(256, dtype=jnp.int32).astype(jnp.uint8), qp)
+    native = np.asarray(jax.jit(lambda q: dequantize_output(q, kernel="auto"))(q))
+    xla = np.asarray(jax.jit(dequantize_output)(q))
+    assert int((native.view(np.int32) != xla.view(np.int32)).sum()) == 0
+    assert not np.any(np.abs(native) > 0)
+
+
+@needs_native
+def test_native_dequantize_vmap_and_fallbacks(monkeypatch):
+    u8 = qjax.QuantSpec(signed=False)
+    codes = jnp.arange(7 * 33, dtype=jnp.int32).reshape(7, 33).astype(jnp.uint8)
+    qp = qjax.QParams(0.05, 10, u8)
+    f = jax.jit(lambda v, p: dequantize_output(QArray(v, p), kernel="auto"))
+    want = np.asarray(dequantize_output(QArray(codes, qp)))
+    np.testing.assert_array_equal(np.asarray(f(codes, qp)), want)
+    scales, zps = jnp.linspace(0.01, 0.2, 7), jnp.arange(7, dtype=jnp.int32) * 20
+    rows = jax.vmap(lambda v, s, z: f(v, qjax.QParams(s, z, u8)))(codes, scales, zps)
+    for i in range(7):
+        ref = dequantize_output(QArray(codes[i], qjax.QParams(scales[i], zps[i], u8)))
+        np.testing.assert_array_equal(np.asarray(rows[i]), np.asarray(ref))
+    # per-channel qparams and other output dtypes keep the XLA formula under "auto"
+    pc = qjax.QParams(jnp.full((33,), 0.01), jnp.zeros((33,), jnp.int32), u8.replace(axis=1))
+    for q, dtype in ((QArray(codes, pc), jnp.float32), (QArray(codes, qp), jnp.bfloat16)):
+        g = jax.jit(lambda q, dtype=dtype: dequantize_output(q, dtype, kernel="auto"))
+        assert "qjax_dequantize" not in g.lower(q).as_text()
+        np.testing.assert_array_equal(np.asarray(g(q)), np.asarray(dequantize_output(q, dtype)))
+    monkeypatch.setattr(_elementwise, "_quantize_status", lambda: (False, "test"))
+    g = jax.jit(lambda q: dequantize_output(q, kernel="auto"))
+    assert "qjax_dequantize" not in g.lower(QArray(codes, qp)).as_text()
+    with pytest.raises(ValueError, match="kernel must be 'xla' or 'auto', got 'onednn'"):
+        dequantize_output(QArray(codes, qp), kernel="onednn")
+
+
 def _hlo(program, x):
     return program._run.lower(program.params, (np.asarray(x),)).as_text()
 
 
 @needs_native
 def test_imported_program_quantizes_natively_and_files_do_not_say(tmp_path):
-    """``import_model(kernel="auto")`` quantizes its input with the native call (codes ==
-    torch's); the choice is the program's, not the file's: a saved program loads pure
-    XLA under the default ``kernel`` and native again under ``kernel="auto"``."""
+    """``import_model(kernel="auto")`` quantizes its input and dequantizes its output with
+    the native calls (== torch's); the choice is the program's, not the file's: a saved
+    program loads pure XLA under the default ``kernel`` and native again under
+    ``kernel="auto"``."""
     import qjax.converters.torch as qtorch
 
     torch.backends.quantized.engine = "fbgemm"
@@ -138,14 +214,16 @@ def test_imported_program_quantizes_natively_and_files_do_not_say(tmp_path):
     model = torch.nn.Sequential(nnq.Quantize(0.03, 7, torch.quint8), lin, nnq.DeQuantize())
     x = torch.randn(5, 16, generator=g)
     program = qtorch.import_model(model.eval(), (x,), engine="fbgemm", kernel="auto")
-    assert "qjax_quantize_fma" in _hlo(program, x)
+    for target in ("qjax_quantize_fma", "qjax_dequantize"):
+        assert target in _hlo(program, x)
     np.testing.assert_array_equal(np.asarray(program(x)), model(x).numpy())
     path = tmp_path / "m.safetensors"
     qjax.save_served(path, program)
     plain = qjax.load_served(path)
-    assert "qjax_quantize_fma" not in _hlo(plain, x)
+    assert "custom_call" not in _hlo(plain, x)
     native = qjax.load_served(path, kernel="auto")
-    assert "qjax_quantize_fma" in _hlo(native, x)
+    for target in ("qjax_quantize_fma", "qjax_dequantize"):
+        assert target in _hlo(native, x)
     for p in (plain, native):
         np.testing.assert_array_equal(np.asarray(p(x)), model(x).numpy())
 

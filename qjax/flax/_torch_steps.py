@@ -18,7 +18,8 @@ kind                   computes (``p``: the step's params)             attribute
 ``torch_quantize``     :func:`~qjax.kernels.quantize_input`            ``qp`` (``kernel``:
                                                                        the program's,
                                                                        not stored)
-``torch_dequantize``   :func:`~qjax.kernels.dequantize_output` (NCHW)  --
+``torch_dequantize``   :func:`~qjax.kernels.dequantize_output` (NCHW)  (``kernel``: as
+                                                                       above)
 ``torch_linear``       :func:`~qjax.kernels.quantized_linear`,         ``scheme``,
                        ``p = (prepared weight, bias)``                 ``activation``,
                                                                        ``accumulate``,
@@ -312,12 +313,12 @@ def _batch_norm(a):
 
 
 def _dequantize(a):
-    cl = a["cl"]
+    cl, kernel = a["cl"], a.get("kernel", "xla")
 
     def run(_, x):
         if not isinstance(x, QArray):
             raise TypeError(f"dequantize of a non-quantized value {type(x).__name__}")
-        return K.dequantize_output(relayout(x, cl, False))
+        return K.dequantize_output(relayout(x, cl, False), kernel=kernel)
 
     return run
 

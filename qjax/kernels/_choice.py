@@ -136,8 +136,9 @@ def _saturating_kernel(wish: str) -> str:
 
 
 def quantize_kernel(wish: str) -> str:
-    """The kernel of a program's boundary quantize (:func:`qjax.kernels.quantize_input`):
-    ``"auto"`` (the native FMA call where it runs) when the program's layers are wished
+    """The kernel of a program's boundary quantize and dequantize
+    (:func:`qjax.kernels.quantize_input`, :func:`qjax.kernels.dequantize_output`):
+    ``"auto"`` (the native calls where they run) when the program's layers are wished
     native (``"amx"``, ``"onednn"``, ``"auto"``), else ``"xla"`` (``"xla"`` and the
     default keep exactly accumulated programs pure XLA, ``jax.export``-able).
 

@@ -77,6 +77,7 @@ from .._primitives import dequantize as _dequantize
 from .._primitives import quantize as _quantize
 from .._qarray import QArray
 from .._spec import QParams
+from ._native._quantize import dequantize_native as _dequantize_native
 from ._native._quantize import quantize_fma as _quantize_fma
 from ._native._quantize import quantize_status as _quantize_status
 
@@ -491,17 +492,11 @@ def quantize_input(x: jax.Array, qparams: QParams, kernel: str = "xla") -> QArra
     >>> quantize_input(jnp.array([-1.0, 0.26, 1.0]), QParams(0.5, 128, u8), "auto").values
     Array([126, 129, 130], dtype=uint8)
     """
-    if kernel not in ("xla", "auto"):
-        raise ValueError(f"quantize_input: kernel must be 'xla' or 'auto', got {kernel!r}")
-    spec = qparams.spec if isinstance(qparams, QParams) else None
+    spec = _native_boundary("quantize_input", kernel, qparams)
     if (
-        kernel == "auto"
-        and spec is not None
-        and spec.granularity == "tensor"
+        spec is not None
         and spec.rounding == "half_even"  # else the XLA path names the problem
-        and jnp.dtype(spec.dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8))
         and jnp.issubdtype(jnp.result_type(x), jnp.floating)
-        and _quantize_status()[0]
     ):
         x = jnp.asarray(x)
         qparams.check(x.shape)
@@ -515,14 +510,54 @@ def quantize_input(x: jax.Array, qparams: QParams, kernel: str = "xla") -> QArra
     return QArray(_quantize(x, qparams, compat="torch"), qparams)
 
 
-def dequantize_output(x: QArray, dtype=jnp.float32) -> jax.Array:
+def dequantize_output(x: QArray, dtype=jnp.float32, kernel: str = "xla") -> jax.Array:
     """QArray -> float, as torch's ``dequantize`` (rule 3): ``f32(q - zp)·s``.
+
+    ``x`` integer codes, out ``dtype`` (computed in float32). ``kernel``: ``"xla"``
+    (default) or ``"auto"``: one native call for per-tensor int8/uint8 codes and a
+    float32 output where :func:`qjax.kernels._native._quantize.quantize_status` says it
+    runs (the same floats, not ``jax.export``-able), XLA otherwise. The native call is
+    there for XLA's CPU client, which runs a program of fewer than 1000 XLA flops on the
+    calling thread and hands others to its pool (a thread wake-up per call): after
+    native layers and a native :func:`quantize_input`, it keeps the program on the caller.
 
     >>> from qjax import QuantSpec, QParams
     >>> u8 = QuantSpec(signed=False)
     >>> dequantize_output(QArray(jnp.array([126, 130], jnp.uint8), QParams(0.5, 128, u8)))
     Array([-1.,  1.], dtype=float32)
+    >>> q = QArray(jnp.array([126, 130], jnp.uint8), QParams(0.5, 128, u8))
+    >>> dequantize_output(q, kernel="auto")
+    Array([-1.,  1.], dtype=float32)
     """
     if not isinstance(x, QArray):
         raise TypeError(f"dequantize_output: expected a QArray, got {type(x).__name__}")
+    spec = _native_boundary("dequantize_output", kernel, x.qparams)
+    if (
+        spec is not None
+        and jnp.dtype(dtype) == jnp.dtype(jnp.float32)
+        and x.values.dtype == jnp.dtype(spec.dtype)
+    ):
+        qp = x.qparams
+        qp.check(x.values.shape)
+        zp = _rounded_zp(jnp.asarray(qp.zero_point), spec).astype(jnp.int32)
+        return _dequantize_native(
+            x.values, qp.scale, zp, portable=lambda v: _dequantize(v, qp, dtype=dtype)
+        )
     return _dequantize(x.values, x.qparams, dtype=dtype)
+
+
+def _native_boundary(who: str, kernel: str, qparams):
+    """The spec of ``qparams`` when the boundary op may run natively (``kernel="auto"``,
+    per-tensor 8-bit codes, the native library here), else ``None``."""
+    if kernel not in ("xla", "auto"):
+        raise ValueError(f"{who}: kernel must be 'xla' or 'auto', got {kernel!r}")
+    spec = qparams.spec if isinstance(qparams, QParams) else None
+    if (
+        kernel == "auto"
+        and spec is not None
+        and spec.granularity == "tensor"
+        and jnp.dtype(spec.dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8))
+        and _quantize_status()[0]
+    ):
+        return spec
+    return None

@@ -21,6 +21,9 @@ Two builds of oneDNN can provide it; the first that loads and is exact here is u
 
 ``QJAX_ONEDNN_PROVIDER=ukernel|matmul`` (read once) forces one of them.
 
+Threads: a large ``"ukernel"`` call shares its items with qjax's helper threads, which
+spin ``QJAX_SPIN_US`` after a call (:mod:`._threads`).
+
 The ``"matmul"`` provider.
 
 ``prepare_linear(w, kernel="onednn")`` reorders the int8 ``(K, N)`` weight once into the
@@ -75,7 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _build
+from . import _build, _threads
 
 __all__ = [
     "ONEDNN_TARGET",
@@ -246,6 +249,9 @@ def _probe_ukernel() -> tuple[bool, str]:
     lib.qjax_onednn_uk_parallel_macs.argtypes = [ctypes.c_int64]
     lib.qjax_onednn_uk_parallel_calls.restype = ctypes.c_int64
     lib.qjax_onednn_uk_use_helpers.argtypes = [ctypes.c_int]
+    lib.qjax_onednn_uk_spin_us.restype = ctypes.c_int64
+    lib.qjax_onednn_uk_spin_us.argtypes = [ctypes.c_int64]
+    lib.qjax_onednn_uk_spin_us(_threads.spin_us())
     err = _err()
     if lib.qjax_onednn_uk_init(err, _ERR):
         return False, err.value.decode()

@@ -30,6 +30,7 @@
 #include <immintrin.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -125,16 +126,30 @@ void Drain(Work& j) {
   if (ran) at::native::cpublas::brgemm_release(true);
 }
 
-// More threads only for calls of at least 2^22 multiply-adds. Measured on the 2-core AMD
-// EPYC (AVX-512-VNNI), load average ~1.3 from other work, K = N = 1024, interleaved
-// medians in one process, us at M = 1 / 8 / 32 / 256: one thread 25 / 38 / 88 / 568;
-// with the helper thread 29 / 30 / 56 / 301; with a task on XLA's pool instead
-// 32 / 42 / 68 / 313 (torch fbgemm, 2 threads: 69 / 82 / 110 / 354).
+// More threads only for calls of at least 2^22 multiply-adds while helpers sleep between
+// calls (QJAX_SPIN_US=0). Measured on the 2-core AMD EPYC (AVX-512-VNNI), load average
+// ~1.3 from other work, K = N = 1024, interleaved medians in one process, us at M = 1 /
+// 8 / 32 / 256: one thread 25 / 38 / 88 / 568; with the helper thread 29 / 30 / 56 /
+// 301; with a task on XLA's pool instead 32 / 42 / 68 / 313 (torch fbgemm, 2 threads:
+// 69 / 82 / 110 / 354). A spinning helper costs no wake-up, so from 2^18 (kSpinMacs):
+// the int8 MLP 784-1024-1024-10 at batch 1, Zen 5, 44 -> 33 us (2^20: 37 us); sleeping
+// helpers at 2^18 made it 51 us.
 std::atomic<int64_t> g_parallel_macs{int64_t{1} << 22};
+constexpr int64_t kSpinMacs = int64_t{1} << 18;
+std::atomic<int> g_use_helpers{1};  // 0: XLA's pool instead (kept to measure against)
 std::atomic<int64_t> g_parallel_calls{0};  // calls that handed work to the pool (tests)
+std::atomic<int64_t> g_spin_us{0};  // µs a helper spins for the next job (QJAX_SPIN_US)
+
+int64_t ParallelMacs() {
+  int64_t macs = g_parallel_macs.load(std::memory_order_relaxed);
+  bool spin = g_spin_us.load(std::memory_order_relaxed) > 0 && g_use_helpers.load() != 0;
+  return spin && kSpinMacs < macs ? kSpinMacs : macs;
+}
 
 // Helper threads of qjax's own, one per further core this process may run on (at most
-// 3), started on first use and asleep on a condition variable between calls (no spin).
+// 3), started on first use; after a call each spins g_spin_us for the next one (the next
+// layer of a forward: no futex wake-up, ~30 us of the int8 MLP's 124 at batch 32), then
+// sleeps on a condition variable.
 // XLA's intra-op pool was tried first: on the 2-core machine under load its task started
 // on average 826 us after being scheduled at M = 256, after the caller had done every
 // item alone; at lower load it works, but the helper measured faster (numbers above).
@@ -149,7 +164,7 @@ class Helpers {
     {
       std::lock_guard<std::mutex> lock(mu_);
       job_ = job;
-      ++gen_;
+      gen_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
   }
@@ -164,11 +179,19 @@ class Helpers {
   void Loop() {
     uint64_t seen = 0;
     for (;;) {
+      // the next call's job comes within microseconds in a forward: catch it awake
+      int64_t spin = g_spin_us.load(std::memory_order_relaxed);
+      if (spin > 0) {
+        auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin);
+        while (gen_.load(std::memory_order_acquire) == seen &&
+               std::chrono::steady_clock::now() < until)
+          for (int i = 0; i < 16; ++i) _mm_pause();
+      }
       std::shared_ptr<Work> job;
       {
         std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return gen_ != seen; });
-        seen = gen_;
+        cv_.wait(lock, [&] { return gen_.load(std::memory_order_relaxed) != seen; });
+        seen = gen_.load(std::memory_order_relaxed);
         job = job_;
       }
       if (job) Drain(*job);  // a job its caller already finished leaves nothing to claim
@@ -177,15 +200,14 @@ class Helpers {
   std::mutex mu_;
   std::condition_variable cv_;
   std::shared_ptr<Work> job_;
-  uint64_t gen_ = 0;
+  std::atomic<uint64_t> gen_{0};
   int count_ = 0;
 };
 
-std::atomic<int> g_use_helpers{1};  // 0: XLA's pool instead (kept to measure against)
 
 // Runs every item of a call: more threads for calls of at least g_parallel_macs.
 ffi::Error RunItems(ffi::ThreadPool& pool, const std::shared_ptr<Work>& job, const char* who) {
-  if (job->items > 1 && job->macs >= g_parallel_macs.load()) {
+  if (job->items > 1 && job->macs >= ParallelMacs()) {
     g_parallel_calls.fetch_add(1, std::memory_order_relaxed);
     if (g_use_helpers.load() && Helpers::Get().count() > 0) Helpers::Get().Post(job);
     else pool.Schedule([job] { Drain(*job); });
@@ -712,4 +734,10 @@ extern "C" int64_t qjax_onednn_uk_parallel_calls() { return g_parallel_calls.loa
 // value (a negative argument only reads it).
 extern "C" int qjax_onednn_uk_use_helpers(int on) {
   return on < 0 ? g_use_helpers.load() : g_use_helpers.exchange(on);
+}
+
+// How long (us) helpers spin for the next job before sleeping (qjax sets QJAX_SPIN_US);
+// returns the old value (a negative argument only reads it).
+extern "C" int64_t qjax_onednn_uk_spin_us(int64_t us) {
+  return us < 0 ? g_spin_us.load() : g_spin_us.exchange(us);
 }

@@ -16,6 +16,21 @@
 //
 // x:   float32, any shape; out: uint8 or int8 of the same shape.
 // Attributes: qmin, qmax, nan_code (int64; within the output dtype's range).
+//
+// And the boundary dequantize (torch's dequantize, rule 3), qjax_dequantize:
+//
+//   y = f32(int32(q) - zp) · s                 float32, one rounding (the product)
+//
+// exactly qjax.dequantize's XLA formula: the difference is exact in int32 (wrapping like
+// XLA's), its conversion to float32 rounds to nearest even like XLA's convert, and one
+// float32 multiply. scale (float32) and zp (int32) come as c values each, like inv / zf
+// above. Its reason to exist is not the pass itself (a few µs either way) but XLA's CPU
+// client: a program whose XLA ops count fewer than 1000 flops runs on the calling thread,
+// any other is handed to XLA's thread pool and the caller waits for it (~40 µs on the
+// 2-core host), so a program of native layers stays on the caller with this as its last
+// step.
+//
+// q: uint8 or int8, any shape; out: float32 of the same shape.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -89,7 +104,59 @@ ffi::Error QuantizeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> inv,
   return ffi::Error::Success();
 }
 
+template <bool Signed>
+void Dequantize(const uint8_t* q, int64_t n, int32_t zp, float scale, float* out) {
+  const __m256i vz = _mm256_set1_epi32(zp);
+  const __m256 vs = _mm256_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i));
+    __m256i v = Signed ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b);
+    __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(v, vz));  // wraps, like XLA's s32
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(f, vs));
+  }
+  for (; i < n; ++i) {  // the same operations one element at a time
+    int32_t v = Signed ? static_cast<int8_t>(q[i]) : q[i];
+    int32_t d = static_cast<int32_t>(static_cast<uint32_t>(v) - static_cast<uint32_t>(zp));
+    out[i] = static_cast<float>(d) * scale;
+  }
+}
+
+ffi::Error DequantizeImpl(ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> zp,
+                          ffi::ResultBuffer<ffi::F32> out) {
+  const std::string who = "qjax_dequantize";
+  auto t = q.element_type();
+  bool is_signed = t == ffi::DataType::S8;
+  if (!is_signed && t != ffi::DataType::U8)
+    return ffi::Error::InvalidArgument(who + ": codes must be int8 or uint8");
+  int64_t n = static_cast<int64_t>(q.element_count());
+  int64_t c = static_cast<int64_t>(scale.element_count());
+  if (c < 1 || static_cast<int64_t>(zp.element_count()) != c || n % c != 0)
+    return ffi::Error::InvalidArgument(who + ": scale and zp must hold c values, c dividing q's size");
+  if (out->element_count() != q.element_count())
+    return ffi::Error::InvalidArgument(who + ": out and q differ in size");
+  const auto* codes = static_cast<const uint8_t*>(q.untyped_data());
+  int64_t block = n / c;
+  for (int64_t b = 0; b < c; ++b) {
+    float s = scale.typed_data()[b];
+    int32_t z = zp.typed_data()[b];
+    float* o = out->typed_data() + b * block;
+    if (is_signed)
+      Dequantize<true>(codes + b * block, block, z, s, o);
+    else
+      Dequantize<false>(codes + b * block, block, z, s, o);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxDequantize, DequantizeImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxQuantizeFma, QuantizeImpl,
                               ffi::Ffi::Bind()
