@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from _helpers import run_script
+from jax import lax
 
 import qjax
 from qjax.kernels import QArray, _elementwise, dequantize_output, host_level, quantize_input
@@ -256,3 +257,34 @@ def test_native_equals_torch_forced_to_lower_levels(level, tmp_path):
         native = np.asarray(jax.jit(lambda v, qp=qp: quantize_input(v, qp, "auto").values)(x))
         ref = np.load(tmp_path / f"q{i}.npy")
         assert int((native != ref).sum()) == 0, (level, scale, zp, signed)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.int8])
+def test_native_pad_equals_lax_pad(dtype):
+    """The zero-point padding of a native conv's input (``_conv._pad``, ``qjax_pad_nhwc``):
+    the codes of ``lax.pad`` for 2-D and 1-D inputs, one-sided and empty pads, a traced
+    pad value, under vmap."""
+    from qjax.kernels._conv import _pad
+
+    rng = np.random.default_rng(0)
+    info = jnp.iinfo(dtype)
+    x4 = jnp.asarray(rng.integers(info.min, info.max + 1, (3, 5, 7, 6)), dtype)
+    for pads in (((1, 1), (1, 1)), ((0, 2), (3, 0)), ((2, 0), (0, 0)), ((0, 0), (0, 1))):
+        f = jax.jit(lambda x, v, pads=pads: _pad(x, v, pads, native=True))
+        v = jnp.asarray(-5 if dtype == jnp.int8 else 250, dtype)
+        assert "qjax_pad_nhwc" in f.lower(x4, v).as_text()
+        cfg = [(0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)]
+        want = np.asarray(lax.pad(x4, v, cfg))
+        np.testing.assert_array_equal(np.asarray(f(x4, v)), want)
+        np.testing.assert_array_equal(
+            np.asarray(jax.vmap(f, (0, None))(x4[:, None], v))[:, 0], want
+        )
+    x3 = x4[:, 0]  # (N, W, C): a 1-D conv's input
+    f = jax.jit(lambda x: _pad(x, jnp.asarray(3, dtype), ((2, 1),), native=True))
+    want = np.asarray(lax.pad(x3, jnp.asarray(3, dtype), [(0, 0, 0), (2, 1, 0), (0, 0, 0)]))
+    np.testing.assert_array_equal(np.asarray(f(x3)), want)
+    # the XLA pad where the conv is not native, nothing where nothing is padded
+    g = jax.jit(lambda x: _pad(x, jnp.asarray(3, dtype), ((1, 1), (1, 1)), native=False))
+    assert "custom_call" not in g.lower(x4).as_text()
+    assert _pad(x4, jnp.asarray(3, dtype), ((0, 0), (0, 0)), native=True) is x4

@@ -84,6 +84,8 @@ from ._accumulate import (
     check_accumulator,
     check_operands,
 )
+from ._native._quantize import pad_native as _pad_native
+from ._native._quantize import quantize_status as _quantize_status
 from ._prepared import Kernel, register_prepared
 from ._requant import Scheme, clamp_activation, dequantize_accumulator, requantize
 
@@ -291,6 +293,24 @@ def _w2d(w):
     return w if w.ndim == 4 else w[None]
 
 
+def _pad(xv, value, pads, native: bool):
+    """``xv`` (N, *spatial, C) padded with the code ``value``; ``native``: for a native
+    conv kernel (not ``jax.export``-able anyway), one native call where it runs (XLA's
+    pad fusion measured 4x slower, :mod:`qjax.kernels._native._quantize`)."""
+    if not any(p for pp in pads for p in pp):
+        return xv
+    cfg = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)]
+
+    def portable(x, v):
+        return lax.pad(x, v, cfg if x.ndim == xv.ndim else [(0, 0, 0)] + cfg)
+
+    if not (native and xv.ndim in (3, 4) and _quantize_status()[0]):
+        return portable(xv, value)
+    if xv.ndim == 4:
+        return _pad_native(xv, value, pads, portable)
+    return _pad_native(xv[:, None], value, ((0, 0),) + tuple(pads), portable)[:, 0]
+
+
 def _onednn_2d(f, xv, stride, dilation):
     """``f(xv, stride, dilation)`` of a 2-D NHWC conv, a 1-D ``NWC`` one as ``H = 1``."""
     if xv.ndim == 4:
@@ -452,9 +472,9 @@ def quantized_conv(
     xv = jnp.moveaxis(x.values, 1, -1) if channels_first else x.values
     # Pad with the zero point (the real value 0), in the raw dtype.
     zx = jnp.asarray(x.zero_point).astype(jnp.int32).reshape(())
-    pad_cfg = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)]
     xv_unpadded = xv
-    xv = lax.pad(xv, zx.astype(xv.dtype), pad_cfg)
+    native_pad = accumulate == "exact" and pw.kernel in ("onednn", "amx")
+    xv = _pad(xv, zx.astype(xv.dtype), pads, native=native_pad)
     wq = pw.weight
     zw = jnp.asarray(wq.zero_point).astype(jnp.int32)  # () or (O,)
     g = pw.groups

@@ -32,14 +32,17 @@ from . import _build
 
 __all__ = [
     "DEQUANTIZE_TARGET",
+    "PAD_TARGET",
     "QUANTIZE_TARGET",
     "dequantize_native",
+    "pad_native",
     "quantize_fma",
     "quantize_status",
 ]
 
 QUANTIZE_TARGET = "qjax_quantize_fma"
 DEQUANTIZE_TARGET = "qjax_dequantize"
+PAD_TARGET = "qjax_pad_nhwc"
 EXPORT_HINT = "qjax_native_quantize: for jax.export build the model with kernel='xla'"
 
 
@@ -55,8 +58,11 @@ def quantize_status() -> tuple[bool, str]:
     lib, reason = _build.load(_build.QUANTIZE, ("avx2", "fma"))
     if lib is None:
         return False, reason
-    for target, handler in ((QUANTIZE_TARGET, lib.QjaxQuantizeFma),
-                            (DEQUANTIZE_TARGET, lib.QjaxDequantize)):  # fmt: skip
+    for target, handler in (
+        (QUANTIZE_TARGET, lib.QjaxQuantizeFma),
+        (DEQUANTIZE_TARGET, lib.QjaxDequantize),
+        (PAD_TARGET, lib.QjaxPadNhwc),
+    ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     return True, f"AVX2+FMA quantize ready ({lib._name})"
 
@@ -104,3 +110,23 @@ def dequantize_native(q, scale, zp, portable):
     scale = jnp.asarray(scale, jnp.float32).reshape(())
     zp = jnp.asarray(zp, jnp.int32).reshape(())
     return lax.platform_dependent(q, scale, zp, cpu=native, default=default)
+
+
+def pad_native(x, value, pads, portable):
+    """``x`` (N, H, W, C) 8-bit codes padded with the code ``value`` (a scalar of ``x``'s
+    dtype): ``pads = ((lo_h, hi_h), (lo_w, hi_w))``, natively (rows copied whole; the
+    input of a native conv, which is not ``jax.export``-able either); ``portable(x,
+    value)`` is the XLA pad, run off CPU. Call only where :func:`quantize_status` says
+    available.
+    """
+    (lo_h, hi_h), (lo_w, hi_w) = pads
+    n, h, w, c = x.shape
+    out = jax.ShapeDtypeStruct((n, lo_h + h + hi_h, lo_w + w + hi_w, c), x.dtype)
+
+    def native(x, value):
+        call = jax.ffi.ffi_call(PAD_TARGET, out, vmap_method="sequential")
+        with jax.named_scope(EXPORT_HINT):
+            return call(x, value, lo_h=lo_h, hi_h=hi_h, lo_w=lo_w, hi_w=hi_w)
+
+    value = jnp.asarray(value, x.dtype).reshape(())
+    return lax.platform_dependent(x, value, cpu=native, default=portable)

@@ -83,16 +83,16 @@ struct Work {
 struct Job : Work {
   const uint8_t* x = nullptr;
   const int8_t* wp = nullptr;
-  int64_t m = 0, k = 0, n = 0, kp = 0, nblocks = 0, mchunks = 0;
+  int64_t m = 0, k = 0, n = 0, kp = 0, nblocks = 0, mchunks = 0, mb = kMB;
   int32_t* acc = nullptr;  // int32 output, or
   uint8_t* q = nullptr;    // 8-bit codes through the epilogue
   Epilogue epi{};
 
-  // Item i: rows [64 * (i % mchunks), ...) of column block i / mchunks, so consecutive
+  // Item i: rows [mb * (i % mchunks), ...) of column block i / mchunks, so consecutive
   // items reuse one weight block from cache.
   void RunItem(int64_t i) override {
-    int64_t nb = i / mchunks, m0 = (i % mchunks) * kMB;
-    int64_t rows = m - m0 < kMB ? m - m0 : kMB;
+    int64_t nb = i / mchunks, m0 = (i % mchunks) * mb;
+    int64_t rows = m - m0 < mb ? m - m0 : mb;
     int64_t n0 = nb * kNB, cols = n - n0 < kNB ? n - n0 : kNB;
     const uint8_t* a = x + m0 * k;
     const int8_t* b = wp + nb * kp * kNB;
@@ -231,7 +231,11 @@ ffi::Error Run(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, const cha
   }
   job->kp = RoundK(job->k);
   job->nblocks = Blocks(job->n);
-  job->mchunks = (job->m + kMB - 1) / kMB;
+  // Fewer column blocks than threads (a classifier's few outputs over a long K, e.g. the
+  // int8 CNN's FC 12544 -> 10 at M = 64): shorter row chunks, so every thread gets items.
+  int64_t threads = 1 + Helpers::Get().count();
+  while (job->mb > 16 && job->nblocks * ((job->m + job->mb - 1) / job->mb) < threads) job->mb /= 2;
+  job->mchunks = (job->m + job->mb - 1) / job->mb;
   job->items = job->nblocks * job->mchunks;
   job->macs = job->m * job->n * job->k;
   return RunItems(pool, job, who);
