@@ -34,7 +34,10 @@ import contextlib
 import os
 import warnings
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# before torch: its OpenMP reads the wait policy once; qjax's helpers sleep between calls
+import _timing  # noqa: E402
+
+_timing.wait_policy()
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

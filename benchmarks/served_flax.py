@@ -23,14 +23,20 @@ program is faster) for each kernel; the goal, ``>= 2.0x`` against float32, is on
 ``auto`` program (the XLA lines have none). ``QJAX_BENCH_QUICK=1``: 5 repeats, not 20.
 """
 
-import jax
-import numpy as np
-from _timing import bench_line, interleaved, load_line, machine_line, quick, table
-from flax import nnx
+# qjax's helper threads sleep between calls (QJAX_SPIN_US=0) unless QJAX_BENCH_SPIN=1:
+# with one call per turn they would spin into the float32 contender's time
+import _timing
 
-import qjax
-from qjax.flax import Mode, default_qat_qconfig, qjax_recommended
-from qjax.flax import nnx as qnnx
+_timing.wait_policy()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from _timing import bench_line, interleaved, load_line, machine_line, quick, table  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import qjax  # noqa: E402
+from qjax.flax import Mode, default_qat_qconfig, qjax_recommended  # noqa: E402
+from qjax.flax import nnx as qnnx  # noqa: E402
 
 CFG = default_qat_qconfig("x86").replace(quantize_input=True, scheme="fbgemm")
 

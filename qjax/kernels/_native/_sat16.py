@@ -31,8 +31,8 @@ the multiplier ports: the emulation needs two multiplies (``vpmaddubsw`` +
 ``vpdpwssd``/``vpmaddwd``) per 64 multiply-adds where VNNI's ``vpdpbusd`` needs one, so
 on a VNNI host it cannot reach the exact path on oneDNN's ukernel at large batches
 (figures: ``benchmarks/int8_sat16.py``, README "Measured"); it is 55-100x faster than the
-XLA formulation. A second thread (XLA's intra-op pool) takes half the column blocks from
-2^24 multiply-adds.
+XLA formulation. Calls from 2^24 multiply-adds share their column blocks with qjax's
+helper threads, from 2^18 while they spin (``QJAX_SPIN_US``, :mod:`._threads`).
 
 ``jax.export`` refuses the custom call (no compatibility guarantee); the call sits in a
 named scope that says to build the model with ``kernel='xla'`` for an exportable
@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._levels import cpu_flags
-from . import _build
+from . import _build, _threads
 
 __all__ = [
     "SAT16_ISAS",
@@ -67,7 +67,7 @@ SAT16_TARGET = "qjax_sat16_gemm"
 NB = 16  # output columns per packed block
 # Named scope of the custom call: jax.export's refusal quotes the op's location with it.
 EXPORT_HINT = "qjax_native_sat16_kernel: for jax.export build the model with kernel='xla'"
-# Threads per call (1 or 2): the second one runs on XLA's intra-op pool for large calls.
+# Threads per call (1, or 2: qjax's helper threads too for large calls, threads.h).
 THREADS = 2
 
 _LIB = None
@@ -90,6 +90,9 @@ def _probe() -> tuple[bool, str]:
         return False, reason
     jax.ffi.register_ffi_target(SAT16_TARGET, jax.ffi.pycapsule(lib.QjaxSat16Gemm), platform="cpu")
     lib.qjax_sat16_parallel_calls.restype = ctypes.c_int64
+    lib.qjax_sat16_spin_us.restype = ctypes.c_int64
+    lib.qjax_sat16_spin_us.argtypes = [ctypes.c_int64]
+    lib.qjax_sat16_spin_us(_threads.spin_us())  # its helper threads (threads.h)
     global _LIB
     _LIB = lib
     return True, f"AVX2/AVX-512 saturating int8 GEMM ready ({lib._name})"

@@ -1,7 +1,8 @@
-"""qjax's helper threads (``onednn_ukernel.cc``): how long they spin between calls.
+"""qjax's helper threads (``threads.h``): how long they spin between calls.
 
-A ``kernel="onednn"`` call of at least 2^22 multiply-adds (2^18 while helpers spin)
-shares its items with qjax's helper threads (one per further core, at most 3). After a
+A ``kernel="onednn"`` call of at least 2^22 multiply-adds, a ``"sat16"`` one of 2^24
+(either from 2^18 while helpers spin) shares its items with qjax's helper threads (one
+per further core, at most 3; each native library has its own). After a
 call a helper spins ``QJAX_SPIN_US`` microseconds (read once, when the kernel library
 loads; default 100, 0 sleeps at once) for the next call's items before it sleeps: the
 next layer of a forward, or the next forward, then needs no thread wake-up (the int8 MLP

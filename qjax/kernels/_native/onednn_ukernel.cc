@@ -25,7 +25,7 @@
 // weight zero-point terms) in its epilogue, as on its XLA path, so the int32 accumulator
 // and every scheme's codes are the same integers.
 //
-// Work items: (64-column block, 64-row chunk); helper threads (Helpers below) take items
+// Work items: (64-column block, 64-row chunk); helper threads (threads.h) take items
 // only for calls of at least g_parallel_macs multiply-adds.
 #include <immintrin.h>
 
@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "epilogue.h"
+#include "threads.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace at::native::cpublas {
@@ -65,22 +66,13 @@ int64_t RoundK(int64_t k) { return (k + 3) / 4 * 4; }
 int64_t Blocks(int64_t n) { return (n + kNB - 1) / kNB; }
 int64_t PackedSize(int64_t k, int64_t n) { return Blocks(n) * RoundK(k) * kNB; }
 
-// One call's work, shared by the caller thread and the helper threads: items are
-// claimed from an atomic counter, so a task that starts late (or never) only leaves more
-// to the caller. Held by a shared_ptr: a helper that starts after the caller returned
-// finds nothing to do. Job (linear) and ConvJob (2-D conv, onednn_conv.h) fill in RunItem.
-struct Work {
-  virtual ~Work() = default;
-  virtual void RunItem(int64_t i) = 0;
-  int64_t items = 0;
-  int64_t macs = 0;  // multiply-adds of the whole call (decides the helper threads)
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mu;
-  std::string error;  // the first exception's message (torch throws c10::Error)
+// On AMX the ukernel leaves its tile configuration loaded and torch remembers it per
+// thread; qjax's own AMX kernels configure tiles too, so hand the state back each call.
+struct UkWork : Work {
+  void Release() override { at::native::cpublas::brgemm_release(true); }
 };
 
-struct Job : Work {
+struct Job : UkWork {
   const uint8_t* x = nullptr;
   const int8_t* wp = nullptr;
   int64_t m = 0, k = 0, n = 0, kp = 0, nblocks = 0, mchunks = 0, mb = kMB;
@@ -107,120 +99,16 @@ struct Job : Work {
   }
 };
 
-void Drain(Work& j) {
-  bool ran = false;
-  for (;;) {
-    int64_t i = j.next.fetch_add(1, std::memory_order_relaxed);
-    if (i >= j.items) break;
-    ran = true;
-    try {
-      j.RunItem(i);
-    } catch (const std::exception& e) {
-      std::lock_guard<std::mutex> lock(j.mu);
-      if (j.error.empty()) j.error = e.what();
-    }
-    j.done.fetch_add(1, std::memory_order_release);
-  }
-  // On AMX the ukernel leaves its tile configuration loaded and torch remembers it per
-  // thread; qjax's own AMX kernels configure tiles too, so hand the state back each call.
-  if (ran) at::native::cpublas::brgemm_release(true);
-}
-
 // More threads only for calls of at least 2^22 multiply-adds while helpers sleep between
-// calls (QJAX_SPIN_US=0). Measured on the 2-core AMD EPYC (AVX-512-VNNI), load average
-// ~1.3 from other work, K = N = 1024, interleaved medians in one process, us at M = 1 /
-// 8 / 32 / 256: one thread 25 / 38 / 88 / 568; with the helper thread 29 / 30 / 56 /
-// 301; with a task on XLA's pool instead 32 / 42 / 68 / 313 (torch fbgemm, 2 threads:
-// 69 / 82 / 110 / 354). A spinning helper costs no wake-up, so from 2^18 (kSpinMacs):
-// the int8 MLP 784-1024-1024-10 at batch 1, Zen 5, 44 -> 33 us (2^20: 37 us); sleeping
-// helpers at 2^18 made it 51 us.
+// calls (QJAX_SPIN_US=0; threads.h while they spin). Measured on the 2-core AMD EPYC
+// (AVX-512-VNNI), load average ~1.3 from other work, K = N = 1024, interleaved medians in
+// one process, us at M = 1 / 8 / 32 / 256: one thread 25 / 38 / 88 / 568; with the
+// helper thread 29 / 30 / 56 / 301; with a task on XLA's pool instead 32 / 42 / 68 / 313
+// (torch fbgemm, 2 threads: 69 / 82 / 110 / 354).
 std::atomic<int64_t> g_parallel_macs{int64_t{1} << 22};
-constexpr int64_t kSpinMacs = int64_t{1} << 18;
-std::atomic<int> g_use_helpers{1};  // 0: XLA's pool instead (kept to measure against)
-std::atomic<int64_t> g_parallel_calls{0};  // calls that handed work to the pool (tests)
-std::atomic<int64_t> g_spin_us{0};  // µs a helper spins for the next job (QJAX_SPIN_US)
 
-int64_t ParallelMacs() {
-  int64_t macs = g_parallel_macs.load(std::memory_order_relaxed);
-  bool spin = g_spin_us.load(std::memory_order_relaxed) > 0 && g_use_helpers.load() != 0;
-  return spin && kSpinMacs < macs ? kSpinMacs : macs;
-}
-
-// Helper threads of qjax's own, one per further core this process may run on (at most
-// 3), started on first use; after a call each spins g_spin_us for the next one (the next
-// layer of a forward: no futex wake-up, ~30 us of the int8 MLP's 124 at batch 32), then
-// sleeps on a condition variable.
-// XLA's intra-op pool was tried first: on the 2-core machine under load its task started
-// on average 826 us after being scheduled at M = 256, after the caller had done every
-// item alone; at lower load it works, but the helper measured faster (numbers above).
-class Helpers {
- public:
-  static Helpers& Get() {
-    static Helpers* h = new Helpers();  // never destroyed: detached threads use it
-    return *h;
-  }
-  int count() const { return count_; }
-  void Post(const std::shared_ptr<Work>& job) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      job_ = job;
-      gen_.fetch_add(1, std::memory_order_release);
-    }
-    cv_.notify_all();
-  }
-
- private:
-  Helpers() {
-    unsigned hw = std::thread::hardware_concurrency();
-    count_ = hw > 1 ? static_cast<int>(hw - 1) : 0;
-    if (count_ > 3) count_ = 3;
-    for (int i = 0; i < count_; ++i) std::thread([this] { Loop(); }).detach();
-  }
-  void Loop() {
-    uint64_t seen = 0;
-    for (;;) {
-      // the next call's job comes within microseconds in a forward: catch it awake
-      int64_t spin = g_spin_us.load(std::memory_order_relaxed);
-      if (spin > 0) {
-        auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin);
-        while (gen_.load(std::memory_order_acquire) == seen &&
-               std::chrono::steady_clock::now() < until)
-          for (int i = 0; i < 16; ++i) _mm_pause();
-      }
-      std::shared_ptr<Work> job;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return gen_.load(std::memory_order_relaxed) != seen; });
-        seen = gen_.load(std::memory_order_relaxed);
-        job = job_;
-      }
-      if (job) Drain(*job);  // a job its caller already finished leaves nothing to claim
-    }
-  }
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::shared_ptr<Work> job_;
-  std::atomic<uint64_t> gen_{0};
-  int count_ = 0;
-};
-
-
-// Runs every item of a call: more threads for calls of at least g_parallel_macs.
 ffi::Error RunItems(ffi::ThreadPool& pool, const std::shared_ptr<Work>& job, const char* who) {
-  if (job->items > 1 && job->macs >= ParallelMacs()) {
-    g_parallel_calls.fetch_add(1, std::memory_order_relaxed);
-    if (g_use_helpers.load() && Helpers::Get().count() > 0) Helpers::Get().Post(job);
-    else pool.Schedule([job] { Drain(*job); });
-  }
-  Drain(*job);
-  // Items claimed by other threads are running; wait for them (no new ones start).
-  // Yield rather than spin: on busy cores the task may need this very core.
-  for (int spins = 0; job->done.load(std::memory_order_acquire) < job->items; ++spins) {
-    if (spins < 64) _mm_pause();
-    else std::this_thread::yield();
-  }
-  if (!job->error.empty()) return ffi::Error::Internal(std::string(who) + ": " + job->error);
-  return ffi::Error::Success();
+  return RunItems(pool, job, who, g_parallel_macs.load(std::memory_order_relaxed));
 }
 
 ffi::Error Run(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, const char* who) {
@@ -348,7 +236,7 @@ ffi::Error Q8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi:
 // K = Cg, or the whole im2col K = kh·kw·Cg), the (K, Og) matrix in the linear layout
 // (qjax_onednn_uk_pack), blocks of PackedSize(K, Og) bytes at
 // ((g · segments) + s) · PackedSize(K, Og).
-struct ConvJob : Work {
+struct ConvJob : UkWork {
   const uint8_t* x = nullptr;
   const int8_t* wp = nullptr;
   int64_t hp = 0, wpad = 0, c = 0, kh = 0, kw = 0, sh = 1, sw = 1, dh = 1, dw = 1;

@@ -43,6 +43,7 @@
 #include <thread>
 #include <vector>
 
+#include "threads.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -220,12 +221,22 @@ void GemmIsa(int64_t isa, const uint8_t* x, int64_t lda, int64_t m, const int8_t
   else Gemm(x, lda, m, wp, k4, n, out, nb0, nb1);
 }
 
-// A second thread (a task on XLA's intra-op pool) for calls of >= 2^24 MACs: measured
-// on the 2-core AMD EPYC (AVX-512 VNNI host, other work running), 784x1024 weight,
-// median ms one / two threads: M=128 0.81 / 0.41, M=256 1.58 / 0.82; below ~2^24 MACs
-// the hand-off does not pay (M=32: 0.20 / 0.20).
+// More threads (threads.h) for calls of >= 2^24 MACs while the helpers sleep between
+// calls: measured with a task on XLA's pool on the 2-core AMD EPYC (AVX-512 VNNI host,
+// other work running), 784x1024 weight, median ms one / two threads: M=128 0.81 / 0.41,
+// M=256 1.58 / 0.82; below ~2^24 MACs the hand-off did not pay (M=32: 0.20 / 0.20).
+// From kSpinMacs while they spin (threads.h).
 constexpr int64_t kParallelMacs = int64_t{1} << 24;
-std::atomic<int64_t> g_parallel_calls{0};
+
+// Work items: runs of column blocks over every (batch, block) pair, at most 16 runs.
+struct Sat16Work : Work {
+  std::function<void(int64_t, int64_t)> run;
+  int64_t total = 0, chunk = 1;
+  void RunItem(int64_t i) override {
+    int64_t b = i * chunk, e = b + chunk < total ? b + chunk : total;
+    run(b, e);
+  }
+};
 
 ffi::Error Sat16GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi::S8> wp,
                          ffi::ResultBuffer<ffi::S32> out, int64_t threads, int64_t isa) {
@@ -290,42 +301,13 @@ ffi::Error Sat16GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buff
       it += nb1 - nb0;
     }
   };
-  int64_t items = batches * nbk;
-  bool parallel = threads >= 2 && items >= 2 && total * n * k >= kParallelMacs &&
-                  pool.num_threads() >= 1;
-  if (!parallel) {
-    run(0, items);
-    return ffi::Error::Success();
-  }
-  g_parallel_calls.fetch_add(1, std::memory_order_relaxed);
-  // Claimed in chunks from an atomic counter: a pool task that starts late only leaves
-  // more to the caller; shared_ptr state so a task starting after return does nothing.
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    int64_t items = 0, chunk = 1;
-    std::function<void(int64_t, int64_t)> run;
-  };
-  auto st = std::make_shared<State>();
-  st->items = items;
-  st->chunk = (items + 7) / 8;
-  st->run = run;
-  auto drain = [](State& s) {
-    for (;;) {
-      int64_t i = s.next.fetch_add(s.chunk, std::memory_order_relaxed);
-      if (i >= s.items) break;
-      int64_t e = i + s.chunk < s.items ? i + s.chunk : s.items;
-      s.run(i, e);
-      s.done.fetch_add(e - i, std::memory_order_release);
-    }
-  };
-  pool.Schedule([st, drain] { drain(*st); });
-  drain(*st);
-  for (int spins = 0; st->done.load(std::memory_order_acquire) < st->items; ++spins) {
-    if (spins < 64) _mm_pause();
-    else std::this_thread::yield();
-  }
-  return ffi::Error::Success();
+  auto job = std::make_shared<Sat16Work>();
+  job->run = run;
+  job->total = batches * nbk;
+  job->chunk = (job->total + 15) / 16;
+  job->items = (job->total + job->chunk - 1) / job->chunk;
+  job->macs = threads >= 2 ? total * n * k : 0;  // threads = 1: this thread only
+  return RunItems(pool, job, who.c_str(), kParallelMacs);
 }
 
 }  // namespace
@@ -341,3 +323,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxSat16Gemm, Sat16GemmImpl,
 
 // How many calls so far split their work over two threads (tests).
 extern "C" int64_t qjax_sat16_parallel_calls() { return g_parallel_calls.load(); }
+
+// How long (us) helpers spin for the next job before sleeping (qjax sets QJAX_SPIN_US);
+// returns the old value (a negative argument only reads it).
+extern "C" int64_t qjax_sat16_spin_us(int64_t us) {
+  return us < 0 ? g_spin_us.load() : g_spin_us.exchange(us);
+}
