@@ -16,10 +16,10 @@ output is checked equal to the qjax ``"onednn"``-scheme program's),
 CPU execution provider, 2 intra-op threads, graph optimizations ON, sequential execution,
 no spinning (``_timing.ort_session``); torch with ``OMP_WAIT_POLICY=PASSIVE``.
 ``QJAX_BENCH_SPIN=1``: torch's and ORT's threads spin as by default, as a user runs
-them, and every contender is timed in blocks of 20 calls (``_timing.spinning``). Its
-dequantized outputs are compared with qjax's in units of the output scale (LSB); ORT's
-u8s8 kernels may saturate int16 pair sums on CPUs without VNNI (its documented
-behaviour), so the host level (:func:`qjax.kernels.host_level`) is printed.
+them, and every contender is timed in blocks of 20 calls after 15 ms of untimed ones
+(``_timing.spinning``). ORT's dequantized outputs are compared with qjax's in units of
+the output scale (LSB); ORT's u8s8 kernels may saturate int16 pair sums on CPUs without
+VNNI (its documented behaviour), so the host level (:func:`qjax.kernels.host_level`) is printed.
 ``QJAX_BENCH_QUICK=1``: 5 repeats instead of 15.
 
 The headline (the one the goals are for, issue 16: >= 3x JAX f32, >= 1.2x torch onednn,
@@ -71,6 +71,7 @@ from _timing import (  # noqa: E402
     ort_session,
     ort_version,
     quick,
+    settle,
     spinning,
     torch_threads_line,
 )
@@ -313,7 +314,7 @@ def main():
     if headline:
         fns[headline] = lambda: progs["onednn auto"](xj)
     b = blocks()
-    t = interleaved(fns, repeats=max((5 if quick() else 15) // b, 3), block=b)
+    t = interleaved(fns, repeats=max((5 if quick() else 15) // b, 3), block=b, settle=settle())
     for k, v in t.items():
         print(f"{k:28s} {v * 1e3:8.2f} ms")
     q = t["qjax int8 (onednn scheme)"]

@@ -157,13 +157,19 @@ def _block(out):
 
 
 def interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3, block: int = 1
+    fns: dict[str, Callable[[], object]],
+    repeats: int = 20,
+    warmup: int = 3,
+    block: int = 1,
+    settle: float = 0.0,
 ):
     """Median seconds of each zero-argument callable, timed alternately ``repeats`` times
     (interleaving spreads machine noise evenly, so ratios are stable), ``block``
-    consecutive calls per turn, each timed (contenders whose threads spin after a call,
-    torch's OpenMP or ORT's by default, hold the cores for a while: in a block only the
-    first calls pay for the previous contender's spin).
+    consecutive timed calls per turn, after untimed calls for ``settle`` seconds
+    (contenders whose threads spin after a call, torch's OpenMP, ORT's or qjax's helpers
+    by default, hold the cores for a while: torch's OpenMP worker ~6 ms on the 2-core
+    AMD EPYC host, during which the next contender runs on one core; ``settle`` lets it
+    pass, so each contender is timed in its steady state, as in a serving loop).
 
     >>> sorted(interleaved({"a": lambda: 1, "b": lambda: 2}, repeats=2, warmup=1, block=2))
     ['a', 'b']
@@ -174,6 +180,9 @@ def interleaved(
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            start = time.perf_counter()
+            while time.perf_counter() - start < settle:
+                _block(fn())
             for _ in range(block):
                 t0 = time.perf_counter()
                 _block(fn())
