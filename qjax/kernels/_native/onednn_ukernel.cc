@@ -25,7 +25,7 @@
 // weight zero-point terms) in its epilogue, as on its XLA path, so the int32 accumulator
 // and every scheme's codes are the same integers.
 //
-// Work items: (64-column block, 64-row chunk); helper threads (threads.h) take items
+// Work items: (64-column block, chunk of at most 64 rows); helper threads (threads.h) take items
 // only for calls of at least g_parallel_macs multiply-adds.
 #include <immintrin.h>
 
