@@ -300,15 +300,11 @@ def _pad(xv, value, pads, native: bool):
     if not any(p for pp in pads for p in pp):
         return xv
     cfg = [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in pads] + [(0, 0, 0)]
-
-    def portable(x, v):
-        return lax.pad(x, v, cfg if x.ndim == xv.ndim else [(0, 0, 0)] + cfg)
-
     if not (native and xv.ndim in (3, 4) and _quantize_status()[0]):
-        return portable(xv, value)
-    if xv.ndim == 4:
-        return _pad_native(xv, value, pads, portable)
-    return _pad_native(xv[:, None], value, ((0, 0),) + tuple(pads), portable)[:, 0]
+        return lax.pad(xv, value, cfg)
+    if xv.ndim == 3:  # a 1-D conv's (N, W, C) as H = 1
+        return _pad(xv[:, None], value, ((0, 0), *pads), native)[:, 0]
+    return _pad_native(xv, value, pads, lambda x, v: lax.pad(x, v, cfg))
 
 
 def _onednn_2d(f, xv, stride, dilation):

@@ -80,6 +80,19 @@ void Quantize(const float* x, int64_t n, float inv, float zf, float lo, float hi
   }
 }
 
+// The c parameter pairs of a call (one per tensor, or one per batch element under vmap:
+// pair b for elements [b·n/c, (b+1)·n/c)) and an output of the input's n elements.
+ffi::Error Pairs(const std::string& who, const char* names, int64_t n, size_t c1, size_t c2,
+                 size_t n_out, int64_t* c) {
+  *c = static_cast<int64_t>(c1);
+  if (*c < 1 || c2 != c1 || n % *c != 0)
+    return ffi::Error::InvalidArgument(who + ": " + names +
+                                       " must hold c values each, c dividing the input's size");
+  if (static_cast<int64_t>(n_out) != n)
+    return ffi::Error::InvalidArgument(who + ": the output and the input differ in size");
+  return ffi::Error::Success();
+}
+
 ffi::Error QuantizeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> inv,
                         ffi::Buffer<ffi::F32> zf, ffi::Result<ffi::AnyBuffer> out,
                         int64_t qmin, int64_t qmax, int64_t nan_code) {
@@ -88,12 +101,10 @@ ffi::Error QuantizeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> inv,
   bool is_signed = t == ffi::DataType::S8;
   if (!is_signed && t != ffi::DataType::U8)
     return ffi::Error::InvalidArgument(who + ": out must be int8 or uint8");
-  int64_t n = static_cast<int64_t>(x.element_count());
-  int64_t c = static_cast<int64_t>(inv.element_count());
-  if (c < 1 || static_cast<int64_t>(zf.element_count()) != c || n % c != 0)
-    return ffi::Error::InvalidArgument(who + ": inv and zf must hold c values, c dividing x's size");
-  if (out->element_count() != x.element_count())
-    return ffi::Error::InvalidArgument(who + ": out and x differ in size");
+  int64_t n = static_cast<int64_t>(x.element_count()), c = 0;
+  ffi::Error err = Pairs(who, "inv and zf", n, inv.element_count(), zf.element_count(),
+                         out->element_count(), &c);
+  if (err.failure()) return err;
   int64_t lo = is_signed ? -128 : 0, hi = is_signed ? 127 : 255;
   if (qmin < lo || qmax > hi || qmin > qmax || nan_code < lo || nan_code > hi)
     return ffi::Error::InvalidArgument(who + ": qmin, qmax and nan_code must fit the codes");
@@ -135,12 +146,10 @@ ffi::Error DequantizeImpl(ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale, ffi::Bu
   bool is_signed = t == ffi::DataType::S8;
   if (!is_signed && t != ffi::DataType::U8)
     return ffi::Error::InvalidArgument(who + ": codes must be int8 or uint8");
-  int64_t n = static_cast<int64_t>(q.element_count());
-  int64_t c = static_cast<int64_t>(scale.element_count());
-  if (c < 1 || static_cast<int64_t>(zp.element_count()) != c || n % c != 0)
-    return ffi::Error::InvalidArgument(who + ": scale and zp must hold c values, c dividing q's size");
-  if (out->element_count() != q.element_count())
-    return ffi::Error::InvalidArgument(who + ": out and q differ in size");
+  int64_t n = static_cast<int64_t>(q.element_count()), c = 0;
+  ffi::Error err = Pairs(who, "scale and zp", n, scale.element_count(), zp.element_count(),
+                         out->element_count(), &c);
+  if (err.failure()) return err;
   const auto* codes = static_cast<const uint8_t*>(q.untyped_data());
   int64_t block = n / c;
   for (int64_t b = 0; b < c; ++b) {

@@ -40,7 +40,6 @@
 #include <functional>
 #include <memory>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "threads.h"
@@ -306,7 +305,11 @@ ffi::Error Sat16GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buff
   job->total = batches * nbk;
   job->chunk = (job->total + 15) / 16;
   job->items = (job->total + job->chunk - 1) / job->chunk;
-  job->macs = threads >= 2 ? total * n * k : 0;  // threads = 1: this thread only
+  job->macs = total * n * k;
+  if (threads < 2) {  // this thread only
+    Drain(*job);
+    return ffi::Error::Success();
+  }
   return RunItems(pool, job, who.c_str(), kParallelMacs);
 }
 
