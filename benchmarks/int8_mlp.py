@@ -30,12 +30,20 @@ same float weights, the same weight codes and the same qparams:
   says it is exact here) and the boundary quantize native
   (``quantize_input(..., kernel="auto")``); left out, with the reason printed, where
   unavailable.
-* qjax auto (the headline, the one the goals are for): the layers on the kernel
+* qjax auto: the layers on the kernel
   ``kernel="auto"`` picks here, each layer's requantization folded in at prepare time
   (:func:`qjax.kernels.fold_requant`: one native call per layer, no coefficient pass),
   the boundary quantize and dequantize native (so XLA's CPU client runs the program on
   the calling thread: it hands programs of 1000 XLA flops or more to its thread pool);
-  on a CPU where ``"auto"`` picks XLA the headline is the XLA program.
+  on a CPU where ``"auto"`` picks XLA it is the XLA program. Its params are jit
+  arguments: every call flattens their pytree (41 leaves) and hands XLA one buffer per leaf
+  it reads.
+* qjax frozen (the headline, the one the goals are for): what a user of the torch importer
+  serves, ``import_model(module, engine="fbgemm", kernel="auto").freeze()``: the same
+  layers and kernels (folded), the params compiled in as constants
+  (:meth:`qjax.Program.freeze`), as ORT's session and torch's modules hold their weights.
+  Its output is checked equal to torch fbgemm's and its activations (``trace``) too; its
+  f32 ratio is against JAX f32 frozen the same way (``jax.jit`` closing over the weights).
 
 Every qjax contender's output codes (all layers) are checked against torch fbgemm's,
 and ORT's dequantized outputs against qjax's in units of the output scale (LSB;
@@ -274,22 +282,30 @@ def main():
         ok, reasons[kernel] = status()
         if ok:
             contenders[f"qjax {kernel}"] = (qjax_params(qws, bs, act_qp, kernel=kernel), "auto")
-    # the headline: kernel="auto"'s choice, requantization folded at prepare time where
+    # kernel="auto"'s choice, requantization folded at prepare time where
     # the layer runs one fused native call, the boundary quantize native
     auto = linear_kernel("auto")
-    headline = "qjax int8"
     if auto != "xla":
         params = qjax_params(qws, bs, act_qp, kernel=auto)
         fold = auto == "amx" or onednn_fused()
-        headline = f"qjax auto ({auto}{', folded' if fold else ''})"
-        contenders[headline] = (folded(params) if fold else params, "auto")
+        contenders[f"qjax auto ({auto}{', folded' if fold else ''})"] = (
+            folded(params) if fold else params,
+            "auto",
+        )
     fp = [
         (jnp.asarray(w.numpy().T.copy()), jnp.asarray(b.numpy()))
         for w, b in zip(ws, bs, strict=True)
     ]
+    f32_frozen = jax.jit(functools.partial(f32_forward.__wrapped__, fp))
     tmodels = {e: torch_model(e, qws, bs, act_qp) for e in ENGINES}
     x_imp = torch.rand(8, SIZES[0], generator=torch.Generator().manual_seed(3))
     program = qtorch.import_model(torch_module(qws, bs, act_qp), (x_imp,), engine="fbgemm")
+    # the headline: the importer's program on kernel="auto", params compiled in
+    served = qtorch.import_model(
+        torch_module(qws, bs, act_qp), (x_imp,), engine="fbgemm", kernel="auto"
+    )
+    headline = f"qjax frozen ({'/'.join(sorted(set(served.kernels.values())))})"
+    frozen = served.freeze()
     out_scale = act_qp[-1][0]
 
     print(machine_line())
@@ -329,6 +345,13 @@ def main():
             )
             fmism = int((np.asarray(qjax_forward(params, xj, quant)) != ref).sum())
             checks.append((label, batch, mism, total, fmism, ref.size))
+        acts = list(served.trace(xn).values())  # quantize, then the 3 layers
+        mism = sum(
+            int((np.asarray(a.values) != r.int_repr().numpy()).sum())
+            for a, r in zip(acts[1:], refs, strict=True)
+        )
+        fmism = int((np.asarray(frozen(xn)) != ref).sum())
+        checks.append((headline, batch, mism, total, fmism, ref.size))
         # ORT runs the export of the imported program: first that program is the qjax
         # contender's model, then ORT's outputs vs qjax's in output LSBs
         qout = np.asarray(qjax_forward(qp, xj))
@@ -337,8 +360,10 @@ def main():
         ort_checks.append((batch, same, *lsb_diff(ort_run()[0], qout, out_scale)))
 
         fns = {"jax f32": functools.partial(f32_forward, fp, xj)}
+        fns["jax f32 frozen"] = functools.partial(f32_frozen, xj)
         for label, (params, quant) in contenders.items():
             fns[label] = functools.partial(qjax_forward, params, xj, quant)
+        fns[headline] = functools.partial(frozen, xj)
         with torch.inference_mode():
             for e in ENGINES:
                 fns[f"torch {e}"] = functools.partial(run_torch, tmodels[e], e, xt)
@@ -349,10 +374,12 @@ def main():
             t = interleaved(fns, repeats=max(reps // b, 3), warmup=5, block=b, settle=settle())
         best_e = min(ENGINES, key=lambda e: t[f"torch {e}"])
         big = batch >= 32
-        for label in contenders:
+        qjax_labels = [*contenders, headline]
+        for label in qjax_labels:
             tq, goal = t[label], label == headline
             case = f"batch {batch}" + ("" if label == "qjax int8" else f" ({label[5:]})")
-            ratios.append((case, t["jax f32"] / tq, "jax f32", ">= 3x" if goal and big else None))
+            f32 = "jax f32 frozen" if goal else "jax f32"
+            ratios.append((case, t[f32] / tq, f32, ">= 3x" if goal and big else None))
             ratios.append(
                 (
                     case,
@@ -371,16 +398,16 @@ def main():
             + [f"{t[k] * 1e6:.0f}" for k in fns]
             + [
                 cell
-                for label in contenders
+                for label in qjax_labels
                 for cell in (
-                    f"{t['jax f32'] / t[label]:.2f}x",
+                    f"{t['jax f32 frozen' if label == headline else 'jax f32'] / t[label]:.2f}x",
                     f"{t[f'torch {best_e}'] / t[label]:.2f}x ({best_e})",
                     f"{t['onnxruntime'] / t[label]:.2f}x",
                 )
             ]
         )
     header = ["batch"] + [f"{k} us" for k in fns]
-    for label in contenders:
+    for label in qjax_labels:
         k = label[5:]
         header += [f"f32/{k}", f"best torch/{k}", f"ort/{k}"]
     print("median latency per forward (interleaved), ratios > 1: qjax faster")

@@ -264,6 +264,30 @@ def test_inputs_numpy_jax_torch_and_one_compile_per_shape(cnn_x86):
         program(torch.quantize_per_tensor(x, 0.1, 0, torch.quint8))
 
 
+def test_freeze_serves_the_same_with_the_params_compiled_in(cnn_x86):
+    """``Program.freeze``: the same outputs at every shape, the params not arguments of
+    the compiled program (one leaf in: the input), and later edits reach only the
+    program."""
+    model, x, program = cnn_x86
+    frozen = program.freeze()
+    x2 = torch.cat([x, x])
+    for v in (x, x2):
+        np.testing.assert_array_equal(np.asarray(frozen(v)), np.asarray(program(v)))
+    lowered = frozen._run(program).lower((jnp.asarray(x.numpy()),))
+    assert lowered.in_tree.num_leaves == 1
+    assert jax.tree_util.tree_structure(program.params).num_leaves > 10
+    w, b, *rest = program.params["fc"]
+    y = np.asarray(frozen(x))
+    try:
+        program.params["fc"] = (w, b + 1.0, *rest)
+        assert (np.asarray(program(x)) != y).any()  # the edit changes the program's outputs
+        np.testing.assert_array_equal(np.asarray(frozen(x)), y)  # not the frozen one's
+        np.testing.assert_array_equal(np.asarray(program.freeze()(x)), np.asarray(program(x)))
+    finally:
+        program.params["fc"] = (w, b, *rest)
+    assert "FrozenProgram(Program(" in repr(frozen)
+
+
 def test_layers_metadata(cnn_x86):
     model, x, program = cnn_x86
     layers = program.layers

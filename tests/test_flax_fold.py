@@ -111,6 +111,23 @@ def test_edited_params_fold_again_never_stale(cnn):
     assert _differ(served(x), before) == 0
 
 
+@fused
+def test_frozen_program_folds_first_and_lowers_new_shapes(cnn):
+    """``freeze`` on a converted model: the params refolded before they are compiled in,
+    another batch size lowered on first use, outputs == the XLA program's."""
+    model, x, served, xla = cnn
+    qp = served.params["stub"]
+    edited = dataclasses.replace(qp, scale=qp.scale * 1.25, zero_point=qp.zero_point + 3)
+    try:
+        served.params["stub"] = xla.params["stub"] = edited
+        frozen = served.freeze()  # refolds: c1's fold depends on the stub's qparams
+        assert _differ(frozen(x), xla(x)) == 0
+        assert _differ(frozen(x[:2]), xla(x[:2])) == 0
+    finally:
+        served.params["stub"] = xla.params["stub"] = qp
+    assert _differ(served(x), xla(x)) == 0 and _differ(frozen(x), xla(x)) > 0
+
+
 def test_program_refresh_runs_when_params_are_replaced():
     """``Program.refresh`` runs before the first call and again only after ``params`` or
     an entry of it was replaced (identity)."""
