@@ -26,7 +26,8 @@ The headline (the one the goals are for, issue 16: >= 3x JAX f32, >= 1.2x torch 
 >= 1.0x onnxruntime): ``qjax auto``, the ``"onednn"``-scheme program with every conv and
 the FC on the kernel ``kernel="auto"`` picks here, each layer's requantization folded in
 at prepare time where it is one fused native call (:func:`qjax.kernels.fold_requant`)
-and the boundary quantize native (``quantize_input(..., kernel="auto")``); its outputs
+and the boundary quantize, the max pool and the dequantize native (``kernel="auto"``
+of ``quantize_input``, ``max_pool2d``, ``dequantize_output``); its outputs
 are checked equal to the XLA program's. Where ``"auto"`` picks XLA, the XLA program is
 the headline. ``BENCH`` lines: best JAX f32 / it, torch onednn / it, torch x86 / it and
 onnxruntime / it, and for reference the XLA program's.
@@ -186,7 +187,7 @@ def qjax_program(qm, scheme, kernel="xla", fold=False):
             h = quantized_conv(
                 h, w, b, oq, padding=1, layout="NHWC", scheme=scheme, activation="relu"
             )
-        h = flatten(max_pool2d(h, 2, layout="NHWC"))
+        h = flatten(max_pool2d(h, 2, layout="NHWC", kernel=quant))
         h = quantized_linear(h, fc, fc_b, fc_out, scheme=scheme)
         return dequantize_output(h, kernel=quant)
 

@@ -336,6 +336,7 @@ def _pool(ctx, node, mod, op, fields):
         kw2["nhwc_block"] = ctx.engine.avg_pool_block  # ATen's vector width (CPU level)
     layer = Layer(op, target_name(node), scheme, None, None, dict(o))
     attrs = {"op": op, "options": kw2, "layout": layout, "cl": cl}
+    attrs["kernel"] = quantize_kernel(ctx.kernel)  # the max pool's native call
     return _step(ctx, node, "torch_pool", attrs, [src.name], layer=layer)
 
 

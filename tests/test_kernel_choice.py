@@ -40,6 +40,7 @@ from qjax.flax import default_qat_qconfig
 from qjax.flax import linen as qlinen
 from qjax.flax import nnx as qnnx
 from qjax.kernels import _native, native_status, onednn_exact
+from qjax.kernels._native._quantize import quantize_status
 
 _OK, _REASON = native_status()
 amx = pytest.mark.skipif(not _OK, reason=f"native AMX kernel unavailable: {_REASON}")
@@ -171,13 +172,21 @@ def test_served_onednn_equals_served_xla(which, request, tmp_path):
     n, mism = _exact(fast(x), xla(x))
     print(f"{which}: served onednn ({len(dense)} layers) vs xla: {mism} of {n} outputs differ")
     assert n > 300 and mism == 0
-    assert "custom_call @qjax_onednn_" in jax.jit(fast).lower(x).as_text()
+    hlo = jax.jit(fast).lower(x).as_text()
+    assert "custom_call @qjax_onednn_" in hlo
+    # the QuantStub, the max pool on codes and the DeQuantStub: native calls too
+    native = ("qjax_quantize_product", "qjax_max_pool_nhwc", "qjax_dequantize")
+    assert all(t in hlo for t in native) == (which == "nnx_cnn" and quantize_status()[0])
     with pytest.raises(ValueError, match="qjax_onednn_"):
         jax.export.export(jax.jit(fast))(jax.ShapeDtypeStruct(x.shape, x.dtype))
-    # saved and loaded with the kernel: the same outputs
-    qjax.save_served(tmp_path / "m.safetensors", xla)
+    # saved and loaded with the kernel: the same outputs; the file does not hold it
+    qjax.save_served(tmp_path / "m.safetensors", fast)
     again = qjax.load_served(tmp_path / "m.safetensors", kernel="onednn")
     assert again.kernels == fast.kernels and _exact(again(x), fast(x))[1] == 0
+    assert jax.jit(again).lower(x).as_text().count("custom_call") == hlo.count("custom_call")
+    plain = qjax.load_served(tmp_path / "m.safetensors")
+    assert "custom_call" not in jax.jit(plain).lower(x).as_text()
+    assert _exact(plain(x), fast(x))[1] == 0
 
 
 def test_auto_and_xla_default(nnx_cnn):

@@ -288,3 +288,89 @@ def test_native_pad_equals_lax_pad(dtype):
     g = jax.jit(lambda x: _pad(x, jnp.asarray(3, dtype), ((1, 1), (1, 1)), native=False))
     assert "custom_call" not in g.lower(x4).as_text()
     assert _pad(x4, jnp.asarray(3, dtype), ((0, 0), (0, 0)), native=True) is x4
+
+
+@needs_native
+@pytest.mark.parametrize("scale, zp, signed", CASES)
+def test_native_product_quantize_equals_qjax_and_torch_fake_quant(scale, zp, signed):
+    """A converted Flax model's quantize step natively (``qjax_quantize_product``,
+    ``rint(f32(x·f32(1/s))) + z``): the codes of ``qjax.quantize`` (compat ``"qjax"``), and
+    dequantized, torch's ``fake_quantize_per_tensor_affine`` (rule 4; NaN aside: torch
+    gives ``qmin`` there, qjax ``qmax``)."""
+    qp = qjax.QParams(scale, zp, qjax.QuantSpec(signed=signed))
+    x = _inputs(scale, zp)
+    f = jax.jit(lambda v: _elementwise.native_quantize(v, qp, "qjax", "auto", "test"))
+    assert "qjax_quantize_product" in f.lower(x).as_text()
+    native = np.asarray(f(x))
+    assert int((native != np.asarray(qjax.quantize(jnp.asarray(x), qp))).sum()) == 0
+    spec = qp.spec
+    keep = ~np.isnan(x)
+    ref = torch.fake_quantize_per_tensor_affine(
+        torch.from_numpy(x[keep]), scale, zp, spec.qmin, spec.qmax
+    ).numpy()
+    got = np.asarray(qjax.dequantize(jnp.asarray(native[keep]), qp))
+    assert int((got != ref).sum()) == 0
+    # with a zero point, the product's rounding differs from the fma's on some inputs
+    fma = np.asarray(quantize_input(jnp.asarray(x), qp).values)
+    assert int((fma != native).sum()) > 0 or zp == 0
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.int8])
+def test_native_max_pool_equals_reduce_window(dtype):
+    """``max_pool2d(..., kernel="auto")`` on NHWC codes (``qjax_max_pool_nhwc``): the codes
+    of XLA's reduce_window over windows 1-3, strides 1-3, padding, dilation, ceil mode,
+    channel counts that are not multiples of 16 or 32, under vmap; NCHW and windows of
+    more than 64 positions stay XLA."""
+    from qjax.kernels import max_pool2d
+
+    rng = np.random.default_rng(1)
+    info = jnp.iinfo(dtype)
+    qp = qjax.QParams(0.1, 0, qjax.QuantSpec(signed=dtype == jnp.int8))
+    compared = 0
+    for h, w, c in ((8, 8, 32), (7, 9, 3), (5, 6, 17), (6, 6, 48)):
+        x = QArray(jnp.asarray(rng.integers(info.min, info.max + 1, (2, h, w, c)), dtype), qp)
+        for k, s, p, d, ceil in [(1, 1, 0, 1, False), (2, 2, 0, 1, False), (2, 2, 1, 1, True),
+                                 (3, 1, 1, 1, False), (3, 2, 1, 2, True), (3, 3, 0, 1, True),
+                                 (2, 1, 1, 2, False)]:  # fmt: skip
+            want = max_pool2d(x, k, s, p, d, ceil, layout="NHWC").values
+            args = (k, s, p, d, ceil)
+            f = jax.jit(lambda v, a=args: max_pool2d(v, *a, layout="NHWC", kernel="auto"))
+            assert "qjax_max_pool_nhwc" in f.lower(x).as_text()
+            np.testing.assert_array_equal(np.asarray(f(x).values), np.asarray(want))
+            compared += want.size
+    assert compared > 10_000
+    x5 = jnp.asarray(rng.integers(info.min, info.max + 1, (3, 2, 8, 8, 32)), dtype)
+    pool = jax.vmap(lambda v: max_pool2d(QArray(v, qp), 2, layout="NHWC", kernel="auto").values)
+    want = jax.vmap(lambda v: max_pool2d(QArray(v, qp), 2, layout="NHWC").values)(x5)
+    np.testing.assert_array_equal(np.asarray(jax.jit(pool)(x5)), np.asarray(want))
+    x = QArray(x5[0], qp)
+    for kw in ({"layout": "NCHW", "kernel_size": 2}, {"layout": "NHWC", "kernel_size": (8, 9)}):
+        g = jax.jit(lambda v, kw=kw: max_pool2d(v, kernel="auto", **kw).values)
+        assert "custom_call" not in g.lower(x).as_text()
+    with pytest.raises(ValueError, match="kernel must be 'xla' or 'auto'"):
+        max_pool2d(x, 2, layout="NHWC", kernel="onednn")
+
+
+@needs_native
+def test_imported_max_pool_runs_natively_after_a_native_conv():
+    """``import_model(kernel="auto")``: a max pool of the channels-last codes a native conv
+    wrote is one native call, its codes torch's."""
+    import qjax.converters.torch as qtorch
+
+    torch.backends.quantized.engine = "fbgemm"
+    nnq = torch.ao.nn.quantized
+    g = torch.Generator().manual_seed(0)
+    conv = nnq.Conv2d(3, 8, 3, padding=1)
+    w = torch.quantize_per_tensor(torch.randn(8, 3, 3, 3, generator=g) / 4, 0.02, 0, torch.qint8)
+    conv.set_weight_bias(w, torch.zeros(8))
+    conv.scale, conv.zero_point = 0.05, 60
+    model = torch.nn.Sequential(
+        nnq.Quantize(0.03, 7, torch.quint8), conv, torch.nn.MaxPool2d(2), nnq.DeQuantize()
+    ).eval()
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    program = qtorch.import_model(model, (x,), engine="fbgemm", kernel="auto")
+    if program.kernels.get("1") == "xla":
+        pytest.skip("no native conv kernel here: the pool stays channels-first (XLA)")
+    assert "qjax_max_pool_nhwc" in _hlo(program, x)
+    np.testing.assert_array_equal(np.asarray(program(x)), model(x).numpy())

@@ -298,7 +298,8 @@ def _read_layer(d, i: int, r: _Reader, params, at: str) -> Layer | None:
 
 
 # Attributes a step takes from the kernel its program runs on, never from a file: the
-# loader's ``kernel=`` decides them (the boundary quantize's and dequantize's native call).
+# loader's ``kernel=`` decides them (the native calls of the boundary quantize and
+# dequantize and of the max pool).
 _KERNEL_ATTRS = ("kernel",)
 
 
@@ -318,7 +319,7 @@ def _read_step(i: int, st, r: _Reader, known: set, at0: str):
     check_step(kind, a, len(inputs), params, at)
     if kind in ("torch_linear", "torch_conv", "pt2e_linear", "pt2e_conv"):
         params = _reprepare(kind, a, params, r.wish)
-    if kind in ("torch_quantize", "torch_dequantize"):
+    if kind in ("torch_quantize", "torch_dequantize", "torch_pool"):
         a = {**a, "kernel": quantize_kernel(r.wish)}
     layer = _read_layer(_need(st, "layer", at), i, r, params, at)
     make = make_torch_step if kind in TORCH_KINDS else make_pt2e_step

@@ -55,11 +55,12 @@ from jax import lax
 from jax.extend import core as jcore
 
 from .._spec import QParams
+from ..kernels._choice import quantize_kernel
 from ..program import Layer, Program, Step
 from . import _record
 from ._core import LayerStats
 from ._intsim import prepare_layer
-from ._steps import make_step
+from ._steps import KERNEL_KINDS, make_step
 from ._table import table_codes
 
 __all__ = ["Lowering", "check_stats", "lower"]
@@ -220,6 +221,8 @@ class Lowering:
     def add(self, stem, kind, attrs, inputs, params=None, layer=None, traced=True) -> str:
         """A step of ``kind`` (:mod:`qjax.flax._steps`) over program values; its name."""
         name = self._fresh(stem)
+        if kind in KERNEL_KINDS:
+            attrs = {**attrs, "kernel": quantize_kernel(self.native)}
         self.steps.append(
             make_step(
                 name,

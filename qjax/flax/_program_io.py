@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._qarray import _serialize_spec
+from ..kernels._choice import quantize_kernel
 from ..program import Program
 from . import _steps
 from ._fields import (
@@ -80,7 +81,7 @@ def _encode_step(i: int, s, tensors: dict, where: str) -> dict:
             "from qjax.convert can be saved"
         )
     kind, attrs = s.spec
-    a = dict(attrs)
+    a = {k: v for k, v in attrs.items() if k != "kernel"}  # the loader's kernel= sets it
     if kind in _SPEC_ATTRS:
         a[_SPEC_ATTRS[kind]] = json.loads(_serialize_spec(a[_SPEC_ATTRS[kind]]))
     if kind == "lax":
@@ -187,6 +188,7 @@ class _StoredStep:
             traced,
         )
         self.json_attrs = _need(st, "attrs", at)
+        self.wish = wish
         a = self.attrs(1)  # the types, checked once
         _check_attrs(kind, a, at)
         if len(a["pick"]) != len(inputs):
@@ -246,6 +248,8 @@ class _StoredStep:
     def step(self, batch):
         a = self.attrs(batch)
         pick = a.pop("pick")
+        if self.kind in _steps.KERNEL_KINDS:
+            a["kernel"] = quantize_kernel(self.wish)
         return _steps.make_step(
             self.name, self.kind, a, self.inputs, pick, self.params, self.layer, self.traced
         )

@@ -39,6 +39,15 @@ only_linear``  ``p = (codes, scale, zero point), bias``
 Every kind also has ``pick``: for each input, the index of the output it reads of a step
 with several outputs (``None``: the value itself).
 
+**Kernel.** ``quantize``, ``dequantize`` and ``lax`` steps also take ``kernel``
+(:data:`KERNEL_KINDS`): ``"auto"`` where the program's layers run a native kernel
+(:func:`qjax.kernels._choice.quantize_kernel`), else ``"xla"``. With ``"auto"`` a
+quantize (``compat`` ``"qjax"`` or ``"torch"``), a dequantize and a max pool on codes
+are one native call each where that call applies (per-tensor 8-bit codes; the same codes
+and floats), so that a program of native layers has no XLA op left to send it to XLA's
+thread pool. A file never holds it: the lowering
+and the loader (``load_served(kernel=...)``) set it.
+
 **Batch.** A program saved from a model is lowered with a symbolic batch size ``b``
 (``jax.export.symbolic_shape``): the shapes in its ``lax`` parameters are expressions
 such as ``b`` or ``64*b``, stored as text and evaluated (:func:`eval_dim`: integers,
@@ -62,11 +71,14 @@ from jax.extend.core import primitives as _prims
 from .. import kernels
 from .._primitives import dequantize
 from .._qarray import QArray
+from ..kernels._elementwise import native_quantize
+from ..kernels._pool import native_max_pool
 from ..program import Layer, Step
 from . import _ptq, _record
 from ._intsim import fake_quant_codes, run_layer
 
 __all__ = [
+    "KERNEL_KINDS",
     "KINDS",
     "PRIMITIVES",
     "bind",
@@ -335,17 +347,23 @@ def primitive(name: str, where: str):
     return getattr(_prims, f"{name}_p")
 
 
-def _dequantize(dtype):
+def _dequantize(dtype, kernel):
     def fn(_, q):
-        return dequantize(q.values, q.qparams).astype(dtype)
+        return kernels.dequantize_output(q, kernel=kernel).astype(dtype)
 
     return fn
 
 
-def _quantize(compat):
+def _quantize(compat, kernel):
+    native = compat in ("qjax", "torch")  # fake_quant_codes: both are qjax.quantize's
+
     def fn(p, v):
         if isinstance(v, QArray):
             v = dequantize(v.values, v.qparams)
+        elif native:
+            codes = native_quantize(v, p, "qjax", kernel, "quantize step")
+            if codes is not None:
+                return QArray(codes, p)
         return QArray(fake_quant_codes(v, p, compat), p)
 
     return fn
@@ -364,11 +382,49 @@ def _layer(a):
     return fn
 
 
+def _max_pool_nhwc(params) -> dict | None:
+    """The window of a ``reduce_window_max`` over H and W of an (N, H, W, C) value (no
+    base dilation, integer sizes), else ``None``."""
+    dims, strides = params["window_dimensions"], params["window_strides"]
+    pads, dil = params["padding"], params["window_dilation"]
+    base = params["base_dilation"]
+    if len(dims) != 4 or any(int(v) != 1 for v in (*base, dims[0], dims[3], strides[0])):
+        return None
+    if strides[3] != 1 or dil[0] != 1 or dil[3] != 1 or pads[0] != (0, 0) or pads[3] != (0, 0):
+        return None
+    if not all(isinstance(v, int) for v in (*dims, *strides, *dil, *pads[1], *pads[2])):
+        return None  # symbolic
+    if min(*pads[1], *pads[2]) < 0:
+        return None
+    return {"window": tuple(dims[1:3]), "strides": tuple(strides[1:3]),
+            "dilation": tuple(dil[1:3]), "pads": (tuple(pads[1]), tuple(pads[2]))}  # fmt: skip
+
+
+def _native_max_pool(prim, params, pool, q: QArray) -> QArray | None:
+    """A max pool on codes through :func:`qjax.kernels._pool.native_max_pool` (the
+    reduce_window's own output size), or ``None`` where the native call does not apply."""
+    k, s, d, pads = pool["window"], pool["strides"], pool["dilation"], pool["pads"]
+    out_hw = tuple(
+        (q.shape[1 + i] + lo + hi - d[i] * (k[i] - 1) - 1) // s[i] + 1
+        for i, (lo, hi) in enumerate(pads)
+    )
+    lo = (pads[0][0], pads[1][0])
+    y = native_max_pool(q.values, out_hw, k, s, d, lo, lambda v: bind(prim, params, [v])[0])
+    return None if y is None else QArray(y, q.qparams)
+
+
 def _lax(a):
     prim, params, slots, on_codes = a["primitive"], a["params"], a["slots"], a["on_codes"]
+    pool = None
+    if on_codes and prim.name == "reduce_window_max" and a.get("kernel", "xla") == "auto":
+        pool = _max_pool_nhwc(params)
 
     def fn(p, *vals):
         if on_codes:
+            if pool is not None:
+                y = _native_max_pool(prim, params, pool, vals[0])
+                if y is not None:
+                    return y
             out = bind(prim, params, [q.values for q in vals])
             return QArray(out[0], vals[0].qparams)
         args = [
@@ -434,9 +490,9 @@ def _weight_only(a):
 
 def _fn(kind: str, a: Mapping):
     if kind == "quantize":
-        return _quantize(a["compat"])
+        return _quantize(a["compat"], a.get("kernel", "xla"))
     if kind == "dequantize":
-        return _dequantize(a["dtype"])
+        return _dequantize(a["dtype"], a.get("kernel", "xla"))
     if kind == "layer":
         return _layer(a)
     if kind == "relu":
@@ -454,6 +510,9 @@ def _fn(kind: str, a: Mapping):
     if kind == "weight_only_linear":
         return _weight_only(a)
     raise ValueError(f"unknown step kind {kind!r}; known: {KINDS}")
+
+
+KERNEL_KINDS = ("quantize", "dequantize", "lax")  # the kinds that take ``kernel``
 
 
 def make_step(

@@ -49,6 +49,8 @@ kind                   computes (``p``: the step's params)             attribute
 ``torch_getitem``      ``seq[i]`` of a non-tensor value                ``args``
 ``torch_pool``         :func:`~qjax.kernels.max_pool2d` /              ``op``, ``options``,
                        ``avg_pool2d`` / ``adaptive_avg_pool2d``        ``layout``
+                                                                       (``kernel``: as
+                                                                       above, max pool)
 ``torch_batch_norm``   :func:`~qjax.kernels.quantized_batch_norm`,     ``eps``, ``relu``,
                        ``p = (weight, bias, mean, var)``               ``out``, ``layout``
 ``torch_output``       the model's return structure, logical order     ``template``,
@@ -300,6 +302,8 @@ _POOLS = {
 
 def _pool(a):
     kernel_fn, layout, kw2, cl = _POOLS[a["op"]], a["layout"], dict(a["options"]), a["cl"]
+    if a["op"] == "max_pool2d":
+        kw2["kernel"] = a.get("kernel", "xla")
     return lambda _, x: (kernel_fn(x, layout=layout, **kw2), cl)
 
 

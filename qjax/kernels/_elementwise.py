@@ -492,22 +492,36 @@ def quantize_input(x: jax.Array, qparams: QParams, kernel: str = "xla") -> QArra
     >>> quantize_input(jnp.array([-1.0, 0.26, 1.0]), QParams(0.5, 128, u8), "auto").values
     Array([126, 129, 130], dtype=uint8)
     """
-    spec = _native_boundary("quantize_input", kernel, qparams)
+    codes = native_quantize(x, qparams, "torch", kernel, "quantize_input")
+    if codes is None:
+        codes = _quantize(x, qparams, compat="torch")
+    return QArray(codes, qparams)
+
+
+def native_quantize(x, qparams: QParams, compat: str, kernel: str, who: str):
+    """``qjax.quantize(x, qparams, compat=compat)``'s codes from one native call, or
+    ``None`` where that call does not apply (``kernel="xla"``; not a per-tensor 8-bit
+    half-even spec, float input and the native library here): ``compat="torch"`` is
+    ``rint(fma(x, f32(1/s), z))`` (:func:`quantize_input`), ``"qjax"``
+    ``rint(f32(x·f32(1/s))) + z`` (a converted Flax model's quantize step); NaN gives
+    ``qmax`` in both."""
+    if compat not in ("torch", "qjax"):
+        raise ValueError(f"{who}: the native quantize computes compat 'torch' or 'qjax'")
+    spec = _native_boundary(who, kernel, qparams)
     if (
-        spec is not None
-        and spec.rounding == "half_even"  # else the XLA path names the problem
-        and jnp.issubdtype(jnp.result_type(x), jnp.floating)
+        spec is None
+        or spec.rounding != "half_even"  # else the XLA path names the problem
+        or not jnp.issubdtype(jnp.result_type(x), jnp.floating)
     ):
-        x = jnp.asarray(x)
-        qparams.check(x.shape)
-        inv = jnp.float32(1.0) / jnp.asarray(qparams.scale, jnp.float32)
-        zf = _rounded_zp(jnp.asarray(qparams.zero_point), spec)
-        codes = _quantize_fma(
-            x, inv, zf, spec.qmin, spec.qmax, spec.qmax, spec.dtype,
-            portable=lambda v: _quantize(v, qparams, compat="torch"),
-        )  # fmt: skip
-        return QArray(codes, qparams)
-    return QArray(_quantize(x, qparams, compat="torch"), qparams)
+        return None
+    x = jnp.asarray(x)
+    qparams.check(x.shape)
+    inv = jnp.float32(1.0) / jnp.asarray(qparams.scale, jnp.float32)
+    zf = _rounded_zp(jnp.asarray(qparams.zero_point), spec)
+    return _quantize_fma(
+        x, inv, zf, spec.qmin, spec.qmax, spec.qmax, spec.dtype,
+        portable=lambda v: _quantize(v, qparams, compat=compat), fma=compat == "torch",
+    )  # fmt: skip
 
 
 def dequantize_output(x: QArray, dtype=jnp.float32, kernel: str = "xla") -> jax.Array:

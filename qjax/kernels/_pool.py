@@ -53,6 +53,7 @@ from .._float import div_f32 as _div
 from .._float import fma_f32 as _fma_f32
 from .._float import materialize as _m
 from .._qarray import QArray
+from ._native import _quantize
 
 __all__ = ["PoolScheme", "adaptive_avg_pool2d", "avg_pool2d", "max_pool2d"]
 
@@ -107,8 +108,16 @@ def max_pool2d(
     ceil_mode: bool = False,
     *,
     layout: Layout = "NCHW",
+    kernel: str = "xla",
 ) -> QArray:
     """``torch.nn.functional.max_pool2d`` on codes: the integer max, padding ignored.
+
+    ``y[n, oh, ow, c] = max x[n, oh·s - p + i·d, ow·s - p + j·d, c]`` over the window
+    positions inside the input, codes in and out of ``x``'s dtype and qparams.
+    ``kernel``: ``"xla"`` (default; ``lax.reduce_window``, ``jax.export``-able) or
+    ``"auto"``: one native call (:func:`qjax.kernels._native._quantize.max_pool_native`)
+    for 8-bit NHWC codes where the native library runs and the window has at most 64
+    positions, XLA otherwise; the same codes.
 
     >>> from qjax import QuantSpec, QParams
     >>> x = QArray(jnp.arange(16, dtype=jnp.uint8).reshape(1, 1, 4, 4),
@@ -117,6 +126,8 @@ def max_pool2d(
     Array([[ 5,  7],
            [13, 15]], dtype=uint8)
     """
+    if kernel not in ("xla", "auto"):
+        raise ValueError(f"max_pool2d: kernel must be 'xla' or 'auto', got {kernel!r}")
     ax = _check(x, layout, "max_pool2d")
     k = _pair(kernel_size, "kernel_size")
     s = _pair(k if stride is None or stride == () else stride, "stride")
@@ -135,16 +146,33 @@ def max_pool2d(
         dims[a], strides[a], dil[a] = k[i], s[i], d[i]
         pads[a] = _pad_for(n, k[i], s[i], p[i], d[i], o)
     init = jnp.asarray(np.iinfo(x.dtype).min, x.dtype)
-    y = lax.reduce_window(
-        x.values,
-        init,
-        lax.max,
-        tuple(dims),
-        tuple(strides),
-        tuple(pads),
-        window_dilation=tuple(dil),
-    )
-    return QArray(y, x.qparams)
+
+    def xla(v):
+        return lax.reduce_window(
+            v, init, lax.max, tuple(dims), tuple(strides), tuple(pads), window_dilation=tuple(dil)
+        )
+
+    if kernel == "auto" and layout == "NHWC":
+        out_hw = tuple(
+            _out_size(x.shape[a], k[i], s[i], p[i], d[i], ceil_mode) for i, a in enumerate(ax)
+        )
+        y = native_max_pool(x.values, out_hw, k, s, d, p, xla)
+        if y is not None:
+            return QArray(y, x.qparams)
+    return QArray(xla(x.values), x.qparams)
+
+
+def native_max_pool(v, out_hw, window, strides, dilation, lo, portable):
+    """The max pool of ``v`` (N, H, W, C) 8-bit codes from one native call
+    (:func:`qjax.kernels._native._quantize.max_pool_native`: output ``(N, *out_hw, C)``,
+    ``lo`` the low padding of H and W, positions outside the input never win), or
+    ``None`` where it does not apply (not 8-bit, a window of more than 64 positions, the
+    native library unavailable here). ``portable(v)``: XLA's reduce_window, off CPU."""
+    if v.ndim != 4 or v.dtype.itemsize != 1 or window[0] * window[1] > 64:
+        return None
+    if min(out_hw) < 1 or not _quantize.quantize_status()[0]:
+        return None
+    return _quantize.max_pool_native(v, out_hw, window, strides, dilation, lo, portable)
 
 
 def _window_counts(n, k, s, p, o):

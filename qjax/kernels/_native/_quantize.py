@@ -1,5 +1,6 @@
 """Native boundary quantize: torch's per-tensor ``quantize_per_tensor`` (rule 1) with the
-FMA instruction itself.
+FMA instruction itself (and ``qjax.quantize``'s product-then-round formula, a converted
+Flax model's quantize step, ``qjax_quantize_product``).
 
 ``code = NaN(r) ? qmax : clamp(r, qmin, qmax)``, ``r = rint(fma(x, f32(1/s), z))``: what
 ``qjax.quantize(x, qp, compat="torch")`` computes for a per-tensor 8-bit spec. XLA has no
@@ -19,7 +20,8 @@ the caller waiting on a wake-up (~40 µs per call on the 2-core AMD EPYC host, e
 int8 MLP at batch 32: 160 against 125 µs): with it a program of native layers stays
 on the caller. And the zero-point padding of a native conv's input, ``qjax_pad_nhwc``
 (rows copied whole; XLA's pad fusion took 75-110 µs for the int8 CNN's 64x28x28x32
-input against ~20).
+input against ~20). And the max pool of 8-bit NHWC codes, ``qjax_max_pool_nhwc`` (exact:
+a max; the channels 32 at a time).
 """
 
 from __future__ import annotations
@@ -34,17 +36,22 @@ from . import _build
 
 __all__ = [
     "DEQUANTIZE_TARGET",
+    "MAX_POOL_TARGET",
     "PAD_TARGET",
+    "PRODUCT_TARGET",
     "QUANTIZE_TARGET",
     "dequantize_native",
+    "max_pool_native",
     "pad_native",
     "quantize_fma",
     "quantize_status",
 ]
 
 QUANTIZE_TARGET = "qjax_quantize_fma"
+PRODUCT_TARGET = "qjax_quantize_product"
 DEQUANTIZE_TARGET = "qjax_dequantize"
 PAD_TARGET = "qjax_pad_nhwc"
+MAX_POOL_TARGET = "qjax_max_pool_nhwc"
 EXPORT_HINT = "qjax_native_quantize: for jax.export build the model with kernel='xla'"
 
 
@@ -62,23 +69,27 @@ def quantize_status() -> tuple[bool, str]:
         return False, reason
     for target, handler in (
         (QUANTIZE_TARGET, lib.QjaxQuantizeFma),
+        (PRODUCT_TARGET, lib.QjaxQuantizeProduct),
         (DEQUANTIZE_TARGET, lib.QjaxDequantize),
         (PAD_TARGET, lib.QjaxPadNhwc),
+        (MAX_POOL_TARGET, lib.QjaxMaxPoolNhwc),
     ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     return True, f"AVX2+FMA quantize ready ({lib._name})"
 
 
-def quantize_fma(x, inv, zf, qmin: int, qmax: int, nan_code: int, dtype, portable):
-    """``NaN(r) ? nan_code : clamp(r, qmin, qmax)`` with ``r = rint(fma(x, inv, zf))``, as
-    ``dtype`` (int8 / uint8), natively; ``portable(x)`` is the XLA formula for the same
-    codes, run off CPU. ``x`` float32 of any shape, ``inv`` and ``zf`` float32 scalars.
-    Call only where :func:`quantize_status` says available.
+def quantize_fma(x, inv, zf, qmin: int, qmax: int, nan_code: int, dtype, portable, fma=True):
+    """``NaN(r) ? nan_code : clamp(r, qmin, qmax)`` with ``r = rint(fma(x, inv, zf))``
+    (``fma``; torch's per-tensor quantize) or ``r = rint(f32(x·inv)) + zf`` (not ``fma``:
+    ``qjax.quantize``), as ``dtype`` (int8 / uint8), natively; ``portable(x)`` is the XLA
+    formula for the same codes, run off CPU. ``x`` float32 of any shape, ``inv`` and
+    ``zf`` float32 scalars. Call only where :func:`quantize_status` says available.
     """
     out = jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype))
+    target = QUANTIZE_TARGET if fma else PRODUCT_TARGET
 
     def native(x, inv, zf):
-        call = jax.ffi.ffi_call(QUANTIZE_TARGET, out, vmap_method="broadcast_all")
+        call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")
         with jax.named_scope(EXPORT_HINT):
             return call(x, inv, zf, qmin=int(qmin), qmax=int(qmax), nan_code=int(nan_code))
 
@@ -132,3 +143,21 @@ def pad_native(x, value, pads, portable):
 
     value = jnp.asarray(value, x.dtype).reshape(())
     return lax.platform_dependent(x, value, cpu=native, default=portable)
+
+
+def max_pool_native(x, out_hw, window, strides, dilation, pads, portable):
+    """The max over each window of ``x`` (N, H, W, C) 8-bit codes, natively: output
+    ``(N, *out_hw, C)``, ``window``/``strides``/``dilation`` pairs over (H, W), ``pads``
+    the low padding of H and W (positions outside the input never win; the high side
+    follows from ``out_hw``); ``portable(x)`` is XLA's reduce_window, run off CPU. Call
+    only where :func:`quantize_status` says available.
+    """
+    out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, x.shape[3]), x.dtype)
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = window, strides, dilation, pads
+
+    def native(x):
+        call = jax.ffi.ffi_call(MAX_POOL_TARGET, out, vmap_method="sequential")
+        with jax.named_scope(EXPORT_HINT):
+            return call(x, kh=kh, kw=kw, sh=sh, sw=sw, dh=dh, dw=dw, ph=ph, pw=pw)
+
+    return lax.platform_dependent(x, cpu=native, default=portable)

@@ -17,6 +17,13 @@
 // x:   float32, any shape; out: uint8 or int8 of the same shape.
 // Attributes: qmin, qmax, nan_code (int64; within the output dtype's range).
 //
+// qjax_quantize_product is qjax.quantize(x, qp) (compat "qjax", half-even rounding; what
+// a converted Flax model's quantize step computes), the same call with two roundings:
+//
+//   r    = rint(f32(x · inv)) + zf          the product rounded, then the integer added
+//
+// (the sum is exact where it is kept: |r| < 2^24, anything larger clamps either way).
+//
 // And the boundary dequantize (torch's dequantize, rule 3), qjax_dequantize:
 //
 //   y = f32(int32(q) - zp) · s                 float32, one rounding (the product)
@@ -37,6 +44,16 @@
 // code `value` (a buffer: the zero point may be traced), the rest x; rows are copied
 // whole (memset + memcpy per row), where XLA's pad fusion took 75-110 us for the
 // int8 CNN's 64x28x28x32 input (its loop split over the thread pool) against ~20 here.
+//
+// And the max pool of 8-bit codes, qjax_max_pool_nhwc: x (N, H, W, C) -> out (N, OH, OW, C),
+//
+//   out[n, oh, ow, c] = max x[n, oh·sh - ph + i·dh, ow·sw - pw + j·dw, c]   (i < kh, j < kw)
+//
+// over the window positions inside the input (padding never wins, torch's max pool; a
+// window with none inside gives the dtype's minimum, XLA's reduce_window from its init),
+// the channels contiguous: 32 (then 16) codes per max instruction. Exact either way (a
+// max); its reasons are XLA's reduce_window on 8-bit codes (the digits CNN's 256x8x8x32
+// pool) and, as for the dequantize, keeping a program of native steps on the caller.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -50,11 +67,16 @@ namespace ffi = xla::ffi;
 namespace {
 
 // 8 floats -> 8 codes (int32 in [qmin, qmax], so the saturating packs are exact).
-template <bool Signed>
+template <bool Signed, bool Fma>
 inline void Eight(const float* x, __m256 inv, __m256 zf, __m256 lo, __m256 hi, __m256 nanv,
                   uint8_t* out) {
-  __m256 v = _mm256_fmadd_ps(_mm256_loadu_ps(x), inv, zf);
-  __m256 r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  constexpr int kRint = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  __m256 r;
+  if (Fma) {
+    r = _mm256_round_ps(_mm256_fmadd_ps(_mm256_loadu_ps(x), inv, zf), kRint);
+  } else {
+    r = _mm256_add_ps(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x), inv), kRint), zf);
+  }
   __m256 nan = _mm256_cmp_ps(r, r, _CMP_UNORD_Q);
   __m256 c = _mm256_min_ps(_mm256_max_ps(r, lo), hi);  // r is not NaN where c is kept
   c = _mm256_blendv_ps(c, nanv, nan);
@@ -64,18 +86,18 @@ inline void Eight(const float* x, __m256 inv, __m256 zf, __m256 lo, __m256 hi, _
   _mm_storel_epi64(reinterpret_cast<__m128i*>(out), b);
 }
 
-template <bool Signed>
+template <bool Signed, bool Fma>
 void Quantize(const float* x, int64_t n, float inv, float zf, float lo, float hi, float nanc,
               uint8_t* out) {
   const __m256 vi = _mm256_set1_ps(inv), vz = _mm256_set1_ps(zf);
   const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi), vn = _mm256_set1_ps(nanc);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) Eight<Signed>(x + i, vi, vz, vlo, vhi, vn, out + i);
+  for (; i + 8 <= n; i += 8) Eight<Signed, Fma>(x + i, vi, vz, vlo, vhi, vn, out + i);
   if (i < n) {  // the tail through an 8-wide buffer: one formula for every element
     alignas(32) float buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     uint8_t codes[8];
     std::memcpy(buf, x + i, sizeof(float) * (n - i));
-    Eight<Signed>(buf, vi, vz, vlo, vhi, vn, codes);
+    Eight<Signed, Fma>(buf, vi, vz, vlo, vhi, vn, codes);
     std::memcpy(out + i, codes, n - i);
   }
 }
@@ -93,10 +115,11 @@ ffi::Error Pairs(const std::string& who, const char* names, int64_t n, size_t c1
   return ffi::Error::Success();
 }
 
+template <bool Fma>
 ffi::Error QuantizeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> inv,
                         ffi::Buffer<ffi::F32> zf, ffi::Result<ffi::AnyBuffer> out,
                         int64_t qmin, int64_t qmax, int64_t nan_code) {
-  const std::string who = "qjax_quantize_fma";
+  const std::string who = Fma ? "qjax_quantize_fma" : "qjax_quantize_product";
   auto t = out->element_type();
   bool is_signed = t == ffi::DataType::S8;
   if (!is_signed && t != ffi::DataType::U8)
@@ -114,9 +137,9 @@ ffi::Error QuantizeImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> inv,
     const float* xb = x.typed_data() + b * block;
     float i = inv.typed_data()[b], z = zf.typed_data()[b];
     if (is_signed)
-      Quantize<true>(xb, block, i, z, qmin, qmax, nan_code, o + b * block);
+      Quantize<true, Fma>(xb, block, i, z, qmin, qmax, nan_code, o + b * block);
     else
-      Quantize<false>(xb, block, i, z, qmin, qmax, nan_code, o + b * block);
+      Quantize<false, Fma>(xb, block, i, z, qmin, qmax, nan_code, o + b * block);
   }
   return ffi::Error::Success();
 }
@@ -199,7 +222,103 @@ ffi::Error PadImpl(ffi::AnyBuffer x, ffi::AnyBuffer value, ffi::Result<ffi::AnyB
   return ffi::Error::Success();
 }
 
+// Signed and unsigned codes through one loop: signed ones are compared with their top bit
+// flipped (x ^ 0x80 orders int8 as uint8), flipped back when stored.
+struct Pool {
+  int64_t h, w, c, oh, ow, kh, kw, sh, sw, dh, dw, ph, pw;
+};
+
+template <uint8_t Flip>
+void MaxPoolImage(const uint8_t* x, const Pool& p, uint8_t* out) {
+  const __m256i f32 = _mm256_set1_epi8(static_cast<char>(Flip));
+  const __m128i f16 = _mm_set1_epi8(static_cast<char>(Flip));
+  const int64_t row = p.w * p.c;
+  for (int64_t oy = 0; oy < p.oh; ++oy) {
+    for (int64_t ox = 0; ox < p.ow; ++ox, out += p.c) {
+      // the window positions inside the input, as offsets into the image
+      int64_t offs[64], n = 0;
+      for (int64_t i = 0; i < p.kh; ++i) {
+        int64_t iy = oy * p.sh - p.ph + i * p.dh;
+        if (iy < 0 || iy >= p.h) continue;
+        for (int64_t j = 0; j < p.kw; ++j) {
+          int64_t ix = ox * p.sw - p.pw + j * p.dw;
+          if (ix >= 0 && ix < p.w) offs[n++] = iy * row + ix * p.c;
+        }
+      }
+      int64_t c = 0;
+      for (; c + 32 <= p.c; c += 32) {
+        __m256i m = _mm256_setzero_si256();  // the flipped minimum
+        for (int64_t k = 0; k < n; ++k) {
+          __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + offs[k] + c));
+          m = _mm256_max_epu8(m, _mm256_xor_si256(v, f32));
+        }
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), _mm256_xor_si256(m, f32));
+      }
+      for (; c + 16 <= p.c; c += 16) {
+        __m128i m = _mm_setzero_si128();
+        for (int64_t k = 0; k < n; ++k) {
+          __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + offs[k] + c));
+          m = _mm_max_epu8(m, _mm_xor_si128(v, f16));
+        }
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), _mm_xor_si128(m, f16));
+      }
+      for (; c < p.c; ++c) {
+        uint8_t m = 0;
+        for (int64_t k = 0; k < n; ++k) {
+          uint8_t v = x[offs[k] + c] ^ Flip;
+          m = v > m ? v : m;
+        }
+        out[c] = m ^ Flip;
+      }
+    }
+  }
+}
+
+ffi::Error MaxPoolImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out, int64_t kh, int64_t kw,
+                       int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t ph, int64_t pw) {
+  const std::string who = "qjax_max_pool_nhwc";
+  auto t = x.element_type();
+  if ((t != ffi::DataType::U8 && t != ffi::DataType::S8) || out->element_type() != t)
+    return ffi::Error::InvalidArgument(who + ": x and out must be 8-bit codes of one dtype");
+  auto xd = x.dimensions(), od = out->dimensions();
+  if (xd.size() != 4 || od.size() != 4)
+    return ffi::Error::InvalidArgument(who + ": x and out must be NHWC (rank 4)");
+  // offsets of one window live on the stack: at most 64 positions
+  if (kh < 1 || kw < 1 || kh * kw > 64 || sh < 1 || sw < 1 || dh < 1 || dw < 1 || ph < 0 ||
+      pw < 0)
+    return ffi::Error::InvalidArgument(
+        who + ": window (at most 64 positions), strides and dilation must be positive, "
+              "padding not negative");
+  Pool p{xd[1], xd[2], xd[3], od[1], od[2], kh, kw, sh, sw, dh, dw, ph, pw};
+  if (od[0] != xd[0] || od[3] != p.c)
+    return ffi::Error::InvalidArgument(who + ": out must be (N, OH, OW, C) of x's N and C");
+  const auto* src = static_cast<const uint8_t*>(x.untyped_data());
+  auto* dst = static_cast<uint8_t*>(out->untyped_data());
+  for (int64_t b = 0; b < xd[0]; ++b) {
+    const uint8_t* xb = src + b * p.h * p.w * p.c;
+    uint8_t* ob = dst + b * p.oh * p.ow * p.c;
+    if (t == ffi::DataType::S8)
+      MaxPoolImage<0x80>(xb, p, ob);
+    else
+      MaxPoolImage<0x00>(xb, p, ob);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxMaxPoolNhwc, MaxPoolImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("ph")
+                                  .Attr<int64_t>("pw"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxPadNhwc, PadImpl,
                               ffi::Ffi::Bind()
@@ -218,12 +337,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxDequantize, DequantizeImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxQuantizeFma, QuantizeImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("qmin")
-                                  .Attr<int64_t>("qmax")
-                                  .Attr<int64_t>("nan_code"));
+#define QJAX_QUANTIZE_HANDLER(name, fma)                                      \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, QuantizeImpl<fma>,                      \
+                                ffi::Ffi::Bind()                              \
+                                    .Arg<ffi::Buffer<ffi::F32>>()             \
+                                    .Arg<ffi::Buffer<ffi::F32>>()             \
+                                    .Arg<ffi::Buffer<ffi::F32>>()             \
+                                    .Ret<ffi::AnyBuffer>()                    \
+                                    .Attr<int64_t>("qmin")                    \
+                                    .Attr<int64_t>("qmax")                    \
+                                    .Attr<int64_t>("nan_code"));
+
+QJAX_QUANTIZE_HANDLER(QjaxQuantizeFma, true)
+QJAX_QUANTIZE_HANDLER(QjaxQuantizeProduct, false)
