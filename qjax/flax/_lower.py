@@ -60,7 +60,7 @@ from ..program import Layer, Program, Step
 from . import _record
 from ._core import LayerStats
 from ._intsim import prepare_layer
-from ._steps import KERNEL_KINDS, make_step
+from ._steps import KERNEL_KINDS, boundary_kernels, make_step
 from ._table import table_codes
 
 __all__ = ["Lowering", "check_stats", "lower"]
@@ -542,6 +542,7 @@ def lower(
         else s
         for s in _prune(low.steps, output)
     ]
+    steps = boundary_kernels(steps, in_names)
     kept = {s.name for s in steps}
     low.float_ops = {k: v for k, v in low.float_ops.items() if k in kept}
     return Program(steps, in_names, output), low

@@ -305,7 +305,8 @@ def load_program(meta: dict, tensors: dict, wish: str, where: str):
 
     def at_batch(b) -> Program:
         try:
-            return Program([s.step(b) for s in stored], names, output)
+            steps = _steps.boundary_kernels([s.step(b) for s in stored], names)
+            return Program(steps, names, output)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from None
 
