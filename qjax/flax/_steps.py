@@ -81,9 +81,9 @@ from ._intsim import fake_quant_codes, run_layer
 __all__ = [
     "KERNEL_KINDS",
     "KINDS",
-    "boundary_kernels",
     "PRIMITIVES",
     "bind",
+    "boundary_kernels",
     "decode_value",
     "embed_lookup",
     "encode_value",
