@@ -274,6 +274,14 @@ def _from_jaxpr(step: Step, layout: str) -> bool:
     return layout == "NHWC" and step.export is None and op in _JAX_LAYOUT | _FLAX_OUTPUTS
 
 
+def _portable_fn(step: Step):
+    """The step's function with its native calls off (``kernel="xla"``), whose jaxpr is
+    what the step computes: a traced Flax program's max pool on codes may be a native call
+    (:func:`qjax.flax._steps.on_xla`; that module is loaded wherever such a step exists)."""
+    mod = sys.modules.get("qjax.flax._steps")
+    return step.fn if mod is None else mod.on_xla(step).fn
+
+
 def _abstract(program: Program, inputs, want: set[str]) -> tuple[dict, dict]:
     """``({step name: abstract value}, {step name in want: its jaxpr})`` from one
     abstract run of the program at the inputs' shapes (no arithmetic is done)."""
@@ -284,7 +292,8 @@ def _abstract(program: Program, inputs, want: set[str]) -> tuple[dict, dict]:
         for s in program.steps:
             ins = [env[i] for i in s.inputs]
             if s.name in want:
-                jaxprs[s.name] = jax.make_jaxpr(lambda *v, s=s: s.fn(s.params, *v))(*ins)
+                fn = _portable_fn(s)
+                jaxprs[s.name] = jax.make_jaxpr(lambda *v, s=s, fn=fn: fn(s.params, *v))(*ins)
             env[s.name] = s.fn(s.params, *ins)
         return {s.name: env[s.name] for s in program.steps}
 

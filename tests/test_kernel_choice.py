@@ -32,6 +32,7 @@ import pytest
 import torch
 from flax import nnx
 from qjax.converters import torch as qtorch
+from qjax.converters.onnx import export_onnx
 from torch import nn
 from torch.ao import quantization as tq
 
@@ -187,6 +188,9 @@ def test_served_onednn_equals_served_xla(which, request, tmp_path):
     plain = qjax.load_served(tmp_path / "m.safetensors")
     assert "custom_call" not in jax.jit(plain).lower(x).as_text()
     assert _exact(plain(x), fast(x))[1] == 0
+    # ONNX: the native steps are written as what they compute, the XLA program's graph
+    ops = [[n.op_type for n in export_onnx(p, (x,)).graph.node] for p in (fast, plain)]
+    assert ops[0] == ops[1] and ("MaxPool" in ops[0]) == (which == "nnx_cnn")
 
 
 def test_auto_and_xla_default(nnx_cnn):

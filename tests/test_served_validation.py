@@ -236,3 +236,32 @@ def test_tampered_file_is_refused_with_the_step_and_value(saved, tmp_path, edit,
     with pytest.raises(ValueError, match=pattern) as info:
         qjax.load_served(bad)
     assert str(info.value).startswith(f"load_served: {str(bad)!r}"), info.value
+
+
+_POOL_EDITS = {c[0]: c[1:] for c in TAMPERED if c[0].startswith("pool ")}
+
+
+@pytest.mark.parametrize("name", sorted(_POOL_EDITS))
+def test_tampered_pool_is_refused_alike_on_a_native_kernel(saved, tmp_path, name):
+    """On ``kernel="auto"`` a max pool on codes may be a native call: a tampered window is
+    still refused with XLA's message naming the step and the value (the native path takes
+    only well-formed windows), as are malformed parameter lists."""
+    from qjax.flax._steps import _max_pool_nhwc
+
+    path, _, _ = saved
+    edit, pattern = _POOL_EDITS[name]
+    meta, tensors = _read(path)
+    edit(meta, tensors)
+    bad = tmp_path / "bad.safetensors"
+    _write(bad, meta, tensors)
+    with pytest.raises(ValueError, match=pattern):
+        qjax.load_served(bad, kernel="auto")
+    good = {"window_dimensions": (1, 2, 2, 1), "window_strides": (1, 2, 2, 1),
+            "padding": ((0, 0), (0, 1), (1, 0), (0, 0)), "window_dilation": (1, 1, 1, 1),
+            "base_dilation": (1, 1, 1, 1)}  # fmt: skip
+    assert _max_pool_nhwc(good)["pads"] == ((0, 1), (1, 0))
+    malformed = [("window_dilation", (1, 1, 1)), ("window_strides", (1, 0, 2, 1)),
+                 ("padding", ((0, 0), (0,), (0, 0), (0, 0))), ("padding", None),
+                 ("window_dimensions", (2, 2, 2, 1)), ("base_dilation", (1, 2, 1, 1))]  # fmt: skip
+    for key, value in malformed:
+        assert _max_pool_nhwc({**good, key: value}) is None, (key, value)

@@ -89,6 +89,7 @@ __all__ = [
     "encode_value",
     "eval_dim",
     "make_step",
+    "on_xla",
     "primitive",
 ]
 
@@ -387,16 +388,24 @@ def _layer(a):
 def _max_pool_nhwc(params) -> dict | None:
     """The window of a ``reduce_window_max`` over H and W of an (N, H, W, C) value (no
     base dilation, integer sizes), else ``None``."""
-    dims, strides = params["window_dimensions"], params["window_strides"]
-    pads, dil = params["padding"], params["window_dilation"]
-    base = params["base_dilation"]
-    if len(dims) != 4 or any(int(v) != 1 for v in (*base, dims[0], dims[3], strides[0])):
+    # anything else (a file's malformed parameters included) is left to XLA's reduce_window,
+    # which names the problem
+    dims, strides = params.get("window_dimensions"), params.get("window_strides")
+    pads, dil = params.get("padding"), params.get("window_dilation")
+    base = params.get("base_dilation")
+    seqs = (dims, strides, dil, base, pads)
+    if not all(isinstance(v, (tuple, list)) and len(v) == 4 for v in seqs):
         return None
-    if strides[3] != 1 or dil[0] != 1 or dil[3] != 1 or pads[0] != (0, 0) or pads[3] != (0, 0):
+    if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pads):
         return None
-    if not all(isinstance(v, int) for v in (*dims, *strides, *dil, *pads[1], *pads[2])):
+    flat = (*dims, *strides, *dil, *base, *(v for p in pads for v in p))
+    if not all(isinstance(v, int) for v in flat):
         return None  # symbolic
-    if min(*pads[1], *pads[2]) < 0:
+    if min(*dims, *strides, *dil) < 1 or min(v for p in pads for v in p) < 0:
+        return None
+    if any(v != 1 for v in (*base, dims[0], dims[3], strides[0], strides[3], dil[0], dil[3])):
+        return None
+    if tuple(pads[0]) != (0, 0) or tuple(pads[3]) != (0, 0):
         return None
     return {"window": tuple(dims[1:3]), "strides": tuple(strides[1:3]),
             "dilation": tuple(dil[1:3]), "pads": (tuple(pads[1]), tuple(pads[2]))}  # fmt: skip
@@ -537,12 +546,21 @@ def boundary_kernels(steps, inputs) -> list[Step]:
         inner = (kind == "quantize" and any(i not in inputs for i in s.inputs)) or (
             kind == "dequantize" and s.name in read
         )
-        if inner and a.get("kernel", "xla") != "xla":
-            a = dict(a, kernel="xla")
-            pick = a.pop("pick")
-            s = make_step(s.name, kind, a, s.inputs, pick, s.params, s.layer, s.traced)
-        out.append(s)
+        out.append(on_xla(s) if inner else s)
     return out
+
+
+def on_xla(step: Step) -> Step:
+    """``step`` with ``kernel="xla"`` (its native calls off: pure XLA, e.g. the jaxpr an
+    exporter reads); the step itself when it has no kernel attribute or runs XLA."""
+    if step.spec is None or step.spec[0] not in KERNEL_KINDS:
+        return step
+    kind, a = step.spec
+    if a.get("kernel", "xla") == "xla":
+        return step
+    a = dict(a, kernel="xla")
+    pick = a.pop("pick")
+    return make_step(step.name, kind, a, step.inputs, pick, step.params, step.layer, step.traced)
 
 
 def make_step(
