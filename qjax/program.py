@@ -290,9 +290,10 @@ class FrozenProgram:
     What it costs: compiling takes longer (about 1 s more per 64 MB of weights on that
     machine), each compiled shape holds its own copy of the weights, and later edits to
     ``program.params`` do not reach it (freeze again). The params are taken when the
-    program is frozen; a :class:`~qjax.flax.TracedProgram` called with a new input shape
-    lowers a program for it, whose params are taken on that first call. Codes and outputs
-    are the program's: the same steps run on the same arrays.
+    program is frozen; a converted Flax model (``qjax.flax._convert.TracedProgram``)
+    called with a new input shape lowers a program for it, whose params are taken on that
+    first call. Codes and outputs are the program's: the same steps run on the same
+    arrays.
 
     ``program`` is the program it froze; ``trace`` and exports stay on it.
     """
