@@ -306,6 +306,10 @@ def main():
     )
     headline = f"qjax frozen ({'/'.join(sorted(set(served.kernels.values())))})"
     frozen = served.freeze()
+
+    def f32_base(label):  # frozen against frozen: the float weights closed over too
+        return "jax f32 frozen" if label == headline else "jax f32"
+
     out_scale = act_qp[-1][0]
 
     print(machine_line())
@@ -378,7 +382,7 @@ def main():
         for label in qjax_labels:
             tq, goal = t[label], label == headline
             case = f"batch {batch}" + ("" if label == "qjax int8" else f" ({label[5:]})")
-            f32 = "jax f32 frozen" if goal else "jax f32"
+            f32 = f32_base(label)
             ratios.append((case, t[f32] / tq, f32, ">= 3x" if goal and big else None))
             ratios.append(
                 (
@@ -400,7 +404,7 @@ def main():
                 cell
                 for label in qjax_labels
                 for cell in (
-                    f"{t['jax f32 frozen' if label == headline else 'jax f32'] / t[label]:.2f}x",
+                    f"{t[f32_base(label)] / t[label]:.2f}x",
                     f"{t[f'torch {best_e}'] / t[label]:.2f}x ({best_e})",
                     f"{t['onnxruntime'] / t[label]:.2f}x",
                 )

@@ -412,15 +412,11 @@ def _max_pool_nhwc(params) -> dict | None:
 
 
 def _native_max_pool(prim, params, pool, q: QArray) -> QArray | None:
-    """A max pool on codes through :func:`qjax.kernels._pool.native_max_pool` (the
-    reduce_window's own output size), or ``None`` where the native call does not apply."""
+    """A max pool on codes through :func:`qjax.kernels._pool.native_max_pool`, or
+    ``None`` where the native call does not apply."""
     k, s, d, pads = pool["window"], pool["strides"], pool["dilation"], pool["pads"]
-    out_hw = tuple(
-        (q.shape[1 + i] + lo + hi - d[i] * (k[i] - 1) - 1) // s[i] + 1
-        for i, (lo, hi) in enumerate(pads)
-    )
     lo = (pads[0][0], pads[1][0])
-    y = native_max_pool(q.values, out_hw, k, s, d, lo, lambda v: bind(prim, params, [v])[0])
+    y = native_max_pool(q.values, k, s, d, lo, lambda v: bind(prim, params, [v])[0])
     return None if y is None else QArray(y, q.qparams)
 
 

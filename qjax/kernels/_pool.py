@@ -153,23 +153,22 @@ def max_pool2d(
         )
 
     if kernel == "auto" and layout == "NHWC":
-        out_hw = tuple(
-            _out_size(x.shape[a], k[i], s[i], p[i], d[i], ceil_mode) for i, a in enumerate(ax)
-        )
-        y = native_max_pool(x.values, out_hw, k, s, d, p, xla)
+        y = native_max_pool(x.values, k, s, d, p, xla)
         if y is not None:
             return QArray(y, x.qparams)
     return QArray(xla(x.values), x.qparams)
 
 
-def native_max_pool(v, out_hw, window, strides, dilation, lo, portable):
+def native_max_pool(v, window, strides, dilation, lo, portable):
     """The max pool of ``v`` (N, H, W, C) 8-bit codes from one native call
-    (:func:`qjax.kernels._native._quantize.max_pool_native`: output ``(N, *out_hw, C)``,
-    ``lo`` the low padding of H and W, positions outside the input never win), or
-    ``None`` where it does not apply (not 8-bit, a window of more than 64 positions, the
-    native library unavailable here). ``portable(v)``: XLA's reduce_window, off CPU."""
+    (:func:`qjax.kernels._native._quantize.max_pool_native`; ``lo`` the low padding of H
+    and W, positions outside the input never win; the output shape ``portable``'s), or
+    ``None`` where it does not apply (not 8-bit, a window of more than 64 positions, an
+    empty output, the native library unavailable here). ``portable(v)``: XLA's
+    reduce_window of the same window, run off CPU."""
     if v.ndim != 4 or v.dtype.itemsize != 1 or window[0] * window[1] > 64:
         return None
+    out_hw = jax.eval_shape(portable, v).shape[1:3]
     if min(out_hw) < 1 or not _quantize.quantize_status()[0]:
         return None
     return _quantize.max_pool_native(v, out_hw, window, strides, dilation, lo, portable)
