@@ -209,6 +209,89 @@ def test_quantized_linear_layer_matches_xla(rng):
     print(f"\nquantized_linear sat16 vs xla: 0 of {n} codes differ")
 
 
+def _epilogue(rng, n, kind, signed):
+    """Random epilogue vectors of ``n`` columns: ``kind`` 0 (fbgemm / qnnpack: clamp (2,))
+    or 1 (onednn: clamp (5,)); NaN, infinite and huge bias terms among them."""
+    ivec = jnp.asarray(rng.integers(-40_000, 40_000, n), jnp.int32)
+    fvec = rng.normal(0, 300, n).astype(np.float32)
+    fvec[: min(n, 3)] = [np.nan, np.inf, -np.inf][: min(n, 3)]
+    fvec[3:5] = [3e38, -3e38][: max(0, min(n, 5) - 3)]
+    mult = jnp.asarray(rng.uniform(1e-5, 2e-3, n), jnp.float32)
+    lo, hi = (-128.0, 127.0) if signed else (0.0, 255.0)
+    if kind == 0:
+        zp = 3 if signed else 77
+        clamp, zpv = jnp.array([lo - zp, hi - zp], jnp.float32), jnp.array([zp], jnp.int32)
+    else:  # (lo, hi, s_x', f32(1/s_out), zp): y = (a·s_x')·mult + b, rint(y·inv_so + zp)
+        clamp, zpv = jnp.array([lo, hi, 0.02, 4.0, 9.0], jnp.float32), jnp.zeros(1, jnp.int32)
+    return ivec, jnp.asarray(fvec), mult, clamp, zpv
+
+
+def _unused(*_):
+    raise AssertionError("the native call runs on CPU")
+
+
+def test_fused_epilogue_every_isa_matches_xla(rng):
+    # qjax_sat16_q8_gemm: the sums of every code path through the requantize epilogue
+    # (AVX-512 registers on the AVX-512 paths, AVX2 ones on the AVX2 path) == the same
+    # epilogue in XLA on the XLA pair sums: M tails of the 4-row blocks, N tails of the
+    # 8- (AVX2) and 16-column blocks and of the AVX-512 two-block pairs, K tails; both
+    # epilogue kinds, int8 and uint8 codes, NaN / inf / huge bias terms
+    from qjax.kernels._native._onednn import portable_codes
+
+    n = 0
+    for i, (m, k, nn) in enumerate([(1, 64, 16), (3, 66, 33), (5, 130, 50), (9, 7, 31)]):
+        x = jnp.asarray(rng.integers(0, 256, (m, k)), jnp.uint8)
+        w = jnp.asarray(rng.integers(-128, 128, (k, nn)), jnp.int8)
+        packed = _sat16.pack_sat16_weight(w)
+        for kind, signed in ((0, i % 2 == 0), (1, i % 2 == 1)):
+            dt = jnp.int8 if signed else jnp.uint8
+            vecs = _epilogue(rng, nn, kind, signed)
+            want = np.asarray(portable_codes(_xla_pair_dot(x, w), *vecs).astype(dt))
+            for isa in _sat16.sat16_isas():
+                got = _sat16.sat16_linear_q8(x, packed, w, vecs, dt, _unused, isa=isa)
+                assert got.dtype == dt and (np.asarray(got) == want).all(), (isa, m, k, nn, kind)
+                n += want.size
+    print(f"\nfused sat16 epilogue, every code path == XLA on {n} codes")
+
+
+def test_folded_layers_match_xla_and_check_their_calls(rng):
+    # fold_requant on a "sat16" linear weight (every scheme, both saturating
+    # accumulations, int8 / uint8 outputs, ReLU): one native call, the XLA kernel's codes;
+    # the folded weight round-trips as a pytree and refuses a call it was not folded for
+    from qjax.kernels import fold_requant
+
+    k, nn = 66, 40
+    x = QArray(jnp.asarray(rng.integers(0, 256, (7, k)), jnp.uint8), QParams(0.02, 131, XSPEC))
+    wv = jnp.asarray(rng.integers(-128, 128, (k, nn)), jnp.int8)
+    w = QArray(wv, QParams(jnp.asarray(rng.uniform(0.005, 0.02, nn)), jnp.zeros(nn, int), WSPEC))
+    bias = jnp.asarray(rng.normal(0, 3, nn), jnp.float32)
+    xla, nat = prepare_linear(w), prepare_linear(w, kernel="sat16")
+    n = 0
+    for i, scheme in enumerate(("fbgemm", "qnnpack", "onednn")):
+        for acc in ("fbgemm_sat16", "onednn_sat16"):
+            signed = (i + (acc == "onednn_sat16")) % 2 == 0
+            out = QParams(0.4, 5, QuantSpec(signed=True)) if signed else QParams(0.3, 120, XSPEC)
+            act = "relu" if i else None
+            kw = dict(scheme=scheme, accumulate=acc, activation=act)
+            folded = fold_requant(nat, x.qparams, bias, out, **kw)
+            f = jax.jit(lambda x, p, kw=kw, out=out: quantized_linear(x, p, bias, out, **kw).values)
+            want = quantized_linear(x, xla, bias, out, **kw).values
+            assert (np.asarray(f(x, folded)) == np.asarray(want)).all(), (scheme, acc)
+            text = f.lower(x, folded).as_text()
+            assert text.count("custom_call @qjax_sat16_q8_gemm") == 1 and "sat16_gemm" not in text
+            n += want.size
+    leaves, tree = jax.tree_util.tree_flatten(folded)
+    back = jax.tree_util.tree_unflatten(tree, leaves)
+    assert len(leaves) == 10 and back.folded == folded.folded
+    assert back.sat16_max_x == nat.sat16_max_x < 255
+    # 8-bit codes could saturate this weight's pairs: no exact call runs on the fold
+    with pytest.raises(ValueError, match="fused kernel cannot run"):
+        quantized_linear(x, folded, bias, out, scheme="onednn", activation="relu")
+    with pytest.raises(ValueError, match="nothing to fold"):
+        fold_requant(nat, x.qparams, bias, out, scheme="onednn")  # exact: not provable
+    print(f"\nfolded sat16 layers == XLA on {n} codes")
+
+
 _CONV_CASES = [
     # (N, C, spatial, O, kernel, stride, dilation, groups)
     (2, 3, (7, 6), 5, (3, 3), (1, 1), (1, 1), 1),
@@ -249,8 +332,8 @@ def test_exact_linear_runs_on_sat16_only_where_no_pair_saturates(rng):
         f = jax.jit(lambda x, p: quantized_linear(x, p, bias, out, activation="relu").values)
         want, got = f(x, xla), f(x, nat)
         assert (np.asarray(got) == np.asarray(want)).all(), spec
-        text = f.lower(x, nat).as_text()
-        assert ("qjax_sat16_gemm" in text) == on_sat16, spec
+        text = f.lower(x, nat).as_text()  # the sums and the requantization: one call
+        assert ("qjax_sat16_q8_gemm" in text) == on_sat16, spec
         n += want.size
     # what the proof guards against: 8-bit codes through the saturating kernel do differ
     xv = jnp.asarray(rng.integers(128, 256, (64, k)), jnp.uint8)
@@ -461,6 +544,9 @@ def test_default_import_uses_sat16_and_export_names_kernel_xla():
     assert set(exact.kernels.values()) == {"xla"}
     assert (np.asarray(program(x)) == np.asarray(plain(x))).all()
     spec = (jax.ShapeDtypeStruct(tuple(x.shape), jnp.float32),)
-    with pytest.raises(ValueError, match=r"qjax_sat16_gemm(.|\n)*kernel='xla'"):
+    # every layer one call, its requantization folded in (qjax.flax._fold)
+    text = jax.jit(program._run).lower(program.params, spec).as_text()
+    assert text.count("custom_call @qjax_sat16_q8_gemm") == 3
+    with pytest.raises(ValueError, match=r"qjax_sat16_q8_gemm(.|\n)*kernel='xla'"):
         jax.export.export(program._run)(program.params, spec)
     jax.export.export(plain._run)(plain.params, spec)  # the pure-XLA program exports

@@ -2,14 +2,15 @@
 ``program.params``.
 
 A layer on the fused native kernel (``kernel="onednn"`` on the brgemm ukernel, or
-``"amx"``; :func:`qjax.kernels.fold_requant`) needs per output channel the coefficients
-of its input qparams, bias and output qparams. With the params as ``jit`` arguments they
-are computed in every call (a dozen small XLA passes per layer); :func:`fold_program`
-computes them once, from the program's current params, and stores them in the layer's
-prepared weight (``program.params[name][0]``). The layers are the steps of a converted
-Flax program (``kind="layer"``, :mod:`qjax.flax._steps`) and of a torch model imported
-with ``qjax.converters.torch.import_model`` (``"torch_linear"`` / ``"torch_conv"``,
-:mod:`qjax.flax._torch_steps`, exactly accumulated).
+``"amx"``, or a linear layer on ``"sat16"``; :func:`qjax.kernels.fold_requant`) needs per
+output channel the coefficients of its input qparams, bias and output qparams. With the
+params as ``jit`` arguments they are computed in every call (a dozen small XLA passes per
+layer); :func:`fold_program` computes them once, from the program's current params, and
+stores them in the layer's prepared weight (``program.params[name][0]``). The layers are
+the steps of a converted Flax program (``kind="layer"``, :mod:`qjax.flax._steps`) and of
+a torch model imported with ``qjax.converters.torch.import_model`` (``"torch_linear"`` /
+``"torch_conv"``, :mod:`qjax.flax._torch_steps`; a saturating linear layer folds on the
+sat16 kernel).
 
 The coefficients depend on params of *other* steps too (the input qparams come from the
 quantize step or the layer before, through ReLU, pooling and layout steps on codes), so
@@ -82,16 +83,18 @@ def codes_qparams(kind: str, attrs, params, x_qp):
 
 
 def _layer(step, p):
-    """``(weight, bias, out qparams, scheme, activation, rebuild)`` of a layer step whose
-    requantization can be folded, or ``None``; ``rebuild(w)``: its params with weight
-    ``w``."""
+    """``(weight, bias, out qparams, scheme, activation, rebuild, accumulate)`` of a layer
+    step whose requantization can be folded, or ``None``; ``rebuild(w)``: its params with
+    weight ``w``."""
     kind, a = step.spec
     if kind == "layer":
         pw, bias, qy = p
-        return pw, bias, qy, a["scheme"], "relu" if a["relu"] else None, lambda w: (w, bias, qy)
-    if kind in ("torch_linear", "torch_conv") and a.get("accumulate", "exact") == "exact":
+        act = "relu" if a["relu"] else None
+        return pw, bias, qy, a["scheme"], act, lambda w: (w, bias, qy), a.get("accumulate", "exact")
+    if kind in ("torch_linear", "torch_conv"):
         pw, bias = p
-        return pw, bias, a["out"], a["scheme"], a["activation"], lambda w: (w, bias)
+        acc = a.get("accumulate", "exact")
+        return pw, bias, a["out"], a["scheme"], a["activation"], lambda w: (w, bias), acc
     return None
 
 
@@ -123,10 +126,11 @@ def fold_program(program) -> int:
         qx = qp.get(s.inputs[0]) if s.inputs else None
         layer = _layer(s, p) if s.inputs else None
         if layer is not None:
-            pw, bias, qy, scheme, act, rebuild = layer
+            pw, bias, qy, scheme, act, rebuild, acc = layer
             new = _unfolded(pw)
-            if qx is not None and qy is not None and _fusable(new, qx, bias, qy, scheme):
-                new = kernels.fold_requant(new, qx, bias, qy, scheme=scheme, activation=act)
+            if qx is not None and qy is not None and _fusable(new, qx, bias, qy, scheme, acc):
+                fold = kernels.fold_requant
+                new = fold(new, qx, bias, qy, scheme=scheme, activation=act, accumulate=acc)
                 folded += 1
             if new is not pw:
                 params[s.name] = p = rebuild(new)
@@ -134,16 +138,18 @@ def fold_program(program) -> int:
     return folded
 
 
-def _fusable(pw, qx, bias, qy, scheme) -> bool:
-    if getattr(pw, "kernel", "xla") not in ("onednn", "amx"):
+def _fusable(pw, qx, bias, qy, scheme, accumulate) -> bool:
+    if getattr(pw, "kernel", "xla") not in ("onednn", "amx", "sat16"):
         return False
     x = _CodesLike(qx)
-    return _native.fusable(pw, x, bias, qy, scheme)
+    return _native.fusable(pw, x, bias, qy, scheme, accumulate)
 
 
 class _CodesLike:
-    """What :func:`~qjax.kernels._native.fusable` reads of an input: dtype and qparams."""
+    """What :func:`~qjax.kernels._native.fusable` reads of an input: spec, dtype and
+    qparams."""
 
     def __init__(self, qx):
+        self.spec = qx.spec
         self.values = np.zeros(0, qx.spec.dtype)
         self.scale, self.zero_point = qx.scale, qx.zero_point

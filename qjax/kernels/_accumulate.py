@@ -35,7 +35,7 @@ from jax import lax
 from .._qarray import QArray
 from .._spec import QParams
 from . import _native
-from ._prepared import SAT16_SAFE_X
+from ._prepared import SAT16_SAFE_X, sat16_exact
 
 __all__ = [
     "Accumulate",
@@ -228,38 +228,6 @@ def sat16_exact_max_x(w) -> int:
     if down:
         h = min(h, (_I16_MAX + 1) // down)
     return h
-
-
-def sat16_exact_codes(x_spec) -> int | None:
-    """The largest uint8 code the exact path feeds the sat16 kernel for activations of
-    ``x_spec``: ``qmax`` for unsigned codes, ``qmax + 128`` for signed ones (shifted up by
-    128, as for oneDNN); ``None`` when they are not 8-bit.
-
-    >>> from qjax import QuantSpec
-    >>> sat16_exact_codes(QuantSpec(signed=False, quant_min=0, quant_max=127))
-    127
-    """
-    if np.dtype(x_spec.dtype) == np.uint8:
-        return int(x_spec.qmax)
-    if np.dtype(x_spec.dtype) == np.int8:
-        return int(x_spec.qmax) + 128
-    return None
-
-
-def sat16_exact(x_spec, max_x: int) -> bool:
-    """Whether the sat16 kernel computes the exact ``Σ x·w`` for activations of ``x_spec``
-    and a weight whose pair sums are exact up to code ``max_x``
-    (:func:`sat16_exact_max_x`): the largest code they feed it
-    (:func:`sat16_exact_codes`) is at most ``max_x``.
-
-    >>> from qjax import QuantSpec
-    >>> sat16_exact(QuantSpec(signed=False, reduce_range=True), 128)
-    True
-    >>> sat16_exact(QuantSpec(signed=False), 128)
-    False
-    """
-    hi = sat16_exact_codes(x_spec)
-    return hi is not None and hi <= max_x
 
 
 # --------------------------------------------------------------------------------------

@@ -189,7 +189,7 @@ def exact_on_sat16(wish: str, x_spec, w) -> bool:
     (:func:`qjax.kernels.onednn_exact`) runs here (CPUs below VNNI), the sat16 kernel
     does (:func:`qjax.kernels.sat16_status`), and its int16 pair sums provably cannot
     saturate: the largest uint8 code the activations of ``x_spec`` feed it
-    (:func:`~qjax.kernels._accumulate.sat16_exact_codes`) is at most
+    (:func:`~qjax.kernels._prepared.sat16_exact_codes`) is at most
     :func:`~qjax.kernels._accumulate.sat16_exact_max_x` of the weight codes ``w`` (any
     int8 weight with 7-bit activations, codes ``[0, 127]``). Unknown ``x_spec`` or ``w``:
     ``False``.

@@ -2,8 +2,9 @@
 computed once, at prepare time, instead of in every call of the served program.
 
 A native layer with the fused epilogue (``kernel="onednn"`` on the brgemm ukernel or
-``kernel="amx"``, schemes ``"fbgemm"``/``"qnnpack"``, and ``"onednn"`` on the ukernel,
-weight zero points 0) needs, per output channel, ``ivec`` (int32: the zero-point
+``kernel="amx"``, schemes ``"fbgemm"``/``"qnnpack"``, and ``"onednn"`` on the ukernel;
+``kernel="sat16"`` linear layers, their int16 pair saturation or provably exact, all
+three schemes; weight zero points 0) needs, per output channel, ``ivec`` (int32: the zero-point
 correction ``-zp_x·Σw``, plus ``b_q`` for ``"qnnpack"``), ``fvec`` (float32 bias term),
 ``mult`` (float32 multiplier) and the clamp bounds (and for ``"onednn"`` its scalars),
 all from the scheme's own coefficient function
@@ -44,28 +45,35 @@ def fold_requant(
     *,
     scheme: str = "fbgemm",
     activation: str | None = None,
+    accumulate: str = "exact",
 ) -> PreparedLinear | PreparedConv:
     """``w`` with its layer's requantization folded in: per output channel ``n``,
     ``ivec[n] = -(zp_x + shift)·Σw[n]`` (+ ``b_q[n]`` for ``"qnnpack"``), ``fvec[n]`` the
     scheme's float bias term, ``mult[n]`` its multiplier, ``clamp = (lo - zp_out, hi -
     zp_out)`` (``lo = zp_out`` with ``activation="relu"``), computed now (int32 /
     float32, the epilogue of :func:`~qjax.kernels._native.epilogue_vectors`; ``shift``
-    128 where oneDNN's kernel takes int8 codes shifted to uint8).
+    128 where oneDNN's or the sat16 kernel takes int8 codes shifted to uint8).
 
     Needs a native prepared weight whose layer the fused kernel runs
-    (``kernel="onednn"`` on the brgemm ukernel or ``"amx"``, ``scheme`` ``"fbgemm"`` or
-    ``"qnnpack"``, weight zero points 0, per-tensor 8-bit input and output qparams) and
-    concrete (static) qparams and bias: ``ValueError`` / ``TypeError`` otherwise. The
-    codes are the unfolded call's, bit for bit.
+    (:func:`~qjax.kernels._native.fusable`: ``kernel="onednn"`` on the brgemm ukernel or
+    ``"amx"`` with exact accumulation, or a ``kernel="sat16"`` linear weight with
+    ``accumulate="fbgemm_sat16"``/``"onednn_sat16"`` or provably exact; ``scheme``
+    ``"fbgemm"`` or ``"qnnpack"``, ``"onednn"`` except on AMX; weight zero points 0,
+    per-tensor 8-bit input and output qparams) and concrete (static) qparams and bias:
+    ``ValueError`` / ``TypeError`` otherwise. The codes are the unfolded call's, bit for
+    bit.
 
     Args:
       w: a :class:`PreparedLinear` or :class:`PreparedConv`.
       x_qparams: the input activations' qparams.
       bias: float32 ``(N,)`` or ``None``.
       out_qparams: the output qparams.
-      scheme: ``"fbgemm"``, ``"qnnpack"`` or (``kernel="onednn"``) ``"onednn"``.
+      scheme: ``"fbgemm"``, ``"qnnpack"`` or (``kernel="onednn"``/``"sat16"``)
+        ``"onednn"``.
       activation: ``None``, ``"relu"`` (folded into the clamp), ``"relu6"`` or
         ``"hardtanh"`` (their clamp still runs after the call).
+      accumulate: the layer's accumulation (``quantized_linear``'s argument); the calls
+        must pass the same kind.
 
     >>> from qjax import QuantSpec
     >>> from qjax.kernels import QArray, prepare_linear, quantized_linear
@@ -90,19 +98,22 @@ def fold_requant(
             "not traced ones; call it once at prepare time, outside jit"
         )
     xs = types.SimpleNamespace(
+        spec=x_qparams.spec,
         values=np.zeros(0, x_qparams.spec.dtype),
         scale=jnp.asarray(x_qparams.scale),
         zero_point=jnp.asarray(x_qparams.zero_point),
     )
     b = None if bias is None else jnp.asarray(bias)
-    if not _native.fusable(w, xs, b, out_qparams, scheme):
+    if not _native.fusable(w, xs, b, out_qparams, scheme, accumulate):
         raise ValueError(
             f"layer {w.name!r}: nothing to fold: the fused native call does not run this "
-            f"layer (kernel {w.kernel!r}, scheme {scheme!r}, weight zero points known 0: "
-            f"{w.zero_point_is_zero}; it needs kernel 'onednn' (brgemm ukernel) or 'amx', "
-            "scheme 'fbgemm'/'qnnpack', zero weight zero points, per-tensor 8-bit qparams)"
+            f"layer (kernel {w.kernel!r}, scheme {scheme!r}, accumulate {accumulate!r}, "
+            f"weight zero points known 0: {w.zero_point_is_zero}; it needs kernel 'onednn' "
+            "(brgemm ukernel) or 'amx' (exact), or 'sat16' (a linear layer, saturating or "
+            "provably exact), zero weight zero points, per-tensor 8-bit qparams)"
         )
-    shift = 128 if w.kernel == "onednn" and np.dtype(x_qparams.spec.dtype) == np.int8 else 0
+    signed = np.dtype(x_qparams.spec.dtype) == np.int8
+    shift = 128 if w.kernel in ("onednn", "sat16") and signed else 0
     relu = activation == "relu"
     w_sum = w.col_sum if isinstance(w, PreparedLinear) else w.w_sum
 

@@ -306,9 +306,10 @@ def quantized_linear(
             f"(last dimension must be {k})"
         )
     _native.check_folded(pw, x, bias, out_qparams, scheme, activation, accumulate, layer)
-    if accumulate == "exact" and _native.fusable(pw, x, bias, out_qparams, scheme):
+    if _native.fusable(pw, x, bias, out_qparams, scheme, accumulate):
         # one native call: dot + zero-point correction + requantize (same codes)
-        codes = _native.fused_linear_codes(x, pw, bias, out_qparams, scheme, activation == "relu")
+        relu = activation == "relu"
+        codes = _native.fused_linear_codes(x, pw, bias, out_qparams, scheme, relu, _sat16_pair_dot)
         try:
             return QArray(clamp_activation(codes, out_qparams, activation, bounds), out_qparams)
         except (TypeError, ValueError) as e:

@@ -13,10 +13,9 @@ vectors when the requantization is folded in (:func:`qjax.kernels.fold_requant`)
 data is the static fields in order, then ``kernel`` unless it is ``"xla"`` (so the XLA
 kernel keeps the aux of the versions before native kernels existed), then the fold key
 ``folded`` when folded (a native kernel, so ``kernel`` is there), serialized as a JSON
-list. A ``"sat16"`` weight is never folded; in that place a class with a
-``sat16_max_x`` field (:class:`~qjax.kernels.PreparedLinear`) has it: the largest
-uint8 activation code for which its pair sums cannot saturate (absent: 128, which holds
-for every int8 weight).
+list. Before the fold key, a ``"sat16"`` weight of a class with a ``sat16_max_x`` field
+(:class:`~qjax.kernels.PreparedLinear`) has it: the largest uint8 activation code for
+which its pair sums cannot saturate (absent: 128, which holds for every int8 weight).
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import jax
+import numpy as np
 
 __all__ = ["Kernel", "register_prepared"]
 
@@ -38,6 +38,39 @@ def _key(v):
 # The uint8 activation codes up to which no int16 pair sum of any int8 weight saturates
 # (|w_a| + |w_b| <= 256 and w_a + w_b <= 254): a "sat16" weight's ``sat16_max_x`` at least.
 SAT16_SAFE_X = 128
+
+
+def sat16_exact_codes(x_spec) -> int | None:
+    """The largest uint8 code the exact path feeds the sat16 kernel for activations of
+    ``x_spec``: ``qmax`` for unsigned codes, ``qmax + 128`` for signed ones (shifted up by
+    128, as for oneDNN); ``None`` when they are not 8-bit.
+
+    >>> from qjax import QuantSpec
+    >>> sat16_exact_codes(QuantSpec(signed=False, quant_min=0, quant_max=127))
+    127
+    """
+    if np.dtype(x_spec.dtype) == np.uint8:
+        return int(x_spec.qmax)
+    if np.dtype(x_spec.dtype) == np.int8:
+        return int(x_spec.qmax) + 128
+    return None
+
+
+def sat16_exact(x_spec, max_x: int) -> bool:
+    """Whether the sat16 kernel computes the exact ``Σ x·w`` for activations of ``x_spec``
+    and a weight whose pair sums are exact up to code ``max_x``
+    (:func:`~qjax.kernels._accumulate.sat16_exact_max_x`): the largest code they feed it
+    (:func:`sat16_exact_codes`) is at most ``max_x``.
+
+    >>> from qjax import QuantSpec
+    >>> sat16_exact(QuantSpec(signed=False, reduce_range=True), 128)
+    True
+    >>> sat16_exact(QuantSpec(signed=False), 128)
+    False
+    """
+    hi = sat16_exact_codes(x_spec)
+    return hi is not None and hi <= max_x
+
 
 Kernel = Literal["xla", "amx", "sat16", "onednn"]
 _KERNELS = ("xla", "amx", "sat16", "onednn")
@@ -68,7 +101,7 @@ def register_prepared(
             aux = tuple(getattr(self, f) for f in static)
             aux = aux + (self.kernel,) if self.kernel != "xla" else aux
             if self.kernel == "sat16" and hasattr(self, "sat16_max_x"):
-                return aux + (self.sat16_max_x,)
+                aux = aux + (self.sat16_max_x,)
             return aux + (self.folded,) if self.folded is not None else aux
 
         def tree_flatten_with_keys(self):
@@ -92,13 +125,12 @@ def register_prepared(
             for f, v in zip(static, aux[:n_static], strict=True):
                 object.__setattr__(obj, f, v)
             kernel = aux[n_static] if len(aux) > n_static else "xla"
-            # the slot after kernel: a sat16 weight's sat16_max_x, else the fold key
-            tail = aux[n_static + 1] if len(aux) > n_static + 1 else None
-            sat16 = kernel == "sat16"
-            folded = _key(tail) if tail is not None and not sat16 else None
+            # after kernel: a sat16 linear weight's sat16_max_x, then the fold key
+            tail = list(aux[n_static + 1 :])
             if "sat16_max_x" in cls.__dataclass_fields__:
-                max_x = tail if sat16 and tail is not None else SAT16_SAFE_X
+                max_x = tail.pop(0) if kernel == "sat16" and tail else SAT16_SAFE_X
                 object.__setattr__(obj, "sat16_max_x", max_x)
+            folded = _key(tail[0]) if tail and tail[0] is not None else None
             rest = list(children[n_leaves:])
             object.__setattr__(obj, "packed", rest.pop(0) if packed_when(kernel) else None)
             object.__setattr__(obj, "kernel", kernel)

@@ -50,8 +50,7 @@ FLAGS = (
 
 
 # The saturating GEMM runs on every x86-64 class with AVX2: compiled for AVX2, its AVX-512
-# functions carry target attributes and run only where the CPU has AVX-512BW; integer
-# arithmetic only.
+# functions carry target attributes and run only where the CPU has AVX-512BW.
 SAT16_FLAGS = (
     "-O3",
     "-std=c++17",
@@ -75,13 +74,14 @@ class Library:
 
 
 AMX = Library(SOURCE, FLAGS, LIB_NAME)
-SAT16 = Library(Path(__file__).with_name("sat16_gemm.cc"), SAT16_FLAGS, "libqjax_sat16.so")
-# The boundary quantize (quantize.cc): AVX2 + FMA like the saturating GEMM, and float
-# arithmetic that must round as written (its one fma is the explicit intrinsic).
+# Float arithmetic that must round as written: the requantize epilogue (epilogue.h) of the
+# saturating GEMM, the boundary quantize (quantize.cc, its one fma the explicit intrinsic).
+_AS_WRITTEN = ("-ffp-contract=off", "-fno-fast-math")
+SAT16 = Library(
+    Path(__file__).with_name("sat16_gemm.cc"), SAT16_FLAGS + _AS_WRITTEN, "libqjax_sat16.so"
+)
 QUANTIZE = Library(
-    Path(__file__).with_name("quantize.cc"),
-    SAT16_FLAGS + ("-ffp-contract=off", "-fno-fast-math"),
-    "libqjax_quantize.so",
+    Path(__file__).with_name("quantize.cc"), SAT16_FLAGS + _AS_WRITTEN, "libqjax_quantize.so"
 )
 
 

@@ -41,9 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .._prepared import sat16_exact
 from .._requant import _zero_point_scalar, activation_bounds
 from .._schemes import _apply_fbgemm, _coef_fbgemm, _coef_onednn, _coef_qnnpack, _coefficients
-from . import _onednn, _onednn_conv
+from . import _onednn, _onednn_conv, _sat16
 
 QTARGET = "qjax_amx_q8_gemm"
 QCONV_TARGET = "qjax_amx_q8_conv2d"
@@ -95,27 +96,44 @@ def epilogue_vectors(scheme, n, corr, bias, scale_x, scale_w, out, relu):
     return ivec, fvec, mult, clamp, jnp.reshape(zp, (1,))
 
 
-def fusable(pw, x, bias, out, scheme) -> bool:
-    """Whether ``quantized_linear`` can take the fused call (else the unfused path runs).
+def fusable(pw, x, bias, out, scheme, accumulate="exact") -> bool:
+    """Whether ``quantized_linear`` / ``quantized_conv`` can take the fused call (else the
+    unfused path runs).
 
-    Needs an AMX-prepared weight (or a ``kernel="onednn"`` one where its provider has
-    the fused epilogue, :func:`~qjax.kernels._native._onednn.onednn_fused`) with zero
-    points known to be 0, scheme
-    ``"fbgemm"``/``"qnnpack"``, int8/uint8 inputs and per-tensor int8/uint8 outputs
-    with an integer zero point, and a float32-castable ``(N,)`` or 0-d bias; anything
-    else (including malformed input, whose error the unfused path raises) is ``False``.
+    Needs, for ``accumulate="exact"``, an AMX-prepared weight or a ``kernel="onednn"``
+    one where its provider has the fused epilogue
+    (:func:`~qjax.kernels._native._onednn.onednn_fused`), or a ``kernel="sat16"`` linear
+    weight whose pair sums provably cannot saturate for these inputs
+    (:func:`~qjax.kernels._prepared.sat16_exact`); for ``"fbgemm_sat16"`` /
+    ``"onednn_sat16"`` a ``kernel="sat16"`` linear weight (its pair saturation). Then
+    zero points known to be 0, scheme ``"fbgemm"``/``"qnnpack"`` (and ``"onednn"`` on
+    oneDNN's and the sat16 kernel), int8/uint8 inputs and per-tensor int8/uint8
+    outputs with an integer zero point, and a float32-castable ``(N,)`` or 0-d bias;
+    anything else (including malformed input, whose error the unfused path raises) is
+    ``False``.
 
     >>> fusable(None, None, None, None, "tflite")
     False
     """
     kernel = getattr(pw, "kernel", None)
-    if out is None or kernel not in ("amx", "onednn"):
+    if out is None or kernel not in ("amx", "onednn", "sat16"):
         return False
-    if scheme not in FUSED_SCHEMES + (("onednn",) if kernel == "onednn" else ()):
-        return False  # the "onednn" scheme's epilogue: in oneDNN's ukernel calls only
+    if scheme not in FUSED_SCHEMES + (() if kernel == "amx" else ("onednn",)):
+        return False  # the "onednn" scheme's epilogue: not in the AMX kernels
     if kernel == "onednn" and not _onednn.onednn_fused():
         return False  # only the ukernel provider has the epilogue
     if not pw.zero_point_is_zero or x.values.dtype not in _CODES:
+        return False
+    if kernel == "sat16":  # linear layers only; saturating, or exact where that is equal
+        if not hasattr(pw, "out_features"):
+            return False
+        if accumulate == "exact":
+            spec = getattr(x, "spec", None)
+            if spec is None or not sat16_exact(spec, pw.sat16_max_x):
+                return False
+        elif x.values.dtype != np.uint8:
+            return False
+    elif accumulate != "exact":
         return False
     ospec = out.spec
     if ospec.granularity != "tensor" or np.dtype(ospec.dtype) not in _CODES:
@@ -134,24 +152,33 @@ def fusable(pw, x, bias, out, scheme) -> bool:
     return True
 
 
-def fused_linear_codes(x, pw, bias, out, scheme, relu) -> jax.Array:
+def fused_linear_codes(x, pw, bias, out, scheme, relu, pair_dot=None) -> jax.Array:
     """Output codes of ``quantized_linear`` (before a ``relu6``/``hardtanh`` clamp) in one
-    fused AMX or oneDNN-ukernel call; only when :func:`fusable` said so.
+    fused AMX, oneDNN-ukernel or sat16 call; only when :func:`fusable` said so.
 
-    ``x`` a :class:`~qjax.QArray` ``(..., K)``; ``pw`` an AMX or oneDNN
+    ``x`` a :class:`~qjax.QArray` ``(..., K)``; ``pw`` an AMX, oneDNN or sat16
     ``PreparedLinear``; the accumulator correction ``-zp_x·Σ_k w`` uses the raw codes'
     zero point (uint8 codes are not shifted: ``tdpbusd``/``vpdpbusd`` take them as they
-    are). oneDNN's kernel takes uint8 only: int8 codes are shifted up by 128 (the top
-    bit flipped) and their zero point with them. Returns ``out.spec.dtype``.
+    are). oneDNN's and the sat16 kernel take uint8 only: int8 codes are shifted up by 128
+    (the top bit flipped) and their zero point with them. ``pair_dot(x, w)``: the sat16
+    kernel's sums in XLA (``_accumulate._sat16_pair_dot``), what it runs off CPU.
+    Returns ``out.spec.dtype``.
 
     >>> fusable(None, None, None, None, "exact")  # see quantized_linear's tests
     False
     """
-    if pw.kernel == "onednn":
+    if pw.kernel in ("onednn", "sat16"):
         xv, shift = x.values, 0
         if xv.dtype == jnp.int8:  # x + 128 as uint8: flip the top bit, reinterpret
             xv, shift = lax.bitcast_convert_type(xv ^ jnp.int8(-128), jnp.uint8), 128
         vecs = _vectors(x, pw, pw.col_sum, bias, out, scheme, relu, shift)
+        if pw.kernel == "sat16":
+
+            def portable(x, w, *vecs):
+                return _onednn.portable_codes(pair_dot(x, w), *vecs).astype(out.spec.dtype)
+
+            q8 = _sat16.sat16_linear_q8
+            return q8(xv, pw.packed, pw.weight.values, vecs, out.spec.dtype, portable)
         q8 = _onednn.onednn_linear_q8
         return q8(xv, pw.packed, pw.weight.values, *vecs, out.spec.dtype)
     vecs = _vectors(x, pw, pw.col_sum, bias, out, scheme, relu)
@@ -224,8 +251,8 @@ def fold_key(x, out, scheme, relu) -> tuple:
 
 def check_folded(pw, x, bias, out, scheme, activation, accumulate, layer) -> None:
     """Raise ``ValueError`` naming the layer unless a call fits the requantization folded
-    into ``pw`` (nothing to check when none is): exact accumulation, the fused call
-    possible (:func:`fusable`), the same scheme, ReLU, input and output dtypes, and, where
+    into ``pw`` (nothing to check when none is): the fused call possible for the call's
+    accumulation (:func:`fusable`), the same scheme, ReLU, input and output dtypes, and, where
     the call's qparams are concrete, the same scales and zero points (traced ones, e.g.
     ``jit`` arguments, cannot be compared: the folded values are used).
 
@@ -235,7 +262,7 @@ def check_folded(pw, x, bias, out, scheme, activation, accumulate, layer) -> Non
     if key is None:
         return
     bad = None
-    if accumulate != "exact" or out is None or not fusable(pw, x, bias, out, scheme):
+    if out is None or not fusable(pw, x, bias, out, scheme, accumulate):
         bad = "a call the fused kernel cannot run (accumulate, output qparams or bias)"
     elif key[:3] != (scheme, activation == "relu", str(np.dtype(x.values.dtype))):
         bad = f"scheme {scheme!r}, activation {activation!r}, input {x.values.dtype}"

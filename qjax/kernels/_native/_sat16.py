@@ -60,10 +60,12 @@ __all__ = [
     "sat16_dot",
     "sat16_isa",
     "sat16_isas",
+    "sat16_linear_q8",
     "sat16_status",
 ]
 
 SAT16_TARGET = "qjax_sat16_gemm"
+SAT16_Q8_TARGET = "qjax_sat16_q8_gemm"
 NB = 16  # output columns per packed block
 # Named scope of the custom call: jax.export's refusal quotes the op's location with it.
 EXPORT_HINT = "qjax_native_sat16_kernel: for jax.export build the model with kernel='xla'"
@@ -89,6 +91,8 @@ def _probe() -> tuple[bool, str]:
     if lib is None:
         return False, reason
     jax.ffi.register_ffi_target(SAT16_TARGET, jax.ffi.pycapsule(lib.QjaxSat16Gemm), platform="cpu")
+    q8 = jax.ffi.pycapsule(lib.QjaxSat16Q8Gemm)
+    jax.ffi.register_ffi_target(SAT16_Q8_TARGET, q8, platform="cpu")
     lib.qjax_sat16_parallel_calls.restype = ctypes.c_int64
     lib.qjax_sat16_spin_us.restype = ctypes.c_int64
     lib.qjax_sat16_spin_us.argtypes = [ctypes.c_int64]
@@ -203,22 +207,60 @@ def sat16_dot(
     (default :func:`sat16_isa`); every path gives the same integers. Call
     :func:`require_sat16` first (prepare time).
     """
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[-1],), jnp.int32)
+    return _call(SAT16_TARGET, out, x, packed, w, (), portable, threads, isa, "sat16_dot")
+
+
+def sat16_linear_q8(x, packed, w, vecs, out_dtype, portable, threads=None, isa=None):
+    """8-bit codes ``(..., N)`` of a linear layer in one native call: :func:`sat16_dot`'s
+    sums ``acc`` through the requantize epilogue of the fused native kernels
+    (``epilogue.h``): per column ``a = acc + ivec[n]`` (int32, wrapping), ``y = f32(a) +
+    fvec[n]``, ``code = clamp(rint(f32(y·mult[n])), clamp[0], clamp[1]) + zp`` (NaN ->
+    ``zp``), or with ``clamp`` ``(5,)`` the ``"onednn"`` scheme's steps
+    (:func:`~qjax.kernels._native._onednn.portable_codes`); the int32 sums are never
+    written to memory.
+
+    ``x`` uint8 ``(..., K)``, ``packed = pack_sat16_weight(w)`` of one int8 ``(K, N)``
+    weight; ``vecs = (ivec, fvec, mult, clamp, zp)`` from
+    :func:`~qjax.kernels._native.epilogue_vectors`; ``out_dtype`` int8 or uint8;
+    ``portable(x, w, *vecs)``: the codes in XLA, what the program runs off CPU.
+    ``threads`` / ``isa`` as for :func:`sat16_dot` (the AVX2 path requantizes on AVX2
+    registers, the others on AVX-512 ones: the same codes). Call :func:`require_sat16`
+    first.
+
+    >>> from qjax.kernels._accumulate import _sat16_pair_dot
+    >>> from qjax.kernels._native._onednn import portable_codes
+    >>> def xla(x, w, *vecs):
+    ...     return portable_codes(_sat16_pair_dot(x, w), *vecs).astype(jnp.int8)
+    >>> x = jnp.array([[200, 3]], jnp.uint8)
+    >>> w = jnp.array([[1, -1], [2, 1]], jnp.int8)
+    >>> one, z = jnp.ones(2, jnp.float32), jnp.zeros(2, jnp.float32)
+    >>> vecs = (jnp.zeros(2, jnp.int32), z, one / 2, jnp.array([-128.0, 127.0]),
+    ...         jnp.array([0], jnp.int32))
+    >>> # rint(206 / 2) = 103, rint(-197 / 2) = -98 (ties to even); off CPU: xla
+    >>> jax.jit(lambda x: sat16_linear_q8(x, pack_sat16_weight(w), w, vecs, jnp.int8, xla))(x)
+    Array([[103, -98]], dtype=int8)
+    """
+    out = jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[-1],), out_dtype)
+    return _call(SAT16_Q8_TARGET, out, x, packed, w, vecs, portable, threads, isa, "sat16_q8")
+
+
+def _call(target, out, x, packed, w, vecs, portable, threads, isa, who):
+    """The custom call ``target`` on CPU, ``portable(x, w, *vecs)`` elsewhere."""
     threads = THREADS if threads is None else int(threads)
     isa = sat16_isa() if isa is None else isa
     if isa not in SAT16_ISAS:
-        raise ValueError(f"sat16_dot: isa must be one of {SAT16_ISAS}, got {isa!r}")
+        raise ValueError(f"{who}: isa must be one of {SAT16_ISAS}, got {isa!r}")
     code = SAT16_ISAS.index(isa)
-    n = w.shape[-1]
-    out = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.int32)
 
-    def native(x, packed, w):
+    def native(x, packed, w, *vecs):
         del w
-        call = jax.ffi.ffi_call(SAT16_TARGET, out, vmap_method="expand_dims")
+        call = jax.ffi.ffi_call(target, out, vmap_method="expand_dims")
         with jax.named_scope(EXPORT_HINT):
-            return call(x, packed, threads=threads, isa=code)
+            return call(x, packed, *vecs, threads=threads, isa=code)
 
-    def default(x, packed, w):
+    def default(x, packed, w, *vecs):
         del packed
-        return portable(x, w)
+        return portable(x, w, *vecs)
 
-    return lax.platform_dependent(x, packed, w, cpu=native, default=default)
+    return lax.platform_dependent(x, packed, w, *vecs, cpu=native, default=default)

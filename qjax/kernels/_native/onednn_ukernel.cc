@@ -123,18 +123,6 @@ ffi::Error Run(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, const cha
   return RunItems(pool, job, who);
 }
 
-// The epilogue of a call: clamp (2,) = (lo - zp, hi - zp) for fbgemm / qnnpack (kind 0),
-// clamp (5,) = (lo, hi, s_x', f32(1 / s_out), zp as float) for onednn (kind 1, zp = 0).
-Epilogue MakeEpilogue(ffi::Buffer<ffi::S32>& ivec, ffi::Buffer<ffi::F32>& fvec,
-                      ffi::Buffer<ffi::F32>& mult, ffi::Buffer<ffi::F32>& clamp,
-                      ffi::Buffer<ffi::S32>& zp) {
-  const float* c = clamp.typed_data();
-  Epilogue e{ivec.typed_data(), fvec.typed_data(), mult.typed_data(), c[0], c[1],
-             zp.typed_data()[0]};
-  if (clamp.element_count() == 5) e.kind = 1, e.sx = c[2], e.inv_so = c[3], e.zpf = c[4], e.zp = 0;
-  return e;
-}
-
 // Shapes of x (..., K), packed (S,) and out (..., N); M folds every leading dim.
 ffi::Error Shapes(const char* who, ffi::AnyBuffer::Dimensions xd, int64_t packed,
                   ffi::AnyBuffer::Dimensions od, int64_t* m, int64_t* k, int64_t* n) {
@@ -183,18 +171,13 @@ ffi::Error Q8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi:
   ffi::Error err = Shapes(who, x.dimensions(), packed.element_count(), out->dimensions(),
                           &job->m, &job->k, &job->n);
   if (err.failure()) return err;
-  const size_t n = static_cast<size_t>(job->n);
-  if (ivec.element_count() != n || fvec.element_count() != n || mult.element_count() != n ||
-      (clamp.element_count() != 2 && clamp.element_count() != 5) || zp.element_count() != 1)
-    return ffi::Error::InvalidArgument(std::string(who) +
-                                       ": epilogue vectors must be (N,), clamp (2,) or (5,), "
-                                       "zp (1,)");
+  err = MakeEpilogue(who, static_cast<size_t>(job->n), ivec, fvec, mult, clamp, zp, &job->epi);
+  if (err.failure()) return err;
   if (job->k == 0)  // qjax refuses K = 0 layers before this; keep the kernel total anyway
     return ffi::Error::InvalidArgument(std::string(who) + ": K = 0");
   job->x = x.typed_data();
   job->wp = reinterpret_cast<const int8_t*>(packed.typed_data());
   job->q = static_cast<uint8_t*>(out->untyped_data());
-  job->epi = MakeEpilogue(ivec, fvec, mult, clamp, zp);
   return Run(pool, job, who);
 }
 
@@ -480,16 +463,11 @@ ffi::Error Q8ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<
   ffi::Error err = ConvSetup(who, *job, x.dimensions(), packed.element_count(),
                              out->dimensions(), kh, kw, sh, sw, dh, dw, groups, feed);
   if (err.failure()) return err;
-  const size_t o = static_cast<size_t>(job->o);
-  if (ivec.element_count() != o || fvec.element_count() != o || mult.element_count() != o ||
-      (clamp.element_count() != 2 && clamp.element_count() != 5) || zp.element_count() != 1)
-    return ffi::Error::InvalidArgument(std::string(who) +
-                                       ": epilogue vectors must be (O,), clamp (2,) or (5,), "
-                                       "zp (1,)");
+  err = MakeEpilogue(who, static_cast<size_t>(job->o), ivec, fvec, mult, clamp, zp, &job->epi);
+  if (err.failure()) return err;
   job->x = x.typed_data();
   job->wp = reinterpret_cast<const int8_t*>(packed.typed_data());
   job->q = static_cast<uint8_t*>(out->untyped_data());
-  job->epi = MakeEpilogue(ivec, fvec, mult, clamp, zp);
   if (job->items == 0) return ffi::Error::Success();
   return RunItems(pool, job, who);
 }

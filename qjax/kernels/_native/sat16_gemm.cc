@@ -29,6 +29,12 @@
 //      zmm register holding all 16 columns.
 // out: int32 (..., M, N).
 //
+// qjax_sat16_q8_gemm: the same sums through the requantize epilogue of qjax's other
+// native kernels (epilogue.h, the formulas there), one unbatched weight, 8-bit codes out:
+// each register block of at most 4 x 32 accumulators is stored to a stack tile and
+// requantized at once (the AVX-512 epilogue on the AVX-512 paths, its AVX2 twin on the
+// AVX2 path), so the int32 matrix is never written.
+//
 // Exactness: every pair sum is saturated exactly as the hardware does (it IS the
 // hardware instruction); the int32 additions wrap, exact whenever the true sum fits,
 // which qjax's overflow check guarantees at prepare time.
@@ -42,6 +48,7 @@
 #include <string>
 #include <vector>
 
+#include "epilogue.h"
 #include "threads.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -51,6 +58,24 @@ namespace {
 
 constexpr int kNB = 16;   // output columns per packed block (two ymm of 8 int32)
 constexpr int kMR = 4;    // rows per register block
+
+// Where a register block's accumulators go: the int32 matrix (acc), or the epilogue into
+// the codes (codes, e); n is the row stride of both.
+struct Sink {
+  int32_t* acc = nullptr;
+  uint8_t* codes = nullptr;
+  const Epilogue* e = nullptr;
+  int64_t n = 0;
+  bool avx512 = false;  // the epilogue's AVX-512 code (else AVX2)
+
+  // rows x cols of a tile (row stride ldt) are the accumulators of (row.., col..)
+  void Requantize(const int32_t* tile, int64_t ldt, int64_t rows, int64_t cols, int64_t row,
+                  int64_t col) const {
+    uint8_t* d = codes + row * n + col;
+    if (avx512) Requant(tile, ldt, rows, cols, d, n, *e, col);
+    else Requant256(tile, ldt, rows, cols, d, n, *e, col);
+  }
+};
 
 inline __m256i Bcast4(const uint8_t* p) {
   int32_t v;
@@ -89,20 +114,28 @@ void Kernel(const uint8_t* x, int64_t lda, const int8_t* w, int64_t k4, int32_t*
   }
 }
 
-// One GEMM: x (m, lda >= 4 * k4), packed w (nb, k4, 64), out (m, n); column blocks
-// [nb0, nb1).
+template <int R>
+void Block(const uint8_t* x, int64_t lda, const int8_t* w, int64_t k4, int64_t row,
+           int64_t col, int ncols, const Sink& s) {
+  if (s.codes == nullptr) return Kernel<R>(x, lda, w, k4, s.acc + row * s.n + col, s.n, ncols);
+  alignas(32) int32_t tile[R * kNB];
+  Kernel<R>(x, lda, w, k4, tile, kNB, ncols);
+  s.Requantize(tile, kNB, R, ncols, row, col);
+}
+
+// One GEMM: x (m, lda >= 4 * k4), packed w (nb, k4, 64), n columns into s; column
+// blocks [nb0, nb1).
 void Gemm(const uint8_t* x, int64_t lda, int64_t m, const int8_t* wp, int64_t k4, int64_t n,
-          int32_t* out, int64_t nb0, int64_t nb1) {
+          const Sink& s, int64_t nb0, int64_t nb1) {
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     const int8_t* w = wp + nb * k4 * 64;
     int ncols = static_cast<int>(n - nb * kNB < kNB ? n - nb * kNB : kNB);
-    int32_t* o = out + nb * kNB;
-    int64_t i = 0;
-    for (; i + kMR <= m; i += kMR) Kernel<kMR>(x + i * lda, lda, w, k4, o + i * n, n, ncols);
+    int64_t col = nb * kNB, i = 0;
+    for (; i + kMR <= m; i += kMR) Block<kMR>(x + i * lda, lda, w, k4, i, col, ncols, s);
     switch (m - i) {
-      case 3: Kernel<3>(x + i * lda, lda, w, k4, o + i * n, n, ncols); break;
-      case 2: Kernel<2>(x + i * lda, lda, w, k4, o + i * n, n, ncols); break;
-      case 1: Kernel<1>(x + i * lda, lda, w, k4, o + i * n, n, ncols); break;
+      case 3: Block<3>(x + i * lda, lda, w, k4, i, col, ncols, s); break;
+      case 2: Block<2>(x + i * lda, lda, w, k4, i, col, ncols, s); break;
+      case 1: Block<1>(x + i * lda, lda, w, k4, i, col, ncols, s); break;
       default: break;
     }
   }
@@ -166,34 +199,44 @@ QJAX_AVX512 void Kernel512(const uint8_t* x, int64_t lda, const int8_t* w, int64
   }
 }
 
+template <int R, int NC, bool VNNI>
+QJAX_AVX512 void Block512(const uint8_t* x, int64_t lda, const int8_t* w, int64_t wstride,
+                          int64_t k4, int64_t row, int64_t col, int ncols_last, const Sink& s) {
+  if (s.codes == nullptr)
+    return Kernel512<R, NC, VNNI>(x, lda, w, wstride, k4, s.acc + row * s.n + col, s.n,
+                                  ncols_last);
+  alignas(64) int32_t tile[R * NC * kNB];
+  Kernel512<R, NC, VNNI>(x, lda, w, wstride, k4, tile, NC * kNB, ncols_last);
+  s.Requantize(tile, NC * kNB, R, (NC - 1) * kNB + ncols_last, row, col);
+}
+
 template <int NC, bool VNNI>
 QJAX_AVX512 void Rows512(const uint8_t* x, int64_t lda, int64_t m, const int8_t* w,
-                              int64_t wstride, int64_t k4, int32_t* o, int64_t n, int ncols) {
+                         int64_t wstride, int64_t k4, int64_t col, int ncols, const Sink& s) {
   int64_t i = 0;
   for (; i + kMR512 <= m; i += kMR512)
-    Kernel512<kMR512, NC, VNNI>(x + i * lda, lda, w, wstride, k4, o + i * n, n, ncols);
+    Block512<kMR512, NC, VNNI>(x + i * lda, lda, w, wstride, k4, i, col, ncols, s);
   switch (m - i) {
-    case 3: Kernel512<3, NC, VNNI>(x + i * lda, lda, w, wstride, k4, o + i * n, n, ncols); break;
-    case 2: Kernel512<2, NC, VNNI>(x + i * lda, lda, w, wstride, k4, o + i * n, n, ncols); break;
-    case 1: Kernel512<1, NC, VNNI>(x + i * lda, lda, w, wstride, k4, o + i * n, n, ncols); break;
+    case 3: Block512<3, NC, VNNI>(x + i * lda, lda, w, wstride, k4, i, col, ncols, s); break;
+    case 2: Block512<2, NC, VNNI>(x + i * lda, lda, w, wstride, k4, i, col, ncols, s); break;
+    case 1: Block512<1, NC, VNNI>(x + i * lda, lda, w, wstride, k4, i, col, ncols, s); break;
     default: break;
   }
 }
 
 template <bool VNNI>
 QJAX_AVX512 void Gemm512(const uint8_t* x, int64_t lda, int64_t m, const int8_t* wp,
-                              int64_t k4, int64_t n, int32_t* out, int64_t nb0, int64_t nb1) {
+                         int64_t k4, int64_t n, const Sink& s, int64_t nb0, int64_t nb1) {
   const int64_t wstride = k4 * 64;  // bytes between two column blocks
   for (int64_t nb = nb0; nb < nb1;) {
     const int8_t* w = wp + nb * wstride;
-    int32_t* o = out + nb * kNB;
     if (nb + 2 <= nb1) {
       int last = static_cast<int>(n - (nb + 1) * kNB < kNB ? n - (nb + 1) * kNB : kNB);
-      Rows512<2, VNNI>(x, lda, m, w, wstride, k4, o, n, last);
+      Rows512<2, VNNI>(x, lda, m, w, wstride, k4, nb * kNB, last, s);
       nb += 2;
     } else {
       int last = static_cast<int>(n - nb * kNB < kNB ? n - nb * kNB : kNB);
-      Rows512<1, VNNI>(x, lda, m, w, wstride, k4, o, n, last);
+      Rows512<1, VNNI>(x, lda, m, w, wstride, k4, nb * kNB, last, s);
       nb += 1;
     }
   }
@@ -214,10 +257,10 @@ bool IsaSupported(int64_t isa) {
 }
 
 void GemmIsa(int64_t isa, const uint8_t* x, int64_t lda, int64_t m, const int8_t* wp, int64_t k4,
-             int64_t n, int32_t* out, int64_t nb0, int64_t nb1) {
-  if (isa == kAvx512Vnni) Gemm512<true>(x, lda, m, wp, k4, n, out, nb0, nb1);
-  else if (isa == kAvx512) Gemm512<false>(x, lda, m, wp, k4, n, out, nb0, nb1);
-  else Gemm(x, lda, m, wp, k4, n, out, nb0, nb1);
+             int64_t n, const Sink& s, int64_t nb0, int64_t nb1) {
+  if (isa == kAvx512Vnni) Gemm512<true>(x, lda, m, wp, k4, n, s, nb0, nb1);
+  else if (isa == kAvx512) Gemm512<false>(x, lda, m, wp, k4, n, s, nb0, nb1);
+  else Gemm(x, lda, m, wp, k4, n, s, nb0, nb1);
 }
 
 // More threads (threads.h) for calls of >= 2^24 MACs while the helpers sleep between
@@ -237,16 +280,17 @@ struct Sat16Work : Work {
   }
 };
 
-ffi::Error Sat16GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi::S8> wp,
-                         ffi::ResultBuffer<ffi::S32> out, int64_t threads, int64_t isa) {
-  const std::string who = "qjax_sat16_gemm";
+// One call: checks the shapes of x, the packed weight and out (od), then runs every
+// (batch, column block) into s (s.acc for the int32 call; s.codes, unbatched, for q8).
+ffi::Error Sat16Run(ffi::ThreadPool& pool, const std::string& who, ffi::Buffer<ffi::U8>& x,
+                    ffi::Buffer<ffi::S8>& wp, ffi::AnyBuffer::Dimensions od, Sink s,
+                    int64_t threads, int64_t isa) {
   if (!IsaSupported(isa))
     return ffi::Error::InvalidArgument(who + ": isa " + std::to_string(isa) +
                                        " (0 avx2, 1 avx512bw, 2 avx512-vnni) is not supported "
                                        "by this CPU");
   auto xd = x.dimensions();
   auto wd = wp.dimensions();
-  auto od = out->dimensions();
   if (xd.size() < 1 || wd.size() < 4 || od.size() != xd.size())
     return ffi::Error::InvalidArgument(who + ": bad operand ranks");
   size_t r = wd.size();
@@ -259,6 +303,8 @@ ffi::Error Sat16GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buff
     return ffi::Error::InvalidArgument(who + ": packed weight shape does not match x (K) and out (N)");
   for (size_t i = 0; i + 1 < xd.size(); ++i)
     if (xd[i] != od[i]) return ffi::Error::InvalidArgument(who + ": x / out leading dims differ");
+  if (s.codes != nullptr && b != 1)
+    return ffi::Error::InvalidArgument(who + ": the fused epilogue takes one (unbatched) weight");
   // outer batches (vmap) x b weights x m rows
   int64_t m = 1, outer = 1;
   if (b == 1) {
@@ -269,12 +315,13 @@ ffi::Error Sat16GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buff
     m = xd[xd.size() - 2];
     for (size_t i = 0; i + 3 < xd.size(); ++i) outer *= xd[i];
   }
-  int32_t* o = out->typed_data();
   const uint8_t* xs = x.typed_data();
   int64_t total = outer * b * m;
   if (total == 0 || n == 0) return ffi::Error::Success();
   if (k == 0) {
-    std::memset(o, 0, sizeof(int32_t) * total * n);
+    if (s.codes != nullptr)  // qjax refuses K = 0 layers before this
+      return ffi::Error::InvalidArgument(who + ": K = 0");
+    std::memset(s.acc, 0, sizeof(int32_t) * total * n);
     return ffi::Error::Success();
   }
   // K not a multiple of 4: one zero-padded copy of x, rows of 4 * k4 bytes.
@@ -287,16 +334,19 @@ ffi::Error Sat16GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buff
     xs = pad.data();
   }
   const int8_t* w = wp.typed_data();
+  s.n = n;
+  s.avx512 = isa != kAvx2 && __builtin_cpu_supports("avx512vl");  // epilogue.h's Requant
   // Work items: (batch, column-block range) pairs, split in two halves when parallel.
   int64_t batches = outer * b;
-  auto run = [&](int64_t item0, int64_t item1) {
+  auto run = [=](int64_t item0, int64_t item1) {
     // items enumerate (batch, nb) row-major
     for (int64_t it = item0; it < item1;) {
       int64_t bi = it / nbk, nb0 = it % nbk;
       int64_t nb1 = nbk;
       if (item1 - it < nb1 - nb0) nb1 = nb0 + (item1 - it);
-      GemmIsa(isa, xs + bi * m * lda, lda, m, w + (bi % b) * nbk * k4 * 64, k4, n,
-              o + bi * m * n, nb0, nb1);
+      Sink sb = s;
+      if (sb.acc != nullptr) sb.acc += bi * m * n;
+      GemmIsa(isa, xs + bi * m * lda, lda, m, w + (bi % b) * nbk * k4 * 64, k4, n, sb, nb0, nb1);
       it += nb1 - nb0;
     }
   };
@@ -313,6 +363,36 @@ ffi::Error Sat16GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buff
   return RunItems(pool, job, who.c_str(), kParallelMacs);
 }
 
+ffi::Error Sat16GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi::S8> wp,
+                         ffi::ResultBuffer<ffi::S32> out, int64_t threads, int64_t isa) {
+  Sink s;
+  s.acc = out->typed_data();
+  return Sat16Run(pool, "qjax_sat16_gemm", x, wp, out->dimensions(), s, threads, isa);
+}
+
+// Fused: 8-bit codes = epilogue(sums) (epilogue.h); out int8 or uint8; ivec int32 (N,),
+// fvec / mult float32 (N,), clamp float32 (2,) = (lo - zp, hi - zp) or (5,) = (lo, hi,
+// s_x', f32(1 / s_out), zp) for the "onednn" scheme, zp int32 (1,).
+ffi::Error Sat16Q8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi::S8> wp,
+                       ffi::Buffer<ffi::S32> ivec, ffi::Buffer<ffi::F32> fvec,
+                       ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::F32> clamp,
+                       ffi::Buffer<ffi::S32> zp, ffi::Result<ffi::AnyBuffer> out,
+                       int64_t threads, int64_t isa) {
+  const std::string who = "qjax_sat16_q8_gemm";
+  auto ot = out->element_type();
+  if (ot != ffi::DataType::S8 && ot != ffi::DataType::U8)
+    return ffi::Error::InvalidArgument(who + ": out must be int8 or uint8 codes");
+  auto od = out->dimensions();
+  Epilogue e;
+  ffi::Error err = MakeEpilogue(who, od.size() ? static_cast<size_t>(od.back()) : 0, ivec, fvec,
+                                mult, clamp, zp, &e);
+  if (err.failure()) return err;
+  Sink s;
+  s.codes = static_cast<uint8_t*>(out->untyped_data());
+  s.e = &e;
+  return Sat16Run(pool, who, x, wp, od, s, threads, isa);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxSat16Gemm, Sat16GemmImpl,
@@ -321,6 +401,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxSat16Gemm, Sat16GemmImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxSat16Q8Gemm, Sat16Q8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("isa"));
 
