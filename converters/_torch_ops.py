@@ -46,6 +46,12 @@ from ._torch_values import (
 __all__ = ["HANDLERS", "bind", "device_array", "fill", "qparams_of", "relayout", "target_name"]
 
 
+def _boundary(ctx) -> str:
+    """The kernel of the program's ops on codes with a native call (boundary quantize and
+    dequantize, max pool, ReLU): native where its layers are (:func:`quantize_kernel`)."""
+    return quantize_kernel(ctx.kernel, ctx.engine.linear_accumulate)
+
+
 def _step(ctx, node, kind, attrs, inputs, *, params=None, layer):
     """The step of ``kind`` (:mod:`qjax.flax._torch_steps`) storing torch's order."""
     attrs = {**attrs, "want": ctx.cl.get(node.name, False)}
@@ -57,7 +63,7 @@ def _unary(ctx, node, op, value=None):
     src = node.args[0]
     cl = ctx.cl.get(src.name, False)
     layer = Layer(op, target_name(node), None, None, None)
-    attrs = {"op": op, "value": value, "cl": cl}
+    attrs = {"op": op, "value": value, "cl": cl, "kernel": _boundary(ctx)}
     return _step(ctx, node, "torch_unary", attrs, [src.name], layer=layer)
 
 
@@ -82,14 +88,14 @@ def h_quantize(ctx, node, mod=None):
         qp = act_qparams(float(sc), int(zp), dt, "input")
         src = node.args[0]
         target = "torch.quantize_per_tensor"
-    attrs = {"qp": qp, "cl": ctx.cl.get(src.name, False), "kernel": quantize_kernel(ctx.kernel)}
+    attrs = {"qp": qp, "cl": ctx.cl.get(src.name, False), "kernel": _boundary(ctx)}
     layer = Layer("quantize", target, None, None, qp)
     return _step(ctx, node, "torch_quantize", attrs, [src.name], layer=layer)
 
 
 def h_dequantize(ctx, node, mod=None):
     src = node.args[0]
-    attrs = {"cl": ctx.cl.get(src.name, False), "kernel": quantize_kernel(ctx.kernel)}
+    attrs = {"cl": ctx.cl.get(src.name, False), "kernel": _boundary(ctx)}
     layer = Layer("dequantize", "dequantize", None, None, None)
     return make_torch_step(node.name, "torch_dequantize", attrs, (src.name,), None, layer)
 
@@ -336,7 +342,7 @@ def _pool(ctx, node, mod, op, fields):
         kw2["nhwc_block"] = ctx.engine.avg_pool_block  # ATen's vector width (CPU level)
     layer = Layer(op, target_name(node), scheme, None, None, dict(o))
     attrs = {"op": op, "options": kw2, "layout": layout, "cl": cl}
-    attrs["kernel"] = quantize_kernel(ctx.kernel)  # the max pool's native call
+    attrs["kernel"] = _boundary(ctx)  # the max pool's native call
     return _step(ctx, node, "torch_pool", attrs, [src.name], layer=layer)
 
 

@@ -199,10 +199,10 @@ def _hlo(program, x):
 
 @needs_native
 def test_imported_program_quantizes_natively_and_files_do_not_say(tmp_path):
-    """``import_model(kernel="auto")`` quantizes its input and dequantizes its output with
-    the native calls (== torch's); the choice is the program's, not the file's: a saved
-    program loads pure XLA under the default ``kernel`` and native again under
-    ``kernel="auto"``."""
+    """``import_model(kernel="auto")`` quantizes its input, applies an unfused ReLU and
+    dequantizes its output with the native calls (== torch's); the choice is the
+    program's, not the file's: a saved program loads pure XLA under the default
+    ``kernel`` and native again under ``kernel="auto"``."""
     import qjax.converters.torch as qtorch
 
     torch.backends.quantized.engine = "fbgemm"
@@ -212,10 +212,15 @@ def test_imported_program_quantizes_natively_and_files_do_not_say(tmp_path):
     w = torch.quantize_per_tensor(torch.randn(4, 16, generator=g) / 4, 0.02, 0, torch.qint8)
     lin.set_weight_bias(w, torch.zeros(4))
     lin.scale, lin.zero_point = 0.05, 60
-    model = torch.nn.Sequential(nnq.Quantize(0.03, 7, torch.quint8), lin, nnq.DeQuantize())
+    # an nn.ReLU not fused into the layer: its own step on codes, native too
+    model = torch.nn.Sequential(
+        nnq.Quantize(0.03, 7, torch.quint8), lin, torch.nn.ReLU(), nnq.DeQuantize()
+    )
     x = torch.randn(5, 16, generator=g)
+    assert (lin(model[0](x)).int_repr() < 60).any()  # the ReLU clamps some codes
     program = qtorch.import_model(model.eval(), (x,), engine="fbgemm", kernel="auto")
-    for target in ("qjax_quantize_fma", "qjax_dequantize"):
+    native_ops = ("qjax_quantize_fma", "qjax_relu_codes", "qjax_dequantize")
+    for target in native_ops:
         assert target in _hlo(program, x)
     np.testing.assert_array_equal(np.asarray(program(x)), model(x).numpy())
     path = tmp_path / "m.safetensors"
@@ -223,7 +228,7 @@ def test_imported_program_quantizes_natively_and_files_do_not_say(tmp_path):
     plain = qjax.load_served(path)
     assert "custom_call" not in _hlo(plain, x)
     native = qjax.load_served(path, kernel="auto")
-    for target in ("qjax_quantize_fma", "qjax_dequantize"):
+    for target in native_ops:
         assert target in _hlo(native, x)
     for p in (plain, native):
         np.testing.assert_array_equal(np.asarray(p(x)), model(x).numpy())
@@ -374,3 +379,31 @@ def test_imported_max_pool_runs_natively_after_a_native_conv():
         pytest.skip("no native conv kernel here: the pool stays channels-first (XLA)")
     assert "qjax_max_pool_nhwc" in _hlo(program, x)
     np.testing.assert_array_equal(np.asarray(program(x)), model(x).numpy())
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.int8])
+def test_native_relu_equals_xla(dtype):
+    # every code against zero points across the range (traced, as jit arguments), sizes
+    # off the 32-code vector width, and under vmap
+    info = jnp.iinfo(dtype)
+    codes = np.arange(info.min, info.max + 1).astype(dtype)
+    spec = qjax.QuantSpec(signed=dtype == jnp.int8)
+    n = 0
+
+    @jax.jit
+    def both(v, z):
+        x = QArray(v, qjax.QParams(jnp.float32(0.1), z, spec))
+        return _elementwise.relu(x, kernel="auto").values, _elementwise.relu(x).values
+
+    for z in (info.min, info.min + 1, 0, 3, info.max - 1, info.max):
+        for size in (256, 255, 31, 1, 97):
+            v = np.resize(np.roll(codes, z), size)
+            got, want = both(jnp.asarray(v), jnp.int32(z))
+            assert got.dtype == want.dtype == dtype
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+            n += size
+    assert "qjax_relu_codes" in both.lower(jnp.asarray(codes), jnp.int32(0)).as_text()
+    batched = jax.vmap(lambda v: both(v, jnp.int32(5)))(jnp.asarray(codes.reshape(4, 64)))
+    np.testing.assert_array_equal(np.asarray(batched[0]), np.asarray(batched[1]))
+    print(f"\nnative relu == XLA on {n} codes")

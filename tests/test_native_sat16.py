@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import qjax
 from qjax import QParams, QuantSpec
 from qjax.kernels import (
     LEVELS,
@@ -530,7 +531,7 @@ def test_torch_forced_to_avx2_matches_native_program_cnn():
     _check_forced(_forced_avx2("full"), claimed)
 
 
-def test_default_import_uses_sat16_and_export_names_kernel_xla():
+def test_default_import_uses_sat16_and_export_names_kernel_xla(tmp_path):
     ns = {}
     exec(_TORCH_MODELS, ns)
     from qjax.converters.torch import import_model
@@ -544,9 +545,24 @@ def test_default_import_uses_sat16_and_export_names_kernel_xla():
     assert set(exact.kernels.values()) == {"xla"}
     assert (np.asarray(program(x)) == np.asarray(plain(x))).all()
     spec = (jax.ShapeDtypeStruct(tuple(x.shape), jnp.float32),)
-    # every layer one call, its requantization folded in (qjax.flax._fold)
+    # every layer one call, its requantization folded in (qjax.flax._fold); the boundary
+    # and the model's unfused ReLUs native too (the program is native anyway), also as
+    # loaded from its file
     text = jax.jit(program._run).lower(program.params, spec).as_text()
     assert text.count("custom_call @qjax_sat16_q8_gemm") == 3
+    assert text.count("custom_call @qjax_relu_codes") == 2
+    assert "@qjax_quantize_fma" in text and "@qjax_dequantize" in text
+    assert "custom_call" not in jax.jit(plain._run).lower(plain.params, spec).as_text()
+    path = tmp_path / "m.safetensors"
+    qjax.save_served(path, program)
+    xla = qjax.load_served(path)  # load_served's default: pure XLA
+    assert "custom_call" not in jax.jit(xla._run).lower(xla.params, spec).as_text()
+    for kernel in (None, "auto"):  # None: as import_model's default, native where saturating
+        loaded = qjax.load_served(path, kernel=kernel)
+        assert (np.asarray(loaded(x)) == np.asarray(plain(x))).all()
+        text = jax.jit(loaded._run).lower(loaded.params, spec).as_text()
+        assert text.count("custom_call @qjax_sat16_q8_gemm") == 3
+        assert "@qjax_quantize_fma" in text and text.count("@qjax_relu_codes") == 2
     with pytest.raises(ValueError, match=r"qjax_sat16_q8_gemm(.|\n)*kernel='xla'"):
         jax.export.export(program._run)(program.params, spec)
     jax.export.export(plain._run)(plain.params, spec)  # the pure-XLA program exports

@@ -191,8 +191,8 @@ def imported_file(program: Program, where: str = "save_served") -> tuple[dict, d
 
 
 class _Reader:
-    def __init__(self, tensors: dict, wish: str):
-        self.tensors, self.wish = tensors, wish
+    def __init__(self, tensors: dict, wish: str, boundary: str = "xla"):
+        self.tensors, self.wish, self.boundary = tensors, wish, boundary
 
     def value(self, obj, prefix: str, at: str, depth: int = 0):
         if depth > _MAX_DEPTH:
@@ -319,8 +319,8 @@ def _read_step(i: int, st, r: _Reader, known: set, at0: str):
     check_step(kind, a, len(inputs), params, at)
     if kind in ("torch_linear", "torch_conv", "pt2e_linear", "pt2e_conv"):
         params = _reprepare(kind, a, params, r.wish)
-    if kind in ("torch_quantize", "torch_dequantize", "torch_pool"):
-        a = {**a, "kernel": quantize_kernel(r.wish)}
+    if kind in ("torch_quantize", "torch_dequantize", "torch_pool", "torch_unary"):
+        a = {**a, "kernel": r.boundary}
     layer = _read_layer(_need(st, "layer", at), i, r, params, at)
     make = make_torch_step if kind in TORCH_KINDS else make_pt2e_step
     return make(name, kind, a, tuple(inputs), params, layer)
@@ -339,6 +339,19 @@ def _example_shapes(v, n: int, where: str):
             raise ValueError(f"{where}: example_shapes[{j}] {e!r} must be [[dims], dtype]")
         out.append((tuple(e[0]), e[1]))
     return tuple(out)
+
+
+def _linear_accumulate(steps_json) -> str:
+    """A saturating accumulation of the file's torch linear layers, if any, else ``"exact"``
+    (what decides the kernel of its ops on codes, as at import; the steps themselves are
+    checked when read)."""
+    for st in steps_json:
+        a = st.get("attrs") if isinstance(st, dict) and st.get("kind") == "torch_linear" else None
+        a = a.get("dict") if isinstance(a, dict) else None  # a dict is stored as {"dict": ...}
+        acc = a.get("accumulate") if isinstance(a, dict) else None
+        if isinstance(acc, str) and acc != "exact":
+            return acc
+    return "exact"
 
 
 def load_imported(meta: dict, tensors: dict, wish: str, where: str) -> Program:
@@ -363,7 +376,7 @@ def load_imported(meta: dict, tensors: dict, wish: str, where: str) -> Program:
     steps_json = meta["steps"]
     if not isinstance(steps_json, list) or not steps_json:
         raise ValueError(f"{where}: steps must be a non-empty list")
-    r = _Reader(tensors, wish)
+    r = _Reader(tensors, wish, quantize_kernel(wish, _linear_accumulate(steps_json)))
     known = set(names)
     steps = []
     for i, st in enumerate(steps_json):

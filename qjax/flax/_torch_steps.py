@@ -34,6 +34,8 @@ kind                   computes (``p``: the step's params)             attribute
                                                                        ``activation``,
                                                                        ``out``
 ``torch_unary``        identity, ``relu``, ``mul_scalar`` on codes      ``op``, ``value``
+                                                                       (``kernel``: as
+                                                                       above, relu)
 ``torch_clamp``        ``relu6`` / ``hardtanh`` on codes (``bug``:      ``op``, ``lo``,
                        QNNPACK's NHWC buffer read as NCHW)             ``hi``, ``bug``
 ``torch_hardswish``    ATen's kernel, or QNNPACK's 256-entry table     ``out``, ``qnnpack``
@@ -183,11 +185,11 @@ def _conv(a):
 
 
 def _unary(a):
-    cl, op, c = a["cl"], a["op"], a["value"]
+    cl, op, c, kernel = a["cl"], a["op"], a["value"], a.get("kernel", "xla")
     if op == "identity":
         g = lambda x: x  # noqa: E731
     elif op == "relu":
-        g = K.relu
+        g = lambda x: K.relu(x, kernel=kernel)  # noqa: E731
     else:  # mul_scalar
         g = lambda x: K.quantized_mul_scalar(x, c)  # noqa: E731
     return lambda _, x: (g(x), cl)

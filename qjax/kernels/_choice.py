@@ -135,17 +135,29 @@ def _saturating_kernel(wish: str) -> str:
     return "sat16" if wish != "xla" and _native.sat16_status()[0] else "xla"
 
 
-def quantize_kernel(wish: str) -> str:
+def quantize_kernel(wish: str, accumulate: str = "exact") -> str:
     """The kernel of a program's boundary quantize and dequantize
-    (:func:`qjax.kernels.quantize_input`, :func:`qjax.kernels.dequantize_output`):
-    ``"auto"`` (the native calls where they run) when the program's layers are wished
-    native (``"amx"``, ``"onednn"``, ``"auto"``), else ``"xla"`` (``"xla"`` and the
-    default keep exactly accumulated programs pure XLA, ``jax.export``-able).
+    (:func:`qjax.kernels.quantize_input`, :func:`qjax.kernels.dequantize_output`) and of
+    its ops on codes that have a native call (max pool, ReLU): ``"auto"`` (the native
+    calls where they run) when the program's layers are wished native (``"amx"``,
+    ``"onednn"``, ``"auto"``) or its linear layers saturate (``accumulate``
+    ``"fbgemm_sat16"`` / ``"onednn_sat16"``) on the native sat16 kernel
+    (:func:`linear_kernel`: any wish but ``"xla"``; such a program is not
+    ``jax.export``-able anyway), else ``"xla"`` (``"xla"`` and the default keep exactly
+    accumulated programs pure XLA, ``jax.export``-able).
 
     >>> quantize_kernel("onednn"), quantize_kernel("auto"), quantize_kernel("xla")
     ('auto', 'auto', 'xla')
+    >>> quantize_kernel("default") == quantize_kernel("xla", "fbgemm_sat16") == "xla"
+    True
+    >>> sat = linear_kernel("default", "fbgemm_sat16") == "sat16"  # the kernel runs here
+    >>> quantize_kernel("default", "fbgemm_sat16") == ("auto" if sat else "xla")
+    True
     """
-    return "auto" if wish in ("amx", "onednn", "auto") else "xla"
+    if wish in ("amx", "onednn", "auto"):
+        return "auto"
+    native = accumulate in _SATURATING and linear_kernel(wish, accumulate) == "sat16"
+    return "auto" if native else "xla"
 
 
 def linear_kernel(wish: str, accumulate: str = "exact", x_spec=None, w=None) -> str:

@@ -80,6 +80,7 @@ from .._spec import QParams
 from ._native._quantize import dequantize_native as _dequantize_native
 from ._native._quantize import quantize_fma as _quantize_fma
 from ._native._quantize import quantize_status as _quantize_status
+from ._native._quantize import relu_native as _relu_native
 
 __all__ = [
     "AddScheme",
@@ -388,17 +389,32 @@ def quantized_cat(
 # clamps on codes
 
 
-def relu(x: QArray) -> QArray:
+def relu(x: QArray, kernel: str = "xla") -> QArray:
     """Quantized ReLU on codes: ``max(q, zp)`` (rule 17), qparams unchanged.
+
+    ``kernel``: ``"xla"`` (default) or ``"auto"``: one native call for per-tensor 8-bit
+    codes where :func:`qjax.kernels._native._quantize.quantize_status` says it runs (the
+    same codes, not ``jax.export``-able), there for the reason of
+    :func:`dequantize_output`'s: between native layers it keeps the program on the
+    calling thread.
 
     >>> from qjax import QuantSpec, QParams
     >>> u8 = QuantSpec(signed=False)
     >>> x = QArray(jnp.array([0, 99, 100, 250], jnp.uint8), QParams(0.1, 100, u8))
     >>> relu(x).values
     Array([100, 100, 100, 250], dtype=uint8)
+    >>> relu(x, kernel="auto").values
+    Array([100, 100, 100, 250], dtype=uint8)
     """
     _, z = _per_tensor(x, "relu")
-    return QArray(jnp.maximum(_i32(x.values), z).astype(x.dtype), x.qparams)
+
+    def xla(v):
+        return jnp.maximum(_i32(v), z).astype(v.dtype)
+
+    spec = _native_boundary("relu", kernel, x.qparams)
+    if spec is not None and x.values.dtype == jnp.dtype(spec.dtype):
+        return QArray(_relu_native(x.values, z.astype(x.dtype), xla), x.qparams)
+    return QArray(xla(x.values), x.qparams)
 
 
 def _quantize_val(v: float, s: jax.Array, z: jax.Array, qmin: int, qmax: int) -> jax.Array:
