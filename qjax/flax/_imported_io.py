@@ -342,11 +342,12 @@ def _example_shapes(v, n: int, where: str):
 
 
 def _linear_accumulate(steps_json) -> str:
-    """A saturating accumulation of the file's torch linear layers, if any, else ``"exact"``
-    (what decides the kernel of its ops on codes, as at import; the steps themselves are
-    checked when read)."""
+    """A saturating accumulation of the file's torch layers, if any, else ``"exact"`` (what
+    decides the kernel of its ops on codes, as the engine's at import; the steps
+    themselves are checked when read)."""
+    layers = ("torch_linear", "torch_conv")
     for st in steps_json:
-        a = st.get("attrs") if isinstance(st, dict) and st.get("kind") == "torch_linear" else None
+        a = st.get("attrs") if isinstance(st, dict) and st.get("kind") in layers else None
         a = a.get("dict") if isinstance(a, dict) else None  # a dict is stored as {"dict": ...}
         acc = a.get("accumulate") if isinstance(a, dict) else None
         if isinstance(acc, str) and acc != "exact":
