@@ -139,10 +139,7 @@ def fold_program(program) -> int:
 
 
 def _fusable(pw, qx, bias, qy, scheme, accumulate) -> bool:
-    if getattr(pw, "kernel", "xla") not in ("onednn", "amx", "sat16"):
-        return False
-    x = _CodesLike(qx)
-    return _native.fusable(pw, x, bias, qy, scheme, accumulate)
+    return _native.fusable(pw, _CodesLike(qx), bias, qy, scheme, accumulate)
 
 
 class _CodesLike:

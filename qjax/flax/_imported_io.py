@@ -64,7 +64,7 @@ from ._fold import fold_program
 from ._imported_checks import check_step
 from ._program_checks import _load_array, _need, _spec_attr
 from ._pt2e_steps import PT2E_KINDS, make_pt2e_step
-from ._torch_steps import TORCH_KINDS, Ref, make_torch_step
+from ._torch_steps import TORCH_KERNEL_KINDS, TORCH_KINDS, Ref, make_torch_step
 
 __all__ = ["imported_file", "load_imported"]
 
@@ -319,7 +319,7 @@ def _read_step(i: int, st, r: _Reader, known: set, at0: str):
     check_step(kind, a, len(inputs), params, at)
     if kind in ("torch_linear", "torch_conv", "pt2e_linear", "pt2e_conv"):
         params = _reprepare(kind, a, params, r.wish)
-    if kind in ("torch_quantize", "torch_dequantize", "torch_pool", "torch_unary"):
+    if kind in TORCH_KERNEL_KINDS:
         a = {**a, "kernel": r.boundary}
     layer = _read_layer(_need(st, "layer", at), i, r, params, at)
     make = make_torch_step if kind in TORCH_KINDS else make_pt2e_step

@@ -76,7 +76,15 @@ from .._qarray import QArray
 from ..kernels._hardswish import hardswish_aten, lookup
 from ..program import Layer, Step
 
-__all__ = ["TORCH_KINDS", "Ref", "fill", "make_torch_step", "pick", "relayout"]
+__all__ = [
+    "TORCH_KERNEL_KINDS",
+    "TORCH_KINDS",
+    "Ref",
+    "fill",
+    "make_torch_step",
+    "pick",
+    "relayout",
+]
 
 TORCH_KINDS = (
     "torch_quantize",
@@ -95,6 +103,9 @@ TORCH_KINDS = (
     "torch_batch_norm",
     "torch_output",
 )
+# the kinds whose ops on codes may be a native call: they take the program's ``kernel``
+# (set by the importer and the loader, never stored)
+TORCH_KERNEL_KINDS = ("torch_quantize", "torch_dequantize", "torch_pool", "torch_unary")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -411,7 +411,7 @@ def relu(x: QArray, kernel: str = "xla") -> QArray:
     def xla(v):
         return jnp.maximum(_i32(v), z).astype(v.dtype)
 
-    spec = _native_boundary("relu", kernel, x.qparams)
+    spec = _native_spec("relu", kernel, x.qparams)
     if spec is not None and x.values.dtype == jnp.dtype(spec.dtype):
         return QArray(_relu_native(x.values, z.astype(x.dtype), xla), x.qparams)
     return QArray(xla(x.values), x.qparams)
@@ -523,7 +523,7 @@ def native_quantize(x, qparams: QParams, compat: str, kernel: str, who: str):
     ``qmax`` in both."""
     if compat not in ("torch", "qjax"):
         raise ValueError(f"{who}: the native quantize computes compat 'torch' or 'qjax'")
-    spec = _native_boundary(who, kernel, qparams)
+    spec = _native_spec(who, kernel, qparams)
     if (
         spec is None
         or spec.rounding != "half_even"  # else the XLA path names the problem
@@ -561,7 +561,7 @@ def dequantize_output(x: QArray, dtype=jnp.float32, kernel: str = "xla") -> jax.
     """
     if not isinstance(x, QArray):
         raise TypeError(f"dequantize_output: expected a QArray, got {type(x).__name__}")
-    spec = _native_boundary("dequantize_output", kernel, x.qparams)
+    spec = _native_spec("dequantize_output", kernel, x.qparams)
     if (
         spec is not None
         and jnp.dtype(dtype) == jnp.dtype(jnp.float32)
@@ -576,9 +576,10 @@ def dequantize_output(x: QArray, dtype=jnp.float32, kernel: str = "xla") -> jax.
     return _dequantize(x.values, x.qparams, dtype=dtype)
 
 
-def _native_boundary(who: str, kernel: str, qparams):
-    """The spec of ``qparams`` when the boundary op may run natively (``kernel="auto"``,
-    per-tensor 8-bit codes, the native library here), else ``None``."""
+def _native_spec(who: str, kernel: str, qparams):
+    """The spec of ``qparams`` when an op on 8-bit codes (boundary quantize / dequantize,
+    ReLU) may run natively (``kernel="auto"``, per-tensor 8-bit codes, the native library
+    here), else ``None``."""
     if kernel not in ("xla", "auto"):
         raise ValueError(f"{who}: kernel must be 'xla' or 'auto', got {kernel!r}")
     spec = qparams.spec if isinstance(qparams, QParams) else None
