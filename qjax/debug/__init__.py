@@ -33,12 +33,11 @@ import dataclasses
 import functools
 from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..flax._config import Mode
-from ..flax._health import stats_health
+from ..flax._health import health_by_prefix
 from . import _walk
 from ._plots import plot_histograms as plot_histograms
 from ._plots import plot_layer_errors as plot_layer_errors
@@ -162,9 +161,6 @@ class HealthRow:
         return not self.problems
 
 
-_health_jit = jax.jit(stats_health)  # one program per observer type, not one per op
-
-
 @functools.cache
 def _doc_model():
     """A calibrated 2-layer MLP, inputs and labels for the doctests (built once: the
@@ -269,7 +265,7 @@ def observer_health(model) -> list[HealthRow]:
     """
     rows = []
     for q in _walk.all_quantizers(model):
-        h = next(iter(_health_jit(q.state).values()))
+        h = next(iter(health_by_prefix({"": q.state}).values()))
         count = getattr(q.state, "count", None)
         count = None if count is None else int(np.asarray(count))
         nonfinite = int(np.asarray(h.nonfinite))

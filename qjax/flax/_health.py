@@ -135,4 +135,31 @@ def check_stats_tree(tree: Any, *, where: str = "statistics", prefix: str = "") 
       ...
     ValueError: FROZEN: non-finite ranges in ['fc1 (1 entry)']; re-initialise ...
     """
-    raise_if_unhealthy(stats_health(tree, prefix), where=where)
+    check_stats_trees({prefix: tree}, where=where)
+
+
+def check_stats_trees(trees: dict[str, Any], *, where: str = "statistics") -> None:
+    """:func:`check_stats_tree` of several trees, ``{prefix: tree}``, in one compiled
+    call (:func:`qjax.flax.nnx.set_mode` checks every layer of a model at once).
+
+    >>> import qjax
+    >>> obs = qjax.observers.minmax(qjax.QuantSpec())
+    >>> st = obs.update(obs.init(jnp.zeros(2)), jnp.array([1.0, 2.0]))
+    >>> bad = st._replace(min_val=jnp.float32(jnp.nan))
+    >>> check_stats_trees({"fc1": st, "fc2": bad}, where="FROZEN")
+    Traceback (most recent call last):
+      ...
+    ValueError: FROZEN: non-finite ranges in ['fc2 (1 entry)']; re-initialise ...
+    """
+    raise_if_unhealthy(health_by_prefix(trees), where=where)
+
+
+@jax.jit
+def health_by_prefix(trees: dict[str, Any]) -> dict[str, StatsHealth]:
+    """``{path: StatsHealth}`` of ``{prefix: tree}``, jitted: the host-side checks run
+    between calls, where the ops one by one would compile (or dispatch) a few hundred tiny
+    programs per model; this compiles one per statistics layout."""
+    out = {}
+    for prefix, tree in trees.items():
+        out.update(stats_health(tree, prefix))
+    return out

@@ -61,8 +61,9 @@ def set_mode(model: nnx.Module, mode: Mode | str, *, where: str | None = None) -
                 f"set_mode(FROZEN): no statistics in {missing}: these observers never saw "
                 "data; run the model in Mode.CALIBRATE or Mode.QAT first"
             )
-        for p, m in mods:  # non-finite ranges, named by path
-            _health.check_stats_tree(m.quant_stats.get_value(), where="set_mode(FROZEN)", prefix=p)
+        # non-finite ranges, named by path
+        trees = {p: m.quant_stats.get_value() for p, m in mods}
+        _health.check_stats_trees(trees, where="set_mode(FROZEN)")
     for _, m in mods:
         m.mode = mode
 
