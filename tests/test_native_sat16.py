@@ -11,10 +11,13 @@ integers, and torch's forced to AVX2.
 * kernel choice: ``import_model``'s default puts saturating layers on ``"sat16"``,
   ``kernel="xla"`` keeps them on XLA (exportable), ``jax.export`` of the native program
   is refused with a message naming ``kernel='xla'``;
-* end to end: a torch int8 MLP and CNN run by torch forced to AVX2 (``level_env``) in a
-  subprocess, imported with ``isa=None`` (the level the switches set, the x86 conv routing
-  of this CPU's flags): the native program's codes == torch's (oneDNN: rule 13's 1-LSB
-  epilogue differences, at most 1e-4 of the codes).
+* fused conv: an ``"fbgemm_sat16"`` conv with one group in one call (the patches read
+  in place where C % 4 == 0), folded or not, every code path == the XLA formulation;
+* end to end: a torch int8 MLP and CNN (the CNN on fbgemm only in the default run) run
+  by torch forced to AVX2 (``level_env``) in a subprocess, imported with ``isa=None``
+  (the level the switches set, the x86 conv routing of this CPU's flags): the native
+  program's codes == torch's (oneDNN: rule 13's 1-LSB epilogue differences, at most
+  1e-4 of the codes).
 
 Counts are printed (``-s``).
 """
@@ -308,6 +311,57 @@ _CONV_CASES = [
 ]
 
 
+# one group: (N, C, spatial, O, kernel, stride, dilation, padding); C % 4 == 0 reads the
+# patches in place (qjax_sat16_q8_conv), odd C has XLA build them (qjax_sat16_q8_gemm)
+_FUSED_CONV_CASES = [
+    (2, 8, (7, 6), 20, (3, 3), (1, 1), (1, 1), 1),  # O tail: one block and a part
+    (1, 12, (9, 8), 33, (2, 3), (2, 1), (1, 2), 0),  # strides, dilation, O = 2 + 1 blocks
+    (3, 4, (5, 5), 16, (1, 1), (1, 1), (1, 1), 0),  # pointwise
+    (4, 8, (16, 16), 24, (3, 3), (1, 1), (1, 1), 1),  # 1,024 rows: chunks of 128 rows
+    (2, 8, (11,), 9, (3,), (2,), (1,), 1),  # 1-D, as height 1
+    (2, 3, (7, 6), 5, (3, 3), (1, 1), (1, 1), 1),  # odd C: XLA's im2col
+]
+
+
+def test_fused_conv_every_isa_matches_xla(rng, monkeypatch):
+    # an "fbgemm_sat16" conv with one group on a "sat16" weight: one fused native call
+    # (sums over FBGEMM's im2col, zero-point term, requantize), unfolded and folded, on
+    # every code path == the XLA formulation's codes; schemes, ReLU, int8 / uint8 out
+    from qjax.kernels import fold_requant
+
+    n = 0
+    for i, (b, c, sp, o, kern, stride, dil, pad) in enumerate(_FUSED_CONV_CASES):
+        xv, wv = _codes(rng, (b, c, *sp), (o, c, *kern), extreme=i % 2 == 0)
+        scale_w = jnp.asarray(rng.uniform(0.002, 0.01, o), jnp.float32)
+        spec = QuantSpec(signed=True, symmetric=True, axis=0)
+        w = QArray(jnp.asarray(wv), QParams(scale_w, jnp.zeros(o, jnp.int32), spec))
+        x = QArray(jnp.asarray(xv), QParams(0.02, 120 + i, XSPEC))
+        bias = jnp.asarray(rng.normal(0, 2, o), jnp.float32)
+        scheme = ("fbgemm", "qnnpack", "onednn")[i % 3]
+        out = QParams(0.5, 7, QuantSpec(signed=True)) if i % 2 else QParams(0.4, 110, XSPEC)
+        kw = dict(stride=stride, dilation=dil, padding=pad, scheme=scheme,
+                  activation="relu" if i % 2 == 0 else None, accumulate="fbgemm_sat16")  # fmt: skip
+        lay = "OIHW" if len(sp) == 2 else "OIW"
+        want = np.asarray(
+            quantized_conv(x, prepare_conv(w, weight_layout=lay), bias, out, **kw).values
+        )
+        nat = prepare_conv(w, weight_layout=lay, kernel="sat16")
+        target = "qjax_sat16_q8_conv" if c % 4 == 0 else "qjax_sat16_q8_gemm"
+        folded = fold_requant(nat, x.qparams, bias, out, **{k: kw[k] for k in list(kw)[3:]})
+        for isa in _sat16.sat16_isas():
+            monkeypatch.setenv(_sat16.ISA_ENV, isa)
+            for pw in (nat, folded):
+                conv = functools.partial(quantized_conv, bias=bias, out_qparams=out, **kw)
+                f = jax.jit(lambda x, pw, conv=conv: conv(x, pw))
+                got = f(x, pw).values
+                assert got.dtype == want.dtype and (np.asarray(got) == want).all(), (i, isa)
+                text = f.lower(x, pw).as_text()
+                assert text.count(f"custom_call @{target}") == 1, (i, text.count("custom_call"))
+                assert "qjax_sat16_gemm" not in text  # no int32 sums
+                n += want.size
+    print(f"\nfused sat16 conv, every code path, folded and not == XLA on {n} codes")
+
+
 def test_exact_linear_runs_on_sat16_only_where_no_pair_saturates(rng):
     # a "sat16" weight records the largest uint8 code its pair sums cannot saturate at;
     # exact accumulation takes the kernel for activation specs within it, XLA otherwise,
@@ -422,7 +476,8 @@ def models(engine):
                         nn.ReLU(), nn.Linear(48, 10), DeQuantStub()).eval()
     cnn = nn.Sequential(QuantStub(), nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
                         nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
-                        nn.Conv2d(8, 12, 3, padding=1, groups=2), DeQuantStub()).eval()
+                        nn.Conv2d(8, 12, 3, padding=1, groups=2), nn.ReLU(),
+                        nn.Conv2d(12, 16, 3, padding=1), DeQuantStub()).eval()
     out = []
     for m, shape in ((mlp, (64,)), (cnn, (3, 9, 9))):
         for mod in m.modules():  # weights of magnitude 0.6-1: codes 76-127 per channel
@@ -451,7 +506,8 @@ from qjax.converters.torch import import_model, torch_trace
 results = {}
 full = sys.argv[1] == "full"
 for engine in ("fbgemm", "x86", "onednn") if full else ("fbgemm", "onednn"):
-    for mi, (q, x) in enumerate(models(engine)[: 2 if full else 1]):
+    # quick: the MLP, and the CNN on fbgemm (its fused sat16 convs, 3 and 12 channels)
+    for mi, (q, x) in enumerate(models(engine)[: 2 if full or engine == "fbgemm" else 1]):
         ref = torch_trace(q, x)
         # isa=None: the level torch's switches set here (avx2) and the x86 conv routing of
         # this CPU's flags, which the switches do not reach (qjax.kernels._levels)
@@ -524,7 +580,7 @@ def _check_forced(results, claimed):
 
 
 def test_torch_forced_to_avx2_matches_native_program():
-    _check_forced(_forced_avx2("quick"), {("fbgemm", "0"), ("onednn", "0")})
+    _check_forced(_forced_avx2("quick"), {("fbgemm", "0"), ("fbgemm", "1"), ("onednn", "0")})
 
 
 @pytest.mark.slow

@@ -253,17 +253,50 @@ def _sat16_conv(xv, w, stride, dilation, groups, per_tap=False, native=False):
     """FBGEMM im2col + ``vpmaddubsw``: ``Σ_j sat16(x[2j]·w[2j] + x[2j+1]·w[2j+1])``.
 
     ``xv`` raw (padded) uint8 ``(N, *sp, C)``, ``w`` HWIO int8; the reduction index runs
-    over (kernel taps row-major, channel in group). ``per_tap`` (oneDNN): each tap's
-    channels padded with zeros to an even count first, so no pair spans two taps.
-    ``native``: the same im2col patches (uint8) go to the native kernel
+    over (kernel taps row-major, channel in group) (:func:`im2col_patches`). ``per_tap``
+    (oneDNN): each tap's channels padded with zeros to an even count first, so no pair
+    spans two taps. ``native``: the same im2col patches (uint8) go to the native kernel
     (:func:`qjax.kernels._native.sat16_dot`), one call for all groups; the same integers.
     Returns int32 ``(N, *out, C_out)``.
     """
-    xi = xv if native else xv.astype(jnp.int32)
-    nsp = xi.ndim - 2
+    p, wk = im2col_patches(xv if native else xv.astype(jnp.int32), w, stride, dilation, groups,
+                           per_tap)  # fmt: skip
+    groups, k, og = wk.shape
+    if native:
+        lead = p.shape[:-2]
+        pg = jnp.moveaxis(p.reshape((-1, groups, k)), 1, 0)  # (G, M, K)
+        acc = _native.sat16_dot(pg, _native.pack_sat16_weight(wk), wk, _batched_pair_dot)
+        return jnp.moveaxis(acc, 0, 1).reshape(lead + (groups * og,))  # (M, G, Og) -> (N, *out, O)
+    wk = wk.astype(jnp.int32)
+    if k % 2:
+        p = jnp.concatenate([p, jnp.zeros(p.shape[:-1] + (1,), jnp.int32)], axis=-1)
+        wk = jnp.concatenate([wk, jnp.zeros((groups, 1, og), jnp.int32)], axis=1)
+    xe, xo = p[..., 0::2, None], p[..., 1::2, None]  # (N, *out, G, K/2, 1)
+    pair = jnp.clip(xe * wk[:, 0::2] + xo * wk[:, 1::2], -(2**15), 2**15 - 1)
+    acc = jnp.sum(pair, axis=-2)  # (N, *out, G, Og)
+    return acc.reshape(acc.shape[:-2] + (groups * og,))
+
+
+def im2col_patches(xv, w, stride, dilation, groups, per_tap=False):
+    """FBGEMM's im2col: ``(patches, weight)`` with ``patches[n, *o, g, k] =
+    x[n, o·stride + t·dilation, g·Cg + c]`` and ``weight[g, k, j] = w[t, c, g·Og + j]``
+    for ``k = t·Cg + c`` (taps ``t`` row-major, then the channel in the group), so
+    ``Σ_k patches·weight`` is the ``VALID`` conv. ``per_tap``: each tap's ``Cg`` padded
+    with a zero channel to an even count (oneDNN's pairs, never across taps).
+
+    ``xv`` ``(N, *sp, C)`` (any dtype, kept), ``w`` HWIO (or ``WIO``); returns
+    ``(N, *out, G, K)`` and ``(G, K, Og)``.
+
+    >>> x = jnp.arange(6, dtype=jnp.uint8).reshape(1, 3, 2)  # (N, W, C)
+    >>> p, wk = im2col_patches(x, jnp.ones((2, 2, 1), jnp.int8), (1,), (1,), 1)
+    >>> p[0, :, 0], wk.shape  # k = (tap 0: c0 c1, tap 1: c0 c1)
+    (Array([[0, 1, 2, 3],
+           [2, 3, 4, 5]], dtype=uint8), (1, 4, 1))
+    """
+    nsp = xv.ndim - 2
     kernel = w.shape[:nsp]
     out_sizes = [
-        (xi.shape[1 + i] - (kernel[i] - 1) * dilation[i] - 1) // stride[i] + 1 for i in range(nsp)
+        (xv.shape[1 + i] - (kernel[i] - 1) * dilation[i] - 1) // stride[i] + 1 for i in range(nsp)
     ]
     taps = []
     for t in np.ndindex(*kernel):
@@ -272,34 +305,20 @@ def _sat16_conv(xv, w, stride, dilation, groups, per_tap=False, native=False):
             start = t[i] * dilation[i]
             idx.append(slice(start, start + (out_sizes[i] - 1) * stride[i] + 1, stride[i]))
         idx.append(slice(None))
-        taps.append(xi[tuple(idx)])  # (N, *out, C)
+        taps.append(xv[tuple(idx)])  # (N, *out, C)
     p = jnp.stack(taps, axis=-2)  # (N, *out, T, C)
-    n_t = p.shape[-2]
-    c = p.shape[-1]
+    n_t, c, o = p.shape[-2], p.shape[-1], w.shape[-1]
     cg = c // groups
-    o = w.shape[-1]
     p = p.reshape(p.shape[:-1] + (groups, cg))  # (N, *out, T, G, Cg)
     p = jnp.moveaxis(p, -2, -3)  # (N, *out, G, T, Cg)
-    wk = (w if native else w.astype(jnp.int32)).reshape(n_t, cg, groups, o // groups)
+    wk = w.reshape(n_t, cg, groups, o // groups)
     if per_tap and cg % 2:
         p = jnp.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, 1)])
         wk = jnp.pad(wk, ((0, 0), (0, 1), (0, 0), (0, 0)))
         cg += 1
     k = n_t * cg
     p = p.reshape(p.shape[:-2] + (k,))  # (N, *out, G, K)
-    wk = jnp.moveaxis(wk, 2, 0).reshape(groups, k, o // groups)  # (G, K, Og)
-    if native:
-        lead = p.shape[:-2]
-        pg = jnp.moveaxis(p.reshape((-1, groups, k)), 1, 0)  # (G, M, K)
-        acc = _native.sat16_dot(pg, _native.pack_sat16_weight(wk), wk, _batched_pair_dot)
-        return jnp.moveaxis(acc, 0, 1).reshape(lead + (o,))  # (M, G, Og) -> (N, *out, O)
-    if k % 2:
-        p = jnp.concatenate([p, jnp.zeros(p.shape[:-1] + (1,), jnp.int32)], axis=-1)
-        wk = jnp.concatenate([wk, jnp.zeros((groups, 1, o // groups), jnp.int32)], axis=1)
-    xe, xo = p[..., 0::2, None], p[..., 1::2, None]  # (N, *out, G, K/2, 1)
-    pair = jnp.clip(xe * wk[:, 0::2] + xo * wk[:, 1::2], -(2**15), 2**15 - 1)
-    acc = jnp.sum(pair, axis=-2)  # (N, *out, G, Og)
-    return acc.reshape(acc.shape[:-2] + (o,))
+    return p, jnp.moveaxis(wk, 2, 0).reshape(groups, k, o // groups)
 
 
 def _batched_pair_dot(x, w):

@@ -81,8 +81,10 @@ from ._accumulate import (
     _int8_conv,
     _onednn_sat16_conv,
     _sat16_conv,
+    _sat16_pair_dot,
     check_accumulator,
     check_operands,
+    im2col_patches,
 )
 from ._native._quantize import pad_native as _pad_native
 from ._native._quantize import quantize_status as _quantize_status
@@ -169,8 +171,10 @@ def prepare_conv(
         with ``groups=1``; raises ``RuntimeError`` with the reason when unavailable, see
         :func:`qjax.kernels.native_status`) or ``"sat16"`` (the native sat16 GEMM on XLA's
         im2col patches for ``accumulate="fbgemm_sat16"``/``"onednn_sat16"``, any groups,
-        dilation and 1-D/2-D; exact accumulation stays on XLA; see
-        :func:`qjax.kernels.sat16_status`).
+        dilation and 1-D/2-D; with ``"fbgemm_sat16"``, one group, zero weight zero
+        points and per-tensor 8-bit output qparams, one call with the requantization
+        fused, reading the patches in place where ``C % 4 == 0``; exact accumulation
+        stays on XLA; see :func:`qjax.kernels.sat16_status`).
 
     Returns:
       a :class:`PreparedConv` (a pytree).
@@ -490,6 +494,21 @@ def quantized_conv(
             stride_t,
             dil_t,
         )
+        try:
+            codes = clamp_activation(codes, out_qparams, activation, bounds)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"layer {layer!r}: {e}") from None
+        return QArray(jnp.moveaxis(codes, -1, 1) if channels_first else codes, out_qparams)
+    if (
+        accumulate == "fbgemm_sat16"
+        and pw.kernel == "sat16"
+        and _native.fusable(pw, x, bias, out_qparams, scheme, accumulate)
+    ):
+        # one fused sat16 call over FBGEMM's im2col: sums + zero-point term + requantize
+        codes = _native.fused_sat16_conv_codes(
+            xv, x, pw, bias, out_qparams, scheme, activation == "relu", stride_t, dil_t,
+            im2col_patches, _sat16_pair_dot,
+        )  # fmt: skip
         try:
             codes = clamp_activation(codes, out_qparams, activation, bounds)
         except (TypeError, ValueError) as e:

@@ -57,7 +57,8 @@ def fold_requant(
     Needs a native prepared weight whose layer the fused kernel runs
     (:func:`~qjax.kernels._native.fusable`: ``kernel="onednn"`` on the brgemm ukernel or
     ``"amx"`` with exact accumulation, or a ``kernel="sat16"`` linear weight with
-    ``accumulate="fbgemm_sat16"``/``"onednn_sat16"`` or provably exact; ``scheme``
+    ``accumulate="fbgemm_sat16"``/``"onednn_sat16"`` or provably exact, or a
+    ``kernel="sat16"`` conv weight with one group and ``"fbgemm_sat16"``; ``scheme``
     ``"fbgemm"`` or ``"qnnpack"``, ``"onednn"`` except on AMX; weight zero points 0,
     per-tensor 8-bit input and output qparams) and concrete (static) qparams and bias:
     ``ValueError`` / ``TypeError`` otherwise. The codes are the unfolded call's, bit for
@@ -110,7 +111,8 @@ def fold_requant(
             f"layer (kernel {w.kernel!r}, scheme {scheme!r}, accumulate {accumulate!r}, "
             f"weight zero points known 0: {w.zero_point_is_zero}; it needs kernel 'onednn' "
             "(brgemm ukernel) or 'amx' (exact), or 'sat16' (a linear layer, saturating or "
-            "provably exact), zero weight zero points, per-tensor 8-bit qparams)"
+            "provably exact, or a conv with one group and 'fbgemm_sat16'), zero weight "
+            "zero points, per-tensor 8-bit qparams)"
         )
     signed = np.dtype(x_qparams.spec.dtype) == np.int8
     shift = 128 if w.kernel in ("onednn", "sat16") and signed else 0

@@ -53,6 +53,7 @@ from ._fused import (
     fusable,
     fused_conv_codes,
     fused_linear_codes,
+    fused_sat16_conv_codes,
 )
 from ._onednn import (
     ONEDNN_TARGET,
@@ -98,6 +99,7 @@ __all__ = [
     "fusable",
     "fused_conv_codes",
     "fused_linear_codes",
+    "fused_sat16_conv_codes",
     "native_status",
     "onednn_conv2d",
     "onednn_conv2d_q8",

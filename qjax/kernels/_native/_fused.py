@@ -105,7 +105,8 @@ def fusable(pw, x, bias, out, scheme, accumulate="exact") -> bool:
     (:func:`~qjax.kernels._native._onednn.onednn_fused`), or a ``kernel="sat16"`` linear
     weight whose pair sums provably cannot saturate for these inputs
     (:func:`~qjax.kernels._prepared.sat16_exact`); for ``"fbgemm_sat16"`` /
-    ``"onednn_sat16"`` a ``kernel="sat16"`` linear weight (its pair saturation). Then
+    ``"onednn_sat16"`` a ``kernel="sat16"`` linear weight (its pair saturation), and for
+    ``"fbgemm_sat16"`` a ``kernel="sat16"`` conv weight with one group. Then
     zero points known to be 0, scheme ``"fbgemm"``/``"qnnpack"`` (and ``"onednn"`` on
     oneDNN's and the sat16 kernel), int8/uint8 inputs and per-tensor int8/uint8
     outputs with an integer zero point, and a float32-castable ``(N,)`` or 0-d bias;
@@ -124,9 +125,10 @@ def fusable(pw, x, bias, out, scheme, accumulate="exact") -> bool:
         return False  # only the ukernel provider has the epilogue
     if not pw.zero_point_is_zero or x.values.dtype not in _CODES:
         return False
-    if kernel == "sat16":  # linear layers only; saturating, or exact where that is equal
-        if not hasattr(pw, "out_features"):
-            return False
+    if kernel == "sat16":  # linear: saturating, or exact where that is equal
+        if not hasattr(pw, "out_features"):  # conv: FBGEMM's im2col pairs, one group
+            if accumulate != "fbgemm_sat16" or pw.groups != 1:
+                return False
         if accumulate == "exact":
             spec = getattr(x, "spec", None)
             if spec is None or not sat16_exact(spec, pw.sat16_max_x):
@@ -173,12 +175,7 @@ def fused_linear_codes(x, pw, bias, out, scheme, relu, pair_dot=None) -> jax.Arr
             xv, shift = lax.bitcast_convert_type(xv ^ jnp.int8(-128), jnp.uint8), 128
         vecs = _vectors(x, pw, pw.col_sum, bias, out, scheme, relu, shift)
         if pw.kernel == "sat16":
-
-            def portable(x, w, *vecs):
-                return _onednn.portable_codes(pair_dot(x, w), *vecs).astype(out.spec.dtype)
-
-            q8 = _sat16.sat16_linear_q8
-            return q8(xv, pw.packed, pw.weight.values, vecs, out.spec.dtype, portable)
+            return _sat16_codes(xv, pw.packed, pw.weight.values, vecs, out, pair_dot)
         q8 = _onednn.onednn_linear_q8
         return q8(xv, pw.packed, pw.weight.values, *vecs, out.spec.dtype)
     vecs = _vectors(x, pw, pw.col_sum, bias, out, scheme, relu)
@@ -211,6 +208,52 @@ def fused_conv_codes(xv, x, pw, bias, out, scheme, relu, stride, dilation=(1, 1)
         )
     vecs = _vectors(x, pw, pw.w_sum, bias, out, scheme, relu)
     return amx_conv2d_q8(xv, pw.packed, pw.weight.values, stride, *vecs, out.spec.dtype)
+
+
+def fused_sat16_conv_codes(
+    xv, x, pw, bias, out, scheme, relu, stride, dilation, im2col, pair_dot
+) -> jax.Array:
+    """Output codes (channels-last) of an ``accumulate="fbgemm_sat16"`` conv with one
+    group in one fused sat16 call: :func:`fused_linear_codes`'s sat16 layer over
+    FBGEMM's im2col (``im2col``, :func:`qjax.kernels._accumulate.im2col_patches`) with
+    ``Σw`` = ``pw.w_sum``. With a multiple of 4 channels the patches are read in place
+    (:func:`~._sat16.sat16_conv_q8`; a 1-D conv as height 1), else built by XLA first.
+
+    ``xv`` the raw uint8 codes, padded with ``zp_x``, ``(N, *sp, C)``; ``x`` the input
+    :class:`~qjax.QArray` (scale, zero point); ``pw`` the sat16 ``PreparedConv``;
+    ``pair_dot`` the sums in XLA (off CPU). Only when :func:`fusable` said so.
+
+    >>> fusable(None, None, None, None, "fbgemm", "fbgemm_sat16")
+    False
+    """
+    w = pw.weight.values  # HWIO / WIO; k = tap·C + c is its row-major (K, O) reshape
+    wk = w.reshape(-1, w.shape[-1])
+    vecs = _vectors(x, pw, pw.w_sum, bias, out, scheme, relu)
+    packed = _sat16.pack_sat16_weight(wk)
+    if xv.shape[-1] % 4:
+        patches = im2col(xv, w, stride, dilation, 1)[0][..., 0, :]
+        return _sat16_codes(patches, packed, wk, vecs, out, pair_dot)
+    one_d = xv.ndim == 3
+    if one_d:  # (N, W, C) as (N, 1, W, C)
+        xv, w = xv[:, None], w[None]
+        stride, dilation = (1,) + tuple(stride), (1,) + tuple(dilation)
+
+    def portable(x, wk, *vecs):
+        p = im2col(x, wk.reshape(w.shape), stride, dilation, 1)[0][..., 0, :]
+        return _onednn.portable_codes(pair_dot(p, wk), *vecs).astype(out.spec.dtype)
+
+    q8 = _sat16.sat16_conv_q8
+    codes = q8(xv, packed, wk, vecs, out.spec.dtype, portable, w.shape[:2], stride, dilation)
+    return codes[:, 0] if one_d else codes
+
+
+def _sat16_codes(xv, packed, w, vecs, out, pair_dot):
+    """:func:`~._sat16.sat16_linear_q8`, ``pair_dot`` (XLA's sums) off CPU."""
+
+    def portable(x, w, *vecs):
+        return _onednn.portable_codes(pair_dot(x, w), *vecs).astype(out.spec.dtype)
+
+    return _sat16.sat16_linear_q8(xv, packed, w, vecs, out.spec.dtype, portable)
 
 
 def _vectors(x, pw, w_sum, bias, out, scheme, relu, shift=0):

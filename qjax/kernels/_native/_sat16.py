@@ -60,12 +60,14 @@ __all__ = [
     "sat16_dot",
     "sat16_isa",
     "sat16_isas",
+    "sat16_conv_q8",
     "sat16_linear_q8",
     "sat16_status",
 ]
 
 SAT16_TARGET = "qjax_sat16_gemm"
 SAT16_Q8_TARGET = "qjax_sat16_q8_gemm"
+SAT16_Q8_CONV_TARGET = "qjax_sat16_q8_conv"
 NB = 16  # output columns per packed block
 # Named scope of the custom call: jax.export's refusal quotes the op's location with it.
 EXPORT_HINT = "qjax_native_sat16_kernel: for jax.export build the model with kernel='xla'"
@@ -93,6 +95,8 @@ def _probe() -> tuple[bool, str]:
     jax.ffi.register_ffi_target(SAT16_TARGET, jax.ffi.pycapsule(lib.QjaxSat16Gemm), platform="cpu")
     q8 = jax.ffi.pycapsule(lib.QjaxSat16Q8Gemm)
     jax.ffi.register_ffi_target(SAT16_Q8_TARGET, q8, platform="cpu")
+    conv = jax.ffi.pycapsule(lib.QjaxSat16Q8Conv)
+    jax.ffi.register_ffi_target(SAT16_Q8_CONV_TARGET, conv, platform="cpu")
     lib.qjax_sat16_parallel_calls.restype = ctypes.c_int64
     lib.qjax_sat16_spin_us.restype = ctypes.c_int64
     lib.qjax_sat16_spin_us.argtypes = [ctypes.c_int64]
@@ -245,7 +249,52 @@ def sat16_linear_q8(x, packed, w, vecs, out_dtype, portable, threads=None, isa=N
     return _call(SAT16_Q8_TARGET, out, x, packed, w, vecs, portable, threads, isa, "sat16_q8")
 
 
-def _call(target, out, x, packed, w, vecs, portable, threads, isa, who):
+def sat16_conv_q8(
+    x, packed, w, vecs, out_dtype, portable, kernel, stride, dilation, threads=None, isa=None
+):
+    """8-bit NHWC codes of a 2-D conv with one group in one native call, the patches of
+    FBGEMM's im2col read in place (never written): per output position ``(n, i, j)`` and
+    channel ``o``, the sums ``acc = Σ_t Σ_j sat16(pair j of tap t)`` of
+    :func:`sat16_linear_q8` over ``k = t·C + c`` (taps ``t = a·kw + b`` row-major,
+    ``x[n, i·sh + a·dh, j·sw + b·dw, c]``), then the same epilogue.
+
+    ``x`` the zero-point-padded NHWC uint8 codes ``(N, Hp, Wp, C)`` with ``C % 4 == 0``
+    (a pair never spans two taps); ``w`` the int8 im2col weight ``(kh·kw·C, O)``
+    (:func:`qjax.kernels._accumulate.im2col_patches`) and ``packed`` its
+    :func:`pack_sat16_weight`; ``vecs``, ``out_dtype``, ``threads``, ``isa`` as for
+    :func:`sat16_linear_q8`; ``portable(x, w, *vecs)`` the codes in XLA (what runs off
+    CPU); ``kernel`` ``(kh, kw)``, ``stride``, ``dilation`` ``(h, w)``. Call
+    :func:`require_sat16` first.
+
+    >>> from qjax.kernels._accumulate import _sat16_conv
+    >>> from qjax.kernels._native._onednn import portable_codes
+    >>> x = jnp.full((1, 2, 2, 4), 200, jnp.uint8)
+    >>> w = jnp.full((2, 2, 4, 1), 100, jnp.int8)  # pairs 2·200·100 saturate at 32767
+    >>> def xla(x, w, *vecs):
+    ...     acc = _sat16_conv(x, w.reshape(2, 2, 4, 1), (1, 1), (1, 1), 1)
+    ...     return portable_codes(acc, *vecs).astype(jnp.uint8)
+    >>> vecs = (jnp.zeros(1, jnp.int32), jnp.zeros(1), jnp.full(1, 1 / 1024),
+    ...         jnp.array([0.0, 255.0]), jnp.array([0], jnp.int32))
+    >>> f = lambda x: sat16_conv_q8(x, pack_sat16_weight(w.reshape(16, 1)), w.reshape(16, 1),
+    ...                             vecs, jnp.uint8, xla, (2, 2), (1, 1), (1, 1))
+    >>> jax.jit(f)(x)[0, 0, 0]  # 8 pairs of 32767, / 1024
+    Array([255], dtype=uint8)
+    """
+    n, hp, wp, c = x.shape
+    kh, kw = kernel
+    o = w.shape[-1]
+    if c % 4 or w.shape[0] != kh * kw * c:
+        raise ValueError(f"sat16_conv_q8: C = {c} must be a multiple of 4 and the weight "
+                         f"{w.shape} (kh·kw·C, O) with (kh, kw) = {kernel}")  # fmt: skip
+    oh = (hp - (kh - 1) * dilation[0] - 1) // stride[0] + 1
+    ow = (wp - (kw - 1) * dilation[1] - 1) // stride[1] + 1
+    out = jax.ShapeDtypeStruct((n, oh, ow, o), out_dtype)
+    attrs = dict(kh=kh, kw=kw, sh=stride[0], sw=stride[1], dh=dilation[0], dw=dilation[1])
+    return _call(SAT16_Q8_CONV_TARGET, out, x, packed, w, vecs, portable, threads, isa,
+                 "sat16_conv_q8", **attrs)  # fmt: skip
+
+
+def _call(target, out, x, packed, w, vecs, portable, threads, isa, who, **attrs):
     """The custom call ``target`` on CPU, ``portable(x, w, *vecs)`` elsewhere."""
     threads = THREADS if threads is None else int(threads)
     isa = sat16_isa() if isa is None else isa
@@ -257,7 +306,7 @@ def _call(target, out, x, packed, w, vecs, portable, threads, isa, who):
         del w
         call = jax.ffi.ffi_call(target, out, vmap_method="expand_dims")
         with jax.named_scope(EXPORT_HINT):
-            return call(x, packed, *vecs, threads=threads, isa=code)
+            return call(x, packed, *vecs, threads=threads, isa=code, **attrs)
 
     def default(x, packed, w, *vecs):
         del packed

@@ -35,6 +35,10 @@
 // requantized at once (the AVX-512 epilogue on the AVX-512 paths, its AVX2 twin on the
 // AVX2 path), so the int32 matrix is never written.
 //
+// qjax_sat16_q8_conv: the same for a 2-D conv with one group, the im2col rows read in
+// place from the padded NHWC input (each output position's taps at their offsets), so
+// the patches are never written either.
+//
 // Exactness: every pair sum is saturated exactly as the hardware does (it IS the
 // hardware instruction); the int32 additions wrap, exact whenever the true sum fits,
 // which qjax's overflow check guarantees at prepare time.
@@ -83,21 +87,49 @@ inline __m256i Bcast4(const uint8_t* p) {
   return _mm256_set1_epi32(v);
 }
 
-// R rows (R <= kMR) x 16 columns over K4 steps; x rows at x + r * lda (K4 * 4 readable
-// bytes each), weight block w (K4 x 64 bytes). Writes ncols (<= 16) columns per row.
+// Where the rows of x are. A GEMM's row i is at x + i * lda, its K values in one run.
+// An implicit-im2col conv's row i is output position (n, oh, ow) at x + n * img +
+// oh * rstep + ow * cstep of the padded NHWC input, its K values tap by tap (FBGEMM's
+// im2col order): tap t's c4 groups of four channels at + tapoff[t]. A GEMM is one tap
+// at offset 0 with c4 = K4.
+struct XRows {
+  const uint8_t* x = nullptr;
+  int64_t lda = 0;
+  const int64_t* tapoff = nullptr;
+  int64_t ntaps = 1, c4 = 0;
+  int64_t ohw = 0, ow = 0, img = 0, rstep = 0, cstep = 0;  // conv when ohw > 0
+
+  const uint8_t* Row(int64_t i) const {
+    if (ohw == 0) return x + i * lda;
+    int64_t n = i / ohw, r = i % ohw;
+    return x + n * img + r / ow * rstep + r % ow * cstep;
+  }
+};
+
+// R rows (R <= kMR) from row `row` of xr x 16 columns; weight block w (K4 x 64 bytes).
+// Writes ncols (<= 16) columns per row.
 template <int R>
-void Kernel(const uint8_t* x, int64_t lda, const int8_t* w, int64_t k4, int32_t* out,
-            int64_t ldo, int ncols) {
+void Kernel(const XRows& xr, int64_t row, const int8_t* w, int32_t* out, int64_t ldo,
+            int ncols) {
   const __m256i ones = _mm256_set1_epi16(1);
+  const uint8_t* xp[R];
   __m256i acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_si256();
-  for (int64_t k = 0; k < k4; ++k) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * k));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * k + 32));
-    for (int r = 0; r < R; ++r) {
-      const __m256i xb = Bcast4(x + r * lda + 4 * k);
-      acc0[r] = _mm256_add_epi32(acc0[r], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w0), ones));
-      acc1[r] = _mm256_add_epi32(acc1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w1), ones));
+  for (int r = 0; r < R; ++r) {
+    xp[r] = xr.Row(row + r);
+    acc0[r] = acc1[r] = _mm256_setzero_si256();
+  }
+  for (int64_t t = 0; t < xr.ntaps; ++t) {
+    const int64_t off = xr.tapoff[t];
+    for (int64_t k = 0; k < xr.c4; ++k, w += 64) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
+      for (int r = 0; r < R; ++r) {
+        const __m256i xb = Bcast4(xp[r] + off + 4 * k);
+        acc0[r] =
+            _mm256_add_epi32(acc0[r], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w0), ones));
+        acc1[r] =
+            _mm256_add_epi32(acc1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(xb, w1), ones));
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -114,28 +146,29 @@ void Kernel(const uint8_t* x, int64_t lda, const int8_t* w, int64_t k4, int32_t*
   }
 }
 
+// Rows [row0 + i, ...) of xr into the sink's rows [i, ...).
 template <int R>
-void Block(const uint8_t* x, int64_t lda, const int8_t* w, int64_t k4, int64_t row,
-           int64_t col, int ncols, const Sink& s) {
-  if (s.codes == nullptr) return Kernel<R>(x, lda, w, k4, s.acc + row * s.n + col, s.n, ncols);
+void Block(const XRows& xr, int64_t row0, const int8_t* w, int64_t i, int64_t col, int ncols,
+           const Sink& s) {
+  if (s.codes == nullptr) return Kernel<R>(xr, row0 + i, w, s.acc + i * s.n + col, s.n, ncols);
   alignas(32) int32_t tile[R * kNB];
-  Kernel<R>(x, lda, w, k4, tile, kNB, ncols);
-  s.Requantize(tile, kNB, R, ncols, row, col);
+  Kernel<R>(xr, row0 + i, w, tile, kNB, ncols);
+  s.Requantize(tile, kNB, R, ncols, i, col);
 }
 
-// One GEMM: x (m, lda >= 4 * k4), packed w (nb, k4, 64), n columns into s; column
-// blocks [nb0, nb1).
-void Gemm(const uint8_t* x, int64_t lda, int64_t m, const int8_t* wp, int64_t k4, int64_t n,
+// One GEMM: m rows of xr from row0, packed w (nb, k4, 64), n columns into s (its row 0
+// is row0); column blocks [nb0, nb1).
+void Gemm(const XRows& xr, int64_t row0, int64_t m, const int8_t* wp, int64_t k4, int64_t n,
           const Sink& s, int64_t nb0, int64_t nb1) {
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     const int8_t* w = wp + nb * k4 * 64;
     int ncols = static_cast<int>(n - nb * kNB < kNB ? n - nb * kNB : kNB);
     int64_t col = nb * kNB, i = 0;
-    for (; i + kMR <= m; i += kMR) Block<kMR>(x + i * lda, lda, w, k4, i, col, ncols, s);
+    for (; i + kMR <= m; i += kMR) Block<kMR>(xr, row0, w, i, col, ncols, s);
     switch (m - i) {
-      case 3: Block<3>(x + i * lda, lda, w, k4, i, col, ncols, s); break;
-      case 2: Block<2>(x + i * lda, lda, w, k4, i, col, ncols, s); break;
-      case 1: Block<1>(x + i * lda, lda, w, k4, i, col, ncols, s); break;
+      case 3: Block<3>(xr, row0, w, i, col, ncols, s); break;
+      case 2: Block<2>(xr, row0, w, i, col, ncols, s); break;
+      case 1: Block<1>(xr, row0, w, i, col, ncols, s); break;
       default: break;
     }
   }
@@ -171,20 +204,26 @@ struct Madd512<true> {
 };
 
 template <int R, int NC, bool VNNI>
-QJAX_AVX512 void Kernel512(const uint8_t* x, int64_t lda, const int8_t* w, int64_t wstride,
-                                int64_t k4, int32_t* out, int64_t ldo, int ncols_last) {
+QJAX_AVX512 void Kernel512(const XRows& xr, int64_t row, const int8_t* w, int64_t wstride,
+                           int32_t* out, int64_t ldo, int ncols_last) {
   const __m512i ones = _mm512_set1_epi16(1);
+  const uint8_t* xp[R];
   __m512i acc[R][NC];
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r) {
+    xp[r] = xr.Row(row + r);
     for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_setzero_si512();
-  for (int64_t k = 0; k < k4; ++k) {
-    __m512i wv[NC];
-    for (int c = 0; c < NC; ++c) wv[c] = _mm512_loadu_si512(w + c * wstride + 64 * k);
-    for (int r = 0; r < R; ++r) {
-      int32_t v;
-      std::memcpy(&v, x + r * lda + 4 * k, 4);
-      const __m512i xb = _mm512_set1_epi32(v);
-      for (int c = 0; c < NC; ++c) acc[r][c] = Madd512<VNNI>::Step(acc[r][c], xb, wv[c], ones);
+  }
+  for (int64_t t = 0; t < xr.ntaps; ++t) {
+    const int64_t off = xr.tapoff[t];
+    for (int64_t k = 0; k < xr.c4; ++k, w += 64) {
+      __m512i wv[NC];
+      for (int c = 0; c < NC; ++c) wv[c] = _mm512_loadu_si512(w + c * wstride);
+      for (int r = 0; r < R; ++r) {
+        int32_t v;
+        std::memcpy(&v, xp[r] + off + 4 * k, 4);
+        const __m512i xb = _mm512_set1_epi32(v);
+        for (int c = 0; c < NC; ++c) acc[r][c] = Madd512<VNNI>::Step(acc[r][c], xb, wv[c], ones);
+      }
     }
   }
   const __mmask16 last = static_cast<__mmask16>((1u << ncols_last) - 1u);
@@ -200,43 +239,43 @@ QJAX_AVX512 void Kernel512(const uint8_t* x, int64_t lda, const int8_t* w, int64
 }
 
 template <int R, int NC, bool VNNI>
-QJAX_AVX512 void Block512(const uint8_t* x, int64_t lda, const int8_t* w, int64_t wstride,
-                          int64_t k4, int64_t row, int64_t col, int ncols_last, const Sink& s) {
+QJAX_AVX512 void Block512(const XRows& xr, int64_t row0, const int8_t* w, int64_t wstride,
+                          int64_t i, int64_t col, int ncols_last, const Sink& s) {
   if (s.codes == nullptr)
-    return Kernel512<R, NC, VNNI>(x, lda, w, wstride, k4, s.acc + row * s.n + col, s.n,
+    return Kernel512<R, NC, VNNI>(xr, row0 + i, w, wstride, s.acc + i * s.n + col, s.n,
                                   ncols_last);
   alignas(64) int32_t tile[R * NC * kNB];
-  Kernel512<R, NC, VNNI>(x, lda, w, wstride, k4, tile, NC * kNB, ncols_last);
-  s.Requantize(tile, NC * kNB, R, (NC - 1) * kNB + ncols_last, row, col);
+  Kernel512<R, NC, VNNI>(xr, row0 + i, w, wstride, tile, NC * kNB, ncols_last);
+  s.Requantize(tile, NC * kNB, R, (NC - 1) * kNB + ncols_last, i, col);
 }
 
 template <int NC, bool VNNI>
-QJAX_AVX512 void Rows512(const uint8_t* x, int64_t lda, int64_t m, const int8_t* w,
-                         int64_t wstride, int64_t k4, int64_t col, int ncols, const Sink& s) {
+QJAX_AVX512 void Rows512(const XRows& xr, int64_t row0, int64_t m, const int8_t* w,
+                         int64_t wstride, int64_t col, int ncols, const Sink& s) {
   int64_t i = 0;
   for (; i + kMR512 <= m; i += kMR512)
-    Block512<kMR512, NC, VNNI>(x + i * lda, lda, w, wstride, k4, i, col, ncols, s);
+    Block512<kMR512, NC, VNNI>(xr, row0, w, wstride, i, col, ncols, s);
   switch (m - i) {
-    case 3: Block512<3, NC, VNNI>(x + i * lda, lda, w, wstride, k4, i, col, ncols, s); break;
-    case 2: Block512<2, NC, VNNI>(x + i * lda, lda, w, wstride, k4, i, col, ncols, s); break;
-    case 1: Block512<1, NC, VNNI>(x + i * lda, lda, w, wstride, k4, i, col, ncols, s); break;
+    case 3: Block512<3, NC, VNNI>(xr, row0, w, wstride, i, col, ncols, s); break;
+    case 2: Block512<2, NC, VNNI>(xr, row0, w, wstride, i, col, ncols, s); break;
+    case 1: Block512<1, NC, VNNI>(xr, row0, w, wstride, i, col, ncols, s); break;
     default: break;
   }
 }
 
 template <bool VNNI>
-QJAX_AVX512 void Gemm512(const uint8_t* x, int64_t lda, int64_t m, const int8_t* wp,
+QJAX_AVX512 void Gemm512(const XRows& xr, int64_t row0, int64_t m, const int8_t* wp,
                          int64_t k4, int64_t n, const Sink& s, int64_t nb0, int64_t nb1) {
   const int64_t wstride = k4 * 64;  // bytes between two column blocks
   for (int64_t nb = nb0; nb < nb1;) {
     const int8_t* w = wp + nb * wstride;
     if (nb + 2 <= nb1) {
       int last = static_cast<int>(n - (nb + 1) * kNB < kNB ? n - (nb + 1) * kNB : kNB);
-      Rows512<2, VNNI>(x, lda, m, w, wstride, k4, nb * kNB, last, s);
+      Rows512<2, VNNI>(xr, row0, m, w, wstride, nb * kNB, last, s);
       nb += 2;
     } else {
       int last = static_cast<int>(n - nb * kNB < kNB ? n - nb * kNB : kNB);
-      Rows512<1, VNNI>(x, lda, m, w, wstride, k4, nb * kNB, last, s);
+      Rows512<1, VNNI>(xr, row0, m, w, wstride, nb * kNB, last, s);
       nb += 1;
     }
   }
@@ -256,11 +295,11 @@ bool IsaSupported(int64_t isa) {
   }
 }
 
-void GemmIsa(int64_t isa, const uint8_t* x, int64_t lda, int64_t m, const int8_t* wp, int64_t k4,
-             int64_t n, const Sink& s, int64_t nb0, int64_t nb1) {
-  if (isa == kAvx512Vnni) Gemm512<true>(x, lda, m, wp, k4, n, s, nb0, nb1);
-  else if (isa == kAvx512) Gemm512<false>(x, lda, m, wp, k4, n, s, nb0, nb1);
-  else Gemm(x, lda, m, wp, k4, n, s, nb0, nb1);
+void GemmIsa(int64_t isa, const XRows& xr, int64_t row0, int64_t m, const int8_t* wp,
+             int64_t k4, int64_t n, const Sink& s, int64_t nb0, int64_t nb1) {
+  if (isa == kAvx512Vnni) Gemm512<true>(xr, row0, m, wp, k4, n, s, nb0, nb1);
+  else if (isa == kAvx512) Gemm512<false>(xr, row0, m, wp, k4, n, s, nb0, nb1);
+  else Gemm(xr, row0, m, wp, k4, n, s, nb0, nb1);
 }
 
 // More threads (threads.h) for calls of >= 2^24 MACs while the helpers sleep between
@@ -269,6 +308,11 @@ void GemmIsa(int64_t isa, const uint8_t* x, int64_t lda, int64_t m, const int8_t
 // M=256 1.58 / 0.82; below ~2^24 MACs the hand-off did not pay (M=32: 0.20 / 0.20).
 // From kSpinMacs while they spin (threads.h).
 constexpr int64_t kParallelMacs = int64_t{1} << 24;
+
+// Row chunks of tall calls (Sat16Run): 128 rows of x (K <= 576 bytes each for a 3x3
+// conv over 64 channels) stay in L2 while every column block passes over them.
+constexpr int64_t kTallRows = 512;
+constexpr int64_t kRowChunk = 128;
 
 // Work items: runs of column blocks over every (batch, block) pair, at most 16 runs.
 struct Sat16Work : Work {
@@ -280,15 +324,61 @@ struct Sat16Work : Work {
   }
 };
 
-// One call: checks the shapes of x, the packed weight and out (od), then runs every
+bool IsaError(int64_t isa, const std::string& who, ffi::Error* err) {
+  if (IsaSupported(isa)) return false;
+  *err = ffi::Error::InvalidArgument(who + ": isa " + std::to_string(isa) +
+                                     " (0 avx2, 1 avx512bw, 2 avx512-vnni) is not supported "
+                                     "by this CPU");
+  return true;
+}
+
+// Runs every (batch, row chunk, column block) of `batches` GEMMs of m rows (batch bi's
+// rows start at row bi * m of xr, its weight is packed weight bi % b) into s.
+ffi::Error Dispatch(ffi::ThreadPool& pool, const std::string& who, const XRows& xr,
+                    int64_t batches, int64_t m, int64_t b, const int8_t* w, int64_t nbk,
+                    int64_t k4, int64_t n, int64_t k, Sink s, int64_t threads, int64_t isa) {
+  s.n = n;
+  s.avx512 = isa != kAvx2 && __builtin_cpu_supports("avx512vl");  // epilogue.h's Requant
+  // Units (batch, row chunk, column block), row-major; a work item is a run of them.
+  // Tall calls (a conv's rows: tens of thousands, few columns) take chunks of
+  // kRowChunk rows, each with every column block, so a chunk of x is read from memory
+  // once rather than once per column block; other calls keep all rows in one chunk and
+  // split the column blocks.
+  const int64_t mc = m > kTallRows ? kRowChunk : m;
+  const int64_t rchunks = (m + mc - 1) / mc;
+  auto run = [=](int64_t item0, int64_t item1) {
+    for (int64_t it = item0; it < item1;) {
+      int64_t bi = it / (rchunks * nbk), rc = it / nbk % rchunks, nb0 = it % nbk;
+      int64_t nb1 = nbk;
+      if (item1 - it < nb1 - nb0) nb1 = nb0 + (item1 - it);
+      int64_t row0 = bi * m + rc * mc, rows = m - rc * mc < mc ? m - rc * mc : mc;
+      Sink sb = s;
+      if (sb.acc != nullptr) sb.acc += row0 * n;
+      if (sb.codes != nullptr) sb.codes += row0 * n;
+      GemmIsa(isa, xr, row0, rows, w + (bi % b) * nbk * k4 * 64, k4, n, sb, nb0, nb1);
+      it += nb1 - nb0;
+    }
+  };
+  auto job = std::make_shared<Sat16Work>();
+  job->run = run;
+  job->total = batches * rchunks * nbk;
+  job->chunk = (job->total + 15) / 16;
+  job->items = (job->total + job->chunk - 1) / job->chunk;
+  job->macs = batches * m * n * k;
+  if (threads < 2) {  // this thread only
+    Drain(*job);
+    return ffi::Error::Success();
+  }
+  return RunItems(pool, job, who.c_str(), kParallelMacs);
+}
+
+// One GEMM call: checks the shapes of x, the packed weight and out (od), then runs every
 // (batch, column block) into s (s.acc for the int32 call; s.codes, unbatched, for q8).
 ffi::Error Sat16Run(ffi::ThreadPool& pool, const std::string& who, ffi::Buffer<ffi::U8>& x,
                     ffi::Buffer<ffi::S8>& wp, ffi::AnyBuffer::Dimensions od, Sink s,
                     int64_t threads, int64_t isa) {
-  if (!IsaSupported(isa))
-    return ffi::Error::InvalidArgument(who + ": isa " + std::to_string(isa) +
-                                       " (0 avx2, 1 avx512bw, 2 avx512-vnni) is not supported "
-                                       "by this CPU");
+  ffi::Error err;
+  if (IsaError(isa, who, &err)) return err;
   auto xd = x.dimensions();
   auto wd = wp.dimensions();
   if (xd.size() < 1 || wd.size() < 4 || od.size() != xd.size())
@@ -315,7 +405,8 @@ ffi::Error Sat16Run(ffi::ThreadPool& pool, const std::string& who, ffi::Buffer<f
     m = xd[xd.size() - 2];
     for (size_t i = 0; i + 3 < xd.size(); ++i) outer *= xd[i];
   }
-  const uint8_t* xs = x.typed_data();
+  XRows xr;
+  xr.x = x.typed_data();
   int64_t total = outer * b * m;
   if (total == 0 || n == 0) return ffi::Error::Success();
   if (k == 0) {
@@ -325,42 +416,19 @@ ffi::Error Sat16Run(ffi::ThreadPool& pool, const std::string& who, ffi::Buffer<f
     return ffi::Error::Success();
   }
   // K not a multiple of 4: one zero-padded copy of x, rows of 4 * k4 bytes.
-  int64_t lda = k;
+  xr.lda = k;
   std::vector<uint8_t> pad;
   if (k % 4 != 0) {
-    lda = 4 * k4;
-    pad.assign(total * lda, 0);
-    for (int64_t i = 0; i < total; ++i) std::memcpy(&pad[i * lda], xs + i * k, k);
-    xs = pad.data();
+    xr.lda = 4 * k4;
+    pad.assign(total * xr.lda, 0);
+    for (int64_t i = 0; i < total; ++i) std::memcpy(&pad[i * xr.lda], xr.x + i * k, k);
+    xr.x = pad.data();
   }
-  const int8_t* w = wp.typed_data();
-  s.n = n;
-  s.avx512 = isa != kAvx2 && __builtin_cpu_supports("avx512vl");  // epilogue.h's Requant
-  // Work items: (batch, column-block range) pairs, split in two halves when parallel.
-  int64_t batches = outer * b;
-  auto run = [=](int64_t item0, int64_t item1) {
-    // items enumerate (batch, nb) row-major
-    for (int64_t it = item0; it < item1;) {
-      int64_t bi = it / nbk, nb0 = it % nbk;
-      int64_t nb1 = nbk;
-      if (item1 - it < nb1 - nb0) nb1 = nb0 + (item1 - it);
-      Sink sb = s;
-      if (sb.acc != nullptr) sb.acc += bi * m * n;
-      GemmIsa(isa, xs + bi * m * lda, lda, m, w + (bi % b) * nbk * k4 * 64, k4, n, sb, nb0, nb1);
-      it += nb1 - nb0;
-    }
-  };
-  auto job = std::make_shared<Sat16Work>();
-  job->run = run;
-  job->total = batches * nbk;
-  job->chunk = (job->total + 15) / 16;
-  job->items = (job->total + job->chunk - 1) / job->chunk;
-  job->macs = total * n * k;
-  if (threads < 2) {  // this thread only
-    Drain(*job);
-    return ffi::Error::Success();
-  }
-  return RunItems(pool, job, who.c_str(), kParallelMacs);
+  const int64_t zero = 0;
+  xr.tapoff = &zero;
+  xr.c4 = k4;
+  return Dispatch(pool, who, xr, outer * b, m, b, wp.typed_data(), nbk, k4, n, k, s, threads,
+                  isa);
 }
 
 ffi::Error Sat16GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi::S8> wp,
@@ -393,6 +461,65 @@ ffi::Error Sat16Q8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer
   return Sat16Run(pool, who, x, wp, od, s, threads, isa);
 }
 
+// Fused conv (implicit im2col): x the zero-point-padded NHWC uint8 codes (N, Hp, Wp, C)
+// with C a multiple of 4, wp = pack of the (kh * kw * C, O) im2col weight (K index
+// (a * kw + b) * C + c: FBGEMM's order, whose pairs never span two taps for even C),
+// out (N, OH, OW, O) codes, one group; the epilogue as Sat16Q8Impl's.
+ffi::Error Sat16Q8ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi::S8> wp,
+                           ffi::Buffer<ffi::S32> ivec, ffi::Buffer<ffi::F32> fvec,
+                           ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::F32> clamp,
+                           ffi::Buffer<ffi::S32> zp, ffi::Result<ffi::AnyBuffer> out,
+                           int64_t threads, int64_t isa, int64_t kh, int64_t kw, int64_t sh,
+                           int64_t sw, int64_t dh, int64_t dw) {
+  const std::string who = "qjax_sat16_q8_conv";
+  ffi::Error err;
+  if (IsaError(isa, who, &err)) return err;
+  auto ot = out->element_type();
+  if (ot != ffi::DataType::S8 && ot != ffi::DataType::U8)
+    return ffi::Error::InvalidArgument(who + ": out must be int8 or uint8 codes");
+  auto xd = x.dimensions();
+  auto wd = wp.dimensions();
+  auto od = out->dimensions();
+  if (xd.size() != 4 || od.size() != 4 || wd.size() < 3)
+    return ffi::Error::InvalidArgument(who + ": x and out must be NHWC, the weight packed");
+  if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || dh < 1 || dw < 1)
+    return ffi::Error::InvalidArgument(who + ": kernel, stride and dilation must be >= 1");
+  int64_t n = xd[0], hp = xd[1], wpad = xd[2], c = xd[3], o = od[3];
+  if (c % 4 != 0) return ffi::Error::InvalidArgument(who + ": C must be a multiple of 4");
+  int64_t oh = hp >= (kh - 1) * dh + 1 ? (hp - (kh - 1) * dh - 1) / sh + 1 : 0;
+  int64_t ow = wpad >= (kw - 1) * dw + 1 ? (wpad - (kw - 1) * dw - 1) / sw + 1 : 0;
+  if (od[0] != n || od[1] != oh || od[2] != ow)
+    return ffi::Error::InvalidArgument(who + ": out shape does not match the conv of x");
+  size_t r = wd.size();
+  for (size_t i = 0; i + 3 < r; ++i)
+    if (wd[i] != 1) return ffi::Error::InvalidArgument(who + ": one unbatched weight");
+  int64_t nbk = wd[r - 3], k4 = wd[r - 2], k = kh * kw * c;
+  if (wd[r - 1] != 64 || nbk != (o + kNB - 1) / kNB || k4 != k / 4)
+    return ffi::Error::InvalidArgument(who + ": packed weight shape does not match kh·kw·C and O");
+  Epilogue e;
+  err = MakeEpilogue(who, static_cast<size_t>(o), ivec, fvec, mult, clamp, zp, &e);
+  if (err.failure()) return err;
+  int64_t m = n * oh * ow;
+  if (m == 0 || o == 0) return ffi::Error::Success();
+  std::vector<int64_t> tapoff(kh * kw);
+  for (int64_t a = 0; a < kh; ++a)
+    for (int64_t b = 0; b < kw; ++b) tapoff[a * kw + b] = (a * dh * wpad + b * dw) * c;
+  XRows xr;
+  xr.x = x.typed_data();
+  xr.tapoff = tapoff.data();
+  xr.ntaps = kh * kw;
+  xr.c4 = c / 4;
+  xr.ohw = oh * ow;
+  xr.ow = ow;
+  xr.img = hp * wpad * c;
+  xr.rstep = sh * wpad * c;
+  xr.cstep = sw * c;
+  Sink s;
+  s.codes = static_cast<uint8_t*>(out->untyped_data());
+  s.e = &e;
+  return Dispatch(pool, who, xr, 1, m, 1, wp.typed_data(), nbk, k4, o, k, s, threads, isa);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxSat16Gemm, Sat16GemmImpl,
@@ -417,6 +544,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxSat16Q8Gemm, Sat16Q8Impl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxSat16Q8Conv, Sat16Q8ConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw"));
 
 // How many calls so far split their work over two threads (tests).
 extern "C" int64_t qjax_sat16_parallel_calls() { return g_parallel_calls.load(); }
