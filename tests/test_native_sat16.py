@@ -319,14 +319,18 @@ _FUSED_CONV_CASES = [
     (3, 4, (5, 5), 16, (1, 1), (1, 1), (1, 1), 0),  # pointwise
     (4, 8, (16, 16), 24, (3, 3), (1, 1), (1, 1), 1),  # 1,024 rows: chunks of 128 rows
     (2, 8, (11,), 9, (3,), (2,), (1,), 1),  # 1-D, as height 1
-    (2, 3, (7, 6), 5, (3, 3), (1, 1), (1, 1), 1),  # odd C: XLA's im2col
+    (1, 8, (6, 7), 12, (3, 3), (1, 2), (2, 1), 2),  # wide padding: taps all in it
+    (2, 3, (7, 6), 5, (3, 3), (1, 1), (1, 1), 1),  # odd C: XLA's im2col / zero channels
+    (2, 1, (9, 8), 6, (3, 3), (1, 1), (1, 1), 1),  # C = 1 (a first layer)
 ]
 
 
-def test_fused_conv_every_isa_matches_xla(rng, monkeypatch):
-    # an "fbgemm_sat16" conv with one group on a "sat16" weight: one fused native call
-    # (sums over FBGEMM's im2col, zero-point term, requantize), unfolded and folded, on
-    # every code path == the XLA formulation's codes; schemes, ReLU, int8 / uint8 out
+@pytest.mark.parametrize("acc", ["fbgemm_sat16", "onednn_sat16"])
+def test_fused_conv_every_isa_matches_xla(rng, monkeypatch, acc):
+    # a saturating conv with one group on a "sat16" weight: one fused native call (sums
+    # over FBGEMM's im2col, or oneDNN's per-tap pairs on zeros with the zero-point term
+    # over the valid taps, then requantize), unfolded and folded, on every code path ==
+    # the XLA formulation's codes; schemes, ReLU, int8 / uint8 out
     from qjax.kernels import fold_requant
 
     n = 0
@@ -340,13 +344,14 @@ def test_fused_conv_every_isa_matches_xla(rng, monkeypatch):
         scheme = ("fbgemm", "qnnpack", "onednn")[i % 3]
         out = QParams(0.5, 7, QuantSpec(signed=True)) if i % 2 else QParams(0.4, 110, XSPEC)
         kw = dict(stride=stride, dilation=dil, padding=pad, scheme=scheme,
-                  activation="relu" if i % 2 == 0 else None, accumulate="fbgemm_sat16")  # fmt: skip
+                  activation="relu" if i % 2 == 0 else None, accumulate=acc)  # fmt: skip
         lay = "OIHW" if len(sp) == 2 else "OIW"
         want = np.asarray(
             quantized_conv(x, prepare_conv(w, weight_layout=lay), bias, out, **kw).values
         )
         nat = prepare_conv(w, weight_layout=lay, kernel="sat16")
-        target = "qjax_sat16_q8_conv" if c % 4 == 0 else "qjax_sat16_q8_gemm"
+        # FBGEMM's pairs cross taps for odd C: XLA's patches; oneDNN's channels padded
+        target = "qjax_sat16_q8_gemm" if c % 4 and acc == "fbgemm_sat16" else "qjax_sat16_q8_conv"
         folded = fold_requant(nat, x.qparams, bias, out, **{k: kw[k] for k in list(kw)[3:]})
         for isa in _sat16.sat16_isas():
             monkeypatch.setenv(_sat16.ISA_ENV, isa)
@@ -359,7 +364,7 @@ def test_fused_conv_every_isa_matches_xla(rng, monkeypatch):
                 assert text.count(f"custom_call @{target}") == 1, (i, text.count("custom_call"))
                 assert "qjax_sat16_gemm" not in text  # no int32 sums
                 n += want.size
-    print(f"\nfused sat16 conv, every code path, folded and not == XLA on {n} codes")
+    print(f"\nfused sat16 conv ({acc}), every code path, folded and not == XLA on {n} codes")
 
 
 def test_exact_linear_runs_on_sat16_only_where_no_pair_saturates(rng):

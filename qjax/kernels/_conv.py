@@ -81,10 +81,9 @@ from ._accumulate import (
     _int8_conv,
     _onednn_sat16_conv,
     _sat16_conv,
-    _sat16_pair_dot,
     check_accumulator,
     check_operands,
-    im2col_patches,
+    fused_sat16_conv,
 )
 from ._native._quantize import pad_native as _pad_native
 from ._native._quantize import quantize_status as _quantize_status
@@ -484,6 +483,7 @@ def quantized_conv(
     native_ok = pw.kernel == "onednn" or (
         pw.kernel == "amx" and _native.conv_supported(2, 1, dil_t)
     )
+    codes = None
     if accumulate == "exact" and native_ok and _native.fusable(pw, x, bias, out_qparams, scheme):
         # one native call on the padded raw codes: conv + zero-point term + requantize
         codes = _onednn_2d(
@@ -494,21 +494,12 @@ def quantized_conv(
             stride_t,
             dil_t,
         )
-        try:
-            codes = clamp_activation(codes, out_qparams, activation, bounds)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"layer {layer!r}: {e}") from None
-        return QArray(jnp.moveaxis(codes, -1, 1) if channels_first else codes, out_qparams)
-    if (
-        accumulate == "fbgemm_sat16"
-        and pw.kernel == "sat16"
-        and _native.fusable(pw, x, bias, out_qparams, scheme, accumulate)
-    ):
-        # one fused sat16 call over FBGEMM's im2col: sums + zero-point term + requantize
-        codes = _native.fused_sat16_conv_codes(
-            xv, x, pw, bias, out_qparams, scheme, activation == "relu", stride_t, dil_t,
-            im2col_patches, _sat16_pair_dot,
-        )  # fmt: skip
+    elif pw.kernel == "sat16" and _native.fusable(pw, x, bias, out_qparams, scheme, accumulate):
+        # one fused sat16 call: the saturating sums, zero-point term, requantize
+        relu = activation == "relu"
+        codes = fused_sat16_conv(xv, xv_unpadded, zx, x, pw, bias, out_qparams, scheme, relu,
+                                 stride_t, dil_t, pads, accumulate)  # fmt: skip
+    if codes is not None:
         try:
             codes = clamp_activation(codes, out_qparams, activation, bounds)
         except (TypeError, ValueError) as e:

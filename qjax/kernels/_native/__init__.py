@@ -54,6 +54,7 @@ from ._fused import (
     fused_conv_codes,
     fused_linear_codes,
     fused_sat16_conv_codes,
+    fused_sat16_patches_codes,
 )
 from ._onednn import (
     ONEDNN_TARGET,
@@ -100,6 +101,7 @@ __all__ = [
     "fused_conv_codes",
     "fused_linear_codes",
     "fused_sat16_conv_codes",
+    "fused_sat16_patches_codes",
     "native_status",
     "onednn_conv2d",
     "onednn_conv2d_q8",

@@ -105,8 +105,8 @@ def fusable(pw, x, bias, out, scheme, accumulate="exact") -> bool:
     (:func:`~qjax.kernels._native._onednn.onednn_fused`), or a ``kernel="sat16"`` linear
     weight whose pair sums provably cannot saturate for these inputs
     (:func:`~qjax.kernels._prepared.sat16_exact`); for ``"fbgemm_sat16"`` /
-    ``"onednn_sat16"`` a ``kernel="sat16"`` linear weight (its pair saturation), and for
-    ``"fbgemm_sat16"`` a ``kernel="sat16"`` conv weight with one group. Then
+    ``"onednn_sat16"`` a ``kernel="sat16"`` linear weight (its pair saturation) or conv
+    weight with one group. Then
     zero points known to be 0, scheme ``"fbgemm"``/``"qnnpack"`` (and ``"onednn"`` on
     oneDNN's and the sat16 kernel), int8/uint8 inputs and per-tensor int8/uint8
     outputs with an integer zero point, and a float32-castable ``(N,)`` or 0-d bias;
@@ -126,8 +126,8 @@ def fusable(pw, x, bias, out, scheme, accumulate="exact") -> bool:
     if not pw.zero_point_is_zero or x.values.dtype not in _CODES:
         return False
     if kernel == "sat16":  # linear: saturating, or exact where that is equal
-        if not hasattr(pw, "out_features"):  # conv: FBGEMM's im2col pairs, one group
-            if accumulate != "fbgemm_sat16" or pw.groups != 1:
+        if not hasattr(pw, "out_features"):  # conv: saturating, one group
+            if accumulate == "exact" or pw.groups != 1:
                 return False
         if accumulate == "exact":
             spec = getattr(x, "spec", None)
@@ -211,40 +211,49 @@ def fused_conv_codes(xv, x, pw, bias, out, scheme, relu, stride, dilation=(1, 1)
 
 
 def fused_sat16_conv_codes(
-    xv, x, pw, bias, out, scheme, relu, stride, dilation, im2col, pair_dot
+    xk, w, x, pw, bias, out, scheme, relu, stride, dilation, sums, border=None
 ) -> jax.Array:
-    """Output codes (channels-last) of an ``accumulate="fbgemm_sat16"`` conv with one
-    group in one fused sat16 call: :func:`fused_linear_codes`'s sat16 layer over
-    FBGEMM's im2col (``im2col``, :func:`qjax.kernels._accumulate.im2col_patches`) with
-    ``Σw`` = ``pw.w_sum``. With a multiple of 4 channels the patches are read in place
-    (:func:`~._sat16.sat16_conv_q8`; a 1-D conv as height 1), else built by XLA first.
+    """Output codes (NHWC) of a saturating 2-D conv with one group in one fused sat16
+    call whose im2col rows are read in place (:func:`~._sat16.sat16_conv_q8`): the sums,
+    ``-zp_x·Σw`` (``pw.w_sum``; over the valid taps only with ``border``), the layer's
+    requantization (:func:`fused_linear_codes`' epilogue).
 
-    ``xv`` the raw uint8 codes, padded with ``zp_x``, ``(N, *sp, C)``; ``x`` the input
-    :class:`~qjax.QArray` (scale, zero point); ``pw`` the sat16 ``PreparedConv``;
-    ``pair_dot`` the sums in XLA (off CPU). Only when :func:`fusable` said so.
+    ``xk`` the uint8 codes the kernel reads (NHWC, padded: with ``zp_x`` for
+    ``"fbgemm_sat16"``, with zeros and ``border = (zp_x, (pt, pl, h, w))`` for
+    ``"onednn_sat16"``), ``C % 4 == 0``; ``w`` the int8 HWIO weight (a 1-D conv's with
+    ``H = 1``); ``x`` the input :class:`~qjax.QArray` (scale, zero point); ``pw`` the
+    sat16 ``PreparedConv`` (its ``w_sum``, scales, folded epilogue); ``sums(xk, wk)`` the
+    kernel's int32 sums in XLA before ``ivec`` (what runs off CPU; ``wk`` the
+    ``(kh·kw·C, O)`` weight). Only when :func:`fusable` said so.
 
     >>> fusable(None, None, None, None, "fbgemm", "fbgemm_sat16")
     False
     """
-    w = pw.weight.values  # HWIO / WIO; k = tap·C + c is its row-major (K, O) reshape
-    wk = w.reshape(-1, w.shape[-1])
+    wk = w.reshape(-1, w.shape[-1])  # k = tap·C + c: HWIO's row-major (K, O) reshape
     vecs = _vectors(x, pw, pw.w_sum, bias, out, scheme, relu)
-    packed = _sat16.pack_sat16_weight(wk)
-    if xv.shape[-1] % 4:
-        patches = im2col(xv, w, stride, dilation, 1)[0][..., 0, :]
-        return _sat16_codes(patches, packed, wk, vecs, out, pair_dot)
-    one_d = xv.ndim == 3
-    if one_d:  # (N, W, C) as (N, 1, W, C)
-        xv, w = xv[:, None], w[None]
-        stride, dilation = (1,) + tuple(stride), (1,) + tuple(dilation)
 
-    def portable(x, wk, *vecs):
-        p = im2col(x, wk.reshape(w.shape), stride, dilation, 1)[0][..., 0, :]
-        return _onednn.portable_codes(pair_dot(p, wk), *vecs).astype(out.spec.dtype)
+    def portable(xk, wk, *v):
+        return _onednn.portable_codes(sums(xk, wk), *v[:5]).astype(out.spec.dtype)
 
     q8 = _sat16.sat16_conv_q8
-    codes = q8(xv, packed, wk, vecs, out.spec.dtype, portable, w.shape[:2], stride, dilation)
-    return codes[:, 0] if one_d else codes
+    packed = _sat16.pack_sat16_weight(wk)
+    return q8(xk, packed, wk, vecs, out.spec.dtype, portable, w.shape[:2], stride, dilation,
+              border)  # fmt: skip
+
+
+def fused_sat16_patches_codes(patches, x, pw, bias, out, scheme, relu, pair_dot) -> jax.Array:
+    """The sat16 conv of :func:`fused_sat16_conv_codes` (``"fbgemm_sat16"``, any ``C``)
+    on im2col ``patches`` XLA built (uint8 ``(..., kh·kw·C)``, FBGEMM's order): the
+    linear layer of :func:`fused_linear_codes` with ``Σw = pw.w_sum``; ``pair_dot`` the
+    sums in XLA (off CPU).
+
+    >>> fusable(None, None, None, None, "fbgemm", "fbgemm_sat16")
+    False
+    """
+    w = pw.weight.values
+    wk = w.reshape(-1, w.shape[-1])
+    vecs = _vectors(x, pw, pw.w_sum, bias, out, scheme, relu)
+    return _sat16_codes(patches, _sat16.pack_sat16_weight(wk), wk, vecs, out, pair_dot)
 
 
 def _sat16_codes(xv, packed, w, vecs, out, pair_dot):

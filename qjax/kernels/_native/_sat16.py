@@ -250,8 +250,9 @@ def sat16_linear_q8(x, packed, w, vecs, out_dtype, portable, threads=None, isa=N
 
 
 def sat16_conv_q8(
-    x, packed, w, vecs, out_dtype, portable, kernel, stride, dilation, threads=None, isa=None
-):
+    x, packed, w, vecs, out_dtype, portable, kernel, stride, dilation, border=None,
+    threads=None, isa=None,
+):  # fmt: skip
     """8-bit NHWC codes of a 2-D conv with one group in one native call, the patches of
     FBGEMM's im2col read in place (never written): per output position ``(n, i, j)`` and
     channel ``o``, the sums ``acc = Σ_t Σ_j sat16(pair j of tap t)`` of
@@ -262,17 +263,21 @@ def sat16_conv_q8(
     (a pair never spans two taps); ``w`` the int8 im2col weight ``(kh·kw·C, O)``
     (:func:`qjax.kernels._accumulate.im2col_patches`) and ``packed`` its
     :func:`pack_sat16_weight`; ``vecs``, ``out_dtype``, ``threads``, ``isa`` as for
-    :func:`sat16_linear_q8`; ``portable(x, w, *vecs)`` the codes in XLA (what runs off
-    CPU); ``kernel`` ``(kh, kw)``, ``stride``, ``dilation`` ``(h, w)``. Call
-    :func:`require_sat16` first.
+    :func:`sat16_linear_q8`; ``portable(x, w, *vecs, wtap, zx)`` the codes in XLA (what
+    runs off CPU); ``kernel`` ``(kh, kw)``, ``stride``, ``dilation`` ``(h, w)``.
+    ``border=(zp_x, (pt, pl, h, w))``: oneDNN's zero-point term over the valid taps only
+    (``accumulate="onednn_sat16"``; ``x`` padded with zeros, ``pt`` rows on top and ``pl``
+    columns on the left of the unpadded ``h x w``, ``vecs``' ``ivec`` with ``-zp_x·Σw``
+    over every tap): each output position whose taps read padding gets ``zp_x·Σ_c w[t,
+    c, o]`` back per such tap ``t``, in wrapping int32. Call :func:`require_sat16` first.
 
     >>> from qjax.kernels._accumulate import _sat16_conv
     >>> from qjax.kernels._native._onednn import portable_codes
     >>> x = jnp.full((1, 2, 2, 4), 200, jnp.uint8)
     >>> w = jnp.full((2, 2, 4, 1), 100, jnp.int8)  # pairs 2·200·100 saturate at 32767
-    >>> def xla(x, w, *vecs):
+    >>> def xla(x, w, *vecs):  # vecs, then wtap and zx (unused without border)
     ...     acc = _sat16_conv(x, w.reshape(2, 2, 4, 1), (1, 1), (1, 1), 1)
-    ...     return portable_codes(acc, *vecs).astype(jnp.uint8)
+    ...     return portable_codes(acc, *vecs[:5]).astype(jnp.uint8)
     >>> vecs = (jnp.zeros(1, jnp.int32), jnp.zeros(1), jnp.full(1, 1 / 1024),
     ...         jnp.array([0.0, 255.0]), jnp.array([0], jnp.int32))
     >>> f = lambda x: sat16_conv_q8(x, pack_sat16_weight(w.reshape(16, 1)), w.reshape(16, 1),
@@ -290,8 +295,16 @@ def sat16_conv_q8(
     ow = (wp - (kw - 1) * dilation[1] - 1) // stride[1] + 1
     out = jax.ShapeDtypeStruct((n, oh, ow, o), out_dtype)
     attrs = dict(kh=kh, kw=kw, sh=stride[0], sw=stride[1], dh=dilation[0], dw=dilation[1])
-    return _call(SAT16_Q8_CONV_TARGET, out, x, packed, w, vecs, portable, threads, isa,
-                 "sat16_conv_q8", **attrs)  # fmt: skip
+    if border is None:
+        extra = (jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32))
+        attrs.update(valid_taps=0, pt=0, pl=0, ih=0, iw=0)
+    else:
+        zx, (pt, pl, h, wd) = border
+        wtap = jnp.sum(w.reshape(kh * kw, c, o).astype(jnp.int32), axis=1)  # (T, O)
+        extra = (wtap, jnp.reshape(zx, (1,)).astype(jnp.int32))
+        attrs.update(valid_taps=1, pt=pt, pl=pl, ih=h, iw=wd)
+    return _call(SAT16_Q8_CONV_TARGET, out, x, packed, w, tuple(vecs) + extra, portable,
+                 threads, isa, "sat16_conv_q8", **attrs)  # fmt: skip
 
 
 def _call(target, out, x, packed, w, vecs, portable, threads, isa, who, **attrs):

@@ -65,16 +65,50 @@ constexpr int kMR = 4;    // rows per register block
 
 // Where a register block's accumulators go: the int32 matrix (acc), or the epilogue into
 // the codes (codes, e); n is the row stride of both.
+// oneDNN's zero-point term over the valid taps only (accumulate="onednn_sat16"): the
+// conv runs on the zero-padded input and the epilogue's ivec holds -zp_x * (sum over
+// every tap), so an output position whose taps read padding gets zp_x * wtap[t, o] back
+// for each such tap t (wtap[t, o] = sum_c w[t, c, o]): acc - zp_x * (sum over the valid
+// taps), in wrapping int32 as XLA's. Interior positions are left alone.
+struct Border {
+  const int32_t* zwtap = nullptr;  // zp_x * wtap (kh * kw, O), wrapping
+
+  int64_t o = 0, ohw = 0, ow = 0, kh = 0, kw = 0, sh = 0, sw = 0, dh = 0, dw = 0;
+  int64_t pt = 0, pl = 0, h = 0, w = 0;  // padding top / left, unpadded height / width
+
+  void Fix(int32_t* tile, int64_t ldt, int64_t rows, int64_t cols, int64_t pos,
+           int64_t col) const {
+    int64_t rem = pos % ohw, oh = rem / ow, c0 = rem % ow;  // stepped as XRows::Rows
+    for (int64_t r = 0; r < rows; ++r, ++c0) {
+      if (c0 == ow) c0 = 0, oh = oh + 1 == ohw / ow ? 0 : oh + 1;
+      int64_t y0 = oh * sh - pt, x0 = c0 * sw - pl;
+      if (y0 >= 0 && y0 + (kh - 1) * dh < h && x0 >= 0 && x0 + (kw - 1) * dw < w) continue;
+      uint32_t* t = reinterpret_cast<uint32_t*>(tile + r * ldt);
+      for (int64_t a = 0; a < kh; ++a) {
+        for (int64_t b = 0; b < kw; ++b) {
+          int64_t y = y0 + a * dh, x = x0 + b * dw;
+          if (y >= 0 && y < h && x >= 0 && x < w) continue;
+          const uint32_t* zw = reinterpret_cast<const uint32_t*>(zwtap + (a * kw + b) * o + col);
+          for (int64_t c = 0; c < cols; ++c) t[c] += zw[c];
+        }
+      }
+    }
+  }
+};
+
 struct Sink {
   int32_t* acc = nullptr;
   uint8_t* codes = nullptr;
   const Epilogue* e = nullptr;
+  const Border* border = nullptr;  // onednn_sat16 convs
   int64_t n = 0;
+  int64_t row0 = 0;  // the output position of the sink's row 0 (Border)
   bool avx512 = false;  // the epilogue's AVX-512 code (else AVX2)
 
   // rows x cols of a tile (row stride ldt) are the accumulators of (row.., col..)
-  void Requantize(const int32_t* tile, int64_t ldt, int64_t rows, int64_t cols, int64_t row,
+  void Requantize(int32_t* tile, int64_t ldt, int64_t rows, int64_t cols, int64_t row,
                   int64_t col) const {
+    if (border != nullptr) border->Fix(tile, ldt, rows, cols, row0 + row, col);
     uint8_t* d = codes + row * n + col;
     if (avx512) Requant(tile, ldt, rows, cols, d, n, *e, col);
     else Requant256(tile, ldt, rows, cols, d, n, *e, col);
@@ -99,10 +133,24 @@ struct XRows {
   int64_t ntaps = 1, c4 = 0;
   int64_t ohw = 0, ow = 0, img = 0, rstep = 0, cstep = 0;  // conv when ohw > 0
 
-  const uint8_t* Row(int64_t i) const {
-    if (ohw == 0) return x + i * lda;
-    int64_t n = i / ohw, r = i % ohw;
-    return x + n * img + r / ow * rstep + r % ow * cstep;
+  // Rows i.. i + R - 1: divisions for the first only, then steps (a conv's division per
+  // row cost more than the rest of its bookkeeping)
+  template <int R>
+  void Rows(int64_t i, const uint8_t** p) const {
+    if (ohw == 0) {
+      for (int r = 0; r < R; ++r) p[r] = x + (i + r) * lda;
+      return;
+    }
+    int64_t rem = i % ohw, oh = rem / ow, c = rem % ow;
+    const uint8_t* line = x + i / ohw * img + oh * rstep;
+    for (int r = 0; r < R; ++r) {
+      p[r] = line + c * cstep;
+      if (++c == ow) {  // next output row, or the next image's first
+        c = 0;
+        line = ++oh == ohw / ow ? line + img - (oh - 1) * rstep : line + rstep;
+        if (oh == ohw / ow) oh = 0;
+      }
+    }
   }
 };
 
@@ -113,11 +161,9 @@ void Kernel(const XRows& xr, int64_t row, const int8_t* w, int32_t* out, int64_t
             int ncols) {
   const __m256i ones = _mm256_set1_epi16(1);
   const uint8_t* xp[R];
+  xr.Rows<R>(row, xp);
   __m256i acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) {
-    xp[r] = xr.Row(row + r);
-    acc0[r] = acc1[r] = _mm256_setzero_si256();
-  }
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_si256();
   for (int64_t t = 0; t < xr.ntaps; ++t) {
     const int64_t off = xr.tapoff[t];
     for (int64_t k = 0; k < xr.c4; ++k, w += 64) {
@@ -208,11 +254,10 @@ QJAX_AVX512 void Kernel512(const XRows& xr, int64_t row, const int8_t* w, int64_
                            int32_t* out, int64_t ldo, int ncols_last) {
   const __m512i ones = _mm512_set1_epi16(1);
   const uint8_t* xp[R];
+  xr.Rows<R>(row, xp);
   __m512i acc[R][NC];
-  for (int r = 0; r < R; ++r) {
-    xp[r] = xr.Row(row + r);
+  for (int r = 0; r < R; ++r)
     for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_setzero_si512();
-  }
   for (int64_t t = 0; t < xr.ntaps; ++t) {
     const int64_t off = xr.tapoff[t];
     for (int64_t k = 0; k < xr.c4; ++k, w += 64) {
@@ -355,6 +400,7 @@ ffi::Error Dispatch(ffi::ThreadPool& pool, const std::string& who, const XRows& 
       Sink sb = s;
       if (sb.acc != nullptr) sb.acc += row0 * n;
       if (sb.codes != nullptr) sb.codes += row0 * n;
+      sb.row0 = row0;
       GemmIsa(isa, xr, row0, rows, w + (bi % b) * nbk * k4 * 64, k4, n, sb, nb0, nb1);
       it += nb1 - nb0;
     }
@@ -464,13 +510,19 @@ ffi::Error Sat16Q8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer
 // Fused conv (implicit im2col): x the zero-point-padded NHWC uint8 codes (N, Hp, Wp, C)
 // with C a multiple of 4, wp = pack of the (kh * kw * C, O) im2col weight (K index
 // (a * kw + b) * C + c: FBGEMM's order, whose pairs never span two taps for even C),
-// out (N, OH, OW, O) codes, one group; the epilogue as Sat16Q8Impl's.
+// out (N, OH, OW, O) codes, one group; the epilogue as Sat16Q8Impl's. valid_taps = 1:
+// oneDNN's pairs (accumulate="onednn_sat16"): x padded with zeros (pt rows on top, pl
+// columns on the left of the unpadded h x w), and each border position's zero-point
+// term taken over its valid taps only (Border, from wtap (kh·kw, O) and zx (1,)); with
+// C % 4 == 0 oneDNN's per-tap pairs are FBGEMM's. valid_taps = 0: wtap, zx unused.
 ffi::Error Sat16Q8ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi::S8> wp,
                            ffi::Buffer<ffi::S32> ivec, ffi::Buffer<ffi::F32> fvec,
                            ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::F32> clamp,
-                           ffi::Buffer<ffi::S32> zp, ffi::Result<ffi::AnyBuffer> out,
+                           ffi::Buffer<ffi::S32> zp, ffi::Buffer<ffi::S32> wtap,
+                           ffi::Buffer<ffi::S32> zx, ffi::Result<ffi::AnyBuffer> out,
                            int64_t threads, int64_t isa, int64_t kh, int64_t kw, int64_t sh,
-                           int64_t sw, int64_t dh, int64_t dw) {
+                           int64_t sw, int64_t dh, int64_t dw, int64_t valid_taps, int64_t pt,
+                           int64_t pl, int64_t h, int64_t w) {
   const std::string who = "qjax_sat16_q8_conv";
   ffi::Error err;
   if (IsaError(isa, who, &err)) return err;
@@ -517,6 +569,21 @@ ffi::Error Sat16Q8ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Bu
   Sink s;
   s.codes = static_cast<uint8_t*>(out->untyped_data());
   s.e = &e;
+  Border bd;
+  std::vector<int32_t> zwtap;
+  if (valid_taps) {
+    if (wtap.element_count() != static_cast<size_t>(kh * kw * o) || zx.element_count() != 1)
+      return ffi::Error::InvalidArgument(who + ": wtap must be (kh·kw, O), zx (1,)");
+    if (pt < 0 || pl < 0 || h < 0 || w < 0 || pt + h > hp || pl + w > wpad)
+      return ffi::Error::InvalidArgument(who + ": the padding does not fit x");
+    const uint32_t z = static_cast<uint32_t>(zx.typed_data()[0]);
+    const int32_t* wt = wtap.typed_data();
+    zwtap.resize(kh * kw * o);
+    for (size_t i = 0; i < zwtap.size(); ++i)
+      zwtap[i] = static_cast<int32_t>(z * static_cast<uint32_t>(wt[i]));
+    bd = Border{zwtap.data(), o, oh * ow, ow, kh, kw, sh, sw, dh, dw, pt, pl, h, w};
+    s.border = &bd;
+  }
   return Dispatch(pool, who, xr, 1, m, 1, wp.typed_data(), nbk, k4, o, k, s, threads, isa);
 }
 
@@ -555,6 +622,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxSat16Q8Conv, Sat16Q8ConvImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("isa")
@@ -563,7 +632,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxSat16Q8Conv, Sat16Q8ConvImpl,
                                   .Attr<int64_t>("sh")
                                   .Attr<int64_t>("sw")
                                   .Attr<int64_t>("dh")
-                                  .Attr<int64_t>("dw"));
+                                  .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("valid_taps")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("ih")
+                                  .Attr<int64_t>("iw"));
 
 // How many calls so far split their work over two threads (tests).
 extern "C" int64_t qjax_sat16_parallel_calls() { return g_parallel_calls.load(); }
