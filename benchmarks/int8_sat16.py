@@ -27,8 +27,9 @@ What bounds it on a VNNI CPU: ``vpdpbusd`` does 64 multiply-adds in one instruct
 emulation needs
 ``vpmaddubsw`` + ``vpdpwssd`` (two multiplies) for the same 64.
 
-Second table: the CNN of ``int8_cnn.py`` the same way (:func:`cnn_emulation`): its
-convs on the fused sat16 conv, batch 64, frozen; ``BENCH`` lines with the same goal.
+Second table: the CNN of ``int8_cnn.py`` the same way (:func:`cnn_emulation`), from
+torch's x86 and onednn engines: its convs on the fused sat16 conv, batch 64, frozen;
+``BENCH`` lines with the same goal.
 
 Third table (issue 16 item 2): a Flax MLP of the same sizes with 7-bit activations
 (torch's x86 qconfig, ``reduce_range``) served by ``qjax.convert``; its exactly
@@ -268,43 +269,49 @@ def seven_bit_below_vnni():
 
 def cnn_emulation():
     """The CNN of ``int8_cnn.py`` (conv 3x3 1->32 + ReLU, conv 3x3 32->64 + ReLU, max pool,
-    FC; torch's x86 qconfig, batch 64 of 28x28) imported per CPU level as :func:`main`'s
-    MLP: the exact import (``isa="vnni"``, ``kernel="auto"``) against the emulation
-    (``isa="avx2"`` / ``"avx512"``, FBGEMM's saturating im2col pairs), both frozen. Each
-    conv is one fused native call (``qjax_sat16_q8_conv`` reads the 32-channel conv's
-    patches in place; the 1-channel conv's patches are built by XLA), the requantization
-    folded; the pure-XLA emulation's outputs are compared (mismatches printed)."""
+    FC; batch 64 of 28x28) converted by torch's x86 and onednn engines, imported per CPU
+    level as :func:`main`'s MLP: the exact import (``isa="vnni"``, ``kernel="auto"``)
+    against the emulation (``isa="avx2"`` / ``"avx512"``: FBGEMM's saturating im2col
+    pairs for the x86 engine's convs, oneDNN's per-tap pairs with the zero-point term over
+    the valid taps for the onednn engine's), both frozen. Each conv is one fused native
+    call (``qjax_sat16_q8_conv`` reads the patches in place; the 1-channel conv's are
+    built by XLA for FBGEMM's pairs, read in place with zero channels for oneDNN's), the
+    requantization folded; the pure-XLA emulation's outputs are compared (mismatches
+    printed)."""
     from int8_cnn import BATCH, Net, converted
 
     torch.manual_seed(0)
     x = torch.rand(BATCH, 1, 28, 28)
     xj = jnp.asarray(x.numpy())
-    q = converted(Net().eval(), "x86", x)
-    torch.backends.quantized.engine = "x86"  # import_model runs the model once
-    exact = import_model(q, (x,), engine="x86", isa="vnni", kernel="auto")
-    fns = {"exact": functools.partial(exact.freeze(), xj)}
-    mism = {}
-    for level in LEVELS:
-        nat = import_model(q, (x,), engine="x86", isa=level)
-        assert set(nat.kernels.values()) == {"sat16"}, nat.kernels
-        xla = import_model(q, (x,), engine="x86", isa=level, kernel="xla")
-        mism[level] = int((np.asarray(nat(xj)) != np.asarray(xla(xj))).sum())
-        fns[level] = functools.partial(nat.freeze(), xj)
-    t = interleaved(fns, repeats=4 if quick() else 15, warmup=2)
+    float_model = Net().eval()
     rows = []
-    for level in LEVELS:
-        ratio = t["exact"] / t[level]
-        rows.append([level, f"{t['exact'] * 1e3:.2f}", f"{t[level] * 1e3:.2f}",
-                     f"{1 / ratio:.2f}x", mism[level]])  # fmt: skip
-        bench_line(
-            "int8_sat16",
-            f"CNN {level} batch {BATCH}, frozen: exact (kernel='auto') / sat16 native",
-            ratio,
-            "qjax exact frozen (vnni, fastest exact kernel)",
-            f">= {GOAL:.2f}",
-        )
-    print(f"CNN of int8_cnn.py, batch {BATCH}, exact layers: {exact.kernels}")
-    headers = ["level", "exact frozen ms", "sat16 frozen ms", "sat16/exact", "native!=XLA"]
+    for engine in ("x86", "onednn"):
+        q = converted(float_model, engine, x)
+        torch.backends.quantized.engine = engine  # import_model runs the model once
+        exact = import_model(q, (x,), engine=engine, isa="vnni", kernel="auto")
+        fns = {"exact": functools.partial(exact.freeze(), xj)}
+        mism = {}
+        for level in LEVELS:
+            nat = import_model(q, (x,), engine=engine, isa=level)
+            assert set(nat.kernels.values()) == {"sat16"}, nat.kernels
+            xla = import_model(q, (x,), engine=engine, isa=level, kernel="xla")
+            mism[level] = int((np.asarray(nat(xj)) != np.asarray(xla(xj))).sum())
+            fns[level] = functools.partial(nat.freeze(), xj)
+        t = interleaved(fns, repeats=4 if quick() else 15, warmup=2)
+        for level in LEVELS:
+            ratio = t["exact"] / t[level]
+            rows.append([engine, level, f"{t['exact'] * 1e3:.2f}", f"{t[level] * 1e3:.2f}",
+                         f"{1 / ratio:.2f}x", mism[level]])  # fmt: skip
+            bench_line(
+                "int8_sat16",
+                f"CNN {engine} {level} batch {BATCH}, frozen: exact (kernel='auto') / sat16 native",
+                ratio,
+                "qjax exact frozen (vnni, fastest exact kernel)",
+                f">= {GOAL:.2f}",
+            )
+    print(f"CNN of int8_cnn.py, batch {BATCH}; exact layers: {exact.kernels}")
+    headers = ["engine", "level", "exact frozen ms", "sat16 frozen ms", "sat16/exact",
+               "native!=XLA"]  # fmt: skip
     print(table(headers, rows))
 
 

@@ -170,9 +170,9 @@ def prepare_conv(
         with ``groups=1``; raises ``RuntimeError`` with the reason when unavailable, see
         :func:`qjax.kernels.native_status`) or ``"sat16"`` (the native sat16 GEMM on XLA's
         im2col patches for ``accumulate="fbgemm_sat16"``/``"onednn_sat16"``, any groups,
-        dilation and 1-D/2-D; with ``"fbgemm_sat16"``, one group, zero weight zero
-        points and per-tensor 8-bit output qparams, one call with the requantization
-        fused, reading the patches in place where ``C % 4 == 0``; exact accumulation
+        dilation and 1-D/2-D; with one group, zero weight zero points and per-tensor
+        8-bit output qparams, one call with the requantization fused, reading the
+        patches in place (FBGEMM's pairs: where ``C % 4 == 0``); exact accumulation
         stays on XLA; see :func:`qjax.kernels.sat16_status`).
 
     Returns:

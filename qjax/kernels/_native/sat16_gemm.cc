@@ -72,7 +72,6 @@ constexpr int kMR = 4;    // rows per register block
 // taps), in wrapping int32 as XLA's. Interior positions are left alone.
 struct Border {
   const int32_t* zwtap = nullptr;  // zp_x * wtap (kh * kw, O), wrapping
-
   int64_t o = 0, ohw = 0, ow = 0, kh = 0, kw = 0, sh = 0, sw = 0, dh = 0, dw = 0;
   int64_t pt = 0, pl = 0, h = 0, w = 0;  // padding top / left, unpadded height / width
 
@@ -141,14 +140,18 @@ struct XRows {
       for (int r = 0; r < R; ++r) p[r] = x + (i + r) * lda;
       return;
     }
+    const int64_t oh_n = ohw / ow;
     int64_t rem = i % ohw, oh = rem / ow, c = rem % ow;
     const uint8_t* line = x + i / ohw * img + oh * rstep;
     for (int r = 0; r < R; ++r) {
       p[r] = line + c * cstep;
-      if (++c == ow) {  // next output row, or the next image's first
-        c = 0;
-        line = ++oh == ohw / ow ? line + img - (oh - 1) * rstep : line + rstep;
-        if (oh == ohw / ow) oh = 0;
+      if (++c < ow) continue;
+      c = 0;
+      if (++oh < oh_n) {
+        line += rstep;
+      } else {  // the next image's first output row
+        oh = 0;
+        line += img - (oh_n - 1) * rstep;
       }
     }
   }
