@@ -367,6 +367,26 @@ def test_fused_conv_every_isa_matches_xla(rng, monkeypatch, acc):
     print(f"\nfused sat16 conv ({acc}), every code path, folded and not == XLA on {n} codes")
 
 
+@pytest.mark.parametrize("acc", ["fbgemm_sat16", "onednn_sat16"])
+def test_fused_conv_under_vmap(rng, acc):
+    # vmap over inputs: the fused conv runs once per element, the XLA path's codes
+    spec = QuantSpec(signed=True, symmetric=True, axis=0)
+    wv = jnp.asarray(rng.integers(-128, 128, (8, 8, 3, 3)), jnp.int8)
+    w = QArray(wv, QParams(jnp.full(8, 0.01), jnp.zeros(8, jnp.int32), spec))
+    xs = jnp.asarray(rng.integers(0, 256, (3, 2, 8, 6, 6)), jnp.uint8)
+    out = QParams(0.4, 100, XSPEC)
+
+    def f(v, pw):
+        x = QArray(v, QParams(0.02, 120, XSPEC))
+        return quantized_conv(x, pw, None, out, padding=1, accumulate=acc).values
+
+    nat = prepare_conv(w, kernel="sat16")
+    want = jax.vmap(lambda v: f(v, prepare_conv(w)))(xs)
+    fn = jax.jit(jax.vmap(lambda v: f(v, nat)))
+    assert "qjax_sat16_q8_conv" in fn.lower(xs).as_text()
+    assert (np.asarray(fn(xs)) == np.asarray(want)).all()
+
+
 def test_exact_linear_runs_on_sat16_only_where_no_pair_saturates(rng):
     # a "sat16" weight records the largest uint8 code its pair sums cannot saturate at;
     # exact accumulation takes the kernel for activation specs within it, XLA otherwise,

@@ -304,11 +304,14 @@ def sat16_conv_q8(
         extra = (wtap, jnp.reshape(zx, (1,)).astype(jnp.int32))
         attrs.update(valid_taps=1, pt=pt, pl=pl, ih=h, iw=wd)
     return _call(SAT16_Q8_CONV_TARGET, out, x, packed, w, tuple(vecs) + extra, portable,
-                 threads, isa, "sat16_conv_q8", **attrs)  # fmt: skip
+                 threads, isa, "sat16_conv_q8", "sequential", **attrs)  # fmt: skip
 
 
-def _call(target, out, x, packed, w, vecs, portable, threads, isa, who, **attrs):
-    """The custom call ``target`` on CPU, ``portable(x, w, *vecs)`` elsewhere."""
+def _call(target, out, x, packed, w, vecs, portable, threads, isa, who, vmap="expand_dims",
+          **attrs):  # fmt: skip
+    """The custom call ``target`` on CPU, ``portable(x, w, *vecs)`` elsewhere; under
+    ``vmap`` the GEMMs take the batch as leading rows (``"expand_dims"``), the conv one
+    call per element (``"sequential"``)."""
     threads = THREADS if threads is None else int(threads)
     isa = sat16_isa() if isa is None else isa
     if isa not in SAT16_ISAS:
@@ -317,7 +320,7 @@ def _call(target, out, x, packed, w, vecs, portable, threads, isa, who, **attrs)
 
     def native(x, packed, w, *vecs):
         del w
-        call = jax.ffi.ffi_call(target, out, vmap_method="expand_dims")
+        call = jax.ffi.ffi_call(target, out, vmap_method=vmap)
         with jax.named_scope(EXPORT_HINT):
             return call(x, packed, *vecs, threads=threads, isa=code, **attrs)
 
