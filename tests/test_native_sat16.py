@@ -11,8 +11,9 @@ integers, and torch's forced to AVX2.
 * kernel choice: ``import_model``'s default puts saturating layers on ``"sat16"``,
   ``kernel="xla"`` keeps them on XLA (exportable), ``jax.export`` of the native program
   is refused with a message naming ``kernel='xla'``;
-* fused conv: an ``"fbgemm_sat16"`` conv with one group in one call (the patches read
-  in place where C % 4 == 0), folded or not, every code path == the XLA formulation;
+* fused conv: a saturating conv with one group in one call (FBGEMM's pairs, the patches
+  read in place where C % 4 == 0; oneDNN's, read in place, the zero-point term over the
+  valid taps), folded or not, every code path and under vmap == the XLA formulation;
 * end to end: a torch int8 MLP and CNN (the CNN on fbgemm only in the default run) run
   by torch forced to AVX2 (``level_env``) in a subprocess, imported with ``isa=None``
   (the level the switches set, the x86 conv routing of this CPU's flags): the native
