@@ -72,16 +72,16 @@ constexpr int kMR = 4;    // rows per register block
 // taps), in wrapping int32 as XLA's. Interior positions are left alone.
 struct Border {
   const int32_t* zwtap = nullptr;  // zp_x * wtap (kh * kw, O), wrapping
+  const uint8_t* edge = nullptr;   // per output position: 1 where a tap reads padding
   int64_t o = 0, ohw = 0, ow = 0, kh = 0, kw = 0, sh = 0, sw = 0, dh = 0, dw = 0;
   int64_t pt = 0, pl = 0, h = 0, w = 0;  // padding top / left, unpadded height / width
 
   void Fix(int32_t* tile, int64_t ldt, int64_t rows, int64_t cols, int64_t pos,
            int64_t col) const {
-    int64_t rem = pos % ohw, oh = rem / ow, c0 = rem % ow;  // stepped as XRows::Rows
-    for (int64_t r = 0; r < rows; ++r, ++c0) {
-      if (c0 == ow) c0 = 0, oh = oh + 1 == ohw / ow ? 0 : oh + 1;
-      int64_t y0 = oh * sh - pt, x0 = c0 * sw - pl;
-      if (y0 >= 0 && y0 + (kh - 1) * dh < h && x0 >= 0 && x0 + (kw - 1) * dw < w) continue;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (!edge[pos + r]) continue;
+      int64_t rem = (pos + r) % ohw;
+      int64_t y0 = rem / ow * sh - pt, x0 = rem % ow * sw - pl;
       uint32_t* t = reinterpret_cast<uint32_t*>(tile + r * ldt);
       for (int64_t a = 0; a < kh; ++a) {
         for (int64_t b = 0; b < kw; ++b) {
@@ -574,6 +574,7 @@ ffi::Error Sat16Q8ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Bu
   s.e = &e;
   Border bd;
   std::vector<int32_t> zwtap;
+  std::vector<uint8_t> edge;
   if (valid_taps) {
     if (wtap.element_count() != static_cast<size_t>(kh * kw * o) || zx.element_count() != 1)
       return ffi::Error::InvalidArgument(who + ": wtap must be (kh·kw, O), zx (1,)");
@@ -584,7 +585,17 @@ ffi::Error Sat16Q8ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Bu
     zwtap.resize(kh * kw * o);
     for (size_t i = 0; i < zwtap.size(); ++i)
       zwtap[i] = static_cast<int32_t>(z * static_cast<uint32_t>(wt[i]));
-    bd = Border{zwtap.data(), o, oh * ow, ow, kh, kw, sh, sw, dh, dw, pt, pl, h, w};
+    // the border positions, found once per call (the kernel's tiles skip the rest)
+    edge.resize(m);
+    for (int64_t i = 0, y = 0; y < oh; ++y) {
+      bool ry = y * sh - pt >= 0 && y * sh - pt + (kh - 1) * dh < h;
+      for (int64_t x = 0; x < ow; ++x, ++i) {
+        bool rx = x * sw - pl >= 0 && x * sw - pl + (kw - 1) * dw < w;
+        edge[i] = !(ry && rx);
+      }
+    }
+    for (int64_t i = oh * ow; i < m; ++i) edge[i] = edge[i - oh * ow];  // every image alike
+    bd = Border{zwtap.data(), edge.data(), o, oh * ow, ow, kh, kw, sh, sw, dh, dw, pt, pl, h, w};
     s.border = &bd;
   }
   return Dispatch(pool, who, xr, 1, m, 1, wp.typed_data(), nbk, k4, o, k, s, threads, isa);
