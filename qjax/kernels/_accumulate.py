@@ -321,7 +321,7 @@ def im2col_patches(xv, w, stride, dilation, groups, per_tap=False):
     return p, jnp.moveaxis(wk, 2, 0).reshape(groups, k, o // groups)
 
 
-def fused_sat16_conv(xv, xu, zx, x, pw, bias, out, scheme, relu, stride, dilation, pads,
+def fused_sat16_conv(xv, zx, x, pw, bias, out, scheme, relu, stride, dilation, pads,
                      accumulate):  # fmt: skip
     """Output codes (channels-last) of a saturating conv with one group in one fused
     native sat16 call: :func:`_sat16_conv`'s sums (FBGEMM's pairs; oneDNN's,
@@ -333,18 +333,19 @@ def fused_sat16_conv(xv, xu, zx, x, pw, bias, out, scheme, relu, stride, dilatio
     multiple of 4; FBGEMM's pairs with other ``C``: XLA builds the patches
     (:func:`im2col_patches`).
 
-    ``xv`` the raw uint8 codes padded with ``zx``, ``xu`` unpadded, ``(N, *sp, C)``;
-    ``x`` the input :class:`~qjax.QArray`; ``pw`` a ``kernel="sat16"``
-    :class:`~qjax.kernels.PreparedConv` for which :func:`~qjax.kernels._native.fusable`
-    said yes; ``pads`` ``((lo, hi), ...)`` per spatial dim.
+    ``xv`` the raw uint8 codes ``(N, *sp, C)`` padded by ``pads`` (``((lo, hi), ...)``
+    per spatial dim) with ``zx`` for ``"fbgemm_sat16"``, with zeros for
+    ``"onednn_sat16"``; ``x`` the input :class:`~qjax.QArray`; ``pw`` a
+    ``kernel="sat16"`` :class:`~qjax.kernels.PreparedConv` for which
+    :func:`~qjax.kernels._native.fusable` said yes.
     """
     w = pw.weight.values
     c = xv.shape[-1]
     if c % 4 and accumulate == "onednn_sat16":
         # oneDNN pairs channels within a tap, an odd count with a zero: zero channels up
         # to a multiple of 4 give the same pairs (and zero ones), so the kernel reads it
-        extra = [(0, 0)] * (xu.ndim - 1) + [(0, -c % 4)]
-        xu, w = jnp.pad(xu, extra), jnp.pad(w, [(0, 0)] * (w.ndim - 2) + extra[-1:] + [(0, 0)])
+        extra = [(0, 0)] * (xv.ndim - 1) + [(0, -c % 4)]
+        xv, w = jnp.pad(xv, extra), jnp.pad(w, [(0, 0)] * (w.ndim - 2) + extra[-1:] + [(0, 0)])
     elif c % 4:
         p = im2col_patches(xv, w, stride, dilation, 1)[0][..., 0, :]
         return _native.fused_sat16_patches_codes(
@@ -352,12 +353,11 @@ def fused_sat16_conv(xv, xu, zx, x, pw, bias, out, scheme, relu, stride, dilatio
         )  # fmt: skip
     one_d = w.ndim == 3
     if one_d:  # (N, W, C) as (N, 1, W, C)
-        xv, xu, w = xv[:, None], xu[:, None], w[None]
+        xv, w = xv[:, None], w[None]
         stride, dilation, pads = (1, *stride), (1, *dilation), ((0, 0), *pads)
     if accumulate == "onednn_sat16":
         (pt, pb), (pl, pr) = pads
-        xk = lax.pad(xu, jnp.zeros((), xu.dtype), [(0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)])
-        h, wd = xu.shape[1:3]
+        h, wd = xv.shape[1] - pt - pb, xv.shape[2] - pl - pr
         border = (zx, (pt, pl, h, wd))
 
         def sums(xk, wk):  # oneDNN's (valid taps), the kernel's ivec term added back
@@ -365,13 +365,13 @@ def fused_sat16_conv(xv, xu, zx, x, pw, bias, out, scheme, relu, stride, dilatio
             acc = _onednn_sat16_conv(xu, wk.reshape(w.shape), zx, pads, stride, dilation, 1)
             return acc + zx * pw.w_sum
     else:
-        xk, border = xv, None
+        border = None
 
         def sums(xk, wk):
             return _sat16_conv(xk, wk.reshape(w.shape), stride, dilation, 1)
 
     codes = _native.fused_sat16_conv_codes(
-        xk, w, x, pw, bias, out, scheme, relu, stride, dilation, sums, border
+        xv, w, x, pw, bias, out, scheme, relu, stride, dilation, sums, border
     )
     return codes[:, 0] if one_d else codes
 

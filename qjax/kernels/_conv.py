@@ -472,8 +472,12 @@ def quantized_conv(
     # Pad with the zero point (the real value 0), in the raw dtype.
     zx = jnp.asarray(x.zero_point).astype(jnp.int32).reshape(())
     xv_unpadded = xv
-    native_pad = accumulate == "exact" and pw.kernel in ("onednn", "amx")
-    xv = _pad(xv, zx.astype(xv.dtype), pads, native=native_pad)
+    fused16 = pw.kernel == "sat16" and _native.fusable(pw, x, bias, out_qparams, scheme, accumulate)
+    # oneDNN's fused saturating conv reads zeros in the padding (its zero-point term
+    # skips the padding taps)
+    pad_code = jnp.zeros((), xv.dtype) if fused16 and accumulate == "onednn_sat16" else zx
+    native_pad = (accumulate == "exact" and pw.kernel in ("onednn", "amx")) or fused16
+    xv = _pad(xv, pad_code.astype(xv.dtype), pads, native=native_pad)
     wq = pw.weight
     zw = jnp.asarray(wq.zero_point).astype(jnp.int32)  # () or (O,)
     g = pw.groups
@@ -494,11 +498,10 @@ def quantized_conv(
             stride_t,
             dil_t,
         )
-    elif pw.kernel == "sat16" and _native.fusable(pw, x, bias, out_qparams, scheme, accumulate):
-        # one fused sat16 call: the saturating sums, zero-point term, requantize
+    elif fused16:  # one fused sat16 call: the saturating sums, zero-point term, requantize
         relu = activation == "relu"
-        codes = fused_sat16_conv(xv, xv_unpadded, zx, x, pw, bias, out_qparams, scheme, relu,
-                                 stride_t, dil_t, pads, accumulate)  # fmt: skip
+        codes = fused_sat16_conv(xv, zx, x, pw, bias, out_qparams, scheme, relu, stride_t,
+                                 dil_t, pads, accumulate)  # fmt: skip
     if codes is not None:
         try:
             codes = clamp_activation(codes, out_qparams, activation, bounds)

@@ -357,12 +357,12 @@ void GemmIsa(int64_t isa, const XRows& xr, int64_t row0, int64_t m, const int8_t
 // From kSpinMacs while they spin (threads.h).
 constexpr int64_t kParallelMacs = int64_t{1} << 24;
 
-// Row chunks of tall calls (Sat16Run): 128 rows of x (K <= 576 bytes each for a 3x3
+// Row chunks of tall calls (Dispatch): 128 rows of x (K <= 576 bytes each for a 3x3
 // conv over 64 channels) stay in L2 while every column block passes over them.
 constexpr int64_t kTallRows = 512;
 constexpr int64_t kRowChunk = 128;
 
-// Work items: runs of column blocks over every (batch, block) pair, at most 16 runs.
+// Work items: at most 16 runs of Dispatch's (batch, row chunk, column block) units.
 struct Sat16Work : Work {
   std::function<void(int64_t, int64_t)> run;
   int64_t total = 0, chunk = 1;
@@ -487,6 +487,22 @@ ffi::Error Sat16GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buff
   return Sat16Run(pool, "qjax_sat16_gemm", x, wp, out->dimensions(), s, threads, isa);
 }
 
+// The sink of a fused call: its n output columns' epilogue e (checked operands) into
+// out's 8-bit codes.
+ffi::Error CodesSink(const std::string& who, ffi::Result<ffi::AnyBuffer>& out, int64_t n,
+                     ffi::Buffer<ffi::S32>& ivec, ffi::Buffer<ffi::F32>& fvec,
+                     ffi::Buffer<ffi::F32>& mult, ffi::Buffer<ffi::F32>& clamp,
+                     ffi::Buffer<ffi::S32>& zp, Epilogue* e, Sink* s) {
+  auto ot = out->element_type();
+  if (ot != ffi::DataType::S8 && ot != ffi::DataType::U8)
+    return ffi::Error::InvalidArgument(who + ": out must be int8 or uint8 codes");
+  ffi::Error err = MakeEpilogue(who, static_cast<size_t>(n), ivec, fvec, mult, clamp, zp, e);
+  if (err.failure()) return err;
+  s->codes = static_cast<uint8_t*>(out->untyped_data());
+  s->e = e;
+  return ffi::Error::Success();
+}
+
 // Fused: 8-bit codes = epilogue(sums) (epilogue.h); out int8 or uint8; ivec int32 (N,),
 // fvec / mult float32 (N,), clamp float32 (2,) = (lo - zp, hi - zp) or (5,) = (lo, hi,
 // s_x', f32(1 / s_out), zp) for the "onednn" scheme, zp int32 (1,).
@@ -496,17 +512,12 @@ ffi::Error Sat16Q8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer
                        ffi::Buffer<ffi::S32> zp, ffi::Result<ffi::AnyBuffer> out,
                        int64_t threads, int64_t isa) {
   const std::string who = "qjax_sat16_q8_gemm";
-  auto ot = out->element_type();
-  if (ot != ffi::DataType::S8 && ot != ffi::DataType::U8)
-    return ffi::Error::InvalidArgument(who + ": out must be int8 or uint8 codes");
   auto od = out->dimensions();
   Epilogue e;
-  ffi::Error err = MakeEpilogue(who, od.size() ? static_cast<size_t>(od.back()) : 0, ivec, fvec,
-                                mult, clamp, zp, &e);
-  if (err.failure()) return err;
   Sink s;
-  s.codes = static_cast<uint8_t*>(out->untyped_data());
-  s.e = &e;
+  ffi::Error err = CodesSink(who, out, od.size() ? od.back() : 0, ivec, fvec, mult, clamp, zp,
+                             &e, &s);
+  if (err.failure()) return err;
   return Sat16Run(pool, who, x, wp, od, s, threads, isa);
 }
 
@@ -529,9 +540,6 @@ ffi::Error Sat16Q8ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Bu
   const std::string who = "qjax_sat16_q8_conv";
   ffi::Error err;
   if (IsaError(isa, who, &err)) return err;
-  auto ot = out->element_type();
-  if (ot != ffi::DataType::S8 && ot != ffi::DataType::U8)
-    return ffi::Error::InvalidArgument(who + ": out must be int8 or uint8 codes");
   auto xd = x.dimensions();
   auto wd = wp.dimensions();
   auto od = out->dimensions();
@@ -552,7 +560,8 @@ ffi::Error Sat16Q8ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Bu
   if (wd[r - 1] != 64 || nbk != (o + kNB - 1) / kNB || k4 != k / 4)
     return ffi::Error::InvalidArgument(who + ": packed weight shape does not match kh·kw·C and O");
   Epilogue e;
-  err = MakeEpilogue(who, static_cast<size_t>(o), ivec, fvec, mult, clamp, zp, &e);
+  Sink s;
+  err = CodesSink(who, out, o, ivec, fvec, mult, clamp, zp, &e, &s);
   if (err.failure()) return err;
   int64_t m = n * oh * ow;
   if (m == 0 || o == 0) return ffi::Error::Success();
@@ -569,9 +578,6 @@ ffi::Error Sat16Q8ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Bu
   xr.img = hp * wpad * c;
   xr.rstep = sh * wpad * c;
   xr.cstep = sw * c;
-  Sink s;
-  s.codes = static_cast<uint8_t*>(out->untyped_data());
-  s.e = &e;
   Border bd;
   std::vector<int32_t> zwtap;
   std::vector<uint8_t> edge;
