@@ -232,11 +232,13 @@ def test_unavailable_native_kernel_names_call_and_reason(nnx_cnn, tmp_path, monk
         qtorch.import_model(nn.Identity(), (torch.zeros(1),), kernel="amx")
     with pytest.raises(RuntimeError, match=r"qjax.convert\(kernel='onednn'\).*not installed"):
         qjax.convert(model, x, kernel="onednn")
-    # auto never raises (qjax.convert: test_below_vnni_...); the dense layer reads 7-bit
+    # auto never raises (qjax.convert: test_below_vnni_...); every layer reads 7-bit
     # codes (the file's steps say so): sat16 where it runs, as qjax.convert puts it
-    dense = "sat16" if _native.sat16_status()[0] else "xla"
-    loaded = qjax.load_served(path, kernel="auto").kernels
-    assert list(loaded.values()) == ["xla", "xla", dense]
+    sat = "sat16" if _native.sat16_status()[0] else "xla"
+    loaded = qjax.load_served(path, kernel="auto")
+    assert list(loaded.kernels.values()) == [sat] * 3
+    n, mism = _exact(loaded(x), served(x))
+    assert n == 48 * 7 and mism == 0
 
 
 def _below_vnni(monkeypatch):
@@ -268,34 +270,48 @@ def _small_mlp(cfg):
     return model, _data((50, 40), n=1, seed=7)[0]
 
 
-def test_below_vnni_dense_layer_with_7bit_inputs_takes_sat16(nnx_cnn, monkeypatch):
-    # the CNN's dense layer: 7-bit activations (torch's x86 qconfig, reduce_range), no
-    # int16 pair sum can saturate, so kernel="auto" (and None) put it on sat16 with
-    # XLA's codes; the convs stay on XLA. 8-bit activations with the same weight codes
+def test_below_vnni_layers_with_7bit_inputs_take_sat16(nnx_cnn, monkeypatch):
+    # 7-bit activations (torch's x86 qconfig, reduce_range): no int16 pair sum can
+    # saturate, so kernel="auto" (and None) put the convs (one group) and the dense layer
+    # on sat16 with XLA's codes, each one call with its requantization folded (the first
+    # conv's 3 channels: XLA's patches). 8-bit activations with the same weight codes
     # could saturate: XLA (whole 8-bit model: the slow test below)
     from qjax.kernels._accumulate import sat16_exact_max_x
-    from qjax.kernels._choice import linear_kernel
+    from qjax.kernels._choice import conv_kernel, linear_kernel
 
     model, x, xla = nnx_cnn
     _below_vnni(monkeypatch)
     seven, eight = _seven_eight()
     auto = qjax.convert(model, x, kernel="auto")  # never raises
-    dense = "sat16" if _native.sat16_status()[0] else "xla"
-    assert list(auto.kernels.values()) == ["xla", "xla", dense]
+    sat = "sat16" if _native.sat16_status()[0] else "xla"
+    assert list(auto.kernels.values()) == [sat] * 3
     n, mism = _exact(auto(x), xla(x))
-    print(f"\nCNN below VNNI, dense on {dense}: {mism} of {n} outputs differ from XLA's")
+    print(f"\nCNN below VNNI on {sat}: {mism} of {n} outputs differ from XLA's")
     assert n == 48 * 7 and mism == 0
-    if dense == "xla":
+    if sat == "xla":
         return
-    # one call: the sums and the requantization folded into it (qjax.flax._fold)
-    assert "custom_call @qjax_sat16_q8_gemm" in jax.jit(auto).lower(x).as_text()
+    text = jax.jit(auto).lower(x).as_text()
+    assert text.count("custom_call @qjax_sat16_q8_gemm") == 2  # first conv, dense
+    assert text.count("custom_call @qjax_sat16_q8_conv") == 1 and "qjax_sat16_gemm" not in text
     (p,) = _prepared(auto)
     w = p.weight.values
     assert linear_kernel("default", x_spec=seven.activation, w=w) == "sat16"
     assert linear_kernel("auto", x_spec=eight.activation, w=w) == "xla"
     assert sat16_exact_max_x(w) < 255  # why: a pair of this weight can saturate
-    monkeypatch.undo()  # with an exact VNNI kernel here, oneDNN keeps the layer
-    assert linear_kernel("auto", x_spec=seven.activation, w=w) == ("onednn" if _DNN else "sat16")
+    is_conv = lambda v: isinstance(v, qjax.kernels.PreparedConv)
+    convs = [v for v in jax.tree_util.tree_leaves(auto.params, is_leaf=is_conv) if is_conv(v)]
+    wc = convs[0].weight.values
+    assert sat16_exact_max_x(wc.reshape(-1, wc.shape[-1])) < 255
+    assert conv_kernel("auto", 2, x_spec=seven.activation, w=wc) == "sat16"
+    assert conv_kernel("auto", 2, x_spec=eight.activation, w=wc) == "xla"
+    assert conv_kernel("auto", 2, groups=2, x_spec=seven.activation, w=wc) == "xla"
+    monkeypatch.undo()  # with an exact VNNI kernel here, oneDNN keeps the layers
+    if not _native.native_status()[0]:  # (AMX machines: the AMX kernel)
+        assert linear_kernel("auto", x_spec=seven.activation, w=w) == (
+            "onednn" if _DNN else "sat16"
+        )
+        on_vnni = conv_kernel("auto", 2, x_spec=seven.activation, w=wc)
+        assert on_vnni == ("onednn" if _DNN_CONV else "sat16")
 
 
 @_SAT16
@@ -545,12 +561,17 @@ def test_pt2e_kernel_amx_equals_xla():
                 _OK or not _DNN_CONV, reason="needs oneDNN's exact ukernel and no AMX"
             ),
         ),
+        pytest.param("sat16", marks=_SAT16),  # below VNNI (decided so): kernel="auto"
     ],
 )
-def test_demo_speed_stage_times_the_native_kernel_and_checks_it(kernel, nnx_cnn):
+def test_demo_speed_stage_times_the_native_kernel_and_checks_it(kernel, nnx_cnn, monkeypatch):
     from qjax.demo import _speed_stage
 
     model, x, served = nnx_cnn
+    if kernel == "sat16":  # the kernel choice's probes and the demo's (qjax.kernels)
+        _below_vnni(monkeypatch)
+        for probe in ("native_status", "onednn_exact"):
+            monkeypatch.setattr(qjax.kernels, probe, getattr(_native, probe))
     want = np.asarray(served(x))
     checks = []
     sp = _speed_stage(model, model, served, want, np.asarray(x), 8, 2, checks)
@@ -584,3 +605,7 @@ def test_demo_speed_row_with_and_without_amx():
     (_, header, rows), *_ = [t for t in tables(dict(s, speed=dnn)) if "speed" in t[0]]
     assert header[6:] == ["int8 oneDNN (ms)", "oneDNN / float time", "oneDNN / XLA time"]
     assert rows[0][6:] == ["0.250", "0.12x", "0.25x"]
+    sat = dict(none, sat16_ms=0.5, sat16_ratio=0.25, sat16_vs_int8=0.5)
+    (_, header, rows), *_ = [t for t in tables(dict(s, speed=sat)) if "speed" in t[0]]
+    assert header[6:] == ["int8 sat16 (ms)", "sat16 / float time", "sat16 / XLA time"]
+    assert rows[0][6:] == ["0.500", "0.25x", "0.50x"]

@@ -425,6 +425,65 @@ def test_exact_linear_runs_on_sat16_only_where_no_pair_saturates(rng):
     print(f"\nexact linear on sat16 / XLA: 0 of {n} codes differ")
 
 
+def test_exact_conv_runs_on_sat16_only_where_no_pair_saturates(rng):
+    # the same for a conv with one group (FBGEMM's pairs along the im2col K): uint8 codes
+    # within the bound take the fused kernel (the patches in place, or XLA's for odd C),
+    # folded or not, and the unfused native sums for a float output; 8-bit codes on a
+    # weight whose pairs could saturate, and int8 codes, XLA's exact conv; XLA's values
+    from qjax.kernels import fold_requant
+
+    seven = QuantSpec(signed=False, reduce_range=True)
+    wspec = QuantSpec(signed=True, symmetric=True, axis=0)
+    out = QParams(jnp.float32(0.3), jnp.int32(100), XSPEC)
+    n = 0
+    for i in (0, 4, 6, 7):  # 2-D padded, 1-D, C = 3, C = 1
+        b, c, sp, o, kern, stride, dil, pad = _FUSED_CONV_CASES[i]
+        full = rng.integers(-128, 128, (o, c, *kern)).astype(np.int8)
+        small = rng.integers(-64, 65, (o, c, *kern)).astype(np.int8)
+        bias = jnp.asarray(rng.normal(0, 3, o), jnp.float32)
+        scheme = ("fbgemm", "qnnpack")[i % 2]
+        conv = functools.partial(quantized_conv, bias=bias, stride=stride, dilation=dil,
+                                 padding=pad, scheme=scheme)  # fmt: skip
+        lay = "OIHW" if len(sp) == 2 else "OIW"
+        target = "qjax_sat16_q8_gemm" if c % 4 else "qjax_sat16_q8_conv"
+        for wv, spec, on_sat16 in [
+            (full, seven, True),
+            (full, XSPEC, False),
+            (small, XSPEC, True),
+            (small, QuantSpec(signed=True), False),  # int8 codes: XLA's conv
+        ]:
+            w = QArray(
+                jnp.asarray(wv), QParams(jnp.full((o,), 0.01), jnp.zeros(o, jnp.int32), wspec)
+            )
+            xv = rng.integers(spec.qmin, spec.qmax + 1, (b, c, *sp))
+            x = QArray(jnp.asarray(xv, spec.dtype), QParams(0.02, 3 if spec.signed else 60, spec))
+            xla = prepare_conv(w, weight_layout=lay)
+            nat = prepare_conv(w, weight_layout=lay, kernel="sat16")
+            assert (nat.sat16_max_x == 255) == (wv is small), nat.sat16_max_x
+            fold = functools.partial(fold_requant, nat, x.qparams, bias, out, scheme=scheme,
+                                     activation="relu")  # fmt: skip
+            if on_sat16:  # the requantization folded at prepare time: the same codes
+                pws = [nat, fold()]
+            else:
+                pws = [nat]
+                with pytest.raises(ValueError, match="nothing to fold"):
+                    fold()
+            for q in (out, None):  # codes; the float output of the sums
+                act = "relu" if q is out else None
+                f = jax.jit(
+                    lambda x, p, q=q, a=act, conv=conv: conv(x, p, out_qparams=q, activation=a)
+                )
+                values = (lambda y: y.values) if q is out else (lambda y: y)
+                want = np.asarray(values(f(x, xla)))
+                for pw in pws if q is out else [nat]:
+                    assert (np.asarray(values(f(x, pw))) == want).all(), (i, spec, q is out)
+                    text = f.lower(x, pw).as_text()
+                    sums = target if q is out else "qjax_sat16_gemm"
+                    assert (sums in text) == on_sat16 and text.count("qjax_sat16") <= 1, i
+                    n += want.size
+    print(f"\nexact conv on sat16 / XLA: 0 of {n} values differ")
+
+
 @pytest.mark.parametrize("per_tap", [False, True], ids=["fbgemm", "onednn"])
 def test_conv_accumulator_matches_xla(rng, per_tap):
     n = mism = 0

@@ -12,7 +12,8 @@ Stages (each with a progress bar and a printed time):
    converted for it too (``qjax.convert(..., kernel="amx")``), whose outputs must equal
    the XLA kernel's exactly (otherwise the row says why it is missing); where oneDNN's
    ukernel runs exactly instead (:func:`qjax.kernels.onednn_exact`, no AMX), the same for
-   ``kernel="onednn"``;
+   ``kernel="onednn"``; below VNNI (neither), for ``kernel="auto"``, which runs the
+   layers with 7-bit activations on the saturating kernel (:func:`qjax.kernels.sat16_status`);
 5. torch: the same CNN as a torch eager model with the same weights (float logits
    checked), torch eager PTQ per engine (fbgemm, qnnpack, x86, onednn where supported) on
    the same calibration batches; the converted model imported into qjax and compared
@@ -138,7 +139,7 @@ def _speed_stage(model, qat, served, served_out, xte, batch, repeats, checks):
     outputs on the test images checked == XLA's."""
     import qjax
 
-    from ..kernels import native_status, onednn_exact
+    from ..kernels import native_status, onednn_exact, sat16_status
 
     x = jnp.asarray(np.resize(xte, (batch,) + xte.shape[1:]))  # test images, cycled
     graphdef, state = nnx.split(model)
@@ -147,16 +148,22 @@ def _speed_stage(model, qat, served, served_out, xte, batch, repeats, checks):
     ok, reason = native_status()
     # AMX where it runs, else oneDNN's ukernel where it is exact: the same model converted
     # for the kernel, its outputs checked == XLA's, then timed with the others
+    dnn = (False, "AMX runs here") if ok else onednn_exact()
+    exact_here = (False, "an exact AMX / VNNI kernel runs here")
     natives = {
         "amx": ("AMX", ok, reason),
-        "onednn": ("oneDNN", *((False, "AMX runs here") if ok else onednn_exact())),
+        "onednn": ("oneDNN", *dnn),
+        # below VNNI: kernel="auto" puts the layers whose int16 pair sums cannot saturate
+        # (7-bit activations) on the saturating kernel, the same integers
+        "sat16": ("sat16", *(exact_here if ok or dnn[0] else sat16_status())),
     }
     info = {}
     for kernel, (label, available, why) in natives.items():
         info[kernel] = {"available": available, "reason": why}
         if not available:
             continue
-        fast = qjax.convert(qat, xte[:1], scheme="fbgemm", kernel=kernel)
+        wish = "auto" if kernel == "sat16" else kernel
+        fast = qjax.convert(qat, xte[:1], scheme="fbgemm", kernel=wish)
         info[kernel]["kernels"] = fast.kernels
         got = np.asarray(fast(jnp.asarray(xte)))
         n, bad = int(got.size), int((got != served_out).sum())

@@ -40,10 +40,12 @@ def tables(s: dict) -> list[tuple[str, list[str], list[list[object]]]]:
                         f"{sp['amx_vs_int8']:.2f}x"]  # fmt: skip
             else:
                 row += [f"unavailable: {amx['reason']}", "-", "-"]
-        if sp.get("onednn_ms") is not None:  # no AMX: oneDNN's ukernel, where it is exact
-            header += ["int8 oneDNN (ms)", "oneDNN / float time", "oneDNN / XLA time"]
-            row += [f"{sp['onednn_ms']:.3f}", f"{sp['onednn_ratio']:.2f}x",
-                    f"{sp['onednn_vs_int8']:.2f}x"]  # fmt: skip
+        # no AMX: oneDNN's ukernel where it is exact, else (below VNNI) the sat16 kernel
+        for k, label in (("onednn", "oneDNN"), ("sat16", "sat16")):
+            if sp.get(f"{k}_ms") is not None:
+                header += [f"int8 {label} (ms)", f"{label} / float time", f"{label} / XLA time"]
+                row += [f"{sp[f'{k}_ms']:.3f}", f"{sp[f'{k}_ratio']:.2f}x",
+                        f"{sp[f'{k}_vs_int8']:.2f}x"]  # fmt: skip
         out.append(
             (
                 f"speed: jitted forward on {sp['batch']} test images (median of {sp['repeats']}"

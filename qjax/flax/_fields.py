@@ -107,12 +107,13 @@ def _prepare_stored(
     kind: str, w: QArray, name: str, max_abs_x: int, groups: int, wish: str, x_spec=None
 ):
     """Prepare a stored weight (``(in, out)`` or ``HWIO``/``WIO`` codes) for ``wish``;
-    ``x_spec``: the spec of the codes a linear layer reads, where the file says it (its
-    kernel as under ``qjax.convert``: :func:`~qjax.kernels._choice.linear_kernel`)."""
+    ``x_spec``: the spec of the codes the layer reads, where the file says it (its
+    kernel as under ``qjax.convert``: :func:`~qjax.kernels._choice.linear_kernel`,
+    :func:`~qjax.kernels._choice.conv_kernel`)."""
     if kind == "linear":
         k = linear_kernel(wish, x_spec=x_spec, w=w.values)
         return kernels.prepare_linear(w, name=name, max_abs_x=max_abs_x, kernel=k)
-    k = conv_kernel(wish, w.ndim - 2, groups)
+    k = conv_kernel(wish, w.ndim - 2, groups, x_spec=x_spec, w=w.values)
     layout = "HWIO" if w.ndim == 4 else "WIO"
     return kernels.prepare_conv(
         w, name=name, groups=groups, weight_layout=layout, max_abs_x=max_abs_x, kernel=k

@@ -200,8 +200,8 @@ def prepare_weight(
     ``native``: the resolved wish (:func:`qjax.kernels._choice.resolve_kernel`);
     ``"amx"`` prepares linear layers and 2-D convs for the native AMX kernel, 1-D convs
     keep XLA (the prepared weight's ``kernel`` says which). ``x_spec``: the input's
-    activation spec, with which a linear layer may take the ``"sat16"`` kernel below
-    VNNI (:func:`qjax.kernels._choice.exact_on_sat16`).
+    activation spec, with which a layer may take the ``"sat16"`` kernel below VNNI
+    (:func:`qjax.kernels._choice.exact_on_sat16`).
 
     >>> from qjax import QuantSpec, QParams
     >>> qp = QParams(jnp.array([0.1, 0.2]), jnp.array([0, 0]), QuantSpec(symmetric=True, axis=-1))
@@ -220,7 +220,7 @@ def prepare_weight(
         return kernels.prepare_linear(wq, name=name, kernel=k)
     if kind == "conv":
         layout = "HWIO" if kernel.ndim == 4 else "WIO"
-        k = conv_kernel(native, kernel.ndim - 2, groups, dilation)
+        k = conv_kernel(native, kernel.ndim - 2, groups, dilation, x_spec=x_spec, w=codes)
         return kernels.prepare_conv(wq, name=name, groups=groups, weight_layout=layout, kernel=k)
     raise ValueError(f"{name}: unknown layer kind {kind!r}")
 

@@ -8,8 +8,8 @@ Model-level calls (``qjax.convert``, ``qjax.load_served``,
 ``kernel``  each linear / conv layer runs on
 ==========  ==========================================================================
 ``None``    the default, per layer: exactly accumulated layers on XLA (on CPUs below
-            VNNI, linear layers whose pair sums cannot saturate on ``"sat16"``, as
-            under ``"auto"``), saturating layers on the native ``"sat16"`` kernel
+            VNNI, layers whose pair sums cannot saturate on ``"sat16"``, as under
+            ``"auto"``), saturating layers on the native ``"sat16"`` kernel
             (AVX2 / AVX-512) when :func:`qjax.kernels.sat16_status` says available
             (else XLA)
 ``"xla"``   XLA's ``dot_general`` / convolution for every layer: a pure-XLA,
@@ -32,8 +32,9 @@ Model-level calls (``qjax.convert``, ``qjax.load_served``,
             :func:`qjax.kernels.onednn_exact` says so (linear layers, and convolutions
             on the ukernel: measured faster than XLA for every conv shape tried, the
             depthwise one included); without either (CPUs below VNNI: oneDNN
-            refuses, XLA's int8 dot is slow) exactly accumulated linear layers whose
-            int16 pair sums provably cannot saturate on ``"sat16"``
+            refuses, XLA's int8 dot is slow) exactly accumulated linear layers and
+            convolutions with one group whose int16 pair sums provably cannot
+            saturate on ``"sat16"``
             (:func:`exact_on_sat16`: 7-bit activations, torch's ``reduce_range``,
             with any int8 weight; 8-bit ones where the weight's pairs are small
             enough), the same integers; the rest as under ``None`` (never raises
@@ -46,14 +47,15 @@ convolutions keep XLA under ``"auto"``. The saturating layers (``fbgemm_sat16`` 
 ``onednn_sat16``: engines at CPU levels without VNNI, FBGEMM's depthwise 3x3 fast
 path) run on the ``"sat16"`` kernel, which computes the int16 pair saturation with the
 instruction FBGEMM/oneDNN use (``vpmaddubsw``), 100x and more faster than its XLA
-formulation. Exact layers on ``"sat16"`` (below VNNI) are linear layers only, and only
-where the caller passes the activation spec and the weight codes to
-:func:`linear_kernel`: ``qjax.convert`` does (the layer's input quantizer's spec, else
+formulation. Exact layers on ``"sat16"`` (below VNNI) are linear layers and
+convolutions with one group reading unsigned codes, and only where the caller passes the
+activation spec and the weight codes to :func:`linear_kernel` / :func:`conv_kernel`:
+``qjax.convert`` does (the layer's input quantizer's spec, else
 that of the codes it reads), and so does ``qjax.load_served`` for a Flax program file
 (the spec of the codes each layer reads, from the file's steps: the same kernels);
 the torch / pt2e importers do not, as torch's activation codes are not bounded by
 ``reduce_range``'s 127 (its quantize clamps quint8 to ``[0, 255]``), so their exact
-layers stay on XLA; exact convolutions stay on XLA. The codes are the same
+layers stay on XLA. The codes are the same
 either way; the models record the choice per layer (``served.kernels``,
 ``program.kernels``: ``"xla"``, ``"amx"``, ``"onednn"`` or ``"sat16"``). A program whose layers
 are wished native (``"amx"``, ``"onednn"``, ``"auto"``) also quantizes its float input
@@ -219,15 +221,27 @@ def exact_on_sat16(wish: str, x_spec, w) -> bool:
     return sat16_exact(x_spec, sat16_exact_max_x(w))
 
 
-def conv_kernel(wish: str, nsp: int, groups: int = 1, dilation=1, accumulate: str = "exact") -> str:
+def conv_kernel(
+    wish: str,
+    nsp: int,
+    groups: int = 1,
+    dilation=1,
+    accumulate: str = "exact",
+    x_spec=None,
+    w=None,
+) -> str:
     """The kernel a convolution gets, exact accumulation: ``"amx"`` when wished (``"amx"``,
     or ``"auto"`` with AMX available) for 2-D (``nsp=2``), ``groups=1``, dilation 1;
     else ``"onednn"`` when wished (``"onednn"``, or ``"auto"``) for 1-D and 2-D
     convolutions of any groups (depthwise included), stride, padding and dilation, where
     oneDNN's brgemm ukernel is the provider and exact here
     (:func:`qjax.kernels.onednn_exact`, :func:`qjax.kernels._native.onednn_fused`; the
-    PyPI matmul provider has no convolution); saturating convolutions (any shape) as in
-    :func:`linear_kernel`; ``"xla"`` otherwise.
+    PyPI matmul provider has no convolution); else (no exact native kernel here: a CPU
+    below VNNI), for ``"auto"`` and ``"default"``, ``"sat16"`` for a convolution with one
+    group reading unsigned codes whose int16 pair sums cannot saturate
+    (:func:`exact_on_sat16` with the activation spec ``x_spec`` and the int8 ``HWIO`` /
+    ``WIO`` weight codes ``w``: FBGEMM's pairs along the im2col K); saturating
+    convolutions (any shape) as in :func:`linear_kernel`; ``"xla"`` otherwise.
 
     >>> conv_kernel("amx", 2), conv_kernel("amx", 2, groups=8), conv_kernel("amx", 1)
     ('amx', 'xla', 'xla')
@@ -250,6 +264,8 @@ def conv_kernel(wish: str, nsp: int, groups: int = 1, dilation=1, accumulate: st
         return "xla"  # AMX machines: the convs the AMX kernel leaves stay as measured there
     if wish in ("onednn", "auto") and nsp in (1, 2) and _onednn_conv_ok():
         return "onednn"
+    if groups == 1 and x_spec is not None and not x_spec.signed and w is not None:
+        return "sat16" if exact_on_sat16(wish, x_spec, w.reshape(-1, w.shape[-1])) else "xla"
     return "xla"
 
 

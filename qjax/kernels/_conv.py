@@ -58,7 +58,8 @@ shifted NHWC input; dilation other than 1 is refused at call time. With ``"fbgem
 (``qjax_amx_q8_conv2d``) reads the padded raw codes (uint8 through ``tdpbusd``) and
 applies the zero-point term and the requantize epilogue per tile (same codes). Everything else is
 unchanged, so the codes are the same. ``jax.export`` behaves as for the linear layer
-(custom call ``qjax_amx_s8_conv2d``).
+(custom call ``qjax_amx_s8_conv2d``). ``kernel="sat16"``: exact sums of uint8 codes where
+no int16 pair sum can saturate (``sat16_max_x``, as for the linear layer), else XLA's.
 """
 
 from __future__ import annotations
@@ -84,10 +85,12 @@ from ._accumulate import (
     check_accumulator,
     check_operands,
     fused_sat16_conv,
+    sat16_exact,
+    sat16_exact_max_x,
 )
 from ._native._quantize import pad_native as _pad_native
 from ._native._quantize import quantize_status as _quantize_status
-from ._prepared import Kernel, register_prepared
+from ._prepared import SAT16_SAFE_X, Kernel, register_prepared
 from ._requant import Scheme, clamp_activation, dequantize_accumulator, requantize
 
 __all__ = ["ConvActivation", "PreparedConv", "prepare_conv", "quantized_conv"]
@@ -113,8 +116,9 @@ class PreparedConv:
     (the largest ``|x - zp_x|`` the overflow check allowed for) and ``zero_point_is_zero``.
     With ``kernel="amx"`` a third leaf ``packed`` holds the weight in AMX tile order
     (:func:`qjax.kernels._native.pack_conv_weight`). ``kernel="sat16"`` has no extra
-    leaf: the saturating accumulations pack the (small) im2col weight on each call, in
-    the pairing the ``accumulate`` of that call asks for.
+    leaf (each call packs the small im2col weight in its pairing) and a static
+    ``sat16_max_x``: the largest uint8 code for which FBGEMM's pair sums of the weight
+    cannot saturate (:func:`~qjax.kernels._accumulate.sat16_exact_max_x`).
     """
 
     weight: QArray
@@ -127,6 +131,7 @@ class PreparedConv:
     kernel: str = "xla"
     epilogue: tuple | None = None  # folded requantization (fold_requant), with its key
     folded: tuple | None = None
+    sat16_max_x: int = 128  # kernel "sat16": its pair sums are exact for codes up to this
 
     @property
     def kernel_size(self) -> tuple[int, ...]:
@@ -172,8 +177,9 @@ def prepare_conv(
         im2col patches for ``accumulate="fbgemm_sat16"``/``"onednn_sat16"``, any groups,
         dilation and 1-D/2-D; with one group, zero weight zero points and per-tensor
         8-bit output qparams, one call with the requantization fused, reading the
-        patches in place (FBGEMM's pairs: where ``C % 4 == 0``); exact accumulation
-        stays on XLA; see :func:`qjax.kernels.sat16_status`).
+        patches in place (FBGEMM's pairs: where ``C % 4 == 0``); exact accumulation of
+        uint8 codes where no pair sum can saturate, ``sat16_max_x``, else XLA; see
+        :func:`qjax.kernels.sat16_status`).
 
     Returns:
       a :class:`PreparedConv` (a pytree).
@@ -288,12 +294,10 @@ def prepare_conv(
         packed = _native.pack_onednn_conv_weight(
             vals.reshape((1,) * (2 - nsp) + vals.shape), groups
         )
-    return PreparedConv(wq, w_sum, name, groups, int(max_abs_x), zp_zero, packed, kernel)
-
-
-def _w2d(w):
-    """A 1-D ``WIO`` weight as the 2-D ``HWIO`` one with ``kh = 1``."""
-    return w if w.ndim == 4 else w[None]
+    sat_x = sat16_exact_max_x(vals.reshape(-1, c_out)) if kernel == "sat16" else SAT16_SAFE_X
+    return PreparedConv(
+        wq, w_sum, name, groups, int(max_abs_x), zp_zero, packed, kernel, sat16_max_x=sat_x
+    )
 
 
 def _pad(xv, value, pads, native: bool):
@@ -442,6 +446,9 @@ def quantized_conv(
             f"of shape {x.shape}"
         )
     unsigned = check_operands(x, out_qparams, pw.max_abs_x, accumulate, activation, layer)
+    # no int16 pair sum can saturate (prepare-time bound): FBGEMM's pairs sum exactly
+    sat_ok = pw.kernel == "sat16" and unsigned and sat16_exact(x.spec, pw.sat16_max_x)
+    acc_mode = "fbgemm_sat16" if accumulate == "exact" and sat_ok else accumulate
     c_axis = 1 if channels_first else x.ndim - 1
     sp_axes = tuple(range(2, x.ndim)) if channels_first else tuple(range(1, x.ndim - 1))
     c_in = x.shape[c_axis]
@@ -501,7 +508,7 @@ def quantized_conv(
     elif fused16:  # one fused sat16 call: the saturating sums, zero-point term, requantize
         relu = activation == "relu"
         codes = fused_sat16_conv(xv, zx, x, pw, bias, out_qparams, scheme, relu, stride_t,
-                                 dil_t, pads, accumulate)  # fmt: skip
+                                 dil_t, pads, acc_mode)  # fmt: skip
     if codes is not None:
         try:
             codes = clamp_activation(codes, out_qparams, activation, bounds)
@@ -513,13 +520,14 @@ def quantized_conv(
         if not unsigned:
             xv = lax.bitcast_convert_type(xv ^ jnp.int8(-128), jnp.uint8)
             zx = zx + jnp.int32(128)
+        w2 = wq.values.reshape((1,) * (4 - wq.ndim) + wq.shape)  # a 1-D WIO one as kh = 1
         acc = _onednn_2d(
-            lambda xv, st, dl: _native.onednn_conv2d(xv, pw.packed, _w2d(wq.values), st, dl, g),
+            lambda xv, st, dl: _native.onednn_conv2d(xv, pw.packed, w2, st, dl, g),
             xv,
             stride_t,
             dil_t,
         )
-    elif accumulate == "exact":
+    elif acc_mode == "exact":
         if unsigned:  # x - 128 as int8: flip the top bit, reinterpret
             xv = lax.bitcast_convert_type(xv ^ jnp.uint8(0x80), jnp.int8)
             zx = zx - jnp.int32(128)
@@ -541,13 +549,13 @@ def quantized_conv(
             )
         else:
             acc = _int8_conv(xv, wq.values, stride_t, dil_t, g)
-    elif accumulate == "fbgemm_sat16":
+    elif acc_mode == "fbgemm_sat16":
         acc = _sat16_conv(xv, wq.values, stride_t, dil_t, g, native=pw.kernel == "sat16")
     else:  # oneDNN skips the padding taps, so it starts from the unpadded codes
         acc = _onednn_sat16_conv(
             xv_unpadded, wq.values, zx, pads, stride_t, dil_t, g, native=pw.kernel == "sat16"
         )
-    if accumulate != "onednn_sat16":
+    if acc_mode != "onednn_sat16":
         acc = acc - zx * pw.w_sum
     if not pw.zero_point_is_zero:
         # Σ_window x' per group and output position, then per output channel.

@@ -58,7 +58,8 @@ def fold_requant(
     (:func:`~qjax.kernels._native.fusable`: ``kernel="onednn"`` on the brgemm ukernel or
     ``"amx"`` with exact accumulation, or a ``kernel="sat16"`` linear weight with
     ``accumulate="fbgemm_sat16"``/``"onednn_sat16"`` or provably exact, or a
-    ``kernel="sat16"`` conv weight with one group and either saturating accumulation;
+    ``kernel="sat16"`` conv weight with one group and either saturating accumulation or
+    provably exact on uint8 codes;
     ``scheme``
     ``"fbgemm"`` or ``"qnnpack"``, ``"onednn"`` except on AMX; weight zero points 0,
     per-tensor 8-bit input and output qparams) and concrete (static) qparams and bias:
@@ -112,7 +113,7 @@ def fold_requant(
             f"layer (kernel {w.kernel!r}, scheme {scheme!r}, accumulate {accumulate!r}, "
             f"weight zero points known 0: {w.zero_point_is_zero}; it needs kernel 'onednn' "
             "(brgemm ukernel) or 'amx' (exact), or 'sat16' (a linear layer, saturating or "
-            "provably exact, or a saturating conv with one group), zero weight "
+            "provably exact, or a conv with one group, saturating or provably exact), zero weight "
             "zero points, per-tensor 8-bit qparams)"
         )
     signed = np.dtype(x_qparams.spec.dtype) == np.int8

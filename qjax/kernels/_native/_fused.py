@@ -104,9 +104,9 @@ def fusable(pw, x, bias, out, scheme, accumulate="exact") -> bool:
     one where its provider has the fused epilogue
     (:func:`~qjax.kernels._native._onednn.onednn_fused`), or a ``kernel="sat16"`` linear
     weight whose pair sums provably cannot saturate for these inputs
-    (:func:`~qjax.kernels._prepared.sat16_exact`); for ``"fbgemm_sat16"`` /
-    ``"onednn_sat16"`` a ``kernel="sat16"`` linear weight (its pair saturation) or conv
-    weight with one group. Then
+    (:func:`~qjax.kernels._prepared.sat16_exact`), or such a conv weight with one group
+    and uint8 inputs; for ``"fbgemm_sat16"`` / ``"onednn_sat16"`` a ``kernel="sat16"``
+    linear weight (its pair saturation) or conv weight with one group. Then
     zero points known to be 0, scheme ``"fbgemm"``/``"qnnpack"`` (and ``"onednn"`` on
     oneDNN's and the sat16 kernel), int8/uint8 inputs and per-tensor int8/uint8
     outputs with an integer zero point, and a float32-castable ``(N,)`` or 0-d bias;
@@ -125,9 +125,9 @@ def fusable(pw, x, bias, out, scheme, accumulate="exact") -> bool:
         return False  # only the ukernel provider has the epilogue
     if not pw.zero_point_is_zero or x.values.dtype not in _CODES:
         return False
-    if kernel == "sat16":  # linear: saturating, or exact where that is equal
-        if not hasattr(pw, "out_features"):  # conv: saturating, one group
-            if accumulate == "exact" or pw.groups != 1:
+    if kernel == "sat16":  # saturating, or exact where that is equal
+        if not hasattr(pw, "out_features"):  # conv: one group, uint8 codes if exact
+            if pw.groups != 1 or (accumulate == "exact" and x.values.dtype != np.uint8):
                 return False
         if accumulate == "exact":
             spec = getattr(x, "spec", None)
