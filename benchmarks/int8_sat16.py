@@ -31,11 +31,12 @@ Second table: the CNN of ``int8_cnn.py`` the same way (:func:`cnn_emulation`), f
 torch's x86 and onednn engines: its convs on the fused sat16 conv, batch 64, frozen;
 ``BENCH`` lines with the same goal.
 
-Third table (issue 16 item 2): a Flax MLP of the same sizes with 7-bit activations
-(torch's x86 qconfig, ``reduce_range``) served by ``qjax.convert``; its exactly
-accumulated layers on the sat16 kernel (its AVX2 and AVX-512BW code, what a CPU below
-VNNI runs; ``kernel="auto"`` with the AMX and oneDNN probes answering no) against XLA's
-int8 dot, outputs checked equal. ``QJAX_BENCH_QUICK=1``: fewer repeats.
+Third table (issue 16 item 2): a Flax MLP of the same sizes and a Flax CNN of
+``int8_cnn.py``'s shapes with 7-bit activations (torch's x86 qconfig, ``reduce_range``)
+served by ``qjax.convert``; their exactly accumulated layers on the sat16 kernel (its
+AVX2 and AVX-512BW code, what a CPU below VNNI runs; ``kernel="auto"`` with the AMX and
+oneDNN probes answering no) against XLA's int8 dot / conv (compiled for this CPU),
+outputs checked equal. ``QJAX_BENCH_QUICK=1``: fewer repeats.
 """
 
 import contextlib
@@ -202,69 +203,97 @@ def main():
     )
 
 
-def seven_bit_below_vnni():
-    """Issue 16 item 2: exactly accumulated layers with 7-bit activations on the sat16
-    kernel, as ``kernel="auto"`` decides on a CPU below VNNI (decided here with the AMX
-    and oneDNN probes answering "no"), vs the XLA int8 dot the layers ran on before."""
+def _seven_bit_models():
+    """Flax models with 7-bit activations (torch's x86 qconfig, ``reduce_range``),
+    calibrated: ``(name, model, float input per batch)``: the MLP of :data:`SIZES` at
+    :data:`BATCHES`, and ``int8_cnn.py``'s CNN shapes (conv 3x3 1->32 + ReLU, conv 3x3
+    32->64 + ReLU, "SAME" padding, max pool 2x2, FC 12544->10) at batch 64, NHWC."""
     from flax import nnx
 
-    import qjax
     from qjax.flax import default_qat_qconfig
     from qjax.flax import nnx as qnnx
-    from qjax.kernels import _native
 
     cfg = default_qat_qconfig("x86").replace(quantize_input=True, scheme="fbgemm")
-    r = nnx.Rngs(0)
+    rng, r = np.random.default_rng(0), nnx.Rngs(0)
     layers = [qnnx.QuantStub(cfg)]
     for i in range(len(SIZES) - 1):
         layers.append(qnnx.QuantLinear(SIZES[i], SIZES[i + 1], config=cfg, rngs=r))
         if i < len(SIZES) - 2:
             layers.append(nnx.relu)
-    model = nnx.Sequential(*layers, qnnx.DeQuantStub())
-    rng = np.random.default_rng(0)
-    qnnx.calibrate(model, [jnp.asarray(rng.random((256, SIZES[0])), jnp.float32)], progress=False)
+    mlp = nnx.Sequential(*layers, qnnx.DeQuantStub())
+    qnnx.calibrate(mlp, [jnp.asarray(rng.random((256, SIZES[0])), jnp.float32)], progress=False)
+    yield (
+        "MLP",
+        mlp,
+        {b: jnp.asarray(rng.random((b, SIZES[0])) * 1.2, jnp.float32) for b in BATCHES},
+    )
+    cnn = nnx.Sequential(
+        qnnx.QuantStub(cfg),
+        qnnx.QuantConv(1, 32, (3, 3), config=cfg, rngs=r),
+        nnx.relu,
+        qnnx.QuantConv(32, 64, (3, 3), config=cfg, rngs=r),
+        nnx.relu,
+        qnnx.MaxPool((2, 2)),
+        qnnx.Flatten(),
+        qnnx.QuantLinear(14 * 14 * 64, 10, config=cfg, rngs=r),
+        qnnx.DeQuantStub(),
+    )
+    qnnx.calibrate(cnn, [jnp.asarray(rng.random((64, 28, 28, 1)), jnp.float32)], progress=False)
+    yield "CNN", cnn, {64: jnp.asarray(rng.random((64, 28, 28, 1)) * 1.2, jnp.float32)}
+
+
+def seven_bit_below_vnni():
+    """Issue 16 item 2: exactly accumulated layers with 7-bit activations on the sat16
+    kernel, as ``kernel="auto"`` decides on a CPU below VNNI (decided here with the AMX
+    and oneDNN probes answering "no"), vs the XLA int8 dot / conv the layers ran on
+    before: the MLP's linear layers, the CNN's convs (one fused call each, the patches
+    read in place; the 1-channel conv's built by XLA) and its linear layer."""
+    import qjax
+    from qjax.kernels import _native
+
     saved = _native.native_status, _native.onednn_exact
     _native.native_status = _native.onednn_exact = lambda: (False, "below VNNI (benchmark)")
     rows = []
     reps = 4 if quick() else 20
     try:
-        for batch in BATCHES:
-            x = jnp.asarray(rng.random((batch, SIZES[0])) * 1.2, jnp.float32)
-            xla = qjax.convert(model, x)
-            progs = {"exact XLA": xla}
-            for isa in ("avx2", "avx512"):
-                if isa not in _sat16.sat16_isas():
-                    continue
-                with _isa(isa):  # traced (compiled) inside convert
-                    progs[f"sat16 {isa}"] = qjax.convert(model, x, kernel="auto")
-            for name, p in progs.items():
-                want = "xla" if name == "exact XLA" else "sat16"
-                assert set(p.kernels.values()) == {want}, (name, p.kernels)
-                mism = int((np.asarray(p(x)) != np.asarray(xla(x))).sum())
-                assert mism == 0, (name, mism)
-            t = interleaved({k: (lambda p=p, x=x: p(x)) for k, p in progs.items()}, reps, 2)
-            for name in progs:
-                if name == "exact XLA":
-                    continue
-                rows.append(
-                    [
-                        batch,
-                        name,
-                        f"{t['exact XLA'] * 1e3:.3f}",
-                        f"{t[name] * 1e3:.3f}",
-                        f"{t['exact XLA'] / t[name]:.2f}x",
-                    ]
-                )
-                bench_line(
-                    "int8_sat16",
-                    f"7-bit MLP below VNNI batch {batch}: exact XLA / exact on {name}",
-                    t["exact XLA"] / t[name],
-                    "qjax exact (XLA int8 dot)",
-                )
+        for model_name, model, inputs in _seven_bit_models():
+            for batch, x in inputs.items():
+                xla = qjax.convert(model, x)
+                progs = {"exact XLA": xla}
+                for isa in ("avx2", "avx512"):
+                    if isa not in _sat16.sat16_isas():
+                        continue
+                    with _isa(isa):  # traced (compiled) inside convert
+                        progs[f"sat16 {isa}"] = qjax.convert(model, x, kernel="auto")
+                for name, p in progs.items():
+                    want = "xla" if name == "exact XLA" else "sat16"
+                    assert set(p.kernels.values()) == {want}, (name, p.kernels)
+                    mism = int((np.asarray(p(x)) != np.asarray(xla(x))).sum())
+                    assert mism == 0, (name, mism)
+                t = interleaved({k: (lambda p=p, x=x: p(x)) for k, p in progs.items()}, reps, 2)
+                for name in progs:
+                    if name == "exact XLA":
+                        continue
+                    rows.append(
+                        [
+                            model_name,
+                            batch,
+                            name,
+                            f"{t['exact XLA'] * 1e3:.3f}",
+                            f"{t[name] * 1e3:.3f}",
+                            f"{t['exact XLA'] / t[name]:.2f}x",
+                        ]
+                    )
+                    bench_line(
+                        "int8_sat16",
+                        f"7-bit {model_name} below VNNI batch {batch}: exact XLA / exact on {name}",
+                        t["exact XLA"] / t[name],
+                        "qjax exact (XLA int8 dot / conv)",
+                    )
     finally:
         _native.native_status, _native.onednn_exact = saved
     print("7-bit activations, exact, as decided below VNNI (outputs == XLA's: 0 differ)")
-    print(table(["batch", "kernel", "XLA ms", "sat16 ms", "XLA/sat16"], rows))
+    print(table(["model", "batch", "kernel", "XLA ms", "sat16 ms", "XLA/sat16"], rows))
 
 
 def cnn_emulation():
