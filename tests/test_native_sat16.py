@@ -347,22 +347,23 @@ def test_fused_conv_every_isa_matches_xla(rng, monkeypatch, acc):
         kw = dict(stride=stride, dilation=dil, padding=pad, scheme=scheme,
                   activation="relu" if i % 2 == 0 else None, accumulate=acc)  # fmt: skip
         lay = "OIHW" if len(sp) == 2 else "OIW"
-        want = np.asarray(
-            quantized_conv(x, prepare_conv(w, weight_layout=lay), bias, out, **kw).values
-        )
+        conv = functools.partial(quantized_conv, bias=bias, out_qparams=out, **kw)
+        f = jax.jit(lambda x, pw, conv=conv: conv(x, pw).values)  # (one compile per program)
+        want = np.asarray(f(x, prepare_conv(w, weight_layout=lay)))
         nat = prepare_conv(w, weight_layout=lay, kernel="sat16")
         # FBGEMM's pairs cross taps for odd C: XLA's patches; oneDNN's channels padded
         target = "qjax_sat16_q8_gemm" if c % 4 and acc == "fbgemm_sat16" else "qjax_sat16_q8_conv"
         folded = fold_requant(nat, x.qparams, bias, out, **{k: kw[k] for k in list(kw)[3:]})
         for isa in _sat16.sat16_isas():
             monkeypatch.setenv(_sat16.ISA_ENV, isa)
+            g = jax.jit(lambda x, pw, conv=conv: conv(x, pw).values)  # traced for this isa
             for pw in (nat, folded):
-                conv = functools.partial(quantized_conv, bias=bias, out_qparams=out, **kw)
-                f = jax.jit(lambda x, pw, conv=conv: conv(x, pw))
-                got = f(x, pw).values
+                lowered = g.lower(x, pw)  # traced once: the text and the program run
+                got = lowered.compile()(x, pw)
                 assert got.dtype == want.dtype and (np.asarray(got) == want).all(), (i, isa)
-                text = f.lower(x, pw).as_text()
+                text = lowered.as_text()
                 assert text.count(f"custom_call @{target}") == 1, (i, text.count("custom_call"))
+                assert f"isa = {_sat16.SAT16_ISAS.index(isa)} : i64" in text  # this path
                 assert "qjax_sat16_gemm" not in text  # no int32 sums
                 n += want.size
     print(f"\nfused sat16 conv ({acc}), every code path, folded and not == XLA on {n} codes")
