@@ -247,7 +247,7 @@ def seven_bit_below_vnni():
     kernel, as ``kernel="auto"`` decides on a CPU below VNNI (decided here with the AMX
     and oneDNN probes answering "no"), vs the XLA int8 dot / conv the layers ran on
     before: the MLP's linear layers, the CNN's convs (one fused call each, the patches
-    read in place; the 1-channel conv's built by XLA) and its linear layer."""
+    read in place, the 1-channel conv's with zero channels) and its linear layer."""
     import qjax
     from qjax.kernels import _native
 

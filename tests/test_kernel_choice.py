@@ -274,7 +274,7 @@ def test_below_vnni_layers_with_7bit_inputs_take_sat16(nnx_cnn, monkeypatch):
     # 7-bit activations (torch's x86 qconfig, reduce_range): no int16 pair sum can
     # saturate, so kernel="auto" (and None) put the convs (one group) and the dense layer
     # on sat16 with XLA's codes, each one call with its requantization folded (the first
-    # conv's 3 channels: XLA's patches). 8-bit activations with the same weight codes
+    # conv's 3 channels read in place with a zero one). 8-bit activations with the same weight codes
     # could saturate: XLA (whole 8-bit model: the slow test below)
     from qjax.kernels._accumulate import sat16_exact_max_x
     from qjax.kernels._choice import conv_kernel, linear_kernel
@@ -291,8 +291,8 @@ def test_below_vnni_layers_with_7bit_inputs_take_sat16(nnx_cnn, monkeypatch):
     if sat == "xla":
         return
     text = jax.jit(auto).lower(x).as_text()
-    assert text.count("custom_call @qjax_sat16_q8_gemm") == 2  # first conv, dense
-    assert text.count("custom_call @qjax_sat16_q8_conv") == 1 and "qjax_sat16_gemm" not in text
+    assert text.count("custom_call @qjax_sat16_q8_gemm") == 1  # the dense layer
+    assert text.count("custom_call @qjax_sat16_q8_conv") == 2 and "qjax_sat16_gemm" not in text
     (p,) = _prepared(auto)
     w = p.weight.values
     assert linear_kernel("default", x_spec=seven.activation, w=w) == "sat16"

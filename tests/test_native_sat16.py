@@ -427,10 +427,11 @@ def test_exact_linear_runs_on_sat16_only_where_no_pair_saturates(rng):
 
 
 def test_exact_conv_runs_on_sat16_only_where_no_pair_saturates(rng):
-    # the same for a conv with one group (FBGEMM's pairs along the im2col K): uint8 codes
-    # within the bound take the fused kernel (the patches in place, or XLA's for odd C),
-    # folded or not, and the unfused native sums for a float output; 8-bit codes on a
-    # weight whose pairs could saturate, and int8 codes, XLA's exact conv; XLA's values
+    # the same for a conv with one group (a bound for FBGEMM's pairs along the im2col K
+    # and for pairs per tap): uint8 codes within it take the fused kernel (the patches in
+    # place, odd C with zero channels), folded or not, and the unfused native sums for a
+    # float output; 8-bit codes on a weight whose pairs could saturate, and int8 codes,
+    # XLA's exact conv; XLA's values
     from qjax.kernels import fold_requant
 
     seven = QuantSpec(signed=False, reduce_range=True)
@@ -446,7 +447,6 @@ def test_exact_conv_runs_on_sat16_only_where_no_pair_saturates(rng):
         conv = functools.partial(quantized_conv, bias=bias, stride=stride, dilation=dil,
                                  padding=pad, scheme=scheme)  # fmt: skip
         lay = "OIHW" if len(sp) == 2 else "OIW"
-        target = "qjax_sat16_q8_gemm" if c % 4 else "qjax_sat16_q8_conv"
         for wv, spec, on_sat16 in [
             (full, seven, True),
             (full, XSPEC, False),
@@ -479,7 +479,7 @@ def test_exact_conv_runs_on_sat16_only_where_no_pair_saturates(rng):
                 for pw in pws if q is out else [nat]:
                     assert (np.asarray(values(f(x, pw))) == want).all(), (i, spec, q is out)
                     text = f.lower(x, pw).as_text()
-                    sums = target if q is out else "qjax_sat16_gemm"
+                    sums = "qjax_sat16_q8_conv" if q is out else "qjax_sat16_gemm"
                     assert (sums in text) == on_sat16 and text.count("qjax_sat16") <= 1, i
                     n += want.size
     print(f"\nexact conv on sat16 / XLA: 0 of {n} values differ")

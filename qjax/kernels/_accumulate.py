@@ -234,6 +234,25 @@ def sat16_exact_max_x(w) -> int:
 # conv: (N, *spatial, C) x HWIO, channels-last, input already padded
 
 
+def sat16_conv_max_x(w) -> int:
+    """:func:`sat16_exact_max_x` of a conv weight (``HWIO`` / ``WIO`` int8 codes) for both
+    pairings its exact sums may run in: FBGEMM's along the im2col K (tap-major,
+    channel-minor; pairs cross taps for odd ``C``) and per tap with the channels
+    zero-padded to a multiple of 4 (the fused conv's, :func:`fused_sat16_conv`).
+
+    >>> w = np.zeros((1, 3, 1, 1), np.int8)  # 1x3 taps, one channel, one output
+    >>> w[0, :2] = 127  # taps 0 and 1: a pair in FBGEMM's order (per tap: each with a 0)
+    >>> sat16_conv_max_x(w), sat16_conv_max_x(w[:, ::2])  # 129 * 254 <= 32767
+    (129, 255)
+    """
+    o = w.shape[-1]
+    pad_c = [(0, 0)] * (w.ndim - 2) + [(0, -w.shape[-2] % 4), (0, 0)]
+    return min(
+        sat16_exact_max_x(w.reshape(-1, o)),
+        sat16_exact_max_x(np.pad(w, pad_c).reshape(-1, o)) if _concrete(w) else SAT16_SAFE_X,
+    )
+
+
 def _int8_conv(xv, w, stride, dilation, groups):
     """``Σ x·w`` over each window: ``(N, *sp, C)`` x HWIO int8 -> int32, ``VALID``."""
     sp = "HW" if xv.ndim == 4 else "W"
@@ -325,25 +344,26 @@ def fused_sat16_conv(xv, zx, x, pw, bias, out, scheme, relu, stride, dilation, p
                      accumulate):  # fmt: skip
     """Output codes (channels-last) of a saturating conv with one group in one fused
     native sat16 call: :func:`_sat16_conv`'s sums (FBGEMM's pairs; oneDNN's,
-    :func:`_onednn_sat16_conv`, with its zero-point term over the valid taps), the
-    zero-point term, the requantization, the same codes as the unfused layer. With
-    ``C % 4 == 0`` the kernel reads the patches in place
+    :func:`_onednn_sat16_conv`, with its zero-point term over the valid taps; for
+    ``accumulate="exact"`` the exact sums, where the weight's ``sat16_max_x`` says no
+    pair can saturate), the zero-point term, the requantization, the same codes as the
+    unfused layer. With ``C % 4 == 0`` the kernel reads the patches in place
     (:func:`qjax.kernels._native.fused_sat16_conv_codes`; a 1-D conv as height 1), and
-    for oneDNN's pairs (never across taps) with the channels padded with zeros to a
-    multiple of 4; FBGEMM's pairs with other ``C``: XLA builds the patches
+    for oneDNN's pairs (never across taps) and exact sums with the channels padded with
+    zeros to a multiple of 4; FBGEMM's pairs with other ``C``: XLA builds the patches
     (:func:`im2col_patches`).
 
     ``xv`` the raw uint8 codes ``(N, *sp, C)`` padded by ``pads`` (``((lo, hi), ...)``
-    per spatial dim) with ``zx`` for ``"fbgemm_sat16"``, with zeros for
-    ``"onednn_sat16"``; ``x`` the input :class:`~qjax.QArray`; ``pw`` a
-    ``kernel="sat16"`` :class:`~qjax.kernels.PreparedConv` for which
+    per spatial dim) with ``zx``, with zeros for ``"onednn_sat16"``; ``x`` the input
+    :class:`~qjax.QArray`; ``pw`` a ``kernel="sat16"`` :class:`~qjax.kernels.PreparedConv` for which
     :func:`~qjax.kernels._native.fusable` said yes.
     """
     w = pw.weight.values
     c = xv.shape[-1]
-    if c % 4 and accumulate == "onednn_sat16":
+    if c % 4 and accumulate != "fbgemm_sat16":
         # oneDNN pairs channels within a tap, an odd count with a zero: zero channels up
-        # to a multiple of 4 give the same pairs (and zero ones), so the kernel reads it
+        # to a multiple of 4 give the same pairs (and zero ones), so the kernel reads it;
+        # exact sums (no pair can saturate) are the same in any pairing
         extra = [(0, 0)] * (xv.ndim - 1) + [(0, -c % 4)]
         xv, w = jnp.pad(xv, extra), jnp.pad(w, [(0, 0)] * (w.ndim - 2) + extra[-1:] + [(0, 0)])
     elif c % 4:

@@ -85,8 +85,8 @@ from ._accumulate import (
     check_accumulator,
     check_operands,
     fused_sat16_conv,
+    sat16_conv_max_x,
     sat16_exact,
-    sat16_exact_max_x,
 )
 from ._native._quantize import pad_native as _pad_native
 from ._native._quantize import quantize_status as _quantize_status
@@ -294,7 +294,7 @@ def prepare_conv(
         packed = _native.pack_onednn_conv_weight(
             vals.reshape((1,) * (2 - nsp) + vals.shape), groups
         )
-    sat_x = sat16_exact_max_x(vals.reshape(-1, c_out)) if kernel == "sat16" else SAT16_SAFE_X
+    sat_x = sat16_conv_max_x(vals) if kernel == "sat16" else SAT16_SAFE_X
     return PreparedConv(
         wq, w_sum, name, groups, int(max_abs_x), zp_zero, packed, kernel, sat16_max_x=sat_x
     )
@@ -508,7 +508,7 @@ def quantized_conv(
     elif fused16:  # one fused sat16 call: the saturating sums, zero-point term, requantize
         relu = activation == "relu"
         codes = fused_sat16_conv(xv, zx, x, pw, bias, out_qparams, scheme, relu, stride_t,
-                                 dil_t, pads, acc_mode)  # fmt: skip
+                                 dil_t, pads, accumulate)  # fmt: skip
     if codes is not None:
         try:
             codes = clamp_activation(codes, out_qparams, activation, bounds)
