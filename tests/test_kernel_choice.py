@@ -276,7 +276,7 @@ def test_below_vnni_layers_with_7bit_inputs_take_sat16(nnx_cnn, monkeypatch):
     # on sat16 with XLA's codes, each one call with its requantization folded (the first
     # conv's 3 channels read in place with a zero one). 8-bit activations with the same weight codes
     # could saturate: XLA (whole 8-bit model: the slow test below)
-    from qjax.kernels._accumulate import sat16_exact_max_x
+    from qjax.kernels._accumulate import sat16_conv_max_x, sat16_exact_max_x
     from qjax.kernels._choice import conv_kernel, linear_kernel
 
     model, x, xla = nnx_cnn
@@ -301,7 +301,7 @@ def test_below_vnni_layers_with_7bit_inputs_take_sat16(nnx_cnn, monkeypatch):
     is_conv = lambda v: isinstance(v, qjax.kernels.PreparedConv)
     convs = [v for v in jax.tree_util.tree_leaves(auto.params, is_leaf=is_conv) if is_conv(v)]
     wc = convs[0].weight.values
-    assert sat16_exact_max_x(wc.reshape(-1, wc.shape[-1])) < 255
+    assert sat16_conv_max_x(wc) < 255
     assert conv_kernel("auto", 2, x_spec=seven.activation, w=wc) == "sat16"
     assert conv_kernel("auto", 2, x_spec=eight.activation, w=wc) == "xla"
     assert conv_kernel("auto", 2, groups=2, x_spec=seven.activation, w=wc) == "xla"

@@ -73,7 +73,7 @@ from __future__ import annotations
 import jax
 
 from . import PreparedConv, PreparedLinear, _native
-from ._accumulate import sat16_exact, sat16_exact_max_x
+from ._accumulate import sat16_conv_max_x, sat16_exact, sat16_exact_max_x
 
 _SATURATING = ("fbgemm_sat16", "onednn_sat16")
 
@@ -197,16 +197,17 @@ def linear_kernel(wish: str, accumulate: str = "exact", x_spec=None, w=None) -> 
 
 
 def exact_on_sat16(wish: str, x_spec, w) -> bool:
-    """Whether an exactly accumulated linear layer runs on the native ``"sat16"`` kernel:
+    """Whether an exactly accumulated layer runs on the native ``"sat16"`` kernel:
     ``wish`` is ``"auto"`` or ``"default"``, neither the AMX kernel
     (:func:`qjax.kernels.native_status`) nor an exact oneDNN kernel
     (:func:`qjax.kernels.onednn_exact`) runs here (CPUs below VNNI), the sat16 kernel
     does (:func:`qjax.kernels.sat16_status`), and its int16 pair sums provably cannot
     saturate: the largest uint8 code the activations of ``x_spec`` feed it
     (:func:`~qjax.kernels._prepared.sat16_exact_codes`) is at most
-    :func:`~qjax.kernels._accumulate.sat16_exact_max_x` of the weight codes ``w`` (any
-    int8 weight with 7-bit activations, codes ``[0, 127]``). Unknown ``x_spec`` or ``w``:
-    ``False``.
+    :func:`~qjax.kernels._accumulate.sat16_exact_max_x` of the weight codes ``w`` (a
+    linear layer's ``(K, N)``; of a conv's ``HWIO`` / ``WIO`` ones
+    :func:`~qjax.kernels._accumulate.sat16_conv_max_x`, both pairings; any int8 weight
+    with 7-bit activations, codes ``[0, 127]``). Unknown ``x_spec`` or ``w``: ``False``.
 
     >>> from qjax import QuantSpec
     >>> exact_on_sat16("xla", QuantSpec(signed=False, reduce_range=True), None)
@@ -218,7 +219,7 @@ def exact_on_sat16(wish: str, x_spec, w) -> bool:
         return False
     if not _native.sat16_status()[0]:
         return False
-    return sat16_exact(x_spec, sat16_exact_max_x(w))
+    return sat16_exact(x_spec, (sat16_conv_max_x if w.ndim > 2 else sat16_exact_max_x)(w))
 
 
 def conv_kernel(
@@ -240,7 +241,7 @@ def conv_kernel(
     below VNNI), for ``"auto"`` and ``"default"``, ``"sat16"`` for a convolution with one
     group reading unsigned codes whose int16 pair sums cannot saturate
     (:func:`exact_on_sat16` with the activation spec ``x_spec`` and the int8 ``HWIO`` /
-    ``WIO`` weight codes ``w``: FBGEMM's pairs along the im2col K); saturating
+    ``WIO`` weight codes ``w``); saturating
     convolutions (any shape) as in :func:`linear_kernel`; ``"xla"`` otherwise.
 
     >>> conv_kernel("amx", 2), conv_kernel("amx", 2, groups=8), conv_kernel("amx", 1)
@@ -265,7 +266,7 @@ def conv_kernel(
     if wish in ("onednn", "auto") and nsp in (1, 2) and _onednn_conv_ok():
         return "onednn"
     if groups == 1 and x_spec is not None and not x_spec.signed and w is not None:
-        return "sat16" if exact_on_sat16(wish, x_spec, w.reshape(-1, w.shape[-1])) else "xla"
+        return "sat16" if exact_on_sat16(wish, x_spec, w) else "xla"
     return "xla"
 
 

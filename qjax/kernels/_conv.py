@@ -117,8 +117,8 @@ class PreparedConv:
     With ``kernel="amx"`` a third leaf ``packed`` holds the weight in AMX tile order
     (:func:`qjax.kernels._native.pack_conv_weight`). ``kernel="sat16"`` has no extra
     leaf (each call packs the small im2col weight in its pairing) and a static
-    ``sat16_max_x``: the largest uint8 code for which FBGEMM's pair sums of the weight
-    cannot saturate (:func:`~qjax.kernels._accumulate.sat16_exact_max_x`).
+    ``sat16_max_x``: the largest uint8 code for which the weight's pair sums cannot
+    saturate (:func:`~qjax.kernels._accumulate.sat16_conv_max_x`, both pairings).
     """
 
     weight: QArray
@@ -446,7 +446,7 @@ def quantized_conv(
             f"of shape {x.shape}"
         )
     unsigned = check_operands(x, out_qparams, pw.max_abs_x, accumulate, activation, layer)
-    # no int16 pair sum can saturate (prepare-time bound): FBGEMM's pairs sum exactly
+    # no int16 pair sum can saturate (prepare-time bound): the saturating sums are exact
     sat_ok = pw.kernel == "sat16" and unsigned and sat16_exact(x.spec, pw.sat16_max_x)
     acc_mode = "fbgemm_sat16" if accumulate == "exact" and sat_ok else accumulate
     c_axis = 1 if channels_first else x.ndim - 1
