@@ -300,9 +300,7 @@ def test_below_vnni_layers_with_7bit_inputs_take_sat16(nnx_cnn, monkeypatch):
     assert linear_kernel("default", x_spec=seven.activation, w=w) == "sat16"
     assert linear_kernel("auto", x_spec=eight.activation, w=w) == "xla"
     assert sat16_exact_max_x(w) < 255  # why: a pair of this weight can saturate
-    is_conv = lambda v: isinstance(v, qjax.kernels.PreparedConv)
-    convs = [v for v in jax.tree_util.tree_leaves(auto.params, is_leaf=is_conv) if is_conv(v)]
-    wc = convs[0].weight.values
+    wc = _prepared(auto, qjax.kernels.PreparedConv)[0].weight.values
     assert sat16_conv_max_x(wc) < 255
     assert conv_kernel("auto", 2, x_spec=seven.activation, w=wc) == "sat16"
     assert conv_kernel("auto", 2, x_spec=eight.activation, w=wc) == "xla"
@@ -367,11 +365,9 @@ def test_below_vnni_load_served_takes_convert_kernels(bits, monkeypatch, tmp_pat
     assert set(qjax.load_served(path).kernels.values()) == {"xla"}  # the default: "xla"
 
 
-def _prepared(served) -> list:
-    leaves = jax.tree_util.tree_leaves(
-        served.params, is_leaf=lambda v: isinstance(v, qjax.kernels.PreparedLinear)
-    )
-    return [v for v in leaves if isinstance(v, qjax.kernels.PreparedLinear)]
+def _prepared(served, cls=qjax.kernels.PreparedLinear) -> list:
+    leaves = jax.tree_util.tree_leaves(served.params, is_leaf=lambda v: isinstance(v, cls))
+    return [v for v in leaves if isinstance(v, cls)]
 
 
 @amx

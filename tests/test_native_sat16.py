@@ -348,17 +348,19 @@ def test_fused_conv_every_isa_matches_xla(rng, monkeypatch, acc):
                   activation="relu" if i % 2 == 0 else None, accumulate=acc)  # fmt: skip
         lay = "OIHW" if len(sp) == 2 else "OIW"
         conv = functools.partial(quantized_conv, bias=bias, out_qparams=out, **kw)
-        f = jax.jit(lambda x, pw, conv=conv: conv(x, pw).values)  # (one compile per program)
-        want = np.asarray(f(x, prepare_conv(w, weight_layout=lay)))
+        # a new jit per isa: the path is read when a call is traced (a reused jit keeps
+        # its first trace); one trace and compile per program
+        program = lambda conv=conv: jax.jit(lambda xa, p: conv(xa, p).values)
+        want = np.asarray(program()(x, prepare_conv(w, weight_layout=lay)))
         nat = prepare_conv(w, weight_layout=lay, kernel="sat16")
         # FBGEMM's pairs cross taps for odd C: XLA's patches; oneDNN's channels padded
         target = "qjax_sat16_q8_gemm" if c % 4 and acc == "fbgemm_sat16" else "qjax_sat16_q8_conv"
         folded = fold_requant(nat, x.qparams, bias, out, **{k: kw[k] for k in list(kw)[3:]})
         for isa in _sat16.sat16_isas():
             monkeypatch.setenv(_sat16.ISA_ENV, isa)
-            g = jax.jit(lambda x, pw, conv=conv: conv(x, pw).values)  # traced for this isa
+            g = program()
             for pw in (nat, folded):
-                lowered = g.lower(x, pw)  # traced once: the text and the program run
+                lowered = g.lower(x, pw)  # the text and the program run
                 got = lowered.compile()(x, pw)
                 assert got.dtype == want.dtype and (np.asarray(got) == want).all(), (i, isa)
                 text = lowered.as_text()

@@ -245,12 +245,11 @@ def sat16_conv_max_x(w) -> int:
     >>> sat16_conv_max_x(w), sat16_conv_max_x(w[:, ::2])  # 129 * 254 <= 32767
     (129, 255)
     """
+    if not _concrete(w):
+        return SAT16_SAFE_X
     o = w.shape[-1]
     pad_c = [(0, 0)] * (w.ndim - 2) + [(0, -w.shape[-2] % 4), (0, 0)]
-    return min(
-        sat16_exact_max_x(w.reshape(-1, o)),
-        sat16_exact_max_x(np.pad(w, pad_c).reshape(-1, o)) if _concrete(w) else SAT16_SAFE_X,
-    )
+    return min(sat16_exact_max_x(v.reshape(-1, o)) for v in (w, np.pad(w, pad_c)))
 
 
 def _int8_conv(xv, w, stride, dilation, groups):
