@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -361,14 +362,48 @@ def test_fused_conv_every_isa_matches_xla(rng, monkeypatch, acc):
             g = program()
             for pw in (nat, folded):
                 lowered = g.lower(x, pw)  # the text and the program run
-                got = lowered.compile()(x, pw)
+                compiled = lowered.compile()
+                got = compiled(x, pw)
                 assert got.dtype == want.dtype and (np.asarray(got) == want).all(), (i, isa)
                 text = lowered.as_text()
                 assert text.count(f"custom_call @{target}") == 1, (i, text.count("custom_call"))
                 assert f"isa = {_sat16.SAT16_ISAS.index(isa)} : i64" in text  # this path
                 assert "qjax_sat16_gemm" not in text  # no int32 sums
+                if target == "qjax_sat16_q8_conv":  # the weight packed once, by prepare_conv
+                    assert _operand_ops(compiled.as_text(), target)[1] == "parameter"
                 n += want.size
     print(f"\nfused sat16 conv ({acc}), every code path, folded and not == XLA on {n} codes")
+
+
+def _operand_ops(hlo: str, target: str) -> list[str]:
+    """The ops (``parameter``, ``fusion``, ...) defining the operands of the one custom
+    call to ``target`` in optimized HLO text."""
+    ops = dict(re.findall(r"^\s*(?:ROOT )?%(\S+) = \S+ ([\w-]+)\(", hlo, re.M))
+    (line,) = [ln for ln in hlo.splitlines() if f'custom_call_target="{target}"' in ln]
+    args = line.split("custom-call(", 1)[1].split(")", 1)[0]
+    return [ops[a] for a in re.findall(r"%([\w.-]+)", args)]
+
+
+def test_conv_tree_saved_before_the_pack_still_runs(rng):
+    # a "sat16" conv tree from before prepare_conv packed the weight (no packed child,
+    # as a jax.export program may hold): read back with packed None, the fused call
+    # packs in the call, the same codes
+    from qjax.kernels import PreparedConv
+
+    spec = QuantSpec(signed=True, symmetric=True, axis=0)
+    w = QArray(jnp.asarray(rng.integers(-128, 128, (6, 3, 3, 3)), jnp.int8),
+               QParams(jnp.full(6, 0.01), jnp.zeros(6, jnp.int32), spec))  # fmt: skip
+    x = QArray(jnp.asarray(rng.integers(0, 256, (2, 3, 7, 7)), jnp.uint8),
+               QParams(0.02, 120, XSPEC))  # fmt: skip
+    nat = prepare_conv(w, kernel="sat16")
+    children, aux = nat.tree_flatten()
+    assert len(children) == 3 and nat.packed is not None
+    old = PreparedConv.tree_unflatten(aux, children[:2])
+    assert old.packed is None and old.kernel == "sat16"
+    f = jax.jit(lambda pw: quantized_conv(x, pw, None, QParams(0.3, 100, XSPEC), padding=1,
+                                          accumulate="onednn_sat16").values)  # fmt: skip
+    assert "qjax_sat16_q8_conv" in f.lower(old).as_text()
+    assert (np.asarray(f(old)) == np.asarray(f(nat))).all()
 
 
 @pytest.mark.parametrize("acc", ["fbgemm_sat16", "onednn_sat16"])

@@ -363,8 +363,7 @@ def fused_sat16_conv(xv, zx, x, pw, bias, out, scheme, relu, stride, dilation, p
         # oneDNN pairs channels within a tap, an odd count with a zero: zero channels up
         # to a multiple of 4 give the same pairs (and zero ones), so the kernel reads it;
         # exact sums (no pair can saturate) are the same in any pairing
-        extra = [(0, 0)] * (xv.ndim - 1) + [(0, -c % 4)]
-        xv, w = jnp.pad(xv, extra), jnp.pad(w, [(0, 0)] * (w.ndim - 2) + extra[-1:] + [(0, 0)])
+        xv, w = jnp.pad(xv, [(0, 0)] * (xv.ndim - 1) + [(0, -c % 4)]), _pad_channels4(w)
     elif c % 4:
         p = im2col_patches(xv, w, stride, dilation, 1)[0][..., 0, :]
         return _native.fused_sat16_patches_codes(
@@ -393,6 +392,28 @@ def fused_sat16_conv(xv, zx, x, pw, bias, out, scheme, relu, stride, dilation, p
         xv, w, x, pw, bias, out, scheme, relu, stride, dilation, sums, border
     )
     return codes[:, 0] if one_d else codes
+
+
+def sat16_conv_pack(w: jax.Array, groups: int) -> jax.Array | None:
+    """A ``kernel="sat16"`` conv weight packed once, at prepare time, for the fused call
+    that reads the patches in place (:func:`fused_sat16_conv`): the int8 HWIO (or WIO)
+    ``w`` with its channels padded with zeros to ``C4`` (a multiple of 4), as the
+    ``(kh·kw·C4, O)`` im2col weight (``k = tap·C4 + c``) in
+    :func:`~qjax.kernels._native.pack_sat16_weight`'s order. The one pack serves every
+    pairing the fused call runs: FBGEMM's when ``C % 4 == 0`` (no pad), oneDNN's per tap
+    and exact sums for any ``C``. ``None`` with groups (those convs pack per call).
+
+    >>> sat16_conv_pack(jnp.ones((3, 3, 2, 5), jnp.int8), 1).shape  # K = 9 taps · 4
+    (1, 1, 9, 64)
+    """
+    if groups != 1:
+        return None
+    return _native.pack_sat16_weight(_pad_channels4(w).reshape(-1, w.shape[-1]))
+
+
+def _pad_channels4(w: jax.Array) -> jax.Array:
+    """HWIO / WIO ``w`` with zero input channels up to a multiple of 4."""
+    return jnp.pad(w, [(0, 0)] * (w.ndim - 2) + [(0, -w.shape[-2] % 4), (0, 0)])
 
 
 def _batched_pair_dot(x, w):

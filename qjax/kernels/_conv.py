@@ -56,9 +56,8 @@ implicit-GEMM kernel (:func:`qjax.kernels._native.amx_conv2d`) on the same padde
 shifted NHWC input; dilation other than 1 is refused at call time. With ``"fbgemm"`` /
 ``"qnnpack"`` and weight zero points known to be 0, one fused call
 (``qjax_amx_q8_conv2d``) reads the padded raw codes (uint8 through ``tdpbusd``) and
-applies the zero-point term and the requantize epilogue per tile (same codes). Everything else is
-unchanged, so the codes are the same. ``jax.export`` behaves as for the linear layer
-(custom call ``qjax_amx_s8_conv2d``). ``kernel="sat16"``: exact sums of uint8 codes where
+applies the zero-point term and the requantize epilogue per tile: the same codes.
+``jax.export`` as for the linear layer. ``kernel="sat16"``: exact sums of uint8 codes where
 no int16 pair sum can saturate (``sat16_max_x``, as for the linear layer), else XLA's.
 """
 
@@ -86,6 +85,7 @@ from ._accumulate import (
     check_operands,
     fused_sat16_conv,
     sat16_conv_max_x,
+    sat16_conv_pack,
     sat16_exact,
 )
 from ._native._quantize import pad_native as _pad_native
@@ -103,7 +103,7 @@ _X_LAYOUTS = {"NCHW": (2, True), "NHWC": (2, False), "NCW": (1, True), "NWC": (1
 @register_prepared(
     leaves=("weight", "w_sum"),
     static=("name", "groups", "max_abs_x", "zero_point_is_zero"),
-    packed_when=lambda kernel: kernel in ("amx", "onednn"),
+    packed_when=lambda kernel: kernel != "xla",  # amx, onednn and sat16 pack
     serialized_name="qjax.kernels.PreparedConv",
 )
 @dataclasses.dataclass(frozen=True)
@@ -115,10 +115,10 @@ class PreparedConv:
     ``Σ_{t,c} w[t, c, o]`` of the raw codes). Static: ``name``, ``groups``, ``max_abs_x``
     (the largest ``|x - zp_x|`` the overflow check allowed for) and ``zero_point_is_zero``.
     With ``kernel="amx"`` a third leaf ``packed`` holds the weight in AMX tile order
-    (:func:`qjax.kernels._native.pack_conv_weight`). ``kernel="sat16"`` has no extra
-    leaf (each call packs the small im2col weight in its pairing) and a static
-    ``sat16_max_x``: the largest uint8 code for which the weight's pair sums cannot
-    saturate (:func:`~qjax.kernels._accumulate.sat16_conv_max_x`, both pairings).
+    (:func:`qjax.kernels._native.pack_conv_weight`); ``kernel="sat16"``: the pack the
+    fused call reads (:func:`~qjax.kernels._accumulate.sat16_conv_pack`, ``None`` with
+    groups) and a static ``sat16_max_x``, the largest uint8 code for which its pair sums
+    cannot saturate (:func:`~qjax.kernels._accumulate.sat16_conv_max_x`, both pairings).
     """
 
     weight: QArray
@@ -176,10 +176,9 @@ def prepare_conv(
         :func:`qjax.kernels.native_status`) or ``"sat16"`` (the native sat16 GEMM on XLA's
         im2col patches for ``accumulate="fbgemm_sat16"``/``"onednn_sat16"``, any groups,
         dilation and 1-D/2-D; with one group, zero weight zero points and per-tensor
-        8-bit output qparams, one call with the requantization fused, reading the
-        patches in place (FBGEMM's pairs: where ``C % 4 == 0``); exact accumulation of
-        uint8 codes where no pair sum can saturate, ``sat16_max_x``, else XLA; see
-        :func:`qjax.kernels.sat16_status`).
+        8-bit output qparams one fused call on the weight packed here, reading the patches
+        in place (FBGEMM's pairs: ``C % 4 == 0``); exact sums of uint8 codes where no
+        pair can saturate (``sat16_max_x``), else XLA; :func:`qjax.kernels.sat16_status`).
 
     Returns:
       a :class:`PreparedConv` (a pytree).
@@ -277,7 +276,7 @@ def prepare_conv(
         hint="split the input channels or narrow the ranges",
     )
     w_sum = jnp.sum(vals.astype(jnp.int32), axis=tuple(range(nsp + 1)))
-    packed = None
+    packed, sat_x = None, SAT16_SAFE_X
     if kernel == "amx":
         if not _native.conv_supported(nsp, groups):
             raise ValueError(
@@ -294,7 +293,8 @@ def prepare_conv(
         packed = _native.pack_onednn_conv_weight(
             vals.reshape((1,) * (2 - nsp) + vals.shape), groups
         )
-    sat_x = sat16_conv_max_x(vals) if kernel == "sat16" else SAT16_SAFE_X
+    elif kernel == "sat16":
+        packed, sat_x = sat16_conv_pack(vals, groups), sat16_conv_max_x(vals)
     return PreparedConv(
         wq, w_sum, name, groups, int(max_abs_x), zp_zero, packed, kernel, sat16_max_x=sat_x
     )

@@ -8,8 +8,10 @@ for the kernels that pack the weight. :func:`register_prepared` writes the pytre
 methods and the ``jax.export`` serialization once, from the field names.
 
 Pytree layout, which saved ``jax.export`` programs depend on (keep it): children are the
-leaves in order, then ``packed`` when the kernel has one, then the five ``epilogue``
-vectors when the requantization is folded in (:func:`qjax.kernels.fold_requant`); aux
+leaves in order, then ``packed`` when the kernel has one (every native kernel; a
+``"sat16"`` conv has it since 2026-12 and is read back without it from older trees),
+then the five ``epilogue`` vectors when the requantization is folded in
+(:func:`qjax.kernels.fold_requant`); aux
 data is the static fields in order, then ``kernel`` unless it is ``"xla"`` (so the XLA
 kernel keeps the aux of the versions before native kernels existed), then the fold key
 ``folded`` when folded (a native kernel, so ``kernel`` is there), serialized as a JSON
@@ -89,7 +91,8 @@ def register_prepared(
     Args:
       leaves: the array fields, in child order.
       static: the static fields, in aux order (``kernel`` follows unless ``"xla"``).
-      packed_when: ``packed_when(kernel)`` says whether the ``packed`` field is a leaf.
+      packed_when: ``packed_when(kernel)`` says whether the ``packed`` field is a child
+        (unflattening counts the children: older trees may lack it).
       serialized_name: the name ``jax.export`` records for the node type.
 
     The class gets ``tree_flatten_with_keys``, ``tree_flatten`` and ``tree_unflatten``.
@@ -132,7 +135,10 @@ def register_prepared(
                 object.__setattr__(obj, "sat16_max_x", max_x)
             folded = _key(tail[0]) if tail and tail[0] is not None else None
             rest = list(children[n_leaves:])
-            object.__setattr__(obj, "packed", rest.pop(0) if packed_when(kernel) else None)
+            # packed when one child more than the fold needs: a "sat16" conv tree saved
+            # before its weight was packed at prepare time has none
+            has_packed = len(rest) > (1 if folded else 0)
+            object.__setattr__(obj, "packed", rest.pop(0) if has_packed else None)
             object.__setattr__(obj, "kernel", kernel)
             object.__setattr__(obj, "epilogue", rest.pop(0) if folded else None)
             object.__setattr__(obj, "folded", folded)

@@ -236,7 +236,9 @@ def fused_sat16_conv_codes(
         return _onednn.portable_codes(sums(xk, wk), *v[:5]).astype(out.spec.dtype)
 
     q8 = _sat16.sat16_conv_q8
-    packed = _sat16.pack_sat16_weight(wk)
+    # prepare_conv's pack (sat16_conv_pack: C padded as here); a weight from a tree saved
+    # before it had one is packed in the call
+    packed = _sat16.pack_sat16_weight(wk) if pw.packed is None else pw.packed
     return q8(xk, packed, wk, vecs, out.spec.dtype, portable, w.shape[:2], stride, dilation,
               border)  # fmt: skip
 
