@@ -203,9 +203,14 @@ def main():
     )
 
 
-def _seven_bit_models():
-    """Flax models with 7-bit activations (torch's x86 qconfig, ``reduce_range``),
-    calibrated: ``(name, model, float input per batch)``: the MLP of :data:`SIZES` at
+# the two below-VNNI tables: torch's QAT preset, the scheme served
+_PRESETS = {7: ("x86", "fbgemm"), 8: ("qnnpack", "qnnpack")}
+
+
+def _flax_models(bits):
+    """Flax models with 7-bit activations (torch's x86 qconfig, ``reduce_range``) or
+    8-bit ones (its qnnpack qconfig: uint8 codes 0..255, per-tensor weights), calibrated:
+    ``(name, model, float input per batch)``: the MLP of :data:`SIZES` at
     :data:`BATCHES`, and ``int8_cnn.py``'s CNN shapes (conv 3x3 1->32 + ReLU, conv 3x3
     32->64 + ReLU, "SAME" padding, max pool 2x2, FC 12544->10) at batch 64, NHWC."""
     from flax import nnx
@@ -213,7 +218,8 @@ def _seven_bit_models():
     from qjax.flax import default_qat_qconfig
     from qjax.flax import nnx as qnnx
 
-    cfg = default_qat_qconfig("x86").replace(quantize_input=True, scheme="fbgemm")
+    preset, scheme = _PRESETS[bits]
+    cfg = default_qat_qconfig(preset).replace(quantize_input=True, scheme=scheme)
     rng, r = np.random.default_rng(0), nnx.Rngs(0)
     layers = [qnnx.QuantStub(cfg)]
     for i in range(len(SIZES) - 1):
@@ -242,43 +248,56 @@ def _seven_bit_models():
     yield "CNN", cnn, {64: jnp.asarray(rng.random((64, 28, 28, 1)) * 1.2, jnp.float32)}
 
 
-def seven_bit_below_vnni():
-    """Issue 16 item 2: exactly accumulated layers with 7-bit activations on the sat16
-    kernel, as ``kernel="auto"`` decides on a CPU below VNNI (decided here with the AMX
-    and oneDNN probes answering "no"), vs the XLA int8 dot / conv the layers ran on
-    before: the MLP's linear layers, the CNN's convs (one fused call each, the patches
-    read in place, the 1-channel conv's with zero channels) and its linear layer."""
+def below_vnni(bits=7):
+    """Issue 16 item 2: exactly accumulated layers on the sat16 kernel, as
+    ``kernel="auto"`` decides on a CPU below VNNI (decided here with the AMX and oneDNN
+    probes answering "no"), vs the XLA int8 dot / conv the layers ran on before: the
+    MLP's linear layers, the CNN's convs (one fused call each, the patches read in place,
+    the 1-channel conv's with zero channels) and its linear layer. ``bits=7``: 7-bit
+    activations, the kernel's saturating instructions (no pair sum can saturate).
+    ``bits=8``: 8-bit ones, its exact mode (the codes widened to int16 pairs) where a
+    weight's pairs could saturate: the CNN's convs as ``"auto"`` decides (its linear
+    layer stays on XLA), the MLP's linear layers forced onto it (``"auto"`` keeps 8-bit
+    linear layers on XLA: these rows are why)."""
     import qjax
-    from qjax.kernels import _native
+    from qjax.kernels import _choice, _native
 
-    saved = _native.native_status, _native.onednn_exact
+    saved = _native.native_status, _native.onednn_exact, _choice.exact_on_sat16
     _native.native_status = _native.onednn_exact = lambda: (False, "below VNNI (benchmark)")
     rows = []
     reps = 4 if quick() else 20
     try:
-        for model_name, model, inputs in _seven_bit_models():
+        scheme = _PRESETS[bits][1]
+        for model_name, model, inputs in _flax_models(bits):
+            forced = bits == 8 and model_name == "MLP"
+            if forced:  # the linear layers on the exact mode too
+                _choice.exact_on_sat16 = functools.partial(saved[2], widened=True)
             for batch, x in inputs.items():
-                xla = qjax.convert(model, x)
+                xla = qjax.convert(model, x, scheme=scheme)
                 progs = {"exact XLA": xla}
                 for isa in ("avx2", "avx512"):
                     if isa not in _sat16.sat16_isas():
                         continue
                     with _isa(isa):  # traced (compiled) inside convert
-                        progs[f"sat16 {isa}"] = qjax.convert(model, x, kernel="auto")
+                        progs[f"sat16 {isa}"] = qjax.convert(model, x, kernel="auto", scheme=scheme)
                 for name, p in progs.items():
-                    want = "xla" if name == "exact XLA" else "sat16"
-                    assert set(p.kernels.values()) == {want}, (name, p.kernels)
+                    native = name != "exact XLA"
+                    sat16 = [k == "sat16" for k in p.kernels.values()]
+                    # 8-bit CNN: its convs on sat16, its linear layer on XLA
+                    want = [native] * len(sat16) if bits == 7 or forced else [native] * 2 + [False]
+                    assert sat16 == want, (name, p.kernels)
                     mism = int((np.asarray(p(x)) != np.asarray(xla(x))).sum())
                     assert mism == 0, (name, mism)
                 t = interleaved({k: (lambda p=p, x=x: p(x)) for k, p in progs.items()}, reps, 2)
                 for name in progs:
                     if name == "exact XLA":
                         continue
+                    label = f"{name}{' (forced)' if forced else ''}"
                     rows.append(
                         [
                             model_name,
                             batch,
-                            name,
+                            label,
                             f"{t['exact XLA'] * 1e3:.3f}",
                             f"{t[name] * 1e3:.3f}",
                             f"{t['exact XLA'] / t[name]:.2f}x",
@@ -286,13 +305,17 @@ def seven_bit_below_vnni():
                     )
                     bench_line(
                         "int8_sat16",
-                        f"7-bit {model_name} below VNNI batch {batch}: exact XLA / exact on {name}",
+                        f"{bits}-bit {model_name} below VNNI batch {batch}: "
+                        f"exact XLA / exact on {label}",
                         t["exact XLA"] / t[name],
                         "qjax exact (XLA int8 dot / conv)",
                     )
+            _choice.exact_on_sat16 = saved[2]
     finally:
-        _native.native_status, _native.onednn_exact = saved
-    print("7-bit activations, exact, as decided below VNNI (outputs == XLA's: 0 differ)")
+        _native.native_status, _native.onednn_exact, _choice.exact_on_sat16 = saved
+    mode = "saturating instructions" if bits == 7 else "exact (widened) mode"
+    print(f"{bits}-bit activations, exact, below VNNI, sat16's {mode} "
+          "(outputs == XLA's: 0 differ)")  # fmt: skip
     print(table(["model", "batch", "kernel", "XLA ms", "sat16 ms", "XLA/sat16"], rows))
 
 
@@ -360,4 +383,5 @@ def _isa(name):
 if __name__ == "__main__":
     main()
     cnn_emulation()
-    seven_bit_below_vnni()
+    below_vnni(7)
+    below_vnni(8)

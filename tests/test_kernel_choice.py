@@ -41,6 +41,7 @@ from qjax.flax import default_qat_qconfig
 from qjax.flax import linen as qlinen
 from qjax.flax import nnx as qnnx
 from qjax.kernels import _native, native_status, onednn_exact
+from qjax.kernels._native import _sat16
 from qjax.kernels._native._quantize import quantize_status
 
 _OK, _REASON = native_status()
@@ -272,12 +273,14 @@ def _small_mlp(cfg):
     return model, _data((50, 40), n=1, seed=7)[0]
 
 
-def test_below_vnni_layers_with_7bit_inputs_take_sat16(nnx_cnn, monkeypatch):
+def test_below_vnni_exact_layers_take_sat16(nnx_cnn, monkeypatch):
     # 7-bit activations (torch's x86 qconfig, reduce_range): no int16 pair sum can
     # saturate, so kernel="auto" (and None) put the convs (one group) and the dense layer
-    # on sat16 with XLA's codes, each one call with its requantization folded (the first
-    # conv's 3 channels read in place with a zero one). 8-bit activations with the same weight codes
-    # could saturate: XLA (whole 8-bit model: the slow test below)
+    # on sat16's saturating instructions with XLA's codes, each one call with its
+    # requantization folded (the first conv's 3 channels read in place with a zero one).
+    # 8-bit activations with the same weight codes could saturate: the convs on sat16's
+    # exact (widened) mode, the dense layer too with the kernel's AVX-512 code, on XLA
+    # with its AVX2 code (the same CNN: the next test)
     from qjax.kernels._accumulate import sat16_conv_max_x, sat16_exact_max_x
     from qjax.kernels._choice import conv_kernel, linear_kernel
 
@@ -295,16 +298,24 @@ def test_below_vnni_layers_with_7bit_inputs_take_sat16(nnx_cnn, monkeypatch):
     text = jax.jit(auto).lower(x).as_text()
     assert text.count("custom_call @qjax_sat16_q8_gemm") == 1  # the dense layer
     assert text.count("custom_call @qjax_sat16_q8_conv") == 2 and "qjax_sat16_gemm" not in text
+    assert "exact = 1" not in text  # every layer on the saturating instructions
     (p,) = _prepared(auto)
     w = p.weight.values
     assert linear_kernel("default", x_spec=seven.activation, w=w) == "sat16"
-    assert linear_kernel("auto", x_spec=eight.activation, w=w) == "xla"
+    for isa in _sat16.sat16_isas():
+        monkeypatch.setenv(_sat16.ISA_ENV, isa)
+        want = "xla" if isa == "avx2" else "sat16"
+        assert linear_kernel("auto", x_spec=eight.activation, w=w) == want, isa
+    assert linear_kernel("auto", w=w) == "xla"  # the codes' spec unknown (torch imports)
     assert sat16_exact_max_x(w) < 255  # why: a pair of this weight can saturate
     wc = _prepared(auto, qjax.kernels.PreparedConv)[0].weight.values
     assert sat16_conv_max_x(wc) < 255
     assert conv_kernel("auto", 2, x_spec=seven.activation, w=wc) == "sat16"
-    assert conv_kernel("auto", 2, x_spec=eight.activation, w=wc) == "xla"
+    assert conv_kernel("auto", 2, x_spec=eight.activation, w=wc) == "sat16"  # widened
+    assert conv_kernel("auto", 2, x_spec=eight.activation) == "xla"  # weight unknown
     assert conv_kernel("auto", 2, groups=2, x_spec=seven.activation, w=wc) == "xla"
+    signed = qjax.QuantSpec(signed=True)  # int8 codes: the conv reads uint8 only
+    assert conv_kernel("auto", 2, x_spec=signed, w=wc) == "xla"
     monkeypatch.undo()  # with an exact VNNI kernel here, oneDNN keeps the layers
     if not _native.native_status()[0]:  # (AMX machines: the AMX kernel)
         assert linear_kernel("auto", x_spec=seven.activation, w=w) == (
@@ -315,11 +326,43 @@ def test_below_vnni_layers_with_7bit_inputs_take_sat16(nnx_cnn, monkeypatch):
 
 
 @_SAT16
+def test_below_vnni_8bit_cnn_convs_on_sat16_exact_mode(monkeypatch):
+    # the CNN with 8-bit activations below VNNI with the sat16 kernel's AVX2 code:
+    # kernel="auto" puts the convs (one group, uint8 codes) on its exact mode (the codes
+    # widened to int16 pairs), one fused call each, and the dense layer on XLA; XLA's
+    # outputs
+    _below_vnni(monkeypatch)
+    monkeypatch.setenv(_sat16.ISA_ENV, "avx2")
+    _, eight = _seven_eight()
+    r = nnx.Rngs(0)
+    model = nnx.Sequential(
+        qnnx.QuantStub(eight),
+        qnnx.QuantConvBn(3, 16, (3, 3), config=eight, relu=True, rngs=r),
+        qnnx.QuantConvBn(16, 20, (3, 3), config=eight, relu=True, padding="SAME", rngs=r),
+        qnnx.MaxPool((2, 2)),
+        qnnx.Flatten(),
+        qnnx.QuantLinear(5 * 5 * 20, 7, config=eight, rngs=r),
+        qnnx.DeQuantStub(),
+    )
+    model = _calibrated(model, (16, 10, 10, 3))
+    x = _data((48, 10, 10, 3), n=1, seed=5)[0]
+    auto = qjax.convert(model, x, kernel="auto")
+    assert list(auto.kernels.values()) == ["sat16", "sat16", "xla"], auto.kernels
+    text = jax.jit(auto).lower(x).as_text()
+    assert text.count("custom_call @qjax_sat16_q8_conv") == 2
+    assert "exact = 1" in text  # a weight whose pairs 8-bit codes could saturate
+    n, mism = _exact(auto(x), qjax.convert(model, x)(x))
+    print(f"\n8-bit CNN below VNNI, convs on sat16's exact mode: {mism} of {n} differ")
+    assert n == 48 * 7 and mism == 0
+
+
+@_SAT16
 @pytest.mark.slow  # two calibrates + three converts (~9 s on the loaded 2-core machine)
-def test_below_vnni_mlp_7bit_on_sat16_8bit_on_xla(monkeypatch):
+def test_below_vnni_mlp_7bit_and_8bit(monkeypatch):
     _below_vnni(monkeypatch)
     seven, eight = _seven_eight()
-    for cfg, want in ((seven, "sat16"), (eight, "xla")):
+    eight_on = "xla" if _sat16.sat16_isa() == "avx2" else "sat16"  # exact mode: AVX-512
+    for cfg, want in ((seven, "sat16"), (eight, eight_on)):
         model, x = _small_mlp(cfg)
         auto = qjax.convert(model, x, kernel="auto")
         assert set(auto.kernels.values()) == {want}, (cfg.activation, auto.kernels)
@@ -334,7 +377,8 @@ def test_below_vnni_load_served_takes_convert_kernels(bits, monkeypatch, tmp_pat
     # layer reads: loaded back below VNNI, each layer takes qjax.convert's kernel. 7-bit
     # model: the first layer quantizes its input to 7 bits, the second has no input
     # quantizer and reads the first one's 7-bit output codes (sat16 both), the third
-    # quantizes to 8 bits (XLA); 8-bit model: XLA throughout. The same integers either way
+    # quantizes to 8 bits (XLA with the sat16 kernel's AVX2 code, its exact mode with its
+    # AVX-512 code); 8-bit model: the same throughout. The same integers either way
     _below_vnni(monkeypatch)
     seven, eight = _seven_eight()
     cfg = seven if bits == 7 else eight
@@ -352,7 +396,8 @@ def test_below_vnni_load_served_takes_convert_kernels(bits, monkeypatch, tmp_pat
     qnnx.calibrate(model, _data((32, 24), n=1), progress=False)
     x = _data((20, 24), n=1, seed=7)[0]
     sat = "sat16" if _native.sat16_status()[0] else "xla"
-    want = [sat, sat, "xla"] if bits == 7 else ["xla"] * 3
+    eight_on = "xla" if _sat16.sat16_isa() == "avx2" else sat  # exact mode: AVX-512
+    want = [sat, sat, eight_on] if bits == 7 else [eight_on] * 3
     path = tmp_path / "mlp.safetensors"
     served = {k: qjax.convert(model, x, kernel=k) for k in ("auto", None, "xla")}
     qjax.save_served(path, served["xla"])

@@ -51,7 +51,7 @@ from qjax.kernels import (
     quantized_linear,
     sat16_status,
 )
-from qjax.kernels._accumulate import _sat16_conv, _sat16_pair_dot, sat16_exact_max_x
+from qjax.kernels._accumulate import _sat16_conv, _sat16_pair_dot, _u8_dot, sat16_exact_max_x
 from qjax.kernels._native import _sat16
 
 pytestmark = pytest.mark.skipif(not sat16_status()[0], reason=sat16_status()[1])
@@ -292,11 +292,16 @@ def test_folded_layers_match_xla_and_check_their_calls(rng):
     back = jax.tree_util.tree_unflatten(tree, leaves)
     assert len(leaves) == 10 and back.folded == folded.folded
     assert back.sat16_max_x == nat.sat16_max_x < 255
-    # 8-bit codes could saturate this weight's pairs: no exact call runs on the fold
-    with pytest.raises(ValueError, match="fused kernel cannot run"):
-        quantized_linear(x, folded, bias, out, scheme="onednn", activation="relu")
-    with pytest.raises(ValueError, match="nothing to fold"):
-        fold_requant(nat, x.qparams, bias, out, scheme="onednn")  # exact: not provable
+    # 8-bit codes could saturate this weight's pairs: an exact call on the fold (its
+    # epilogue does not depend on the accumulation) and an exact fold run the kernel's
+    # widened exact products, XLA's exact codes
+    kw = dict(scheme="onednn", activation="relu")
+    g = jax.jit(lambda x, p: quantized_linear(x, p, bias, out, **kw).values)
+    want = np.asarray(quantized_linear(x, xla, bias, out, **kw).values)
+    for pw in (folded, fold_requant(nat, x.qparams, bias, out, **kw)):
+        assert (np.asarray(g(x, pw)) == want).all() and "exact = 1 : i64" in g.lower(
+            x, pw
+        ).as_text()
     print(f"\nfolded sat16 layers == XLA on {n} codes")
 
 
@@ -426,49 +431,86 @@ def test_fused_conv_under_vmap(rng, acc):
     assert (np.asarray(fn(xs)) == np.asarray(want)).all()
 
 
-def test_exact_linear_runs_on_sat16_only_where_no_pair_saturates(rng):
+def test_exact_linear_on_sat16_saturating_where_provable_else_widened(rng):
     # a "sat16" weight records the largest uint8 code its pair sums cannot saturate at;
-    # exact accumulation takes the kernel for activation specs within it, XLA otherwise,
-    # and gives the XLA kernel's codes either way
+    # exact accumulation runs the saturating instructions for activation specs within it
+    # and the kernel's widened exact products (attribute exact = 1) beyond it, one fused
+    # call either way, the XLA kernel's codes
     k, nn = 66, 40
     full = jnp.asarray(rng.integers(-128, 128, (k, nn)), jnp.int8)
     full = full.at[0:2, 0].set(127)  # one pair 127 + 127: 8-bit codes can saturate it
     small = jnp.asarray(rng.integers(-64, 65, (k, nn)), jnp.int8)
+    extreme = jnp.asarray(rng.choice(W_EXTREME, (k, nn)), jnp.int8)
     assert sat16_exact_max_x(full) == 32767 // 254 == 129 and sat16_exact_max_x(small) == 255
     seven = QuantSpec(signed=False, reduce_range=True)  # codes 0..127
     signed8 = QuantSpec(signed=True)  # -128..127: fed shifted up, 0..255
     out = QParams(jnp.float32(0.3), jnp.int32(128), XSPEC)
     bias = jnp.asarray(rng.normal(0, 3, nn), jnp.float32)
     n = 0
-    for wv, spec, on_sat16 in [
-        (full, seven, True),
-        (full, XSPEC, False),
-        (small, XSPEC, True),
-        (small, signed8, True),
+    for wv, spec, widened in [
+        (full, seven, False),
+        (full, XSPEC, True),
+        (full, signed8, True),
+        (extreme, XSPEC, True),
+        (small, XSPEC, False),
+        (small, signed8, False),
     ]:
         w = QArray(wv, QParams(jnp.full((nn,), 0.01), jnp.zeros((nn,), jnp.int32), WSPEC))
         xv = rng.integers(spec.qmin, spec.qmax + 1, (9, k))
+        if wv is extreme:  # the widening's bounds: codes 0 / 255 against -128 / 127
+            xv = rng.choice(np.array([spec.qmin, spec.qmax]), (9, k))
         x = QArray(jnp.asarray(xv, spec.dtype), QParams(0.02, 3 if spec.signed else 60, spec))
         xla, nat = prepare_linear(w), prepare_linear(w, kernel="sat16")
-        f = jax.jit(lambda x, p: quantized_linear(x, p, bias, out, activation="relu").values)
-        want, got = f(x, xla), f(x, nat)
-        assert (np.asarray(got) == np.asarray(want)).all(), spec
-        text = f.lower(x, nat).as_text()  # the sums and the requantization: one call
-        assert ("qjax_sat16_q8_gemm" in text) == on_sat16, spec
-        n += want.size
+        for q in (out, None):  # codes (one fused call); the float output of the sums
+            act = "relu" if q is out else None
+            f = jax.jit(lambda x, p, q=q, a=act: quantized_linear(x, p, bias, q, activation=a))
+            values = (lambda y: y.values) if q is out else (lambda y: y)
+            want, got = values(f(x, xla)), values(f(x, nat))
+            assert (np.asarray(got) == np.asarray(want)).all(), (spec, q is out)
+            text = f.lower(x, nat).as_text()
+            assert text.count("qjax_sat16_q8_gemm" if q is out else "qjax_sat16_gemm") == 1
+            assert ("exact = 1 : i64" in text) == widened, spec
+            n += want.size
     # what the proof guards against: 8-bit codes through the saturating kernel do differ
     xv = jnp.asarray(rng.integers(128, 256, (64, k)), jnp.uint8)
     exact = np.asarray(xv, np.int64) @ np.asarray(full, np.int64)
     assert (np.asarray(_native_dot(xv, full)) != exact).any()
-    print(f"\nexact linear on sat16 / XLA: 0 of {n} codes differ")
+    print(f"\nexact linear on sat16 / XLA: 0 of {n} values differ")
 
 
-def test_exact_conv_runs_on_sat16_only_where_no_pair_saturates(rng):
+def test_exact_widened_sums_every_isa_and_tail(rng):
+    # the kernel's exact mode (uint8 codes widened to int16 pairs) on every code path ==
+    # the int64 sums over M / K / N tails and extreme codes, where the saturating mode
+    # differs
+    n = bad = 0
+    for i, (m, k, nn) in enumerate(
+        [(1, 1, 1), (5, 7, 3), (9, 66, 40), (3, 13, 16), (130, 300, 70)]
+    ):
+        x, w = _codes(rng, (m, k), (k, nn), extreme=i % 2 == 0)
+        want = np.asarray(x, np.int64) @ np.asarray(w, np.int64)
+        xj, wj = jnp.asarray(x), jnp.asarray(w)
+        packed = _sat16.pack_sat16_weight(wj)
+        for isa in _sat16.sat16_isas():
+            dot = functools.partial(_sat16.sat16_dot, packed=packed, w=wj, portable=_u8_dot)
+            f = jax.jit(functools.partial(dot, isa=isa, exact=True))
+            got = np.asarray(f(xj))
+            n += got.size
+            bad += int((got != want).sum())
+    assert bad == 0, bad
+    x = jnp.full((4, 8), 255, jnp.uint8)
+    w = jnp.full((8, 3), 127, jnp.int8)
+    sat = _sat16.sat16_dot(x, _sat16.pack_sat16_weight(w), w, _sat16_pair_dot)
+    assert (np.asarray(sat) == 4 * 32767).all()  # 255·127·2 saturates each pair
+    print(f"\nexact sat16 sums, every code path: 0 of {n} differ")
+
+
+def test_exact_conv_on_sat16_saturating_where_provable_else_widened(rng):
     # the same for a conv with one group (a bound for FBGEMM's pairs along the im2col K
-    # and for pairs per tap): uint8 codes within it take the fused kernel (the patches in
-    # place, odd C with zero channels), folded or not, and the unfused native sums for a
-    # float output; 8-bit codes on a weight whose pairs could saturate, and int8 codes,
-    # XLA's exact conv; XLA's values
+    # and for pairs per tap): uint8 codes take the fused kernel (the patches in place,
+    # odd C with zero channels), folded or not: the saturating instructions within the
+    # bound, the widened exact products beyond it; a float output takes the unfused
+    # native sums within the bound, XLA's exact conv beyond it; int8 codes XLA's conv;
+    # XLA's values
     from qjax.kernels import fold_requant
 
     seven = QuantSpec(signed=False, reduce_range=True)
@@ -484,11 +526,11 @@ def test_exact_conv_runs_on_sat16_only_where_no_pair_saturates(rng):
         conv = functools.partial(quantized_conv, bias=bias, stride=stride, dilation=dil,
                                  padding=pad, scheme=scheme)  # fmt: skip
         lay = "OIHW" if len(sp) == 2 else "OIW"
-        for wv, spec, on_sat16 in [
-            (full, seven, True),
-            (full, XSPEC, False),
-            (small, XSPEC, True),
-            (small, QuantSpec(signed=True), False),  # int8 codes: XLA's conv
+        for wv, spec, mode in [
+            (full, seven, "sat"),
+            (full, XSPEC, "wide"),
+            (small, XSPEC, "sat"),
+            (small, QuantSpec(signed=True), "xla"),  # int8 codes: XLA's conv
         ]:
             w = QArray(
                 jnp.asarray(wv), QParams(jnp.full((o,), 0.01), jnp.zeros(o, jnp.int32), wspec)
@@ -500,7 +542,7 @@ def test_exact_conv_runs_on_sat16_only_where_no_pair_saturates(rng):
             assert (nat.sat16_max_x == 255) == (wv is small), nat.sat16_max_x
             fold = functools.partial(fold_requant, nat, x.qparams, bias, out, scheme=scheme,
                                      activation="relu")  # fmt: skip
-            if on_sat16:  # the requantization folded at prepare time: the same codes
+            if mode != "xla":  # the requantization folded at prepare time: the same codes
                 pws = [nat, fold()]
             else:
                 pws = [nat]
@@ -517,7 +559,9 @@ def test_exact_conv_runs_on_sat16_only_where_no_pair_saturates(rng):
                     assert (np.asarray(values(f(x, pw))) == want).all(), (i, spec, q is out)
                     text = f.lower(x, pw).as_text()
                     sums = "qjax_sat16_q8_conv" if q is out else "qjax_sat16_gemm"
-                    assert (sums in text) == on_sat16 and text.count("qjax_sat16") <= 1, i
+                    native = mode == "sat" or (mode == "wide" and q is out)
+                    assert (sums in text) == native and text.count("qjax_sat16") <= 1, i
+                    assert ("exact = 1 : i64" in text) == (native and mode == "wide"), i
                     n += want.size
     print(f"\nexact conv on sat16 / XLA: 0 of {n} values differ")
 

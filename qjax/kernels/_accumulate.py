@@ -176,6 +176,24 @@ def _int8_dot(x: jax.Array, w: jax.Array) -> jax.Array:
     )
 
 
+def _u8_dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``Σ_k x[..., k]·w[k, n]`` of uint8 codes ``x`` and int8 ``w`` (int32, wrapping):
+    :func:`_int8_dot` of ``x - 128`` (the top bit flipped) plus ``128·Σ_k w[k, n]``. The
+    sat16 kernel's exact sums in XLA (what its exact calls run off CPU).
+
+    >>> int(_u8_dot(jnp.array([[255, 200]], jnp.uint8), jnp.array([[-128], [127]], jnp.int8))[0, 0])
+    -7240
+    """
+    return _from_u8(_int8_dot, x, w, w)
+
+
+def _from_u8(int8_sums, x, w, wk, *args):
+    """``int8_sums(x - 128, w, *args) + 128·Σ_k wk[k, n]``: the exact sums of uint8 codes
+    ``x`` from XLA's int8 kernels (``wk`` the ``(K, N)`` view of ``w``)."""
+    xs = lax.bitcast_convert_type(x ^ jnp.uint8(0x80), jnp.int8)  # x - 128
+    return int8_sums(xs, w, *args) + jnp.int32(128) * jnp.sum(wk.astype(jnp.int32), axis=0)
+
+
 def _sat16_pair_dot(x: jax.Array, w: jax.Array) -> jax.Array:
     """``Σ_j sat16(x[2j]·w[2j] + x[2j+1]·w[2j+1])`` over K, int32 (FBGEMM vpmaddubsw)."""
     k = x.shape[-1]
@@ -344,8 +362,9 @@ def fused_sat16_conv(xv, zx, x, pw, bias, out, scheme, relu, stride, dilation, p
     """Output codes (channels-last) of a saturating conv with one group in one fused
     native sat16 call: :func:`_sat16_conv`'s sums (FBGEMM's pairs; oneDNN's,
     :func:`_onednn_sat16_conv`, with its zero-point term over the valid taps; for
-    ``accumulate="exact"`` the exact sums, where the weight's ``sat16_max_x`` says no
-    pair can saturate), the zero-point term, the requantization, the same codes as the
+    ``accumulate="exact"`` the exact sums: the saturating instructions where the
+    weight's ``sat16_max_x`` says no pair can saturate, else the kernel's widened exact
+    products), the zero-point term, the requantization, the same codes as the
     unfused layer. With ``C % 4 == 0`` the kernel reads the patches in place
     (:func:`qjax.kernels._native.fused_sat16_conv_codes`; a 1-D conv as height 1), and
     for oneDNN's pairs (never across taps) and exact sums with the channels padded with
@@ -359,6 +378,9 @@ def fused_sat16_conv(xv, zx, x, pw, bias, out, scheme, relu, stride, dilation, p
     """
     w = pw.weight.values
     c = xv.shape[-1]
+    # exact sums the pair-sum bound does not cover (8-bit codes): the kernel's widened
+    # exact products
+    wide = accumulate == "exact" and not sat16_exact(x.spec, pw.sat16_max_x)
     if c % 4 and accumulate != "fbgemm_sat16":
         # oneDNN pairs channels within a tap, an odd count with a zero: zero channels up
         # to a multiple of 4 give the same pairs (and zero ones), so the kernel reads it;
@@ -386,10 +408,12 @@ def fused_sat16_conv(xv, zx, x, pw, bias, out, scheme, relu, stride, dilation, p
         border = None
 
         def sums(xk, wk):
+            if wide:
+                return _from_u8(_int8_conv, xk, wk.reshape(w.shape), wk, stride, dilation, 1)
             return _sat16_conv(xk, wk.reshape(w.shape), stride, dilation, 1)
 
     codes = _native.fused_sat16_conv_codes(
-        xv, w, x, pw, bias, out, scheme, relu, stride, dilation, sums, border
+        xv, w, x, pw, bias, out, scheme, relu, stride, dilation, sums, border, exact=wide
     )
     return codes[:, 0] if one_d else codes
 

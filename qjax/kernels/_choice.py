@@ -8,8 +8,8 @@ Model-level calls (``qjax.convert``, ``qjax.load_served``,
 ``kernel``  each linear / conv layer runs on
 ==========  ==========================================================================
 ``None``    the default, per layer: exactly accumulated layers on XLA (on CPUs below
-            VNNI, layers whose pair sums cannot saturate on ``"sat16"``, as under
-            ``"auto"``), saturating layers on the native ``"sat16"`` kernel
+            VNNI, the layers ``"auto"`` puts on ``"sat16"``), saturating layers on the
+            native ``"sat16"`` kernel
             (AVX2 / AVX-512) when :func:`qjax.kernels.sat16_status` says available
             (else XLA)
 ``"xla"``   XLA's ``dot_general`` / convolution for every layer: a pure-XLA,
@@ -32,13 +32,14 @@ Model-level calls (``qjax.convert``, ``qjax.load_served``,
             :func:`qjax.kernels.onednn_exact` says so (linear layers, and convolutions
             on the ukernel: measured faster than XLA for every conv shape tried, the
             depthwise one included); without either (CPUs below VNNI: oneDNN
-            refuses, XLA's int8 dot is slow) exactly accumulated linear layers and
-            convolutions with one group whose int16 pair sums provably cannot
-            saturate on ``"sat16"``
-            (:func:`exact_on_sat16`: 7-bit activations, torch's ``reduce_range``,
+            refuses, XLA's int8 dot is slow) on ``"sat16"`` (:func:`exact_on_sat16`)
+            exactly accumulated convolutions with one group reading unsigned codes
+            and linear layers: its saturating instructions where the int16 pair sums
+            provably cannot saturate (7-bit activations, torch's ``reduce_range``,
             with any int8 weight; 8-bit ones where the weight's pairs are small
-            enough), the same integers; the rest as under ``None`` (never raises
-            for availability)
+            enough), else its exact mode (the codes widened to int16 pairs; linear
+            layers only on its AVX-512 code), the same integers; the rest as under
+            ``None`` (never raises for availability)
 ==========  ==========================================================================
 
 The AMX kernel supports linear layers and 2-D convolutions with ``groups=1`` and
@@ -47,15 +48,18 @@ convolutions keep XLA under ``"auto"``. The saturating layers (``fbgemm_sat16`` 
 ``onednn_sat16``: engines at CPU levels without VNNI, FBGEMM's depthwise 3x3 fast
 path) run on the ``"sat16"`` kernel, which computes the int16 pair saturation with the
 instruction FBGEMM/oneDNN use (``vpmaddubsw``), 100x and more faster than its XLA
-formulation. Exact layers on ``"sat16"`` (below VNNI) are linear layers and
-convolutions with one group reading unsigned codes, and only where the caller passes the
-activation spec and the weight codes to :func:`linear_kernel` / :func:`conv_kernel`:
+formulation. Exact layers on ``"sat16"`` (below VNNI) are convolutions with one group
+reading unsigned codes and linear layers (with the kernel's AVX2 code only those whose
+pair sums cannot saturate; each call picks the saturating instructions where the
+activation spec proves them exact, the exact widened mode otherwise), and only where
+the caller passes the activation spec and the weight codes to :func:`linear_kernel` /
+:func:`conv_kernel`:
 ``qjax.convert`` does (the layer's input quantizer's spec, else
 that of the codes it reads), and so does ``qjax.load_served`` for a Flax program file
 (the spec of the codes each layer reads, from the file's steps: the same kernels);
 the torch / pt2e importers do not, as torch's activation codes are not bounded by
-``reduce_range``'s 127 (its quantize clamps quint8 to ``[0, 255]``), so their exact
-layers stay on XLA. The codes are the same
+``reduce_range``'s 127 (its quantize clamps quint8 to ``[0, 255]``: a spec could not
+choose the instructions), so their exact layers stay on XLA. The codes are the same
 either way; the models record the choice per layer (``served.kernels``,
 ``program.kernels``: ``"xla"``, ``"amx"``, ``"onednn"`` or ``"sat16"``). A program whose layers
 are wished native (``"amx"``, ``"onednn"``, ``"auto"``) also quantizes its float input
@@ -73,7 +77,7 @@ from __future__ import annotations
 import jax
 
 from . import PreparedConv, PreparedLinear, _native
-from ._accumulate import sat16_conv_max_x, sat16_exact, sat16_exact_max_x
+from ._accumulate import sat16_exact, sat16_exact_max_x
 
 _SATURATING = ("fbgemm_sat16", "onednn_sat16")
 
@@ -167,9 +171,9 @@ def linear_kernel(wish: str, accumulate: str = "exact", x_spec=None, w=None) -> 
     (``"amx"``, or ``"auto"`` where the AMX kernel is available), ``"onednn"`` when wished
     (``"onednn"``, or ``"auto"`` without AMX) and :func:`qjax.kernels.onednn_exact` says
     its integers are exact here; else, for ``"auto"`` and ``"default"`` (no exact native
-    kernel here: a CPU below VNNI), ``"sat16"`` where no int16 pair sum can saturate
-    (:func:`exact_on_sat16`: needs the activation spec ``x_spec`` and the int8 weight
-    codes ``w``, ``(K, N)``); else ``"xla"``. With int16 pair saturation
+    kernel here: a CPU below VNNI), ``"sat16"`` as :func:`exact_on_sat16` says (needs
+    the activation spec ``x_spec`` and the int8 weight codes ``w``, ``(K, N)``); else
+    ``"xla"``. With int16 pair saturation
     (``fbgemm_sat16`` / ``onednn_sat16``) the native ``"sat16"`` kernel unless ``wish``
     is ``"xla"`` or it is unavailable.
 
@@ -196,18 +200,25 @@ def linear_kernel(wish: str, accumulate: str = "exact", x_spec=None, w=None) -> 
     return "sat16" if exact_on_sat16(wish, x_spec, w) else "xla"
 
 
-def exact_on_sat16(wish: str, x_spec, w) -> bool:
+def exact_on_sat16(wish: str, x_spec, w, conv: bool = False) -> bool:
     """Whether an exactly accumulated layer runs on the native ``"sat16"`` kernel:
     ``wish`` is ``"auto"`` or ``"default"``, neither the AMX kernel
     (:func:`qjax.kernels.native_status`) nor an exact oneDNN kernel
     (:func:`qjax.kernels.onednn_exact`) runs here (CPUs below VNNI), the sat16 kernel
-    does (:func:`qjax.kernels.sat16_status`), and its int16 pair sums provably cannot
-    saturate: the largest uint8 code the activations of ``x_spec`` feed it
+    does (:func:`qjax.kernels.sat16_status`), the codes' spec ``x_spec`` and the weight
+    codes ``w`` are known, and its saturating instructions are exact: the largest uint8
+    code the activations feed the kernel
     (:func:`~qjax.kernels._prepared.sat16_exact_codes`) is at most
-    :func:`~qjax.kernels._accumulate.sat16_exact_max_x` of the weight codes ``w`` (a
-    linear layer's ``(K, N)``; of a conv's ``HWIO`` / ``WIO`` ones
+    :func:`~qjax.kernels._accumulate.sat16_exact_max_x` of ``w`` (a linear layer's
+    ``(K, N)``; of a conv's ``HWIO`` / ``WIO`` codes
     :func:`~qjax.kernels._accumulate.sat16_conv_max_x`, both pairings; any int8 weight
-    with 7-bit activations, codes ``[0, 127]``). Unknown ``x_spec`` or ``w``: ``False``.
+    with 7-bit activations) -- or, beyond that bound, the kernel's exact mode (the codes
+    widened to int16 pairs) is the faster one: for a convolution (``conv``; measured
+    1.1-1.7x XLA's int8 conv with the kernel's AVX2 code, 1.8-3.1x with its AVX-512
+    code) and for a linear layer where the kernel runs its AVX-512 code
+    (:func:`~qjax.kernels._native._sat16.sat16_isa`; 1.0-1.1x XLA's int8 dot at batch
+    256, faster below), not with its AVX2 code (0.6x at batch 256;
+    ``benchmarks/int8_sat16.py``, table 4). Unknown ``x_spec`` or ``w``: ``False``.
 
     >>> from qjax import QuantSpec
     >>> exact_on_sat16("xla", QuantSpec(signed=False, reduce_range=True), None)
@@ -219,7 +230,9 @@ def exact_on_sat16(wish: str, x_spec, w) -> bool:
         return False
     if not _native.sat16_status()[0]:
         return False
-    return sat16_exact(x_spec, (sat16_conv_max_x if w.ndim > 2 else sat16_exact_max_x)(w))
+    if conv or _native._sat16.sat16_isa() != "avx2":
+        return True  # exact either way: saturating instructions where they are
+    return sat16_exact(x_spec, sat16_exact_max_x(w))
 
 
 def conv_kernel(
@@ -239,9 +252,8 @@ def conv_kernel(
     (:func:`qjax.kernels.onednn_exact`, :func:`qjax.kernels._native.onednn_fused`; the
     PyPI matmul provider has no convolution); else (no exact native kernel here: a CPU
     below VNNI), for ``"auto"`` and ``"default"``, ``"sat16"`` for a convolution with one
-    group reading unsigned codes whose int16 pair sums cannot saturate
-    (:func:`exact_on_sat16` with the activation spec ``x_spec`` and the int8 ``HWIO`` /
-    ``WIO`` weight codes ``w``); saturating
+    group reading unsigned codes (:func:`exact_on_sat16` with the activation spec
+    ``x_spec`` and the int8 ``HWIO`` / ``WIO`` weight codes ``w``); saturating
     convolutions (any shape) as in :func:`linear_kernel`; ``"xla"`` otherwise.
 
     >>> conv_kernel("amx", 2), conv_kernel("amx", 2, groups=8), conv_kernel("amx", 1)
@@ -266,7 +278,7 @@ def conv_kernel(
     if wish in ("onednn", "auto") and nsp in (1, 2) and _onednn_conv_ok():
         return "onednn"
     if groups == 1 and x_spec is not None and not x_spec.signed and w is not None:
-        return "sat16" if exact_on_sat16(wish, x_spec, w) else "xla"
+        return "sat16" if exact_on_sat16(wish, x_spec, w, conv=True) else "xla"
     return "xla"
 
 

@@ -87,6 +87,7 @@ from ._accumulate import (
     Accumulate,
     _int8_dot,
     _sat16_pair_dot,
+    _u8_dot,
     check_accumulator,
     check_operands,
     sat16_exact,
@@ -306,10 +307,15 @@ def quantized_linear(
             f"(last dimension must be {k})"
         )
     _native.check_folded(pw, x, bias, out_qparams, scheme, activation, accumulate, layer)
+    # sat16, exact: the saturating instructions where no pair sum can saturate (prepare
+    # time proof), else the kernel's widened exact products (8-bit codes)
+    sat_exact = pw.kernel == "sat16" and sat16_exact(x.spec, pw.sat16_max_x)
+    wide = pw.kernel == "sat16" and accumulate == "exact" and not sat_exact
+    sums = _u8_dot if wide else _sat16_pair_dot  # the kernel's sums in XLA, off CPU
     if _native.fusable(pw, x, bias, out_qparams, scheme, accumulate):
         # one native call: dot + zero-point correction + requantize (same codes)
         relu = activation == "relu"
-        codes = _native.fused_linear_codes(x, pw, bias, out_qparams, scheme, relu, _sat16_pair_dot)
+        codes = _native.fused_linear_codes(x, pw, bias, out_qparams, scheme, relu, sums, wide)
         try:
             return QArray(clamp_activation(codes, out_qparams, activation, bounds), out_qparams)
         except (TypeError, ValueError) as e:
@@ -317,16 +323,15 @@ def quantized_linear(
     wq = pw.weight
     zx = jnp.asarray(x.zero_point).astype(jnp.int32).reshape(())
     zw = jnp.asarray(wq.zero_point).astype(jnp.int32)  # () or (N,)
-    sat_exact = pw.kernel == "sat16" and sat16_exact(x.spec, pw.sat16_max_x)
-    if accumulate == "exact" and (pw.kernel == "onednn" or sat_exact):
+    if accumulate == "exact" and pw.kernel in ("onednn", "sat16"):
         # oneDNN and sat16 take uint8 codes: signed ones shifted up, x + 128, by a bit flip
         if unsigned:
             xv = x.values
         else:
             xv = lax.bitcast_convert_type(x.values ^ jnp.int8(-128), jnp.uint8)
             zx = zx + jnp.int32(128)
-        if sat_exact:  # no pair sum can saturate (prepare time proof): the exact Σ x·w
-            acc = _native.sat16_dot(xv, pw.packed, wq.values, _sat16_pair_dot)
+        if pw.kernel == "sat16":  # the exact Σ x·w
+            acc = _native.sat16_dot(xv, pw.packed, wq.values, sums, exact=wide)
         else:
             acc = _native.onednn_dot(xv, pw.packed, wq.values)
     elif accumulate == "exact":

@@ -41,7 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .._prepared import sat16_exact
 from .._requant import _zero_point_scalar, activation_bounds
 from .._schemes import _apply_fbgemm, _coef_fbgemm, _coef_onednn, _coef_qnnpack, _coefficients
 from . import _onednn, _onednn_conv, _sat16
@@ -103,10 +102,11 @@ def fusable(pw, x, bias, out, scheme, accumulate="exact") -> bool:
     Needs, for ``accumulate="exact"``, an AMX-prepared weight or a ``kernel="onednn"``
     one where its provider has the fused epilogue
     (:func:`~qjax.kernels._native._onednn.onednn_fused`), or a ``kernel="sat16"`` linear
-    weight whose pair sums provably cannot saturate for these inputs
-    (:func:`~qjax.kernels._prepared.sat16_exact`), or such a conv weight with one group
-    and uint8 inputs; for ``"fbgemm_sat16"`` / ``"onednn_sat16"`` a ``kernel="sat16"``
-    linear weight (its pair saturation) or conv weight with one group. Then
+    weight (the saturating instructions where its pair sums provably cannot saturate,
+    :func:`~qjax.kernels._prepared.sat16_exact`, else its widened exact products), or
+    such a conv weight with one group and uint8 inputs; for ``"fbgemm_sat16"`` /
+    ``"onednn_sat16"`` a ``kernel="sat16"`` linear weight (its pair saturation) or conv
+    weight with one group. Then
     zero points known to be 0, scheme ``"fbgemm"``/``"qnnpack"`` (and ``"onednn"`` on
     oneDNN's and the sat16 kernel), int8/uint8 inputs and per-tensor int8/uint8
     outputs with an integer zero point, and a float32-castable ``(N,)`` or 0-d bias;
@@ -125,15 +125,11 @@ def fusable(pw, x, bias, out, scheme, accumulate="exact") -> bool:
         return False  # only the ukernel provider has the epilogue
     if not pw.zero_point_is_zero or x.values.dtype not in _CODES:
         return False
-    if kernel == "sat16":  # saturating, or exact where that is equal
+    if kernel == "sat16":  # saturating, or exact (widened where a pair could saturate)
         if not hasattr(pw, "out_features"):  # conv: one group, uint8 codes if exact
             if pw.groups != 1 or (accumulate == "exact" and x.values.dtype != np.uint8):
                 return False
-        if accumulate == "exact":
-            spec = getattr(x, "spec", None)
-            if spec is None or not sat16_exact(spec, pw.sat16_max_x):
-                return False
-        elif x.values.dtype != np.uint8:
+        if accumulate != "exact" and x.values.dtype != np.uint8:
             return False
     elif accumulate != "exact":
         return False
@@ -154,7 +150,7 @@ def fusable(pw, x, bias, out, scheme, accumulate="exact") -> bool:
     return True
 
 
-def fused_linear_codes(x, pw, bias, out, scheme, relu, pair_dot=None) -> jax.Array:
+def fused_linear_codes(x, pw, bias, out, scheme, relu, pair_dot=None, exact=False) -> jax.Array:
     """Output codes of ``quantized_linear`` (before a ``relu6``/``hardtanh`` clamp) in one
     fused AMX, oneDNN-ukernel or sat16 call; only when :func:`fusable` said so.
 
@@ -163,8 +159,9 @@ def fused_linear_codes(x, pw, bias, out, scheme, relu, pair_dot=None) -> jax.Arr
     zero point (uint8 codes are not shifted: ``tdpbusd``/``vpdpbusd`` take them as they
     are). oneDNN's and the sat16 kernel take uint8 only: int8 codes are shifted up by 128
     (the top bit flipped) and their zero point with them. ``pair_dot(x, w)``: the sat16
-    kernel's sums in XLA (``_accumulate._sat16_pair_dot``), what it runs off CPU.
-    Returns ``out.spec.dtype``.
+    kernel's sums in XLA (``_accumulate._sat16_pair_dot``), what it runs off CPU;
+    ``exact``: the sat16 kernel's exact (widened) sums, ``pair_dot`` then the exact
+    ones (``_accumulate._u8_dot``). Returns ``out.spec.dtype``.
 
     >>> fusable(None, None, None, None, "exact")  # see quantized_linear's tests
     False
@@ -175,7 +172,7 @@ def fused_linear_codes(x, pw, bias, out, scheme, relu, pair_dot=None) -> jax.Arr
             xv, shift = lax.bitcast_convert_type(xv ^ jnp.int8(-128), jnp.uint8), 128
         vecs = _vectors(x, pw, pw.col_sum, bias, out, scheme, relu, shift)
         if pw.kernel == "sat16":
-            return _sat16_codes(xv, pw.packed, pw.weight.values, vecs, out, pair_dot)
+            return _sat16_codes(xv, pw.packed, pw.weight.values, vecs, out, pair_dot, exact)
         q8 = _onednn.onednn_linear_q8
         return q8(xv, pw.packed, pw.weight.values, *vecs, out.spec.dtype)
     vecs = _vectors(x, pw, pw.col_sum, bias, out, scheme, relu)
@@ -211,7 +208,7 @@ def fused_conv_codes(xv, x, pw, bias, out, scheme, relu, stride, dilation=(1, 1)
 
 
 def fused_sat16_conv_codes(
-    xk, w, x, pw, bias, out, scheme, relu, stride, dilation, sums, border=None
+    xk, w, x, pw, bias, out, scheme, relu, stride, dilation, sums, border=None, exact=False
 ) -> jax.Array:
     """Output codes (NHWC) of a saturating 2-D conv with one group in one fused sat16
     call whose im2col rows are read in place (:func:`~._sat16.sat16_conv_q8`): the sums,
@@ -224,7 +221,8 @@ def fused_sat16_conv_codes(
     ``H = 1``); ``x`` the input :class:`~qjax.QArray` (scale, zero point); ``pw`` the
     sat16 ``PreparedConv`` (its ``w_sum``, scales, folded epilogue); ``sums(xk, wk)`` the
     kernel's int32 sums in XLA before ``ivec`` (what runs off CPU; ``wk`` the
-    ``(kh·kw·C, O)`` weight). Only when :func:`fusable` said so.
+    ``(kh·kw·C, O)`` weight); ``exact``: the kernel's exact (widened) sums, which
+    ``sums`` must then compute. Only when :func:`fusable` said so.
 
     >>> fusable(None, None, None, None, "fbgemm", "fbgemm_sat16")
     False
@@ -240,7 +238,7 @@ def fused_sat16_conv_codes(
     # before it had one is packed in the call
     packed = _sat16.pack_sat16_weight(wk) if pw.packed is None else pw.packed
     return q8(xk, packed, wk, vecs, out.spec.dtype, portable, w.shape[:2], stride, dilation,
-              border)  # fmt: skip
+              border, exact=exact)  # fmt: skip
 
 
 def fused_sat16_patches_codes(patches, x, pw, bias, out, scheme, relu, pair_dot) -> jax.Array:
@@ -258,13 +256,13 @@ def fused_sat16_patches_codes(patches, x, pw, bias, out, scheme, relu, pair_dot)
     return _sat16_codes(patches, _sat16.pack_sat16_weight(wk), wk, vecs, out, pair_dot)
 
 
-def _sat16_codes(xv, packed, w, vecs, out, pair_dot):
+def _sat16_codes(xv, packed, w, vecs, out, pair_dot, exact=False):
     """:func:`~._sat16.sat16_linear_q8`, ``pair_dot`` (XLA's sums) off CPU."""
 
     def portable(x, w, *vecs):
         return _onednn.portable_codes(pair_dot(x, w), *vecs).astype(out.spec.dtype)
 
-    return _sat16.sat16_linear_q8(xv, packed, w, vecs, out.spec.dtype, portable)
+    return _sat16.sat16_linear_q8(xv, packed, w, vecs, out.spec.dtype, portable, exact=exact)
 
 
 def _vectors(x, pw, w_sum, bias, out, scheme, relu, shift=0):

@@ -20,6 +20,14 @@ on AVX2-only CPUs, and a call asking for a path the CPU lacks is refused.
 ``QJAX_SAT16_ISA=avx2`` (or ``avx512``) forces a lower path. One packed weight layout
 serves all three (one 64-byte row is two ymm or one zmm operand).
 
+Exact mode (``exact=True``, FFI attribute ``exact = 1``): ``Σ_k x·w`` without saturation,
+for any uint8 codes, on the same packed weight: each 32-bit lane's four bytes are
+widened in registers to two int16 pairs (bytes 0, 2 and 1, 3; the codes zero-extended,
+the weights sign-extended) and multiplied by two ``vpmaddwd``, whose pair sums are exact
+in int32. qjax runs it for exact layers the saturating instructions cannot serve (8-bit
+codes on a weight whose pairs could saturate) on CPUs below VNNI: the same multiplies per
+multiply-add, plus the widening (~1.4x the saturating path's time at batch 256).
+
 Availability (:func:`sat16_status`), checked once per process: x86-64 Linux, ``avx2`` in
 ``/proc/cpuinfo``, a C++ compiler that builds the library (cached, :mod:`._build`).
 Off CPU (``lax.platform_dependent``) the program runs the XLA formulation it is given.
@@ -200,6 +208,7 @@ def sat16_dot(
     portable,
     threads: int | None = None,
     isa: str | None = None,
+    exact: bool = False,
 ) -> jax.Array:
     """``Σ_j sat16(x[..., 2j]·w[2j, n] + x[..., 2j+1]·w[2j+1, n])``, int32, native.
 
@@ -208,14 +217,20 @@ def sat16_dot(
     groups); ``portable(x, w)`` is the XLA formulation the program runs off CPU (the same
     integers). ``threads``: 1 or 2 per call (default :data:`THREADS`; the second thread
     is used only for large calls). ``isa``: the code path, one of :func:`sat16_isas`
-    (default :func:`sat16_isa`); every path gives the same integers. Call
-    :func:`require_sat16` first (prepare time).
+    (default :func:`sat16_isa`); every path gives the same integers. ``exact``: the
+    exact sums ``Σ_k x[..., k]·w[k, n]`` instead (no pair saturates; the codes widened to
+    int16 pairs below VNNI, ``vpdpbusd`` with VNNI), for any uint8 codes, on the same
+    ``packed`` weight; ``portable`` must then compute them. Call :func:`require_sat16`
+    first (prepare time).
     """
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[-1],), jnp.int32)
-    return _call(SAT16_TARGET, out, x, packed, w, (), portable, threads, isa, "sat16_dot")
+    return _call(
+        SAT16_TARGET, out, x, packed, w, (), portable, threads, isa, "sat16_dot", exact=exact
+    )
 
 
-def sat16_linear_q8(x, packed, w, vecs, out_dtype, portable, threads=None, isa=None):
+def sat16_linear_q8(x, packed, w, vecs, out_dtype, portable, threads=None, isa=None,
+                    exact=False):  # fmt: skip
     """8-bit codes ``(..., N)`` of a linear layer in one native call: :func:`sat16_dot`'s
     sums ``acc`` through the requantize epilogue of the fused native kernels
     (``epilogue.h``): per column ``a = acc + ivec[n]`` (int32, wrapping), ``y = f32(a) +
@@ -228,7 +243,7 @@ def sat16_linear_q8(x, packed, w, vecs, out_dtype, portable, threads=None, isa=N
     weight; ``vecs = (ivec, fvec, mult, clamp, zp)`` from
     :func:`~qjax.kernels._native.epilogue_vectors`; ``out_dtype`` int8 or uint8;
     ``portable(x, w, *vecs)``: the codes in XLA, what the program runs off CPU.
-    ``threads`` / ``isa`` as for :func:`sat16_dot` (the AVX2 path requantizes on AVX2
+    ``threads`` / ``isa`` / ``exact`` as for :func:`sat16_dot` (the AVX2 path requantizes on AVX2
     registers, the others on AVX-512 ones: the same codes). Call :func:`require_sat16`
     first.
 
@@ -246,12 +261,13 @@ def sat16_linear_q8(x, packed, w, vecs, out_dtype, portable, threads=None, isa=N
     Array([[103, -98]], dtype=int8)
     """
     out = jax.ShapeDtypeStruct(x.shape[:-1] + (w.shape[-1],), out_dtype)
-    return _call(SAT16_Q8_TARGET, out, x, packed, w, vecs, portable, threads, isa, "sat16_q8")
+    return _call(SAT16_Q8_TARGET, out, x, packed, w, vecs, portable, threads, isa, "sat16_q8",
+                 exact=exact)  # fmt: skip
 
 
 def sat16_conv_q8(
     x, packed, w, vecs, out_dtype, portable, kernel, stride, dilation, border=None,
-    threads=None, isa=None,
+    threads=None, isa=None, exact=False,
 ):  # fmt: skip
     """8-bit NHWC codes of a 2-D conv with one group in one native call, the patches of
     FBGEMM's im2col read in place (never written): per output position ``(n, i, j)`` and
@@ -262,7 +278,7 @@ def sat16_conv_q8(
     ``x`` the zero-point-padded NHWC uint8 codes ``(N, Hp, Wp, C)`` with ``C % 4 == 0``
     (a pair never spans two taps); ``w`` the int8 im2col weight ``(kh·kw·C, O)``
     (:func:`qjax.kernels._accumulate.im2col_patches`) and ``packed`` its
-    :func:`pack_sat16_weight`; ``vecs``, ``out_dtype``, ``threads``, ``isa`` as for
+    :func:`pack_sat16_weight`; ``vecs``, ``out_dtype``, ``threads``, ``isa``, ``exact`` as for
     :func:`sat16_linear_q8`; ``portable(x, w, *vecs, wtap, zx)`` the codes in XLA (what
     runs off CPU); ``kernel`` ``(kh, kw)``, ``stride``, ``dilation`` ``(h, w)``.
     ``border=(zp_x, (pt, pl, h, w))``: oneDNN's zero-point term over the valid taps only
@@ -304,11 +320,11 @@ def sat16_conv_q8(
         extra = (wtap, jnp.reshape(zx, (1,)).astype(jnp.int32))
         attrs.update(valid_taps=1, pt=pt, pl=pl, ih=h, iw=wd)
     return _call(SAT16_Q8_CONV_TARGET, out, x, packed, w, tuple(vecs) + extra, portable,
-                 threads, isa, "sat16_conv_q8", "sequential", **attrs)  # fmt: skip
+                 threads, isa, "sat16_conv_q8", "sequential", exact=exact, **attrs)  # fmt: skip
 
 
 def _call(target, out, x, packed, w, vecs, portable, threads, isa, who, vmap="expand_dims",
-          **attrs):  # fmt: skip
+          exact=False, **attrs):  # fmt: skip
     """The custom call ``target`` on CPU, ``portable(x, w, *vecs)`` elsewhere; under
     ``vmap`` the GEMMs take the batch as leading rows (``"expand_dims"``), the conv one
     call per element (``"sequential"``)."""
@@ -322,7 +338,7 @@ def _call(target, out, x, packed, w, vecs, portable, threads, isa, who, vmap="ex
         del w
         call = jax.ffi.ffi_call(target, out, vmap_method=vmap)
         with jax.named_scope(EXPORT_HINT):
-            return call(x, packed, *vecs, threads=threads, isa=code, **attrs)
+            return call(x, packed, *vecs, threads=threads, isa=code, exact=int(exact), **attrs)
 
     def default(x, packed, w, *vecs):
         del packed

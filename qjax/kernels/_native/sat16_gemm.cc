@@ -15,7 +15,17 @@
 //                     non-saturating (vpdpwssds would saturate), i.e. the same wrapping
 //                     int32 sum as vpmaddwd + vpaddd.
 // vpmaddubsw is the same instruction per 128-bit lane at every width, so every path
-// saturates the same pairs. The AVX-512 functions carry target attributes (the library
+// saturates the same pairs.
+//
+// Attribute "exact" = 1: the exact sums out[m, n] = sum_k x[m, k] * w[k, n] (int32,
+// wrapping) on the same packed weight, for any uint8 codes. Each 32-bit lane's four
+// bytes are widened in registers to two int16 pairs (bytes 0, 2 and bytes 1, 3: the
+// weight's sign-extended, the codes zero-extended) and multiplied by two vpmaddwd, whose
+// pair sums are exact int32 (|x·w| <= 255·128), on every path (the VNNI one included:
+// vpdpwssd twice into one accumulator chains its latency, and vpdpbusd, VNNI's exact
+// byte dot, measured slower in this blocking on the Zen 5 test host; VNNI CPUs run
+// oneDNN's kernel). The same multiplies per multiply-add as the saturating path below
+// VNNI, plus the widening shifts: ~1.4x its time at batch 256. The AVX-512 functions carry target attributes (the library
 // is compiled with -mavx2 only and loads on AVX2 CPUs); a call asking for a path the CPU
 // lacks (__builtin_cpu_supports) is refused with an error.
 //
@@ -159,10 +169,11 @@ struct XRows {
 
 // R rows (R <= kMR) from row `row` of xr x 16 columns; weight block w (K4 x 64 bytes).
 // Writes ncols (<= 16) columns per row.
-template <int R>
+template <int R, bool EXACT>
 void Kernel(const XRows& xr, int64_t row, const int8_t* w, int32_t* out, int64_t ldo,
             int ncols) {
   const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i lo8 = _mm256_set1_epi16(0x00FF);
   const uint8_t* xp[R];
   xr.Rows<R>(row, xp);
   __m256i acc0[R], acc1[R];
@@ -172,6 +183,21 @@ void Kernel(const XRows& xr, int64_t row, const int8_t* w, int32_t* out, int64_t
     for (int64_t k = 0; k < xr.c4; ++k, w += 64) {
       const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
       const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
+      if constexpr (EXACT) {  // bytes 0, 2 / 1, 3 of each lane as int16 pairs
+        const __m256i w0e = _mm256_srai_epi16(_mm256_slli_epi16(w0, 8), 8);
+        const __m256i w0o = _mm256_srai_epi16(w0, 8);
+        const __m256i w1e = _mm256_srai_epi16(_mm256_slli_epi16(w1, 8), 8);
+        const __m256i w1o = _mm256_srai_epi16(w1, 8);
+        for (int r = 0; r < R; ++r) {
+          const __m256i xb = Bcast4(xp[r] + off + 4 * k);
+          const __m256i xe = _mm256_and_si256(xb, lo8), xo = _mm256_srli_epi16(xb, 8);
+          acc0[r] = _mm256_add_epi32(
+              acc0[r], _mm256_add_epi32(_mm256_madd_epi16(xe, w0e), _mm256_madd_epi16(xo, w0o)));
+          acc1[r] = _mm256_add_epi32(
+              acc1[r], _mm256_add_epi32(_mm256_madd_epi16(xe, w1e), _mm256_madd_epi16(xo, w1o)));
+        }
+        continue;
+      }
       for (int r = 0; r < R; ++r) {
         const __m256i xb = Bcast4(xp[r] + off + 4 * k);
         acc0[r] =
@@ -196,28 +222,30 @@ void Kernel(const XRows& xr, int64_t row, const int8_t* w, int32_t* out, int64_t
 }
 
 // Rows [row0 + i, ...) of xr into the sink's rows [i, ...).
-template <int R>
+template <int R, bool EXACT>
 void Block(const XRows& xr, int64_t row0, const int8_t* w, int64_t i, int64_t col, int ncols,
            const Sink& s) {
-  if (s.codes == nullptr) return Kernel<R>(xr, row0 + i, w, s.acc + i * s.n + col, s.n, ncols);
+  if (s.codes == nullptr)
+    return Kernel<R, EXACT>(xr, row0 + i, w, s.acc + i * s.n + col, s.n, ncols);
   alignas(32) int32_t tile[R * kNB];
-  Kernel<R>(xr, row0 + i, w, tile, kNB, ncols);
+  Kernel<R, EXACT>(xr, row0 + i, w, tile, kNB, ncols);
   s.Requantize(tile, kNB, R, ncols, i, col);
 }
 
 // One GEMM: m rows of xr from row0, packed w (nb, k4, 64), n columns into s (its row 0
 // is row0); column blocks [nb0, nb1).
+template <bool EXACT>
 void Gemm(const XRows& xr, int64_t row0, int64_t m, const int8_t* wp, int64_t k4, int64_t n,
           const Sink& s, int64_t nb0, int64_t nb1) {
   for (int64_t nb = nb0; nb < nb1; ++nb) {
     const int8_t* w = wp + nb * k4 * 64;
     int ncols = static_cast<int>(n - nb * kNB < kNB ? n - nb * kNB : kNB);
     int64_t col = nb * kNB, i = 0;
-    for (; i + kMR <= m; i += kMR) Block<kMR>(xr, row0, w, i, col, ncols, s);
+    for (; i + kMR <= m; i += kMR) Block<kMR, EXACT>(xr, row0, w, i, col, ncols, s);
     switch (m - i) {
-      case 3: Block<3>(xr, row0, w, i, col, ncols, s); break;
-      case 2: Block<2>(xr, row0, w, i, col, ncols, s); break;
-      case 1: Block<1>(xr, row0, w, i, col, ncols, s); break;
+      case 3: Block<3, EXACT>(xr, row0, w, i, col, ncols, s); break;
+      case 2: Block<2, EXACT>(xr, row0, w, i, col, ncols, s); break;
+      case 1: Block<1, EXACT>(xr, row0, w, i, col, ncols, s); break;
       default: break;
     }
   }
@@ -252,10 +280,11 @@ struct Madd512<true> {
   }
 };
 
-template <int R, int NC, bool VNNI>
+template <int R, int NC, bool VNNI, bool EXACT>
 QJAX_AVX512 void Kernel512(const XRows& xr, int64_t row, const int8_t* w, int64_t wstride,
                            int32_t* out, int64_t ldo, int ncols_last) {
   const __m512i ones = _mm512_set1_epi16(1);
+  const __m512i lo8 = _mm512_set1_epi16(0x00FF);
   const uint8_t* xp[R];
   xr.Rows<R>(row, xp);
   __m512i acc[R][NC];
@@ -264,13 +293,28 @@ QJAX_AVX512 void Kernel512(const XRows& xr, int64_t row, const int8_t* w, int64_
   for (int64_t t = 0; t < xr.ntaps; ++t) {
     const int64_t off = xr.tapoff[t];
     for (int64_t k = 0; k < xr.c4; ++k, w += 64) {
-      __m512i wv[NC];
+      __m512i wv[NC], wo[NC];
       for (int c = 0; c < NC; ++c) wv[c] = _mm512_loadu_si512(w + c * wstride);
+      if constexpr (EXACT) {  // bytes 0, 2 (wv) / 1, 3 (wo) as int16 pairs
+        for (int c = 0; c < NC; ++c) {
+          wo[c] = _mm512_srai_epi16(wv[c], 8);
+          wv[c] = _mm512_srai_epi16(_mm512_slli_epi16(wv[c], 8), 8);
+        }
+      }
       for (int r = 0; r < R; ++r) {
         int32_t v;
         std::memcpy(&v, xp[r] + off + 4 * k, 4);
         const __m512i xb = _mm512_set1_epi32(v);
-        for (int c = 0; c < NC; ++c) acc[r][c] = Madd512<VNNI>::Step(acc[r][c], xb, wv[c], ones);
+        if constexpr (EXACT) {
+          const __m512i xe = _mm512_and_si512(xb, lo8), xo = _mm512_srli_epi16(xb, 8);
+          for (int c = 0; c < NC; ++c)
+            acc[r][c] = _mm512_add_epi32(
+                acc[r][c],
+                _mm512_add_epi32(_mm512_madd_epi16(xe, wv[c]), _mm512_madd_epi16(xo, wo[c])));
+        } else {
+          for (int c = 0; c < NC; ++c)
+            acc[r][c] = Madd512<VNNI>::Step(acc[r][c], xb, wv[c], ones);
+        }
       }
     }
   }
@@ -286,32 +330,32 @@ QJAX_AVX512 void Kernel512(const XRows& xr, int64_t row, const int8_t* w, int64_
   }
 }
 
-template <int R, int NC, bool VNNI>
+template <int R, int NC, bool VNNI, bool EXACT>
 QJAX_AVX512 void Block512(const XRows& xr, int64_t row0, const int8_t* w, int64_t wstride,
                           int64_t i, int64_t col, int ncols_last, const Sink& s) {
   if (s.codes == nullptr)
-    return Kernel512<R, NC, VNNI>(xr, row0 + i, w, wstride, s.acc + i * s.n + col, s.n,
-                                  ncols_last);
+    return Kernel512<R, NC, VNNI, EXACT>(xr, row0 + i, w, wstride, s.acc + i * s.n + col, s.n,
+                                         ncols_last);
   alignas(64) int32_t tile[R * NC * kNB];
-  Kernel512<R, NC, VNNI>(xr, row0 + i, w, wstride, tile, NC * kNB, ncols_last);
+  Kernel512<R, NC, VNNI, EXACT>(xr, row0 + i, w, wstride, tile, NC * kNB, ncols_last);
   s.Requantize(tile, NC * kNB, R, (NC - 1) * kNB + ncols_last, i, col);
 }
 
-template <int NC, bool VNNI>
+template <int NC, bool VNNI, bool EXACT>
 QJAX_AVX512 void Rows512(const XRows& xr, int64_t row0, int64_t m, const int8_t* w,
                          int64_t wstride, int64_t col, int ncols, const Sink& s) {
   int64_t i = 0;
   for (; i + kMR512 <= m; i += kMR512)
-    Block512<kMR512, NC, VNNI>(xr, row0, w, wstride, i, col, ncols, s);
+    Block512<kMR512, NC, VNNI, EXACT>(xr, row0, w, wstride, i, col, ncols, s);
   switch (m - i) {
-    case 3: Block512<3, NC, VNNI>(xr, row0, w, wstride, i, col, ncols, s); break;
-    case 2: Block512<2, NC, VNNI>(xr, row0, w, wstride, i, col, ncols, s); break;
-    case 1: Block512<1, NC, VNNI>(xr, row0, w, wstride, i, col, ncols, s); break;
+    case 3: Block512<3, NC, VNNI, EXACT>(xr, row0, w, wstride, i, col, ncols, s); break;
+    case 2: Block512<2, NC, VNNI, EXACT>(xr, row0, w, wstride, i, col, ncols, s); break;
+    case 1: Block512<1, NC, VNNI, EXACT>(xr, row0, w, wstride, i, col, ncols, s); break;
     default: break;
   }
 }
 
-template <bool VNNI>
+template <bool VNNI, bool EXACT>
 QJAX_AVX512 void Gemm512(const XRows& xr, int64_t row0, int64_t m, const int8_t* wp,
                          int64_t k4, int64_t n, const Sink& s, int64_t nb0, int64_t nb1) {
   const int64_t wstride = k4 * 64;  // bytes between two column blocks
@@ -319,11 +363,11 @@ QJAX_AVX512 void Gemm512(const XRows& xr, int64_t row0, int64_t m, const int8_t*
     const int8_t* w = wp + nb * wstride;
     if (nb + 2 <= nb1) {
       int last = static_cast<int>(n - (nb + 1) * kNB < kNB ? n - (nb + 1) * kNB : kNB);
-      Rows512<2, VNNI>(xr, row0, m, w, wstride, nb * kNB, last, s);
+      Rows512<2, VNNI, EXACT>(xr, row0, m, w, wstride, nb * kNB, last, s);
       nb += 2;
     } else {
       int last = static_cast<int>(n - nb * kNB < kNB ? n - nb * kNB : kNB);
-      Rows512<1, VNNI>(xr, row0, m, w, wstride, nb * kNB, last, s);
+      Rows512<1, VNNI, EXACT>(xr, row0, m, w, wstride, nb * kNB, last, s);
       nb += 1;
     }
   }
@@ -343,11 +387,12 @@ bool IsaSupported(int64_t isa) {
   }
 }
 
+template <bool EXACT>
 void GemmIsa(int64_t isa, const XRows& xr, int64_t row0, int64_t m, const int8_t* wp,
              int64_t k4, int64_t n, const Sink& s, int64_t nb0, int64_t nb1) {
-  if (isa == kAvx512Vnni) Gemm512<true>(xr, row0, m, wp, k4, n, s, nb0, nb1);
-  else if (isa == kAvx512) Gemm512<false>(xr, row0, m, wp, k4, n, s, nb0, nb1);
-  else Gemm(xr, row0, m, wp, k4, n, s, nb0, nb1);
+  if (isa == kAvx512Vnni) Gemm512<true, EXACT>(xr, row0, m, wp, k4, n, s, nb0, nb1);
+  else if (isa == kAvx512) Gemm512<false, EXACT>(xr, row0, m, wp, k4, n, s, nb0, nb1);
+  else Gemm<EXACT>(xr, row0, m, wp, k4, n, s, nb0, nb1);
 }
 
 // More threads (threads.h) for calls of >= 2^24 MACs while the helpers sleep between
@@ -384,7 +429,8 @@ bool IsaError(int64_t isa, const std::string& who, ffi::Error* err) {
 // rows start at row bi * m of xr, its weight is packed weight bi % b) into s.
 ffi::Error Dispatch(ffi::ThreadPool& pool, const std::string& who, const XRows& xr,
                     int64_t batches, int64_t m, int64_t b, const int8_t* w, int64_t nbk,
-                    int64_t k4, int64_t n, int64_t k, Sink s, int64_t threads, int64_t isa) {
+                    int64_t k4, int64_t n, int64_t k, Sink s, int64_t threads, int64_t isa,
+                    bool exact) {
   s.n = n;
   s.avx512 = isa != kAvx2 && __builtin_cpu_supports("avx512vl");  // epilogue.h's Requant
   // Units (batch, row chunk, column block), row-major; a work item is a run of them.
@@ -404,7 +450,9 @@ ffi::Error Dispatch(ffi::ThreadPool& pool, const std::string& who, const XRows& 
       if (sb.acc != nullptr) sb.acc += row0 * n;
       if (sb.codes != nullptr) sb.codes += row0 * n;
       sb.row0 = row0;
-      GemmIsa(isa, xr, row0, rows, w + (bi % b) * nbk * k4 * 64, k4, n, sb, nb0, nb1);
+      const int8_t* wb = w + (bi % b) * nbk * k4 * 64;
+      if (exact) GemmIsa<true>(isa, xr, row0, rows, wb, k4, n, sb, nb0, nb1);
+      else GemmIsa<false>(isa, xr, row0, rows, wb, k4, n, sb, nb0, nb1);
       it += nb1 - nb0;
     }
   };
@@ -425,7 +473,7 @@ ffi::Error Dispatch(ffi::ThreadPool& pool, const std::string& who, const XRows& 
 // (batch, column block) into s (s.acc for the int32 call; s.codes, unbatched, for q8).
 ffi::Error Sat16Run(ffi::ThreadPool& pool, const std::string& who, ffi::Buffer<ffi::U8>& x,
                     ffi::Buffer<ffi::S8>& wp, ffi::AnyBuffer::Dimensions od, Sink s,
-                    int64_t threads, int64_t isa) {
+                    int64_t threads, int64_t isa, int64_t exact) {
   ffi::Error err;
   if (IsaError(isa, who, &err)) return err;
   auto xd = x.dimensions();
@@ -477,14 +525,15 @@ ffi::Error Sat16Run(ffi::ThreadPool& pool, const std::string& who, ffi::Buffer<f
   xr.tapoff = &zero;
   xr.c4 = k4;
   return Dispatch(pool, who, xr, outer * b, m, b, wp.typed_data(), nbk, k4, n, k, s, threads,
-                  isa);
+                  isa, exact != 0);
 }
 
 ffi::Error Sat16GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi::S8> wp,
-                         ffi::ResultBuffer<ffi::S32> out, int64_t threads, int64_t isa) {
+                         ffi::ResultBuffer<ffi::S32> out, int64_t threads, int64_t isa,
+                         int64_t exact) {
   Sink s;
   s.acc = out->typed_data();
-  return Sat16Run(pool, "qjax_sat16_gemm", x, wp, out->dimensions(), s, threads, isa);
+  return Sat16Run(pool, "qjax_sat16_gemm", x, wp, out->dimensions(), s, threads, isa, exact);
 }
 
 // The sink of a fused call: its n output columns' epilogue e (checked operands) into
@@ -510,7 +559,7 @@ ffi::Error Sat16Q8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer
                        ffi::Buffer<ffi::S32> ivec, ffi::Buffer<ffi::F32> fvec,
                        ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::F32> clamp,
                        ffi::Buffer<ffi::S32> zp, ffi::Result<ffi::AnyBuffer> out,
-                       int64_t threads, int64_t isa) {
+                       int64_t threads, int64_t isa, int64_t exact) {
   const std::string who = "qjax_sat16_q8_gemm";
   auto od = out->dimensions();
   Epilogue e;
@@ -518,7 +567,7 @@ ffi::Error Sat16Q8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer
   ffi::Error err = CodesSink(who, out, od.size() ? od.back() : 0, ivec, fvec, mult, clamp, zp,
                              &e, &s);
   if (err.failure()) return err;
-  return Sat16Run(pool, who, x, wp, od, s, threads, isa);
+  return Sat16Run(pool, who, x, wp, od, s, threads, isa, exact);
 }
 
 // Fused conv (implicit im2col): x the zero-point-padded NHWC uint8 codes (N, Hp, Wp, C)
@@ -534,7 +583,8 @@ ffi::Error Sat16Q8ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Bu
                            ffi::Buffer<ffi::F32> mult, ffi::Buffer<ffi::F32> clamp,
                            ffi::Buffer<ffi::S32> zp, ffi::Buffer<ffi::S32> wtap,
                            ffi::Buffer<ffi::S32> zx, ffi::Result<ffi::AnyBuffer> out,
-                           int64_t threads, int64_t isa, int64_t kh, int64_t kw, int64_t sh,
+                           int64_t threads, int64_t isa, int64_t exact, int64_t kh, int64_t kw,
+                           int64_t sh,
                            int64_t sw, int64_t dh, int64_t dw, int64_t valid_taps, int64_t pt,
                            int64_t pl, int64_t h, int64_t w) {
   const std::string who = "qjax_sat16_q8_conv";
@@ -604,7 +654,8 @@ ffi::Error Sat16Q8ConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Bu
     bd = Border{zwtap.data(), edge.data(), o, oh * ow, ow, kh, kw, sh, sw, dh, dw, pt, pl, h, w};
     s.border = &bd;
   }
-  return Dispatch(pool, who, xr, 1, m, 1, wp.typed_data(), nbk, k4, o, k, s, threads, isa);
+  return Dispatch(pool, who, xr, 1, m, 1, wp.typed_data(), nbk, k4, o, k, s, threads, isa,
+                  exact != 0);
 }
 
 }  // namespace
@@ -616,7 +667,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxSat16Gemm, Sat16GemmImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("threads")
-                                  .Attr<int64_t>("isa"));
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("exact"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxSat16Q8Gemm, Sat16Q8Impl,
                               ffi::Ffi::Bind()
@@ -630,7 +682,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxSat16Q8Gemm, Sat16Q8Impl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("threads")
-                                  .Attr<int64_t>("isa"));
+                                  .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("exact"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxSat16Q8Conv, Sat16Q8ConvImpl,
                               ffi::Ffi::Bind()
@@ -647,6 +700,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QjaxSat16Q8Conv, Sat16Q8ConvImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("isa")
+                                  .Attr<int64_t>("exact")
                                   .Attr<int64_t>("kh")
                                   .Attr<int64_t>("kw")
                                   .Attr<int64_t>("sh")
