@@ -256,9 +256,10 @@ def below_vnni(bits=7):
     the 1-channel conv's with zero channels) and its linear layer. ``bits=7``: 7-bit
     activations, the kernel's saturating instructions (no pair sum can saturate).
     ``bits=8``: 8-bit ones, its exact mode (the codes widened to int16 pairs) where a
-    weight's pairs could saturate: the CNN's convs as ``"auto"`` decides (its linear
-    layer stays on XLA), the MLP's linear layers forced onto it (``"auto"`` keeps 8-bit
-    linear layers on XLA: these rows are why)."""
+    weight's pairs could saturate: the CNN as ``"auto"`` decides (its convs, and its
+    linear layer with the kernel's AVX-512 code), the MLP's linear layers forced onto it
+    (``"auto"`` keeps 8-bit linear layers on XLA with the kernel's AVX2 code: these rows
+    are why)."""
     import qjax
     from qjax.kernels import _choice, _native
 
@@ -283,8 +284,10 @@ def below_vnni(bits=7):
                 for name, p in progs.items():
                     native = name != "exact XLA"
                     sat16 = [k == "sat16" for k in p.kernels.values()]
-                    # 8-bit CNN: its convs on sat16, its linear layer on XLA
-                    want = [native] * len(sat16) if bits == 7 or forced else [native] * 2 + [False]
+                    # 8-bit CNN: its convs on sat16, its linear layer too with the
+                    # kernel's AVX-512 code (on XLA with its AVX2 code)
+                    fc = native and (bits == 7 or forced or "avx512" in name)
+                    want = [native] * (len(sat16) - 1) + [fc]
                     assert sat16 == want, (name, p.kernels)
                     mism = int((np.asarray(p(x)) != np.asarray(xla(x))).sum())
                     assert mism == 0, (name, mism)

@@ -200,7 +200,7 @@ def linear_kernel(wish: str, accumulate: str = "exact", x_spec=None, w=None) -> 
     return "sat16" if exact_on_sat16(wish, x_spec, w) else "xla"
 
 
-def exact_on_sat16(wish: str, x_spec, w, conv: bool = False) -> bool:
+def exact_on_sat16(wish: str, x_spec, w, widened: bool | None = None) -> bool:
     """Whether an exactly accumulated layer runs on the native ``"sat16"`` kernel:
     ``wish`` is ``"auto"`` or ``"default"``, neither the AMX kernel
     (:func:`qjax.kernels.native_status`) nor an exact oneDNN kernel
@@ -213,12 +213,13 @@ def exact_on_sat16(wish: str, x_spec, w, conv: bool = False) -> bool:
     ``(K, N)``; of a conv's ``HWIO`` / ``WIO`` codes
     :func:`~qjax.kernels._accumulate.sat16_conv_max_x`, both pairings; any int8 weight
     with 7-bit activations) -- or, beyond that bound, the kernel's exact mode (the codes
-    widened to int16 pairs) is the faster one: for a convolution (``conv``; measured
-    1.1-1.7x XLA's int8 conv with the kernel's AVX2 code, 1.8-3.1x with its AVX-512
-    code) and for a linear layer where the kernel runs its AVX-512 code
-    (:func:`~qjax.kernels._native._sat16.sat16_isa`; 1.0-1.1x XLA's int8 dot at batch
-    256, faster below), not with its AVX2 code (0.6x at batch 256;
-    ``benchmarks/int8_sat16.py``, table 4). Unknown ``x_spec`` or ``w``: ``False``.
+    widened to int16 pairs) may run (``widened``): :func:`conv_kernel` says so for its
+    convolutions (a CNN measured 1.1-1.7x XLA's int8 program with the kernel's AVX2
+    code, 1.8-3.1x with its AVX-512 code); ``None`` (linear layers): where the kernel
+    runs its AVX-512 code (:func:`~qjax.kernels._native._sat16.sat16_isa`; an MLP
+    1.0-1.3x XLA's int8 dot at batch 256, faster below), not with its AVX2 code
+    (0.6-0.7x at batch 256; ``benchmarks/int8_sat16.py``, table 4). Unknown ``x_spec``
+    or ``w``: ``False``.
 
     >>> from qjax import QuantSpec
     >>> exact_on_sat16("xla", QuantSpec(signed=False, reduce_range=True), None)
@@ -230,7 +231,9 @@ def exact_on_sat16(wish: str, x_spec, w, conv: bool = False) -> bool:
         return False
     if not _native.sat16_status()[0]:
         return False
-    if conv or _native._sat16.sat16_isa() != "avx2":
+    if widened is None:
+        widened = _native._sat16.sat16_isa() != "avx2"
+    if widened:
         return True  # exact either way: saturating instructions where they are
     return sat16_exact(x_spec, sat16_exact_max_x(w))
 
@@ -278,7 +281,7 @@ def conv_kernel(
     if wish in ("onednn", "auto") and nsp in (1, 2) and _onednn_conv_ok():
         return "onednn"
     if groups == 1 and x_spec is not None and not x_spec.signed and w is not None:
-        return "sat16" if exact_on_sat16(wish, x_spec, w, conv=True) else "xla"
+        return "sat16" if exact_on_sat16(wish, x_spec, w, widened=True) else "xla"
     return "xla"
 
 
