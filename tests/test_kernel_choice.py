@@ -74,7 +74,13 @@ def _calibrated(model, shape):
 
 @pytest.fixture(scope="module")
 def nnx_cnn():
-    cfg, r = _cfg(), nnx.Rngs(0)
+    model, x = _cnn(_cfg())
+    return model, x, qjax.convert(model, x)  # served on XLA, compiled for x's shape
+
+
+def _cnn(cfg):
+    """The calibrated NNX CNN (two conv-BN-ReLU, max pool, dense) and an input."""
+    r = nnx.Rngs(0)
     model = nnx.Sequential(
         qnnx.QuantStub(cfg),
         qnnx.QuantConvBn(3, 16, (3, 3), config=cfg, relu=True, rngs=r),
@@ -84,9 +90,7 @@ def nnx_cnn():
         qnnx.QuantLinear(5 * 5 * 20, 7, config=cfg, rngs=r),
         qnnx.DeQuantStub(),
     )
-    x = _data((48, 10, 10, 3), n=1, seed=5)[0]
-    model = _calibrated(model, (16, 10, 10, 3))
-    return model, x, qjax.convert(model, x)  # served on XLA, compiled for x's shape
+    return _calibrated(model, (16, 10, 10, 3)), _data((48, 10, 10, 3), n=1, seed=5)[0]
 
 
 @pytest.fixture(scope="module")
@@ -333,19 +337,7 @@ def test_below_vnni_8bit_cnn_convs_on_sat16_exact_mode(monkeypatch):
     # outputs
     _below_vnni(monkeypatch)
     monkeypatch.setenv(_sat16.ISA_ENV, "avx2")
-    _, eight = _seven_eight()
-    r = nnx.Rngs(0)
-    model = nnx.Sequential(
-        qnnx.QuantStub(eight),
-        qnnx.QuantConvBn(3, 16, (3, 3), config=eight, relu=True, rngs=r),
-        qnnx.QuantConvBn(16, 20, (3, 3), config=eight, relu=True, padding="SAME", rngs=r),
-        qnnx.MaxPool((2, 2)),
-        qnnx.Flatten(),
-        qnnx.QuantLinear(5 * 5 * 20, 7, config=eight, rngs=r),
-        qnnx.DeQuantStub(),
-    )
-    model = _calibrated(model, (16, 10, 10, 3))
-    x = _data((48, 10, 10, 3), n=1, seed=5)[0]
+    model, x = _cnn(_seven_eight()[1])
     auto = qjax.convert(model, x, kernel="auto")
     assert list(auto.kernels.values()) == ["sat16", "sat16", "xla"], auto.kernels
     text = jax.jit(auto).lower(x).as_text()

@@ -15,7 +15,9 @@
 //                     non-saturating (vpdpwssds would saturate), i.e. the same wrapping
 //                     int32 sum as vpmaddwd + vpaddd.
 // vpmaddubsw is the same instruction per 128-bit lane at every width, so every path
-// saturates the same pairs.
+// saturates the same pairs. The AVX-512 functions carry target attributes (the library
+// is compiled with -mavx2 only and loads on AVX2 CPUs); a call asking for a path the CPU
+// lacks (__builtin_cpu_supports) is refused with an error.
 //
 // Attribute "exact" = 1: the exact sums out[m, n] = sum_k x[m, k] * w[k, n] (int32,
 // wrapping) on the same packed weight, for any uint8 codes. Each 32-bit lane's four
@@ -25,9 +27,7 @@
 // vpdpwssd twice into one accumulator chains its latency, and vpdpbusd, VNNI's exact
 // byte dot, measured slower in this blocking on the Zen 5 test host; VNNI CPUs run
 // oneDNN's kernel). The same multiplies per multiply-add as the saturating path below
-// VNNI, plus the widening shifts: ~1.4x its time at batch 256. The AVX-512 functions carry target attributes (the library
-// is compiled with -mavx2 only and loads on AVX2 CPUs); a call asking for a path the CPU
-// lacks (__builtin_cpu_supports) is refused with an error.
+// VNNI, plus the widening shifts: ~1.4x its time at batch 256.
 //
 // x:   uint8 (..., M, K) row-major; with an unbatched weight every leading dim folds into
 //      M (vmap's "expand_dims"); with a batch of B weights (convolution groups) x is
