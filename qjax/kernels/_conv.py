@@ -57,8 +57,8 @@ shifted NHWC input; dilation other than 1 is refused at call time. With ``"fbgem
 ``"qnnpack"`` and weight zero points known to be 0, one fused call
 (``qjax_amx_q8_conv2d``) reads the padded raw codes (uint8 through ``tdpbusd``) and
 applies the zero-point term and the requantize epilogue per tile: the same codes.
-``jax.export`` as for the linear layer. ``kernel="sat16"``: exact sums of uint8 codes where
-no int16 pair sum can saturate (``sat16_max_x``, as for the linear layer), else XLA's.
+``jax.export`` as for the linear layer. ``kernel="sat16"``: exact sums of uint8 codes as
+for the linear layer (saturating instructions within ``sat16_max_x``, else exact mode).
 """
 
 from __future__ import annotations
@@ -177,8 +177,8 @@ def prepare_conv(
         im2col patches for ``accumulate="fbgemm_sat16"``/``"onednn_sat16"``, any groups,
         dilation and 1-D/2-D; with one group, zero weight zero points and per-tensor
         8-bit output qparams one fused call on the weight packed here, reading the patches
-        in place (FBGEMM's pairs: ``C % 4 == 0``); exact sums of uint8 codes where no
-        pair can saturate (``sat16_max_x``), else XLA; :func:`qjax.kernels.sat16_status`).
+        in place (FBGEMM's pairs: ``C % 4 == 0``); exact sums of uint8 codes: there, or
+        unfused within ``sat16_max_x``, else XLA; :func:`qjax.kernels.sat16_status`).
 
     Returns:
       a :class:`PreparedConv` (a pytree).

@@ -3,11 +3,11 @@ computed once, at prepare time, instead of in every call of the served program.
 
 A native layer with the fused epilogue (``kernel="onednn"`` on the brgemm ukernel or
 ``kernel="amx"``, schemes ``"fbgemm"``/``"qnnpack"``, and ``"onednn"`` on the ukernel;
-``kernel="sat16"`` linear layers, their int16 pair saturation or provably exact, all
-three schemes; weight zero points 0) needs, per output channel, ``ivec`` (int32: the zero-point
-correction ``-zp_x·Σw``, plus ``b_q`` for ``"qnnpack"``), ``fvec`` (float32 bias term),
-``mult`` (float32 multiplier) and the clamp bounds (and for ``"onednn"`` its scalars),
-all from the scheme's own coefficient function
+``kernel="sat16"`` linear layers and convs with one group, their int16 pair saturation
+or exact, all three schemes; weight zero points 0) needs, per output channel, ``ivec``
+(int32: the zero-point correction ``-zp_x·Σw``, plus ``b_q`` for ``"qnnpack"``),
+``fvec`` (float32 bias term), ``mult`` (float32 multiplier) and the clamp bounds (and
+for ``"onednn"`` its scalars), all from the scheme's own coefficient function
 (:func:`~qjax.kernels._native.epilogue_vectors`). When the qparams and the bias are
 jit arguments these are a dozen small XLA passes per layer and call (measured on the
 int8 MLP at batch 1, AMD EPYC VNNI, 2 cores under load: about half of the call).
@@ -56,10 +56,9 @@ def fold_requant(
 
     Needs a native prepared weight whose layer the fused kernel runs
     (:func:`~qjax.kernels._native.fusable`: ``kernel="onednn"`` on the brgemm ukernel or
-    ``"amx"`` with exact accumulation, or a ``kernel="sat16"`` linear weight with
-    ``accumulate="fbgemm_sat16"``/``"onednn_sat16"`` or provably exact, or a
-    ``kernel="sat16"`` conv weight with one group and either saturating accumulation or
-    provably exact on uint8 codes;
+    ``"amx"`` with exact accumulation, or a ``kernel="sat16"`` linear weight (any
+    accumulation), or a ``kernel="sat16"`` conv weight with one group (saturating
+    accumulation, or exact on uint8 codes);
     ``scheme``
     ``"fbgemm"`` or ``"qnnpack"``, ``"onednn"`` except on AMX; weight zero points 0,
     per-tensor 8-bit input and output qparams) and concrete (static) qparams and bias:
@@ -112,9 +111,9 @@ def fold_requant(
             f"layer {w.name!r}: nothing to fold: the fused native call does not run this "
             f"layer (kernel {w.kernel!r}, scheme {scheme!r}, accumulate {accumulate!r}, "
             f"weight zero points known 0: {w.zero_point_is_zero}; it needs kernel 'onednn' "
-            "(brgemm ukernel) or 'amx' (exact), or 'sat16' (a linear layer, saturating or "
-            "provably exact, or a conv with one group, saturating or provably exact), zero weight "
-            "zero points, per-tensor 8-bit qparams)"
+            "(brgemm ukernel) or 'amx' (exact), or 'sat16' (a linear layer, or a conv with "
+            "one group: saturating, or exact on uint8 codes), zero weight zero points, "
+            "per-tensor 8-bit qparams)"
         )
     signed = np.dtype(x_qparams.spec.dtype) == np.int8
     shift = 128 if w.kernel in ("onednn", "sat16") and signed else 0

@@ -165,8 +165,9 @@ def prepare_linear(
         GEMM on the packed weight, same integers; raises ``RuntimeError`` with the
         reason when unavailable, see :func:`qjax.kernels.native_status`) or ``"sat16"``
         (the native saturating kernel for ``accumulate="fbgemm_sat16"``/``"onednn_sat16"``,
-        same integers as the XLA formulation; exact accumulation runs on it where no
-        pair sum can saturate, see ``sat16_max_x``, else on XLA; raises
+        same integers as the XLA formulation; exact accumulation runs on its saturating
+        instructions where no pair sum can saturate, see ``sat16_max_x``, else on its
+        exact mode, the codes widened to int16 pairs; raises
         ``RuntimeError`` when unavailable, see :func:`qjax.kernels.sat16_status`) or
         ``"onednn"`` (oneDNN's int8 matmul on the reordered weight, same integers;
         ``RuntimeError`` unless :func:`qjax.kernels.onednn_exact` says it is exact

@@ -218,8 +218,8 @@ def sat16_dot(
     integers). ``threads``: 1 or 2 per call (default :data:`THREADS`; the second thread
     is used only for large calls). ``isa``: the code path, one of :func:`sat16_isas`
     (default :func:`sat16_isa`); every path gives the same integers. ``exact``: the
-    exact sums ``Σ_k x[..., k]·w[k, n]`` instead (no pair saturates; the codes widened to
-    int16 pairs below VNNI, ``vpdpbusd`` with VNNI), for any uint8 codes, on the same
+    exact sums ``Σ_k x[..., k]·w[k, n]`` instead (no pair saturates: the codes and
+    weights widened to int16 pairs on every path), for any uint8 codes, on the same
     ``packed`` weight; ``portable`` must then compute them. Call :func:`require_sat16`
     first (prepare time).
     """
