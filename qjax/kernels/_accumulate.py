@@ -35,13 +35,14 @@ from jax import lax
 from .._qarray import QArray
 from .._spec import QParams
 from . import _native
-from ._prepared import SAT16_SAFE_X, sat16_exact
+from ._prepared import SAT16_SAFE_X, sat16_exact, sat16_widened
 
 __all__ = [
     "Accumulate",
     "check_accumulator",
     "check_operands",
     "sat16_exact",
+    "sat16_widened",
     "sat16_exact_max_x",
 ]
 
@@ -266,8 +267,7 @@ def sat16_conv_max_x(w) -> int:
     if not _concrete(w):
         return SAT16_SAFE_X
     o = w.shape[-1]
-    pad_c = [(0, 0)] * (w.ndim - 2) + [(0, -w.shape[-2] % 4), (0, 0)]
-    return min(sat16_exact_max_x(v.reshape(-1, o)) for v in (w, np.pad(w, pad_c)))
+    return min(sat16_exact_max_x(np.reshape(v, (-1, o))) for v in (w, _pad_channels4(w)))
 
 
 def _int8_conv(xv, w, stride, dilation, groups):
@@ -380,7 +380,7 @@ def fused_sat16_conv(xv, zx, x, pw, bias, out, scheme, relu, stride, dilation, p
     c = xv.shape[-1]
     # exact sums the pair-sum bound does not cover (8-bit codes): the kernel's widened
     # exact products
-    wide = accumulate == "exact" and not sat16_exact(x.spec, pw.sat16_max_x)
+    wide = sat16_widened(x.spec, pw.sat16_max_x, accumulate)
     if c % 4 and accumulate != "fbgemm_sat16":
         # oneDNN pairs channels within a tap, an odd count with a zero: zero channels up
         # to a multiple of 4 give the same pairs (and zero ones), so the kernel reads it;

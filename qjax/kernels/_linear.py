@@ -90,8 +90,8 @@ from ._accumulate import (
     _u8_dot,
     check_accumulator,
     check_operands,
-    sat16_exact,
     sat16_exact_max_x,
+    sat16_widened,
 )
 from ._prepared import _KERNELS, SAT16_SAFE_X, Kernel, register_prepared
 from ._requant import Scheme, clamp_activation, dequantize_accumulator, requantize
@@ -310,8 +310,7 @@ def quantized_linear(
     _native.check_folded(pw, x, bias, out_qparams, scheme, activation, accumulate, layer)
     # sat16, exact: the saturating instructions where no pair sum can saturate (prepare
     # time proof), else the kernel's widened exact products (8-bit codes)
-    sat_exact = pw.kernel == "sat16" and sat16_exact(x.spec, pw.sat16_max_x)
-    wide = pw.kernel == "sat16" and accumulate == "exact" and not sat_exact
+    wide = pw.kernel == "sat16" and sat16_widened(x.spec, pw.sat16_max_x, accumulate)
     sums = _u8_dot if wide else _sat16_pair_dot  # the kernel's sums in XLA, off CPU
     if _native.fusable(pw, x, bias, out_qparams, scheme, accumulate):
         # one native call: dot + zero-point correction + requantize (same codes)

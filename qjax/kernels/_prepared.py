@@ -74,6 +74,20 @@ def sat16_exact(x_spec, max_x: int) -> bool:
     return hi is not None and hi <= max_x
 
 
+def sat16_widened(x_spec, max_x: int, accumulate: str) -> bool:
+    """Whether a call on a ``"sat16"`` weight runs the kernel's exact (widened) mode: exact
+    accumulation where its saturating instructions are not provably exact
+    (:func:`sat16_exact`).
+
+    >>> from qjax import QuantSpec
+    >>> sat16_widened(QuantSpec(signed=False), 128, "exact")
+    True
+    >>> sat16_widened(QuantSpec(signed=False), 128, "fbgemm_sat16")
+    False
+    """
+    return accumulate == "exact" and not sat16_exact(x_spec, max_x)
+
+
 Kernel = Literal["xla", "amx", "sat16", "onednn"]
 _KERNELS = ("xla", "amx", "sat16", "onednn")
 
